@@ -1,0 +1,312 @@
+//! Record and logfile header encoding.
+
+use thiserror::Error;
+
+/// Format version written into every file header and record header.
+/// History: 1 = first format (2026-11).
+pub const FORMAT_VERSION: u16 = 1;
+
+/// `"MRSL"` read as little-endian u32: starts every record.
+pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"MRSL");
+/// Starts every logfile.
+pub const FILE_MAGIC: [u8; 8] = *b"MARSLOG\0";
+
+pub const RECORD_HEADER_LEN: usize = 64;
+pub const FILE_HEADER_LEN: usize = 64;
+/// Largest payload of one record (the NBD maximum request size).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+
+/// What a record does to the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum Kind {
+    /// `length` bytes of payload to write at `offset`.
+    Write = 1,
+    /// Discard `[offset, offset+length)`: reads return zeroes afterwards.
+    Trim = 2,
+    /// Write zeroes to `[offset, offset+length)`.
+    WriteZeroes = 3,
+}
+
+impl Kind {
+    pub fn from_u16(v: u16) -> Option<Kind> {
+        match v {
+            1 => Some(Kind::Write),
+            2 => Some(Kind::Trim),
+            3 => Some(Kind::WriteZeroes),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Write => "write",
+            Kind::Trim => "trim",
+            Kind::WriteZeroes => "write-zeroes",
+        }
+    }
+}
+
+/// Why bytes did not decode.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("short buffer: need {need} bytes, have {have}")]
+    Short { need: usize, have: usize },
+    #[error("bad magic {0:#010x}")]
+    BadMagic(u32),
+    #[error("unsupported format version {0} (this build reads version {FORMAT_VERSION})")]
+    BadVersion(u16),
+    #[error("unknown record kind {0}")]
+    BadKind(u16),
+    #[error("inconsistent lengths: kind {kind:?} length {length} payload {payload_len}")]
+    BadLength { kind: Kind, length: u64, payload_len: u32 },
+    #[error("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    BadChecksum { stored: u32, computed: u32 },
+    #[error("record out of place: has pos {found_pos} seq {found_seq}, expected pos {pos} seq {seq}")]
+    OutOfPlace { found_pos: u64, found_seq: u64, pos: u64, seq: u64 },
+    #[error("bad header length {0}")]
+    BadHeaderLen(u32),
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    let mut a = [0u8; 2];
+    a.copy_from_slice(&b[at..at + 2]);
+    u16::from_le_bytes(a)
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// One record header. Byte layout (little-endian, 64 bytes):
+///
+/// ```text
+///  0 u32 magic "MRSL"      4 u16 format version    6 u16 kind
+///  8 u64 seq (record number in the resource, from 1)
+/// 16 u64 pos (byte position of this record in the log stream)
+/// 24 u64 offset (disk byte offset)       32 u64 length (disk bytes affected)
+/// 40 u32 payload_len (= length for Write, else 0)
+/// 44 u32 flags (0; reserved)             48 u64 stamp_ns (wall clock when logged)
+/// 56 u32 reserved (0)                    60 u32 crc32c(bytes 0..60 ++ payload)
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub kind: Kind,
+    pub seq: u64,
+    pub pos: u64,
+    pub offset: u64,
+    pub length: u64,
+    pub stamp_ns: u64,
+}
+
+impl RecordHeader {
+    pub fn payload_len(&self) -> u32 {
+        match self.kind {
+            Kind::Write => self.length as u32,
+            _ => 0,
+        }
+    }
+    /// Bytes this record occupies in the stream (header + payload).
+    pub fn total_len(&self) -> u64 {
+        RECORD_HEADER_LEN as u64 + self.payload_len() as u64
+    }
+
+    /// Append header and payload to `out`. `payload` must be `payload_len()` long.
+    pub fn encode_into(&self, payload: &[u8], out: &mut Vec<u8>) {
+        assert_eq!(payload.len(), self.payload_len() as usize, "payload length");
+        let start = out.len();
+        out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(self.kind as u16).to_le_bytes());
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&self.pos.to_le_bytes());
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.length.to_le_bytes());
+        out.extend_from_slice(&self.payload_len().to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&self.stamp_ns.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[start..start + 60]), payload);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(payload);
+    }
+
+    /// Decode and sanity-check a header (not the checksum: that needs the payload).
+    pub fn decode(b: &[u8]) -> Result<(RecordHeader, u32), DecodeError> {
+        if b.len() < RECORD_HEADER_LEN {
+            return Err(DecodeError::Short { need: RECORD_HEADER_LEN, have: b.len() });
+        }
+        let magic = u32_at(b, 0);
+        if magic != RECORD_MAGIC {
+            return Err(DecodeError::BadMagic(magic));
+        }
+        let version = u16_at(b, 4);
+        if version != FORMAT_VERSION {
+            return Err(DecodeError::BadVersion(version));
+        }
+        let kind_raw = u16_at(b, 6);
+        let kind = Kind::from_u16(kind_raw).ok_or(DecodeError::BadKind(kind_raw))?;
+        let h = RecordHeader {
+            kind,
+            seq: u64_at(b, 8),
+            pos: u64_at(b, 16),
+            offset: u64_at(b, 24),
+            length: u64_at(b, 32),
+            stamp_ns: u64_at(b, 48),
+        };
+        let payload_len = u32_at(b, 40);
+        let ok = match kind {
+            Kind::Write => h.length == payload_len as u64 && payload_len <= MAX_PAYLOAD,
+            Kind::Trim | Kind::WriteZeroes => payload_len == 0,
+        } && h.offset.checked_add(h.length).is_some();
+        if !ok {
+            return Err(DecodeError::BadLength { kind, length: h.length, payload_len });
+        }
+        Ok((h, u32_at(b, 60)))
+    }
+
+    /// Check the stored checksum against header bytes and payload.
+    pub fn verify(header_bytes: &[u8], stored: u32, payload: &[u8]) -> Result<(), DecodeError> {
+        if header_bytes.len() < RECORD_HEADER_LEN {
+            return Err(DecodeError::Short { need: RECORD_HEADER_LEN, have: header_bytes.len() });
+        }
+        let computed = crc32c::crc32c_append(crc32c::crc32c(&header_bytes[..60]), payload);
+        if computed != stored {
+            return Err(DecodeError::BadChecksum { stored, computed });
+        }
+        Ok(())
+    }
+
+    /// Decode a whole record (header + payload) from the start of `b`.
+    pub fn decode_record(b: &[u8]) -> Result<(RecordHeader, &[u8]), DecodeError> {
+        let (h, crc) = Self::decode(b)?;
+        let end = RECORD_HEADER_LEN + h.payload_len() as usize;
+        if b.len() < end {
+            return Err(DecodeError::Short { need: end, have: b.len() });
+        }
+        let payload = &b[RECORD_HEADER_LEN..end];
+        Self::verify(b, crc, payload)?;
+        Ok((h, payload))
+    }
+}
+
+/// The header at the start of every logfile. Byte layout (little-endian, 64 bytes):
+///
+/// ```text
+///  0 [u8;8] magic "MARSLOG\0"   8 u16 format version   10 u16 header length (64)
+/// 12 u32 reserved (0)          16 u64 file seq (the <seq> of the name)
+/// 24 u64 start_pos (stream position of the first record)
+/// 32 u64 start_record_seq (seq of the first record)
+/// 40 u64 created_ns            48 u64 resource id (random, fixed at create-resource)
+/// 56 u32 reserved (0)          60 u32 crc32c(bytes 0..60)
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileHeader {
+    pub file_seq: u64,
+    pub start_pos: u64,
+    pub start_record_seq: u64,
+    pub created_ns: u64,
+    pub resource_id: u64,
+}
+
+impl FileHeader {
+    pub fn encode(&self) -> [u8; FILE_HEADER_LEN] {
+        let mut b = [0u8; FILE_HEADER_LEN];
+        b[0..8].copy_from_slice(&FILE_MAGIC);
+        b[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[10..12].copy_from_slice(&(FILE_HEADER_LEN as u16).to_le_bytes());
+        b[16..24].copy_from_slice(&self.file_seq.to_le_bytes());
+        b[24..32].copy_from_slice(&self.start_pos.to_le_bytes());
+        b[32..40].copy_from_slice(&self.start_record_seq.to_le_bytes());
+        b[40..48].copy_from_slice(&self.created_ns.to_le_bytes());
+        b[48..56].copy_from_slice(&self.resource_id.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<FileHeader, DecodeError> {
+        if b.len() < FILE_HEADER_LEN {
+            return Err(DecodeError::Short { need: FILE_HEADER_LEN, have: b.len() });
+        }
+        if b[0..8] != FILE_MAGIC {
+            return Err(DecodeError::BadMagic(u32_at(b, 0)));
+        }
+        let version = u16_at(b, 8);
+        if version != FORMAT_VERSION {
+            return Err(DecodeError::BadVersion(version));
+        }
+        let hlen = u16_at(b, 10) as u32;
+        if hlen as usize != FILE_HEADER_LEN {
+            return Err(DecodeError::BadHeaderLen(hlen));
+        }
+        let stored = u32_at(b, 60);
+        let computed = crc32c::crc32c(&b[..60]);
+        if stored != computed {
+            return Err(DecodeError::BadChecksum { stored, computed });
+        }
+        Ok(FileHeader {
+            file_seq: u64_at(b, 16),
+            start_pos: u64_at(b, 24),
+            start_record_seq: u64_at(b, 32),
+            created_ns: u64_at(b, 40),
+            resource_id: u64_at(b, 48),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn kind_strategy() -> impl Strategy<Value = Kind> {
+        prop_oneof![Just(Kind::Write), Just(Kind::Trim), Just(Kind::WriteZeroes)]
+    }
+
+    proptest! {
+        #[test]
+        fn record_round_trip(kind in kind_strategy(), seq: u64, pos: u64, offset in 0u64..1<<50,
+                             len in 0u64..5000, stamp: u64, fill: u8) {
+            let h = RecordHeader { kind, seq, pos, offset, length: len, stamp_ns: stamp };
+            let payload = vec![fill; h.payload_len() as usize];
+            let mut out = Vec::new();
+            h.encode_into(&payload, &mut out);
+            prop_assert_eq!(out.len() as u64, h.total_len());
+            let (d, p) = RecordHeader::decode_record(&out).unwrap();
+            prop_assert_eq!(d, h);
+            prop_assert_eq!(p, &payload[..]);
+        }
+
+        #[test]
+        fn any_single_bit_flip_is_detected(len in 1u64..300, bit in 0usize..8*(64+300)) {
+            let h = RecordHeader { kind: Kind::Write, seq: 7, pos: 99, offset: 4096, length: len, stamp_ns: 1 };
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut out = Vec::new();
+            h.encode_into(&payload, &mut out);
+            let bit = bit % (out.len() * 8);
+            out[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(RecordHeader::decode_record(&out).is_err());
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = RecordHeader::decode_record(&bytes);
+            let _ = FileHeader::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn file_header_round_trip_and_flip() {
+        let h = FileHeader { file_seq: 3, start_pos: 1000, start_record_seq: 17, created_ns: 5, resource_id: 0xfeed };
+        let mut b = h.encode();
+        assert_eq!(FileHeader::decode(&b).unwrap(), h);
+        b[20] ^= 4;
+        assert!(matches!(FileHeader::decode(&b), Err(DecodeError::BadChecksum { .. })));
+    }
+}
