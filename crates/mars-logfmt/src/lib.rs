@@ -19,7 +19,7 @@ mod version;
 
 pub use names::{logfile_name, parse_logfile_name, version_file_name, LogfileName};
 pub use record::{
-    FileHeader, Kind, RecordHeader, DecodeError, FILE_HEADER_LEN, FILE_MAGIC, FORMAT_VERSION,
+    DecodeError, FileHeader, Kind, RecordHeader, FILE_HEADER_LEN, FILE_MAGIC, FORMAT_VERSION,
     MAX_PAYLOAD, RECORD_HEADER_LEN, RECORD_MAGIC,
 };
 pub use scan::{scan_logfile, Damage, DamageKind, ScanReport, ScannedRecord};

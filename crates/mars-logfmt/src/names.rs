@@ -21,7 +21,10 @@ pub fn parse_logfile_name(name: &str) -> Option<LogfileName> {
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || node.is_empty() {
         return None;
     }
-    Some(LogfileName { seq: digits.parse().ok()?, node: node.to_string() })
+    Some(LogfileName {
+        seq: digits.parse().ok()?,
+        node: node.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -31,7 +34,13 @@ mod tests {
     fn names_round_trip() {
         let n = logfile_name(42, "alpha-1");
         assert_eq!(n, "log-000000042-alpha-1");
-        assert_eq!(parse_logfile_name(&n), Some(LogfileName { seq: 42, node: "alpha-1".into() }));
+        assert_eq!(
+            parse_logfile_name(&n),
+            Some(LogfileName {
+                seq: 42,
+                node: "alpha-1".into()
+            })
+        );
         assert_eq!(parse_logfile_name("log--x"), None);
         assert_eq!(parse_logfile_name("log-12a-x"), None);
         assert_eq!(parse_logfile_name("version-000000001-x"), None);

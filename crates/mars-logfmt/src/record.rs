@@ -58,11 +58,22 @@ pub enum DecodeError {
     #[error("unknown record kind {0}")]
     BadKind(u16),
     #[error("inconsistent lengths: kind {kind:?} length {length} payload {payload_len}")]
-    BadLength { kind: Kind, length: u64, payload_len: u32 },
+    BadLength {
+        kind: Kind,
+        length: u64,
+        payload_len: u32,
+    },
     #[error("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     BadChecksum { stored: u32, computed: u32 },
-    #[error("record out of place: has pos {found_pos} seq {found_seq}, expected pos {pos} seq {seq}")]
-    OutOfPlace { found_pos: u64, found_seq: u64, pos: u64, seq: u64 },
+    #[error(
+        "record out of place: has pos {found_pos} seq {found_seq}, expected pos {pos} seq {seq}"
+    )]
+    OutOfPlace {
+        found_pos: u64,
+        found_seq: u64,
+        pos: u64,
+        seq: u64,
+    },
     #[error("bad header length {0}")]
     BadHeaderLen(u32),
 }
@@ -139,7 +150,10 @@ impl RecordHeader {
     /// Decode and sanity-check a header (not the checksum: that needs the payload).
     pub fn decode(b: &[u8]) -> Result<(RecordHeader, u32), DecodeError> {
         if b.len() < RECORD_HEADER_LEN {
-            return Err(DecodeError::Short { need: RECORD_HEADER_LEN, have: b.len() });
+            return Err(DecodeError::Short {
+                need: RECORD_HEADER_LEN,
+                have: b.len(),
+            });
         }
         let magic = u32_at(b, 0);
         if magic != RECORD_MAGIC {
@@ -165,7 +179,11 @@ impl RecordHeader {
             Kind::Trim | Kind::WriteZeroes => payload_len == 0,
         } && h.offset.checked_add(h.length).is_some();
         if !ok {
-            return Err(DecodeError::BadLength { kind, length: h.length, payload_len });
+            return Err(DecodeError::BadLength {
+                kind,
+                length: h.length,
+                payload_len,
+            });
         }
         Ok((h, u32_at(b, 60)))
     }
@@ -173,7 +191,10 @@ impl RecordHeader {
     /// Check the stored checksum against header bytes and payload.
     pub fn verify(header_bytes: &[u8], stored: u32, payload: &[u8]) -> Result<(), DecodeError> {
         if header_bytes.len() < RECORD_HEADER_LEN {
-            return Err(DecodeError::Short { need: RECORD_HEADER_LEN, have: header_bytes.len() });
+            return Err(DecodeError::Short {
+                need: RECORD_HEADER_LEN,
+                have: header_bytes.len(),
+            });
         }
         let computed = crc32c::crc32c_append(crc32c::crc32c(&header_bytes[..60]), payload);
         if computed != stored {
@@ -187,7 +208,10 @@ impl RecordHeader {
         let (h, crc) = Self::decode(b)?;
         let end = RECORD_HEADER_LEN + h.payload_len() as usize;
         if b.len() < end {
-            return Err(DecodeError::Short { need: end, have: b.len() });
+            return Err(DecodeError::Short {
+                need: end,
+                have: b.len(),
+            });
         }
         let payload = &b[RECORD_HEADER_LEN..end];
         Self::verify(b, crc, payload)?;
@@ -232,7 +256,10 @@ impl FileHeader {
 
     pub fn decode(b: &[u8]) -> Result<FileHeader, DecodeError> {
         if b.len() < FILE_HEADER_LEN {
-            return Err(DecodeError::Short { need: FILE_HEADER_LEN, have: b.len() });
+            return Err(DecodeError::Short {
+                need: FILE_HEADER_LEN,
+                have: b.len(),
+            });
         }
         if b[0..8] != FILE_MAGIC {
             return Err(DecodeError::BadMagic(u32_at(b, 0)));
@@ -303,10 +330,19 @@ mod tests {
 
     #[test]
     fn file_header_round_trip_and_flip() {
-        let h = FileHeader { file_seq: 3, start_pos: 1000, start_record_seq: 17, created_ns: 5, resource_id: 0xfeed };
+        let h = FileHeader {
+            file_seq: 3,
+            start_pos: 1000,
+            start_record_seq: 17,
+            created_ns: 5,
+            resource_id: 0xfeed,
+        };
         let mut b = h.encode();
         assert_eq!(FileHeader::decode(&b).unwrap(), h);
         b[20] ^= 4;
-        assert!(matches!(FileHeader::decode(&b), Err(DecodeError::BadChecksum { .. })));
+        assert!(matches!(
+            FileHeader::decode(&b),
+            Err(DecodeError::BadChecksum { .. })
+        ));
     }
 }

@@ -5,7 +5,9 @@
 //! record followed by a valid one is *corruption* (an incident: reported,
 //! never applied, never cut silently).
 
-use crate::record::{DecodeError, FileHeader, RecordHeader, FILE_HEADER_LEN, RECORD_HEADER_LEN, RECORD_MAGIC};
+use crate::record::{
+    DecodeError, FileHeader, RecordHeader, FILE_HEADER_LEN, RECORD_HEADER_LEN, RECORD_MAGIC,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScannedRecord {
@@ -51,7 +53,12 @@ impl ScanReport {
     /// Sequence number the next record must carry.
     pub fn next_record_seq(&self) -> Option<u64> {
         let h = self.header.as_ref().ok()?;
-        Some(self.records.last().map(|r| r.header.seq + 1).unwrap_or(h.start_record_seq))
+        Some(
+            self.records
+                .last()
+                .map(|r| r.header.seq + 1)
+                .unwrap_or(h.start_record_seq),
+        )
     }
 }
 
@@ -59,7 +66,12 @@ impl ScanReport {
 fn check_record(buf: &[u8], at: usize, pos: u64, seq: u64) -> Result<RecordHeader, DecodeError> {
     let (h, _) = RecordHeader::decode_record(&buf[at..])?;
     if h.pos != pos || h.seq != seq {
-        return Err(DecodeError::OutOfPlace { found_pos: h.pos, found_seq: h.seq, pos, seq });
+        return Err(DecodeError::OutOfPlace {
+            found_pos: h.pos,
+            found_seq: h.seq,
+            pos,
+            seq,
+        });
     }
     Ok(h)
 }
@@ -70,13 +82,22 @@ pub fn scan_logfile(buf: &[u8]) -> ScanReport {
     let fh = match &header {
         Ok(h) => *h,
         Err(e) => {
-            let kind = if buf.len() < FILE_HEADER_LEN { DamageKind::TornTail } else { DamageKind::Corrupt };
+            let kind = if buf.len() < FILE_HEADER_LEN {
+                DamageKind::TornTail
+            } else {
+                DamageKind::Corrupt
+            };
             let reason = format!("file header: {e}");
             return ScanReport {
                 header,
                 records: Vec::new(),
                 valid_end: 0,
-                damage: Some(Damage { kind, file_offset: 0, pos: 0, reason }),
+                damage: Some(Damage {
+                    kind,
+                    file_offset: 0,
+                    pos: 0,
+                    reason,
+                }),
             };
         }
     };
@@ -88,7 +109,10 @@ pub fn scan_logfile(buf: &[u8]) -> ScanReport {
     while at < buf.len() {
         match check_record(buf, at, pos, seq) {
             Ok(h) => {
-                records.push(ScannedRecord { header: h, file_offset: at as u64 });
+                records.push(ScannedRecord {
+                    header: h,
+                    file_offset: at as u64,
+                });
                 at += h.total_len() as usize;
                 pos += h.total_len();
                 seq += 1;
@@ -100,12 +124,22 @@ pub fn scan_logfile(buf: &[u8]) -> ScanReport {
                     DamageKind::TornTail
                 };
                 let reason = describe(buf, at, &e);
-                damage = Some(Damage { kind, file_offset: at as u64, pos, reason });
+                damage = Some(Damage {
+                    kind,
+                    file_offset: at as u64,
+                    pos,
+                    reason,
+                });
                 break;
             }
         }
     }
-    ScanReport { header, records, valid_end: at.min(buf.len()) as u64, damage }
+    ScanReport {
+        header,
+        records,
+        valid_end: at.min(buf.len()) as u64,
+        damage,
+    }
 }
 
 fn describe(buf: &[u8], at: usize, e: &DecodeError) -> String {
@@ -138,11 +172,24 @@ mod tests {
     use crate::record::Kind;
 
     fn build(n: u64) -> Vec<u8> {
-        let fh = FileHeader { file_seq: 1, start_pos: 500, start_record_seq: 10, created_ns: 0, resource_id: 1 };
+        let fh = FileHeader {
+            file_seq: 1,
+            start_pos: 500,
+            start_record_seq: 10,
+            created_ns: 0,
+            resource_id: 1,
+        };
         let mut buf = fh.encode().to_vec();
         let mut pos = 500;
         for i in 0..n {
-            let h = RecordHeader { kind: Kind::Write, seq: 10 + i, pos, offset: i * 512, length: 512, stamp_ns: 0 };
+            let h = RecordHeader {
+                kind: Kind::Write,
+                seq: 10 + i,
+                pos,
+                offset: i * 512,
+                length: 512,
+                stamp_ns: 0,
+            };
             h.encode_into(&[i as u8; 512], &mut buf);
             pos += h.total_len();
         }
@@ -208,6 +255,9 @@ mod tests {
         let r = scan_logfile(&buf);
         assert!(r.header.is_err());
         assert_eq!(r.damage.expect("damage").kind, DamageKind::Corrupt);
-        assert_eq!(scan_logfile(&buf[..10]).damage.expect("d").kind, DamageKind::TornTail);
+        assert_eq!(
+            scan_logfile(&buf[..10]).damage.expect("d").kind,
+            DamageKind::TornTail
+        );
     }
 }

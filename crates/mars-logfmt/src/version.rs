@@ -42,7 +42,13 @@ fn unhex(s: &str) -> Option<[u8; 32]> {
 }
 
 impl Version {
-    fn compute(prev: &[u8; 32], file_seq: u64, start_pos: u64, end_pos: u64, records: &[u8; 32]) -> [u8; 32] {
+    fn compute(
+        prev: &[u8; 32],
+        file_seq: u64,
+        start_pos: u64,
+        end_pos: u64,
+        records: &[u8; 32],
+    ) -> [u8; 32] {
         let mut h = blake3::Hasher::new();
         h.update(b"mars-version-1");
         h.update(prev);
@@ -55,9 +61,14 @@ impl Version {
 
     /// Recompute the chained digest from the fields; false if the file was altered.
     pub fn is_consistent(&self) -> bool {
-        match (unhex(&self.prev), unhex(&self.records_digest), unhex(&self.version)) {
+        match (
+            unhex(&self.prev),
+            unhex(&self.records_digest),
+            unhex(&self.version),
+        ) {
             (Some(p), Some(r), Some(v)) => {
-                self.format == 1 && Self::compute(&p, self.file_seq, self.start_pos, self.end_pos, &r) == v
+                self.format == 1
+                    && Self::compute(&p, self.file_seq, self.start_pos, self.end_pos, &r) == v
             }
             _ => false,
         }
@@ -94,12 +105,21 @@ impl Default for VersionBuilder {
 
 impl VersionBuilder {
     pub fn new() -> Self {
-        VersionBuilder { hasher: blake3::Hasher::new() }
+        VersionBuilder {
+            hasher: blake3::Hasher::new(),
+        }
     }
     pub fn update(&mut self, record_bytes: &[u8]) {
         self.hasher.update(record_bytes);
     }
-    pub fn finish(self, prev: Option<&Version>, logfile: &str, file_seq: u64, start_pos: u64, end_pos: u64) -> Version {
+    pub fn finish(
+        self,
+        prev: Option<&Version>,
+        logfile: &str,
+        file_seq: u64,
+        start_pos: u64,
+        end_pos: u64,
+    ) -> Version {
         let prev_digest = prev.and_then(|p| p.digest()).unwrap_or(ZERO_VERSION);
         let records = *self.hasher.finalize().as_bytes();
         let v = Version::compute(&prev_digest, file_seq, start_pos, end_pos, &records);

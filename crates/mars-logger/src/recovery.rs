@@ -1,0 +1,335 @@
+//! Opening a resource's log directory: find the logfiles, cut a torn tail,
+//! refuse corruption, apply what was not yet written back, finish versions.
+
+use crate::crashsafe::write_atomic;
+use crate::disk::Disk;
+use crate::logger::LoggerError;
+use mars_logfmt::{
+    parse_logfile_name, scan_logfile, version_file_name, DamageKind, FileHeader, Kind, Version,
+    VersionBuilder, FILE_HEADER_LEN,
+};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogfileEntry {
+    pub seq: u64,
+    pub node: String,
+    pub path: PathBuf,
+}
+
+impl LogfileEntry {
+    pub fn name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Logfiles in `dir`, ascending by sequence number.
+pub fn list_logfiles(dir: &Path) -> std::io::Result<Vec<LogfileEntry>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(n) = parse_logfile_name(&name) {
+            out.push(LogfileEntry {
+                seq: n.seq,
+                node: n.node,
+                path: e.path(),
+            });
+        }
+    }
+    out.sort_by_key(|e| e.seq);
+    Ok(out)
+}
+
+/// The persisted writeback position (`applied` in the resource directory).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct AppliedState {
+    pub format: u16,
+    /// Every record before this log stream position is on the disk (disk synced).
+    pub applied_pos: u64,
+}
+
+pub(crate) const APPLIED_FILE: &str = "applied";
+
+pub(crate) fn read_applied(dir: &Path) -> Result<Option<AppliedState>, LoggerError> {
+    let path = dir.join(APPLIED_FILE);
+    match fs::read(&path) {
+        Ok(b) => serde_json::from_slice::<AppliedState>(&b)
+            .map(Some)
+            .map_err(|e| LoggerError::BadState(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(LoggerError::io(&path, e)),
+    }
+}
+
+pub(crate) fn write_applied(dir: &Path, applied_pos: u64) -> Result<(), LoggerError> {
+    let path = dir.join(APPLIED_FILE);
+    let s = AppliedState {
+        format: 1,
+        applied_pos,
+    };
+    let body = serde_json::to_vec(&s).map_err(|e| LoggerError::BadState(e.to_string()))?;
+    write_atomic(&path, &body).map_err(|e| LoggerError::io(&path, e))
+}
+
+pub(crate) fn read_version(
+    dir: &Path,
+    seq: u64,
+    node: &str,
+) -> Result<Option<Version>, LoggerError> {
+    let path = dir.join(version_file_name(seq, node));
+    match fs::read_to_string(&path) {
+        Ok(s) => Version::from_json(&s)
+            .map(Some)
+            .map_err(|e| LoggerError::BadState(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(LoggerError::io(&path, e)),
+    }
+}
+
+/// Compute and store the version of a finished logfile holding `[start_pos, end_pos)`.
+pub(crate) fn finish_version(
+    dir: &Path,
+    node: &str,
+    entry: &LogfileEntry,
+    start_pos: u64,
+    end_pos: u64,
+    prev: Option<&Version>,
+) -> Result<Version, LoggerError> {
+    let mut f = fs::File::open(&entry.path).map_err(|e| LoggerError::io(&entry.path, e))?;
+    let mut skip = [0u8; FILE_HEADER_LEN];
+    f.read_exact(&mut skip)
+        .map_err(|e| LoggerError::io(&entry.path, e))?;
+    let mut left = end_pos - start_pos;
+    let mut b = VersionBuilder::new();
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        f.read_exact(&mut buf[..n])
+            .map_err(|e| LoggerError::io(&entry.path, e))?;
+        b.update(&buf[..n]);
+        left -= n as u64;
+    }
+    let v = b.finish(prev, &entry.name(), entry.seq, start_pos, end_pos);
+    let path = dir.join(version_file_name(entry.seq, node));
+    write_atomic(&path, v.to_json().as_bytes()).map_err(|e| LoggerError::io(&path, e))?;
+    Ok(v)
+}
+
+/// Where the log stream stands after recovery.
+pub(crate) struct Recovered {
+    pub end_pos: u64,
+    pub next_record_seq: u64,
+    pub next_file_seq: u64,
+    pub last_version: Option<Version>,
+}
+
+/// Bring disk and logfiles to a clean state: every logfile finished and
+/// versioned, every record applied, the applied position persisted.
+pub(crate) fn recover(
+    dir: &Path,
+    node: &str,
+    disk: &Disk,
+    size: u64,
+) -> Result<Recovered, LoggerError> {
+    let logs = list_logfiles(dir).map_err(|e| LoggerError::io(dir, e))?;
+    for w in logs.windows(2) {
+        if w[0].seq == w[1].seq {
+            return Err(LoggerError::Corrupt(format!(
+                "two logfiles with sequence {}: {} and {}",
+                w[0].seq,
+                w[0].name(),
+                w[1].name()
+            )));
+        }
+    }
+    let applied = read_applied(dir)?.map(|s| s.applied_pos);
+    let mut last_version = None;
+    let mut expected_start: Option<u64> = None;
+    let mut next_record_seq = 1;
+    let mut end_pos = applied.unwrap_or(0);
+    let mut applied_pos = applied;
+    // The record sequence continues after the last logfile; for a skipped one we scan it once at the end.
+    let mut seq_from_skipped: Option<&LogfileEntry> = None;
+    for (i, entry) in logs.iter().enumerate() {
+        let is_last = i + 1 == logs.len();
+        if let Some(v) = read_version(dir, entry.seq, node)? {
+            // Finished and versioned earlier: records already applied, unless the
+            // applied position says otherwise (then we scan it below).
+            if applied_pos.is_some_and(|a| a >= v.end_pos) {
+                expected_start = Some(v.end_pos);
+                end_pos = v.end_pos;
+                last_version = Some(v);
+                seq_from_skipped = Some(entry);
+                continue;
+            }
+        }
+        let bytes = fs::read(&entry.path).map_err(|e| LoggerError::io(&entry.path, e))?;
+        let report = scan_logfile(&bytes);
+        let header = match &report.header {
+            Ok(h) => *h,
+            Err(e) if is_last && bytes.len() < FILE_HEADER_LEN => {
+                // Crash while creating the file: nothing was ever logged into it.
+                tracing::warn!(file = %entry.path.display(), "removing incomplete new logfile: {e}");
+                fs::remove_file(&entry.path).map_err(|e| LoggerError::io(&entry.path, e))?;
+                continue;
+            }
+            Err(e) => {
+                return Err(LoggerError::Corrupt(format!(
+                    "{}: bad file header: {e}",
+                    entry.path.display()
+                )));
+            }
+        };
+        if header.file_seq != entry.seq {
+            return Err(LoggerError::Corrupt(format!(
+                "{}: header says sequence {}, name says {}",
+                entry.path.display(),
+                header.file_seq,
+                entry.seq
+            )));
+        }
+        if let Some(exp) = expected_start {
+            if header.start_pos != exp {
+                return Err(LoggerError::Corrupt(format!(
+                    "{}: starts at log position {}, previous logfile ends at {exp}",
+                    entry.path.display(),
+                    header.start_pos
+                )));
+            }
+        }
+        let applied_from = *applied_pos.get_or_insert(header.start_pos);
+        if applied_from < header.start_pos && expected_start.is_none() {
+            return Err(LoggerError::Corrupt(format!(
+                "applied position {applied_from} lies before the oldest logfile {} (starts at {})",
+                entry.path.display(),
+                header.start_pos
+            )));
+        }
+        if let Some(d) = &report.damage {
+            match d.kind {
+                DamageKind::TornTail if is_last => {
+                    tracing::warn!(
+                        file = %entry.path.display(), offset = d.file_offset, pos = d.pos,
+                        "cutting torn tail: {}", d.reason
+                    );
+                    let f = fs::OpenOptions::new()
+                        .write(true)
+                        .open(&entry.path)
+                        .map_err(|e| LoggerError::io(&entry.path, e))?;
+                    f.set_len(report.valid_end)
+                        .map_err(|e| LoggerError::io(&entry.path, e))?;
+                    f.sync_all().map_err(|e| LoggerError::io(&entry.path, e))?;
+                }
+                _ => {
+                    return Err(LoggerError::Corrupt(format!(
+                        "{}: damaged record at log position {} (file offset {}): {}; nothing after it was applied (inspect with `marsadm dump-log {}`)",
+                        entry.path.display(),
+                        d.pos,
+                        d.file_offset,
+                        d.reason,
+                        entry.path.display()
+                    )));
+                }
+            }
+        }
+        for r in &report.records {
+            let h = &r.header;
+            if h.pos < applied_from {
+                continue;
+            }
+            if h.offset + h.length > size {
+                return Err(LoggerError::Corrupt(format!(
+                    "{}: record at log position {} writes beyond the device end ({} > {size})",
+                    entry.path.display(),
+                    h.pos,
+                    h.offset + h.length
+                )));
+            }
+            let at = r.file_offset as usize + mars_logfmt::RECORD_HEADER_LEN;
+            let res = match h.kind {
+                Kind::Write => {
+                    disk.write_vectored_at(&[&bytes[at..at + h.length as usize]], h.offset)
+                }
+                Kind::Trim => disk.zero_range(h.offset, h.length, true),
+                Kind::WriteZeroes => disk.zero_range(h.offset, h.length, false),
+            };
+            res.map_err(|e| LoggerError::Disk(e.to_string()))?;
+        }
+        seq_from_skipped = None;
+        let file_end = report.end_pos().unwrap_or(header.start_pos);
+        next_record_seq = report.next_record_seq().unwrap_or(next_record_seq);
+        let v = finish_version(
+            dir,
+            node,
+            entry,
+            header.start_pos,
+            file_end,
+            last_version.as_ref(),
+        )?;
+        last_version = Some(v);
+        expected_start = Some(file_end);
+        end_pos = file_end;
+    }
+    if let Some(entry) = seq_from_skipped {
+        next_record_seq = scan_file_next_seq(entry)?;
+    }
+    disk.sync().map_err(|e| LoggerError::Disk(e.to_string()))?;
+    write_applied(dir, end_pos)?;
+    Ok(Recovered {
+        end_pos,
+        next_record_seq,
+        next_file_seq: logs.last().map(|l| l.seq + 1).unwrap_or(1),
+        last_version,
+    })
+}
+
+/// Sequence number after the last record of an already finished logfile.
+fn scan_file_next_seq(entry: &LogfileEntry) -> Result<u64, LoggerError> {
+    let bytes = fs::read(&entry.path).map_err(|e| LoggerError::io(&entry.path, e))?;
+    let report = scan_logfile(&bytes);
+    match (&report.damage, report.next_record_seq()) {
+        (None, Some(s)) => Ok(s),
+        _ => Err(LoggerError::Corrupt(format!(
+            "{}: finished logfile no longer scans cleanly: {:?}",
+            entry.path.display(),
+            report.damage.map(|d| d.reason)
+        ))),
+    }
+}
+
+pub(crate) fn new_logfile(
+    dir: &Path,
+    node: &str,
+    seq: u64,
+    start_pos: u64,
+    start_record_seq: u64,
+    resource_id: u64,
+) -> Result<(fs::File, PathBuf), LoggerError> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join(mars_logfmt::logfile_name(seq, node));
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| LoggerError::io(&path, e))?;
+    let h = FileHeader {
+        file_seq: seq,
+        start_pos,
+        start_record_seq,
+        created_ns: crate::logger::now_ns(),
+        resource_id,
+    };
+    f.write_all_at(&h.encode(), 0)
+        .map_err(|e| LoggerError::io(&path, e))?;
+    f.sync_all().map_err(|e| LoggerError::io(&path, e))?;
+    crate::crashsafe::sync_dir(dir).map_err(|e| LoggerError::io(dir, e))?;
+    Ok((f, path))
+}
