@@ -1,1 +1,180 @@
-//! mars-api
+//! Types shared by `marsd` and `marsadm`.
+//!
+//! The control socket (`DIR/marsd.sock`) carries one JSON [`Request`] per
+//! line from `marsadm` and one JSON [`Response`] per line back. [`View`] is
+//! the `marsadm view --json` document of `shared/spec/marsadm.md`; fields may
+//! be added, never removed or renamed.
+
+use serde::{Deserialize, Serialize};
+
+/// Name of the control socket inside the node directory.
+pub const SOCKET_NAME: &str = "marsd.sock";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    CreateResource {
+        name: String,
+        disk: String,
+    },
+    DeleteResource {
+        name: String,
+    },
+    Primary {
+        name: String,
+        force: bool,
+    },
+    Secondary {
+        name: String,
+    },
+    Up {
+        name: String,
+    },
+    Down {
+        name: String,
+    },
+    Attach {
+        name: String,
+    },
+    Detach {
+        name: String,
+    },
+    Connect {
+        name: String,
+    },
+    Disconnect {
+        name: String,
+    },
+    Pause {
+        name: String,
+        what: PauseKind,
+        paused: bool,
+    },
+    LogRotate {
+        name: String,
+    },
+    LogDelete {
+        name: String,
+    },
+    View {
+        name: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PauseKind {
+    Sync,
+    Fetch,
+    Replay,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    /// One line saying what went wrong and, where there is one, what to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What was done, for humans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view: Option<View>,
+}
+
+impl Response {
+    pub fn ok(message: impl Into<String>) -> Response {
+        Response {
+            ok: true,
+            message: Some(message.into()),
+            ..Default::default()
+        }
+    }
+    pub fn err(error: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            error: Some(error.into()),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct View {
+    pub node: String,
+    pub cluster: ClusterView,
+    pub resources: Vec<ResourceView>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub id: String,
+    pub nodes: Vec<NodeView>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub address: String,
+    pub alive: bool,
+    /// Where the node serves its primary devices (extension).
+    #[serde(default)]
+    pub nbd: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResourceView {
+    pub name: String,
+    pub size: u64,
+    pub designated_primary: Option<String>,
+    pub actual_primary: Option<String>,
+    pub device: Option<String>,
+    pub members: Vec<MemberView>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemberView {
+    pub node: String,
+    /// `primary` or `secondary`.
+    pub role: String,
+    /// `uptodate`, `syncing`, `inconsistent`, `outdated` or `detached`.
+    pub disk: String,
+    pub connected: bool,
+    pub log: LogView,
+    pub sync: Option<SyncView>,
+    pub paused: PausedView,
+    pub split_brain: bool,
+    pub emergency: bool,
+    /// `written - replayed` (extension).
+    #[serde(default)]
+    pub lag_bytes: u64,
+    /// The local disk path (extension).
+    #[serde(default)]
+    pub disk_path: String,
+    /// The current logfile (extension).
+    #[serde(default)]
+    pub logfile: Option<String>,
+    /// Last error of this member, e.g. why its disk could not be attached (extension).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogView {
+    pub written: u64,
+    pub fetched: u64,
+    pub replayed: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncView {
+    pub done: u64,
+    pub total: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PausedView {
+    pub sync: bool,
+    pub fetch: bool,
+    pub replay: bool,
+}

@@ -11,7 +11,8 @@
 //! (ACK, then close). Everything else (`STRUCTURED_REPLY`, `STARTTLS`, meta
 //! contexts, extended headers, ...) gets `ERR_UNSUP`: only simple replies are used.
 //! Malformed payloads get `ERR_INVALID`; payloads over 64 KiB get `ERR_TOO_BIG` and
-//! the connection is closed without reading them. The empty export name is not
+//! the connection is closed without reading them. The handshake must complete
+//! within [`HANDSHAKE_TIMEOUT`]. The empty export name is not
 //! special: it is looked up in the [`Registry`] like any other name.
 //!
 //! Transmission flags: `HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM |
@@ -62,6 +63,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 use proto::*;
@@ -119,6 +121,9 @@ pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 pub const MAX_IN_FLIGHT: usize = 128;
 /// Maximum read/write payload bytes buffered per connection.
 pub const MAX_BUFFERED_BYTES: usize = 128 * 1024 * 1024;
+
+/// The whole option haggling must finish within this time.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 const MIN_BLOCK: u32 = 1;
 const PREFERRED_BLOCK: u32 = 4096;
@@ -205,7 +210,7 @@ pub async fn serve(
         let registry = Arc::clone(&registry);
         tokio::spawn(async move {
             tracing::debug!(%peer, "nbd: connection accepted");
-            match serve_connection(stream, registry).await {
+            match serve_tcp(stream, registry).await {
                 Ok(()) => tracing::debug!(%peer, "nbd: connection closed"),
                 Err(e) => tracing::warn!(%peer, error = %e, "nbd: connection ended with error"),
             }
@@ -219,16 +224,47 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut conn = BufReader::with_capacity(READ_BUF_CAP, stream);
-    match handshake(&mut conn, &*registry).await? {
-        Some((name, export)) => {
-            tracing::debug!(export = %name, "nbd: entering transmission");
-            transmission(conn, export).await
-        }
-        None => Ok(()),
-    }
+    let Some((name, export)) = handshake_with_timeout(&mut conn, &*registry).await? else {
+        return Ok(());
+    };
+    tracing::debug!(export = %name, "nbd: entering transmission");
+    // The read half keeps the BufReader, so pipelined bytes are not lost.
+    let (rd, wr) = tokio::io::split(conn);
+    transmission(rd, wr, export).await
+}
+
+/// [`serve_connection`] for TCP: after the handshake the socket is split with
+/// `into_split` (no lock shared between the reader and the writer task).
+async fn serve_tcp(stream: TcpStream, registry: Arc<dyn Registry>) -> Result<(), NbdError> {
+    let mut conn = BufReader::with_capacity(READ_BUF_CAP, stream);
+    let Some((name, export)) = handshake_with_timeout(&mut conn, &*registry).await? else {
+        return Ok(());
+    };
+    tracing::debug!(export = %name, "nbd: entering transmission");
+    // Requests the client pipelined behind NBD_OPT_GO may already be buffered.
+    let leftover = Bytes::copy_from_slice(conn.buffer());
+    let (r, w) = conn.into_inner().into_split();
+    let rd = BufReader::with_capacity(READ_BUF_CAP, io::Cursor::new(leftover).chain(r));
+    transmission(rd, w, export).await
 }
 
 // ======================================================================= handshake
+
+async fn handshake_with_timeout<S>(
+    conn: &mut BufReader<S>,
+    registry: &dyn Registry,
+) -> Result<Option<(String, Arc<dyn Export>)>, NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(conn, registry)).await {
+        Ok(r) => r,
+        Err(_) => Err(NbdError::Io(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "handshake timed out",
+        ))),
+    }
+}
 
 /// Returns the chosen export, or None when the client aborted / went away.
 async fn handshake<S>(
@@ -413,11 +449,11 @@ enum End {
     Error(NbdError),
 }
 
-async fn transmission<S>(conn: BufReader<S>, export: Arc<dyn Export>) -> Result<(), NbdError>
+async fn transmission<R, W>(mut rd: R, wr: W, export: Arc<dyn Export>) -> Result<(), NbdError>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut rd, wr) = tokio::io::split(conn);
     // Unbounded is fine: the number of queued replies is bounded by the slot semaphore.
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let shared = Arc::new(Shared {

@@ -411,7 +411,7 @@ fn errno_mapping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_writes_and_reads_multithreaded() {
     let (reg, e) = MemRegistry::with("d", MemExport::new(4 * SIZE));
-    let (mut s, h, _, _) = connect_go(reg, "d").await;
+    let (s, h, _, _) = connect_go(reg, "d").await;
     // 512 pipelined 4 KiB writes (more than MAX_IN_FLIGHT), each with a distinct pattern.
     let n = 512u64;
     let bytes = {
@@ -494,5 +494,61 @@ async fn serve_over_tcp() {
         assert_eq!(parse_simple_reply(&rep).unwrap(), (0, 5));
         assert_eq!(&rep[16..], &[0, 1, 2]);
     }
+    server.abort();
+}
+
+/// Requests sent right behind NBD_OPT_GO (before its reply is read) must not be
+/// lost when the TCP path re-splits the socket after the handshake.
+#[tokio::test]
+async fn requests_pipelined_behind_go_over_tcp() {
+    use tokio::io::AsyncReadExt;
+    let (reg, _) = MemRegistry::with("d", MemExport::patterned(SIZE));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(mars_nbd::serve(listener, reg));
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut g = [0u8; 18];
+    c.read_exact(&mut g).await.unwrap();
+    let mut msg = (NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)
+        .to_be_bytes()
+        .to_vec();
+    let go = encode_info_request(b"d", &[]);
+    msg.extend_from_slice(&encode_option_header(NBD_OPT_GO, go.len() as u32));
+    msg.extend_from_slice(&go);
+    for cookie in 0..4u64 {
+        msg.extend_from_slice(&encode_request(&Request {
+            flags: 0,
+            kind: mars_nbd::Command::Read,
+            cookie,
+            offset: cookie * 251 + 1,
+            length: 2,
+        }));
+    }
+    c.write_all(&msg).await.unwrap();
+    loop {
+        let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+        c.read_exact(&mut h).await.unwrap();
+        let (_, typ, len) = parse_option_reply_header(&h).unwrap();
+        let mut d = vec![0u8; len as usize];
+        c.read_exact(&mut d).await.unwrap();
+        if typ == NBD_REP_ACK {
+            break;
+        }
+        assert_eq!(typ, NBD_REP_INFO);
+    }
+    let mut seen = vec![];
+    for _ in 0..4 {
+        let mut rep = [0u8; 18];
+        tokio::time::timeout(T, c.read_exact(&mut rep))
+            .await
+            .unwrap()
+            .unwrap();
+        let (err, cookie) = parse_simple_reply(&rep).unwrap();
+        assert_eq!(err, 0);
+        assert_eq!(&rep[16..], &[1, 2]);
+        seen.push(cookie);
+    }
+    seen.sort();
+    assert_eq!(seen, vec![0, 1, 2, 3]);
     server.abort();
 }

@@ -1,1 +1,11 @@
+//! The `marsd` daemon and the `marsadm` tool.
+//!
+//! - [`node`]: the node directory (identity, settings) and resource desired state on disk.
+//! - [`daemon`]: desired state, actual state and the control loop that converges them.
+//! - [`control`]: the control socket `marsadm` talks to.
+//! - [`dumplog`]: `marsadm dump-log`, the incident tool for logfiles.
 
+pub mod control;
+pub mod daemon;
+pub mod dumplog;
+pub mod node;

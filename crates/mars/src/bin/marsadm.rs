@@ -1,1 +1,399 @@
-fn main() {}
+//! `marsadm`: the admin tool (see shared/spec/marsadm.md).
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use mars::control::call;
+use mars_api::{PauseKind, Request, Response, View};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "marsadm",
+    version,
+    about = "administer mars nodes and replicated resources"
+)]
+struct Args {
+    /// Node directory (default: $MARS_DIR, then /mars).
+    #[arg(long, env = "MARS_DIR", default_value = "/mars", global = true)]
+    dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Initialise DIR as the first node of a new cluster.
+    CreateCluster {
+        #[arg(long)]
+        node: String,
+        /// Address for peer traffic (HOST:PORT).
+        #[arg(long)]
+        listen: String,
+        /// Where this node serves its primary devices over NBD.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        nbd: String,
+    },
+    /// Initialise DIR as a new node of the cluster PEER belongs to.
+    JoinCluster {
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        listen: String,
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        nbd: String,
+        peer: String,
+    },
+    /// Remove this node from its cluster.
+    LeaveCluster,
+    /// Merge the peer's whole cluster into this one.
+    MergeCluster {
+        peer: String,
+    },
+    /// Create RES on DISK; this node becomes its primary.
+    CreateResource {
+        res: String,
+        disk: String,
+    },
+    /// Make this node a secondary of RES.
+    JoinResource {
+        res: String,
+        disk: String,
+    },
+    /// Stop being a member of RES.
+    LeaveResource {
+        res: String,
+    },
+    /// Remove RES (its disks are left as they are).
+    DeleteResource {
+        res: String,
+    },
+    /// Become primary of RES (planned handover; --force: failover).
+    Primary {
+        #[arg(long)]
+        force: bool,
+        res: String,
+    },
+    /// Give up the primary role of RES here.
+    Secondary {
+        res: String,
+    },
+    /// Attach disk and connect.
+    Up {
+        res: String,
+    },
+    /// Disconnect and detach disk (writes everything back first).
+    Down {
+        res: String,
+    },
+    Attach {
+        res: String,
+    },
+    Detach {
+        res: String,
+    },
+    Connect {
+        res: String,
+    },
+    Disconnect {
+        res: String,
+    },
+    PauseSync {
+        res: String,
+    },
+    ResumeSync {
+        res: String,
+    },
+    PauseFetch {
+        res: String,
+    },
+    ResumeFetch {
+        res: String,
+    },
+    PauseReplay {
+        res: String,
+    },
+    ResumeReplay {
+        res: String,
+    },
+    /// Throw away this secondary's data and sync again.
+    Invalidate {
+        res: String,
+    },
+    /// Grow the device.
+    Resize {
+        res: String,
+        bytes: Option<u64>,
+    },
+    /// Start a new logfile now.
+    LogRotate {
+        res: String,
+    },
+    /// Delete logfiles every member has applied.
+    LogDelete {
+        res: String,
+    },
+    /// Show status (human table, or --json).
+    View {
+        res: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until every node of the cluster is reachable.
+    WaitCluster {
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+    },
+    /// Wait until RES reaches CONDITION: uptodate, primary or synced.
+    WaitResource {
+        res: String,
+        condition: String,
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+    },
+    /// Print every record of a logfile and where it is damaged (works without marsd).
+    DumpLog {
+        file: PathBuf,
+        /// Also print the first bytes of each record's data.
+        #[arg(long)]
+        data: bool,
+    },
+}
+
+fn main() {
+    let args = Args::parse();
+    match run(&args.dir, args.cmd) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("marsadm: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn send(dir: &Path, req: Request) -> Result<Response> {
+    let resp = call(dir, &req)?;
+    if !resp.ok {
+        bail!(
+            "{}",
+            resp.error
+                .unwrap_or_else(|| "refused (no reason given)".into())
+        );
+    }
+    Ok(resp)
+}
+
+fn say(dir: &Path, req: Request) -> Result<i32> {
+    let resp = send(dir, req)?;
+    if let Some(m) = resp.message {
+        println!("{m}");
+    }
+    Ok(0)
+}
+
+fn not_yet(what: &str) -> Result<i32> {
+    bail!("{what} is not available yet: this build runs single-node clusters (see docs/DEVELOPMENT.md)")
+}
+
+fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
+    let pause = |res: String, what, paused| Request::Pause {
+        name: res,
+        what,
+        paused,
+    };
+    match cmd {
+        Cmd::CreateCluster { node, listen, nbd } => {
+            let cfg = mars::node::create_cluster(dir, &node, &listen, &nbd)?;
+            println!(
+                "created cluster {} with node {} in {}; start it with: marsd --dir {}",
+                cfg.cluster_id,
+                cfg.node,
+                dir.display(),
+                dir.display()
+            );
+            Ok(0)
+        }
+        Cmd::JoinCluster { .. } => not_yet("join-cluster"),
+        Cmd::LeaveCluster => not_yet("leave-cluster"),
+        Cmd::MergeCluster { .. } => not_yet("merge-cluster"),
+        Cmd::JoinResource { .. } => not_yet("join-resource"),
+        Cmd::LeaveResource { .. } => not_yet("leave-resource"),
+        Cmd::Invalidate { .. } => not_yet("invalidate"),
+        Cmd::Resize { .. } => not_yet("resize"),
+        Cmd::CreateResource { res, disk } => say(dir, Request::CreateResource { name: res, disk }),
+        Cmd::DeleteResource { res } => say(dir, Request::DeleteResource { name: res }),
+        Cmd::Primary { force, res } => say(dir, Request::Primary { name: res, force }),
+        Cmd::Secondary { res } => say(dir, Request::Secondary { name: res }),
+        Cmd::Up { res } => say(dir, Request::Up { name: res }),
+        Cmd::Down { res } => say(dir, Request::Down { name: res }),
+        Cmd::Attach { res } => say(dir, Request::Attach { name: res }),
+        Cmd::Detach { res } => say(dir, Request::Detach { name: res }),
+        Cmd::Connect { res } => say(dir, Request::Connect { name: res }),
+        Cmd::Disconnect { res } => say(dir, Request::Disconnect { name: res }),
+        Cmd::PauseSync { res } => say(dir, pause(res, PauseKind::Sync, true)),
+        Cmd::ResumeSync { res } => say(dir, pause(res, PauseKind::Sync, false)),
+        Cmd::PauseFetch { res } => say(dir, pause(res, PauseKind::Fetch, true)),
+        Cmd::ResumeFetch { res } => say(dir, pause(res, PauseKind::Fetch, false)),
+        Cmd::PauseReplay { res } => say(dir, pause(res, PauseKind::Replay, true)),
+        Cmd::ResumeReplay { res } => say(dir, pause(res, PauseKind::Replay, false)),
+        Cmd::LogRotate { res } => say(dir, Request::LogRotate { name: res }),
+        Cmd::LogDelete { res } => say(dir, Request::LogDelete { name: res }),
+        Cmd::View { res, json } => {
+            let view = get_view(dir, res)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", render(&view));
+            }
+            Ok(0)
+        }
+        Cmd::WaitCluster { timeout } => wait(timeout, "every node reachable", || {
+            let v = get_view(dir, None)?;
+            Ok(v.cluster.nodes.iter().all(|n| n.alive))
+        }),
+        Cmd::WaitResource {
+            res,
+            condition,
+            timeout,
+        } => {
+            let check: fn(&View, &mars_api::ResourceView) -> bool = match condition.as_str() {
+                "uptodate" => |_, r| {
+                    let written = r.members.iter().map(|m| m.log.written).max().unwrap_or(0);
+                    r.members.iter().all(|m| {
+                        m.disk == "uptodate" && m.sync.is_none() && m.log.replayed >= written
+                    })
+                },
+                "primary" => |v, r| {
+                    r.actual_primary.as_deref() == Some(v.node.as_str()) && r.device.is_some()
+                },
+                "synced" => |_, r| {
+                    r.members
+                        .iter()
+                        .all(|m| m.sync.is_none() && m.disk != "syncing")
+                },
+                other => bail!("unknown condition {other:?}: use uptodate, primary or synced"),
+            };
+            wait(timeout, &format!("{res} {condition}"), || {
+                let v = get_view(dir, Some(res.clone()))?;
+                let r = v
+                    .resources
+                    .iter()
+                    .find(|r| r.name == res)
+                    .ok_or_else(|| anyhow::anyhow!("unknown resource {res}"))?;
+                Ok(check(&v, r))
+            })
+        }
+        Cmd::DumpLog { file, data } => {
+            let (text, damaged) = mars::dumplog::dump(&file, data)?;
+            print!("{text}");
+            if damaged {
+                eprintln!(
+                    "marsadm: {} is damaged (see the last line above)",
+                    file.display()
+                );
+                return Ok(2);
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn get_view(dir: &Path, res: Option<String>) -> Result<View> {
+    let resp = send(dir, Request::View { name: res })?;
+    resp.view
+        .ok_or_else(|| anyhow::anyhow!("marsd sent no view"))
+}
+
+/// Poll `check` until it holds or `timeout_s` passes.
+fn wait(timeout_s: f64, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<i32> {
+    let deadline = Instant::now() + Duration::from_secs_f64(timeout_s.max(0.0));
+    loop {
+        if check()? {
+            return Ok(0);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout_s} s waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn human(bytes: u64) -> String {
+    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < U.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn render(v: &View) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "node {} in cluster {}", v.node, v.cluster.id);
+    for n in &v.cluster.nodes {
+        let _ = writeln!(
+            out,
+            "  node {:<16} {:<22} {}",
+            n.name,
+            n.address,
+            if n.alive { "alive" } else { "DEAD" }
+        );
+    }
+    if v.resources.is_empty() {
+        let _ = writeln!(out, "no resources");
+    }
+    for r in &v.resources {
+        let _ = writeln!(
+            out,
+            "resource {} size {} primary {} device {}",
+            r.name,
+            human(r.size),
+            r.actual_primary.as_deref().unwrap_or("-"),
+            r.device.as_deref().unwrap_or("-")
+        );
+        let _ = writeln!(
+            out,
+            "  {:<16} {:<9} {:<12} {:<10} {:>12} {:>12}  flags",
+            "member", "role", "disk", "conn", "replayed", "lag"
+        );
+        for m in &r.members {
+            let mut flags = Vec::new();
+            for (on, name) in [
+                (m.paused.sync, "sync-paused"),
+                (m.paused.fetch, "fetch-paused"),
+                (m.paused.replay, "replay-paused"),
+                (m.split_brain, "SPLIT-BRAIN"),
+                (m.emergency, "EMERGENCY"),
+            ] {
+                if on {
+                    flags.push(name.to_string());
+                }
+            }
+            if let Some(s) = &m.sync {
+                flags.push(format!("sync {}/{}", human(s.done), human(s.total)));
+            }
+            if let Some(e) = &m.error {
+                flags.push(format!("error: {e}"));
+            }
+            let _ = writeln!(
+                out,
+                "  {:<16} {:<9} {:<12} {:<10} {:>12} {:>12}  {}",
+                m.node,
+                m.role,
+                m.disk,
+                if m.connected { "connected" } else { "-" },
+                human(m.log.replayed),
+                human(m.lag_bytes),
+                flags.join(" ")
+            );
+        }
+    }
+    out
+}

@@ -1,1 +1,122 @@
-fn main() {}
+//! `marsd --dir DIR`: one mars node, in the foreground, logging to stderr.
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use mars::daemon::Daemon;
+use mars::node;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "marsd",
+    version,
+    about = "mars node daemon: replicated block devices served over NBD"
+)]
+struct Args {
+    /// Node directory (default: $MARS_DIR, then /mars).
+    #[arg(long, env = "MARS_DIR", default_value = "/mars")]
+    dir: PathBuf,
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MARS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    if let Err(e) = run(&args.dir) {
+        eprintln!("marsd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Hold an exclusive lock on DIR/marsd.lock for the life of the process.
+fn lock_dir(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join("marsd.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on an owned descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!("another marsd is already running on {}", dir.display());
+    }
+    Ok(f)
+}
+
+fn bind_tcp(what: &str, addr: &str) -> Result<std::net::TcpListener> {
+    let sa = node::check_addr(what, addr)?;
+    let l = std::net::TcpListener::bind(sa)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {what} address {addr}: {e}"))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+fn run(dir: &Path) -> Result<()> {
+    let cfg = node::load_node(dir)?;
+    let _lock = lock_dir(dir)?;
+    let nbd = bind_tcp("NBD", &cfg.nbd)?;
+    let peer = bind_tcp("peer (--listen)", &cfg.listen)?;
+    let sock_path = dir.join(mars_api::SOCKET_NAME);
+    let _ = std::fs::remove_file(&sock_path); // stale from a killed marsd; the lock proves nobody uses it
+    let ctl = std::os::unix::net::UnixListener::bind(&sock_path).map_err(|e| {
+        anyhow::anyhow!("cannot create control socket {}: {e}", sock_path.display())
+    })?;
+    ctl.set_nonblocking(true)?;
+    let daemon = Arc::new(Daemon::new(dir, cfg.clone())?);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("marsd")
+        .build()?;
+    rt.block_on(async move {
+        let nbd = tokio::net::TcpListener::from_std(nbd)?;
+        let peer = tokio::net::TcpListener::from_std(peer)?;
+        let ctl = tokio::net::UnixListener::from_std(ctl)?;
+        daemon.reconcile().await;
+        tracing::info!(node = %cfg.node, cluster = %cfg.cluster_id, nbd = %cfg.nbd, listen = %cfg.listen, "marsd started");
+        let registry: Arc<dyn mars_nbd::Registry> = daemon.exports.clone();
+        tokio::spawn(async move {
+            if let Err(e) = mars_nbd::serve(nbd, registry).await {
+                tracing::error!("NBD server stopped: {e}");
+            }
+        });
+        // Peer links come with clustering; until then, connections are refused politely by closing them.
+        tokio::spawn(async move {
+            loop {
+                match peer.accept().await {
+                    Ok((s, addr)) => {
+                        tracing::debug!(%addr, "peer connection closed: clustering not available in this build");
+                        drop(s);
+                    }
+                    Err(e) => {
+                        tracing::warn!("peer accept: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        tokio::spawn(mars::control::serve(ctl, daemon.clone()));
+        tokio::spawn(daemon.clone().run_loop());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("stopping: writing back all logs");
+        daemon.shutdown().await;
+        let _ = std::fs::remove_file(&sock_path);
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })?;
+    // Blocking pool threads may still be parked; do not wait for them.
+    std::process::exit(0);
+}

@@ -1,0 +1,180 @@
+//! The node directory.
+//!
+//! ```text
+//! DIR/node.json                     identity and settings (NodeConfig)
+//! DIR/marsd.lock                    flock held by the running marsd
+//! DIR/marsd.sock                    control socket
+//! DIR/resources/<res>/resource.json desired state of one resource (ResourceConfig)
+//! DIR/resources/<res>/log-*, version-*, applied   transaction log (mars-logger)
+//! ```
+//! Every JSON file is replaced crash-safely (write temp, fsync, rename, fsync dir).
+
+use anyhow::{anyhow, bail, Context, Result};
+use mars_logger::crashsafe::write_atomic;
+use serde::{Deserialize, Serialize};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+pub const NODE_FILE: &str = "node.json";
+pub const RESOURCES_DIR: &str = "resources";
+pub const RESOURCE_FILE: &str = "resource.json";
+pub const FORMAT: u16 = 1;
+
+fn default_logfile_bytes() -> u64 {
+    256 << 20
+}
+fn default_mem_bytes() -> u64 {
+    256 << 20
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeConfig {
+    pub format: u16,
+    pub cluster_id: String,
+    pub node: String,
+    /// Peer traffic address.
+    pub listen: String,
+    /// Where this node serves its primary devices over NBD.
+    pub nbd: String,
+    /// Rotate logfiles at this size.
+    #[serde(default = "default_logfile_bytes")]
+    pub logfile_max_bytes: u64,
+    /// Per resource: bound on data logged but not yet written back.
+    #[serde(default = "default_mem_bytes")]
+    pub writeback_mem_bytes: u64,
+}
+
+/// Desired state of one resource, as the operator asked for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceConfig {
+    pub format: u16,
+    pub name: String,
+    pub size: u64,
+    /// Random id fixed at creation (also in every logfile header).
+    pub resource_id: u64,
+    /// This node's local disk.
+    pub disk: PathBuf,
+    pub members: Vec<String>,
+    pub designated_primary: Option<String>,
+    pub attached: bool,
+    pub connected: bool,
+    #[serde(default)]
+    pub pause_sync: bool,
+    #[serde(default)]
+    pub pause_fetch: bool,
+    #[serde(default)]
+    pub pause_replay: bool,
+}
+
+/// Node and resource names: 1..=64 of `[A-Za-z0-9_.-]`, not starting with `.` or `-`.
+pub fn check_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+    if !ok {
+        bail!(
+            "invalid {what} name {name:?}: use 1 to 64 letters, digits, '_', '.', '-' (not first)"
+        );
+    }
+    Ok(())
+}
+
+/// Check that `addr` is HOST:PORT and resolves.
+pub fn check_addr(what: &str, addr: &str) -> Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .with_context(|| format!("invalid {what} address {addr:?}: expected HOST:PORT"))?
+        .next()
+        .ok_or_else(|| anyhow!("{what} address {addr:?} resolves to nothing"))
+}
+
+pub fn load_node(dir: &Path) -> Result<NodeConfig> {
+    let path = dir.join(NODE_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("{} is not an initialised mars node directory (no {NODE_FILE}); run `marsadm create-cluster` or `marsadm join-cluster` first", dir.display())
+        }
+        Err(e) => bail!("cannot read {}: {e}", path.display()),
+    };
+    let cfg: NodeConfig =
+        serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
+    if cfg.format != FORMAT {
+        bail!(
+            "{}: format {} is not supported by this build (expects {FORMAT})",
+            path.display(),
+            cfg.format
+        );
+    }
+    Ok(cfg)
+}
+
+pub fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut body = serde_json::to_vec_pretty(value)?;
+    body.push(b'\n');
+    write_atomic(path, &body).with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub fn resources_dir(dir: &Path) -> PathBuf {
+    dir.join(RESOURCES_DIR)
+}
+
+pub fn resource_dir(dir: &Path, name: &str) -> PathBuf {
+    resources_dir(dir).join(name)
+}
+
+pub fn load_resources(dir: &Path) -> Result<Vec<ResourceConfig>> {
+    let mut out = Vec::new();
+    let rdir = resources_dir(dir);
+    let entries = match std::fs::read_dir(&rdir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => bail!("cannot read {}: {e}", rdir.display()),
+    };
+    for e in entries {
+        let e = e?;
+        let path = e.path().join(RESOURCE_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let r: ResourceConfig = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is damaged", path.display()))?;
+                out.push(r);
+            }
+            // A directory without resource.json is a create that did not finish, or a delete in progress.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::warn!(dir = %e.to_string(), path = %path.display(), "ignoring resource directory without {RESOURCE_FILE}");
+            }
+            Err(e) => bail!("cannot read {}: {e}", path.display()),
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// `marsadm create-cluster`: initialise DIR as the first node of a new cluster.
+pub fn create_cluster(dir: &Path, node: &str, listen: &str, nbd: &str) -> Result<NodeConfig> {
+    check_name("node", node)?;
+    check_addr("--listen", listen)?;
+    check_addr("--nbd", nbd)?;
+    if dir.join(NODE_FILE).exists() {
+        bail!(
+            "{} is already initialised as a mars node; refusing to overwrite it",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(resources_dir(dir))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let cfg = NodeConfig {
+        format: FORMAT,
+        cluster_id: format!("{:032x}", rand::random::<u128>()),
+        node: node.to_string(),
+        listen: listen.to_string(),
+        nbd: nbd.to_string(),
+        logfile_max_bytes: default_logfile_bytes(),
+        writeback_mem_bytes: default_mem_bytes(),
+    };
+    save_json(&dir.join(NODE_FILE), &cfg)?;
+    Ok(cfg)
+}
