@@ -1,0 +1,341 @@
+//! Test kit: real `marsd` processes in temporary node directories, `marsadm`
+//! invocations, a small synchronous NBD client, and external tools that must
+//! be installed (a missing tool fails the test loudly; it never skips).
+
+#![allow(dead_code)]
+
+use mars_nbd::proto::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MARSD: &str = env!("CARGO_BIN_EXE_marsd");
+pub const MARSADM: &str = env!("CARGO_BIN_EXE_marsadm");
+
+/// Fail loudly when an external tool is missing.
+pub fn require_tool(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "required tool `{tool}` is not installed: apt-get install {package} (see .ci/run)"
+    );
+}
+
+/// Wait for `cond` with a deadline; panics with `what` on timeout.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(pause); // polling interval, not synchronisation
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub struct Node {
+    pub tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+    pub name: String,
+    pub listen: String,
+    pub nbd: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Node {
+    /// `marsadm create-cluster` in a fresh directory (marsd not started).
+    pub fn create(name: &str) -> Node {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("node");
+        let listen = format!("127.0.0.1:{}", free_port());
+        let nbd = format!("127.0.0.1:{}", free_port());
+        let node = Node {
+            log: tmp.path().join("marsd.log"),
+            tmp,
+            dir,
+            name: name.into(),
+            listen,
+            nbd,
+            child: None,
+        };
+        node.adm_ok(&[
+            "create-cluster",
+            "--node",
+            name,
+            "--listen",
+            &node.listen,
+            "--nbd",
+            &node.nbd,
+        ]);
+        node
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// A disk file of `size` bytes next to the node directory.
+    pub fn disk(&self, name: &str, size: u64) -> PathBuf {
+        let p = self.path(name);
+        std::fs::File::create(&p)
+            .and_then(|f| f.set_len(size))
+            .expect("disk file");
+        p
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "marsd already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(MARSD)
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn marsd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("marsd exited at start ({status}):\n{}", self.log_text());
+            }
+            if self.adm(&["view"]).status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "marsd did not come up:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: sending a signal to our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let status = c.wait().expect("wait marsd");
+            assert!(
+                status.success(),
+                "marsd exit status {status}:\n{}",
+                self.log_text()
+            );
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn adm(&self, args: &[&str]) -> Output {
+        Command::new(MARSADM)
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .expect("run marsadm")
+    }
+
+    /// Run marsadm, assert success, return stdout.
+    pub fn adm_ok(&self, args: &[&str]) -> String {
+        let out = self.adm(args);
+        assert!(
+            out.status.success(),
+            "marsadm {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Run marsadm, assert failure, return stderr.
+    pub fn adm_err(&self, args: &[&str]) -> String {
+        let out = self.adm(args);
+        assert!(
+            !out.status.success(),
+            "marsadm {args:?} succeeded but should fail: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !err.trim().is_empty(),
+            "marsadm {args:?} failed without a message"
+        );
+        err
+    }
+
+    pub fn view_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.adm_ok(&["view", "--json"])).expect("view --json is JSON")
+    }
+
+    pub fn uri(&self, res: &str) -> String {
+        format!("nbd://{}/{res}", self.nbd)
+    }
+
+    pub fn nbd(&self, res: &str) -> NbdClient {
+        NbdClient::connect(&self.nbd, res).expect("nbd connect")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A minimal synchronous NBD client (fixed newstyle, OPT_GO, simple replies), one request at a time.
+pub struct NbdClient {
+    s: TcpStream,
+    pub size: u64,
+    pub flags: u16,
+    cookie: u64,
+}
+
+fn rd<const N: usize>(s: &mut TcpStream) -> std::io::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    s.read_exact(&mut b)?;
+    Ok(b)
+}
+
+impl NbdClient {
+    pub fn connect(addr: &str, name: &str) -> std::io::Result<NbdClient> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        let greeting = rd::<18>(&mut s)?;
+        assert_eq!(
+            u64::from_be_bytes(greeting[0..8].try_into().unwrap()),
+            NBDMAGIC
+        );
+        s.write_all(&(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES).to_be_bytes())?;
+        let payload = encode_info_request(name.as_bytes(), &[]);
+        s.write_all(&encode_option_header(NBD_OPT_GO, payload.len() as u32))?;
+        s.write_all(&payload)?;
+        let (mut size, mut flags) = (0, 0);
+        loop {
+            let h = rd::<20>(&mut s)?;
+            let reply_type = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+            let mut data = vec![0u8; len];
+            s.read_exact(&mut data)?;
+            if reply_type & NBD_REP_FLAG_ERROR != 0 {
+                return Err(std::io::Error::other(format!(
+                    "OPT_GO refused: {reply_type:#x}"
+                )));
+            }
+            if reply_type == NBD_REP_INFO
+                && data.len() >= 12
+                && u16::from_be_bytes([data[0], data[1]]) == NBD_INFO_EXPORT
+            {
+                size = u64::from_be_bytes(data[2..10].try_into().unwrap());
+                flags = u16::from_be_bytes([data[10], data[11]]);
+            }
+            if reply_type == NBD_REP_ACK {
+                break;
+            }
+        }
+        Ok(NbdClient {
+            s,
+            size,
+            flags,
+            cookie: 0,
+        })
+    }
+
+    fn request(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        data: &[u8],
+    ) -> std::io::Result<u32> {
+        self.cookie += 1;
+        let req = Request {
+            flags,
+            kind: mars_nbd::proto::Command::from_u16(kind),
+            cookie: self.cookie,
+            offset,
+            length,
+        };
+        let mut buf = encode_request(&req).to_vec();
+        buf.extend_from_slice(data);
+        self.s.write_all(&buf)?;
+        let r = rd::<16>(&mut self.s)?;
+        let (err, cookie) = parse_simple_reply(&r).map_err(std::io::Error::other)?;
+        assert_eq!(cookie, self.cookie, "reply cookie");
+        Ok(err)
+    }
+
+    /// Write; Ok(errno) where 0 is success.
+    pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<u32> {
+        self.request(
+            NBD_CMD_WRITE,
+            if fua { NBD_CMD_FLAG_FUA } else { 0 },
+            offset,
+            data.len() as u32,
+            data,
+        )
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<u32> {
+        self.request(NBD_CMD_FLUSH, 0, 0, 0, &[])
+    }
+
+    pub fn read(&mut self, offset: u64, len: u32) -> std::io::Result<(u32, Vec<u8>)> {
+        let err = self.request(NBD_CMD_READ, 0, offset, len, &[])?;
+        let mut data = vec![0u8; if err == 0 { len as usize } else { 0 }];
+        self.s.read_exact(&mut data)?;
+        Ok((err, data))
+    }
+}
+
+/// Read a whole file or fail with its name.
+pub fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
