@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit/property/end-to-end tests, and a short fuzz run.
+# Needs the tools .ci/run installs (qemu-utils, libnbd-bin, nbdfuse, fuse3, fio, e2fsprogs); root for losetup/mount.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
+FUZZ_SECONDS=${FUZZ_SECONDS:-10} scripts/fuzz.sh
