@@ -139,7 +139,27 @@ impl Disk {
         Ok(())
     }
 
+    /// Start (not wait for) writing a range out to stable storage.
+    pub fn start_writeback(&self, offset: u64, len: u64) {
+        start_writeback(&self.file, offset, len);
+    }
+
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+}
+
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: start writeback of dirty pages in
+/// the range without waiting. Only a hint that makes a later fdatasync cheaper;
+/// durability still comes from fdatasync, so errors are ignored here.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    // SAFETY: plain syscall on an owned descriptor.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
     }
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 use tokio::sync::oneshot;
 
@@ -172,6 +172,7 @@ struct WbState {
     mem_used: u64,
     synced_pos: u64,
     writer_done: bool,
+    writeback_done: bool,
 }
 
 struct Shared {
@@ -182,6 +183,8 @@ struct Shared {
     /// Writeback waits here for work; the writer waits here for memory.
     wb_cv: Condvar,
     mem_cv: Condvar,
+    /// The persister waits here for applied records or the end of writeback.
+    persist_cv: Condvar,
     logged_pos: AtomicU64,
     applied_pos: AtomicU64,
     persisted_pos: AtomicU64,
@@ -245,6 +248,7 @@ impl Logger {
             }),
             wb_cv: Condvar::new(),
             mem_cv: Condvar::new(),
+            persist_cv: Condvar::new(),
             logged_pos: AtomicU64::new(rec.end_pos),
             applied_pos: AtomicU64::new(rec.end_pos),
             persisted_pos: AtomicU64::new(rec.end_pos),
@@ -263,17 +267,24 @@ impl Logger {
             unsynced_bytes: 0,
             buf: Vec::with_capacity(1 << 20),
         };
-        let wb_shared = shared.clone();
-        let last_version = rec.last_version;
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| LoggerError::Disk(format!("spawn {name}: {e}")))
+        };
+        let (wb_shared, p_shared, last_version) =
+            (shared.clone(), shared.clone(), rec.last_version);
         let threads = vec![
-            std::thread::Builder::new()
-                .name("mars-log-writer".into())
-                .spawn(move || writer.run(rx))
-                .map_err(|e| LoggerError::Disk(format!("spawn writer: {e}")))?,
-            std::thread::Builder::new()
-                .name("mars-writeback".into())
-                .spawn(move || writeback_loop(wb_shared, last_version))
-                .map_err(|e| LoggerError::Disk(format!("spawn writeback: {e}")))?,
+            spawn("mars-log-writer", Box::new(move || writer.run(rx)))?,
+            spawn(
+                "mars-writeback",
+                Box::new(move || writeback_loop(wb_shared)),
+            )?,
+            spawn(
+                "mars-persist",
+                Box::new(move || persist_loop(p_shared, last_version)),
+            )?,
         ];
         Ok(Logger {
             shared,
@@ -610,6 +621,8 @@ impl Writer {
                 }
                 return;
             }
+            // Start writing these pages out now, so that the next fdatasync has little left to do.
+            crate::disk::start_writeback(&self.file, file_offset, self.buf.len() as u64);
             self.unsynced_bytes += self.buf.len() as u64;
             self.shared.logged_pos.store(self.pos, Ordering::Release);
         }
@@ -717,28 +730,19 @@ fn reply_err(op: Op, msg: &str) {
 
 const WRITEBACK_BATCH_BYTES: u64 = 32 << 20;
 
-fn writeback_loop(shared: Arc<Shared>, mut last_version: Option<Version>) {
-    let mut last_persist = Instant::now();
+/// Applies synced records to the disk in log order. Never blocks on disk syncs:
+/// those, and logfile versions, are the persister's work.
+fn writeback_loop(shared: Arc<Shared>) {
     loop {
         let (batch, done) = {
             let mut wb = shared.wb.lock();
             loop {
                 let ready = wb.queue.front().is_some_and(|e| e.end_pos <= wb.synced_pos);
-                let persist_due = shared.applied_pos.load(Ordering::Acquire)
-                    > shared.persisted_pos.load(Ordering::Acquire);
-                let applied = shared.applied_pos.load(Ordering::Acquire);
-                let version_due = wb.finished.front().is_some_and(|f| f.end_pos <= applied);
-                if ready || (wb.writer_done && wb.queue.is_empty()) || version_due {
+                if ready || (wb.writer_done && wb.queue.is_empty()) {
                     break;
                 }
-                let timeout = if persist_due {
-                    shared.cfg.persist_interval
-                } else {
-                    Duration::from_secs(3600)
-                };
-                if shared.wb_cv.wait_for(&mut wb, timeout).timed_out() && persist_due {
-                    break;
-                }
+
+                shared.wb_cv.wait(&mut wb);
             }
             let mut batch = Vec::new();
             let mut bytes = 0;
@@ -778,8 +782,31 @@ fn writeback_loop(shared: Arc<Shared>, mut last_version: Option<Version>) {
             let mut wb = shared.wb.lock();
             wb.mem_used -= freed;
             shared.mem_cv.notify_all();
+            shared.persist_cv.notify_all();
         }
-        // Versions of finished logfiles once all their records are applied.
+        if done {
+            let mut wb = shared.wb.lock();
+            wb.writeback_done = true;
+            shared.persist_cv.notify_all();
+            return;
+        }
+    }
+}
+
+/// Syncs the disk and persists the applied position (at most once per
+/// `persist_interval`, and at the end), and writes the versions of finished
+/// logfiles once writeback has applied them.
+fn persist_loop(shared: Arc<Shared>, mut last_version: Option<Version>) {
+    loop {
+        let done = {
+            let mut wb = shared.wb.lock();
+            if !wb.writeback_done {
+                shared
+                    .persist_cv
+                    .wait_for(&mut wb, shared.cfg.persist_interval);
+            }
+            wb.writeback_done
+        };
         let applied = shared.applied_pos.load(Ordering::Acquire);
         loop {
             let next = {
@@ -790,9 +817,10 @@ fn writeback_loop(shared: Arc<Shared>, mut last_version: Option<Version>) {
                 }
             };
             let Some(f) = next else { break };
+            let cfg = &shared.cfg;
             match finish_version(
-                &shared.cfg.dir,
-                &shared.cfg.node,
+                &cfg.dir,
+                &cfg.node,
                 &f.entry,
                 f.start_pos,
                 f.end_pos,
@@ -802,9 +830,7 @@ fn writeback_loop(shared: Arc<Shared>, mut last_version: Option<Version>) {
                 Err(e) => shared.fail(format!("version of {}: {e}", f.entry.name())),
             }
         }
-        let persisted = shared.persisted_pos.load(Ordering::Acquire);
-        if applied > persisted && (done || last_persist.elapsed() >= shared.cfg.persist_interval) {
-            last_persist = Instant::now();
+        if applied > shared.persisted_pos.load(Ordering::Acquire) {
             let r =
                 shared.disk.sync().map_err(|e| e.to_string()).and_then(|_| {
                     write_applied(&shared.cfg.dir, applied).map_err(|e| e.to_string())
@@ -842,6 +868,9 @@ fn apply_batch(disk: &Disk, batch: &[WbEntry]) -> io::Result<()> {
                     j += 1;
                 }
                 disk.write_vectored_at(&bufs, e.offset)?;
+                if end - e.offset >= 1 << 20 {
+                    disk.start_writeback(e.offset, end - e.offset);
+                }
                 i = j;
             }
             (kind, _) => {
