@@ -74,6 +74,8 @@ pub enum DecodeError {
         pos: u64,
         seq: u64,
     },
+    #[error("reserved field at byte {0} is not zero (written by a newer format?)")]
+    Reserved(usize),
     #[error("bad header length {0}")]
     BadHeaderLen(u32),
 }
@@ -173,6 +175,11 @@ impl RecordHeader {
             length: u64_at(b, 32),
             stamp_ns: u64_at(b, 48),
         };
+        for at in [44, 56] {
+            if u32_at(b, at) != 0 {
+                return Err(DecodeError::Reserved(at));
+            }
+        }
         let payload_len = u32_at(b, 40);
         let ok = match kind {
             Kind::Write => h.length == payload_len as u64 && payload_len <= MAX_PAYLOAD,
@@ -276,6 +283,11 @@ impl FileHeader {
         let computed = crc32c::crc32c(&b[..60]);
         if stored != computed {
             return Err(DecodeError::BadChecksum { stored, computed });
+        }
+        for at in [12, 56] {
+            if u32_at(b, at) != 0 {
+                return Err(DecodeError::Reserved(at));
+            }
         }
         Ok(FileHeader {
             file_seq: u64_at(b, 16),

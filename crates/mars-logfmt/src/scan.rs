@@ -48,7 +48,8 @@ impl ScanReport {
     /// Stream position just after the last good record.
     pub fn end_pos(&self) -> Option<u64> {
         let h = self.header.as_ref().ok()?;
-        Some(h.start_pos + self.valid_end - FILE_HEADER_LEN as u64)
+        h.start_pos
+            .checked_add(self.valid_end.checked_sub(FILE_HEADER_LEN as u64)?)
     }
     /// Sequence number the next record must carry.
     pub fn next_record_seq(&self) -> Option<u64> {
@@ -109,13 +110,26 @@ pub fn scan_logfile(buf: &[u8]) -> ScanReport {
     while at < buf.len() {
         match check_record(buf, at, pos, seq) {
             Ok(h) => {
+                // A crafted header could push positions past u64: that is damage, not a panic.
+                let (Some(next_pos), Some(next_seq)) =
+                    (pos.checked_add(h.total_len()), seq.checked_add(1))
+                else {
+                    let reason = "log position or record sequence overflows".to_string();
+                    damage = Some(Damage {
+                        kind: DamageKind::Corrupt,
+                        file_offset: at as u64,
+                        pos,
+                        reason,
+                    });
+                    break;
+                };
                 records.push(ScannedRecord {
                     header: h,
                     file_offset: at as u64,
                 });
                 at += h.total_len() as usize;
-                pos += h.total_len();
-                seq += 1;
+                pos = next_pos;
+                seq = next_seq;
             }
             Err(e) => {
                 let kind = if valid_record_after(buf, at + 1, pos, seq) {
@@ -259,5 +273,52 @@ mod tests {
             scan_logfile(&buf[..10]).damage.expect("d").kind,
             DamageKind::TornTail
         );
+    }
+
+    #[test]
+    fn positions_near_u64_max_are_damage_not_panics() {
+        // Found by the log_scan fuzz target: a valid header with start_pos = u64::MAX.
+        let fh = FileHeader {
+            file_seq: 1,
+            start_pos: u64::MAX,
+            start_record_seq: 1,
+            created_ns: 0,
+            resource_id: 0,
+        };
+        let r = scan_logfile(&fh.encode());
+        assert_eq!(r.end_pos(), Some(u64::MAX));
+        let fh = FileHeader {
+            file_seq: 1,
+            start_pos: u64::MAX - 63,
+            start_record_seq: u64::MAX,
+            created_ns: 0,
+            resource_id: 0,
+        };
+        let mut buf = fh.encode().to_vec();
+        let h = RecordHeader {
+            kind: Kind::Trim,
+            seq: u64::MAX,
+            pos: u64::MAX - 63,
+            offset: 0,
+            length: 1,
+            stamp_ns: 0,
+        };
+        h.encode_into(&[], &mut buf);
+        let r = scan_logfile(&buf);
+        assert!(r.records.is_empty());
+        assert_eq!(r.damage.expect("damage").kind, DamageKind::Corrupt);
+    }
+
+    #[test]
+    fn nonzero_reserved_fields_are_refused() {
+        let mut buf = build(1);
+        buf[64 + 44] = 1;
+        // Fix the crc so only the reserved field is wrong.
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&buf[64..124]), &buf[128..]);
+        buf[124..128].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            RecordHeader::decode_record(&buf[64..]),
+            Err(crate::DecodeError::Reserved(44))
+        ));
     }
 }
