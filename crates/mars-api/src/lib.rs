@@ -59,6 +59,15 @@ pub enum Request {
     View {
         name: Option<String>,
     },
+    LeaveCluster,
+    MergeCluster {
+        peer: String,
+    },
+    /// Test hook: drop all traffic to and from these nodes (partition tests).
+    DebugBlock {
+        nodes: Vec<String>,
+        blocked: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

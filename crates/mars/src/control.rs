@@ -76,6 +76,8 @@ pub fn call(dir: &Path, req: &Request) -> anyhow::Result<Response> {
             )
         }
     })?;
+    // A wedged daemon must not wedge scripts: give up after a generous time.
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(300)))?;
     let mut body = serde_json::to_vec(req)?;
     body.push(b'\n');
     stream.write_all(&body)?;

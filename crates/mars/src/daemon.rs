@@ -1,12 +1,15 @@
 //! Desired state, actual state, and the control loop converging one to the other.
 //!
-//! Commands change *desired* state (persisted in `resource.json`) and then run
+//! Commands change *desired* state (Lamport-stamped metadata entries, see
+//! `crate::meta`, disseminated to the cluster by `crate::peer`) and then run
 //! the same [`Daemon::reconcile`] step that the periodic loop runs, so the
 //! command returns the outcome. Only `reconcile` opens, exports, unexports and
 //! closes transaction loggers (the *actual* state); it holds the state lock,
 //! so commands and the loop never interleave.
 
+use crate::meta::{self, ActualEntry, MemberEntry, ResEntry};
 use crate::node::{self, NodeConfig, ResourceConfig};
+use crate::peer::Peer;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use mars_api::{
@@ -122,11 +125,12 @@ struct Actual {
     error: Option<String>,
     retry_at: Option<Instant>,
     last_status: Status,
+    /// What was last published as `r/<res>/a/<me>`.
+    published: Option<ActualEntry>,
 }
 
 #[derive(Default)]
 struct State {
-    desired: BTreeMap<String, ResourceConfig>,
     actual: BTreeMap<String, Actual>,
 }
 
@@ -134,23 +138,58 @@ pub struct Daemon {
     pub dir: PathBuf,
     pub cfg: NodeConfig,
     pub exports: Arc<Exports>,
+    pub peer: Arc<Peer>,
     state: tokio::sync::Mutex<State>,
 }
 
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 
 impl Daemon {
-    pub fn new(dir: &Path, cfg: NodeConfig) -> Result<Daemon> {
-        let mut state = State::default();
-        for r in node::load_resources(dir)? {
-            state.desired.insert(r.name.clone(), r);
-        }
+    pub fn new(dir: &Path, cfg: NodeConfig, peer: Arc<Peer>) -> Result<Daemon> {
         Ok(Daemon {
             dir: dir.to_path_buf(),
             cfg,
             exports: Arc::new(Exports::default()),
-            state: tokio::sync::Mutex::new(state),
+            peer,
+            state: tokio::sync::Mutex::new(State::default()),
         })
+    }
+
+    fn me(&self) -> &str {
+        &self.cfg.node
+    }
+
+    /// Desired state of the resources this node is a member of, from the metadata.
+    fn desired(&self) -> BTreeMap<String, ResourceConfig> {
+        let st = self.peer.store.lock();
+        let me = self.me();
+        let mut out = BTreeMap::new();
+        for (name, r) in meta::resources(&st) {
+            if !r.members.iter().any(|m| m == me) {
+                continue;
+            }
+            let Some(m) = meta::get::<MemberEntry>(&st, &meta::member_key(&name, me)) else {
+                continue;
+            };
+            out.insert(
+                name.clone(),
+                ResourceConfig {
+                    format: node::FORMAT,
+                    designated_primary: meta::designated_primary(&st, &name),
+                    name,
+                    size: r.size,
+                    resource_id: r.resource_id,
+                    disk: PathBuf::from(m.disk),
+                    members: r.members,
+                    attached: m.attached,
+                    connected: m.connected,
+                    pause_sync: m.pause_sync,
+                    pause_fetch: m.pause_fetch,
+                    pause_replay: m.pause_replay,
+                },
+            );
+        }
+        out
     }
 
     fn logger_config(&self, r: &ResourceConfig) -> LoggerConfig {
@@ -173,12 +212,13 @@ impl Daemon {
     }
 
     async fn reconcile_locked(&self, st: &mut State, retry_now: bool) {
-        let me = &self.cfg.node;
-        // Resources that are no longer desired: stop everything.
+        let me = self.me().to_string();
+        let desired = self.desired();
+        // Resources that are no longer desired here: stop everything.
         let gone: Vec<String> = st
             .actual
             .keys()
-            .filter(|k| !st.desired.contains_key(*k))
+            .filter(|k| !desired.contains_key(*k))
             .cloned()
             .collect();
         for name in gone {
@@ -186,8 +226,8 @@ impl Daemon {
                 self.stop(&name, a).await;
             }
         }
-        let desired: Vec<ResourceConfig> = st.desired.values().cloned().collect();
-        for r in desired {
+        self.remove_deleted_dirs(&desired);
+        for r in desired.into_values() {
             let a = st.actual.entry(r.name.clone()).or_default();
             let want_export = r.attached && r.designated_primary.as_deref() == Some(me.as_str());
             if (!want_export || a.logger.is_none()) && a.export.is_some() {
@@ -198,12 +238,9 @@ impl Daemon {
                     a.last_status = close_logger(l).await;
                 }
                 a.error = None;
-                continue;
-            }
-            if a.logger.is_none() {
-                if !retry_now && a.retry_at.is_some_and(|t| Instant::now() < t) {
-                    continue;
-                }
+            } else if a.logger.is_none()
+                && (retry_now || a.retry_at.is_none_or(|t| Instant::now() >= t))
+            {
                 let cfg = self.logger_config(&r);
                 match tokio::task::spawn_blocking(move || Logger::open(cfg)).await {
                     Ok(Ok(l)) => {
@@ -219,12 +256,8 @@ impl Daemon {
                         }
                         a.error = Some(msg);
                         a.retry_at = Some(Instant::now() + RETRY_AFTER);
-                        continue;
                     }
-                    Err(e) => {
-                        a.error = Some(format!("cannot attach {}: {e}", r.name));
-                        continue;
-                    }
+                    Err(e) => a.error = Some(format!("cannot attach {}: {e}", r.name)),
                 }
             }
             if let Some(l) = &a.logger {
@@ -237,6 +270,42 @@ impl Daemon {
                     self.exports.map.write().insert(r.name.clone(), e.clone());
                     a.export = Some(e);
                     tracing::info!(resource = %r.name, device = %self.device_uri(&r.name), "serving device");
+                }
+            }
+            // Report what this member actually does (pushed to the other members).
+            let now = actual_entry(a);
+            if a.published.as_ref() != Some(&now) {
+                a.published = Some(now.clone());
+                self.peer
+                    .set(&meta::actual_key(&r.name, &me), meta::to_value(&now));
+            }
+        }
+    }
+
+    /// Remove local directories of resources deleted from the cluster.
+    fn remove_deleted_dirs(&self, desired: &BTreeMap<String, ResourceConfig>) {
+        let Ok(entries) = std::fs::read_dir(node::resources_dir(&self.dir)) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if desired.contains_key(&name) {
+                continue;
+            }
+            let deleted = self
+                .peer
+                .store
+                .lock()
+                .entry(&meta::res_key(&name))
+                .is_some_and(|e| e.is_tombstone());
+            if deleted {
+                match std::fs::remove_dir_all(e.path()) {
+                    Ok(()) => {
+                        tracing::info!(resource = %name, "resource deleted: removed its logs and state here")
+                    }
+                    Err(err) => {
+                        tracing::warn!(resource = %name, "cannot remove {}: {err}", e.path().display())
+                    }
                 }
             }
         }
@@ -264,112 +333,154 @@ impl Daemon {
         for (name, a) in all {
             self.stop(&name, a).await;
         }
+        self.peer.save();
     }
 
     pub fn device_uri(&self, name: &str) -> String {
         format!("nbd://{}/{}", self.cfg.nbd, name)
     }
 
-    /// The periodic part of the control loop.
+    fn device_uri_of(store: &mars_meta::Store, node: &str, name: &str) -> Option<String> {
+        let n: meta::NodeEntry = meta::get(store, &meta::node_key(node))?;
+        Some(format!("nbd://{}/{}", n.nbd, name))
+    }
+
+    /// The periodic part of the control loop; also runs as soon as metadata changes.
     pub async fn run_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = self.peer.changed.notified() => {}
+            }
             let mut st = self.state.lock().await;
             self.reconcile_locked(&mut st, false).await;
         }
     }
 
-    pub async fn handle(&self, req: Request) -> Response {
+    pub async fn handle(self: &Arc<Self>, req: Request) -> Response {
         match self.handle_inner(req).await {
             Ok(r) => r,
             Err(e) => Response::err(format!("{e:#}")),
         }
     }
 
-    async fn handle_inner(&self, req: Request) -> Result<Response> {
-        let mut st = self.state.lock().await;
-        let me = self.cfg.node.clone();
+    fn res_entry(&self, name: &str) -> Result<ResEntry> {
+        match meta::get::<ResEntry>(&self.peer.store.lock(), &meta::res_key(name)) {
+            Some(r) => Ok(r),
+            None => bail!("unknown resource {name}"),
+        }
+    }
+
+    fn member_entry(&self, name: &str) -> Result<MemberEntry> {
+        let r = self.res_entry(name)?;
+        if !r.members.iter().any(|m| m == self.me()) {
+            bail!(
+                "{} is not a member of {name} (members: {})",
+                self.me(),
+                r.members.join(", ")
+            );
+        }
+        meta::get(&self.peer.store.lock(), &meta::member_key(name, self.me())).ok_or_else(|| {
+            anyhow::anyhow!("{name}: this member's settings are missing from the metadata")
+        })
+    }
+
+    async fn handle_inner(self: &Arc<Self>, req: Request) -> Result<Response> {
+        let me = self.me().to_string();
         match req {
             Request::View { name } => {
                 if let Some(n) = &name {
-                    known(&st, n)?;
+                    self.res_entry(n)?;
                 }
+                self.pull_foreign(name.as_deref()).await;
+                let st = self.state.lock().await;
                 Ok(Response {
                     ok: true,
                     view: Some(self.view(&st, name.as_deref())),
                     ..Default::default()
                 })
             }
-            Request::CreateResource { name, disk } => {
-                self.create_resource(&mut st, &name, &disk).await
-            }
+            Request::CreateResource { name, disk } => self.create_resource(&name, &disk).await,
             Request::DeleteResource { name } => {
-                known(&st, &name)?;
-                st.desired.remove(&name);
-                self.reconcile_locked(&mut st, true).await;
-                let rdir = node::resource_dir(&self.dir, &name);
-                // resource.json first: a crash in between leaves a directory that is ignored.
-                let _ = std::fs::remove_file(rdir.join(node::RESOURCE_FILE));
-                std::fs::remove_dir_all(&rdir)
-                    .with_context(|| format!("cannot remove {}", rdir.display()))?;
+                let r = self.res_entry(&name)?;
+                self.peer.delete(&meta::res_key(&name));
+                self.peer.delete(&meta::primary_key(&name));
+                for m in &r.members {
+                    self.peer.delete(&meta::member_key(&name, m));
+                    self.peer.delete(&meta::actual_key(&name, m));
+                }
+                self.reconcile().await;
                 Ok(Response::ok(format!(
-                    "resource {name} deleted (its disk was left as it is)"
+                    "resource {name} deleted (disks were left as they are)"
                 )))
             }
-            Request::Primary { name, force: _ } => {
-                let r = known(&st, &name)?.clone();
-                if !r.attached {
+            Request::Primary { name, force } => {
+                let r = self.res_entry(&name)?;
+                let current = meta::designated_primary(&self.peer.store.lock(), &name);
+                if let Some(cur) = current.as_deref().filter(|c| *c != me) {
+                    if !force && !self.peer.is_alive(cur) {
+                        bail!("{name}: the current primary {cur} cannot be reached; use `primary --force {name}` to fail over (data it did not send is lost)");
+                    }
+                }
+                let member = r.members.contains(&me);
+                if member && !self.member_entry(&name)?.attached {
                     bail!("{name}: disk is detached here; run `marsadm up {name}` first");
                 }
-                if r.designated_primary.as_deref() == Some(me.as_str())
-                    && self.is_serving(&st, &name)
-                {
+                if current.as_deref() != Some(me.as_str()) {
+                    self.peer.set(
+                        &meta::primary_key(&name),
+                        serde_json::Value::String(me.clone()),
+                    );
+                }
+                if !member {
                     return Ok(Response::ok(format!(
-                        "{name}: already primary here, serving {}",
-                        self.device_uri(&name)
+                        "{name}: designated primary is now {me}; {me} is not a member yet, so no node serves the device until it joins"
                     )));
                 }
-                self.change(&mut st, &name, |r| r.designated_primary = Some(me.clone()))?;
+                let mut st = self.state.lock().await;
                 self.reconcile_locked(&mut st, true).await;
-                self.outcome(
-                    &st,
-                    &name,
-                    || format!("{name}: primary here, serving {}", self.device_uri(&name)),
-                    |s| s,
-                )
+                outcome(&st, &name, || {
+                    format!("{name}: primary here, serving {}", self.device_uri(&name))
+                })
             }
             Request::Secondary { name } => {
-                known(&st, &name)?;
-                self.change(&mut st, &name, |r| r.designated_primary = None)?;
-                self.reconcile_locked(&mut st, true).await;
+                self.res_entry(&name)?;
+                let current = meta::designated_primary(&self.peer.store.lock(), &name);
+                if current.as_deref() == Some(me.as_str()) {
+                    self.peer
+                        .set(&meta::primary_key(&name), serde_json::Value::Null);
+                }
+                self.reconcile().await;
                 Ok(Response::ok(format!(
-                    "{name}: secondary here, device no longer served"
+                    "{name}: secondary here, device not served by {me}"
                 )))
             }
-            Request::Up { name } => self.set_flags(&mut st, &name, Some(true), Some(true)).await,
-            Request::Down { name } => {
-                self.set_flags(&mut st, &name, Some(false), Some(false))
+            Request::Up { name } => {
+                self.set_member(&name, |m| (m.attached, m.connected) = (true, true))
                     .await
             }
-            Request::Attach { name } => self.set_flags(&mut st, &name, Some(true), None).await,
-            Request::Detach { name } => self.set_flags(&mut st, &name, Some(false), None).await,
-            Request::Connect { name } => self.set_flags(&mut st, &name, None, Some(true)).await,
-            Request::Disconnect { name } => self.set_flags(&mut st, &name, None, Some(false)).await,
+            Request::Down { name } => {
+                self.set_member(&name, |m| (m.attached, m.connected) = (false, false))
+                    .await
+            }
+            Request::Attach { name } => self.set_member(&name, |m| m.attached = true).await,
+            Request::Detach { name } => self.set_member(&name, |m| m.attached = false).await,
+            Request::Connect { name } => self.set_member(&name, |m| m.connected = true).await,
+            Request::Disconnect { name } => self.set_member(&name, |m| m.connected = false).await,
             Request::Pause { name, what, paused } => {
-                known(&st, &name)?;
-                self.change(&mut st, &name, |r| match what {
-                    PauseKind::Sync => r.pause_sync = paused,
-                    PauseKind::Fetch => r.pause_fetch = paused,
-                    PauseKind::Replay => r.pause_replay = paused,
-                })?;
+                self.set_member(&name, |m| match what {
+                    PauseKind::Sync => m.pause_sync = paused,
+                    PauseKind::Fetch => m.pause_fetch = paused,
+                    PauseKind::Replay => m.pause_replay = paused,
+                })
+                .await?;
                 let verb = if paused { "paused" } else { "resumed" };
                 Ok(Response::ok(
                     format!("{name}: {what:?} {verb}").to_lowercase(),
                 ))
             }
             Request::LogRotate { name } => {
-                let l = self.logger(&st, &name)?;
+                let l = self.logger(&name).await?;
                 match l.rotate().await {
                     Ok(Some(f)) => Ok(Response::ok(format!("{name}: now logging into {f}"))),
                     Ok(None) => Ok(Response::ok(format!(
@@ -380,7 +491,7 @@ impl Daemon {
                 }
             }
             Request::LogDelete { name } => {
-                let l = self.logger(&st, &name)?;
+                let l = self.logger(&name).await?;
                 let deleted = tokio::task::spawn_blocking(move || l.delete_applied()).await??;
                 if deleted.is_empty() {
                     Ok(Response::ok(format!("{name}: no logfile can be deleted yet (only finished, fully written back ones are)")))
@@ -391,94 +502,103 @@ impl Daemon {
                     )))
                 }
             }
+            Request::LeaveCluster => self.leave_cluster().await,
+            Request::MergeCluster { peer } => {
+                let node = self.peer.merge_cluster(&peer).await?;
+                Ok(Response::ok(format!(
+                    "merged the cluster of {node} ({peer}) into cluster {}",
+                    self.peer.cluster_id()
+                )))
+            }
+            Request::DebugBlock { nodes, blocked } => {
+                self.peer.block(&nodes, blocked);
+                let verb = if blocked { "blocked" } else { "unblocked" };
+                Ok(Response::ok(format!("{verb} {}", nodes.join(", "))))
+            }
         }
     }
 
-    fn is_serving(&self, st: &State, name: &str) -> bool {
-        st.actual.get(name).is_some_and(|a| a.export.is_some())
+    async fn leave_cluster(self: &Arc<Self>) -> Result<Response> {
+        let me = self.me().to_string();
+        let member_of: Vec<String> = meta::resources(&self.peer.store.lock())
+            .into_iter()
+            .filter(|(_, r)| r.members.contains(&me))
+            .map(|(n, _)| n)
+            .collect();
+        if !member_of.is_empty() {
+            bail!(
+                "{me} is still a member of {}; leave or delete those resources first",
+                member_of.join(", ")
+            );
+        }
+        self.peer.delete(&meta::node_key(&me));
+        // Make sure at least the live peers have the tombstone before this node goes quiet.
+        let others: Vec<String> = meta::nodes(&self.peer.store.lock())
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| *n != me)
+            .collect();
+        for n in others.iter().filter(|n| self.peer.is_alive(n)).take(3) {
+            self.peer.ae_with(n, "c/").await;
+        }
+        self.peer.cluster.lock().leave();
+        self.peer.save();
+        let node_file = self.dir.join(node::NODE_FILE);
+        let left = self.dir.join("node.json.left");
+        std::fs::rename(&node_file, &left)
+            .with_context(|| format!("cannot rename {}", node_file.display()))?;
+        tracing::info!("left the cluster; marsd stops");
+        tokio::spawn(async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            std::process::exit(0);
+        });
+        Ok(Response::ok(format!(
+            "{me} left the cluster; marsd stops and {} is no longer a node directory",
+            self.dir.display()
+        )))
     }
 
-    fn logger(&self, st: &State, name: &str) -> Result<Arc<Logger>> {
-        known(st, name)?;
+    async fn logger(&self, name: &str) -> Result<Arc<Logger>> {
+        self.member_entry(name)?;
+        let st = self.state.lock().await;
         match st.actual.get(name).and_then(|a| a.logger.clone()) {
             Some(l) => Ok(l),
             None => bail!("{name}: disk is not attached here; run `marsadm up {name}` first"),
         }
     }
 
-    /// Persist a change of desired state.
-    fn change(
-        &self,
-        st: &mut State,
+    /// Change this member's desired switches and converge.
+    async fn set_member(
+        self: &Arc<Self>,
         name: &str,
-        f: impl FnOnce(&mut ResourceConfig),
-    ) -> Result<()> {
-        let mut r = known(st, name)?.clone();
-        f(&mut r);
-        node::save_json(
-            &node::resource_dir(&self.dir, name).join(node::RESOURCE_FILE),
-            &r,
-        )?;
-        st.desired.insert(name.to_string(), r);
-        Ok(())
-    }
-
-    /// Report the outcome of a reconcile for `name`: its error, else `ok_msg`.
-    fn outcome(
-        &self,
-        st: &State,
-        name: &str,
-        ok_msg: impl FnOnce() -> String,
-        err_ctx: impl FnOnce(String) -> String,
+        f: impl FnOnce(&mut MemberEntry),
     ) -> Result<Response> {
-        match st.actual.get(name).and_then(|a| a.error.clone()) {
-            Some(e) => bail!("{}", err_ctx(e)),
-            None => Ok(Response::ok(ok_msg())),
-        }
+        let mut m = self.member_entry(name)?;
+        f(&mut m);
+        self.peer
+            .set(&meta::member_key(name, self.me()), meta::to_value(&m));
+        let mut st = self.state.lock().await;
+        self.reconcile_locked(&mut st, true).await;
+        let serving = st.actual.get(name).is_some_and(|a| a.export.is_some());
+        outcome(&st, name, || {
+            let disk = if m.attached { "attached" } else { "detached" };
+            let conn = if m.connected {
+                "connected"
+            } else {
+                "disconnected"
+            };
+            let serving = if serving {
+                format!(", serving {}", self.device_uri(name))
+            } else {
+                String::new()
+            };
+            format!("{name}: disk {disk}, {conn}{serving}")
+        })
     }
 
-    async fn set_flags(
-        &self,
-        st: &mut State,
-        name: &str,
-        attached: Option<bool>,
-        connected: Option<bool>,
-    ) -> Result<Response> {
-        known(st, name)?;
-        self.change(st, name, |r| {
-            if let Some(a) = attached {
-                r.attached = a;
-            }
-            if let Some(c) = connected {
-                r.connected = c;
-            }
-        })?;
-        self.reconcile_locked(st, true).await;
-        let r = known(st, name)?.clone();
-        self.outcome(
-            st,
-            name,
-            || {
-                let disk = if r.attached { "attached" } else { "detached" };
-                let conn = if r.connected {
-                    "connected"
-                } else {
-                    "disconnected"
-                };
-                let serving = if self.is_serving(st, name) {
-                    format!(", serving {}", self.device_uri(name))
-                } else {
-                    String::new()
-                };
-                format!("{name}: disk {disk}, {conn}{serving}")
-            },
-            |e| e,
-        )
-    }
-
-    async fn create_resource(&self, st: &mut State, name: &str, disk: &str) -> Result<Response> {
+    async fn create_resource(self: &Arc<Self>, name: &str, disk: &str) -> Result<Response> {
         node::check_name("resource", name)?;
-        if st.desired.contains_key(name) {
+        if self.peer.store.lock().get(&meta::res_key(name)).is_some() {
             bail!("resource {name} already exists");
         }
         let disk_path = std::fs::canonicalize(disk).with_context(|| format!("disk {disk}"))?;
@@ -490,7 +610,7 @@ impl Daemon {
                 disk_path.display()
             );
         }
-        if let Some(other) = st.desired.values().find(|r| r.disk == disk_path) {
+        if let Some(other) = self.desired().values().find(|r| r.disk == disk_path) {
             bail!(
                 "disk {} is already used by resource {}",
                 disk_path.display(),
@@ -501,128 +621,214 @@ impl Daemon {
         if rdir.exists() {
             bail!("{} exists but holds no resource (left over from an interrupted delete?); remove it first", rdir.display());
         }
+        let mut st = self.state.lock().await;
+        // Attach first: a disk that cannot be attached refuses the command before any metadata changes.
         std::fs::create_dir_all(&rdir)
             .with_context(|| format!("cannot create {}", rdir.display()))?;
-        let r = ResourceConfig {
+        let resource_id: u64 = rand::random();
+        let cfg = ResourceConfig {
             format: node::FORMAT,
             name: name.to_string(),
             size,
-            resource_id: rand::random(),
-            disk: disk_path,
-            members: vec![self.cfg.node.clone()],
-            designated_primary: Some(self.cfg.node.clone()),
+            resource_id,
+            disk: disk_path.clone(),
+            members: vec![self.me().to_string()],
+            designated_primary: Some(self.me().to_string()),
             attached: true,
             connected: true,
             pause_sync: false,
             pause_fetch: false,
             pause_replay: false,
         };
-        if let Err(e) = node::save_json(&rdir.join(node::RESOURCE_FILE), &r) {
-            let _ = std::fs::remove_dir_all(&rdir);
-            return Err(e);
-        }
-        st.desired.insert(name.to_string(), r);
-        self.reconcile_locked(st, true).await;
-        if let Some(err) = st.actual.get(name).and_then(|a| a.error.clone()) {
-            // Refused: leave nothing behind.
-            st.desired.remove(name);
-            self.reconcile_locked(st, true).await;
-            let _ = std::fs::remove_dir_all(&rdir);
-            bail!("{err}");
-        }
+        let lcfg = self.logger_config(&cfg);
+        let logger = match tokio::task::spawn_blocking(move || Logger::open(lcfg)).await? {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&rdir);
+                bail!("cannot attach {name}: {e}");
+            }
+        };
+        st.actual.insert(
+            name.to_string(),
+            Actual {
+                logger: Some(Arc::new(logger)),
+                ..Default::default()
+            },
+        );
+        let me = self.me().to_string();
+        let member = MemberEntry {
+            disk: disk_path.display().to_string(),
+            attached: true,
+            connected: true,
+            pause_sync: false,
+            pause_fetch: false,
+            pause_replay: false,
+        };
+        self.peer
+            .set(&meta::member_key(name, &me), meta::to_value(&member));
+        self.peer.set(
+            &meta::primary_key(name),
+            serde_json::Value::String(me.clone()),
+        );
+        self.peer.set(
+            &meta::res_key(name),
+            meta::to_value(&ResEntry {
+                size,
+                resource_id,
+                members: vec![me],
+            }),
+        );
+        self.reconcile_locked(&mut st, true).await;
         Ok(Response::ok(format!(
             "resource {name} created ({size} bytes); serving {}",
             self.device_uri(name)
         )))
     }
 
+    /// For resources this node is not a member of, fetch their entries from a live member.
+    async fn pull_foreign(&self, only: Option<&str>) {
+        let me = self.me().to_string();
+        let res = meta::resources(&self.peer.store.lock());
+        for (name, r) in res {
+            if only.is_some_and(|o| o != name) || r.members.contains(&me) {
+                continue;
+            }
+            if let Some(m) = r.members.iter().find(|m| self.peer.is_alive(m)) {
+                if let Err(e) = self.peer.pull_from(m, &meta::res_prefix(&name)).await {
+                    tracing::debug!(resource = %name, member = %m, "pull: {e:#}");
+                }
+            }
+        }
+    }
+
     fn view(&self, st: &State, only: Option<&str>) -> View {
-        let me = &self.cfg.node;
-        let resources = st
-            .desired
-            .values()
-            .filter(|r| only.is_none_or(|n| n == r.name))
-            .map(|r| {
-                let a = st.actual.get(&r.name);
-                let serving = a.is_some_and(|a| a.export.is_some());
-                let attached = a.is_some_and(|a| a.logger.is_some());
-                let status = a
-                    .map(|a| {
-                        a.logger
-                            .as_ref()
-                            .map(|l| l.status())
-                            .unwrap_or_else(|| a.last_status.clone())
-                    })
-                    .unwrap_or_default();
-                let members = r
+        let me = self.me();
+        let store = self.peer.store.lock();
+        let nodes = meta::nodes(&store)
+            .into_iter()
+            .map(|(name, n)| NodeView {
+                alive: self.peer.is_alive(&name),
+                name,
+                address: n.listen,
+                nbd: n.nbd,
+            })
+            .collect();
+        let resources = meta::resources(&store)
+            .into_iter()
+            .filter(|(name, _)| only.is_none_or(|n| n == name))
+            .map(|(name, r)| {
+                let designated = meta::designated_primary(&store, &name);
+                let a = st.actual.get(&name);
+                let members: Vec<MemberView> = r
                     .members
                     .iter()
                     .map(|m| {
-                        if m == me {
-                            MemberView {
-                                node: m.clone(),
-                                role: if serving { "primary" } else { "secondary" }.into(),
-                                disk: if attached { "uptodate" } else { "detached" }.into(),
-                                connected: r.connected,
-                                log: LogView {
-                                    written: status.synced_pos,
-                                    fetched: status.logged_pos,
-                                    replayed: status.applied_pos,
-                                },
-                                sync: None,
-                                paused: PausedView {
-                                    sync: r.pause_sync,
-                                    fetch: r.pause_fetch,
-                                    replay: r.pause_replay,
-                                },
-                                split_brain: false,
-                                emergency: false,
-                                lag_bytes: status.synced_pos.saturating_sub(status.applied_pos),
-                                disk_path: r.disk.display().to_string(),
-                                logfile: (!status.current_logfile.is_empty())
-                                    .then(|| status.current_logfile.clone()),
-                                error: a.and_then(|a| a.error.clone()).or(status.failed.clone()),
-                            }
+                        let d: Option<MemberEntry> = meta::get(&store, &meta::member_key(&name, m));
+                        let paused = d
+                            .as_ref()
+                            .map(|d| PausedView {
+                                sync: d.pause_sync,
+                                fetch: d.pause_fetch,
+                                replay: d.pause_replay,
+                            })
+                            .unwrap_or_default();
+                        let reported: Option<ActualEntry> = if m == me {
+                            a.map(actual_entry)
                         } else {
-                            MemberView {
-                                node: m.clone(),
-                                role: "secondary".into(),
-                                disk: "outdated".into(),
-                                ..Default::default()
-                            }
+                            meta::get(&store, &meta::actual_key(&name, m))
+                        };
+                        let rep = reported.unwrap_or_else(|| ActualEntry {
+                            role: "secondary".into(),
+                            disk: "outdated".into(),
+                            ..Default::default()
+                        });
+                        MemberView {
+                            node: m.clone(),
+                            role: rep.role.clone(),
+                            disk: rep.disk.clone(),
+                            connected: d.as_ref().is_some_and(|d| d.connected)
+                                && self.peer.is_alive(m),
+                            log: LogView {
+                                written: rep.written,
+                                fetched: rep.fetched,
+                                replayed: rep.replayed,
+                            },
+                            sync: None,
+                            paused,
+                            split_brain: false,
+                            emergency: false,
+                            lag_bytes: rep.written.saturating_sub(rep.replayed),
+                            disk_path: d.map(|d| d.disk).unwrap_or_default(),
+                            logfile: rep.logfile.clone(),
+                            error: rep.error.clone(),
                         }
                     })
                     .collect();
+                let actual_primary = members
+                    .iter()
+                    .find(|m| m.role == "primary" && (m.node == me || self.peer.is_alive(&m.node)))
+                    .map(|m| m.node.clone());
+                let device = actual_primary.as_deref().and_then(|p| {
+                    if p == me {
+                        Some(self.device_uri(&name))
+                    } else {
+                        Self::device_uri_of(&store, p, &name)
+                    }
+                });
                 ResourceView {
-                    name: r.name.clone(),
+                    name,
                     size: r.size,
-                    designated_primary: r.designated_primary.clone(),
-                    actual_primary: serving.then(|| me.clone()),
-                    device: serving.then(|| self.device_uri(&r.name)),
+                    designated_primary: designated,
+                    actual_primary,
+                    device,
                     members,
                 }
             })
             .collect();
         View {
-            node: me.clone(),
+            node: me.to_string(),
             cluster: ClusterView {
-                id: self.cfg.cluster_id.clone(),
-                nodes: vec![NodeView {
-                    name: me.clone(),
-                    address: self.cfg.listen.clone(),
-                    alive: true,
-                    nbd: self.cfg.nbd.clone(),
-                }],
+                id: self.peer.cluster_id(),
+                nodes,
             },
             resources,
         }
     }
 }
 
-fn known<'a>(st: &'a State, name: &str) -> Result<&'a ResourceConfig> {
-    match st.desired.get(name) {
-        Some(r) => Ok(r),
-        None => bail!("unknown resource {name}"),
+/// What this member reports about itself.
+fn actual_entry(a: &Actual) -> ActualEntry {
+    let status = a
+        .logger
+        .as_ref()
+        .map(|l| l.status())
+        .unwrap_or_else(|| a.last_status.clone());
+    ActualEntry {
+        role: if a.export.is_some() {
+            "primary"
+        } else {
+            "secondary"
+        }
+        .into(),
+        disk: if a.logger.is_some() {
+            "uptodate"
+        } else {
+            "detached"
+        }
+        .into(),
+        written: status.synced_pos,
+        fetched: status.logged_pos,
+        replayed: status.applied_pos,
+        error: a.error.clone().or(status.failed.clone()),
+        logfile: (!status.current_logfile.is_empty()).then(|| status.current_logfile.clone()),
+    }
+}
+
+/// The outcome of a reconcile for `name`: its error, else `ok_msg`.
+fn outcome(st: &State, name: &str, ok_msg: impl FnOnce() -> String) -> Result<Response> {
+    match st.actual.get(name).and_then(|a| a.error.clone()) {
+        Some(e) => bail!("{e}"),
+        None => Ok(Response::ok(ok_msg())),
     }
 }
 

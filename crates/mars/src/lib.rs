@@ -8,4 +8,6 @@
 pub mod control;
 pub mod daemon;
 pub mod dumplog;
+pub mod meta;
 pub mod node;
+pub mod peer;

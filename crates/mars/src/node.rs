@@ -4,7 +4,7 @@
 //! DIR/node.json                     identity and settings (NodeConfig)
 //! DIR/marsd.lock                    flock held by the running marsd
 //! DIR/marsd.sock                    control socket
-//! DIR/resources/<res>/resource.json desired state of one resource (ResourceConfig)
+//! DIR/meta.store                    cluster metadata (mars-meta Store: Lamport-stamped entries)
 //! DIR/resources/<res>/log-*, version-*, applied   transaction log (mars-logger)
 //! ```
 //! Every JSON file is replaced crash-safely (write temp, fsync, rename, fsync dir).
@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 
 pub const NODE_FILE: &str = "node.json";
 pub const RESOURCES_DIR: &str = "resources";
-pub const RESOURCE_FILE: &str = "resource.json";
 pub const FORMAT: u16 = 1;
 
 fn default_logfile_bytes() -> u64 {
@@ -42,9 +41,13 @@ pub struct NodeConfig {
     /// Per resource: bound on data logged but not yet written back.
     #[serde(default = "default_mem_bytes")]
     pub writeback_mem_bytes: u64,
+    /// Cluster ids this node had before merges (peers still using them are accepted).
+    #[serde(default)]
+    pub former_cluster_ids: Vec<String>,
 }
 
-/// Desired state of one resource, as the operator asked for it.
+/// Desired state of one resource on this node, derived from the metadata
+/// (`crate::meta`) each time the control loop runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResourceConfig {
     pub format: u16,
@@ -125,34 +128,6 @@ pub fn resource_dir(dir: &Path, name: &str) -> PathBuf {
     resources_dir(dir).join(name)
 }
 
-pub fn load_resources(dir: &Path) -> Result<Vec<ResourceConfig>> {
-    let mut out = Vec::new();
-    let rdir = resources_dir(dir);
-    let entries = match std::fs::read_dir(&rdir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => bail!("cannot read {}: {e}", rdir.display()),
-    };
-    for e in entries {
-        let e = e?;
-        let path = e.path().join(RESOURCE_FILE);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let r: ResourceConfig = serde_json::from_str(&text)
-                    .with_context(|| format!("{} is damaged", path.display()))?;
-                out.push(r);
-            }
-            // A directory without resource.json is a create that did not finish, or a delete in progress.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                tracing::warn!(dir = %e.to_string(), path = %path.display(), "ignoring resource directory without {RESOURCE_FILE}");
-            }
-            Err(e) => bail!("cannot read {}: {e}", path.display()),
-        }
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
-}
-
 /// `marsadm create-cluster`: initialise DIR as the first node of a new cluster.
 pub fn create_cluster(dir: &Path, node: &str, listen: &str, nbd: &str) -> Result<NodeConfig> {
     check_name("node", node)?;
@@ -174,7 +149,66 @@ pub fn create_cluster(dir: &Path, node: &str, listen: &str, nbd: &str) -> Result
         nbd: nbd.to_string(),
         logfile_max_bytes: default_logfile_bytes(),
         writeback_mem_bytes: default_mem_bytes(),
+        former_cluster_ids: Vec::new(),
     };
     save_json(&dir.join(NODE_FILE), &cfg)?;
     Ok(cfg)
+}
+
+/// `marsadm join-cluster`: initialise DIR as a node of an existing cluster.
+pub fn init_joined(
+    dir: &Path,
+    node: &str,
+    listen: &str,
+    nbd: &str,
+    cluster_id: &str,
+    entries: Vec<mars_proto::WireEntry>,
+) -> Result<NodeConfig> {
+    std::fs::create_dir_all(resources_dir(dir))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut store = mars_meta::Store::new(node);
+    for w in entries {
+        let (k, e) = mars_cluster::from_wire(w);
+        store.merge(&k, e);
+    }
+    store
+        .save(&dir.join("meta.store"))
+        .map_err(|e| anyhow!("{e}"))?;
+    let cfg = NodeConfig {
+        format: FORMAT,
+        cluster_id: cluster_id.to_string(),
+        node: node.to_string(),
+        listen: listen.to_string(),
+        nbd: nbd.to_string(),
+        logfile_max_bytes: default_logfile_bytes(),
+        writeback_mem_bytes: default_mem_bytes(),
+        former_cluster_ids: Vec::new(),
+    };
+    save_json(&dir.join(NODE_FILE), &cfg)?;
+    Ok(cfg)
+}
+
+/// Check that DIR can become a new node (join-cluster, create-cluster).
+pub fn check_new_node(dir: &Path, node: &str, listen: &str, nbd: &str) -> Result<()> {
+    check_name("node", node)?;
+    check_addr("--listen", listen)?;
+    check_addr("--nbd", nbd)?;
+    if dir.join(NODE_FILE).exists() {
+        bail!(
+            "{} is already initialised as a mars node; refusing to overwrite it",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Persist a cluster id adopted in a merge.
+pub fn update_cluster_id(node_file: &Path, id: &str, former: &[String]) -> Result<()> {
+    let text = std::fs::read_to_string(node_file)
+        .with_context(|| format!("cannot read {}", node_file.display()))?;
+    let mut cfg: NodeConfig = serde_json::from_str(&text)
+        .with_context(|| format!("{} is damaged", node_file.display()))?;
+    cfg.cluster_id = id.to_string();
+    cfg.former_cluster_ids = former.to_vec();
+    save_json(node_file, &cfg)
 }

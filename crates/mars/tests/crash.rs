@@ -64,7 +64,7 @@ fn acknowledged_writes_survive_sigkill_many_times() {
                     let b = rng.random_range(0..BLOCKS / WRITERS) * WRITERS + t;
                     let g = generation.fetch_add(1, Ordering::Relaxed);
                     state.lock().unwrap().in_flight = Some((b, g));
-                    let fua = i % 5 == 0;
+                    let fua = i.is_multiple_of(5);
                     match c.write(b * BLOCK, &pattern(b, g), fua) {
                         Ok(0) => {
                             let mut s = state.lock().unwrap();
@@ -75,7 +75,7 @@ fn acknowledged_writes_survive_sigkill_many_times() {
                         _ => return, // daemon died: the write stays in flight
                     }
                     i += 1;
-                    if i % 16 == 0 && !matches!(c.flush(), Ok(0)) {
+                    if i.is_multiple_of(16) && !matches!(c.flush(), Ok(0)) {
                         return;
                     }
                 }

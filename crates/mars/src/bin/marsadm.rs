@@ -151,6 +151,16 @@ enum Cmd {
         #[arg(long, default_value_t = 60.0)]
         timeout: f64,
     },
+    /// Test hook: drop all peer traffic to and from these nodes (simulates a network cut).
+    #[command(hide = true)]
+    DebugBlock {
+        nodes: Vec<String>,
+    },
+    /// Test hook: undo debug-block.
+    #[command(hide = true)]
+    DebugUnblock {
+        nodes: Vec<String>,
+    },
     /// Print every record of a logfile and where it is damaged (works without marsd).
     DumpLog {
         file: PathBuf,
@@ -213,9 +223,45 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
             );
             Ok(0)
         }
-        Cmd::JoinCluster { .. } => not_yet("join-cluster"),
-        Cmd::LeaveCluster => not_yet("leave-cluster"),
-        Cmd::MergeCluster { .. } => not_yet("merge-cluster"),
+        Cmd::JoinCluster {
+            node,
+            listen,
+            nbd,
+            peer,
+        } => {
+            mars::node::check_new_node(dir, &node, &listen, &nbd)?;
+            let me = mars_proto::NodeInfo {
+                name: node.clone(),
+                listen: listen.clone(),
+                nbd: nbd.clone(),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (cluster_id, entries) = rt.block_on(mars::peer::join(&peer, &me))?;
+            mars::node::init_joined(dir, &node, &listen, &nbd, &cluster_id, entries)?;
+            println!(
+                "{node} joined cluster {cluster_id} through {peer}; start it with: marsd --dir {}",
+                dir.display()
+            );
+            Ok(0)
+        }
+        Cmd::LeaveCluster => say(dir, Request::LeaveCluster),
+        Cmd::MergeCluster { peer } => say(dir, Request::MergeCluster { peer }),
+        Cmd::DebugBlock { nodes } => say(
+            dir,
+            Request::DebugBlock {
+                nodes,
+                blocked: true,
+            },
+        ),
+        Cmd::DebugUnblock { nodes } => say(
+            dir,
+            Request::DebugBlock {
+                nodes,
+                blocked: false,
+            },
+        ),
         Cmd::JoinResource { .. } => not_yet("join-resource"),
         Cmd::LeaveResource { .. } => not_yet("leave-resource"),
         Cmd::Invalidate { .. } => not_yet("invalidate"),

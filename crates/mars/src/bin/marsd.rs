@@ -65,21 +65,34 @@ fn run(dir: &Path) -> Result<()> {
     let _lock = lock_dir(dir)?;
     let nbd = bind_tcp("NBD", &cfg.nbd)?;
     let peer = bind_tcp("peer (--listen)", &cfg.listen)?;
+    let udp =
+        std::net::UdpSocket::bind(node::check_addr("--listen", &cfg.listen)?).map_err(|e| {
+            anyhow::anyhow!("cannot listen on gossip (UDP) address {}: {e}", cfg.listen)
+        })?;
     let sock_path = dir.join(mars_api::SOCKET_NAME);
     let _ = std::fs::remove_file(&sock_path); // stale from a killed marsd; the lock proves nobody uses it
     let ctl = std::os::unix::net::UnixListener::bind(&sock_path).map_err(|e| {
         anyhow::anyhow!("cannot create control socket {}: {e}", sock_path.display())
     })?;
     ctl.set_nonblocking(true)?;
-    let daemon = Arc::new(Daemon::new(dir, cfg.clone())?);
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("marsd")
         .build()?;
     rt.block_on(async move {
         let nbd = tokio::net::TcpListener::from_std(nbd)?;
-        let peer = tokio::net::TcpListener::from_std(peer)?;
+        let peer_tcp = tokio::net::TcpListener::from_std(peer)?;
+        let peer = mars::peer::Peer::start(
+            mars::peer::PeerSetup {
+                dir: dir.to_path_buf(),
+                me: mars_proto::NodeInfo { name: cfg.node.clone(), listen: cfg.listen.clone(), nbd: cfg.nbd.clone() },
+                cluster_id: cfg.cluster_id.clone(),
+                former_ids: cfg.former_cluster_ids.clone(),
+                udp,
+            },
+            peer_tcp,
+        )?;
+        let daemon = Arc::new(Daemon::new(dir, cfg.clone(), peer)?);
         let ctl = tokio::net::UnixListener::from_std(ctl)?;
         daemon.reconcile().await;
         tracing::info!(node = %cfg.node, cluster = %cfg.cluster_id, nbd = %cfg.nbd, listen = %cfg.listen, "marsd started");
@@ -87,21 +100,6 @@ fn run(dir: &Path) -> Result<()> {
         tokio::spawn(async move {
             if let Err(e) = mars_nbd::serve(nbd, registry).await {
                 tracing::error!("NBD server stopped: {e}");
-            }
-        });
-        // Peer links come with clustering; until then, connections are refused politely by closing them.
-        tokio::spawn(async move {
-            loop {
-                match peer.accept().await {
-                    Ok((s, addr)) => {
-                        tracing::debug!(%addr, "peer connection closed: clustering not available in this build");
-                        drop(s);
-                    }
-                    Err(e) => {
-                        tracing::warn!("peer accept: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                }
             }
         });
         tokio::spawn(mars::control::serve(ctl, daemon.clone()));

@@ -339,3 +339,92 @@ impl NbdClient {
 pub fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
+
+impl Node {
+    /// `marsadm join-cluster` through `via` (which must be running), in a fresh directory.
+    pub fn join(name: &str, via: &Node) -> Node {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("node");
+        let listen = format!("127.0.0.1:{}", free_port());
+        let nbd = format!("127.0.0.1:{}", free_port());
+        let node = Node {
+            log: tmp.path().join("marsd.log"),
+            tmp,
+            dir,
+            name: name.into(),
+            listen,
+            nbd,
+            child: None,
+        };
+        node.adm_ok(&[
+            "join-cluster",
+            "--node",
+            name,
+            "--listen",
+            &node.listen,
+            "--nbd",
+            &node.nbd,
+            &via.listen,
+        ]);
+        node
+    }
+
+    /// Poll `view --json` until `cond` holds.
+    pub fn wait_view(
+        &self,
+        what: &str,
+        cond: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.adm(&["view", "--json"]);
+            if out.status.success() {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                    if cond(&v) {
+                        return v;
+                    }
+                    last = v;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: timed out waiting for {what}; last view:\n{last:#}\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Names of the nodes a view shows, with their liveness.
+pub fn view_nodes(v: &serde_json::Value) -> Vec<(String, bool)> {
+    let mut n: Vec<(String, bool)> = v["cluster"]["nodes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|n| {
+                    (
+                        n["name"].as_str().unwrap_or("").to_string(),
+                        n["alive"].as_bool().unwrap_or(false),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    n.sort();
+    n
+}
+
+pub fn all_alive(v: &serde_json::Value, names: &[&str]) -> bool {
+    let n = view_nodes(v);
+    n.len() == names.len() && names.iter().all(|x| n.iter().any(|(m, a)| m == x && *a))
+}
+
+pub fn resource<'a>(v: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    v["resources"]
+        .as_array()?
+        .iter()
+        .find(|r| r["name"] == name)
+}

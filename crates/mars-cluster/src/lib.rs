@@ -1,0 +1,339 @@
+//! Cluster membership and metadata dissemination, without I/O.
+//!
+//! [`Cluster`] wraps a [foca](https://docs.rs/foca) SWIM instance (failure
+//! detection, membership, piggybacked broadcasts) and the node's metadata
+//! [`Store`]. Events go in (`handle_gossip`, `handle_timer`, `set`, ...),
+//! effects come out ([`Effect`]): UDP datagrams to send and timers to
+//! schedule. `marsd` moves the effects over real sockets; `mars-sim` moves
+//! them through a simulated network with thousands of nodes. The same code
+//! runs in both.
+//!
+//! Why foca: SWIM's per-node traffic is constant in the cluster size (one
+//! probe per period, a fixed fan-out of gossip, broadcasts piggybacked on
+//! both, a bounded packet size), foca does no I/O of its own and carries
+//! custom broadcasts. chitchat, the other candidate, sends its full digest
+//! every round, which grows with the cluster.
+//!
+//! What travels where:
+//! - cluster-wide entries (`c/...`: nodes, addresses, resource names and
+//!   members) are foca custom broadcasts, plus anti-entropy with one random
+//!   live node per round ([`ae`]) that repairs anything a broadcast missed;
+//! - resource entries (`r/<res>/...`) are pushed by the writer to the
+//!   resource's members over TCP and repaired by anti-entropy among members;
+//!   other nodes pull them when they need them.
+
+pub mod ae;
+
+use foca::{
+    BroadcastHandler, Config, Foca, Identity, Invalidates, Notification, PostcardCodec, Runtime,
+    Timer,
+};
+use mars_meta::{scope_of, Entry, Scope, Stamp, Store};
+use mars_proto::WireEntry;
+use parking_lot::Mutex;
+use rand10::rngs::StdRng;
+use rand10::SeedableRng;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use foca::Timer as FocaTimer;
+
+/// A node's identity in the membership protocol. `bump` grows each time the
+/// node (re)starts, so a restarted node wins over its old incarnation.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NodeId {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub bump: u32,
+}
+
+impl Identity for NodeId {
+    type Addr = String;
+    fn renew(&self) -> Option<Self> {
+        Some(NodeId {
+            bump: self.bump.wrapping_add(1),
+            ..self.clone()
+        })
+    }
+    fn addr(&self) -> String {
+        self.name.clone()
+    }
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.bump > adversary.bump
+    }
+}
+
+/// What the caller must do.
+#[derive(Debug)]
+pub enum Effect {
+    /// Send this datagram to that node's gossip (UDP) address.
+    Send {
+        to: NodeId,
+        data: Vec<u8>,
+    },
+    /// Call [`Cluster::handle_timer`] with this timer after the delay.
+    Schedule {
+        timer: Timer<NodeId>,
+        after: Duration,
+    },
+    /// A node became reachable / was declared down.
+    Up(NodeId),
+    Down(NodeId),
+}
+
+pub fn to_wire(key: &str, e: &Entry) -> WireEntry {
+    WireEntry {
+        key: key.to_string(),
+        clock: e.stamp.clock,
+        node: e.stamp.node.clone(),
+        value: e.value.clone(),
+        deleted_ms: e.deleted_ms,
+    }
+}
+
+pub fn from_wire(w: WireEntry) -> (String, Entry) {
+    (
+        w.key,
+        Entry {
+            stamp: Stamp {
+                clock: w.clock,
+                node: w.node,
+            },
+            value: w.value,
+            deleted_ms: w.deleted_ms,
+        },
+    )
+}
+
+/// A broadcast's identity: newer stamps of the same key replace older ones in foca's backlog.
+pub struct BroadcastKey {
+    key: String,
+    stamp: Stamp,
+}
+
+impl Invalidates for BroadcastKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self.key == other.key && self.stamp >= other.stamp
+    }
+}
+
+#[derive(Debug)]
+pub struct BadBroadcast(String);
+
+impl std::fmt::Display for BadBroadcast {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "bad metadata broadcast: {}", self.0)
+    }
+}
+impl std::error::Error for BadBroadcast {}
+
+/// Receives cluster-wide entries piggybacked on SWIM messages.
+pub struct MetaBroadcasts {
+    store: Arc<Mutex<Store>>,
+    changed: Arc<Mutex<Vec<String>>>,
+}
+
+impl BroadcastHandler<NodeId> for MetaBroadcasts {
+    type Key = BroadcastKey;
+    type Error = BadBroadcast;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        _sender: Option<&NodeId>,
+    ) -> Result<Option<BroadcastKey>, BadBroadcast> {
+        let w: WireEntry = serde_json::from_slice(data).map_err(|e| BadBroadcast(e.to_string()))?;
+        if !matches!(scope_of(&w.key), Some(Scope::Cluster)) {
+            return Err(BadBroadcast(format!("key {:?} is not cluster-wide", w.key)));
+        }
+        let (key, entry) = from_wire(w);
+        let stamp = entry.stamp.clone();
+        if self.store.lock().merge(&key, entry) {
+            self.changed.lock().push(key.clone());
+            Ok(Some(BroadcastKey { key, stamp }))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+#[derive(Default)]
+struct Collect {
+    effects: Vec<Effect>,
+}
+
+impl Runtime<NodeId> for Collect {
+    fn notify(&mut self, n: Notification<'_, NodeId>) {
+        match n {
+            Notification::MemberUp(id) => self.effects.push(Effect::Up(id.clone())),
+            Notification::MemberDown(id) => self.effects.push(Effect::Down(id.clone())),
+            _ => {}
+        }
+    }
+    fn send_to(&mut self, to: NodeId, data: &[u8]) {
+        self.effects.push(Effect::Send {
+            to,
+            data: data.to_vec(),
+        });
+    }
+    fn submit_after(&mut self, timer: Timer<NodeId>, after: Duration) {
+        self.effects.push(Effect::Schedule { timer, after });
+    }
+}
+
+/// Settings of the membership protocol.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// Expected cluster size (tunes how often updates are retransmitted and suspicion timeouts).
+    pub size_hint: u32,
+    /// SWIM probe period.
+    pub probe_period: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            size_hint: 16,
+            probe_period: Duration::from_millis(500),
+        }
+    }
+}
+
+fn foca_config(c: &ClusterConfig) -> Config {
+    let mut cfg = Config::new_lan(NonZeroU32::new(c.size_hint.max(1)).unwrap_or(NonZeroU32::MIN));
+    cfg.probe_period = c.probe_period;
+    cfg.probe_rtt = c.probe_period / 2;
+    cfg.suspect_to_down_after = c.probe_period * 6;
+    cfg.remove_down_after = Some(Duration::from_secs(3600));
+    cfg
+}
+
+pub struct Cluster {
+    foca: Foca<NodeId, PostcardCodec, StdRng, MetaBroadcasts>,
+    store: Arc<Mutex<Store>>,
+    changed: Arc<Mutex<Vec<String>>>,
+    rt: Collect,
+}
+
+impl Cluster {
+    pub fn new(me: NodeId, store: Arc<Mutex<Store>>, cfg: &ClusterConfig, seed: u64) -> Cluster {
+        let changed = Arc::new(Mutex::new(Vec::new()));
+        let handler = MetaBroadcasts {
+            store: store.clone(),
+            changed: changed.clone(),
+        };
+        let foca = Foca::with_custom_broadcast(
+            me,
+            foca_config(cfg),
+            StdRng::seed_from_u64(seed),
+            PostcardCodec,
+            handler,
+        );
+        Cluster {
+            foca,
+            store,
+            changed,
+            rt: Collect::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Mutex<Store>> {
+        &self.store
+    }
+
+    pub fn identity(&self) -> &NodeId {
+        self.foca.identity()
+    }
+
+    /// Effects accumulated since the last call.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.rt.effects)
+    }
+
+    /// Keys changed by remote updates since the last call.
+    pub fn take_changed(&self) -> Vec<String> {
+        std::mem::take(&mut *self.changed.lock())
+    }
+
+    /// Start talking to a known node (join, restart, merge).
+    pub fn announce(&mut self, to: NodeId) {
+        if let Err(e) = self.foca.announce(to, &mut self.rt) {
+            tracing::debug!("announce: {e}");
+        }
+    }
+
+    pub fn handle_gossip(&mut self, data: &[u8]) {
+        if let Err(e) = self.foca.handle_data(data, &mut self.rt) {
+            tracing::debug!("gossip datagram dropped: {e}");
+        }
+    }
+
+    pub fn handle_timer(&mut self, timer: Timer<NodeId>) {
+        if let Err(e) = self.foca.handle_timer(timer, &mut self.rt) {
+            tracing::debug!("gossip timer: {e}");
+        }
+    }
+
+    /// Leave: tell the others this node goes away.
+    pub fn leave(&mut self) {
+        if let Err(e) = self.foca.leave_cluster(&mut self.rt) {
+            tracing::debug!("leave: {e}");
+        }
+    }
+
+    /// Disseminate an entry that is already in the store (cluster-wide keys only).
+    pub fn broadcast(&mut self, key: &str, entry: &Entry) {
+        if !matches!(scope_of(key), Some(Scope::Cluster)) {
+            return;
+        }
+        let data = serde_json::to_vec(&to_wire(key, entry)).unwrap_or_default();
+        if let Err(e) = self.foca.add_broadcast(&data) {
+            tracing::warn!("cannot broadcast {key}: {e}");
+        }
+    }
+
+    /// Write locally and disseminate.
+    pub fn set(&mut self, key: &str, value: serde_json::Value) -> Entry {
+        let e = self.store.lock().set(key, value);
+        self.broadcast(key, &e);
+        e
+    }
+
+    pub fn delete(&mut self, key: &str, now_ms: u64) -> Option<Entry> {
+        let e = self.store.lock().delete(key, now_ms)?;
+        self.broadcast(key, &e);
+        Some(e)
+    }
+
+    /// Merge entries learned by other means (anti-entropy, push, join, merge).
+    /// Returns the keys that changed; changed cluster-wide ones are passed on.
+    pub fn merge_entries(&mut self, entries: Vec<WireEntry>) -> Vec<String> {
+        let mut changed = Vec::new();
+        for w in entries {
+            let (key, entry) = from_wire(w);
+            if self.store.lock().merge(&key, entry.clone()) {
+                self.broadcast(&key, &entry);
+                changed.push(key);
+            }
+        }
+        changed
+    }
+
+    /// Members foca currently considers alive (not including this node).
+    pub fn live_members(&self) -> Vec<NodeId> {
+        self.foca.iter_members().map(|m| m.id().clone()).collect()
+    }
+
+    pub fn num_members(&self) -> usize {
+        self.foca.num_members()
+    }
+
+    /// Membership updates and metadata broadcasts still queued for
+    /// retransmission: 0 once this node has passed on everything it learned.
+    pub fn backlog(&self) -> usize {
+        self.foca.updates_backlog() + self.foca.custom_broadcast_backlog()
+    }
+}

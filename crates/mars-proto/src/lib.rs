@@ -1,0 +1,277 @@
+//! The peer protocol between `marsd` nodes (TCP, on each node's `--listen` address).
+//!
+//! Every frame:
+//!
+//! ```text
+//!  0 u32 magic "MRSP"     4 u16 protocol version    6 u16 kind (1 = JSON message)
+//!  8 u32 payload length  12 u32 crc32c(payload)    16 payload
+//! ```
+//! (little-endian). A connection starts with [`Msg::Hello`] from the side that
+//! connects; the other side answers [`Msg::Welcome`] or [`Msg::Refused`] (other
+//! cluster, other protocol version, unknown node) and closes. A malformed
+//! frame closes the connection and never changes state.
+//!
+//! Version history: 1 = first protocol (2026-11).
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub const PROTOCOL_VERSION: u16 = 1;
+pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"MRSP");
+pub const FRAME_HEADER_LEN: usize = 16;
+/// Largest payload accepted (metadata only; data moves in later kinds).
+pub const MAX_PAYLOAD: u32 = 16 << 20;
+pub const KIND_JSON: u16 = 1;
+
+#[derive(Debug, Error)]
+pub enum ProtoError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad frame magic {0:#010x} (not a mars peer?)")]
+    BadMagic(u32),
+    #[error("peer speaks protocol version {0}, this node speaks {PROTOCOL_VERSION}")]
+    BadVersion(u16),
+    #[error("unknown frame kind {0}")]
+    BadKind(u16),
+    #[error("frame of {0} bytes exceeds the limit of {MAX_PAYLOAD}")]
+    TooLarge(u32),
+    #[error("frame checksum mismatch")]
+    BadChecksum,
+    #[error("undecodable message: {0}")]
+    Decode(String),
+    #[error("refused by peer: {0}")]
+    Refused(String),
+    #[error("unexpected message from peer: {0}")]
+    Unexpected(String),
+}
+
+/// One metadata entry on the wire: key, Lamport stamp, value (None = tombstone).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WireEntry {
+    pub key: String,
+    pub clock: u64,
+    pub node: String,
+    pub value: Option<serde_json::Value>,
+    #[serde(default)]
+    pub deleted_ms: u64,
+}
+
+/// Who a node is, as carried in handshakes and membership.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    /// Peer address (TCP for this protocol, UDP for gossip), HOST:PORT.
+    pub listen: String,
+    /// NBD address.
+    pub nbd: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "kebab-case")]
+pub enum Msg {
+    /// First frame of every connection. `cluster_id` None: a node that wants to join.
+    Hello {
+        version: u16,
+        cluster_id: Option<String>,
+        node: NodeInfo,
+    },
+    Welcome {
+        cluster_id: String,
+        node: String,
+    },
+    Refused {
+        reason: String,
+    },
+
+    /// Make the sender a node of this cluster; answered by `Joined` or `Refused`.
+    Join,
+    /// The cluster id and all cluster-wide entries.
+    Joined {
+        cluster_id: String,
+        entries: Vec<WireEntry>,
+    },
+
+    /// Anti-entropy, step 1: the digest of everything under `prefix`.
+    Digest {
+        prefix: String,
+        digest: String,
+    },
+    /// Step 2 (when digests differ): per-bucket digests.
+    Buckets {
+        prefix: String,
+        digests: Vec<String>,
+    },
+    /// Step 3: entries of the buckets that differ, and which buckets to send back.
+    Entries {
+        prefix: String,
+        entries: Vec<WireEntry>,
+        want: Vec<u16>,
+    },
+    /// Digests equal, or nothing more to send.
+    InSync,
+
+    /// New entries, pushed as they are made (resource scope, to members).
+    Push {
+        entries: Vec<WireEntry>,
+    },
+    /// Send everything under `prefix` (a node that asks about a resource).
+    Pull {
+        prefix: String,
+    },
+
+    /// Merge the sender's cluster (`cluster_id`, with these cluster-wide entries) into the receiver's.
+    Merge {
+        cluster_id: String,
+        entries: Vec<WireEntry>,
+    },
+    /// Merge accepted: the receiver's cluster id and cluster-wide entries.
+    Merged {
+        cluster_id: String,
+        entries: Vec<WireEntry>,
+    },
+
+    Ok,
+}
+
+pub fn encode_frame(msg: &Msg) -> Vec<u8> {
+    // Serialising our own enum of strings, numbers and JSON values cannot fail.
+    let payload = serde_json::to_vec(msg).unwrap_or_default();
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
+    out.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
+    out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    out.extend_from_slice(&KIND_JSON.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Check a frame header; returns the payload length and stored crc.
+pub fn parse_frame_header(h: &[u8]) -> Result<(u32, u32), ProtoError> {
+    if h.len() < FRAME_HEADER_LEN {
+        return Err(ProtoError::Decode(format!(
+            "short frame header: {} bytes",
+            h.len()
+        )));
+    }
+    let u32_at = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+    let magic = u32_at(0);
+    if magic != FRAME_MAGIC {
+        return Err(ProtoError::BadMagic(magic));
+    }
+    let version = u16::from_le_bytes([h[4], h[5]]);
+    if version != PROTOCOL_VERSION {
+        return Err(ProtoError::BadVersion(version));
+    }
+    let kind = u16::from_le_bytes([h[6], h[7]]);
+    if kind != KIND_JSON {
+        return Err(ProtoError::BadKind(kind));
+    }
+    let len = u32_at(8);
+    if len > MAX_PAYLOAD {
+        return Err(ProtoError::TooLarge(len));
+    }
+    Ok((len, u32_at(12)))
+}
+
+/// Decode a payload whose crc was given in the header.
+pub fn decode_payload(payload: &[u8], crc: u32) -> Result<Msg, ProtoError> {
+    if crc32c::crc32c(payload) != crc {
+        return Err(ProtoError::BadChecksum);
+    }
+    serde_json::from_slice(payload).map_err(|e| ProtoError::Decode(e.to_string()))
+}
+
+/// Decode one whole frame from a buffer (for tests and fuzzing).
+pub fn decode_frame(buf: &[u8]) -> Result<Msg, ProtoError> {
+    let (len, crc) = parse_frame_header(buf)?;
+    let end = FRAME_HEADER_LEN + len as usize;
+    if buf.len() < end {
+        return Err(ProtoError::Decode(format!(
+            "short frame: need {end} bytes, have {}",
+            buf.len()
+        )));
+    }
+    decode_payload(&buf[FRAME_HEADER_LEN..end], crc)
+}
+
+pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Msg) -> Result<(), ProtoError> {
+    w.write_all(&encode_frame(msg)).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, ProtoError> {
+    let mut h = [0u8; FRAME_HEADER_LEN];
+    r.read_exact(&mut h).await?;
+    let (len, crc) = parse_frame_header(&h)?;
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload).await?;
+    decode_payload(&payload, crc)
+}
+
+/// Client side of the handshake: send Hello, expect Welcome.
+pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    cluster_id: Option<&str>,
+    me: &NodeInfo,
+) -> Result<String, ProtoError> {
+    let hello = Msg::Hello {
+        version: PROTOCOL_VERSION,
+        cluster_id: cluster_id.map(str::to_string),
+        node: me.clone(),
+    };
+    write_msg(s, &hello).await?;
+    match read_msg(s).await? {
+        Msg::Welcome { node, .. } => Ok(node),
+        Msg::Refused { reason } => Err(ProtoError::Refused(reason)),
+        other => Err(ProtoError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn frame_round_trip_and_damage() {
+        let m = Msg::Digest {
+            prefix: "c/".into(),
+            digest: "ab".into(),
+        };
+        let mut f = encode_frame(&m);
+        assert_eq!(decode_frame(&f).unwrap(), m);
+        let last = f.len() - 1;
+        f[last] ^= 1;
+        assert!(matches!(decode_frame(&f), Err(ProtoError::BadChecksum)));
+        let mut f = encode_frame(&m);
+        f[4] = 9;
+        assert!(matches!(decode_frame(&f), Err(ProtoError::BadVersion(9))));
+        let mut f = encode_frame(&m);
+        f[0] = b'X';
+        assert!(matches!(decode_frame(&f), Err(ProtoError::BadMagic(_))));
+        let mut f = encode_frame(&m);
+        f[8..12].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+        assert!(matches!(decode_frame(&f), Err(ProtoError::TooLarge(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode_frame(&bytes);
+        }
+        #[test]
+        fn valid_header_garbage_payload_never_panics(payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut f = Vec::new();
+            f.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
+            f.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+            f.extend_from_slice(&KIND_JSON.to_le_bytes());
+            f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            f.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+            f.extend_from_slice(&payload);
+            let _ = decode_frame(&f);
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The metadata keys marsd uses, and typed access to them.
+//!
+//! | key | scope, kind | value |
+//! |---|---|---|
+//! | `c/d/node/<node>` | cluster, desired | [`NodeEntry`]: the node is in the cluster (tombstone: it left) |
+//! | `c/d/cluster-id` | cluster, desired | cluster id this cluster adopted in a merge |
+//! | `c/d/res/<res>` | cluster, desired | [`ResEntry`]: the resource exists, its size and members |
+//! | `r/<res>/d/primary` | resource, desired | designated primary (node name or null) |
+//! | `r/<res>/d/member/<node>` | resource, desired | [`MemberEntry`]: that member's switches and disk |
+//! | `r/<res>/a/<node>` | resource, actual | [`ActualEntry`]: what that member reports |
+
+use mars_meta::Store;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub listen: String,
+    pub nbd: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResEntry {
+    pub size: u64,
+    pub resource_id: u64,
+    pub members: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberEntry {
+    pub disk: String,
+    pub attached: bool,
+    pub connected: bool,
+    #[serde(default)]
+    pub pause_sync: bool,
+    #[serde(default)]
+    pub pause_fetch: bool,
+    #[serde(default)]
+    pub pause_replay: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActualEntry {
+    pub role: String,
+    pub disk: String,
+    pub written: u64,
+    pub fetched: u64,
+    pub replayed: u64,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub logfile: Option<String>,
+}
+
+pub const CLUSTER_ID_KEY: &str = "c/d/cluster-id";
+
+pub fn node_key(node: &str) -> String {
+    format!("c/d/node/{node}")
+}
+pub fn res_key(res: &str) -> String {
+    format!("c/d/res/{res}")
+}
+pub fn primary_key(res: &str) -> String {
+    format!("r/{res}/d/primary")
+}
+pub fn member_key(res: &str, node: &str) -> String {
+    format!("r/{res}/d/member/{node}")
+}
+pub fn actual_key(res: &str, node: &str) -> String {
+    format!("r/{res}/a/{node}")
+}
+pub fn res_prefix(res: &str) -> String {
+    format!("r/{res}/")
+}
+
+pub fn get<T: DeserializeOwned>(store: &Store, key: &str) -> Option<T> {
+    store
+        .get(key)
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+}
+
+pub fn to_value<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+/// Live nodes of the cluster: (name, entry), by name.
+pub fn nodes(store: &Store) -> Vec<(String, NodeEntry)> {
+    store
+        .range("c/d/node/")
+        .filter_map(|(k, e)| {
+            let name = k.strip_prefix("c/d/node/")?;
+            let v: NodeEntry = serde_json::from_value(e.value.clone()?).ok()?;
+            Some((name.to_string(), v))
+        })
+        .collect()
+}
+
+/// Live resources: (name, entry), by name.
+pub fn resources(store: &Store) -> Vec<(String, ResEntry)> {
+    store
+        .range("c/d/res/")
+        .filter_map(|(k, e)| {
+            let name = k.strip_prefix("c/d/res/")?;
+            let v: ResEntry = serde_json::from_value(e.value.clone()?).ok()?;
+            Some((name.to_string(), v))
+        })
+        .collect()
+}
+
+pub fn designated_primary(store: &Store, res: &str) -> Option<String> {
+    store
+        .get(&primary_key(res))
+        .and_then(|v| v.as_str().map(str::to_string))
+}

@@ -1,0 +1,812 @@
+//! The network side of the cluster: gossip datagrams (UDP) and the peer
+//! protocol (TCP) on the node's `--listen` address, anti-entropy rounds, and
+//! the client calls `marsadm join-cluster` and `merge-cluster` use.
+//!
+//! Gossip datagram: `"MRSG"`, u16 protocol version, u16 reserved, u32
+//! crc32c(cluster id), then foca's payload. Datagrams of another cluster or
+//! version are dropped (and logged once per sender).
+//!
+//! Peer connections are short: connect, handshake (`Hello` / `Welcome` or
+//! `Refused`), one exchange, close. An unreachable peer is retried with
+//! exponential backoff (0.5 s doubling to 30 s).
+
+use crate::meta::{self, NodeEntry};
+use anyhow::{anyhow, bail, Context, Result};
+use mars_cluster::{ae, Cluster, ClusterConfig, Effect, FocaTimer, NodeId};
+use mars_meta::Store;
+use mars_proto::{
+    client_handshake, read_msg, write_msg, Msg, NodeInfo, WireEntry, PROTOCOL_VERSION,
+};
+use parking_lot::{Mutex, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, Notify};
+
+const DGRAM_MAGIC: [u8; 4] = *b"MRSG";
+const DGRAM_HEADER: usize = 12;
+pub const AE_INTERVAL: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn cluster_tag(id: &str) -> u32 {
+    crc32c::crc32c(id.as_bytes())
+}
+
+pub struct Peer {
+    pub me: NodeInfo,
+    cluster_id: RwLock<String>,
+    /// Ids this node had before merges; peers still using them are accepted until they switch.
+    former_ids: RwLock<Vec<String>>,
+    pub cluster: Mutex<Cluster>,
+    pub store: Arc<Mutex<Store>>,
+    store_path: PathBuf,
+    node_file: PathBuf,
+    udp: UdpSocket,
+    udp_send: std::net::UdpSocket,
+    alive: Mutex<HashSet<String>>,
+    /// Test hook (`marsadm debug-block`): peers this node neither sends to nor accepts.
+    blocked: Mutex<HashSet<String>>,
+    timers: mpsc::UnboundedSender<FocaTimer<NodeId>>,
+    /// Woken when metadata or liveness changed (the control loop listens).
+    pub changed: Notify,
+    dirty: AtomicBool,
+    backoff: Mutex<HashMap<String, (Instant, Duration)>>,
+    warned: Mutex<HashSet<SocketAddr>>,
+}
+
+pub struct PeerSetup {
+    pub dir: PathBuf,
+    pub me: NodeInfo,
+    pub cluster_id: String,
+    pub former_ids: Vec<String>,
+    pub udp: std::net::UdpSocket,
+}
+
+impl Peer {
+    pub fn start(setup: PeerSetup, tcp: TcpListener) -> Result<Arc<Peer>> {
+        let store_path = setup.dir.join("meta.store");
+        let store = Store::load(&store_path, &setup.me.name).map_err(|e| anyhow!("{e}"))?;
+        let store = Arc::new(Mutex::new(store));
+        let addr: SocketAddr = crate::node::check_addr("--listen", &setup.me.listen)?;
+        let bump = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as u32)
+            .unwrap_or(0);
+        let id = NodeId {
+            name: setup.me.name.clone(),
+            addr,
+            bump,
+        };
+        let cluster = Cluster::new(id, store.clone(), &ClusterConfig::default(), rand::random());
+        setup.udp.set_nonblocking(true)?;
+        // Sends go through a plain clone: tokio's try_send_to fails until the socket was seen writable.
+        let udp_send = setup.udp.try_clone()?;
+        let udp = UdpSocket::from_std(setup.udp)?;
+        let (timers, timer_rx) = mpsc::unbounded_channel();
+        let peer = Arc::new(Peer {
+            me: setup.me.clone(),
+            cluster_id: RwLock::new(setup.cluster_id),
+            former_ids: RwLock::new(setup.former_ids),
+            cluster: Mutex::new(cluster),
+            store,
+            store_path,
+            node_file: setup.dir.join(crate::node::NODE_FILE),
+            udp,
+            udp_send,
+            alive: Mutex::new(HashSet::new()),
+            blocked: Mutex::new(HashSet::new()),
+            timers,
+            changed: Notify::new(),
+            dirty: AtomicBool::new(false),
+            backoff: Mutex::new(HashMap::new()),
+            warned: Mutex::new(HashSet::new()),
+        });
+        // This node is in the cluster with its current addresses.
+        let entry = meta::to_value(&NodeEntry {
+            listen: setup.me.listen.clone(),
+            nbd: setup.me.nbd.clone(),
+        });
+        if peer.store.lock().get(&meta::node_key(&setup.me.name)) != Some(&entry) {
+            peer.set(&meta::node_key(&setup.me.name), entry);
+        }
+        tokio::spawn(peer.clone().udp_loop());
+        tokio::spawn(peer.clone().timer_loop(timer_rx));
+        tokio::spawn(peer.clone().tcp_loop(tcp));
+        tokio::spawn(peer.clone().ae_loop());
+        peer.announce_known();
+        Ok(peer)
+    }
+
+    pub fn cluster_id(&self) -> String {
+        self.cluster_id.read().clone()
+    }
+
+    fn accepts_id(&self, id: &str) -> bool {
+        *self.cluster_id.read() == id || self.former_ids.read().iter().any(|f| f == id)
+    }
+
+    pub fn is_alive(&self, node: &str) -> bool {
+        node == self.me.name || self.alive.lock().contains(node)
+    }
+
+    pub fn block(&self, nodes: &[String], blocked: bool) {
+        let mut b = self.blocked.lock();
+        for n in nodes {
+            if blocked {
+                b.insert(n.clone());
+            } else {
+                b.remove(n);
+            }
+        }
+    }
+
+    fn is_blocked(&self, node: &str) -> bool {
+        self.blocked.lock().contains(node)
+    }
+
+    /// Write an entry, disseminate it (cluster-wide: gossip; resource: push to members).
+    pub fn set(self: &Arc<Self>, key: &str, value: serde_json::Value) {
+        let e = self.cluster.lock().set(key, value);
+        self.after_local_change(key, e);
+    }
+
+    pub fn delete(self: &Arc<Self>, key: &str) {
+        let e = self.cluster.lock().delete(key, now_ms());
+        if let Some(e) = e {
+            self.after_local_change(key, e);
+        }
+    }
+
+    fn after_local_change(self: &Arc<Self>, key: &str, e: mars_meta::Entry) {
+        // Desired state (what an operator asked) is on disk before the command returns;
+        // actual state (reported positions) is saved with the next round.
+        if matches!(mars_meta::kind_of(key), Some(mars_meta::Kind::Desired)) {
+            self.save();
+        } else {
+            self.dirty.store(true, Ordering::Release);
+        }
+        self.changed.notify_waiters();
+        self.flush_effects();
+        if let Some(res) = key.strip_prefix("r/").and_then(|k| k.split('/').next()) {
+            let wire = mars_cluster::to_wire(key, &e);
+            let members = self.members_of(res);
+            for m in members.into_iter().filter(|m| *m != self.me.name) {
+                let p = self.clone();
+                let w = wire.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = p.push_to(&m, vec![w]).await {
+                        tracing::debug!(peer = %m, "push failed (anti-entropy will repair): {e}");
+                    }
+                });
+            }
+        }
+    }
+
+    pub fn members_of(&self, res: &str) -> Vec<String> {
+        meta::get::<meta::ResEntry>(&self.store.lock(), &meta::res_key(res))
+            .map(|r| r.members)
+            .unwrap_or_default()
+    }
+
+    fn addr_of(&self, node: &str) -> Option<String> {
+        meta::get::<NodeEntry>(&self.store.lock(), &meta::node_key(node)).map(|n| n.listen)
+    }
+
+    fn flush_effects(self: &Arc<Self>) {
+        let (effects, changed) = {
+            let mut c = self.cluster.lock();
+            (c.take_effects(), c.take_changed())
+        };
+        if !changed.is_empty() {
+            self.on_remote_change(&changed);
+        }
+        for e in effects {
+            match e {
+                Effect::Send { to, data } => {
+                    if self.is_blocked(&to.name) {
+                        continue;
+                    }
+                    let mut d = Vec::with_capacity(DGRAM_HEADER + data.len());
+                    d.extend_from_slice(&DGRAM_MAGIC);
+                    d.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+                    d.extend_from_slice(&0u16.to_le_bytes());
+                    d.extend_from_slice(&cluster_tag(&self.cluster_id()).to_le_bytes());
+                    d.extend_from_slice(&data);
+                    if let Err(e) = self.udp_send.send_to(&d, to.addr) {
+                        tracing::debug!(peer = %to.name, "gossip send: {e}");
+                    }
+                }
+                Effect::Schedule { timer, after } => {
+                    let tx = self.timers.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = tx.send(timer);
+                    });
+                }
+                Effect::Up(id) => {
+                    tracing::info!(node = %id.name, "node is up");
+                    self.alive.lock().insert(id.name);
+                    self.changed.notify_waiters();
+                }
+                Effect::Down(id) => {
+                    tracing::warn!(node = %id.name, "node is down");
+                    self.alive.lock().remove(&id.name);
+                    self.changed.notify_waiters();
+                }
+            }
+        }
+    }
+
+    fn on_remote_change(&self, keys: &[String]) {
+        self.dirty.store(true, Ordering::Release);
+        if keys.iter().any(|k| k == meta::CLUSTER_ID_KEY) {
+            let id = self
+                .store
+                .lock()
+                .get(meta::CLUSTER_ID_KEY)
+                .and_then(|v| v.as_str().map(str::to_string));
+            if let Some(id) = id {
+                self.adopt_cluster_id(&id);
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Switch to another cluster id (after a merge), keeping the old one acceptable.
+    fn adopt_cluster_id(&self, id: &str) {
+        let old = self.cluster_id();
+        if old == id {
+            return;
+        }
+        tracing::info!(from = %old, to = %id, "cluster merged: adopting cluster id");
+        self.former_ids.write().push(old);
+        *self.cluster_id.write() = id.to_string();
+        if let Err(e) = crate::node::update_cluster_id(&self.node_file, id, &self.former_ids.read())
+        {
+            tracing::error!("cannot persist the new cluster id: {e:#}");
+        }
+    }
+
+    fn announce_known(self: &Arc<Self>) {
+        let nodes = meta::nodes(&self.store.lock());
+        let mut targets: Vec<NodeId> = nodes
+            .into_iter()
+            .filter(|(n, _)| *n != self.me.name)
+            .filter_map(|(name, e)| {
+                Some(NodeId {
+                    name,
+                    addr: e.listen.parse().ok()?,
+                    bump: 0,
+                })
+            })
+            .collect();
+        // A few are enough: foca spreads the rest.
+        use rand::seq::SliceRandom;
+        targets.shuffle(&mut rand::rng());
+        targets.truncate(3);
+        {
+            let mut c = self.cluster.lock();
+            for t in targets {
+                c.announce(t);
+            }
+        }
+        self.flush_effects();
+    }
+
+    async fn udp_loop(self: Arc<Self>) {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let (n, from) = match self.udp.recv_from(&mut buf).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!("gossip recv: {e}");
+                    continue;
+                }
+            };
+            let d = &buf[..n];
+            let ok = n >= DGRAM_HEADER
+                && d[0..4] == DGRAM_MAGIC
+                && u16::from_le_bytes([d[4], d[5]]) == PROTOCOL_VERSION
+                && {
+                    let tag = u32::from_le_bytes([d[8], d[9], d[10], d[11]]);
+                    tag == cluster_tag(&self.cluster_id())
+                        || self.former_ids.read().iter().any(|f| cluster_tag(f) == tag)
+                };
+            if !ok {
+                if self.warned.lock().insert(from) {
+                    tracing::warn!(%from, "dropping gossip datagram: other cluster, other protocol version, or not mars");
+                }
+                continue;
+            }
+            self.cluster.lock().handle_gossip(&d[DGRAM_HEADER..]);
+            self.flush_effects();
+        }
+    }
+
+    async fn timer_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<FocaTimer<NodeId>>) {
+        while let Some(t) = rx.recv().await {
+            self.cluster.lock().handle_timer(t);
+            self.flush_effects();
+        }
+    }
+
+    async fn ae_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(AE_INTERVAL);
+        loop {
+            tick.tick().await;
+            let live: Vec<String> = self.alive.lock().iter().cloned().collect();
+            let known: Vec<String> = meta::nodes(&self.store.lock())
+                .into_iter()
+                .map(|(n, _)| n)
+                .filter(|n| *n != self.me.name)
+                .collect();
+            // One random live node (or, when none is known alive, one known node) for the cluster scope.
+            let pool = if live.is_empty() { known } else { live.clone() };
+            if let Some(n) = pick(&pool) {
+                let p = self.clone();
+                tokio::spawn(async move { p.ae_with(&n, "c/").await });
+            }
+            let resources = meta::resources(&self.store.lock());
+            for (res, r) in resources {
+                // Members repair among themselves; a non-member that wrote an entry of the
+                // resource (e.g. `primary` issued there) keeps offering it to a member.
+                let wrote_here = || {
+                    self.store
+                        .lock()
+                        .range(&meta::res_prefix(&res))
+                        .any(|(_, e)| e.stamp.node == self.me.name)
+                };
+                if !r.members.contains(&self.me.name) && !wrote_here() {
+                    continue;
+                }
+                let others: Vec<String> = r
+                    .members
+                    .iter()
+                    .filter(|m| **m != self.me.name)
+                    .cloned()
+                    .collect();
+                if let Some(n) = pick(&others) {
+                    let p = self.clone();
+                    let prefix = meta::res_prefix(&res);
+                    tokio::spawn(async move { p.ae_with(&n, &prefix).await });
+                }
+            }
+            if self.dirty.swap(false, Ordering::AcqRel) {
+                self.save();
+            }
+        }
+    }
+
+    pub fn save(&self) {
+        let r = self.store.lock().save(&self.store_path);
+        if let Err(e) = r {
+            tracing::error!("cannot save metadata: {e}");
+            self.dirty.store(true, Ordering::Release);
+        }
+    }
+
+    fn backoff_ok(&self, node: &str) -> bool {
+        self.backoff
+            .lock()
+            .get(node)
+            .is_none_or(|(until, _)| Instant::now() >= *until)
+    }
+
+    fn note_result(&self, node: &str, ok: bool) {
+        let mut b = self.backoff.lock();
+        if ok {
+            b.remove(node);
+        } else {
+            let next = b
+                .get(node)
+                .map(|(_, d)| (*d * 2).min(Duration::from_secs(30)))
+                .unwrap_or(Duration::from_millis(500));
+            b.insert(node.to_string(), (Instant::now() + next, next));
+        }
+    }
+
+    /// Open a connection to `node` and complete the handshake.
+    async fn connect(&self, node: &str) -> Result<TcpStream> {
+        if self.is_blocked(node) {
+            bail!("{node} is blocked (debug-block)");
+        }
+        let addr = self
+            .addr_of(node)
+            .ok_or_else(|| anyhow!("unknown node {node}"))?;
+        let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+            .await
+            .map_err(|_| anyhow!("connect to {node} ({addr}) timed out"))??;
+        let _ = s.set_nodelay(true);
+        let id = self.cluster_id();
+        tokio::time::timeout(
+            EXCHANGE_TIMEOUT,
+            client_handshake(&mut s, Some(&id), &self.me),
+        )
+        .await
+        .map_err(|_| anyhow!("handshake with {node} timed out"))??;
+        Ok(s)
+    }
+
+    /// Run an exchange where both sides answer with `ae::respond` until one has nothing to say.
+    async fn converse(self: &Arc<Self>, node: &str, first: Msg) -> Result<Vec<String>> {
+        let mut s = self.connect(node).await?;
+        let mut changed = Vec::new();
+        let mut next = Some(first);
+        let fut = async {
+            while let Some(m) = next.take() {
+                write_msg(&mut s, &m).await?;
+                if matches!(m, Msg::Entries { ref want, .. } if want.is_empty()) {
+                    break; // the last step of anti-entropy: nothing comes back
+                }
+                let reply = read_msg(&mut s).await?;
+                if let Msg::Refused { reason } = reply {
+                    bail!("refused: {reason}");
+                }
+                let (n, merge) = ae::respond(&self.store.lock(), reply);
+                changed.extend(self.merge(merge));
+                next = n;
+            }
+            anyhow::Ok(())
+        };
+        tokio::time::timeout(EXCHANGE_TIMEOUT, fut)
+            .await
+            .map_err(|_| anyhow!("exchange with {node} timed out"))??;
+        Ok(changed)
+    }
+
+    fn merge(self: &Arc<Self>, entries: Vec<WireEntry>) -> Vec<String> {
+        if entries.is_empty() {
+            return Vec::new();
+        }
+        let changed = self.cluster.lock().merge_entries(entries);
+        if !changed.is_empty() {
+            self.on_remote_change(&changed);
+        }
+        self.flush_effects();
+        changed
+    }
+
+    pub async fn ae_with(self: &Arc<Self>, node: &str, prefix: &str) {
+        if !self.backoff_ok(node) {
+            return;
+        }
+        let first = ae::start(&self.store.lock(), prefix);
+        let r = self.converse(node, first).await;
+        if let Err(e) = &r {
+            tracing::debug!(peer = %node, prefix, "anti-entropy: {e:#}");
+        }
+        self.note_result(node, r.is_ok());
+    }
+
+    pub async fn push_to(self: &Arc<Self>, node: &str, entries: Vec<WireEntry>) -> Result<()> {
+        self.converse(node, Msg::Push { entries }).await.map(|_| ())
+    }
+
+    /// Fetch everything under `prefix` from `node` (a non-member asking about a resource).
+    pub async fn pull_from(self: &Arc<Self>, node: &str, prefix: &str) -> Result<()> {
+        self.converse(
+            node,
+            Msg::Pull {
+                prefix: prefix.to_string(),
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn tcp_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((s, from)) => {
+                    let p = self.clone();
+                    tokio::spawn(async move {
+                        let r = tokio::time::timeout(EXCHANGE_TIMEOUT * 3, p.serve(s)).await;
+                        match r {
+                            Ok(Err(e)) => tracing::info!(%from, "peer connection: {e:#}"),
+                            Err(_) => tracing::info!(%from, "peer connection timed out"),
+                            Ok(Ok(())) => {}
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("peer accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn serve(self: &Arc<Self>, mut s: TcpStream) -> Result<()> {
+        let _ = s.set_nodelay(true);
+        let hello = read_msg(&mut s).await.context("handshake")?;
+        let Msg::Hello {
+            version,
+            cluster_id,
+            node,
+        } = hello
+        else {
+            write_msg(
+                &mut s,
+                &Msg::Refused {
+                    reason: "expected Hello".into(),
+                },
+            )
+            .await?;
+            bail!("peer did not start with Hello");
+        };
+        let refusal = if version != PROTOCOL_VERSION {
+            Some(format!(
+                "protocol version {version} not supported (this node speaks {PROTOCOL_VERSION})"
+            ))
+        } else if self.is_blocked(&node.name) {
+            Some("blocked (debug-block)".to_string())
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            tracing::warn!(peer = %node.name, "refusing peer: {reason}");
+            let _ = write_msg(
+                &mut s,
+                &Msg::Refused {
+                    reason: reason.clone(),
+                },
+            )
+            .await;
+            bail!("refused {}: {reason}", node.name);
+        }
+        // Same cluster: anything. No cluster: only Join. Another cluster: only Merge.
+        let relation = match &cluster_id {
+            Some(id) if self.accepts_id(id) => Relation::Member,
+            None => Relation::Joiner,
+            Some(_) => Relation::Foreign,
+        };
+        let ours = self.cluster_id();
+        write_msg(
+            &mut s,
+            &Msg::Welcome {
+                cluster_id: ours.clone(),
+                node: self.me.name.clone(),
+            },
+        )
+        .await?;
+        loop {
+            let msg = match read_msg(&mut s).await {
+                Ok(m) => m,
+                Err(mars_proto::ProtoError::Io(e))
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+                {
+                    return Ok(())
+                }
+                Err(e) => bail!("from {}: {e}", node.name),
+            };
+            let reply = match (relation, msg) {
+                (Relation::Joiner, Msg::Join) => self.handle_join(&node),
+                (
+                    Relation::Foreign,
+                    Msg::Merge {
+                        cluster_id,
+                        entries,
+                    },
+                ) => self.handle_merge(&node, cluster_id, entries),
+                (
+                    Relation::Member,
+                    m @ (Msg::Digest { .. }
+                    | Msg::Buckets { .. }
+                    | Msg::Entries { .. }
+                    | Msg::Push { .. }
+                    | Msg::Pull { .. }),
+                ) => {
+                    let (reply, merge) = ae::respond(&self.store.lock(), m);
+                    self.merge(merge);
+                    match reply {
+                        Some(r) => r,
+                        None => return Ok(()),
+                    }
+                }
+                (rel, m) => {
+                    let reason = match (rel, &cluster_id) {
+                        (Relation::Foreign, Some(id)) => format!(
+                            "peer {} belongs to cluster {id}, this node to cluster {ours}",
+                            node.name
+                        ),
+                        _ => format!("unexpected message {}", msg_name(&m)),
+                    };
+                    tracing::warn!(peer = %node.name, "refusing peer: {reason}");
+                    write_msg(
+                        &mut s,
+                        &Msg::Refused {
+                            reason: reason.clone(),
+                        },
+                    )
+                    .await?;
+                    bail!("{reason}");
+                }
+            };
+            write_msg(&mut s, &reply).await?;
+        }
+    }
+
+    fn handle_join(self: &Arc<Self>, node: &NodeInfo) -> Msg {
+        if crate::node::check_name("node", &node.name).is_err() {
+            return Msg::Refused {
+                reason: format!("invalid node name {:?}", node.name),
+            };
+        }
+        if self.store.lock().get(&meta::node_key(&node.name)).is_some() {
+            return Msg::Refused {
+                reason: format!("a node named {} is already in the cluster", node.name),
+            };
+        }
+        self.set(
+            &meta::node_key(&node.name),
+            meta::to_value(&NodeEntry {
+                listen: node.listen.clone(),
+                nbd: node.nbd.clone(),
+            }),
+        );
+        self.save();
+        tracing::info!(node = %node.name, listen = %node.listen, "node joined the cluster");
+        Msg::Joined {
+            cluster_id: self.cluster_id(),
+            entries: self.cluster_entries(),
+        }
+    }
+
+    fn cluster_entries(&self) -> Vec<WireEntry> {
+        self.store
+            .lock()
+            .range("c/")
+            .map(|(k, e)| mars_cluster::to_wire(k, e))
+            .collect()
+    }
+
+    /// Another cluster asks to merge into its cluster (`cluster_id`): adopt it if no resource or node name clashes.
+    fn handle_merge(
+        self: &Arc<Self>,
+        from: &NodeInfo,
+        cluster_id: String,
+        entries: Vec<WireEntry>,
+    ) -> Msg {
+        let theirs = Store::new("_");
+        let mut theirs = theirs;
+        for w in &entries {
+            let (k, e) = mars_cluster::from_wire(w.clone());
+            theirs.merge(&k, e);
+        }
+        let (our_res, our_nodes) = {
+            let st = self.store.lock();
+            (meta::resources(&st), meta::nodes(&st))
+        };
+        let clash: Vec<String> = meta::resources(&theirs)
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| our_res.iter().any(|(o, _)| o == n))
+            .collect();
+        if !clash.is_empty() {
+            return Msg::Refused {
+                reason: format!(
+                    "resource names exist in both clusters: {}",
+                    clash.join(", ")
+                ),
+            };
+        }
+        let node_clash: Vec<String> = meta::nodes(&theirs)
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| our_nodes.iter().any(|(o, _)| o == n))
+            .collect();
+        if !node_clash.is_empty() {
+            return Msg::Refused {
+                reason: format!(
+                    "node names exist in both clusters: {}",
+                    node_clash.join(", ")
+                ),
+            };
+        }
+        tracing::info!(peer = %from.name, into = %cluster_id, "merging this cluster into another");
+        self.merge(entries);
+        self.set(
+            meta::CLUSTER_ID_KEY,
+            serde_json::Value::String(cluster_id.clone()),
+        );
+        self.adopt_cluster_id(&cluster_id);
+        self.save();
+        if let Ok(addr) = from.listen.parse() {
+            self.cluster.lock().announce(NodeId {
+                name: from.name.clone(),
+                addr,
+                bump: 0,
+            });
+            self.flush_effects();
+        }
+        Msg::Merged {
+            cluster_id,
+            entries: self.cluster_entries(),
+        }
+    }
+
+    /// `merge-cluster PEER`: bring the peer's whole cluster into this one.
+    pub async fn merge_cluster(self: &Arc<Self>, peer_addr: &str) -> Result<String> {
+        let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer_addr))
+            .await
+            .map_err(|_| anyhow!("connect to {peer_addr} timed out"))?
+            .with_context(|| format!("cannot reach {peer_addr}"))?;
+        let ours = self.cluster_id();
+        let their_node = client_handshake(&mut s, Some(&ours), &self.me)
+            .await
+            .map_err(|e| anyhow!("{peer_addr}: {e}"))?;
+        write_msg(
+            &mut s,
+            &Msg::Merge {
+                cluster_id: ours.clone(),
+                entries: self.cluster_entries(),
+            },
+        )
+        .await?;
+        match read_msg(&mut s).await? {
+            Msg::Merged { entries, .. } => {
+                self.merge(entries);
+                self.save();
+                self.announce_known();
+                Ok(their_node)
+            }
+            Msg::Refused { reason } => bail!("{peer_addr} refused the merge: {reason}"),
+            other => bail!("{peer_addr} answered {}", msg_name(&other)),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Relation {
+    Member,
+    Joiner,
+    Foreign,
+}
+
+fn msg_name(m: &Msg) -> String {
+    format!("{m:?}")
+        .split([' ', '{', '('])
+        .next()
+        .unwrap_or("?")
+        .to_string()
+}
+
+fn pick(v: &[String]) -> Option<String> {
+    use rand::seq::IndexedRandom;
+    v.choose(&mut rand::rng()).cloned()
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `marsadm join-cluster`: ask a running peer to admit this node; returns the cluster id and entries.
+pub async fn join(peer_addr: &str, me: &NodeInfo) -> Result<(String, Vec<WireEntry>)> {
+    let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer_addr))
+        .await
+        .map_err(|_| anyhow!("connect to {peer_addr} timed out"))?
+        .with_context(|| format!("cannot reach peer {peer_addr}"))?;
+    client_handshake(&mut s, None, me)
+        .await
+        .map_err(|e| anyhow!("{peer_addr}: {e}"))?;
+    write_msg(&mut s, &Msg::Join).await?;
+    match tokio::time::timeout(EXCHANGE_TIMEOUT, read_msg(&mut s))
+        .await
+        .map_err(|_| anyhow!("{peer_addr} did not answer"))??
+    {
+        Msg::Joined {
+            cluster_id,
+            entries,
+        } => Ok((cluster_id, entries)),
+        Msg::Refused { reason } => bail!("{peer_addr} refused: {reason}"),
+        other => bail!("{peer_addr} answered {}", msg_name(&other)),
+    }
+}

@@ -1,0 +1,288 @@
+//! Several real marsd processes on loopback: join, gossip, liveness, merge, refusals, partitions.
+
+mod common;
+use common::*;
+use mars_proto::{client_handshake, read_msg, write_msg, Msg, NodeInfo, ProtoError};
+
+fn start_cluster(names: &[&str]) -> Vec<Node> {
+    let mut first = Node::create(names[0]);
+    first.start();
+    let mut nodes = vec![first];
+    for n in &names[1..] {
+        let mut node = Node::join(n, &nodes[0]);
+        node.start();
+        nodes.push(node);
+    }
+    for n in &nodes {
+        n.wait_view("every node alive", |v| all_alive(v, names));
+        n.adm_ok(&["wait-cluster", "--timeout", "30"]);
+    }
+    nodes
+}
+
+#[test]
+fn join_view_agrees_primary_spreads_dead_node_catches_up() {
+    let names = ["alpha", "beta", "gamma"];
+    let mut nodes = start_cluster(&names);
+    let ids: Vec<String> = nodes
+        .iter()
+        .map(|n| n.view_json()["cluster"]["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(ids.iter().all(|i| *i == ids[0]), "one cluster id: {ids:?}");
+    for n in &nodes {
+        let v = n.view_json();
+        for other in &nodes {
+            let entry = v["cluster"]["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["name"] == other.name.as_str())
+                .unwrap();
+            assert_eq!(
+                entry["address"],
+                other.listen.as_str(),
+                "{} sees {}'s address",
+                n.name,
+                other.name
+            );
+        }
+    }
+
+    // A resource created on alpha is seen everywhere; primary issued on beta changes the designated primary everywhere.
+    let disk = nodes[0].disk("r0.img", 8 << 20);
+    nodes[0].adm_ok(&["create-resource", "r0", disk.to_str().unwrap()]);
+    for n in &nodes {
+        n.wait_view("r0 with primary alpha", |v| {
+            resource(v, "r0").is_some_and(|r| r["designated_primary"] == "alpha")
+        });
+    }
+    nodes[1].adm_ok(&["primary", "r0"]);
+    for n in &nodes {
+        n.wait_view("designated primary beta", |v| {
+            resource(v, "r0").is_some_and(|r| r["designated_primary"] == "beta")
+        });
+    }
+    // alpha stopped serving once it was no longer the designated primary.
+    nodes[0].wait_view("alpha not serving", |v| {
+        resource(v, "r0").is_some_and(|r| r["actual_primary"].is_null())
+    });
+
+    // gamma dies: shown dead. A change made meanwhile reaches it after restart.
+    nodes[2].kill9();
+    for n in &nodes[..2] {
+        n.wait_view("gamma dead", |v| {
+            view_nodes(v).contains(&("gamma".to_string(), false))
+        });
+    }
+    let disk1 = nodes[0].disk("r1.img", 8 << 20);
+    nodes[0].adm_ok(&["create-resource", "r1", disk1.to_str().unwrap()]);
+    nodes[2].start();
+    nodes[2].wait_view("gamma catches up", |v| {
+        resource(v, "r1").is_some() && all_alive(v, &names)
+    });
+    for n in &nodes[..2] {
+        n.wait_view("gamma alive again", |v| all_alive(v, &names));
+    }
+    // alpha takes r0 back (beta is alive, so no --force is needed).
+    nodes[0].adm_ok(&["primary", "r0"]);
+    nodes[0].adm_ok(&["wait-resource", "r0", "primary", "--timeout", "20"]);
+    for n in &nodes {
+        n.wait_view("designated primary alpha", |v| {
+            resource(v, "r0").is_some_and(|r| {
+                r["designated_primary"] == "alpha" && r["actual_primary"] == "alpha"
+            })
+        });
+    }
+}
+
+#[test]
+fn clusters_merge_and_overlapping_names_are_refused() {
+    let a = start_cluster(&["alpha", "beta"]);
+    let b = start_cluster(&["gamma", "delta"]);
+    let da = a[0].disk("ra.img", 4 << 20);
+    a[0].adm_ok(&["create-resource", "ra", da.to_str().unwrap()]);
+    let db = b[0].disk("rb.img", 4 << 20);
+    b[0].adm_ok(&["create-resource", "rb", db.to_str().unwrap()]);
+
+    // A third cluster holding a resource named like one of A's: refused, nothing changes.
+    let c = start_cluster(&["epsilon"]);
+    let dc = c[0].disk("ra.img", 4 << 20);
+    c[0].adm_ok(&["create-resource", "ra", dc.to_str().unwrap()]);
+    let c_id = c[0].view_json()["cluster"]["id"].clone();
+    let err = a[0].adm_err(&["merge-cluster", &c[0].listen]);
+    assert!(err.contains("ra") && err.contains("both"), "{err}");
+    assert_eq!(c[0].view_json()["cluster"]["id"], c_id);
+    assert_eq!(view_nodes(&a[0].view_json()).len(), 2);
+
+    // A and B merge into A's cluster.
+    let a_id = a[0].view_json()["cluster"]["id"].clone();
+    a[0].adm_ok(&["merge-cluster", &b[0].listen]);
+    let names = ["alpha", "beta", "delta", "gamma"];
+    for n in a.iter().chain(b.iter()) {
+        n.wait_view("one merged cluster", |v| {
+            all_alive(v, &names)
+                && v["cluster"]["id"] == a_id
+                && resource(v, "ra").is_some()
+                && resource(v, "rb").is_some()
+        });
+    }
+    // The merge survives a restart of a node of the absorbed cluster.
+    let mut b = b;
+    b[1].kill9();
+    b[1].start();
+    b[1].wait_view("delta back in the merged cluster", |v| {
+        v["cluster"]["id"] == a_id && all_alive(v, &names)
+    });
+}
+
+#[test]
+fn peers_of_other_clusters_or_versions_are_refused() {
+    let nodes = start_cluster(&["alpha"]);
+    let before = nodes[0].view_json();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let me = NodeInfo {
+        name: "mallory".into(),
+        listen: "127.0.0.1:1".into(),
+        nbd: "127.0.0.1:2".into(),
+    };
+    rt.block_on(async {
+        // Another cluster: the handshake is answered, but anti-entropy and pushes are refused.
+        let mut s = tokio::net::TcpStream::connect(&nodes[0].listen)
+            .await
+            .unwrap();
+        client_handshake(&mut s, Some("some-other-cluster"), &me)
+            .await
+            .unwrap();
+        let push = Msg::Push {
+            entries: vec![mars_proto::WireEntry {
+                key: "c/d/node/mallory".into(),
+                clock: 1 << 40,
+                node: "mallory".into(),
+                value: Some(serde_json::json!({"listen": "127.0.0.1:1", "nbd": "127.0.0.1:2"})),
+                deleted_ms: 0,
+            }],
+        };
+        write_msg(&mut s, &push).await.unwrap();
+        match read_msg(&mut s).await.unwrap() {
+            Msg::Refused { reason } => assert!(reason.contains("cluster"), "{reason}"),
+            other => panic!("expected Refused, got {other:?}"),
+        }
+        // Another protocol version: refused at the handshake.
+        let mut s = tokio::net::TcpStream::connect(&nodes[0].listen)
+            .await
+            .unwrap();
+        let id = before["cluster"]["id"].as_str().unwrap().to_string();
+        write_msg(
+            &mut s,
+            &Msg::Hello {
+                version: 99,
+                cluster_id: Some(id),
+                node: me.clone(),
+            },
+        )
+        .await
+        .unwrap();
+        match read_msg(&mut s).await.unwrap() {
+            Msg::Refused { reason } => assert!(reason.contains("version"), "{reason}"),
+            other => panic!("expected Refused, got {other:?}"),
+        }
+        // Garbage: the connection is closed, nothing else happens.
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(&nodes[0].listen)
+            .await
+            .unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\nxxxxxxxxxxxxxxxxxxxxxxxxx")
+            .await
+            .unwrap();
+        assert!(matches!(
+            read_msg(&mut s).await,
+            Err(ProtoError::Io(_)) | Err(_)
+        ));
+        // A join under a name already in the cluster is refused.
+        let err = mars::peer::join(
+            &nodes[0].listen,
+            &NodeInfo {
+                name: "alpha".into(),
+                ..me.clone()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("already in the cluster"),
+            "{err:#}"
+        );
+    });
+    // Garbage datagrams on the gossip port are dropped too.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.send_to(b"not a mars datagram at all", &nodes[0].listen)
+        .unwrap();
+    let after = nodes[0].view_json();
+    assert_eq!(view_nodes(&after), view_nodes(&before), "nothing changed");
+    assert!(nodes[0].log_text().contains("refusing peer"));
+}
+
+#[test]
+fn partitioned_groups_agree_on_one_winner_after_healing() {
+    let names = ["alpha", "beta", "gamma", "delta"];
+    let nodes = start_cluster(&names);
+    let disk = nodes[0].disk("r0.img", 4 << 20);
+    nodes[0].adm_ok(&["create-resource", "r0", disk.to_str().unwrap()]);
+    for n in &nodes {
+        n.wait_view("r0 everywhere", |v| resource(v, "r0").is_some());
+    }
+    // Cut {alpha, beta} from {gamma, delta}.
+    for (side, other) in [
+        (&nodes[..2], ["gamma", "delta"]),
+        (&nodes[2..], ["alpha", "beta"]),
+    ] {
+        for n in side {
+            n.adm_ok(&["debug-block", other[0], other[1]]);
+        }
+    }
+    for n in &nodes[..2] {
+        n.wait_view("the other side dead", |v| {
+            view_nodes(v).iter().filter(|(_, a)| !a).count() == 2
+        });
+    }
+    // Both sides change the same key: the designated primary of r0.
+    nodes[1].adm_ok(&["primary", "r0"]);
+    nodes[2].adm_ok(&["primary", "--force", "r0"]);
+    // Heal.
+    for n in &nodes {
+        let others: Vec<&str> = names.iter().copied().filter(|x| *x != n.name).collect();
+        let mut args = vec!["debug-unblock"];
+        args.extend(others);
+        n.adm_ok(&args);
+    }
+    for n in &nodes {
+        n.wait_view("healed", |v| all_alive(v, &names));
+    }
+    let winner = nodes[0].wait_view("a winner", |v| {
+        resource(v, "r0").is_some_and(|r| r["designated_primary"].is_string())
+    });
+    let _ = winner;
+    // Every node ends with the same winner (one of the two writes).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let seen: Vec<serde_json::Value> = nodes
+            .iter()
+            .map(|n| {
+                resource(&n.view_json(), "r0")
+                    .map(|r| r["designated_primary"].clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        if seen.iter().all(|s| *s == seen[0]) && (seen[0] == "beta" || seen[0] == "gamma") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nodes disagree after healing: {seen:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
