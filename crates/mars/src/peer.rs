@@ -30,6 +30,8 @@ use tokio::sync::{mpsc, Notify};
 const DGRAM_MAGIC: [u8; 4] = *b"MRSG";
 const DGRAM_HEADER: usize = 12;
 pub const AE_INTERVAL: Duration = Duration::from_secs(2);
+/// How long deletions (tombstones) are kept before they are dropped: 30 days.
+const TOMBSTONE_KEEP_MS: u64 = 30 * 24 * 3600 * 1000;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -375,6 +377,10 @@ impl Peer {
                     let prefix = meta::res_prefix(&res);
                     tokio::spawn(async move { p.ae_with(&n, &prefix).await });
                 }
+            }
+            // Tombstones are kept long enough for every node that was away to hear of them.
+            if self.store.lock().gc_tombstones(now_ms(), TOMBSTONE_KEEP_MS) > 0 {
+                self.dirty.store(true, Ordering::Release);
             }
             if self.dirty.swap(false, Ordering::AcqRel) {
                 self.save();

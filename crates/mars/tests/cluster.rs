@@ -286,3 +286,33 @@ fn partitioned_groups_agree_on_one_winner_after_healing() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+#[test]
+fn leave_cluster_is_refused_for_members_and_removes_the_node() {
+    let names = ["alpha", "beta", "gamma"];
+    let mut nodes = start_cluster(&names);
+    let disk = nodes[2].disk("r0.img", 4 << 20);
+    nodes[2].adm_ok(&["create-resource", "r0", disk.to_str().unwrap()]);
+    let err = nodes[2].adm_err(&["leave-cluster"]);
+    assert!(err.contains("member of r0"), "{err}");
+    nodes[2].adm_ok(&["delete-resource", "r0"]);
+    nodes[2].adm_ok(&["leave-cluster"]);
+    for n in &nodes[..2] {
+        n.wait_view("gamma gone", |v| {
+            view_nodes(v).iter().all(|(name, _)| name != "gamma")
+        });
+        n.adm_ok(&["wait-cluster", "--timeout", "10"]);
+    }
+    assert!(
+        !nodes[2].dir.join("node.json").exists(),
+        "the directory is no longer a node"
+    );
+    nodes[2].kill9();
+    // wait-cluster times out while a node is down.
+    nodes[1].kill9();
+    nodes[0].wait_view("beta dead", |v| {
+        view_nodes(v).contains(&("beta".to_string(), false))
+    });
+    let err = nodes[0].adm_err(&["wait-cluster", "--timeout", "1"]);
+    assert!(err.contains("timed out"), "{err}");
+}
