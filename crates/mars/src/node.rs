@@ -139,11 +139,28 @@ pub fn create_cluster(dir: &Path, node: &str, listen: &str, nbd: &str) -> Result
             dir.display()
         );
     }
+    write_node(
+        dir,
+        node,
+        listen,
+        nbd,
+        &format!("{:032x}", rand::random::<u128>()),
+    )
+}
+
+/// Write a new node directory's `node.json` (default settings).
+fn write_node(
+    dir: &Path,
+    node: &str,
+    listen: &str,
+    nbd: &str,
+    cluster_id: &str,
+) -> Result<NodeConfig> {
     std::fs::create_dir_all(resources_dir(dir))
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let cfg = NodeConfig {
         format: FORMAT,
-        cluster_id: format!("{:032x}", rand::random::<u128>()),
+        cluster_id: cluster_id.to_string(),
         node: node.to_string(),
         listen: listen.to_string(),
         nbd: nbd.to_string(),
@@ -164,8 +181,7 @@ pub fn init_joined(
     cluster_id: &str,
     entries: Vec<mars_proto::WireEntry>,
 ) -> Result<NodeConfig> {
-    std::fs::create_dir_all(resources_dir(dir))
-        .with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut store = mars_meta::Store::new(node);
     for w in entries {
         let (k, e) = mars_cluster::from_wire(w);
@@ -174,18 +190,8 @@ pub fn init_joined(
     store
         .save(&dir.join("meta.store"))
         .map_err(|e| anyhow!("{e}"))?;
-    let cfg = NodeConfig {
-        format: FORMAT,
-        cluster_id: cluster_id.to_string(),
-        node: node.to_string(),
-        listen: listen.to_string(),
-        nbd: nbd.to_string(),
-        logfile_max_bytes: default_logfile_bytes(),
-        writeback_mem_bytes: default_mem_bytes(),
-        former_cluster_ids: Vec::new(),
-    };
-    save_json(&dir.join(NODE_FILE), &cfg)?;
-    Ok(cfg)
+    // node.json last: a directory without it is not a node, whatever else it holds.
+    write_node(dir, node, listen, nbd, cluster_id)
 }
 
 /// Check that DIR can become a new node (join-cluster, create-cluster).

@@ -59,19 +59,7 @@ pub struct Node {
 impl Node {
     /// `marsadm create-cluster` in a fresh directory (marsd not started).
     pub fn create(name: &str) -> Node {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = tmp.path().join("node");
-        let listen = format!("127.0.0.1:{}", free_port());
-        let nbd = format!("127.0.0.1:{}", free_port());
-        let node = Node {
-            log: tmp.path().join("marsd.log"),
-            tmp,
-            dir,
-            name: name.into(),
-            listen,
-            nbd,
-            child: None,
-        };
+        let node = Node::fresh(name);
         node.adm_ok(&[
             "create-cluster",
             "--node",
@@ -82,6 +70,23 @@ impl Node {
             &node.nbd,
         ]);
         node
+    }
+
+    /// A node directory path and free ports; nothing initialised yet.
+    fn fresh(name: &str) -> Node {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("node");
+        let listen = format!("127.0.0.1:{}", free_port());
+        let nbd = format!("127.0.0.1:{}", free_port());
+        Node {
+            log: tmp.path().join("marsd.log"),
+            tmp,
+            dir,
+            name: name.into(),
+            listen,
+            nbd,
+            child: None,
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -343,19 +348,7 @@ pub fn read(path: &Path) -> Vec<u8> {
 impl Node {
     /// `marsadm join-cluster` through `via` (which must be running), in a fresh directory.
     pub fn join(name: &str, via: &Node) -> Node {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = tmp.path().join("node");
-        let listen = format!("127.0.0.1:{}", free_port());
-        let nbd = format!("127.0.0.1:{}", free_port());
-        let node = Node {
-            log: tmp.path().join("marsd.log"),
-            tmp,
-            dir,
-            name: name.into(),
-            listen,
-            nbd,
-            child: None,
-        };
+        let node = Node::fresh(name);
         node.adm_ok(&[
             "join-cluster",
             "--node",
