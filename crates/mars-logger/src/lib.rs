@@ -20,6 +20,7 @@ pub mod disk;
 pub mod index;
 mod logger;
 mod recovery;
+pub mod replay;
 
 pub use logger::{Config, Logger, LoggerError, Status};
 pub use recovery::{list_logfiles, LogfileEntry};

@@ -1,0 +1,372 @@
+//! Replay: apply logfiles to a disk in log order, on a node that is not the
+//! writer of the log (a secondary), or that must catch up.
+//!
+//! The logfiles in the resource directory may still be growing (fetch
+//! appends to them). [`Replayer::step`] applies every complete record from
+//! the persisted position on, one at a time and in order, so the disk is at
+//! every moment an image of the primary's disk after some prefix of the log
+//! (*anytime consistency*; a record cut by a crash is applied again from the
+//! persisted position on restart). It stops, and applies nothing further,
+//! at a record whose checksum fails and when a finished logfile's version does
+//! not continue the history this node applied (split brain).
+//!
+//! State: `replayed` in the resource directory, `{"format":1,"pos":N}`:
+//! every record before stream position N is on the disk, the disk was synced
+//! before it was written.
+
+use crate::crashsafe::write_atomic;
+use crate::disk::{disk_size, Disk};
+use crate::logger::LoggerError;
+use crate::recovery::{finish_version, list_logfiles, read_version, LogfileEntry};
+use mars_logfmt::{FileHeader, Kind, RecordHeader, Version, FILE_HEADER_LEN, RECORD_HEADER_LEN};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+pub const REPLAYED_FILE: &str = "replayed";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct ReplayedState {
+    format: u16,
+    pos: u64,
+}
+
+/// Why replay stopped for good (until an operator acts).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Halt {
+    /// A complete record failed its checks: never applied.
+    Corrupt {
+        file: String,
+        pos: u64,
+        reason: String,
+    },
+    /// The logfile's version does not continue the history applied here.
+    SplitBrain {
+        file: String,
+        ours: String,
+        theirs: String,
+    },
+    /// Logfiles do not continue each other (a hole: a logfile is missing).
+    Gap {
+        expected_pos: u64,
+        file: String,
+        starts_at: u64,
+    },
+}
+
+impl std::fmt::Display for Halt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Halt::Corrupt { file, pos, reason } => write!(
+                f,
+                "corrupt record in {file} at log position {pos}: {reason}; not applied"
+            ),
+            Halt::SplitBrain { file, ours, theirs } => {
+                write!(
+                    f,
+                    "split brain: version of {file} is {theirs} at its origin, {ours} here"
+                )
+            }
+            Halt::Gap {
+                expected_pos,
+                file,
+                starts_at,
+            } => {
+                write!(f, "log gap: need position {expected_pos}, next logfile {file} starts at {starts_at}")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct StepOutcome {
+    pub records: u64,
+    pub bytes: u64,
+    /// Nothing more to apply right now (waiting for fetch).
+    pub idle: bool,
+}
+
+pub struct Replayer {
+    dir: PathBuf,
+    node: String,
+    disk: Disk,
+    size: u64,
+    pos: u64,
+    persisted: u64,
+    halted: Option<Halt>,
+    last_version: Option<Version>,
+}
+
+fn read_state(dir: &Path) -> Result<Option<ReplayedState>, LoggerError> {
+    let path = dir.join(REPLAYED_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| LoggerError::BadState(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(LoggerError::io(&path, e)),
+    }
+}
+
+impl Replayer {
+    /// Open replay of the logs in `dir` onto `disk`, starting at the persisted
+    /// position, or at `start_pos` when nothing was replayed yet (the position
+    /// where a full sync began).
+    pub fn open(
+        dir: &Path,
+        node: &str,
+        disk_path: &Path,
+        size: u64,
+        start_pos: u64,
+    ) -> Result<Replayer, LoggerError> {
+        let have = disk_size(disk_path).map_err(|e| LoggerError::io(disk_path, e))?;
+        if have < size {
+            return Err(LoggerError::DiskTooSmall {
+                path: disk_path.to_path_buf(),
+                have,
+                need: size,
+            });
+        }
+        let disk = Disk::open(disk_path).map_err(|e| LoggerError::io(disk_path, e))?;
+        let pos = read_state(dir)?.map(|s| s.pos).unwrap_or(start_pos);
+        Ok(Replayer {
+            dir: dir.to_path_buf(),
+            node: node.to_string(),
+            disk,
+            size,
+            pos,
+            persisted: pos,
+            halted: None,
+            last_version: None,
+        })
+    }
+
+    /// Next stream position to apply.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    pub fn halted(&self) -> Option<&Halt> {
+        self.halted.as_ref()
+    }
+
+    /// Sync the disk and persist the position.
+    pub fn persist(&mut self) -> Result<(), LoggerError> {
+        if self.pos == self.persisted {
+            return Ok(());
+        }
+        self.disk
+            .sync()
+            .map_err(|e| LoggerError::Disk(e.to_string()))?;
+        let body = serde_json::to_vec(&ReplayedState {
+            format: 1,
+            pos: self.pos,
+        })
+        .unwrap_or_default();
+        let path = self.dir.join(REPLAYED_FILE);
+        write_atomic(&path, &body).map_err(|e| LoggerError::io(&path, e))?;
+        self.persisted = self.pos;
+        Ok(())
+    }
+
+    /// The logfile holding `pos` (or starting exactly at it), its header, and the next one if any.
+    fn locate(
+        &self,
+    ) -> Result<Option<(LogfileEntry, FileHeader, Option<(LogfileEntry, FileHeader)>)>, LoggerError>
+    {
+        let mut with_headers = Vec::new();
+        for e in list_logfiles(&self.dir).map_err(|err| LoggerError::io(&self.dir, err))? {
+            let f = File::open(&e.path).map_err(|err| LoggerError::io(&e.path, err))?;
+            let mut b = [0u8; FILE_HEADER_LEN];
+            if f.read_exact_at(&mut b, 0).is_err() {
+                continue; // still being created by fetch
+            }
+            match FileHeader::decode(&b) {
+                Ok(h) => with_headers.push((e, h)),
+                Err(err) => {
+                    return Err(LoggerError::Corrupt(format!(
+                        "{}: bad file header: {err}",
+                        e.path.display()
+                    )))
+                }
+            }
+        }
+        let idx = with_headers
+            .iter()
+            .rposition(|(_, h)| h.start_pos <= self.pos);
+        let Some(i) = idx else {
+            if let Some((e, h)) = with_headers.first() {
+                if h.start_pos > self.pos {
+                    return Err(LoggerError::Corrupt(
+                        Halt::Gap {
+                            expected_pos: self.pos,
+                            file: e.name(),
+                            starts_at: h.start_pos,
+                        }
+                        .to_string(),
+                    ));
+                }
+            }
+            return Ok(None);
+        };
+        let next = with_headers.get(i + 1).cloned();
+        let (e, h) = with_headers.swap_remove(i);
+        Ok(Some((e, h, next)))
+    }
+
+    /// Apply up to `max_bytes` of complete records. Never applies a record that does not verify.
+    pub fn step(&mut self, max_bytes: u64) -> Result<StepOutcome, LoggerError> {
+        let mut out = StepOutcome::default();
+        if let Some(h) = &self.halted {
+            return Err(LoggerError::Corrupt(h.to_string()));
+        }
+        while out.bytes < max_bytes {
+            let Some((entry, header, next)) = self.locate()? else {
+                out.idle = true;
+                break;
+            };
+            let f = File::open(&entry.path).map_err(|e| LoggerError::io(&entry.path, e))?;
+            let file_len = f
+                .metadata()
+                .map_err(|e| LoggerError::io(&entry.path, e))?
+                .len();
+            let mut at = FILE_HEADER_LEN as u64 + (self.pos - header.start_pos);
+            let mut progressed = false;
+            let mut hdr = [0u8; RECORD_HEADER_LEN];
+            while out.bytes < max_bytes && at + RECORD_HEADER_LEN as u64 <= file_len {
+                f.read_exact_at(&mut hdr, at)
+                    .map_err(|e| LoggerError::io(&entry.path, e))?;
+                let (h, crc) = match RecordHeader::decode(&hdr) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        return self.halt(Halt::Corrupt {
+                            file: entry.name(),
+                            pos: self.pos,
+                            reason: e.to_string(),
+                        })
+                    }
+                };
+                let total = h.total_len();
+                if at + total > file_len {
+                    break; // the rest of this record is still being fetched
+                }
+                let mut payload = vec![0u8; h.payload_len() as usize];
+                f.read_exact_at(&mut payload, at + RECORD_HEADER_LEN as u64)
+                    .map_err(|e| LoggerError::io(&entry.path, e))?;
+                let checks = RecordHeader::verify(&hdr, crc, &payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| {
+                        if h.pos != self.pos {
+                            Err(format!(
+                                "record says position {}, expected {}",
+                                h.pos, self.pos
+                            ))
+                        } else if h
+                            .offset
+                            .checked_add(h.length)
+                            .is_none_or(|end| end > self.size)
+                        {
+                            Err(format!(
+                                "record writes beyond the device end ({} + {} > {})",
+                                h.offset, h.length, self.size
+                            ))
+                        } else {
+                            Ok(())
+                        }
+                    });
+                if let Err(reason) = checks {
+                    return self.halt(Halt::Corrupt {
+                        file: entry.name(),
+                        pos: self.pos,
+                        reason,
+                    });
+                }
+                let r = match h.kind {
+                    Kind::Write => self.disk.write_vectored_at(&[&payload], h.offset),
+                    Kind::Trim => self.disk.zero_range(h.offset, h.length, true),
+                    Kind::WriteZeroes => self.disk.zero_range(h.offset, h.length, false),
+                };
+                r.map_err(|e| LoggerError::Disk(e.to_string()))?;
+                self.pos += total;
+                at += total;
+                out.records += 1;
+                out.bytes += total;
+                progressed = true;
+            }
+            // At the end of a finished logfile: check the history, then move on.
+            let file_end = header.start_pos + (file_len - FILE_HEADER_LEN as u64);
+            match next {
+                Some((next_entry, next_header)) if self.pos == file_end => {
+                    if next_header.start_pos != file_end {
+                        return self.halt(Halt::Gap {
+                            expected_pos: file_end,
+                            file: next_entry.name(),
+                            starts_at: next_header.start_pos,
+                        });
+                    }
+                    self.check_version(&entry, header.start_pos, file_end)?;
+                    if self.halted.is_some() {
+                        break;
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            if !progressed {
+                out.idle = true;
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Compare our version of a finished logfile with its origin's, when the origin's is known.
+    fn check_version(
+        &mut self,
+        entry: &LogfileEntry,
+        start: u64,
+        end: u64,
+    ) -> Result<(), LoggerError> {
+        if entry.node == self.node {
+            return Ok(()); // our own logfile: its version was written when it was finished
+        }
+        let ours = match read_version(&self.dir, entry.seq, &self.node)? {
+            Some(v) => v,
+            None => {
+                let prev = match self.last_version.take() {
+                    Some(v) => Some(v),
+                    None => entry
+                        .seq
+                        .checked_sub(1)
+                        .map(|s| read_version(&self.dir, s, &self.node))
+                        .transpose()?
+                        .flatten(),
+                };
+                finish_version(&self.dir, &self.node, entry, start, end, prev.as_ref())?
+            }
+        };
+        if let Some(theirs) = read_version(&self.dir, entry.seq, &entry.node)? {
+            if theirs.version != ours.version {
+                let h = Halt::SplitBrain {
+                    file: entry.name(),
+                    ours: ours.version.clone(),
+                    theirs: theirs.version,
+                };
+                self.halt::<()>(h).ok();
+                return Ok(());
+            }
+        }
+        self.last_version = Some(ours);
+        Ok(())
+    }
+
+    fn halt<T>(&mut self, h: Halt) -> Result<T, LoggerError> {
+        tracing::error!(dir = %self.dir.display(), "replay stopped: {h}");
+        let msg = h.to_string();
+        self.halted = Some(h);
+        // What was applied so far is a consistent image: keep it.
+        let _ = self.persist();
+        Err(LoggerError::Corrupt(msg))
+    }
+}

@@ -1,0 +1,209 @@
+//! Replay of a primary's logfiles on another node: equal disks at the end,
+//! a prefix image after every step, growing files, corruption and split brain.
+
+use bytes::Bytes;
+use mars_logfmt::{scan_logfile, Kind, VersionBuilder};
+use mars_logger::replay::Replayer;
+use mars_logger::{list_logfiles, Config, Logger};
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+
+const SIZE: u64 = 1 << 20;
+
+/// A primary's logs after random writes; returns (primary dir, primary disk).
+fn primary_logs(root: &Path, writes: u32) -> (PathBuf, PathBuf) {
+    let disk = root.join("a.img");
+    std::fs::File::create(&disk).unwrap().set_len(SIZE).unwrap();
+    let dir = root.join("a");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = Config::new("alpha", &dir, &disk, SIZE, 7);
+    cfg.logfile_max_bytes = 64 << 10;
+    let logger = Logger::open(cfg).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    rt.block_on(async {
+        for i in 0..writes {
+            let off = rng.random_range(0..SIZE - 8192);
+            let len = rng.random_range(1..8192u64);
+            if i % 9 == 0 {
+                logger.zero(off, len, false, i % 2 == 0).await.unwrap();
+            } else {
+                logger
+                    .write(
+                        off,
+                        Bytes::from(vec![(i % 250) as u8 + 1; len as usize]),
+                        false,
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    logger.close();
+    (dir, disk)
+}
+
+/// A secondary directory holding copies of the primary's logfiles and versions.
+fn secondary(root: &Path, from: &Path) -> (PathBuf, PathBuf) {
+    let dir = root.join("b");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("log-") || name.starts_with("version-") {
+            std::fs::copy(&p, dir.join(&name)).unwrap();
+        }
+    }
+    let disk = root.join("b.img");
+    std::fs::File::create(&disk).unwrap().set_len(SIZE).unwrap();
+    (dir, disk)
+}
+
+/// The image after applying the first `n` records of all logfiles to zeroes.
+fn images(dir: &Path) -> Vec<Vec<u8>> {
+    let mut img = vec![0u8; SIZE as usize];
+    let mut out = vec![img.clone()];
+    for e in list_logfiles(dir).unwrap() {
+        let bytes = std::fs::read(&e.path).unwrap();
+        let r = scan_logfile(&bytes);
+        for rec in r.records {
+            let h = rec.header;
+            let (o, l) = (h.offset as usize, h.length as usize);
+            match h.kind {
+                Kind::Write => {
+                    let at = rec.file_offset as usize + 64;
+                    img[o..o + l].copy_from_slice(&bytes[at..at + l]);
+                }
+                _ => img[o..o + l].fill(0),
+            }
+            out.push(img.clone());
+        }
+    }
+    out
+}
+
+#[test]
+fn replay_reaches_the_primary_image_through_prefix_images_only() {
+    let root = tempfile::tempdir().unwrap();
+    let (adir, adisk) = primary_logs(root.path(), 300);
+    let (bdir, bdisk) = secondary(root.path(), &adir);
+    assert!(list_logfiles(&bdir).unwrap().len() > 3, "several logfiles");
+    let imgs = images(&bdir);
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    let mut applied = 0usize;
+    loop {
+        let o = r.step(1).unwrap(); // one record at a time
+        applied += o.records as usize;
+        let disk = std::fs::read(&bdisk).unwrap();
+        assert!(
+            disk == imgs[applied],
+            "after {applied} records the disk is not the prefix image"
+        );
+        if o.idle {
+            break;
+        }
+    }
+    assert_eq!(applied, imgs.len() - 1);
+    assert!(
+        std::fs::read(&bdisk).unwrap() == std::fs::read(&adisk).unwrap(),
+        "equal to the primary"
+    );
+    assert!(r.halted().is_none(), "versions agree: no split brain");
+    // Our versions were written and equal the origin's.
+    let seq = list_logfiles(&bdir).unwrap()[0].seq;
+    let ours = std::fs::read_to_string(bdir.join(format!("version-{seq:09}-beta"))).unwrap();
+    let theirs = std::fs::read_to_string(bdir.join(format!("version-{seq:09}-alpha"))).unwrap();
+    assert_eq!(
+        mars_logfmt::Version::from_json(&ours).unwrap().version,
+        mars_logfmt::Version::from_json(&theirs).unwrap().version
+    );
+    // Restart: resumes from the persisted position, applies nothing twice.
+    r.persist().unwrap();
+    let pos = r.position();
+    drop(r);
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    assert_eq!(r.position(), pos);
+    assert_eq!(r.step(u64::MAX).unwrap().records, 0);
+}
+
+#[test]
+fn growing_logfile_is_applied_record_by_record() {
+    let root = tempfile::tempdir().unwrap();
+    let (adir, _) = primary_logs(root.path(), 40);
+    let (bdir, bdisk) = secondary(root.path(), &adir);
+    let first = list_logfiles(&bdir).unwrap().remove(0);
+    for e in list_logfiles(&bdir).unwrap().into_iter().skip(1) {
+        std::fs::remove_file(e.path).unwrap();
+    }
+    let full = std::fs::read(&first.path).unwrap();
+    let recs = scan_logfile(&full).records;
+    assert!(recs.len() >= 3);
+    // Only part of the third record has arrived.
+    let cut = recs[2].file_offset as usize + 70;
+    std::fs::write(&first.path, &full[..cut]).unwrap();
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    let o = r.step(u64::MAX).unwrap();
+    assert_eq!((o.records, o.idle), (2, true));
+    std::fs::write(&first.path, &full).unwrap();
+    let o = r.step(u64::MAX).unwrap();
+    assert_eq!(o.records as usize, recs.len() - 2);
+}
+
+#[test]
+fn corrupt_record_halts_with_the_consistent_prefix() {
+    let root = tempfile::tempdir().unwrap();
+    let (adir, _) = primary_logs(root.path(), 40);
+    let (bdir, bdisk) = secondary(root.path(), &adir);
+    let first = list_logfiles(&bdir).unwrap().remove(0);
+    let mut bytes = std::fs::read(&first.path).unwrap();
+    let recs = scan_logfile(&bytes).records;
+    let victim = recs[3].file_offset as usize + 64 + 1;
+    bytes[victim] ^= 0x80;
+    std::fs::write(&first.path, &bytes).unwrap();
+    let imgs = images(&adir);
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    let err = r.step(u64::MAX).unwrap_err().to_string();
+    assert!(
+        err.contains(&first.name()) && err.contains("corrupt"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(&bdisk).unwrap() == imgs[3],
+        "the three good records, nothing else"
+    );
+    assert!(r.step(u64::MAX).is_err(), "stays stopped");
+}
+
+#[test]
+fn different_history_is_a_split_brain() {
+    let root = tempfile::tempdir().unwrap();
+    let (adir, _) = primary_logs(root.path(), 200);
+    let (bdir, bdisk) = secondary(root.path(), &adir);
+    // The origin claims another history for its first logfile.
+    let first = list_logfiles(&bdir).unwrap().remove(0);
+    let vpath = bdir.join(format!("version-{:09}-alpha", first.seq));
+    let v = mars_logfmt::Version::from_json(&std::fs::read_to_string(&vpath).unwrap()).unwrap();
+    let mut b = VersionBuilder::new();
+    b.update(b"another history");
+    let other = b.finish(None, &v.logfile, v.file_seq, v.start_pos, v.end_pos);
+    std::fs::write(&vpath, other.to_json()).unwrap();
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    let _ = r.step(u64::MAX);
+    assert!(
+        matches!(
+            r.halted(),
+            Some(mars_logger::replay::Halt::SplitBrain { .. })
+        ),
+        "{:?}",
+        r.halted()
+    );
+    let end_of_first = v.end_pos;
+    assert_eq!(
+        r.position(),
+        end_of_first,
+        "nothing of the next logfile applied"
+    );
+}
