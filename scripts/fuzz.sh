@@ -54,6 +54,8 @@ for t in "${targets[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"
     seeds=()
     [ -d "seeds/$t" ] && seeds=("seeds/$t")
+    # Inputs that once crashed are read first on every run: a fixed bug stays fixed.
+    [ -d "regressions/$t" ] && seeds+=("regressions/$t")
     log="$logdir/$t.log"
     echo
     echo "=== $t: ${secs}s (log: $log)"
