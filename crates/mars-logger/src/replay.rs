@@ -87,6 +87,9 @@ pub struct StepOutcome {
     pub idle: bool,
 }
 
+/// A logfile with its header, and the next logfile if there is one.
+type Located = (LogfileEntry, FileHeader, Option<(LogfileEntry, FileHeader)>);
+
 pub struct Replayer {
     dir: PathBuf,
     node: String,
@@ -171,10 +174,7 @@ impl Replayer {
     }
 
     /// The logfile holding `pos` (or starting exactly at it), its header, and the next one if any.
-    fn locate(
-        &self,
-    ) -> Result<Option<(LogfileEntry, FileHeader, Option<(LogfileEntry, FileHeader)>)>, LoggerError>
-    {
+    fn locate(&self) -> Result<Option<Located>, LoggerError> {
         let mut with_headers = Vec::new();
         for e in list_logfiles(&self.dir).map_err(|err| LoggerError::io(&self.dir, err))? {
             let f = File::open(&e.path).map_err(|err| LoggerError::io(&e.path, err))?;
