@@ -59,6 +59,13 @@ pub enum Request {
     View {
         name: Option<String>,
     },
+    JoinResource {
+        name: String,
+        disk: String,
+    },
+    LeaveResource {
+        name: String,
+    },
     LeaveCluster,
     MergeCluster {
         peer: String,
@@ -163,6 +170,9 @@ pub struct MemberView {
     /// The current logfile (extension).
     #[serde(default)]
     pub logfile: Option<String>,
+    /// Blocks the last full sync had to transfer (the others were equal) (extension).
+    #[serde(default)]
+    pub sync_blocks_transferred: u64,
     /// Last error of this member, e.g. why its disk could not be attached (extension).
     #[serde(default)]
     pub error: Option<String>,

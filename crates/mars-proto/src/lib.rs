@@ -23,6 +23,8 @@ pub const FRAME_HEADER_LEN: usize = 16;
 /// Largest payload accepted (metadata only; data moves in later kinds).
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 pub const KIND_JSON: u16 = 1;
+/// Raw bytes following a message that announces them (logfile chunks, disk blocks).
+pub const KIND_DATA: u16 = 2;
 
 #[derive(Debug, Error)]
 pub enum ProtoError {
@@ -132,6 +134,41 @@ pub enum Msg {
     },
 
     Ok,
+
+    // Replication (version 1 additions).
+    /// Primary: the log position where a full sync starts (or ends), and the device size.
+    SyncStart { res: String },
+    SyncEnd { res: String },
+    SyncInfo { pos: u64, size: u64 },
+    /// Secondary: my block at `offset` has this blake3 digest; send yours if it differs.
+    SyncBlock { res: String, offset: u64, len: u32, digest: String },
+    Same,
+    /// The block follows as a data frame.
+    BlockData { offset: u64, len: u32 },
+    /// List the logfiles (and versions) a member holds for a resource.
+    LogList { res: String },
+    Logs { files: Vec<LogFileInfo>, versions: Vec<(String, String)> },
+    /// Send up to `max` bytes of `file` from `offset`.
+    Fetch { res: String, file: String, offset: u64, max: u32 },
+    /// The chunk follows as a data frame of `len` bytes.
+    Chunk { file: String, offset: u64, len: u32 },
+}
+
+/// One logfile as listed by `Logs`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogFileInfo {
+    pub name: String,
+    pub start_pos: u64,
+    pub len: u64,
+    /// A later logfile exists: this one will not grow any more.
+    pub finished: bool,
+}
+
+/// A frame: a message, or raw data announced by the message before it.
+#[derive(Debug)]
+pub enum Frame {
+    Msg(Msg),
+    Data(Vec<u8>),
 }
 
 pub fn encode_frame(msg: &Msg) -> Vec<u8> {
@@ -149,6 +186,15 @@ pub fn encode_frame(msg: &Msg) -> Vec<u8> {
 
 /// Check a frame header; returns the payload length and stored crc.
 pub fn parse_frame_header(h: &[u8]) -> Result<(u32, u32), ProtoError> {
+    let (kind, len, crc) = parse_frame_header_kind(h)?;
+    if kind != KIND_JSON {
+        return Err(ProtoError::BadKind(kind));
+    }
+    Ok((len, crc))
+}
+
+/// Check a frame header of any kind; returns kind, payload length and stored crc.
+pub fn parse_frame_header_kind(h: &[u8]) -> Result<(u16, u32, u32), ProtoError> {
     if h.len() < FRAME_HEADER_LEN {
         return Err(ProtoError::Decode(format!(
             "short frame header: {} bytes",
@@ -165,14 +211,14 @@ pub fn parse_frame_header(h: &[u8]) -> Result<(u32, u32), ProtoError> {
         return Err(ProtoError::BadVersion(version));
     }
     let kind = u16::from_le_bytes([h[6], h[7]]);
-    if kind != KIND_JSON {
+    if kind != KIND_JSON && kind != KIND_DATA {
         return Err(ProtoError::BadKind(kind));
     }
     let len = u32_at(8);
     if len > MAX_PAYLOAD {
         return Err(ProtoError::TooLarge(len));
     }
-    Ok((len, u32_at(12)))
+    Ok((kind, len, u32_at(12)))
 }
 
 /// Decode a payload whose crc was given in the header.
@@ -203,12 +249,46 @@ pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Msg) -> Result<()
 }
 
 pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, ProtoError> {
+    match read_frame(r).await? {
+        Frame::Msg(m) => Ok(m),
+        Frame::Data(_) => Err(ProtoError::Unexpected("data frame where a message belongs".into())),
+    }
+}
+
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoError> {
     let mut h = [0u8; FRAME_HEADER_LEN];
     r.read_exact(&mut h).await?;
-    let (len, crc) = parse_frame_header(&h)?;
+    let (kind, len, crc) = parse_frame_header_kind(&h)?;
     let mut payload = vec![0u8; len as usize];
     r.read_exact(&mut payload).await?;
-    decode_payload(&payload, crc)
+    if kind == KIND_DATA {
+        if crc32c::crc32c(&payload) != crc {
+            return Err(ProtoError::BadChecksum);
+        }
+        return Ok(Frame::Data(payload));
+    }
+    decode_payload(&payload, crc).map(Frame::Msg)
+}
+
+/// Read a data frame (after a message that announced it).
+pub async fn read_data<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, ProtoError> {
+    match read_frame(r).await? {
+        Frame::Data(d) => Ok(d),
+        Frame::Msg(m) => Err(ProtoError::Unexpected(format!("message {m:?} where data belongs"))),
+    }
+}
+
+pub async fn write_data<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> Result<(), ProtoError> {
+    let mut h = Vec::with_capacity(FRAME_HEADER_LEN);
+    h.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
+    h.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    h.extend_from_slice(&KIND_DATA.to_le_bytes());
+    h.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    h.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
+    w.write_all(&h).await?;
+    w.write_all(data).await?;
+    w.flush().await?;
+    Ok(())
 }
 
 /// Client side of the handshake: send Hello, expect Welcome.

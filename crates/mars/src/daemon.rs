@@ -9,11 +9,13 @@
 
 use crate::meta::{self, ActualEntry, MemberEntry, ResEntry};
 use crate::node::{self, NodeConfig, ResourceConfig};
-use crate::peer::Peer;
+use crate::peer::{DataServer, Peer};
+use crate::secondary::{Progress, Secondary};
+use mars_proto::{write_data, write_msg, LogFileInfo, Msg};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use mars_api::{
-    ClusterView, LogView, MemberView, NodeView, PauseKind, PausedView, Request, ResourceView,
+    SyncView, ClusterView, LogView, MemberView, NodeView, PauseKind, PausedView, Request, ResourceView,
     Response, View,
 };
 use mars_logger::{Config as LoggerConfig, Logger, Status};
@@ -53,10 +55,16 @@ impl Export for LoggerExport {
         self.logger.size()
     }
     fn read(&self, offset: u64, len: u32) -> BoxFut<std::io::Result<Bytes>> {
+        if let Err(e) = self.check() {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        // Served right here when the log's index or the page cache holds the data;
+        // only a read that would wait for the device goes to a blocking thread.
+        if let Some(r) = self.logger.try_read_nonblocking(offset, len as u64) {
+            return Box::pin(std::future::ready(r));
+        }
         let logger = self.logger.clone();
-        let open = self.check();
         Box::pin(async move {
-            open?;
             tokio::task::spawn_blocking(move || logger.read(offset, len as u64))
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?
@@ -127,6 +135,22 @@ struct Actual {
     last_status: Status,
     /// What was last published as `r/<res>/a/<me>`.
     published: Option<ActualEntry>,
+    /// Running when this member is a secondary (sync, fetch, replay).
+    secondary: Option<SecondaryHandle>,
+}
+
+struct SecondaryHandle {
+    progress: Arc<parking_lot::Mutex<Progress>>,
+    stop: Arc<AtomicBool>,
+    pauses: [Arc<AtomicBool>; 3],
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SecondaryHandle {
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.task.await;
+    }
 }
 
 #[derive(Default)]
@@ -229,6 +253,15 @@ impl Daemon {
         self.remove_deleted_dirs(&desired);
         for r in desired.into_values() {
             let a = st.actual.entry(r.name.clone()).or_default();
+            // A member whose directory was never a primary's (no `applied`) is a secondary.
+            let rdir = node::resource_dir(&self.dir, &r.name);
+            if a.logger.is_none() && !rdir.join("applied").exists() {
+                self.reconcile_secondary(&r, a, &me).await;
+                continue;
+            }
+            if let Some(h) = a.secondary.take() {
+                h.stop().await;
+            }
             let want_export = r.attached && r.designated_primary.as_deref() == Some(me.as_str());
             if (!want_export || a.logger.is_none()) && a.export.is_some() {
                 self.unexport(&r.name, a);
@@ -282,6 +315,76 @@ impl Daemon {
         }
     }
 
+    async fn reconcile_secondary(&self, r: &ResourceConfig, a: &mut Actual, me: &str) {
+        let want = r.attached && r.designated_primary.as_deref() != Some(me);
+        if r.designated_primary.as_deref() == Some(me) {
+            a.error = Some(format!(
+                "{}: handover to a secondary is not implemented yet; the designated primary stays unserved",
+                r.name
+            ));
+        } else if a.error.as_deref().is_some_and(|e| e.contains("handover")) {
+            a.error = None;
+        }
+        match (&a.secondary, want) {
+            (Some(_), false) => {
+                if let Some(h) = a.secondary.take() {
+                    h.stop().await;
+                }
+            }
+            (None, true) => {
+                let progress = Arc::new(parking_lot::Mutex::new(Progress { syncing: true, sync_total: r.size, ..Default::default() }));
+                let stop = Arc::new(AtomicBool::new(false));
+                let pauses = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
+                let sec = Secondary {
+                    res: r.name.clone(),
+                    dir: node::resource_dir(&self.dir, &r.name),
+                    me: me.to_string(),
+                    disk: r.disk.clone(),
+                    size: r.size,
+                    peer: self.peer.clone(),
+                    progress: progress.clone(),
+                    stop: stop.clone(),
+                    pause_sync: pauses[0].clone(),
+                    pause_fetch: pauses[1].clone(),
+                    pause_replay: pauses[2].clone(),
+                };
+                tracing::info!(resource = %r.name, "secondary: sync, fetch and replay");
+                let task = tokio::spawn(sec.run());
+                a.secondary = Some(SecondaryHandle { progress, stop, pauses, task });
+            }
+            _ => {}
+        }
+        if let Some(h) = &a.secondary {
+            h.pauses[0].store(r.pause_sync, Ordering::Release);
+            h.pauses[1].store(r.pause_fetch, Ordering::Release);
+            h.pauses[2].store(r.pause_replay, Ordering::Release);
+        }
+        let written = primary_written(&self.peer.store.lock(), &r.name);
+        let now = Self::actual_entry_of(a, written);
+        if a.published.as_ref() != Some(&now) {
+            a.published = Some(now.clone());
+            self.peer.set(&meta::actual_key(&r.name, me), meta::to_value(&now));
+        }
+    }
+
+    /// What this member reports about itself.
+    fn actual_entry_of(a: &Actual, primary_written: u64) -> ActualEntry {
+        let Some(h) = &a.secondary else { return actual_entry(a) };
+        let p = h.progress.lock().clone();
+        let syncing = p.syncing || p.consistent_from.is_some();
+        ActualEntry {
+            role: "secondary".into(),
+            disk: if syncing { "syncing" } else { "uptodate" }.into(),
+            written: primary_written,
+            fetched: p.fetched,
+            replayed: p.replayed,
+            error: p.error.clone().or(a.error.clone()),
+            logfile: None,
+            sync: p.syncing.then_some((p.sync_done, p.sync_total)),
+            blocks_transferred: p.blocks_transferred,
+        }
+    }
+
     /// Remove local directories of resources deleted from the cluster.
     fn remove_deleted_dirs(&self, desired: &BTreeMap<String, ResourceConfig>) {
         let Ok(entries) = std::fs::read_dir(node::resources_dir(&self.dir)) else {
@@ -320,6 +423,9 @@ impl Daemon {
     }
 
     async fn stop(&self, name: &str, mut a: Actual) {
+        if let Some(h) = a.secondary.take() {
+            h.stop().await;
+        }
         self.unexport(name, &mut a);
         if let Some(l) = a.logger.take() {
             close_logger(l).await;
@@ -365,7 +471,7 @@ impl Daemon {
     }
 
     fn res_entry(&self, name: &str) -> Result<ResEntry> {
-        match meta::get::<ResEntry>(&self.peer.store.lock(), &meta::res_key(name)) {
+        match meta::resource(&self.peer.store.lock(), name) {
             Some(r) => Ok(r),
             None => bail!("unknown resource {name}"),
         }
@@ -401,19 +507,7 @@ impl Daemon {
                 })
             }
             Request::CreateResource { name, disk } => self.create_resource(&name, &disk).await,
-            Request::DeleteResource { name } => {
-                let r = self.res_entry(&name)?;
-                self.peer.delete(&meta::res_key(&name));
-                self.peer.delete(&meta::primary_key(&name));
-                for m in &r.members {
-                    self.peer.delete(&meta::member_key(&name, m));
-                    self.peer.delete(&meta::actual_key(&name, m));
-                }
-                self.reconcile().await;
-                Ok(Response::ok(format!(
-                    "resource {name} deleted (disks were left as they are)"
-                )))
-            }
+            Request::DeleteResource { name } => self.delete_resource(&name).await,
             Request::Primary { name, force } => {
                 let r = self.res_entry(&name)?;
                 let current = meta::designated_primary(&self.peer.store.lock(), &name);
@@ -502,6 +596,8 @@ impl Daemon {
                     )))
                 }
             }
+            Request::JoinResource { name, disk } => self.join_resource(&name, &disk).await,
+            Request::LeaveResource { name } => self.leave_resource(&name).await,
             Request::LeaveCluster => self.leave_cluster().await,
             Request::MergeCluster { peer } => {
                 let node = self.peer.merge_cluster(&peer).await?;
@@ -516,6 +612,80 @@ impl Daemon {
                 Ok(Response::ok(format!("{verb} {}", nodes.join(", "))))
             }
         }
+    }
+
+    async fn delete_resource(&self, name: &str) -> Result<Response> {
+        let r = self.res_entry(name)?;
+        self.peer.delete(&meta::res_key(name));
+        self.peer.delete(&meta::primary_key(name));
+        for m in &r.members {
+            self.peer.delete(&meta::membership_key(name, m));
+            self.peer.delete(&meta::member_key(name, m));
+            self.peer.delete(&meta::actual_key(name, m));
+        }
+        self.reconcile().await;
+        Ok(Response::ok(format!("resource {name} deleted (disks were left as they are)")))
+    }
+
+    async fn join_resource(self: &Arc<Self>, name: &str, disk: &str) -> Result<Response> {
+        let me = self.me().to_string();
+        let r = self.res_entry(name)?;
+        if r.members.contains(&me) {
+            bail!("{me} is already a member of {name}");
+        }
+        let disk_path = std::fs::canonicalize(disk).with_context(|| format!("disk {disk}"))?;
+        let size = mars_logger::disk::disk_size(&disk_path).with_context(|| format!("disk {}", disk_path.display()))?;
+        if size < r.size {
+            bail!("disk {} has {size} bytes, {name} needs {}", disk_path.display(), r.size);
+        }
+        if let Some(other) = self.desired().values().find(|x| x.disk == disk_path) {
+            bail!("disk {} is already used by resource {}", disk_path.display(), other.name);
+        }
+        let rdir = node::resource_dir(&self.dir, name);
+        if rdir.exists() {
+            bail!("{} exists (left over from an earlier membership?); remove it first", rdir.display());
+        }
+        std::fs::create_dir_all(&rdir).with_context(|| format!("cannot create {}", rdir.display()))?;
+        let member = MemberEntry {
+            disk: disk_path.display().to_string(),
+            attached: true,
+            connected: true,
+            pause_sync: false,
+            pause_fetch: false,
+            pause_replay: false,
+        };
+        self.peer.set(&meta::member_key(name, &me), meta::to_value(&member));
+        self.peer.set(&meta::membership_key(name, &me), serde_json::Value::Bool(true));
+        // The primary learns of the new member before this command returns.
+        let primary = meta::designated_primary(&self.peer.store.lock(), name);
+        if let Some(p) = primary.filter(|p| *p != me) {
+            self.peer.ae_with(&p, "c/").await;
+        }
+        self.reconcile().await;
+        Ok(Response::ok(format!("{me} joined {name} as a secondary; a full sync runs (see `marsadm view {name}`)")))
+    }
+
+    async fn leave_resource(self: &Arc<Self>, name: &str) -> Result<Response> {
+        let me = self.me().to_string();
+        let mut r = self.res_entry(name)?;
+        if !r.members.contains(&me) {
+            bail!("{me} is not a member of {name}");
+        }
+        let primary = meta::designated_primary(&self.peer.store.lock(), name);
+        if primary.as_deref() == Some(me.as_str()) && r.members.len() > 1 {
+            bail!("{me} is the primary of {name}; hand over first (`marsadm primary {name}` on another member)");
+        }
+        r.members.retain(|m| *m != me);
+        if r.members.is_empty() {
+            return self.delete_resource(name).await;
+        }
+        self.peer.delete(&meta::membership_key(name, &me));
+        self.peer.delete(&meta::member_key(name, &me));
+        self.peer.delete(&meta::actual_key(name, &me));
+        self.reconcile().await;
+        let rdir = node::resource_dir(&self.dir, name);
+        let _ = std::fs::remove_dir_all(&rdir);
+        Ok(Response::ok(format!("{me} left {name} (its disk was left as it is)")))
     }
 
     async fn leave_cluster(self: &Arc<Self>) -> Result<Response> {
@@ -670,13 +840,10 @@ impl Daemon {
             &meta::primary_key(name),
             serde_json::Value::String(me.clone()),
         );
+        self.peer.set(&meta::membership_key(name, &me), serde_json::Value::Bool(true));
         self.peer.set(
             &meta::res_key(name),
-            meta::to_value(&ResEntry {
-                size,
-                resource_id,
-                members: vec![me],
-            }),
+            meta::to_value(&ResEntry { size, resource_id, members: Vec::new() }),
         );
         self.reconcile_locked(&mut st, true).await;
         Ok(Response::ok(format!(
@@ -733,7 +900,7 @@ impl Daemon {
                             })
                             .unwrap_or_default();
                         let reported: Option<ActualEntry> = if m == me {
-                            a.map(actual_entry)
+                            a.map(|a| Self::actual_entry_of(a, primary_written(&store, &name)))
                         } else {
                             meta::get(&store, &meta::actual_key(&name, m))
                         };
@@ -753,7 +920,8 @@ impl Daemon {
                                 fetched: rep.fetched,
                                 replayed: rep.replayed,
                             },
-                            sync: None,
+                            sync: rep.sync.map(|(done, total)| SyncView { done, total }),
+                            sync_blocks_transferred: rep.blocks_transferred,
                             paused,
                             split_brain: false,
                             emergency: false,
@@ -796,6 +964,14 @@ impl Daemon {
     }
 }
 
+/// What the designated primary of `res` reports as durably written.
+fn primary_written(store: &mars_meta::Store, res: &str) -> u64 {
+    meta::designated_primary(store, res)
+        .and_then(|p| meta::get::<ActualEntry>(store, &meta::actual_key(res, &p)))
+        .map(|e| e.written)
+        .unwrap_or(0)
+}
+
 /// What this member reports about itself.
 fn actual_entry(a: &Actual) -> ActualEntry {
     let status = a
@@ -821,6 +997,8 @@ fn actual_entry(a: &Actual) -> ActualEntry {
         replayed: status.applied_pos,
         error: a.error.clone().or(status.failed.clone()),
         logfile: (!status.current_logfile.is_empty()).then(|| status.current_logfile.clone()),
+        sync: None,
+        blocks_transferred: 0,
     }
 }
 
@@ -839,4 +1017,125 @@ async fn close_logger(l: Arc<Logger>) -> Status {
     })
     .await
     .unwrap_or_default()
+}
+
+/// The replication messages a member answers: full sync reads from the primary's
+/// logger (newest data), logfile lists and chunks from the resource directory.
+impl DataServer for Daemon {
+    fn serve_data<'a>(
+        &'a self,
+        msg: Msg,
+        s: &'a mut tokio::net::TcpStream,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>> {
+        Box::pin(async move {
+            match self.data_reply(msg, s).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    let _ = write_msg(s, &Msg::Refused { reason: reason.clone() }).await;
+                    Err(anyhow::anyhow!(reason))
+                }
+            }
+        })
+    }
+}
+
+const MAX_CHUNK: u32 = 8 << 20;
+
+impl Daemon {
+    async fn primary_logger(&self, res: &str) -> Result<Arc<Logger>> {
+        let st = self.state.lock().await;
+        match st.actual.get(res).and_then(|a| a.logger.clone()) {
+            Some(l) => Ok(l),
+            None => bail!("{} has no attached log for {res}", self.me()),
+        }
+    }
+
+    async fn data_reply(&self, msg: Msg, s: &mut tokio::net::TcpStream) -> Result<()> {
+        match msg {
+            Msg::SyncStart { res } | Msg::SyncEnd { res } => {
+                let l = self.primary_logger(&res).await?;
+                let st = l.status();
+                write_msg(s, &Msg::SyncInfo { pos: st.logged_pos, size: l.size() }).await?;
+            }
+            Msg::SyncBlock { res, offset, len, digest } => {
+                let l = self.primary_logger(&res).await?;
+                if len > MAX_CHUNK || offset.checked_add(len as u64).is_none_or(|e| e > l.size()) {
+                    bail!("block {offset}+{len} is out of range");
+                }
+                let data = tokio::task::spawn_blocking(move || l.read(offset, len as u64)).await??;
+                if blake3::hash(&data).to_hex().as_str() == digest {
+                    write_msg(s, &Msg::Same).await?;
+                } else {
+                    write_msg(s, &Msg::BlockData { offset, len }).await?;
+                    write_data(s, &data).await?;
+                }
+            }
+            Msg::LogList { res } => {
+                self.res_entry(&res)?;
+                let dir = node::resource_dir(&self.dir, &res);
+                let (files, versions) = tokio::task::spawn_blocking(move || list_for_fetch(&dir)).await??;
+                write_msg(s, &Msg::Logs { files, versions }).await?;
+            }
+            Msg::Fetch { res, file, offset, max } => {
+                self.res_entry(&res)?;
+                if mars_logfmt::parse_logfile_name(&file).is_none() {
+                    bail!("bad logfile name {file:?}");
+                }
+                let path = node::resource_dir(&self.dir, &res).join(&file);
+                let max = max.min(MAX_CHUNK) as usize;
+                let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+                    use std::os::unix::fs::FileExt;
+                    let f = std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
+                    let mut buf = vec![0u8; max];
+                    let mut n = 0;
+                    while n < max {
+                        let k = f.read_at(&mut buf[n..], offset + n as u64)?;
+                        if k == 0 {
+                            break;
+                        }
+                        n += k;
+                    }
+                    buf.truncate(n);
+                    Ok(buf)
+                })
+                .await??;
+                write_msg(s, &Msg::Chunk { file, offset, len: data.len() as u32 }).await?;
+                write_data(s, &data).await?;
+            }
+            other => bail!("unexpected message {other:?}"),
+        }
+        Ok(())
+    }
+}
+
+/// Logfiles (with their start position and length) and version files of a resource directory.
+/// (name, JSON) of each version file.
+type VersionFiles = Vec<(String, String)>;
+
+fn list_for_fetch(dir: &Path) -> Result<(Vec<LogFileInfo>, VersionFiles)> {
+    use std::os::unix::fs::FileExt;
+    let logs = mars_logger::list_logfiles(dir)?;
+    let n = logs.len();
+    let mut files = Vec::new();
+    for (i, e) in logs.into_iter().enumerate() {
+        let f = std::fs::File::open(&e.path)?;
+        let len = f.metadata()?.len();
+        let mut h = [0u8; mars_logfmt::FILE_HEADER_LEN];
+        if f.read_exact_at(&mut h, 0).is_err() {
+            continue;
+        }
+        let Ok(header) = mars_logfmt::FileHeader::decode(&h) else { continue };
+        files.push(LogFileInfo { name: e.name(), start_pos: header.start_pos, len, finished: i + 1 < n });
+    }
+    let mut versions = Vec::new();
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("version-") {
+            if let Ok(text) = std::fs::read_to_string(e.path()) {
+                versions.push((name, text));
+            }
+        }
+    }
+    Ok((files, versions))
 }

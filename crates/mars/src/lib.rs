@@ -11,3 +11,4 @@ pub mod dumplog;
 pub mod meta;
 pub mod node;
 pub mod peer;
+pub mod secondary;

@@ -4,7 +4,8 @@
 //! |---|---|---|
 //! | `c/d/node/<node>` | cluster, desired | [`NodeEntry`]: the node is in the cluster (tombstone: it left) |
 //! | `c/d/cluster-id` | cluster, desired | cluster id this cluster adopted in a merge |
-//! | `c/d/res/<res>` | cluster, desired | [`ResEntry`]: the resource exists, its size and members |
+//! | `c/d/res/<res>` | cluster, desired | [`ResEntry`]: the resource exists, its size |
+//! | `c/d/member/<res>/<node>` | cluster, desired | `true`: the node is a member (one key per member, so concurrent joins never overwrite each other) |
 //! | `r/<res>/d/primary` | resource, desired | designated primary (node name or null) |
 //! | `r/<res>/d/member/<node>` | resource, desired | [`MemberEntry`]: that member's switches and disk |
 //! | `r/<res>/a/<node>` | resource, actual | [`ActualEntry`]: what that member reports |
@@ -22,6 +23,8 @@ pub struct NodeEntry {
 pub struct ResEntry {
     pub size: u64,
     pub resource_id: u64,
+    /// Derived from the `c/d/member/<res>/<node>` keys when read (see [`resource`]); not stored.
+    #[serde(default, skip_serializing)]
     pub members: Vec<String>,
 }
 
@@ -49,6 +52,12 @@ pub struct ActualEntry {
     pub error: Option<String>,
     #[serde(default)]
     pub logfile: Option<String>,
+    /// (done, total) bytes while a full sync runs.
+    #[serde(default)]
+    pub sync: Option<(u64, u64)>,
+    /// Blocks a full sync had to transfer (the rest were equal).
+    #[serde(default)]
+    pub blocks_transferred: u64,
 }
 
 pub const CLUSTER_ID_KEY: &str = "c/d/cluster-id";
@@ -67,6 +76,9 @@ pub fn member_key(res: &str, node: &str) -> String {
 }
 pub fn actual_key(res: &str, node: &str) -> String {
     format!("r/{res}/a/{node}")
+}
+pub fn membership_key(res: &str, node: &str) -> String {
+    format!("c/d/member/{res}/{node}")
 }
 pub fn res_prefix(res: &str) -> String {
     format!("r/{res}/")
@@ -94,16 +106,26 @@ pub fn nodes(store: &Store) -> Vec<(String, NodeEntry)> {
         .collect()
 }
 
-/// Live resources: (name, entry), by name.
+/// Live resources: (name, entry with its members), by name.
 pub fn resources(store: &Store) -> Vec<(String, ResEntry)> {
-    store
+    let names: Vec<String> = store
         .range("c/d/res/")
-        .filter_map(|(k, e)| {
-            let name = k.strip_prefix("c/d/res/")?;
-            let v: ResEntry = serde_json::from_value(e.value.clone()?).ok()?;
-            Some((name.to_string(), v))
-        })
-        .collect()
+        .filter(|(_, e)| e.value.is_some())
+        .filter_map(|(k, _)| k.strip_prefix("c/d/res/").map(str::to_string))
+        .collect();
+    names.into_iter().filter_map(|n| resource(store, &n).map(|r| (n, r))).collect()
+}
+
+/// One live resource with its members (from the membership keys), if it exists.
+pub fn resource(store: &Store, res: &str) -> Option<ResEntry> {
+    let mut r: ResEntry = get(store, &res_key(res))?;
+    let prefix = format!("c/d/member/{res}/");
+    r.members = store
+        .range(&prefix)
+        .filter(|(_, e)| e.value.is_some())
+        .filter_map(|(k, _)| k.strip_prefix(prefix.as_str()).map(str::to_string))
+        .collect();
+    Some(r)
 }
 
 pub fn designated_primary(store: &Store, res: &str) -> Option<String> {

@@ -59,6 +59,16 @@ pub struct Peer {
     dirty: AtomicBool,
     backoff: Mutex<HashMap<String, (Instant, Duration)>>,
     warned: Mutex<HashSet<SocketAddr>>,
+    data: std::sync::OnceLock<Arc<dyn DataServer>>,
+}
+
+/// Serves the replication messages (sync, log list, fetch) on a peer connection.
+pub trait DataServer: Send + Sync + 'static {
+    fn serve_data<'a>(
+        &'a self,
+        msg: Msg,
+        s: &'a mut TcpStream,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
 }
 
 pub struct PeerSetup {
@@ -107,6 +117,7 @@ impl Peer {
             dirty: AtomicBool::new(false),
             backoff: Mutex::new(HashMap::new()),
             warned: Mutex::new(HashSet::new()),
+            data: std::sync::OnceLock::new(),
         });
         // This node is in the cluster with its current addresses.
         let entry = meta::to_value(&NodeEntry {
@@ -122,6 +133,10 @@ impl Peer {
         tokio::spawn(peer.clone().ae_loop());
         peer.announce_known();
         Ok(peer)
+    }
+
+    pub fn set_data_server(&self, d: Arc<dyn DataServer>) {
+        let _ = self.data.set(d);
     }
 
     pub fn cluster_id(&self) -> String {
@@ -190,7 +205,7 @@ impl Peer {
     }
 
     pub fn members_of(&self, res: &str) -> Vec<String> {
-        meta::get::<meta::ResEntry>(&self.store.lock(), &meta::res_key(res))
+        meta::resource(&self.store.lock(), res)
             .map(|r| r.members)
             .unwrap_or_default()
     }
@@ -417,7 +432,7 @@ impl Peer {
     }
 
     /// Open a connection to `node` and complete the handshake.
-    async fn connect(&self, node: &str) -> Result<TcpStream> {
+    pub(crate) async fn connect(&self, node: &str) -> Result<TcpStream> {
         if self.is_blocked(node) {
             bail!("{node} is blocked (debug-block)");
         }
@@ -613,6 +628,21 @@ impl Peer {
                         Some(r) => r,
                         None => return Ok(()),
                     }
+                }
+                (
+                    Relation::Member,
+                    m @ (Msg::SyncStart { .. }
+                    | Msg::SyncEnd { .. }
+                    | Msg::SyncBlock { .. }
+                    | Msg::LogList { .. }
+                    | Msg::Fetch { .. }),
+                ) => {
+                    let Some(d) = self.data.get().cloned() else {
+                        write_msg(&mut s, &Msg::Refused { reason: "not ready".into() }).await?;
+                        continue;
+                    };
+                    d.serve_data(m, &mut s).await?;
+                    continue;
                 }
                 (rel, m) => {
                     let reason = match (rel, &cluster_id) {

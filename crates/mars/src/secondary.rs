@@ -1,0 +1,316 @@
+//! A secondary member: full sync from the primary, then fetch of its
+//! logfiles and replay onto the local disk.
+//!
+//! State files in the resource directory (crash-safe JSON):
+//! - `sync`: `{"format":1,"start_pos","next_offset","end_pos","done"}`. The
+//!   sync copies, block by block (1 MiB), every block whose blake3 digest
+//!   differs from the primary's current data, while the primary goes on
+//!   writing; then replay starts at `start_pos`, the primary's log position
+//!   when the sync began. The disk is `syncing` (inconsistent) until replay
+//!   has passed `end_pos`, the primary's position when the copy ended.
+//!   Resumable: `next_offset` is persisted every 64 blocks.
+//! - `replayed`: the replay position (`mars_logger::replay`).
+//!
+//! Logfiles are fetched whole (from offset 0, with their file header) into
+//! the resource directory under their origin's names, resuming at the local
+//! file length; every chunk's crc32c is checked in transit, and every
+//! record's checksum is checked by replay before it is applied.
+
+use crate::meta;
+use crate::peer::Peer;
+use anyhow::{anyhow, bail, Context, Result};
+use mars_logger::replay::Replayer;
+use mars_proto::{read_data, read_msg, write_msg, Msg};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const SYNC_BLOCK: u64 = 1 << 20;
+const FETCH_CHUNK: u32 = 4 << 20;
+const SYNC_FILE: &str = "sync";
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct SyncState {
+    format: u16,
+    start_pos: u64,
+    next_offset: u64,
+    end_pos: Option<u64>,
+    done: bool,
+}
+
+/// What the daemon shows about a secondary.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    pub syncing: bool,
+    pub sync_done: u64,
+    pub sync_total: u64,
+    /// Until replay passes this, the disk is not a consistent image.
+    pub consistent_from: Option<u64>,
+    pub fetched: u64,
+    pub replayed: u64,
+    pub error: Option<String>,
+    pub blocks_transferred: u64,
+}
+
+pub struct Secondary {
+    pub res: String,
+    pub dir: PathBuf,
+    pub me: String,
+    pub disk: PathBuf,
+    pub size: u64,
+    pub peer: Arc<Peer>,
+    pub progress: Arc<Mutex<Progress>>,
+    pub stop: Arc<AtomicBool>,
+    pub pause_sync: Arc<AtomicBool>,
+    pub pause_fetch: Arc<AtomicBool>,
+    pub pause_replay: Arc<AtomicBool>,
+}
+
+fn read_sync(dir: &std::path::Path) -> Result<Option<SyncState>> {
+    match std::fs::read(dir.join(SYNC_FILE)) {
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("{} is damaged", dir.join(SYNC_FILE).display()))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn write_sync(dir: &std::path::Path, s: &SyncState) -> Result<()> {
+    crate::node::save_json(&dir.join(SYNC_FILE), s)
+}
+
+impl Secondary {
+    pub async fn run(self) {
+        let mut replayer: Option<Replayer> = None;
+        // Until the sync state says otherwise, this disk is not a consistent image.
+        match read_sync(&self.dir) {
+            Ok(Some(sync)) if sync.done => {
+                let mut p = self.progress.lock();
+                p.syncing = false;
+                p.consistent_from = sync.end_pos;
+            }
+            Ok(Some(sync)) => {
+                let mut p = self.progress.lock();
+                p.syncing = true;
+                p.sync_done = sync.next_offset;
+                p.sync_total = self.size;
+            }
+            _ => {
+                let mut p = self.progress.lock();
+                p.syncing = true;
+                p.sync_total = self.size;
+            }
+        }
+        while !self.stop.load(Ordering::Acquire) {
+            let idle = match self.round(&mut replayer).await {
+                Ok(idle) => {
+                    self.progress.lock().error = None;
+                    idle
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    let mut p = self.progress.lock();
+                    if p.error.as_deref() != Some(msg.as_str()) {
+                        tracing::warn!(resource = %self.res, "secondary: {msg}");
+                    }
+                    p.error = Some(msg);
+                    true
+                }
+            };
+            if idle {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if let Some(mut r) = replayer {
+            let _ = tokio::task::spawn_blocking(move || r.persist()).await;
+        }
+    }
+
+    fn primary(&self) -> Result<String> {
+        let p = meta::designated_primary(&self.peer.store.lock(), &self.res).ok_or_else(|| anyhow!("no designated primary"))?;
+        if p == self.me {
+            bail!("this node is the designated primary");
+        }
+        if !self.peer.is_alive(&p) {
+            bail!("primary {p} is not reachable");
+        }
+        Ok(p)
+    }
+
+    /// One round: sync if needed, fetch what is new, replay what was fetched. Returns true when idle.
+    async fn round(&self, replayer: &mut Option<Replayer>) -> Result<bool> {
+        let mut sync = read_sync(&self.dir)?.unwrap_or(SyncState { format: 1, ..Default::default() });
+        if !sync.done {
+            if self.pause_sync.load(Ordering::Acquire) {
+                return Ok(true);
+            }
+            let primary = self.primary()?;
+            self.full_sync(&primary, &mut sync).await?;
+        }
+        let mut idle = true;
+        if !self.pause_fetch.load(Ordering::Acquire) {
+            if let Ok(primary) = self.primary() {
+                let from = replayer.as_ref().map(|r| r.position()).unwrap_or(sync.start_pos);
+                idle &= self.fetch(&primary, from).await? == 0;
+            }
+        }
+        if !self.pause_replay.load(Ordering::Acquire) {
+            let r = match replayer.take() {
+                Some(r) => r,
+                None => {
+                    let (dir, me, disk, size, start) = (self.dir.clone(), self.me.clone(), self.disk.clone(), self.size, sync.start_pos);
+                    tokio::task::spawn_blocking(move || Replayer::open(&dir, &me, &disk, size, start)).await??
+                }
+            };
+            let (r, outcome) = tokio::task::spawn_blocking(move || {
+                let mut r = r;
+                let o = r.step(64 << 20);
+                let p = r.persist();
+                (r, o.and_then(|o| p.map(|_| o)))
+            })
+            .await?;
+            let pos = r.position();
+            *replayer = Some(r);
+            let o = outcome.map_err(|e| anyhow!("{e}"))?;
+            idle &= o.idle || o.records == 0;
+            let mut p = self.progress.lock();
+            p.replayed = pos;
+            if p.consistent_from.is_some_and(|end| pos >= end) {
+                p.consistent_from = None;
+            }
+        }
+        Ok(idle)
+    }
+
+    async fn full_sync(&self, primary: &str, sync: &mut SyncState) -> Result<()> {
+        let mut s = self.peer.connect(primary).await?;
+        if sync.next_offset == 0 || sync.start_pos == 0 {
+            write_msg(&mut s, &Msg::SyncStart { res: self.res.clone() }).await?;
+            match read_msg(&mut s).await? {
+                Msg::SyncInfo { pos, size } if size == self.size => {
+                    if sync.next_offset == 0 {
+                        sync.start_pos = pos;
+                    }
+                }
+                Msg::SyncInfo { size, .. } => bail!("primary {primary} has size {size}, expected {}", self.size),
+                Msg::Refused { reason } => bail!("primary {primary} refused the sync: {reason}"),
+                other => bail!("unexpected answer to SyncStart: {other:?}"),
+            }
+            // A new sync: nothing replayed before counts.
+            let _ = std::fs::remove_file(self.dir.join(mars_logger::replay::REPLAYED_FILE));
+            write_sync(&self.dir, sync)?;
+        }
+        {
+            let mut p = self.progress.lock();
+            p.syncing = true;
+            p.sync_total = self.size;
+            p.sync_done = sync.next_offset;
+        }
+        tracing::info!(resource = %self.res, from = %primary, start_pos = sync.start_pos, offset = sync.next_offset, "full sync");
+        let disk = std::fs::OpenOptions::new().read(true).write(true).open(&self.disk).with_context(|| format!("disk {}", self.disk.display()))?;
+        let mut buf = vec![0u8; SYNC_BLOCK as usize];
+        let mut blocks = 0u64;
+        while sync.next_offset < self.size {
+            if self.stop.load(Ordering::Acquire) || self.pause_sync.load(Ordering::Acquire) {
+                write_sync(&self.dir, sync)?;
+                bail!("sync paused or stopped at offset {}", sync.next_offset);
+            }
+            let off = sync.next_offset;
+            let len = SYNC_BLOCK.min(self.size - off) as usize;
+            disk.read_exact_at(&mut buf[..len], off)?;
+            let digest = blake3::hash(&buf[..len]).to_hex().to_string();
+            write_msg(&mut s, &Msg::SyncBlock { res: self.res.clone(), offset: off, len: len as u32, digest }).await?;
+            match read_msg(&mut s).await? {
+                Msg::Same => {}
+                Msg::BlockData { offset, len: n } if offset == off && n as usize == len => {
+                    let data = read_data(&mut s).await?;
+                    if data.len() != len {
+                        bail!("primary sent {} bytes for a block of {len}", data.len());
+                    }
+                    disk.write_all_at(&data, off)?;
+                    self.progress.lock().blocks_transferred += 1;
+                }
+                Msg::Refused { reason } => bail!("primary {primary} refused: {reason}"),
+                other => bail!("unexpected answer to SyncBlock: {other:?}"),
+            }
+            sync.next_offset = off + len as u64;
+            self.progress.lock().sync_done = sync.next_offset;
+            blocks += 1;
+            if blocks.is_multiple_of(64) {
+                disk.sync_data()?;
+                write_sync(&self.dir, sync)?;
+            }
+        }
+        disk.sync_data()?;
+        write_msg(&mut s, &Msg::SyncEnd { res: self.res.clone() }).await?;
+        let end = match read_msg(&mut s).await? {
+            Msg::SyncInfo { pos, .. } => pos,
+            other => bail!("unexpected answer to SyncEnd: {other:?}"),
+        };
+        sync.end_pos = Some(end);
+        sync.done = true;
+        write_sync(&self.dir, sync)?;
+        let mut p = self.progress.lock();
+        p.syncing = false;
+        p.consistent_from = Some(end);
+        tracing::info!(resource = %self.res, end_pos = end, blocks = p.blocks_transferred, "full sync copied; replaying from its start");
+        Ok(())
+    }
+
+    /// Fetch new logfile data from the primary. Returns the bytes fetched.
+    async fn fetch(&self, primary: &str, replay_pos: u64) -> Result<u64> {
+        let mut s = self.peer.connect(primary).await?;
+        write_msg(&mut s, &Msg::LogList { res: self.res.clone() }).await?;
+        let (files, versions) = match read_msg(&mut s).await? {
+            Msg::Logs { files, versions } => (files, versions),
+            Msg::Refused { reason } => bail!("{primary} refused: {reason}"),
+            other => bail!("unexpected answer to LogList: {other:?}"),
+        };
+        for (name, json) in versions {
+            if mars_logfmt::parse_logfile_name(name.strip_prefix("version-").map(|r| format!("log-{r}")).as_deref().unwrap_or("")).is_none() {
+                continue;
+            }
+            let path = self.dir.join(&name);
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(json.as_str()) && mars_logfmt::Version::from_json(&json).is_ok() {
+                mars_logger::crashsafe::write_atomic(&path, json.as_bytes())?;
+            }
+        }
+        let mut fetched = 0u64;
+        let mut end = 0u64;
+        for f in files {
+            if mars_logfmt::parse_logfile_name(&f.name).is_none() {
+                bail!("{primary} listed a bad logfile name {:?}", f.name);
+            }
+            let file_end = f.start_pos + f.len.saturating_sub(mars_logfmt::FILE_HEADER_LEN as u64);
+            let path = self.dir.join(&f.name);
+            let mut local = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if local == 0 && file_end <= replay_pos {
+                continue; // entirely before where replay starts: not needed
+            }
+            let out = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&path)?;
+            while local < f.len {
+                write_msg(&mut s, &Msg::Fetch { res: self.res.clone(), file: f.name.clone(), offset: local, max: FETCH_CHUNK }).await?;
+                match read_msg(&mut s).await? {
+                    Msg::Chunk { offset, len, .. } if offset == local => {
+                        let data = read_data(&mut s).await?;
+                        if data.len() != len as usize || data.is_empty() {
+                            break;
+                        }
+                        out.write_all_at(&data, local)?;
+                        local += data.len() as u64;
+                        fetched += data.len() as u64;
+                    }
+                    other => bail!("unexpected answer to Fetch: {other:?}"),
+                }
+            }
+            end = end.max(f.start_pos + local.saturating_sub(mars_logfmt::FILE_HEADER_LEN as u64));
+        }
+        if end > 0 {
+            self.progress.lock().fetched = end;
+        }
+        Ok(fetched)
+    }
+}
