@@ -137,21 +137,50 @@ pub enum Msg {
 
     // Replication (version 1 additions).
     /// Primary: the log position where a full sync starts (or ends), and the device size.
-    SyncStart { res: String },
-    SyncEnd { res: String },
-    SyncInfo { pos: u64, size: u64 },
+    SyncStart {
+        res: String,
+    },
+    SyncEnd {
+        res: String,
+    },
+    SyncInfo {
+        pos: u64,
+        size: u64,
+    },
     /// Secondary: my block at `offset` has this blake3 digest; send yours if it differs.
-    SyncBlock { res: String, offset: u64, len: u32, digest: String },
+    SyncBlock {
+        res: String,
+        offset: u64,
+        len: u32,
+        digest: String,
+    },
     Same,
     /// The block follows as a data frame.
-    BlockData { offset: u64, len: u32 },
+    BlockData {
+        offset: u64,
+        len: u32,
+    },
     /// List the logfiles (and versions) a member holds for a resource.
-    LogList { res: String },
-    Logs { files: Vec<LogFileInfo>, versions: Vec<(String, String)> },
+    LogList {
+        res: String,
+    },
+    Logs {
+        files: Vec<LogFileInfo>,
+        versions: Vec<(String, String)>,
+    },
     /// Send up to `max` bytes of `file` from `offset`.
-    Fetch { res: String, file: String, offset: u64, max: u32 },
+    Fetch {
+        res: String,
+        file: String,
+        offset: u64,
+        max: u32,
+    },
     /// The chunk follows as a data frame of `len` bytes.
-    Chunk { file: String, offset: u64, len: u32 },
+    Chunk {
+        file: String,
+        offset: u64,
+        len: u32,
+    },
 }
 
 /// One logfile as listed by `Logs`.
@@ -251,7 +280,9 @@ pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Msg) -> Result<()
 pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, ProtoError> {
     match read_frame(r).await? {
         Frame::Msg(m) => Ok(m),
-        Frame::Data(_) => Err(ProtoError::Unexpected("data frame where a message belongs".into())),
+        Frame::Data(_) => Err(ProtoError::Unexpected(
+            "data frame where a message belongs".into(),
+        )),
     }
 }
 
@@ -274,7 +305,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoE
 pub async fn read_data<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, ProtoError> {
     match read_frame(r).await? {
         Frame::Data(d) => Ok(d),
-        Frame::Msg(m) => Err(ProtoError::Unexpected(format!("message {m:?} where data belongs"))),
+        Frame::Msg(m) => Err(ProtoError::Unexpected(format!(
+            "message {m:?} where data belongs"
+        ))),
     }
 }
 

@@ -113,7 +113,10 @@ pub fn resources(store: &Store) -> Vec<(String, ResEntry)> {
         .filter(|(_, e)| e.value.is_some())
         .filter_map(|(k, _)| k.strip_prefix("c/d/res/").map(str::to_string))
         .collect();
-    names.into_iter().filter_map(|n| resource(store, &n).map(|r| (n, r))).collect()
+    names
+        .into_iter()
+        .filter_map(|n| resource(store, &n).map(|r| (n, r)))
+        .collect()
 }
 
 /// One live resource with its members (from the membership keys), if it exists.

@@ -638,7 +638,13 @@ impl Peer {
                     | Msg::Fetch { .. }),
                 ) => {
                     let Some(d) = self.data.get().cloned() else {
-                        write_msg(&mut s, &Msg::Refused { reason: "not ready".into() }).await?;
+                        write_msg(
+                            &mut s,
+                            &Msg::Refused {
+                                reason: "not ready".into(),
+                            },
+                        )
+                        .await?;
                         continue;
                     };
                     d.serve_data(m, &mut s).await?;

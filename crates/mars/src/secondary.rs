@@ -54,6 +54,8 @@ pub struct Progress {
     pub replayed: u64,
     pub error: Option<String>,
     pub blocks_transferred: u64,
+    /// A replay step is running (pause-replay waits for it to end).
+    pub replaying: bool,
 }
 
 pub struct Secondary {
@@ -72,7 +74,9 @@ pub struct Secondary {
 
 fn read_sync(dir: &std::path::Path) -> Result<Option<SyncState>> {
     match std::fs::read(dir.join(SYNC_FILE)) {
-        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("{} is damaged", dir.join(SYNC_FILE).display()))?)),
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
+            format!("{} is damaged", dir.join(SYNC_FILE).display())
+        })?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -130,7 +134,8 @@ impl Secondary {
     }
 
     fn primary(&self) -> Result<String> {
-        let p = meta::designated_primary(&self.peer.store.lock(), &self.res).ok_or_else(|| anyhow!("no designated primary"))?;
+        let p = meta::designated_primary(&self.peer.store.lock(), &self.res)
+            .ok_or_else(|| anyhow!("no designated primary"))?;
         if p == self.me {
             bail!("this node is the designated primary");
         }
@@ -142,7 +147,10 @@ impl Secondary {
 
     /// One round: sync if needed, fetch what is new, replay what was fetched. Returns true when idle.
     async fn round(&self, replayer: &mut Option<Replayer>) -> Result<bool> {
-        let mut sync = read_sync(&self.dir)?.unwrap_or(SyncState { format: 1, ..Default::default() });
+        let mut sync = read_sync(&self.dir)?.unwrap_or(SyncState {
+            format: 1,
+            ..Default::default()
+        });
         if !sync.done {
             if self.pause_sync.load(Ordering::Acquire) {
                 return Ok(true);
@@ -153,25 +161,47 @@ impl Secondary {
         let mut idle = true;
         if !self.pause_fetch.load(Ordering::Acquire) {
             if let Ok(primary) = self.primary() {
-                let from = replayer.as_ref().map(|r| r.position()).unwrap_or(sync.start_pos);
+                let from = replayer
+                    .as_ref()
+                    .map(|r| r.position())
+                    .unwrap_or(sync.start_pos);
                 idle &= self.fetch(&primary, from).await? == 0;
             }
         }
-        if !self.pause_replay.load(Ordering::Acquire) {
+        // Announce the step before looking at the pause flag: pause-replay sets the flag,
+        // then waits while `replaying` is set, so it never returns while a step runs.
+        self.progress.lock().replaying = true;
+        if self.pause_replay.load(Ordering::Acquire) {
+            self.progress.lock().replaying = false;
+        } else {
             let r = match replayer.take() {
                 Some(r) => r,
                 None => {
-                    let (dir, me, disk, size, start) = (self.dir.clone(), self.me.clone(), self.disk.clone(), self.size, sync.start_pos);
-                    tokio::task::spawn_blocking(move || Replayer::open(&dir, &me, &disk, size, start)).await??
+                    let (dir, me, disk, size, start) = (
+                        self.dir.clone(),
+                        self.me.clone(),
+                        self.disk.clone(),
+                        self.size,
+                        sync.start_pos,
+                    );
+                    tokio::task::spawn_blocking(move || {
+                        Replayer::open(&dir, &me, &disk, size, start)
+                    })
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| r.map_err(anyhow::Error::from))
+                    .inspect_err(|_| self.progress.lock().replaying = false)?
                 }
             };
-            let (r, outcome) = tokio::task::spawn_blocking(move || {
+            let stepped = tokio::task::spawn_blocking(move || {
                 let mut r = r;
                 let o = r.step(64 << 20);
                 let p = r.persist();
                 (r, o.and_then(|o| p.map(|_| o)))
             })
-            .await?;
+            .await;
+            self.progress.lock().replaying = false;
+            let (r, outcome) = stepped?;
             let pos = r.position();
             *replayer = Some(r);
             let o = outcome.map_err(|e| anyhow!("{e}"))?;
@@ -188,14 +218,22 @@ impl Secondary {
     async fn full_sync(&self, primary: &str, sync: &mut SyncState) -> Result<()> {
         let mut s = self.peer.connect(primary).await?;
         if sync.next_offset == 0 || sync.start_pos == 0 {
-            write_msg(&mut s, &Msg::SyncStart { res: self.res.clone() }).await?;
+            write_msg(
+                &mut s,
+                &Msg::SyncStart {
+                    res: self.res.clone(),
+                },
+            )
+            .await?;
             match read_msg(&mut s).await? {
                 Msg::SyncInfo { pos, size } if size == self.size => {
                     if sync.next_offset == 0 {
                         sync.start_pos = pos;
                     }
                 }
-                Msg::SyncInfo { size, .. } => bail!("primary {primary} has size {size}, expected {}", self.size),
+                Msg::SyncInfo { size, .. } => {
+                    bail!("primary {primary} has size {size}, expected {}", self.size)
+                }
                 Msg::Refused { reason } => bail!("primary {primary} refused the sync: {reason}"),
                 other => bail!("unexpected answer to SyncStart: {other:?}"),
             }
@@ -210,7 +248,11 @@ impl Secondary {
             p.sync_done = sync.next_offset;
         }
         tracing::info!(resource = %self.res, from = %primary, start_pos = sync.start_pos, offset = sync.next_offset, "full sync");
-        let disk = std::fs::OpenOptions::new().read(true).write(true).open(&self.disk).with_context(|| format!("disk {}", self.disk.display()))?;
+        let disk = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.disk)
+            .with_context(|| format!("disk {}", self.disk.display()))?;
         let mut buf = vec![0u8; SYNC_BLOCK as usize];
         let mut blocks = 0u64;
         while sync.next_offset < self.size {
@@ -222,7 +264,16 @@ impl Secondary {
             let len = SYNC_BLOCK.min(self.size - off) as usize;
             disk.read_exact_at(&mut buf[..len], off)?;
             let digest = blake3::hash(&buf[..len]).to_hex().to_string();
-            write_msg(&mut s, &Msg::SyncBlock { res: self.res.clone(), offset: off, len: len as u32, digest }).await?;
+            write_msg(
+                &mut s,
+                &Msg::SyncBlock {
+                    res: self.res.clone(),
+                    offset: off,
+                    len: len as u32,
+                    digest,
+                },
+            )
+            .await?;
             match read_msg(&mut s).await? {
                 Msg::Same => {}
                 Msg::BlockData { offset, len: n } if offset == off && n as usize == len => {
@@ -245,7 +296,13 @@ impl Secondary {
             }
         }
         disk.sync_data()?;
-        write_msg(&mut s, &Msg::SyncEnd { res: self.res.clone() }).await?;
+        write_msg(
+            &mut s,
+            &Msg::SyncEnd {
+                res: self.res.clone(),
+            },
+        )
+        .await?;
         let end = match read_msg(&mut s).await? {
             Msg::SyncInfo { pos, .. } => pos,
             other => bail!("unexpected answer to SyncEnd: {other:?}"),
@@ -263,18 +320,33 @@ impl Secondary {
     /// Fetch new logfile data from the primary. Returns the bytes fetched.
     async fn fetch(&self, primary: &str, replay_pos: u64) -> Result<u64> {
         let mut s = self.peer.connect(primary).await?;
-        write_msg(&mut s, &Msg::LogList { res: self.res.clone() }).await?;
+        write_msg(
+            &mut s,
+            &Msg::LogList {
+                res: self.res.clone(),
+            },
+        )
+        .await?;
         let (files, versions) = match read_msg(&mut s).await? {
             Msg::Logs { files, versions } => (files, versions),
             Msg::Refused { reason } => bail!("{primary} refused: {reason}"),
             other => bail!("unexpected answer to LogList: {other:?}"),
         };
         for (name, json) in versions {
-            if mars_logfmt::parse_logfile_name(name.strip_prefix("version-").map(|r| format!("log-{r}")).as_deref().unwrap_or("")).is_none() {
+            if mars_logfmt::parse_logfile_name(
+                name.strip_prefix("version-")
+                    .map(|r| format!("log-{r}"))
+                    .as_deref()
+                    .unwrap_or(""),
+            )
+            .is_none()
+            {
                 continue;
             }
             let path = self.dir.join(&name);
-            if std::fs::read_to_string(&path).ok().as_deref() != Some(json.as_str()) && mars_logfmt::Version::from_json(&json).is_ok() {
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(json.as_str())
+                && mars_logfmt::Version::from_json(&json).is_ok()
+            {
                 mars_logger::crashsafe::write_atomic(&path, json.as_bytes())?;
             }
         }
@@ -290,9 +362,22 @@ impl Secondary {
             if local == 0 && file_end <= replay_pos {
                 continue; // entirely before where replay starts: not needed
             }
-            let out = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&path)?;
+            let out = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .open(&path)?;
             while local < f.len {
-                write_msg(&mut s, &Msg::Fetch { res: self.res.clone(), file: f.name.clone(), offset: local, max: FETCH_CHUNK }).await?;
+                write_msg(
+                    &mut s,
+                    &Msg::Fetch {
+                        res: self.res.clone(),
+                        file: f.name.clone(),
+                        offset: local,
+                        max: FETCH_CHUNK,
+                    },
+                )
+                .await?;
                 match read_msg(&mut s).await? {
                     Msg::Chunk { offset, len, .. } if offset == local => {
                         let data = read_data(&mut s).await?;

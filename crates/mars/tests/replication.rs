@@ -35,7 +35,9 @@ fn qemu_write(n: &Node, cmds: &[&str]) {
 }
 
 fn member<'a>(v: &'a serde_json::Value, node: &str) -> &'a serde_json::Value {
-    resource(v, "r0").and_then(|r| r["members"].as_array()?.iter().find(|m| m["node"] == node)).unwrap_or(&serde_json::Value::Null)
+    resource(v, "r0")
+        .and_then(|r| r["members"].as_array()?.iter().find(|m| m["node"] == node))
+        .unwrap_or(&serde_json::Value::Null)
 }
 
 #[test]
@@ -48,7 +50,10 @@ fn secondaries_sync_fetch_replay_and_survive_sigkill() {
     let pre: Vec<u8> = (0..size).map(|i| (i / 4096 % 251) as u8).collect();
     std::fs::write(&a_disk, &pre).unwrap();
     nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
-    qemu_write(&nodes[0], &["write -P 0x11 0 4M", "write -P 0x22 10M 1M", "flush"]);
+    qemu_write(
+        &nodes[0],
+        &["write -P 0x11 0 4M", "write -P 0x22 10M 1M", "flush"],
+    );
 
     for n in &nodes[1..] {
         n.wait_view("r0 known", |v| resource(v, "r0").is_some());
@@ -56,7 +61,10 @@ fn secondaries_sync_fetch_replay_and_survive_sigkill() {
     let b_disk = nodes[1].disk("b.img", size);
     let g_disk = nodes[2].disk("g.img", size);
     nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
-    qemu_write(&nodes[0], &["write -P 0x33 2M 3M", "write -z 20M 1M", "discard 24M 1M"]);
+    qemu_write(
+        &nodes[0],
+        &["write -P 0x33 2M 3M", "write -z 20M 1M", "discard 24M 1M"],
+    );
     nodes[2].adm_ok(&["join-resource", "r0", g_disk.to_str().unwrap()]);
     qemu_write(&nodes[0], &["write -P 0x44 30M 2M", "flush"]);
 
@@ -73,7 +81,10 @@ fn secondaries_sync_fetch_replay_and_survive_sigkill() {
     // A secondary killed mid-stream catches up after restart.
     qemu_write(&nodes[0], &["write -P 0x55 6M 2M"]);
     nodes[1].kill9();
-    qemu_write(&nodes[0], &["write -P 0x66 7M 2M", "write -P 0x77 12M 1M", "flush"]);
+    qemu_write(
+        &nodes[0],
+        &["write -P 0x66 7M 2M", "write -P 0x77 12M 1M", "flush"],
+    );
     nodes[1].start();
     nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
     let a = read(&a_disk);
@@ -100,7 +111,9 @@ fn join_with_a_nearly_equal_disk_moves_only_the_differing_blocks() {
     std::fs::write(&b_disk, &nearly).unwrap();
     nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
     nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
-    let v = nodes[1].wait_view("beta reports its sync", |v| member(v, "beta")["disk"] == "uptodate");
+    let v = nodes[1].wait_view("beta reports its sync", |v| {
+        member(v, "beta")["disk"] == "uptodate"
+    });
     assert_eq!(member(&v, "beta")["sync_blocks_transferred"], 3, "{v:#}");
     assert!(read(&b_disk) == data);
     // Refusals: joining twice, a disk too small.
@@ -109,4 +122,98 @@ fn join_with_a_nearly_equal_disk_moves_only_the_differing_blocks() {
     let small = nodes[2].disk("small.img", MIB);
     let err = nodes[2].adm_err(&["join-resource", "r0", small.to_str().unwrap()]);
     assert!(err.contains("needs"), "{err}");
+}
+
+const BLOCK: u64 = 4096;
+
+fn pattern(block: u64, generation: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(BLOCK as usize);
+    for i in 0..BLOCK / 16 {
+        v.extend_from_slice(&block.to_le_bytes());
+        v.extend_from_slice(&(generation ^ (i << 40)).to_le_bytes());
+    }
+    v
+}
+
+/// The generation a block holds (0: never written); panics on anything that is no write's content.
+fn generation_of(block: u64, data: &[u8]) -> u64 {
+    if data.iter().all(|&b| b == 0) {
+        return 0;
+    }
+    let g = u64::from_le_bytes(data[8..16].try_into().unwrap());
+    assert_eq!(
+        data,
+        &pattern(block, g)[..],
+        "block {block} holds bytes no write ever wrote (torn or foreign)"
+    );
+    g
+}
+
+/// Anytime consistency: whenever replay is paused, the secondary's disk is the
+/// primary's image after some prefix of the writes, never anything else.
+#[test]
+fn paused_secondary_always_holds_a_prefix_of_the_writes() {
+    use rand::{Rng, SeedableRng};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let nodes = cluster3();
+    let blocks = 1024u64;
+    let a_disk = nodes[0].disk("a.img", blocks * BLOCK);
+    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
+    nodes[1].wait_view("r0 known", |v| resource(v, "r0").is_some());
+    let b_disk = nodes[1].disk("b.img", blocks * BLOCK);
+    nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+
+    // sent[g-1] = block written with generation g (recorded before the write is sent).
+    let sent: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (sent, acked, stop, addr) = (
+            sent.clone(),
+            acked.clone(),
+            stop.clone(),
+            nodes[0].nbd.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut c = NbdClient::connect(&addr, "r0").unwrap();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+            while !stop.load(Ordering::Relaxed) {
+                let b = rng.random_range(0..blocks);
+                let g = {
+                    let mut s = sent.lock().unwrap();
+                    s.push(b);
+                    s.len() as u64
+                };
+                assert_eq!(c.write(b * BLOCK, &pattern(b, g), g % 50 == 0).unwrap(), 0);
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    for round in 1..=6u64 {
+        wait_for("writes", std::time::Duration::from_secs(60), || {
+            acked.load(Ordering::Relaxed) >= round * 300
+        });
+        nodes[1].adm_ok(&["pause-replay", "r0"]);
+        let disk = read(&b_disk);
+        let sent_now = sent.lock().unwrap().clone();
+        let gens: Vec<u64> = (0..blocks)
+            .map(|b| generation_of(b, &disk[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize]))
+            .collect();
+        let k = *gens.iter().max().unwrap();
+        let mut expected = vec![0u64; blocks as usize];
+        for (i, &b) in sent_now.iter().take(k as usize).enumerate() {
+            expected[b as usize] = i as u64 + 1;
+        }
+        assert_eq!(
+            gens, expected,
+            "round {round}: the secondary is not the image after the first {k} writes"
+        );
+        nodes[1].adm_ok(&["resume-replay", "r0"]);
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    assert!(read(&b_disk) == read(&a_disk));
 }
