@@ -599,6 +599,33 @@ impl Daemon {
             }
             Request::LogDelete { name } => {
                 let l = self.logger(&name).await?;
+                // Logfiles go only when every member has replayed them. The logger deletes
+                // what it has written back; so delete only when no member lags behind that.
+                let persisted = l.status().persisted_pos;
+                let lagging: Vec<String> = {
+                    let st = self.peer.store.lock();
+                    let members = meta::resource(&st, &name)
+                        .map(|r| r.members)
+                        .unwrap_or_default();
+                    members
+                        .into_iter()
+                        .filter(|m| *m != me)
+                        .filter_map(|m| {
+                            let replayed =
+                                meta::get::<ActualEntry>(&st, &meta::actual_key(&name, &m))
+                                    .map(|a| a.replayed)
+                                    .unwrap_or(0);
+                            (replayed < persisted)
+                                .then(|| format!("{m} (replayed {replayed} of {persisted})"))
+                        })
+                        .collect()
+                };
+                if !lagging.is_empty() {
+                    return Ok(Response::ok(format!(
+                        "{name}: no logfile deleted: not every member has replayed them yet: {}",
+                        lagging.join(", ")
+                    )));
+                }
                 let deleted = tokio::task::spawn_blocking(move || l.delete_applied()).await??;
                 if deleted.is_empty() {
                     Ok(Response::ok(format!("{name}: no logfile can be deleted yet (only finished, fully written back ones are)")))
@@ -1157,8 +1184,17 @@ impl Daemon {
             Msg::LogList { res } => {
                 self.res_entry(&res)?;
                 let dir = node::resource_dir(&self.dir, &res);
-                let (files, versions) =
+                let (mut files, versions) =
                     tokio::task::spawn_blocking(move || list_for_fetch(&dir)).await??;
+                // The primary's current logfile is offered only up to what is durable: a
+                // secondary never applies a write that a crash of the primary could undo.
+                if let Some((current, synced)) = self.durable_end(&res).await {
+                    for f in files.iter_mut().filter(|f| f.name == current) {
+                        let durable = mars_logfmt::FILE_HEADER_LEN as u64
+                            + synced.saturating_sub(f.start_pos);
+                        f.len = f.len.min(durable);
+                    }
+                }
                 write_msg(s, &Msg::Logs { files, versions }).await?;
             }
             Msg::Fetch {
@@ -1172,7 +1208,14 @@ impl Daemon {
                     bail!("bad logfile name {file:?}");
                 }
                 let path = node::resource_dir(&self.dir, &res).join(&file);
-                let max = max.min(MAX_CHUNK) as usize;
+                let mut max = max.min(MAX_CHUNK) as usize;
+                if let Some((_, synced)) = self.durable_end(&res).await.filter(|(c, _)| *c == file)
+                {
+                    let start = read_start_pos(&path)?;
+                    let durable =
+                        mars_logfmt::FILE_HEADER_LEN as u64 + synced.saturating_sub(start);
+                    max = max.min(durable.saturating_sub(offset) as usize);
+                }
                 let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
                     use std::os::unix::fs::FileExt;
                     let f = std::fs::File::open(&path)
@@ -1205,6 +1248,26 @@ impl Daemon {
         }
         Ok(())
     }
+}
+
+impl Daemon {
+    /// The current logfile of this node's logger for `res` and the durable log position.
+    async fn durable_end(&self, res: &str) -> Option<(String, u64)> {
+        let st = self.state.lock().await;
+        let l = st.actual.get(res)?.logger.as_ref()?;
+        let status = l.status();
+        Some((status.current_logfile, status.synced_pos))
+    }
+}
+
+fn read_start_pos(path: &Path) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    let mut h = [0u8; mars_logfmt::FILE_HEADER_LEN];
+    f.read_exact_at(&mut h, 0)?;
+    Ok(mars_logfmt::FileHeader::decode(&h)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        .start_pos)
 }
 
 /// Logfiles (with their start position and length) and version files of a resource directory.

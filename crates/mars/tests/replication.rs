@@ -116,6 +116,33 @@ fn join_with_a_nearly_equal_disk_moves_only_the_differing_blocks() {
     });
     assert_eq!(member(&v, "beta")["sync_blocks_transferred"], 3, "{v:#}");
     assert!(read(&b_disk) == data);
+    // Logfiles are deleted only once every member has replayed them.
+    nodes[1].adm_ok(&["pause-replay", "r0"]);
+    let mut c = nodes[0].nbd("r0");
+    assert_eq!(c.write(0, &[9u8; 8192], true).unwrap(), 0);
+    nodes[0].adm_ok(&["log-rotate", "r0"]);
+    let rdir = nodes[0].dir.join("resources/r0");
+    wait_for(
+        "writeback persisted",
+        std::time::Duration::from_secs(20),
+        || rdir.join("version-000000001-alpha").exists(),
+    );
+    let out = nodes[0].adm_ok(&["log-delete", "r0"]);
+    assert!(
+        out.contains("not every member") && out.contains("beta"),
+        "{out}"
+    );
+    assert!(rdir.join("log-000000001-alpha").exists());
+    nodes[1].adm_ok(&["resume-replay", "r0"]);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    wait_for(
+        "log-delete once beta replayed",
+        std::time::Duration::from_secs(30),
+        || {
+            nodes[0].adm_ok(&["log-delete", "r0"]);
+            !rdir.join("log-000000001-alpha").exists()
+        },
+    );
     // Refusals: joining twice, a disk too small.
     let err = nodes[1].adm_err(&["join-resource", "r0", b_disk.to_str().unwrap()]);
     assert!(err.contains("already a member"), "{err}");
