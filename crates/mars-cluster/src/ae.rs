@@ -37,6 +37,14 @@ fn entries(store: &Store, prefix: &str, buckets: &[u16]) -> Vec<WireEntry> {
         .collect()
 }
 
+/// Keep only entries under `prefix`: a peer cannot plant other keys through an exchange.
+fn within(prefix: &str, entries: Vec<WireEntry>) -> Vec<WireEntry> {
+    entries
+        .into_iter()
+        .filter(|w| mars_meta::scope_prefix(&w.key) == Some(prefix))
+        .collect()
+}
+
 /// Handle one anti-entropy (or push/pull) message: the reply to send, and the entries to merge.
 pub fn respond(store: &Store, msg: Msg) -> (Option<Msg>, Vec<WireEntry>) {
     match msg {
@@ -76,6 +84,7 @@ pub fn respond(store: &Store, msg: Msg) -> (Option<Msg>, Vec<WireEntry>) {
             entries: theirs,
             want,
         } => {
+            let scope = prefix.clone();
             let want: Vec<u16> = want
                 .into_iter()
                 .filter(|&b| (b as usize) < BUCKETS)
@@ -85,7 +94,7 @@ pub fn respond(store: &Store, msg: Msg) -> (Option<Msg>, Vec<WireEntry>) {
                 prefix,
                 want: Vec::new(),
             });
-            (reply, theirs)
+            (reply, within(&scope, theirs))
         }
         Msg::Push { entries } => (Some(Msg::Ok), entries),
         Msg::Pull { prefix } => {

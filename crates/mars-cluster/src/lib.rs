@@ -51,15 +51,16 @@ pub struct NodeId {
 }
 
 impl Identity for NodeId {
-    type Addr = String;
+    // foca compares addresses for every update it applies: keep that free of allocations.
+    type Addr = SocketAddr;
     fn renew(&self) -> Option<Self> {
         Some(NodeId {
             bump: self.bump.wrapping_add(1),
             ..self.clone()
         })
     }
-    fn addr(&self) -> String {
-        self.name.clone()
+    fn addr(&self) -> SocketAddr {
+        self.addr
     }
     fn win_addr_conflict(&self, adversary: &Self) -> bool {
         self.bump > adversary.bump
@@ -143,7 +144,7 @@ impl BroadcastHandler<NodeId> for MetaBroadcasts {
     fn receive_item(
         &mut self,
         data: &[u8],
-        _sender: Option<&NodeId>,
+        sender: Option<&NodeId>,
     ) -> Result<Option<BroadcastKey>, BadBroadcast> {
         let w: WireEntry = serde_json::from_slice(data).map_err(|e| BadBroadcast(e.to_string()))?;
         if !matches!(scope_of(&w.key), Some(Scope::Cluster)) {
@@ -151,6 +152,17 @@ impl BroadcastHandler<NodeId> for MetaBroadcasts {
         }
         let (key, entry) = from_wire(w);
         let stamp = entry.stamp.clone();
+        if sender.is_none() {
+            // Our own add_broadcast: the entry is already in the store; disseminate it
+            // unless a newer one replaced it meanwhile. (Found by mars-sim: without
+            // this, cluster-wide entries spread only by anti-entropy.)
+            let current = self
+                .store
+                .lock()
+                .entry(&key)
+                .is_some_and(|e| e.stamp == stamp);
+            return Ok(current.then_some(BroadcastKey { key, stamp }));
+        }
         if self.store.lock().merge(&key, entry) {
             self.changed.lock().push(key.clone());
             Ok(Some(BroadcastKey { key, stamp }))
@@ -329,6 +341,13 @@ impl Cluster {
 
     pub fn num_members(&self) -> usize {
         self.foca.num_members()
+    }
+
+    /// Retune for the cluster's size (retransmissions, suspicion timeout).
+    pub fn set_size_hint(&mut self, cfg: &ClusterConfig) {
+        if let Err(e) = self.foca.set_config(foca_config(cfg)) {
+            tracing::debug!("gossip config: {e}");
+        }
     }
 
     /// Membership updates and metadata broadcasts still queued for

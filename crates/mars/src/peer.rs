@@ -59,6 +59,7 @@ pub struct Peer {
     dirty: AtomicBool,
     backoff: Mutex<HashMap<String, (Instant, Duration)>>,
     warned: Mutex<HashSet<SocketAddr>>,
+    size_hint: std::sync::atomic::AtomicU32,
     data: std::sync::OnceLock<Arc<dyn DataServer>>,
 }
 
@@ -118,6 +119,7 @@ impl Peer {
             backoff: Mutex::new(HashMap::new()),
             warned: Mutex::new(HashSet::new()),
             data: std::sync::OnceLock::new(),
+            size_hint: std::sync::atomic::AtomicU32::new(ClusterConfig::default().size_hint),
         });
         // This node is in the cluster with its current addresses.
         let entry = meta::to_value(&NodeEntry {
@@ -289,6 +291,37 @@ impl Peer {
         }
     }
 
+    /// Announce to up to `max` of these nodes, chosen at random.
+    fn announce_to(self: &Arc<Self>, names: &[String], max: usize) {
+        use rand::seq::SliceRandom;
+        let mut targets: Vec<NodeId> = {
+            let st = self.store.lock();
+            names
+                .iter()
+                .filter_map(|n| {
+                    let e: NodeEntry = meta::get(&st, &meta::node_key(n))?;
+                    Some(NodeId {
+                        name: n.clone(),
+                        addr: e.listen.parse().ok()?,
+                        bump: 0,
+                    })
+                })
+                .collect()
+        };
+        targets.shuffle(&mut rand::rng());
+        targets.truncate(max);
+        if targets.is_empty() {
+            return;
+        }
+        {
+            let mut c = self.cluster.lock();
+            for t in targets {
+                c.announce(t);
+            }
+        }
+        self.flush_effects();
+    }
+
     fn announce_known(self: &Arc<Self>) {
         let nodes = meta::nodes(&self.store.lock());
         let mut targets: Vec<NodeId> = nodes
@@ -363,6 +396,23 @@ impl Peer {
                 .filter(|n| *n != self.me.name)
                 .collect();
             // One random live node (or, when none is known alive, one known node) for the cluster scope.
+            // Nodes we know of but do not see alive: announce to a couple of them each round
+            // (a lost announce or a missed membership update must not keep a node out for long).
+            let missing: Vec<String> = known
+                .iter()
+                .filter(|n| !live.contains(n))
+                .cloned()
+                .collect();
+            self.announce_to(&missing, 2);
+            // Retransmissions and suspicion timeouts follow the cluster's size.
+            let size = known.len() as u32 + 1;
+            if size != self.size_hint.swap(size, Ordering::AcqRel) {
+                let cfg = ClusterConfig {
+                    size_hint: size,
+                    ..ClusterConfig::default()
+                };
+                self.cluster.lock().set_size_hint(&cfg);
+            }
             let pool = if live.is_empty() { known } else { live.clone() };
             if let Some(n) = pick(&pool) {
                 let p = self.clone();
