@@ -1,0 +1,899 @@
+//! Deterministic in-process simulator of mars cluster membership and
+//! metadata dissemination.
+//!
+//! It runs the real sans-I/O state machine, [`mars_cluster::Cluster`] (foca
+//! SWIM membership plus the metadata store), for N nodes over a simulated
+//! network:
+//!
+//! - virtual time in milliseconds and one event queue whose ties are broken
+//!   by insertion order, and one seeded RNG: a run is a pure function of its
+//!   [`SimConfig`];
+//! - every [`Effect::Send`] becomes a datagram delivered to the target's
+//!   `handle_gossip` after a uniform random delay (and lost with probability
+//!   [`SimConfig::loss`]); every [`Effect::Schedule`] a timer event;
+//! - anti-entropy: every [`SimConfig::ae_interval_ms`] (jittered per node)
+//!   each node runs one [`ae`] exchange of `"c/"` with a random live member,
+//!   and one of `"r/<res>/"` with a random other member of each resource
+//!   its own store (`c/d/res/<res>`, `c/d/member/<res>/<node>`) says it
+//!   belongs to. The TCP exchange is simulated message by message with the
+//!   same delays, no loss, and its size counted as the encoded frames;
+//! - a resource write is `set` on the writer plus a `Msg::Push` to each
+//!   other member, as `marsd` does.
+//!
+//! [`run`] plays the whole scenario and returns a [`Report`]: bootstrap and
+//! convergence, a steady-state traffic window, the spread of one new
+//! cluster-wide entry and of one resource entry, and a check that resource
+//! entries never reach nodes outside the resource.
+
+mod report;
+
+pub use report::{markdown, Rates, Report, Spread, Traffic};
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mars_cluster::{ae, to_wire, Cluster, ClusterConfig, Effect, FocaTimer, NodeId};
+use mars_meta::{resource_prefix, scope_of, Scope, Stamp, Store, CLUSTER_PREFIX};
+use mars_proto::{encode_frame, Msg};
+use parking_lot::Mutex;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+/// What to simulate.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub nodes: u32,
+    pub seed: u64,
+    /// Resources, each with 2-4 distinct random member nodes.
+    pub resources: u32,
+    /// Cluster size the nodes tune foca for (retransmissions, suspicion).
+    pub size_hint: u32,
+    /// SWIM probe period; one "round".
+    pub probe_period_ms: u64,
+    /// Nodes start evenly spread over this window, from t = 0.
+    pub start_window_ms: u64,
+    /// Network delay of every datagram and TCP message: uniform in min..=max.
+    pub delay_min_ms: u64,
+    pub delay_max_ms: u64,
+    /// Probability that a datagram is lost (TCP messages are never lost).
+    pub loss: f64,
+    /// Mean interval between a node's anti-entropy rounds.
+    pub ae_interval_ms: u64,
+    /// Length of the steady-state traffic window.
+    pub steady_ms: u64,
+    /// Stop waiting for bootstrap convergence after this much virtual time.
+    pub converge_limit_ms: u64,
+    /// Stop waiting for one entry to spread after this much virtual time.
+    pub spread_limit_ms: u64,
+    /// Progress lines on stderr.
+    pub verbose: bool,
+}
+
+impl SimConfig {
+    /// The standard scenario: N nodes, N/2 resources, 500 ms probe period
+    /// (marsd's), nodes started within 1 s, 1-5 ms delay, no loss,
+    /// anti-entropy every 2 s, a 60 s steady-state window.
+    pub fn new(nodes: u32, seed: u64) -> SimConfig {
+        SimConfig {
+            nodes,
+            seed,
+            resources: (nodes / 2).max(1),
+            size_hint: nodes,
+            probe_period_ms: 500,
+            start_window_ms: 1000,
+            delay_min_ms: 1,
+            delay_max_ms: 5,
+            loss: 0.0,
+            ae_interval_ms: 2000,
+            steady_ms: 60_000,
+            converge_limit_ms: 600_000,
+            spread_limit_ms: 120_000,
+            verbose: false,
+        }
+    }
+}
+
+/// Messages and bytes one node sent, by channel.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counters {
+    gossip_msgs: u64,
+    gossip_bytes: u64,
+    ae_msgs: u64,
+    ae_bytes: u64,
+    push_msgs: u64,
+    push_bytes: u64,
+}
+
+/// The TCP traffic kinds the simulator tells apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chan {
+    AntiEntropy,
+    Push,
+}
+
+/// How a node learned an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    Gossip,
+    Tcp(Chan),
+}
+
+enum Event {
+    Start(u32),
+    Datagram {
+        to: u32,
+        data: Vec<u8>,
+    },
+    Timer {
+        node: u32,
+        timer: FocaTimer<NodeId>,
+    },
+    AeTick(u32),
+    Tcp {
+        from: u32,
+        to: u32,
+        chan: Chan,
+        msg: Msg,
+    },
+}
+
+/// An event in the queue, ordered by (time, insertion counter), earliest first.
+struct Queued {
+    at: u64,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // BinaryHeap is a max-heap: reverse to pop the earliest first.
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+struct Node {
+    cluster: Cluster,
+    started: bool,
+    /// Resources this node is a member of (the simulator's ground truth;
+    /// the node itself acts only on what its store says).
+    resources: Vec<u32>,
+    sent: Counters,
+}
+
+struct Resource {
+    name: String,
+    members: Vec<u32>,
+}
+
+/// One entry whose spread is being timed.
+struct Watch {
+    key: String,
+    stamp: Stamp,
+    since: u64,
+    target: Vec<bool>,
+    seen: Vec<bool>,
+    remaining: usize,
+    via_tcp: usize,
+    done_at: Option<u64>,
+}
+
+impl Watch {
+    fn spread(&self) -> Spread {
+        let targets = self.target.iter().filter(|&&t| t).count();
+        Spread {
+            targets,
+            reached: targets - self.remaining,
+            ms: self.done_at.map(|t| t - self.since),
+            via_tcp: self.via_tcp,
+        }
+    }
+}
+
+pub struct Sim {
+    cfg: SimConfig,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Queued>,
+    rng: StdRng,
+    nodes: Vec<Node>,
+    by_name: HashMap<String, u32>,
+    resources: Vec<Resource>,
+    res_by_name: HashMap<String, u32>,
+    watch: Option<Watch>,
+    /// Resource entries merged by a node outside the resource.
+    leaks: u64,
+    /// MemberDown notifications (no node ever fails here: all are false).
+    downs: u64,
+    events: u64,
+    last_start: u64,
+}
+
+fn node_name(i: u32) -> String {
+    format!("n{i}")
+}
+
+/// A unique, never contacted, loopback-range address per node (an identity only).
+fn node_addr(i: u32) -> SocketAddr {
+    let [_, a, b, c] = i.to_be_bytes();
+    SocketAddr::from((Ipv4Addr::new(127, a, b, c), 7000))
+}
+
+fn ms_ceil(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
+}
+
+impl Sim {
+    /// Builds the nodes and resources and schedules the node starts.
+    pub fn new(cfg: SimConfig) -> Sim {
+        assert!(cfg.nodes >= 2, "simulate at least 2 nodes");
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let ccfg = ClusterConfig {
+            size_hint: cfg.size_hint,
+            probe_period: Duration::from_millis(cfg.probe_period_ms),
+        };
+        let mut nodes = Vec::with_capacity(cfg.nodes as usize);
+        let mut by_name = HashMap::with_capacity(cfg.nodes as usize);
+        for i in 0..cfg.nodes {
+            let name = node_name(i);
+            let id = NodeId {
+                name: name.clone(),
+                addr: node_addr(i),
+                bump: 0,
+            };
+            let store = Arc::new(Mutex::new(Store::new(&name)));
+            let cluster = Cluster::new(id, store, &ccfg, rng.random());
+            nodes.push(Node {
+                cluster,
+                started: false,
+                resources: Vec::new(),
+                sent: Counters::default(),
+            });
+            by_name.insert(name, i);
+        }
+        let mut resources = Vec::with_capacity(cfg.resources as usize);
+        let mut res_by_name = HashMap::with_capacity(cfg.resources as usize);
+        for r in 0..cfg.resources {
+            let want = rng.random_range(2..=4).min(cfg.nodes as usize);
+            let mut members: Vec<u32> = Vec::with_capacity(want);
+            while members.len() < want {
+                let m = rng.random_range(0..cfg.nodes);
+                if !members.contains(&m) {
+                    members.push(m);
+                }
+            }
+            for &m in &members {
+                nodes[m as usize].resources.push(r);
+            }
+            let name = format!("vol{r}");
+            res_by_name.insert(name.clone(), r);
+            resources.push(Resource { name, members });
+        }
+        let mut sim = Sim {
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            rng,
+            nodes,
+            by_name,
+            resources,
+            res_by_name,
+            watch: None,
+            leaks: 0,
+            downs: 0,
+            events: 0,
+            last_start: 0,
+            cfg,
+        };
+        for i in 0..sim.cfg.nodes {
+            let at = u64::from(i) * sim.cfg.start_window_ms / u64::from(sim.cfg.nodes);
+            sim.last_start = at;
+            sim.schedule(at, Event::Start(i));
+        }
+        sim
+    }
+
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    fn schedule(&mut self, at: u64, event: Event) {
+        self.seq += 1;
+        self.queue.push(Queued {
+            at,
+            seq: self.seq,
+            event,
+        });
+    }
+
+    fn delay(&mut self) -> u64 {
+        self.rng
+            .random_range(self.cfg.delay_min_ms..=self.cfg.delay_max_ms)
+    }
+
+    /// Processes every event due at or before `t`; the clock ends at `t`.
+    pub fn run_until(&mut self, t: u64) {
+        while self.queue.peek().is_some_and(|q| q.at <= t) {
+            let Some(q) = self.queue.pop() else { break };
+            self.now = q.at;
+            self.events += 1;
+            self.dispatch(q.event);
+        }
+        self.now = self.now.max(t);
+    }
+
+    fn dispatch(&mut self, event: Event) {
+        match event {
+            Event::Start(i) => self.start(i),
+            Event::Datagram { to, data } => {
+                if self.nodes[to as usize].started {
+                    let node = &mut self.nodes[to as usize];
+                    node.cluster.handle_gossip(&data);
+                    let changed = node.cluster.take_changed();
+                    self.note_changes(to, &changed, Via::Gossip);
+                    self.flush(to);
+                }
+            }
+            Event::Timer { node, timer } => {
+                self.nodes[node as usize].cluster.handle_timer(timer);
+                self.flush(node);
+            }
+            Event::AeTick(i) => self.ae_tick(i),
+            Event::Tcp {
+                from,
+                to,
+                chan,
+                msg,
+            } => self.deliver_tcp(from, to, chan, msg),
+        }
+    }
+
+    fn start(&mut self, i: u32) {
+        let name = node_name(i);
+        let node = &mut self.nodes[i as usize];
+        node.started = true;
+        let addr = node_addr(i);
+        let nbd = SocketAddr::new(addr.ip(), 10809);
+        node.cluster.set(
+            &format!("c/d/node/{name}"),
+            json!({ "listen": addr.to_string(), "nbd": nbd.to_string() }),
+        );
+        // marsd's keys: every member adds its own membership key and member
+        // entry; the first member also creates the resource and is its primary.
+        for r in node.resources.clone() {
+            let res_name = self.resources[r as usize].name.clone();
+            let prefix = resource_prefix(&res_name);
+            self.nodes[i as usize]
+                .cluster
+                .set(&format!("c/d/member/{res_name}/{name}"), json!(true));
+            if self.resources[r as usize].members[0] == i {
+                self.nodes[i as usize].cluster.set(
+                    &format!("c/d/res/{res_name}"),
+                    json!({ "size": 1u64 << 30, "resource_id": r }),
+                );
+                self.write_resource_entry(i, r, &format!("{prefix}d/primary"), json!(name));
+            }
+            let member = json!({
+                "disk": format!("/dev/mars/{res_name}"),
+                "attached": true,
+                "connected": true,
+                "pause_sync": false,
+                "pause_fetch": false,
+                "pause_replay": false,
+            });
+            self.write_resource_entry(i, r, &format!("{prefix}d/member/{name}"), member);
+        }
+        if i > 0 {
+            let seed = self.rng.random_range(0..i);
+            let to = self.nodes[seed as usize].cluster.identity().clone();
+            self.nodes[i as usize].cluster.announce(to);
+        }
+        let first_ae = self.rng.random_range(0..self.cfg.ae_interval_ms);
+        self.schedule(self.now + first_ae, Event::AeTick(i));
+        self.flush(i);
+    }
+
+    /// Carries out the effects a node's state machine produced.
+    fn flush(&mut self, i: u32) {
+        for effect in self.nodes[i as usize].cluster.take_effects() {
+            match effect {
+                Effect::Send { to, data } => {
+                    let sent = &mut self.nodes[i as usize].sent;
+                    sent.gossip_msgs += 1;
+                    sent.gossip_bytes += data.len() as u64;
+                    let Some(&to) = self.by_name.get(&to.name) else {
+                        continue;
+                    };
+                    if self.cfg.loss > 0.0 && self.rng.random_bool(self.cfg.loss) {
+                        continue;
+                    }
+                    let at = self.now + self.delay();
+                    self.schedule(at, Event::Datagram { to, data });
+                }
+                Effect::Schedule { timer, after } => {
+                    self.schedule(self.now + ms_ceil(after), Event::Timer { node: i, timer });
+                }
+                Effect::Up(_) => {}
+                Effect::Down(_) => self.downs += 1,
+            }
+        }
+    }
+
+    fn send_tcp(&mut self, from: u32, to: u32, chan: Chan, msg: Msg) {
+        let bytes = encode_frame(&msg).len() as u64;
+        let sent = &mut self.nodes[from as usize].sent;
+        match chan {
+            Chan::AntiEntropy => {
+                sent.ae_msgs += 1;
+                sent.ae_bytes += bytes;
+            }
+            Chan::Push => {
+                sent.push_msgs += 1;
+                sent.push_bytes += bytes;
+            }
+        }
+        let at = self.now + self.delay();
+        self.schedule(
+            at,
+            Event::Tcp {
+                from,
+                to,
+                chan,
+                msg,
+            },
+        );
+    }
+
+    fn deliver_tcp(&mut self, from: u32, to: u32, chan: Chan, msg: Msg) {
+        if !self.nodes[to as usize].started {
+            return; // connection refused
+        }
+        let (reply, entries) = {
+            let store = self.nodes[to as usize].cluster.store().lock();
+            ae::respond(&store, msg)
+        };
+        if !entries.is_empty() {
+            let changed = self.nodes[to as usize].cluster.merge_entries(entries);
+            self.note_changes(to, &changed, Via::Tcp(chan));
+            self.flush(to);
+        }
+        if let Some(reply) = reply {
+            self.send_tcp(to, from, chan, reply);
+        }
+    }
+
+    /// One anti-entropy round of node `i`: "c/" with a random live member,
+    /// and each resource it knows it belongs to with a random other member.
+    fn ae_tick(&mut self, i: u32) {
+        let live = self.nodes[i as usize].cluster.live_members();
+        if !live.is_empty() {
+            let peer = &live[self.rng.random_range(0..live.len())];
+            if let Some(&peer) = self.by_name.get(&peer.name) {
+                let msg = ae::start(
+                    &self.nodes[i as usize].cluster.store().lock(),
+                    CLUSTER_PREFIX,
+                );
+                self.send_tcp(i, peer, Chan::AntiEntropy, msg);
+            }
+        }
+        for r in self.nodes[i as usize].resources.clone() {
+            let Some(members) = self.known_members(i, r) else {
+                continue;
+            };
+            let others: Vec<u32> = members.into_iter().filter(|&m| m != i).collect();
+            if others.is_empty() {
+                continue;
+            }
+            let peer = others[self.rng.random_range(0..others.len())];
+            let prefix = resource_prefix(&self.resources[r as usize].name);
+            let msg = ae::start(&self.nodes[i as usize].cluster.store().lock(), &prefix);
+            self.send_tcp(i, peer, Chan::AntiEntropy, msg);
+        }
+        let ae = self.cfg.ae_interval_ms;
+        let next = self.rng.random_range(ae * 4 / 5..=ae * 6 / 5);
+        self.schedule(self.now + next, Event::AeTick(i));
+    }
+
+    /// Members of resource `r` as node `i`'s store has them (`c/d/res/<res>`
+    /// and one live `c/d/member/<res>/<node>` per member, as marsd reads
+    /// them), if they include `i`.
+    fn known_members(&self, i: u32, r: u32) -> Option<Vec<u32>> {
+        let res = &self.resources[r as usize].name;
+        let store = self.nodes[i as usize].cluster.store().lock();
+        store.get(&format!("c/d/res/{res}"))?;
+        let prefix = format!("c/d/member/{res}/");
+        let members: Vec<u32> = store
+            .range(&prefix)
+            .filter(|(_, e)| e.value.is_some())
+            .filter_map(|(k, _)| self.by_name.get(k.strip_prefix(prefix.as_str())?).copied())
+            .collect();
+        members.contains(&i).then_some(members)
+    }
+
+    /// Writes a resource entry on `writer` and pushes it to the other members it knows.
+    fn write_resource_entry(
+        &mut self,
+        writer: u32,
+        r: u32,
+        key: &str,
+        value: serde_json::Value,
+    ) -> Stamp {
+        let entry = self.nodes[writer as usize].cluster.set(key, value);
+        let members = self.known_members(writer, r).unwrap_or_default();
+        for m in members.into_iter().filter(|&m| m != writer) {
+            let msg = Msg::Push {
+                entries: vec![to_wire(key, &entry)],
+            };
+            self.send_tcp(writer, m, Chan::Push, msg);
+        }
+        entry.stamp
+    }
+
+    fn is_member(&self, i: u32, res: &str) -> bool {
+        self.res_by_name
+            .get(res)
+            .is_some_and(|&r| self.resources[r as usize].members.contains(&i))
+    }
+
+    fn note_changes(&mut self, i: u32, keys: &[String], via: Via) {
+        for key in keys {
+            if let Some(Scope::Resource(res)) = scope_of(key) {
+                if !self.is_member(i, res) {
+                    self.leaks += 1;
+                }
+            }
+            let Some(w) = self.watch.as_mut() else {
+                continue;
+            };
+            if w.key != *key || w.seen[i as usize] {
+                continue;
+            }
+            let fresh = self.nodes[i as usize]
+                .cluster
+                .store()
+                .lock()
+                .entry(key)
+                .is_some_and(|e| e.stamp >= w.stamp);
+            if fresh {
+                w.seen[i as usize] = true;
+                if w.target[i as usize] {
+                    w.remaining -= 1;
+                    if via != Via::Gossip {
+                        w.via_tcp += 1;
+                    }
+                    if w.remaining == 0 {
+                        w.done_at = Some(self.now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_watch(&mut self, key: &str, stamp: Stamp, writer: u32, target: Vec<bool>) {
+        let n = self.nodes.len();
+        let mut seen = vec![false; n];
+        seen[writer as usize] = true;
+        let remaining = target
+            .iter()
+            .enumerate()
+            .filter(|&(j, &t)| t && j != writer as usize)
+            .count();
+        let done_at = (remaining == 0).then_some(self.now);
+        self.watch = Some(Watch {
+            key: key.to_string(),
+            stamp,
+            since: self.now,
+            target,
+            seen,
+            remaining,
+            via_tcp: 0,
+            done_at,
+        });
+    }
+
+    /// Runs until the watched entry reached all its targets (or the limit); returns its spread.
+    fn finish_watch(&mut self) -> Spread {
+        let limit = self.now + self.cfg.spread_limit_ms;
+        while self.watch.as_ref().is_some_and(|w| w.done_at.is_none()) && self.now < limit {
+            self.run_until(self.now + self.cfg.probe_period_ms);
+        }
+        self.watch.take().map(|w| w.spread()).unwrap_or_default()
+    }
+
+    /// How many nodes see every other node alive, and the fewest live members any node sees.
+    fn membership(&self) -> (usize, usize) {
+        let full = self.nodes.len() - 1;
+        let complete = self
+            .nodes
+            .iter()
+            .filter(|n| n.cluster.num_members() == full)
+            .count();
+        let min = self
+            .nodes
+            .iter()
+            .map(|n| n.cluster.num_members())
+            .min()
+            .unwrap_or(0);
+        (complete, min)
+    }
+
+    /// Every node's "c/" store is the same.
+    fn meta_converged(&self) -> bool {
+        let first = self.nodes[0].cluster.store().lock().digest(CLUSTER_PREFIX);
+        self.nodes
+            .iter()
+            .all(|n| n.cluster.store().lock().digest(CLUSTER_PREFIX) == first)
+    }
+
+    fn backlog(&self) -> usize {
+        self.nodes.iter().map(|n| n.cluster.backlog()).sum()
+    }
+
+    fn counters(&self) -> Vec<Counters> {
+        self.nodes.iter().map(|n| n.sent).collect()
+    }
+
+    /// Resource entries stored on nodes outside their resource.
+    fn stray_resource_entries(&self) -> u64 {
+        let mut stray = 0;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let store = node.cluster.store().lock();
+            for (key, _) in store.range("r/") {
+                if let Some(Scope::Resource(res)) = scope_of(key) {
+                    if !self.is_member(i as u32, res) {
+                        stray += 1;
+                    }
+                }
+            }
+        }
+        stray
+    }
+
+    fn log(&self, wall: &Instant, what: &str) {
+        if self.cfg.verbose {
+            eprintln!(
+                "[n={} t={:.1}s wall={:.1}s events={}] {what}",
+                self.cfg.nodes,
+                self.now as f64 / 1000.0,
+                wall.elapsed().as_secs_f64(),
+                self.events
+            );
+        }
+    }
+}
+
+/// Per-node totals sent between two snapshots.
+fn totals(before: &[Counters], after: &[Counters]) -> Traffic {
+    traffic(before, after, 1.0)
+}
+
+fn traffic(before: &[Counters], after: &[Counters], secs: f64) -> Traffic {
+    let rate = |f: fn(&Counters) -> u64| {
+        let per_node: Vec<f64> = before
+            .iter()
+            .zip(after)
+            .map(|(b, a)| {
+                if secs > 0.0 {
+                    (f(a) - f(b)) as f64 / secs
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Rates::of(&per_node)
+    };
+    Traffic {
+        secs,
+        gossip_msgs: rate(|c| c.gossip_msgs),
+        gossip_bytes: rate(|c| c.gossip_bytes),
+        ae_msgs: rate(|c| c.ae_msgs),
+        ae_bytes: rate(|c| c.ae_bytes),
+        push_msgs: rate(|c| c.push_msgs),
+    }
+}
+
+fn proc_status_mib(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Peak resident memory of this process (Linux), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    proc_status_mib("VmHWM:")
+}
+
+fn rss_mib() -> Option<f64> {
+    proc_status_mib("VmRSS:")
+}
+
+/// Plays the scenario:
+///
+/// 1. bootstrap: node i starts at i/N of the start window, writes marsd's
+///    keys — `c/d/node/<name>`; for each of its resources
+///    `c/d/member/<res>/<name>` and `r/<res>/d/member/<name>` (pushed to the
+///    members it knows); as a resource's first member also `c/d/res/<res>`
+///    and `r/<res>/d/primary` — and announces itself to a random node
+///    started before it; run until every node sees all others alive, all
+///    "c/" stores are equal and no node has anything left to retransmit
+///    (checked once per probe period);
+/// 2. steady state: count what every node sends during the window;
+/// 3. a random node sets a new cluster-wide key: time until every node has it;
+/// 4. a random member of a random resource moves its primary (set + push):
+///    time until every member has it;
+/// 5. count resource entries that ever reached a non-member.
+pub fn run(cfg: &SimConfig) -> Report {
+    let wall = Instant::now();
+    let mut sim = Sim::new(cfg.clone());
+    let period = cfg.probe_period_ms;
+
+    // 1. Bootstrap.
+    let t0 = sim.last_start;
+    let (mut members99_ms, mut members_ms, mut meta_ms, mut quiet_ms) = (None, None, None, None);
+    let mut min_members;
+    let mut t = t0;
+    let n = cfg.nodes as usize;
+    let (mut next_log, mut last_log) = (t0, Instant::now());
+    loop {
+        sim.run_until(t);
+        let elapsed = t - t0;
+        let (complete, min) = sim.membership();
+        min_members = min;
+        if members99_ms.is_none() && complete * 100 >= n * 99 {
+            members99_ms = Some(elapsed);
+        }
+        if members_ms.is_none() && complete == n {
+            members_ms = Some(elapsed);
+            sim.log(&wall, "membership converged");
+        }
+        if meta_ms.is_none() && sim.meta_converged() {
+            meta_ms = Some(elapsed);
+            sim.log(&wall, "cluster metadata converged");
+        }
+        if members_ms.is_some() && meta_ms.is_some() && sim.backlog() == 0 {
+            quiet_ms = Some(elapsed);
+            sim.log(&wall, "quiet");
+            break;
+        }
+        if elapsed >= cfg.converge_limit_ms {
+            sim.log(&wall, "bootstrap limit reached");
+            break;
+        }
+        if cfg.verbose && (t >= next_log || last_log.elapsed() > Duration::from_secs(30)) {
+            (next_log, last_log) = (t + 10_000, Instant::now());
+            let rss = rss_mib().map_or(String::new(), |m| format!(", RSS {m:.0} MiB"));
+            sim.log(
+                &wall,
+                &format!("{complete} of {n} nodes see all, fewest live members seen {min}, backlog {}{rss}", sim.backlog()),
+            );
+        }
+        t += period;
+    }
+
+    let bootstrap = totals(&vec![Counters::default(); n], &sim.counters());
+
+    // 2. Steady state.
+    let before = sim.counters();
+    sim.run_until(sim.now + cfg.steady_ms);
+    let steady = traffic(&before, &sim.counters(), cfg.steady_ms as f64 / 1000.0);
+    sim.log(&wall, "steady-state window done");
+
+    // 3. A new cluster-wide entry.
+    let writer = sim.rng.random_range(0..cfg.nodes);
+    let key = "c/d/sim/probe";
+    let entry = sim.nodes[writer as usize]
+        .cluster
+        .set(key, json!({ "written_at_ms": sim.now }));
+    sim.flush(writer);
+    sim.start_watch(key, entry.stamp, writer, vec![true; cfg.nodes as usize]);
+    let cluster_key = sim.finish_watch();
+    sim.log(&wall, "cluster-wide entry spread");
+
+    // 4. A resource entry: a member moves the primary to another member.
+    let r = sim.rng.random_range(0..cfg.resources);
+    let members = sim.resources[r as usize].members.clone();
+    let writer = members[sim.rng.random_range(0..members.len())];
+    let new_primary = *members.iter().find(|&&m| m != writer).unwrap_or(&writer);
+    let key = format!(
+        "{}d/primary",
+        resource_prefix(&sim.resources[r as usize].name)
+    );
+    let stamp = sim.write_resource_entry(writer, r, &key, json!(node_name(new_primary)));
+    let target = (0..cfg.nodes).map(|i| members.contains(&i)).collect();
+    sim.start_watch(&key, stamp, writer, target);
+    let resource_key = sim.finish_watch();
+    sim.log(&wall, "resource entry spread");
+
+    // 5. Scope check.
+    let leaks = sim.leaks + sim.stray_resource_entries();
+
+    Report {
+        nodes: cfg.nodes,
+        seed: cfg.seed,
+        resources: cfg.resources,
+        loss: cfg.loss,
+        probe_period_ms: period,
+        members_converged_99_ms: members99_ms,
+        members_converged_ms: members_ms,
+        meta_converged_ms: meta_ms,
+        quiet_ms,
+        min_members_seen: min_members,
+        bootstrap,
+        steady,
+        cluster_key,
+        resource_key,
+        leaks,
+        downs: sim.downs,
+        events: sim.events,
+        virtual_secs: sim.now as f64 / 1000.0,
+        wall_secs: wall.elapsed().as_secs_f64(),
+        peak_rss_mib: peak_rss_mib(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fifty_nodes_converge_spread_and_keep_resource_entries_among_members() {
+        let mut cfg = SimConfig::new(50, 7);
+        cfg.steady_ms = 5_000;
+        let r = run(&cfg);
+        assert!(
+            r.members_converged_ms.is_some(),
+            "membership did not converge: {r:?}"
+        );
+        assert!(
+            r.meta_converged_ms.is_some(),
+            "cluster metadata did not converge: {r:?}"
+        );
+        assert_eq!(r.cluster_key.reached, 50);
+        assert!(r.cluster_key.ms.is_some());
+        assert!(r.resource_key.targets >= 2);
+        assert_eq!(r.resource_key.reached, r.resource_key.targets);
+        assert!(r.resource_key.ms.unwrap() < 1000, "{r:?}");
+        assert_eq!(r.leaks, 0, "resource entries reached non-members");
+        assert_eq!(r.downs, 0, "no node fails, none may be declared down");
+    }
+
+    #[test]
+    fn cluster_entries_spread_by_gossip() {
+        let mut cfg = SimConfig::new(50, 7);
+        cfg.steady_ms = 5_000;
+        let r = run(&cfg);
+        assert_eq!(r.cluster_key.reached, 50);
+        assert!(
+            r.cluster_key.via_tcp < 10,
+            "{} of 49 nodes needed anti-entropy",
+            r.cluster_key.via_tcp
+        );
+        assert!(r.cluster_key.ms.unwrap() <= 2_000, "{r:?}");
+    }
+
+    #[test]
+    fn runs_are_deterministic() {
+        let mut cfg = SimConfig::new(12, 3);
+        cfg.steady_ms = 2_000;
+        let (a, b) = (run(&cfg), run(&cfg));
+        assert_eq!(a.events, b.events);
+        assert_eq!(a.members_converged_ms, b.members_converged_ms);
+        assert_eq!(a.cluster_key.ms, b.cluster_key.ms);
+        assert_eq!(a.steady.gossip_bytes.mean, b.steady.gossip_bytes.mean);
+    }
+}
