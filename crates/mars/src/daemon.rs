@@ -722,14 +722,7 @@ impl Daemon {
         }
         std::fs::create_dir_all(&rdir)
             .with_context(|| format!("cannot create {}", rdir.display()))?;
-        let member = MemberEntry {
-            disk: disk_path.display().to_string(),
-            attached: true,
-            connected: true,
-            pause_sync: false,
-            pause_fetch: false,
-            pause_replay: false,
-        };
+        let member = MemberEntry::up(&disk_path);
         self.peer
             .set(&meta::member_key(name, &me), meta::to_value(&member));
         self.peer.set(
@@ -910,14 +903,7 @@ impl Daemon {
             },
         );
         let me = self.me().to_string();
-        let member = MemberEntry {
-            disk: disk_path.display().to_string(),
-            attached: true,
-            connected: true,
-            pause_sync: false,
-            pause_fetch: false,
-            pause_replay: false,
-        };
+        let member = MemberEntry::up(&disk_path);
         self.peer
             .set(&meta::member_key(name, &me), meta::to_value(&member));
         self.peer.set(

@@ -41,6 +41,20 @@ pub struct MemberEntry {
     pub pause_replay: bool,
 }
 
+impl MemberEntry {
+    /// A new member on `disk`: attached, connected, nothing paused.
+    pub fn up(disk: &std::path::Path) -> MemberEntry {
+        MemberEntry {
+            disk: disk.display().to_string(),
+            attached: true,
+            connected: true,
+            pause_sync: false,
+            pause_fetch: false,
+            pause_replay: false,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActualEntry {
     pub role: String,

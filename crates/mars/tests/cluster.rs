@@ -5,16 +5,8 @@ use common::*;
 use mars_proto::{client_handshake, read_msg, write_msg, Msg, NodeInfo, ProtoError};
 
 fn start_cluster(names: &[&str]) -> Vec<Node> {
-    let mut first = Node::create(names[0]);
-    first.start();
-    let mut nodes = vec![first];
-    for n in &names[1..] {
-        let mut node = Node::join(n, &nodes[0]);
-        node.start();
-        nodes.push(node);
-    }
+    let nodes = common::start_cluster(names);
     for n in &nodes {
-        n.wait_view("every node alive", |v| all_alive(v, names));
         n.adm_ok(&["wait-cluster", "--timeout", "30"]);
     }
     nodes

@@ -9,19 +9,7 @@ use std::process::Command;
 const MIB: u64 = 1 << 20;
 
 fn cluster3() -> Vec<Node> {
-    let names = ["alpha", "beta", "gamma"];
-    let mut first = Node::create(names[0]);
-    first.start();
-    let mut nodes = vec![first];
-    for n in &names[1..] {
-        let mut node = Node::join(n, &nodes[0]);
-        node.start();
-        nodes.push(node);
-    }
-    for n in &nodes {
-        n.wait_view("every node alive", |v| all_alive(v, &names));
-    }
-    nodes
+    start_cluster(&["alpha", "beta", "gamma"])
 }
 
 fn qemu_write(n: &Node, cmds: &[&str]) {

@@ -421,3 +421,19 @@ pub fn resource<'a>(v: &'a serde_json::Value, name: &str) -> Option<&'a serde_js
         .iter()
         .find(|r| r["name"] == name)
 }
+
+/// Start a cluster: the first node creates it, the others join through it; waits until all see all alive.
+pub fn start_cluster(names: &[&str]) -> Vec<Node> {
+    let mut first = Node::create(names[0]);
+    first.start();
+    let mut nodes = vec![first];
+    for n in &names[1..] {
+        let mut node = Node::join(n, &nodes[0]);
+        node.start();
+        nodes.push(node);
+    }
+    for n in &nodes {
+        n.wait_view("every node alive", |v| all_alive(v, names));
+    }
+    nodes
+}
