@@ -11,7 +11,7 @@ NBD=${DEMO_NBD:-127.0.0.1:10809}
 LISTEN=${DEMO_LISTEN:-127.0.0.1:7701}
 
 cargo build --release -p mars
-BIN=$PWD/target/release
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
 export MARS_DIR=$DEMO_DIR/node
 mkdir -p "$DEMO_DIR"
 if [ ! -f "$MARS_DIR/node.json" ]; then
