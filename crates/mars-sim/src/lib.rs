@@ -11,12 +11,14 @@
 //! - every [`Effect::Send`] becomes a datagram delivered to the target's
 //!   `handle_gossip` after a uniform random delay (and lost with probability
 //!   [`SimConfig::loss`]); every [`Effect::Schedule`] a timer event;
-//! - anti-entropy: every [`SimConfig::ae_interval_ms`] (jittered per node)
-//!   each node runs one [`ae`] exchange of `"c/"` with a random live member,
-//!   and one of `"r/<res>/"` with a random other member of each resource
-//!   its own store (`c/d/res/<res>`, `c/d/member/<res>/<node>`) says it
-//!   belongs to. The TCP exchange is simulated message by message with the
-//!   same delays, no loss, and its size counted as the encoded frames;
+//! - marsd's anti-entropy loop: every [`SimConfig::ae_interval_ms`]
+//!   (jittered per node) each node announces to up to two nodes of its store
+//!   that it does not see alive, retunes foca for the store's node count,
+//!   runs one [`ae`] exchange of `"c/"` with a random live node, and one of
+//!   `"r/<res>/"` with a random other member of each resource its own store
+//!   (`c/d/res/<res>`, `c/d/member/<res>/<node>`) says it belongs to. The
+//!   TCP exchange is simulated message by message with the same delays, no
+//!   loss, and its size counted as the encoded frames;
 //! - a resource write is `set` on the writer plus a `Msg::Push` to each
 //!   other member, as `marsd` does.
 //!
@@ -30,7 +32,7 @@ mod report;
 pub use report::{markdown, Rates, Report, Spread, Traffic};
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +42,7 @@ use mars_meta::{resource_prefix, scope_of, Scope, Stamp, Store, CLUSTER_PREFIX};
 use mars_proto::{encode_frame, Msg};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
@@ -51,7 +54,9 @@ pub struct SimConfig {
     /// Resources, each with 2-4 distinct random member nodes.
     pub resources: u32,
     /// Cluster size the nodes tune foca for (retransmissions, suspicion).
-    pub size_hint: u32,
+    /// `None` does what marsd does: start from `ClusterConfig::default()` and
+    /// follow the number of nodes in the store at every anti-entropy round.
+    pub size_hint: Option<u32>,
     /// SWIM probe period; one "round".
     pub probe_period_ms: u64,
     /// Nodes start evenly spread over this window, from t = 0.
@@ -82,7 +87,7 @@ impl SimConfig {
             nodes,
             seed,
             resources: (nodes / 2).max(1),
-            size_hint: nodes,
+            size_hint: None,
             probe_period_ms: 500,
             start_window_ms: 1000,
             delay_min_ms: 1,
@@ -168,6 +173,8 @@ impl Ord for Queued {
 
 struct Node {
     cluster: Cluster,
+    /// The size foca is tuned for.
+    size_hint: u32,
     started: bool,
     /// Resources this node is a member of (the simulator's ground truth;
     /// the node itself acts only on what its store says).
@@ -243,7 +250,7 @@ impl Sim {
         assert!(cfg.nodes >= 2, "simulate at least 2 nodes");
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let ccfg = ClusterConfig {
-            size_hint: cfg.size_hint,
+            size_hint: cfg.size_hint.unwrap_or(ClusterConfig::default().size_hint),
             probe_period: Duration::from_millis(cfg.probe_period_ms),
         };
         let mut nodes = Vec::with_capacity(cfg.nodes as usize);
@@ -259,6 +266,7 @@ impl Sim {
             let cluster = Cluster::new(id, store, &ccfg, rng.random());
             nodes.push(Node {
                 cluster,
+                size_hint: ccfg.size_hint,
                 started: false,
                 resources: Vec::new(),
                 sent: Counters::default(),
@@ -476,19 +484,51 @@ impl Sim {
         }
     }
 
-    /// One anti-entropy round of node `i`: "c/" with a random live member,
-    /// and each resource it knows it belongs to with a random other member.
+    /// One round of marsd's anti-entropy loop on node `i`: announce to up
+    /// to two nodes of the store that are not seen alive, retune foca for the
+    /// store's node count, exchange "c/" with a random live node (any known
+    /// node while none is alive), and each resource the store says `i`
+    /// belongs to with a random other member.
     fn ae_tick(&mut self, i: u32) {
-        let live = self.nodes[i as usize].cluster.live_members();
-        if !live.is_empty() {
-            let peer = &live[self.rng.random_range(0..live.len())];
-            if let Some(&peer) = self.by_name.get(&peer.name) {
-                let msg = ae::start(
-                    &self.nodes[i as usize].cluster.store().lock(),
-                    CLUSTER_PREFIX,
-                );
-                self.send_tcp(i, peer, Chan::AntiEntropy, msg);
-            }
+        let live: HashSet<u32> = self.nodes[i as usize]
+            .cluster
+            .live_members()
+            .iter()
+            .filter_map(|id| self.by_name.get(&id.name).copied())
+            .collect();
+        let known = self.known_nodes(i);
+        let missing: Vec<u32> = known
+            .iter()
+            .copied()
+            .filter(|n| !live.contains(n))
+            .collect();
+        for &n in missing.choose_multiple(&mut self.rng, 2) {
+            let to = self.nodes[n as usize].cluster.identity().clone();
+            self.nodes[i as usize].cluster.announce(to);
+        }
+        let size = known.len() as u32 + 1;
+        if self.cfg.size_hint.is_none() && size != self.nodes[i as usize].size_hint {
+            let ccfg = ClusterConfig {
+                size_hint: size,
+                probe_period: Duration::from_millis(self.cfg.probe_period_ms),
+            };
+            let node = &mut self.nodes[i as usize];
+            node.cluster.set_size_hint(&ccfg);
+            node.size_hint = size;
+        }
+        self.flush(i);
+        let mut pool: Vec<u32> = if live.is_empty() {
+            known
+        } else {
+            live.into_iter().collect()
+        };
+        pool.sort_unstable(); // HashSet order is not deterministic
+        if let Some(&peer) = pool.choose(&mut self.rng) {
+            let msg = ae::start(
+                &self.nodes[i as usize].cluster.store().lock(),
+                CLUSTER_PREFIX,
+            );
+            self.send_tcp(i, peer, Chan::AntiEntropy, msg);
         }
         for r in self.nodes[i as usize].resources.clone() {
             let Some(members) = self.known_members(i, r) else {
@@ -506,6 +546,17 @@ impl Sim {
         let ae = self.cfg.ae_interval_ms;
         let next = self.rng.random_range(ae * 4 / 5..=ae * 6 / 5);
         self.schedule(self.now + next, Event::AeTick(i));
+    }
+
+    /// Other nodes with a live `c/d/node/<name>` entry in node `i`'s store.
+    fn known_nodes(&self, i: u32) -> Vec<u32> {
+        let store = self.nodes[i as usize].cluster.store().lock();
+        store
+            .range("c/d/node/")
+            .filter(|(_, e)| e.value.is_some())
+            .filter_map(|(k, _)| self.by_name.get(k.strip_prefix("c/d/node/")?).copied())
+            .filter(|&n| n != i)
+            .collect()
     }
 
     /// Members of resource `r` as node `i`'s store has them (`c/d/res/<res>`

@@ -36,7 +36,8 @@ struct Args {
     /// Resources (default: nodes / 2).
     #[arg(long)]
     resources: Option<u32>,
-    /// Cluster size the nodes tune foca for (default: --nodes; marsd uses 16 today).
+    /// Tune foca for this cluster size throughout (default: like marsd, follow the
+    /// number of nodes in the store).
     #[arg(long)]
     size_hint: Option<u32>,
     /// Length of the steady-state window, virtual seconds.
@@ -65,9 +66,7 @@ fn config(args: &Args, nodes: u32) -> SimConfig {
     if let Some(r) = args.resources {
         cfg.resources = r.max(1);
     }
-    if let Some(h) = args.size_hint {
-        cfg.size_hint = h.max(1);
-    }
+    cfg.size_hint = args.size_hint.map(|h| h.max(1));
     cfg.steady_ms = args.steady_secs * 1000;
     cfg.converge_limit_ms = args.converge_limit_secs * 1000;
     cfg.spread_limit_ms = args.spread_limit_secs * 1000;
