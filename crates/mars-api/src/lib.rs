@@ -164,6 +164,11 @@ pub struct MemberView {
     /// `written - replayed` (extension).
     #[serde(default)]
     pub lag_bytes: u64,
+    /// Seconds since the oldest write this member has not replayed was logged
+    /// by the primary, as far as this member knows; 0 when it has replayed
+    /// everything (extension).
+    #[serde(default)]
+    pub lag_seconds: f64,
     /// The local disk path (extension).
     #[serde(default)]
     pub disk_path: String,
@@ -189,6 +194,12 @@ pub struct LogView {
 pub struct SyncView {
     pub done: u64,
     pub total: u64,
+    /// Bytes per second compared so far (extension).
+    #[serde(default)]
+    pub rate: u64,
+    /// Seconds to go at that rate (extension).
+    #[serde(default)]
+    pub eta_seconds: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

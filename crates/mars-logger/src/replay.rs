@@ -336,12 +336,7 @@ impl Replayer {
             None => {
                 let prev = match self.last_version.take() {
                     Some(v) => Some(v),
-                    None => entry
-                        .seq
-                        .checked_sub(1)
-                        .map(|s| read_version(&self.dir, s, &self.node))
-                        .transpose()?
-                        .flatten(),
+                    None => self.previous_version(entry)?,
                 };
                 finish_version(&self.dir, &self.node, entry, start, end, prev.as_ref())?
             }
@@ -359,6 +354,21 @@ impl Replayer {
         }
         self.last_version = Some(ours);
         Ok(())
+    }
+
+    /// The version this node's history has before `entry`: its own version of
+    /// the previous logfile; when it never replayed that one (replay began
+    /// inside `entry`, where a full sync started), the history before is the
+    /// sync source's by construction, so the origin's version of the previous
+    /// logfile is adopted.
+    fn previous_version(&self, entry: &LogfileEntry) -> Result<Option<Version>, LoggerError> {
+        let Some(prev_seq) = entry.seq.checked_sub(1) else {
+            return Ok(None);
+        };
+        if let Some(v) = read_version(&self.dir, prev_seq, &self.node)? {
+            return Ok(Some(v));
+        }
+        read_version(&self.dir, prev_seq, &entry.node)
     }
 
     fn halt<T>(&mut self, h: Halt) -> Result<T, LoggerError> {

@@ -10,7 +10,7 @@
 use crate::meta::{self, ActualEntry, MemberEntry, ResEntry};
 use crate::node::{self, NodeConfig, ResourceConfig};
 use crate::peer::{DataServer, Peer};
-use crate::secondary::{Progress, Secondary};
+use crate::secondary::{LagClock, Progress, Secondary};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use mars_api::{
@@ -131,6 +131,8 @@ struct Actual {
     published: Option<ActualEntry>,
     /// Running when this member is a secondary (sync, fetch, replay).
     secondary: Option<SecondaryHandle>,
+    /// When the primary's written positions became known here (lag in seconds).
+    lag: LagClock,
 }
 
 struct SecondaryHandle {
@@ -367,6 +369,11 @@ impl Daemon {
             h.pauses[2].store(r.pause_replay, Ordering::Release);
         }
         let written = primary_written(&self.peer.store.lock(), &r.name);
+        a.lag.observe(written, Instant::now());
+        if let Some(h) = &a.secondary {
+            let replayed = h.progress.lock().replayed;
+            a.lag.prune(replayed);
+        }
         let now = Self::actual_entry_of(a, written);
         if a.published.as_ref() != Some(&now) {
             a.published = Some(now.clone());
@@ -381,6 +388,7 @@ impl Daemon {
             return actual_entry(a);
         };
         let p = h.progress.lock().clone();
+        let lag = a.lag.lag(p.replayed, Instant::now());
         let syncing = p.syncing || p.consistent_from.is_some();
         ActualEntry {
             role: "secondary".into(),
@@ -392,6 +400,10 @@ impl Daemon {
             logfile: None,
             sync: p.syncing.then_some((p.sync_done, p.sync_total)),
             blocks_transferred: p.blocks_transferred,
+            sync_rate: p.sync_rate,
+            split_brain: p.split_brain,
+            // Rounded to 100 ms: the entry is gossiped when it changes.
+            lag_ms: lag.as_millis() as u64 / 100 * 100,
         }
     }
 
@@ -997,10 +1009,17 @@ impl Daemon {
                                 fetched: rep.fetched,
                                 replayed: rep.replayed,
                             },
-                            sync: rep.sync.map(|(done, total)| SyncView { done, total }),
+                            sync: rep.sync.map(|(done, total)| SyncView {
+                                done,
+                                total,
+                                rate: rep.sync_rate,
+                                eta_seconds: (rep.sync_rate > 0)
+                                    .then(|| total.saturating_sub(done) / rep.sync_rate),
+                            }),
                             sync_blocks_transferred: rep.blocks_transferred,
                             paused,
-                            split_brain: false,
+                            split_brain: rep.split_brain,
+                            lag_seconds: rep.lag_ms as f64 / 1000.0,
                             emergency: false,
                             lag_bytes: rep.written.saturating_sub(rep.replayed),
                             disk_path: d.map(|d| d.disk).unwrap_or_default(),
@@ -1076,6 +1095,9 @@ fn actual_entry(a: &Actual) -> ActualEntry {
         logfile: (!status.current_logfile.is_empty()).then(|| status.current_logfile.clone()),
         sync: None,
         blocks_transferred: 0,
+        sync_rate: 0,
+        split_brain: false,
+        lag_ms: 0,
     }
 }
 

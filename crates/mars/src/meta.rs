@@ -72,6 +72,16 @@ pub struct ActualEntry {
     /// Blocks a full sync had to transfer (the rest were equal).
     #[serde(default)]
     pub blocks_transferred: u64,
+    /// Bytes per second of the running full sync.
+    #[serde(default)]
+    pub sync_rate: u64,
+    /// Replay stopped because the log does not continue this member's history.
+    #[serde(default)]
+    pub split_brain: bool,
+    /// How long the oldest write this member has not replayed has been waiting, in
+    /// milliseconds (0 when it has replayed everything it knows of).
+    #[serde(default)]
+    pub lag_ms: u64,
 }
 
 pub const CLUSTER_ID_KEY: &str = "c/d/cluster-id";

@@ -56,6 +56,43 @@ pub struct Progress {
     pub blocks_transferred: u64,
     /// A replay step is running (pause-replay waits for it to end).
     pub replaying: bool,
+    /// Replay stopped: a logfile does not continue the history applied here.
+    pub split_brain: bool,
+    /// Bytes per second of the running full sync (over the blocks compared so far).
+    pub sync_rate: u64,
+}
+
+/// Lag in seconds without comparing clocks of different nodes: remembers when
+/// this node first learned that the primary's log had reached each position.
+/// The oldest write not replayed here was logged no later than the first
+/// moment a position beyond it was known.
+#[derive(Debug, Default)]
+pub struct LagClock {
+    seen: std::collections::VecDeque<(u64, std::time::Instant)>,
+}
+
+impl LagClock {
+    pub fn observe(&mut self, written: u64, now: std::time::Instant) {
+        if self.seen.back().is_none_or(|&(w, _)| written > w) {
+            self.seen.push_back((written, now));
+        }
+    }
+
+    /// How long the oldest write not yet replayed has been known.
+    pub fn lag(&self, replayed: u64, now: std::time::Instant) -> Duration {
+        self.seen
+            .iter()
+            .find(|&&(w, _)| w > replayed)
+            .map(|&(_, t)| now.saturating_duration_since(t))
+            .unwrap_or_default()
+    }
+
+    /// Forget what was replayed; keeps at most one sample per observation round.
+    pub fn prune(&mut self, replayed: u64) {
+        while self.seen.front().is_some_and(|&(w, _)| w <= replayed) {
+            self.seen.pop_front();
+        }
+    }
 }
 
 pub struct Secondary {
@@ -203,14 +240,19 @@ impl Secondary {
             self.progress.lock().replaying = false;
             let (r, outcome) = stepped?;
             let pos = r.position();
+            {
+                let mut p = self.progress.lock();
+                if let Some(mars_logger::replay::Halt::SplitBrain { .. }) = r.halted() {
+                    p.split_brain = true;
+                }
+                p.replayed = pos;
+                if p.consistent_from.is_some_and(|end| pos >= end) {
+                    p.consistent_from = None;
+                }
+            }
             *replayer = Some(r);
             let o = outcome.map_err(|e| anyhow!("{e}"))?;
             idle &= o.idle || o.records == 0;
-            let mut p = self.progress.lock();
-            p.replayed = pos;
-            if p.consistent_from.is_some_and(|end| pos >= end) {
-                p.consistent_from = None;
-            }
         }
         Ok(idle)
     }
@@ -255,6 +297,7 @@ impl Secondary {
             .with_context(|| format!("disk {}", self.disk.display()))?;
         let mut buf = vec![0u8; SYNC_BLOCK as usize];
         let mut blocks = 0u64;
+        let (started, from) = (std::time::Instant::now(), sync.next_offset);
         while sync.next_offset < self.size {
             if self.stop.load(Ordering::Acquire) || self.pause_sync.load(Ordering::Acquire) {
                 write_sync(&self.dir, sync)?;
@@ -288,7 +331,14 @@ impl Secondary {
                 other => bail!("unexpected answer to SyncBlock: {other:?}"),
             }
             sync.next_offset = off + len as u64;
-            self.progress.lock().sync_done = sync.next_offset;
+            {
+                let mut p = self.progress.lock();
+                p.sync_done = sync.next_offset;
+                let secs = started.elapsed().as_secs_f64();
+                if secs > 0.0 {
+                    p.sync_rate = ((sync.next_offset - from) as f64 / secs) as u64;
+                }
+            }
             blocks += 1;
             if blocks.is_multiple_of(64) {
                 disk.sync_data()?;

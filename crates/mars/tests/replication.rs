@@ -232,3 +232,154 @@ fn paused_secondary_always_holds_a_prefix_of_the_writes() {
     nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
     assert!(read(&b_disk) == read(&a_disk));
 }
+
+/// A secondary that joins while the primary is in its second logfile keeps one
+/// history with it across later rotations (no false split brain), reports its
+/// lag in seconds while replay is paused, and detects a history that differs.
+#[test]
+fn midlog_sync_rotation_lag_and_split_brain() {
+    let nodes = start_cluster(&["alpha", "beta"]);
+    let size = 8 * MIB;
+    let a_disk = nodes[0].disk("a.img", size);
+    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
+    let mut c = nodes[0].nbd("r0");
+    assert_eq!(c.write(0, &[1u8; 65536], true).unwrap(), 0);
+    nodes[0].adm_ok(&["log-rotate", "r0"]);
+    assert_eq!(c.write(MIB, &[2u8; 65536], true).unwrap(), 0);
+
+    nodes[1].wait_view("r0 known", |v| resource(v, "r0").is_some());
+    let b_disk = nodes[1].disk("b.img", size);
+    nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    for round in 0..3u8 {
+        assert_eq!(c.write(2 * MIB, &[3 + round; 65536], true).unwrap(), 0);
+        nodes[0].adm_ok(&["log-rotate", "r0"]);
+    }
+    assert_eq!(c.write(3 * MIB, &[9u8; 4096], true).unwrap(), 0);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    let v = nodes[1].wait_view("beta replayed everything", |v| {
+        member(v, "beta")["lag_bytes"] == 0 && member(v, "beta")["disk"] == "uptodate"
+    });
+    assert_eq!(member(&v, "beta")["split_brain"], false, "{v:#}");
+    assert!(member(&v, "beta")["error"].is_null(), "{v:#}");
+    assert!(read(&b_disk) == read(&a_disk));
+
+    // Lag in seconds grows while replay is paused, and is 0 again after catching up.
+    nodes[1].adm_ok(&["pause-replay", "r0"]);
+    assert_eq!(c.write(4 * MIB, &[10u8; 65536], true).unwrap(), 0);
+    let v = nodes[1].wait_view("beta lags by a second", |v| {
+        member(v, "beta")["lag_seconds"].as_f64().unwrap_or(0.0) >= 1.0
+    });
+    assert!(
+        member(&v, "beta")["lag_bytes"].as_u64().unwrap() > 0,
+        "{v:#}"
+    );
+    nodes[1].adm_ok(&["resume-replay", "r0"]);
+    nodes[1].wait_view("beta caught up", |v| {
+        member(v, "beta")["lag_seconds"] == 0.0 && member(v, "beta")["lag_bytes"] == 0
+    });
+
+    // The primary's history changes under beta (a version that does not continue
+    // beta's): beta stops replaying before that logfile and says split brain.
+    nodes[1].adm_ok(&["pause-replay", "r0"]);
+    assert_eq!(c.write(5 * MIB, &[11u8; 65536], true).unwrap(), 0);
+    let v = nodes[0].view_json();
+    let current = member(&v, "alpha")["logfile"].as_str().unwrap().to_string();
+    nodes[0].adm_ok(&["log-rotate", "r0"]);
+    assert_eq!(c.write(6 * MIB, &[12u8; 65536], true).unwrap(), 0);
+    let seq = current
+        .trim_start_matches("log-")
+        .split('-')
+        .next()
+        .unwrap();
+    let vfile = nodes[0]
+        .dir
+        .join(format!("resources/r0/version-{seq}-alpha"));
+    wait_for("version file", std::time::Duration::from_secs(20), || {
+        vfile.exists()
+    });
+    let text = std::fs::read_to_string(&vfile).unwrap();
+    let real = mars_logfmt::Version::from_json(&text).unwrap();
+    let mut other = mars_logfmt::VersionBuilder::new();
+    other.update(b"a history beta never saw");
+    let forged = other.finish(
+        None,
+        &real.logfile,
+        real.file_seq,
+        real.start_pos,
+        real.end_pos,
+    );
+    std::fs::write(&vfile, forged.to_json()).unwrap();
+    let before = read(&b_disk);
+    nodes[1].adm_ok(&["resume-replay", "r0"]);
+    let v = nodes[1].wait_view("beta reports split brain", |v| {
+        member(v, "beta")["split_brain"] == true
+    });
+    let err = member(&v, "beta")["error"].as_str().unwrap_or("");
+    assert!(err.contains("split brain"), "{v:#}");
+    let after = read(&b_disk);
+    assert_eq!(
+        &after[(6 * MIB) as usize..(6 * MIB + 65536) as usize],
+        &before[(6 * MIB) as usize..(6 * MIB + 65536) as usize],
+        "nothing of the diverging logfile's successor was applied"
+    );
+    let human = nodes[1].adm_ok(&["view"]);
+    assert!(human.contains("SPLIT-BRAIN"), "{human}");
+}
+
+/// A bit flipped in a secondary's copy of a logfile: the record is not applied,
+/// replay stops before it, and the member reports where.
+#[test]
+fn bit_flip_in_a_fetched_logfile_is_detected_and_not_replayed() {
+    let nodes = start_cluster(&["alpha", "beta"]);
+    let size = 8 * MIB;
+    let a_disk = nodes[0].disk("a.img", size);
+    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
+    nodes[1].wait_view("r0 known", |v| resource(v, "r0").is_some());
+    let b_disk = nodes[1].disk("b.img", size);
+    nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    nodes[1].adm_ok(&["pause-replay", "r0"]);
+    let mut c = nodes[0].nbd("r0");
+    assert_eq!(c.write(0, &[7u8; 65536], true).unwrap(), 0);
+    assert_eq!(c.write(MIB, &[8u8; 65536], true).unwrap(), 0);
+    let written = nodes[0].view_json();
+    let written = member(&written, "alpha")["log"]["written"]
+        .as_u64()
+        .unwrap();
+    let v = nodes[1].wait_view("beta fetched both writes", |v| {
+        member(v, "beta")["log"]["fetched"].as_u64().unwrap_or(0) >= written
+    });
+    let logfile = member(&nodes[0].view_json(), "alpha")["logfile"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = nodes[1].dir.join("resources/r0").join(&logfile);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() - 1000; // inside the second write's payload
+    bytes[at] ^= 0x04;
+    std::fs::write(&path, &bytes).unwrap();
+    let replayed_before = member(&v, "beta")["log"]["replayed"].as_u64().unwrap();
+    nodes[1].adm_ok(&["resume-replay", "r0"]);
+    let v = nodes[1].wait_view("beta reports the corrupt record", |v| {
+        member(v, "beta")["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("corrupt"))
+    });
+    let err = member(&v, "beta")["error"].as_str().unwrap();
+    assert!(err.contains(&logfile), "the error names the file: {err}");
+    let b = read(&b_disk);
+    assert!(
+        b[..65536].iter().all(|&x| x == 7),
+        "the intact first write was applied"
+    );
+    assert!(
+        b[MIB as usize..(MIB + 65536) as usize]
+            .iter()
+            .all(|&x| x == 0),
+        "the corrupt second write was not applied"
+    );
+    let replayed = member(&v, "beta")["log"]["replayed"].as_u64().unwrap();
+    assert!(replayed > replayed_before && replayed < written, "{v:#}");
+    assert_eq!(member(&v, "beta")["split_brain"], false);
+}

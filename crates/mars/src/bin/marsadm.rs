@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use mars::control::call;
 use mars_api::{PauseKind, Request, Response, View};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -319,15 +320,26 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
                 },
                 other => bail!("unknown condition {other:?}: use uptodate, primary or synced"),
             };
-            wait(timeout, &format!("{res} {condition}"), || {
+            // On a terminal, show the slowest running sync as a progress bar.
+            let mut bar = std::io::stderr()
+                .is_terminal()
+                .then(|| ProgressBar::new(&res));
+            let out = wait(timeout, &format!("{res} {condition}"), || {
                 let v = get_view(dir, Some(res.clone()))?;
                 let r = v
                     .resources
                     .iter()
                     .find(|r| r.name == res)
                     .ok_or_else(|| anyhow::anyhow!("unknown resource {res}"))?;
+                if let Some(b) = bar.as_mut() {
+                    b.show(r);
+                }
                 Ok(check(&v, r))
-            })
+            });
+            if let Some(b) = bar {
+                b.finish();
+            }
+            out
         }
         Cmd::DumpLog { file, data } => {
             let (text, damaged) = mars::dumplog::dump(&file, data)?;
@@ -361,6 +373,56 @@ fn wait(timeout_s: f64, what: &str, mut check: impl FnMut() -> Result<bool>) -> 
             bail!("timed out after {timeout_s} s waiting for {what}");
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One line on stderr, redrawn in place: sync progress with rate and ETA, or replay lag.
+struct ProgressBar {
+    res: String,
+    drawn: bool,
+}
+
+impl ProgressBar {
+    fn new(res: &str) -> ProgressBar {
+        ProgressBar {
+            res: res.to_string(),
+            drawn: false,
+        }
+    }
+
+    fn show(&mut self, r: &mars_api::ResourceView) {
+        let syncing = r
+            .members
+            .iter()
+            .filter_map(|m| m.sync.map(|s| (m, s)))
+            .min_by_key(|(_, s)| s.done * 1000 / s.total.max(1));
+        let line = if let Some((m, s)) = syncing {
+            let frac = s.done as f64 / s.total.max(1) as f64;
+            let filled = (frac * 30.0) as usize;
+            format!(
+                "{} sync {:<8} [{}{}] {:5.1}% {}/s ETA {}",
+                self.res,
+                m.node,
+                "#".repeat(filled),
+                "-".repeat(30 - filled.min(30)),
+                frac * 100.0,
+                human(s.rate),
+                s.eta_seconds
+                    .map(|e| format!("{e}s"))
+                    .unwrap_or_else(|| "?".into())
+            )
+        } else {
+            let lag = r.members.iter().map(|m| m.lag_bytes).max().unwrap_or(0);
+            format!("{} lag {}", self.res, human(lag))
+        };
+        eprint!("\r\x1b[2K{line}");
+        self.drawn = true;
+    }
+
+    fn finish(self) {
+        if self.drawn {
+            eprintln!();
+        }
     }
 }
 
@@ -423,7 +485,17 @@ fn render(v: &View) -> String {
                 }
             }
             if let Some(s) = &m.sync {
-                flags.push(format!("sync {}/{}", human(s.done), human(s.total)));
+                let mut f = format!("sync {}/{}", human(s.done), human(s.total));
+                if s.rate > 0 {
+                    f.push_str(&format!(" at {}/s", human(s.rate)));
+                }
+                if let Some(eta) = s.eta_seconds {
+                    f.push_str(&format!(" ETA {eta}s"));
+                }
+                flags.push(f);
+            }
+            if m.lag_seconds > 0.0 {
+                flags.push(format!("lag {:.1}s", m.lag_seconds));
             }
             if let Some(e) = &m.error {
                 flags.push(format!("error: {e}"));
