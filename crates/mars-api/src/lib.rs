@@ -53,6 +53,10 @@ pub enum Request {
     LogRotate {
         name: String,
     },
+    /// Throw away this secondary's data and sync it again.
+    Invalidate {
+        name: String,
+    },
     LogDelete {
         name: String,
     },

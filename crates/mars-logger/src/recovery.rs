@@ -93,6 +93,24 @@ pub(crate) fn read_version(
     }
 }
 
+/// The version `node`'s history has before `entry`: its own version of the
+/// previous logfile; when it has none (its history began inside `entry`,
+/// where a full sync started), the history before is the sync source's by
+/// construction, so the origin's version of the previous logfile is adopted.
+pub(crate) fn previous_version(
+    dir: &Path,
+    node: &str,
+    entry: &LogfileEntry,
+) -> Result<Option<Version>, LoggerError> {
+    let Some(prev_seq) = entry.seq.checked_sub(1) else {
+        return Ok(None);
+    };
+    if let Some(v) = read_version(dir, prev_seq, node)? {
+        return Ok(Some(v));
+    }
+    read_version(dir, prev_seq, &entry.node)
+}
+
 /// Compute and store the version of a finished logfile holding `[start_pos, end_pos)`.
 pub(crate) fn finish_version(
     dir: &Path,
@@ -265,14 +283,11 @@ pub(crate) fn recover(
         seq_from_skipped = None;
         let file_end = report.end_pos().unwrap_or(header.start_pos);
         next_record_seq = report.next_record_seq().unwrap_or(next_record_seq);
-        let v = finish_version(
-            dir,
-            node,
-            entry,
-            header.start_pos,
-            file_end,
-            last_version.as_ref(),
-        )?;
+        let prev = match last_version.take() {
+            Some(v) => Some(v),
+            None => previous_version(dir, node, entry)?,
+        };
+        let v = finish_version(dir, node, entry, header.start_pos, file_end, prev.as_ref())?;
         last_version = Some(v);
         expected_start = Some(file_end);
         end_pos = file_end;

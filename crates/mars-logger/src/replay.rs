@@ -17,7 +17,10 @@
 use crate::crashsafe::write_atomic;
 use crate::disk::{disk_size, Disk};
 use crate::logger::LoggerError;
-use crate::recovery::{finish_version, list_logfiles, read_version, LogfileEntry};
+use crate::recovery::{
+    finish_version, list_logfiles, previous_version, read_applied, read_version, recover,
+    write_applied, LogfileEntry, APPLIED_FILE,
+};
 use mars_logfmt::{FileHeader, Kind, RecordHeader, Version, FILE_HEADER_LEN, RECORD_HEADER_LEN};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -99,6 +102,8 @@ pub struct Replayer {
     persisted: u64,
     halted: Option<Halt>,
     last_version: Option<Version>,
+    /// The logfile whose place in this node's history was checked last.
+    entered: Option<u64>,
 }
 
 fn read_state(dir: &Path) -> Result<Option<ReplayedState>, LoggerError> {
@@ -142,6 +147,7 @@ impl Replayer {
             persisted: pos,
             halted: None,
             last_version: None,
+            entered: None,
         })
     }
 
@@ -226,6 +232,16 @@ impl Replayer {
                 out.idle = true;
                 break;
             };
+            if self.entered != Some(entry.seq) {
+                if !self.continues_history(&entry)? {
+                    out.idle = true; // its origin's version of the previous logfile is not here yet
+                    break;
+                }
+                if self.halted.is_some() {
+                    break;
+                }
+                self.entered = Some(entry.seq);
+            }
             let f = File::open(&entry.path).map_err(|e| LoggerError::io(&entry.path, e))?;
             let file_len = f
                 .metadata()
@@ -336,7 +352,7 @@ impl Replayer {
             None => {
                 let prev = match self.last_version.take() {
                     Some(v) => Some(v),
-                    None => self.previous_version(entry)?,
+                    None => previous_version(&self.dir, &self.node, entry)?,
                 };
                 finish_version(&self.dir, &self.node, entry, start, end, prev.as_ref())?
             }
@@ -356,19 +372,33 @@ impl Replayer {
         Ok(())
     }
 
-    /// The version this node's history has before `entry`: its own version of
-    /// the previous logfile; when it never replayed that one (replay began
-    /// inside `entry`, where a full sync started), the history before is the
-    /// sync source's by construction, so the origin's version of the previous
-    /// logfile is adopted.
-    fn previous_version(&self, entry: &LogfileEntry) -> Result<Option<Version>, LoggerError> {
-        let Some(prev_seq) = entry.seq.checked_sub(1) else {
-            return Ok(None);
-        };
-        if let Some(v) = read_version(&self.dir, prev_seq, &self.node)? {
-            return Ok(Some(v));
+    /// Before applying from a logfile written by another node: that node's
+    /// version of the previous logfile must equal ours. This is where a node
+    /// whose log went on after a failover elsewhere (a former primary) finds
+    /// that the new primary's log does not continue its history. Returns false
+    /// when the origin's version is not here yet (fetch brings it first).
+    fn continues_history(&mut self, entry: &LogfileEntry) -> Result<bool, LoggerError> {
+        if entry.node == self.node {
+            return Ok(true);
         }
-        read_version(&self.dir, prev_seq, &entry.node)
+        let Some(prev_seq) = entry.seq.checked_sub(1) else {
+            return Ok(true);
+        };
+        let Some(ours) = read_version(&self.dir, prev_seq, &self.node)? else {
+            return Ok(true); // our history begins inside this logfile (a full sync)
+        };
+        let Some(theirs) = read_version(&self.dir, prev_seq, &entry.node)? else {
+            return Ok(false);
+        };
+        if ours.version != theirs.version {
+            let h = Halt::SplitBrain {
+                file: entry.name(),
+                ours: ours.version,
+                theirs: theirs.version,
+            };
+            self.halt::<()>(h).ok();
+        }
+        Ok(true)
     }
 
     fn halt<T>(&mut self, h: Halt) -> Result<T, LoggerError> {
@@ -379,4 +409,63 @@ impl Replayer {
         let _ = self.persist();
         Err(LoggerError::Corrupt(msg))
     }
+}
+
+fn write_state(dir: &Path, pos: u64) -> Result<(), LoggerError> {
+    let body = serde_json::to_vec(&ReplayedState { format: 1, pos })
+        .map_err(|e| LoggerError::BadState(e.to_string()))?;
+    let path = dir.join(REPLAYED_FILE);
+    write_atomic(&path, &body).map_err(|e| LoggerError::io(&path, e))
+}
+
+fn remove_state_file(dir: &Path, name: &str) -> Result<(), LoggerError> {
+    let path = dir.join(name);
+    match std::fs::remove_file(&path) {
+        Ok(()) => crate::crashsafe::sync_dir(dir).map_err(|e| LoggerError::io(dir, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(LoggerError::io(&path, e)),
+    }
+}
+
+/// Give up the writer role (the logger must be closed): bring the directory
+/// to a clean state (every logfile applied, finished and versioned) and hand
+/// the end of the log to replay. Returns that position. Crash-safe: until
+/// `applied` is removed, the directory is still a writer's and this can run
+/// again.
+pub fn demote(dir: &Path, node: &str, disk_path: &Path, size: u64) -> Result<u64, LoggerError> {
+    let disk = Disk::open(disk_path).map_err(|e| LoggerError::io(disk_path, e))?;
+    let rec = recover(dir, node, &disk, size)?;
+    // A logfile of ours without records (opened at a start, never written) adds
+    // nothing to the history but would collide with the new primary's next one.
+    let logs = list_logfiles(dir).map_err(|e| LoggerError::io(dir, e))?;
+    if let Some(last) = logs.last().filter(|l| l.node == node) {
+        let len = std::fs::metadata(&last.path)
+            .map_err(|e| LoggerError::io(&last.path, e))?
+            .len();
+        if len <= FILE_HEADER_LEN as u64 {
+            remove_state_file(dir, &mars_logfmt::version_file_name(last.seq, node))?;
+            remove_state_file(dir, &last.name())?;
+        }
+    }
+    write_state(dir, rec.end_pos)?;
+    remove_state_file(dir, APPLIED_FILE)?;
+    Ok(rec.end_pos)
+}
+
+/// Take up the writer role after replaying (the replayer must be dropped):
+/// the replayed position becomes the written-back one; `Logger::open` then
+/// applies whatever was fetched beyond it, cuts a torn tail, versions the
+/// logfiles and starts a new one that continues the chain. Returns the
+/// position. Crash-safe like [`demote`].
+pub fn promote(dir: &Path) -> Result<u64, LoggerError> {
+    if let Some(a) = read_applied(dir)? {
+        remove_state_file(dir, REPLAYED_FILE)?;
+        return Ok(a.applied_pos);
+    }
+    let pos = read_state(dir)?.map(|s| s.pos).ok_or_else(|| {
+        LoggerError::BadState(format!("{}: nothing replayed here", dir.display()))
+    })?;
+    write_applied(dir, pos)?;
+    remove_state_file(dir, REPLAYED_FILE)?;
+    Ok(pos)
 }

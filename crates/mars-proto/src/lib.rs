@@ -167,6 +167,10 @@ pub enum Msg {
     Logs {
         files: Vec<LogFileInfo>,
         versions: Vec<(String, String)>,
+        /// The member writes this log (its current logfile may grow); false when
+        /// it holds no logger, so what it lists is all it has.
+        #[serde(default)]
+        open: bool,
     },
     /// Send up to `max` bytes of `file` from `offset`.
     Fetch {

@@ -133,10 +133,15 @@ struct Actual {
     secondary: Option<SecondaryHandle>,
     /// When the primary's written positions became known here (lag in seconds).
     lag: LagClock,
+    /// A planned handover to this node: the member that writes the log now.
+    handover_from: Option<String>,
+    /// `primary --force`: become primary with the data this node has.
+    force_promote: bool,
 }
 
 struct SecondaryHandle {
     progress: Arc<parking_lot::Mutex<Progress>>,
+    prefer_source: Arc<parking_lot::Mutex<Option<String>>>,
     stop: Arc<AtomicBool>,
     pauses: [Arc<AtomicBool>; 3],
     task: tokio::task::JoinHandle<()>,
@@ -163,6 +168,8 @@ pub struct Daemon {
 }
 
 const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// How long `primary RES` waits for a planned handover before returning.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Daemon {
     pub fn new(dir: &Path, cfg: NodeConfig, peer: Arc<Peer>) -> Result<Daemon> {
@@ -249,8 +256,34 @@ impl Daemon {
         self.remove_deleted_dirs(&desired);
         for r in desired.into_values() {
             let a = st.actual.entry(r.name.clone()).or_default();
-            // A member whose directory was never a primary's (no `applied`) is a secondary.
+            // A member whose directory is not a log writer's (no `applied`) is a secondary.
             let rdir = node::resource_dir(&self.dir, &r.name);
+            let designated_me = r.designated_primary.as_deref() == Some(me.as_str());
+            let writer = a.logger.is_some() || rdir.join("applied").exists();
+            let other_member_designated = r
+                .designated_primary
+                .as_ref()
+                .is_some_and(|p| *p != me && r.members.contains(p));
+            if writer && r.attached && other_member_designated {
+                // Another member is to be primary: stop writing, hand the log to replay.
+                if let Err(e) = self.demote(&r, a).await {
+                    let msg = format!("{}: cannot give up the primary role: {e:#}", r.name);
+                    if a.error.as_deref() != Some(msg.as_str()) {
+                        tracing::error!("{msg}");
+                    }
+                    a.error = Some(msg);
+                    continue;
+                }
+            }
+            let writer = a.logger.is_some() || rdir.join("applied").exists();
+            if !writer && designated_me && r.attached && self.ready_to_promote(a) {
+                if let Err(e) = self.promote(&r, a).await {
+                    let msg = format!("{}: cannot become primary: {e:#}", r.name);
+                    tracing::error!("{msg}");
+                    a.error = Some(msg);
+                    continue;
+                }
+            }
             if a.logger.is_none() && !rdir.join("applied").exists() {
                 self.reconcile_secondary(&r, a, &me).await;
                 continue;
@@ -311,16 +344,70 @@ impl Daemon {
         }
     }
 
-    async fn reconcile_secondary(&self, r: &ResourceConfig, a: &mut Actual, me: &str) {
-        let want = r.attached && r.designated_primary.as_deref() != Some(me);
-        if r.designated_primary.as_deref() == Some(me) {
-            a.error = Some(format!(
-                "{}: handover to a secondary is not implemented yet; the designated primary stays unserved",
-                r.name
-            ));
-        } else if a.error.as_deref().is_some_and(|e| e.contains("handover")) {
-            a.error = None;
+    /// The old primary has stopped writing and everything it wrote is replayed here
+    /// (or `--force`).
+    fn ready_to_promote(&self, a: &Actual) -> bool {
+        if a.force_promote {
+            return true;
         }
+        let (Some(from), Some(h)) = (&a.handover_from, &a.secondary) else {
+            return false;
+        };
+        let p = h.progress.lock();
+        p.source.as_deref() == Some(from.as_str())
+            && p.source_complete
+            && !p.syncing
+            && p.consistent_from.is_none()
+            && !p.split_brain
+            && p.replayed >= p.fetched
+    }
+
+    /// Stop the secondary's work and make this directory a log writer's.
+    async fn promote(&self, r: &ResourceConfig, a: &mut Actual) -> Result<()> {
+        if let Some(h) = a.secondary.take() {
+            h.stop().await;
+        }
+        let dir = node::resource_dir(&self.dir, &r.name);
+        let pos = tokio::task::spawn_blocking(move || -> Result<u64> {
+            let pos = mars_logger::replay::promote(&dir)?;
+            crate::secondary::clear_sync(&dir)?;
+            Ok(pos)
+        })
+        .await??;
+        tracing::info!(resource = %r.name, pos, forced = a.force_promote, from = ?a.handover_from, "becoming primary");
+        a.force_promote = false;
+        a.handover_from = None;
+        a.error = None;
+        a.retry_at = None;
+        Ok(())
+    }
+
+    /// Stop serving and writing, write everything back, and continue as a secondary.
+    async fn demote(&self, r: &ResourceConfig, a: &mut Actual) -> Result<()> {
+        self.unexport(&r.name, a);
+        if let Some(l) = a.logger.take() {
+            a.last_status = close_logger(l).await;
+        }
+        let (dir, me, disk, size) = (
+            node::resource_dir(&self.dir, &r.name),
+            self.me().to_string(),
+            r.disk.clone(),
+            r.size,
+        );
+        let pos = tokio::task::spawn_blocking(move || -> Result<u64> {
+            let pos = mars_logger::replay::demote(&dir, &me, &disk, size)?;
+            crate::secondary::mark_synced(&dir, pos)?;
+            Ok(pos)
+        })
+        .await??;
+        tracing::info!(resource = %r.name, pos, new_primary = ?r.designated_primary, "primary role given up; continuing as a secondary");
+        a.error = None;
+        a.published = None;
+        Ok(())
+    }
+
+    async fn reconcile_secondary(&self, r: &ResourceConfig, a: &mut Actual, me: &str) {
+        let want = r.attached;
         match (&a.secondary, want) {
             (Some(_), false) => {
                 if let Some(h) = a.secondary.take() {
@@ -334,6 +421,7 @@ impl Daemon {
                     ..Default::default()
                 }));
                 let stop = Arc::new(AtomicBool::new(false));
+                let prefer_source = Arc::new(parking_lot::Mutex::new(a.handover_from.clone()));
                 let pauses = [
                     Arc::new(AtomicBool::new(false)),
                     Arc::new(AtomicBool::new(false)),
@@ -351,11 +439,13 @@ impl Daemon {
                     pause_sync: pauses[0].clone(),
                     pause_fetch: pauses[1].clone(),
                     pause_replay: pauses[2].clone(),
+                    prefer_source: prefer_source.clone(),
                 };
                 tracing::info!(resource = %r.name, "secondary: sync, fetch and replay");
                 let task = tokio::spawn(sec.run());
                 a.secondary = Some(SecondaryHandle {
                     progress,
+                    prefer_source,
                     stop,
                     pauses,
                     task,
@@ -364,6 +454,7 @@ impl Daemon {
             _ => {}
         }
         if let Some(h) = &a.secondary {
+            *h.prefer_source.lock() = a.handover_from.clone();
             h.pauses[0].store(r.pause_sync, Ordering::Release);
             h.pauses[1].store(r.pause_fetch, Ordering::Release);
             h.pauses[2].store(r.pause_replay, Ordering::Release);
@@ -530,35 +621,8 @@ impl Daemon {
             }
             Request::CreateResource { name, disk } => self.create_resource(&name, &disk).await,
             Request::DeleteResource { name } => self.delete_resource(&name).await,
-            Request::Primary { name, force } => {
-                let r = self.res_entry(&name)?;
-                let current = meta::designated_primary(&self.peer.store.lock(), &name);
-                if let Some(cur) = current.as_deref().filter(|c| *c != me) {
-                    if !force && !self.peer.is_alive(cur) {
-                        bail!("{name}: the current primary {cur} cannot be reached; use `primary --force {name}` to fail over (data it did not send is lost)");
-                    }
-                }
-                let member = r.members.contains(&me);
-                if member && !self.member_entry(&name)?.attached {
-                    bail!("{name}: disk is detached here; run `marsadm up {name}` first");
-                }
-                if current.as_deref() != Some(me.as_str()) {
-                    self.peer.set(
-                        &meta::primary_key(&name),
-                        serde_json::Value::String(me.clone()),
-                    );
-                }
-                if !member {
-                    return Ok(Response::ok(format!(
-                        "{name}: designated primary is now {me}; {me} is not a member yet, so no node serves the device until it joins"
-                    )));
-                }
-                let mut st = self.state.lock().await;
-                self.reconcile_locked(&mut st, true).await;
-                outcome(&st, &name, || {
-                    format!("{name}: primary here, serving {}", self.device_uri(&name))
-                })
-            }
+            Request::Primary { name, force } => self.become_primary(&name, force).await,
+            Request::Invalidate { name } => self.invalidate(&name).await,
             Request::Secondary { name } => {
                 self.res_entry(&name)?;
                 let current = meta::designated_primary(&self.peer.store.lock(), &name);
@@ -664,6 +728,170 @@ impl Daemon {
                 Ok(Response::ok(format!("{verb} {}", nodes.join(", "))))
             }
         }
+    }
+
+    /// `primary RES` (handover: wait for all data, then switch) and `primary --force RES`
+    /// (failover: switch now with the data this node has).
+    async fn become_primary(self: &Arc<Self>, name: &str, force: bool) -> Result<Response> {
+        let me = self.me().to_string();
+        let r = self.res_entry(name)?;
+        let current = meta::designated_primary(&self.peer.store.lock(), name);
+        if let Some(cur) = current.as_deref().filter(|c| *c != me) {
+            if !force && !self.peer.is_alive(cur) {
+                bail!("{name}: the current primary {cur} cannot be reached; use `primary --force {name}` to fail over (data it did not send is lost)");
+            }
+        }
+        let member = r.members.contains(&me);
+        if member && !self.member_entry(name)?.attached {
+            bail!("{name}: disk is detached here; run `marsadm up {name}` first");
+        }
+        if !member {
+            if current.as_deref() != Some(me.as_str()) {
+                self.peer.set(
+                    &meta::primary_key(name),
+                    serde_json::Value::String(me.clone()),
+                );
+            }
+            return Ok(Response::ok(format!(
+                "{name}: designated primary is now {me}; {me} is not a member yet, so no node serves the device until it joins"
+            )));
+        }
+        {
+            let mut st = self.state.lock().await;
+            let a = st.actual.entry(name.to_string()).or_default();
+            if let Some(h) = &a.secondary {
+                let p = h.progress.lock();
+                if p.syncing || p.consistent_from.is_some() {
+                    bail!("{name}: refused: this member's disk is inconsistent until its sync completes (sync {} of {} bytes, then replay to {}); it cannot be primary", p.sync_done, p.sync_total, p.consistent_from.map(|c| c.to_string()).unwrap_or_else(|| "its end".into()));
+                }
+                if p.split_brain && !force {
+                    bail!("{name}: refused: this member is in split brain with the log; use `primary --force {name}` to make its data the primary's, or `invalidate {name}` to sync it again");
+                }
+            }
+            let writer =
+                a.logger.is_some() || node::resource_dir(&self.dir, name).join("applied").exists();
+            if !writer {
+                if force {
+                    a.force_promote = true;
+                } else {
+                    let from = match current.as_deref().filter(|c| *c != me) {
+                        Some(c) => Some(c.to_string()),
+                        None => self.log_writer(name, &r.members),
+                    };
+                    match from {
+                        Some(f) => a.handover_from = Some(f),
+                        None => bail!("{name}: no reachable member writes its log; use `primary --force {name}` to become primary with the data this node has"),
+                    }
+                }
+            }
+        }
+        if current.as_deref() != Some(me.as_str()) {
+            self.peer.set(
+                &meta::primary_key(name),
+                serde_json::Value::String(me.clone()),
+            );
+        }
+        // Wait for the old primary to stop and for its last writes to be replayed here.
+        let deadline = Instant::now() + HANDOVER_TIMEOUT;
+        loop {
+            {
+                let mut st = self.state.lock().await;
+                self.reconcile_locked(&mut st, true).await;
+                let a = st.actual.get(name);
+                if a.is_some_and(|a| a.export.is_some()) {
+                    return outcome(&st, name, || {
+                        format!("{name}: primary here, serving {}", self.device_uri(name))
+                    });
+                }
+                if a.is_some_and(|a| a.logger.is_some() || a.error.is_some())
+                    || node::resource_dir(&self.dir, name).join("applied").exists()
+                {
+                    return outcome(&st, name, || format!("{name}: primary here"));
+                }
+                if Instant::now() >= deadline {
+                    let why = a
+                        .and_then(|a| a.secondary.as_ref())
+                        .map(|h| {
+                            let p = h.progress.lock();
+                            format!(
+                                "replayed {} of {} fetched from {}{}",
+                                p.replayed,
+                                p.fetched,
+                                p.source.as_deref().unwrap_or("nobody"),
+                                if p.source_complete {
+                                    ""
+                                } else {
+                                    ", which still writes"
+                                }
+                            )
+                        })
+                        .unwrap_or_default();
+                    bail!("{name}: handover not complete after {} s ({why}); it goes on in the background (`marsadm wait-resource {name} primary`)", HANDOVER_TIMEOUT.as_secs());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `invalidate RES`: throw away this secondary's log copies and replay state, sync again.
+    async fn invalidate(self: &Arc<Self>, name: &str) -> Result<Response> {
+        let me = self.me().to_string();
+        let m = self.member_entry(name)?;
+        let designated = meta::designated_primary(&self.peer.store.lock(), name);
+        if designated.as_deref() == Some(me.as_str()) {
+            bail!("{name}: refused: {me} is the designated primary; make another member primary first");
+        }
+        let Some(source) = designated.filter(|d| self.peer.is_alive(d)) else {
+            bail!("{name}: refused: no reachable primary to sync from");
+        };
+        if !m.attached {
+            bail!("{name}: disk is detached here; run `marsadm up {name}` first");
+        }
+        let mut st = self.state.lock().await;
+        let a = st.actual.entry(name.to_string()).or_default();
+        if let Some(h) = a.secondary.take() {
+            h.stop().await;
+        }
+        self.unexport(name, a);
+        if let Some(l) = a.logger.take() {
+            close_logger(l).await;
+        }
+        let dir = node::resource_dir(&self.dir, name);
+        let removed = tokio::task::spawn_blocking(move || -> Result<usize> {
+            let mut n = 0;
+            for e in std::fs::read_dir(&dir)?.flatten() {
+                let f = e.file_name().to_string_lossy().into_owned();
+                let state =
+                    ["applied", "sync", mars_logger::replay::REPLAYED_FILE].contains(&f.as_str());
+                if state || f.starts_with("log-") || f.starts_with("version-") {
+                    std::fs::remove_file(e.path())?;
+                    n += 1;
+                }
+            }
+            mars_logger::crashsafe::sync_dir(&dir)?;
+            Ok(n)
+        })
+        .await??;
+        tracing::warn!(resource = %name, files = removed, "invalidated: local data is no longer a replica; full sync from {source}");
+        a.published = None;
+        a.error = None;
+        self.reconcile_locked(&mut st, true).await;
+        Ok(Response::ok(format!(
+            "{name}: invalidated; full sync from {source} (watch `marsadm view {name}`)"
+        )))
+    }
+
+    /// The reachable member that reports writing the log of `res` (a logger attached).
+    fn log_writer(&self, res: &str, members: &[String]) -> Option<String> {
+        let store = self.peer.store.lock();
+        members
+            .iter()
+            .filter(|m| *m != self.me() && self.peer.is_alive(m))
+            .find(|m| {
+                meta::get::<ActualEntry>(&store, &meta::actual_key(res, m))
+                    .is_some_and(|a| a.logfile.is_some())
+            })
+            .cloned()
     }
 
     /// After pause-replay: return once no replay step runs any more, so the disk holds still.
@@ -1196,14 +1424,24 @@ impl Daemon {
                     tokio::task::spawn_blocking(move || list_for_fetch(&dir)).await??;
                 // The primary's current logfile is offered only up to what is durable: a
                 // secondary never applies a write that a crash of the primary could undo.
-                if let Some((current, synced)) = self.durable_end(&res).await {
+                let durable_end = self.durable_end(&res).await;
+                let open = durable_end.is_some();
+                if let Some((current, synced)) = durable_end {
                     for f in files.iter_mut().filter(|f| f.name == current) {
                         let durable = mars_logfmt::FILE_HEADER_LEN as u64
                             + synced.saturating_sub(f.start_pos);
                         f.len = f.len.min(durable);
                     }
                 }
-                write_msg(s, &Msg::Logs { files, versions }).await?;
+                write_msg(
+                    s,
+                    &Msg::Logs {
+                        files,
+                        versions,
+                        open,
+                    },
+                )
+                .await?;
             }
             Msg::Fetch {
                 res,

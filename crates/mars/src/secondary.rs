@@ -60,6 +60,12 @@ pub struct Progress {
     pub split_brain: bool,
     /// Bytes per second of the running full sync (over the blocks compared so far).
     pub sync_rate: u64,
+    /// The member fetched from last.
+    pub source: Option<String>,
+    /// That member writes no log any more and everything it has is here
+    /// (`fetched` is the end of its log): a planned handover may complete
+    /// once replay reaches it.
+    pub source_complete: bool,
 }
 
 /// Lag in seconds without comparing clocks of different nodes: remembers when
@@ -107,6 +113,8 @@ pub struct Secondary {
     pub pause_sync: Arc<AtomicBool>,
     pub pause_fetch: Arc<AtomicBool>,
     pub pause_replay: Arc<AtomicBool>,
+    /// During a handover to this node: the member that wrote the log.
+    pub prefer_source: Arc<Mutex<Option<String>>>,
 }
 
 fn read_sync(dir: &std::path::Path) -> Result<Option<SyncState>> {
@@ -123,9 +131,48 @@ fn write_sync(dir: &std::path::Path, s: &SyncState) -> Result<()> {
     crate::node::save_json(&dir.join(SYNC_FILE), s)
 }
 
+/// A former primary's directory after `demote`: its disk is the image at
+/// `pos`, no sync is needed, replay continues from there.
+pub fn mark_synced(dir: &std::path::Path, pos: u64) -> Result<()> {
+    write_sync(
+        dir,
+        &SyncState {
+            format: 1,
+            start_pos: pos,
+            next_offset: 0,
+            end_pos: None,
+            done: true,
+        },
+    )
+}
+
+/// Forget the sync state (a new primary, or `invalidate`).
+pub fn clear_sync(dir: &std::path::Path) -> Result<()> {
+    match std::fs::remove_file(dir.join(SYNC_FILE)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The replay position persisted in `dir`, if any.
+pub fn persisted_replayed(dir: &std::path::Path) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct R {
+        pos: u64,
+    }
+    let b = std::fs::read(dir.join(mars_logger::replay::REPLAYED_FILE)).ok()?;
+    serde_json::from_slice::<R>(&b).ok().map(|r| r.pos)
+}
+
 impl Secondary {
     pub async fn run(self) {
         let mut replayer: Option<Replayer> = None;
+        if let Some(pos) = persisted_replayed(&self.dir) {
+            let mut p = self.progress.lock();
+            p.replayed = pos;
+            p.fetched = p.fetched.max(pos);
+        }
         // Until the sync state says otherwise, this disk is not a consistent image.
         match read_sync(&self.dir) {
             Ok(Some(sync)) if sync.done => {
@@ -170,16 +217,52 @@ impl Secondary {
         }
     }
 
+    /// The member to sync from: the designated primary.
     fn primary(&self) -> Result<String> {
         let p = meta::designated_primary(&self.peer.store.lock(), &self.res)
             .ok_or_else(|| anyhow!("no designated primary"))?;
         if p == self.me {
-            bail!("this node is the designated primary");
+            bail!("this node is the designated primary but its disk is not up to date");
         }
         if !self.peer.is_alive(&p) {
             bail!("primary {p} is not reachable");
         }
         Ok(p)
+    }
+
+    /// The member to fetch logfiles from: the designated primary when it is
+    /// reachable, else the reachable member that holds the most of the log (a
+    /// member that still writes the log first: during a handover that is the
+    /// old primary).
+    fn fetch_source(&self) -> Result<String> {
+        if let Some(p) = self.prefer_source.lock().clone() {
+            if self.peer.is_alive(&p) {
+                return Ok(p);
+            }
+        }
+        let store = self.peer.store.lock();
+        if let Some(p) = meta::designated_primary(&store, &self.res) {
+            if p != self.me && self.peer.is_alive(&p) {
+                return Ok(p);
+            }
+        }
+        let members = meta::resources(&store)
+            .into_iter()
+            .find(|(n, _)| *n == self.res)
+            .map(|(_, r)| r.members)
+            .unwrap_or_default();
+        members
+            .into_iter()
+            .filter(|m| *m != self.me && self.peer.is_alive(m))
+            .filter_map(|m| {
+                let a: meta::ActualEntry = meta::get(&store, &meta::actual_key(&self.res, &m))?;
+                let writes = a.logfile.is_some();
+                let holds = if writes { a.written } else { a.fetched };
+                Some(((writes, holds), m))
+            })
+            .max()
+            .map(|(_, m)| m)
+            .ok_or_else(|| anyhow!("no reachable member to fetch the log from"))
     }
 
     /// One round: sync if needed, fetch what is new, replay what was fetched. Returns true when idle.
@@ -197,12 +280,21 @@ impl Secondary {
         }
         let mut idle = true;
         if !self.pause_fetch.load(Ordering::Acquire) {
-            if let Ok(primary) = self.primary() {
-                let from = replayer
-                    .as_ref()
-                    .map(|r| r.position())
-                    .unwrap_or(sync.start_pos);
-                idle &= self.fetch(&primary, from).await? == 0;
+            match self.fetch_source() {
+                Ok(source) => {
+                    let from = replayer
+                        .as_ref()
+                        .map(|r| r.position())
+                        .unwrap_or(sync.start_pos);
+                    idle &= self.fetch(&source, from).await? == 0;
+                }
+                Err(e) => {
+                    let mut p = self.progress.lock();
+                    p.source = None;
+                    p.source_complete = false;
+                    drop(p);
+                    tracing::debug!(resource = %self.res, "fetch: {e:#}");
+                }
             }
         }
         // Announce the step before looking at the pause flag: pause-replay sets the flag,
@@ -377,21 +469,27 @@ impl Secondary {
             },
         )
         .await?;
-        let (files, versions) = match read_msg(&mut s).await? {
-            Msg::Logs { files, versions } => (files, versions),
+        let (files, versions, open) = match read_msg(&mut s).await? {
+            Msg::Logs {
+                files,
+                versions,
+                open,
+            } => (files, versions, open),
             Msg::Refused { reason } => bail!("{primary} refused: {reason}"),
             other => bail!("unexpected answer to LogList: {other:?}"),
         };
         for (name, json) in versions {
-            if mars_logfmt::parse_logfile_name(
+            let parsed = mars_logfmt::parse_logfile_name(
                 name.strip_prefix("version-")
                     .map(|r| format!("log-{r}"))
                     .as_deref()
                     .unwrap_or(""),
-            )
-            .is_none()
-            {
-                continue;
+            );
+            match parsed {
+                None => continue,
+                // This node's own history is never taken from another.
+                Some(n) if n.node == self.me => continue,
+                Some(_) => {}
             }
             let path = self.dir.join(&name);
             if std::fs::read_to_string(&path).ok().as_deref() != Some(json.as_str())
@@ -402,15 +500,21 @@ impl Secondary {
         }
         let mut fetched = 0u64;
         let mut end = 0u64;
-        for f in files {
+        let mut complete = !open;
+        // Files before the one that holds the replay position are not needed (a
+        // full sync began after them); that one and all later ones are.
+        let first_needed = files
+            .iter()
+            .rposition(|f| f.start_pos <= replay_pos)
+            .unwrap_or(0);
+        for (i, f) in files.into_iter().enumerate() {
             if mars_logfmt::parse_logfile_name(&f.name).is_none() {
                 bail!("{primary} listed a bad logfile name {:?}", f.name);
             }
-            let file_end = f.start_pos + f.len.saturating_sub(mars_logfmt::FILE_HEADER_LEN as u64);
             let path = self.dir.join(&f.name);
             let mut local = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            if local == 0 && file_end <= replay_pos {
-                continue; // entirely before where replay starts: not needed
+            if local == 0 && i < first_needed {
+                continue;
             }
             let out = std::fs::OpenOptions::new()
                 .create(true)
@@ -441,11 +545,15 @@ impl Secondary {
                     other => bail!("unexpected answer to Fetch: {other:?}"),
                 }
             }
+            complete &= local >= f.len;
             end = end.max(f.start_pos + local.saturating_sub(mars_logfmt::FILE_HEADER_LEN as u64));
         }
+        let mut p = self.progress.lock();
         if end > 0 {
-            self.progress.lock().fetched = end;
+            p.fetched = end;
         }
+        p.source = Some(primary.to_string());
+        p.source_complete = complete;
         Ok(fetched)
     }
 }

@@ -547,3 +547,146 @@ fn primary_killed_and_restarted_mid_fetch() {
         );
     }
 }
+
+fn wait_identical(nodes: &[Node], disks: &[std::path::PathBuf], via: usize) {
+    nodes[via].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "90"]);
+    let first = read(&disks[0]);
+    for d in &disks[1..] {
+        assert!(
+            read(d) == first,
+            "{} differs from {}",
+            d.display(),
+            disks[0].display()
+        );
+    }
+}
+
+/// Planned handover (`primary` on a secondary), failover (`primary --force`)
+/// after the primary dies, the dead primary rejoining as a secondary, a real
+/// split brain (a partitioned primary that went on writing), and `invalidate`
+/// resolving it.
+#[test]
+fn handover_failover_split_brain_and_invalidate() {
+    let mut nodes = cluster3();
+    let size = 16 * MIB;
+    let mut disks = Vec::new();
+    let a_disk = nodes[0].disk("a.img", size);
+    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
+    disks.push(a_disk);
+    for (i, n) in nodes[1..].iter().enumerate() {
+        n.wait_view("r0 known", |v| resource(v, "r0").is_some());
+        let d = n.disk(&format!("s{i}.img"), size);
+        n.adm_ok(&["join-resource", "r0", d.to_str().unwrap()]);
+        disks.push(d);
+    }
+    let mut c = nodes[0].nbd("r0");
+    assert_eq!(c.write(0, &[1u8; 1 << 20], false).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    drop(c);
+    wait_identical(&nodes, &disks, 0);
+
+    // Handover alpha -> beta: beta waits for everything alpha wrote, then serves.
+    let out = nodes[1].adm_ok(&["primary", "r0"]);
+    assert!(out.contains("primary here"), "{out}");
+    let v = nodes[1].wait_view("beta primary, alpha secondary", |v| {
+        member(v, "beta")["role"] == "primary" && member(v, "alpha")["role"] == "secondary"
+    });
+    let r = resource(&v, "r0").unwrap();
+    assert_eq!(r["actual_primary"], "beta");
+    assert_eq!(r["device"], nodes[1].uri("r0").as_str());
+    assert!(
+        NbdClient::connect(&nodes[0].nbd, "r0").is_err(),
+        "alpha no longer serves r0"
+    );
+    let mut c = nodes[1].nbd("r0");
+    assert_eq!(
+        c.read(0, 4096).unwrap().1,
+        vec![1u8; 4096],
+        "beta has alpha's data"
+    );
+    assert_eq!(c.write(1 << 20, &[2u8; 1 << 20], true).unwrap(), 0);
+    drop(c);
+    wait_identical(&nodes, &disks, 1);
+
+    // Failover: beta dies; gamma may take over only with --force.
+    nodes[1].kill9();
+    nodes[2].wait_view("beta dead", |v| {
+        view_nodes(v).iter().any(|(n, alive)| n == "beta" && !alive)
+    });
+    let err = nodes[2].adm_err(&["primary", "r0"]);
+    assert!(err.contains("--force"), "{err}");
+    nodes[2].adm_ok(&["primary", "--force", "r0"]);
+    let mut c = nodes[2].nbd("r0");
+    assert_eq!(c.read(1 << 20, 4096).unwrap().1, vec![2u8; 4096]);
+    assert_eq!(c.write(2 << 20, &[3u8; 1 << 20], true).unwrap(), 0);
+    drop(c);
+    // beta comes back: it gives up the primary role and follows gamma.
+    nodes[1].start();
+    nodes[2].wait_view("beta follows gamma", |v| {
+        member(v, "beta")["role"] == "secondary"
+            && member(v, "beta")["log"]["replayed"] == member(v, "gamma")["log"]["written"]
+    });
+    wait_identical(&nodes, &disks, 2);
+
+    // Split brain: gamma is cut off but goes on writing; beta fails over meanwhile.
+    for (i, n) in nodes.iter().enumerate() {
+        let others: Vec<&str> = nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| (*j == 2) != (i == 2))
+            .map(|(_, m)| m.name.as_str())
+            .collect();
+        let mut args = vec!["debug-block"];
+        args.extend(others);
+        n.adm_ok(&args);
+    }
+    let mut c = nodes[2].nbd("r0");
+    assert_eq!(
+        c.write(3 << 20, &[4u8; 65536], true).unwrap(),
+        0,
+        "gamma writes alone"
+    );
+    drop(c);
+    nodes[1].wait_view("gamma unreachable", |v| {
+        view_nodes(v)
+            .iter()
+            .any(|(n, alive)| n == "gamma" && !alive)
+    });
+    nodes[1].adm_ok(&["primary", "--force", "r0"]);
+    let mut c = nodes[1].nbd("r0");
+    assert_eq!(
+        c.write(4 << 20, &[5u8; 65536], true).unwrap(),
+        0,
+        "beta writes alone"
+    );
+    drop(c);
+    for n in &nodes {
+        let all: Vec<&str> = nodes.iter().map(|m| m.name.as_str()).collect();
+        let mut args = vec!["debug-unblock"];
+        args.extend(all);
+        n.adm_ok(&args);
+    }
+    let v = nodes[2].wait_view("gamma detects split brain", |v| {
+        member(v, "gamma")["split_brain"] == true
+    });
+    assert_eq!(member(&v, "gamma")["role"], "secondary", "{v:#}");
+    let human = nodes[2].adm_ok(&["view", "r0"]);
+    assert!(human.contains("SPLIT-BRAIN"), "{human}");
+    // The losing side throws its data away and syncs again.
+    let err = nodes[1].adm_err(&["invalidate", "r0"]);
+    assert!(err.contains("designated primary"), "{err}");
+    nodes[2].adm_ok(&["invalidate", "r0"]);
+    wait_identical(&nodes, &disks, 1);
+    let g = read(&disks[2]);
+    assert!(
+        g[(3 << 20) as usize..(3 << 20) as usize + 65536]
+            .iter()
+            .all(|&b| b == 0),
+        "gamma's lone write is gone"
+    );
+    assert!(g[(4 << 20) as usize..(4 << 20) as usize + 65536]
+        .iter()
+        .all(|&b| b == 5));
+    let v = nodes[2].view_json();
+    assert_eq!(member(&v, "gamma")["split_brain"], false, "{v:#}");
+}

@@ -203,7 +203,7 @@ fn say(dir: &Path, req: Request) -> Result<i32> {
 }
 
 fn not_yet(what: &str) -> Result<i32> {
-    bail!("{what} is not available yet: this build runs single-node clusters (see docs/DEVELOPMENT.md)")
+    bail!("{what} is not available yet (see docs/DEVELOPMENT.md)")
 }
 
 fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
@@ -265,7 +265,7 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
         ),
         Cmd::JoinResource { res, disk } => say(dir, Request::JoinResource { name: res, disk }),
         Cmd::LeaveResource { res } => say(dir, Request::LeaveResource { name: res }),
-        Cmd::Invalidate { .. } => not_yet("invalidate"),
+        Cmd::Invalidate { res } => say(dir, Request::Invalidate { name: res }),
         Cmd::Resize { .. } => not_yet("resize"),
         Cmd::CreateResource { res, disk } => say(dir, Request::CreateResource { name: res, disk }),
         Cmd::DeleteResource { res } => say(dir, Request::DeleteResource { name: res }),
