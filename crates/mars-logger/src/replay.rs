@@ -18,7 +18,9 @@ use crate::crashsafe::write_atomic;
 use crate::disk::{disk_size, Disk};
 use crate::logger::LoggerError;
 use crate::recovery::{finish_version, list_logfiles, read_version, LogfileEntry};
-use mars_logfmt::{FileHeader, Kind, RecordHeader, Version, FILE_HEADER_LEN, RECORD_HEADER_LEN};
+use mars_logfmt::{
+    version_file_name, FileHeader, Kind, RecordHeader, Version, FILE_HEADER_LEN, RECORD_HEADER_LEN,
+};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -192,9 +194,18 @@ impl Replayer {
                 }
             }
         }
-        let idx = with_headers
-            .iter()
-            .rposition(|(_, h)| h.start_pos <= self.pos);
+        // The first logfile that holds `pos`, or ends exactly at it and still
+        // needs its version checked (an empty logfile, or one replayed to its
+        // end before the next one arrived): never jump over a logfile, or the
+        // next version does not chain.
+        let idx = (0..with_headers.len())
+            .filter(|&i| with_headers[i].1.start_pos <= self.pos)
+            .find(|&i| match with_headers.get(i + 1) {
+                None => true,
+                Some((_, next)) if next.start_pos > self.pos => true,
+                Some((_, next)) if next.start_pos < self.pos => false,
+                Some(_) => self.must_check_version(&with_headers[i].0, with_headers[i].1.start_pos),
+            });
         let Some(i) = idx else {
             if let Some((e, h)) = with_headers.first() {
                 if h.start_pos > self.pos {
@@ -213,6 +224,17 @@ impl Replayer {
         let next = with_headers.get(i + 1).cloned();
         let (e, h) = with_headers.swap_remove(i);
         Ok(Some((e, h, next)))
+    }
+
+    /// Whether a logfile that ends at the position still needs its version checked:
+    /// we have none for it yet, and can chain one (it starts the log, or we
+    /// have the version of the logfile before it; not so for logfiles before
+    /// the position a full sync started from).
+    fn must_check_version(&self, entry: &LogfileEntry, start_pos: u64) -> bool {
+        let have = |seq: u64| self.dir.join(version_file_name(seq, &self.node)).exists();
+        entry.node != self.node
+            && !have(entry.seq)
+            && (start_pos == 0 || entry.seq.checked_sub(1).is_some_and(have))
     }
 
     /// Apply up to `max_bytes` of complete records. Never applies a record that does not verify.
