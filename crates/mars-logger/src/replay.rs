@@ -198,14 +198,22 @@ impl Replayer {
         // needs its version checked (an empty logfile, or one replayed to its
         // end before the next one arrived): never jump over a logfile, or the
         // next version does not chain.
-        let idx = (0..with_headers.len())
-            .filter(|&i| with_headers[i].1.start_pos <= self.pos)
-            .find(|&i| match with_headers.get(i + 1) {
+        let mut idx = None;
+        for (i, (e, h)) in with_headers.iter().enumerate() {
+            if h.start_pos > self.pos {
+                break;
+            }
+            let found = match with_headers.get(i + 1) {
                 None => true,
                 Some((_, next)) if next.start_pos > self.pos => true,
                 Some((_, next)) if next.start_pos < self.pos => false,
-                Some(_) => self.must_check_version(&with_headers[i].0, with_headers[i].1.start_pos),
-            });
+                Some(_) => self.must_check_version(e, h.start_pos)?,
+            };
+            if found {
+                idx = Some(i);
+                break;
+            }
+        }
         let Some(i) = idx else {
             if let Some((e, h)) = with_headers.first() {
                 if h.start_pos > self.pos {
@@ -226,15 +234,31 @@ impl Replayer {
         Ok(Some((e, h, next)))
     }
 
-    /// Whether a logfile that ends at the position still needs its version checked:
-    /// we have none for it yet, and can chain one (it starts the log, or we
-    /// have the version of the logfile before it; not so for logfiles before
-    /// the position a full sync started from).
-    fn must_check_version(&self, entry: &LogfileEntry, start_pos: u64) -> bool {
-        let have = |seq: u64| self.dir.join(version_file_name(seq, &self.node)).exists();
-        entry.node != self.node
-            && !have(entry.seq)
-            && (start_pos == 0 || entry.seq.checked_sub(1).is_some_and(have))
+    /// Whether a logfile that ends at the position must be checked before
+    /// going on: we have no version for it yet and can chain one (it starts
+    /// the log, or we have the version of the logfile before it; not so for
+    /// logfiles before the position a full sync started from), or ours
+    /// differs from the origin's (a split brain found before a restart stays
+    /// a halt).
+    fn must_check_version(
+        &self,
+        entry: &LogfileEntry,
+        start_pos: u64,
+    ) -> Result<bool, LoggerError> {
+        if entry.node == self.node {
+            return Ok(false); // our own logfile: versioned when it was finished
+        }
+        Ok(match read_version(&self.dir, entry.seq, &self.node)? {
+            Some(ours) => read_version(&self.dir, entry.seq, &entry.node)?
+                .is_some_and(|theirs| theirs.version != ours.version),
+            None => {
+                start_pos == 0
+                    || entry
+                        .seq
+                        .checked_sub(1)
+                        .is_some_and(|s| self.dir.join(version_file_name(s, &self.node)).exists())
+            }
+        })
     }
 
     /// Apply up to `max_bytes` of complete records. Never applies a record that does not verify.

@@ -300,3 +300,34 @@ fn logfile_finished_before_its_successor_arrives_is_still_versioned() {
     let ours = bdir.join(format!("version-{:09}-beta", logs[0].seq));
     assert!(ours.exists(), "the first logfile's version was computed");
 }
+
+/// A split brain must stay a halt when the replayer restarts (marsd restarted).
+#[test]
+fn split_brain_halt_survives_a_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let (adir, _) = primary_logs(root.path(), 200);
+    let (bdir, bdisk) = secondary(root.path(), &adir);
+    let first = list_logfiles(&bdir).unwrap().remove(0);
+    let vpath = bdir.join(format!("version-{:09}-alpha", first.seq));
+    let v = mars_logfmt::Version::from_json(&std::fs::read_to_string(&vpath).unwrap()).unwrap();
+    let mut b = VersionBuilder::new();
+    b.update(b"another history");
+    let other = b.finish(None, &v.logfile, v.file_seq, v.start_pos, v.end_pos);
+    std::fs::write(&vpath, other.to_json()).unwrap();
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    let _ = r.step(u64::MAX);
+    assert!(r.halted().is_some());
+    drop(r);
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    let o = r.step(u64::MAX);
+    assert!(
+        matches!(
+            r.halted(),
+            Some(mars_logger::replay::Halt::SplitBrain { .. })
+        ) && r.position() == v.end_pos,
+        "after a restart: {o:?}, position {} (split brain at {})",
+        r.position(),
+        v.end_pos
+    );
+    assert!(r.step(u64::MAX).is_err(), "stays stopped");
+}
