@@ -380,15 +380,15 @@ impl Replayer {
         let ours = match read_version(&self.dir, entry.seq, &self.node)? {
             Some(v) => v,
             None => {
-                let prev = match self.last_version.take() {
-                    Some(v) => Some(v),
-                    None => entry
-                        .seq
-                        .checked_sub(1)
-                        .map(|s| read_version(&self.dir, s, &self.node))
-                        .transpose()?
-                        .flatten(),
-                };
+                // Ours of the logfile before, as stored: the one in memory can be
+                // older when replay went past logfiles checked before a restart.
+                let stored = entry
+                    .seq
+                    .checked_sub(1)
+                    .map(|s| read_version(&self.dir, s, &self.node))
+                    .transpose()?
+                    .flatten();
+                let prev = stored.or_else(|| self.last_version.take());
                 finish_version(&self.dir, &self.node, entry, start, end, prev.as_ref())?
             }
         };
