@@ -6,7 +6,10 @@
 //! the persisted position on, one at a time and in order, so the disk is at
 //! every moment an image of the primary's disk after some prefix of the log
 //! (*anytime consistency*; a record cut by a crash is applied again from the
-//! persisted position on restart). It stops, and applies nothing further,
+//! persisted position on restart). Not so after a restart until replay is
+//! back where it was: the records after the persisted position are applied
+//! again over a disk that already holds later ones (see
+//! `tests/replication_sim.rs`). It stops, and applies nothing further,
 //! at a record whose checksum fails and when a finished logfile's version does
 //! not continue the history this node applied (split brain).
 //!
