@@ -6,7 +6,10 @@
 //! the persisted position on, one at a time and in order, so the disk is at
 //! every moment an image of the primary's disk after some prefix of the log
 //! (*anytime consistency*; a record cut by a crash is applied again from the
-//! persisted position on restart). It stops, and applies nothing further,
+//! persisted position on restart). Not so after a restart until replay is
+//! back where it was: the records after the persisted position are applied
+//! again over a disk that already holds later ones (see
+//! `tests/replication_sim.rs`). It stops, and applies nothing further,
 //! at a record whose checksum fails and when a finished logfile's version does
 //! not continue the history this node applied (split brain).
 //!
@@ -198,9 +201,26 @@ impl Replayer {
                 }
             }
         }
-        let idx = with_headers
-            .iter()
-            .rposition(|(_, h)| h.start_pos <= self.pos);
+        // The first logfile that holds `pos`, or ends exactly at it and still
+        // needs its version checked (an empty logfile, or one replayed to its
+        // end before the next one arrived): never jump over a logfile, or the
+        // next version does not chain.
+        let mut idx = None;
+        for (i, (e, h)) in with_headers.iter().enumerate() {
+            if h.start_pos > self.pos {
+                break;
+            }
+            let found = match with_headers.get(i + 1) {
+                None => true,
+                Some((_, next)) if next.start_pos > self.pos => true,
+                Some((_, next)) if next.start_pos < self.pos => false,
+                Some(_) => self.must_check_version(e, h.start_pos)?,
+            };
+            if found {
+                idx = Some(i);
+                break;
+            }
+        }
         let Some(i) = idx else {
             if let Some((e, h)) = with_headers.first() {
                 if h.start_pos > self.pos {
@@ -219,6 +239,27 @@ impl Replayer {
         let next = with_headers.get(i + 1).cloned();
         let (e, h) = with_headers.swap_remove(i);
         Ok(Some((e, h, next)))
+    }
+
+    /// Whether a logfile that ends at the position must be checked before
+    /// going on: we have no version for it yet and can chain one (it starts
+    /// the log, or we have the version of the logfile before it; not so for
+    /// logfiles before the position a full sync started from), or ours
+    /// differs from the origin's (a split brain found before a restart stays
+    /// a halt).
+    fn must_check_version(
+        &self,
+        entry: &LogfileEntry,
+        start_pos: u64,
+    ) -> Result<bool, LoggerError> {
+        if entry.node == self.node {
+            return Ok(false); // our own logfile: versioned when it was finished
+        }
+        Ok(match read_version(&self.dir, entry.seq, &self.node)? {
+            Some(ours) => read_version(&self.dir, entry.seq, &entry.node)?
+                .is_some_and(|theirs| theirs.version != ours.version),
+            None => start_pos == 0 || previous_version(&self.dir, &self.node, entry)?.is_some(),
+        })
     }
 
     /// Apply up to `max_bytes` of complete records. Never applies a record that does not verify.
@@ -350,9 +391,12 @@ impl Replayer {
         let ours = match read_version(&self.dir, entry.seq, &self.node)? {
             Some(v) => v,
             None => {
-                let prev = match self.last_version.take() {
+                // Ours of the logfile before, as stored (the one in memory can be
+                // older when replay went past logfiles checked before a restart), or
+                // the origin's where our history begins (a full sync).
+                let prev = match previous_version(&self.dir, &self.node, entry)? {
                     Some(v) => Some(v),
-                    None => previous_version(&self.dir, &self.node, entry)?,
+                    None => self.last_version.take(),
                 };
                 finish_version(&self.dir, &self.node, entry, start, end, prev.as_ref())?
             }

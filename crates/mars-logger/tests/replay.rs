@@ -207,3 +207,127 @@ fn different_history_is_a_split_brain() {
         "nothing of the next logfile applied"
     );
 }
+
+/// A primary that logs `groups` of 4 KiB writes, each group ending with a
+/// rotation or (`restart_between`) a close and reopen of the logger.
+fn primary_with(root: &Path, groups: &[u32], restart_between: bool) -> (PathBuf, PathBuf) {
+    let disk = root.join("a.img");
+    std::fs::File::create(&disk).unwrap().set_len(SIZE).unwrap();
+    let dir = root.join("a");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = Config::new("alpha", &dir, &disk, SIZE, 7);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut logger = Logger::open(cfg.clone()).unwrap();
+    for (g, &n) in groups.iter().enumerate() {
+        rt.block_on(async {
+            for i in 0..n {
+                let off = u64::from(i) * 4096;
+                let data = Bytes::from(vec![g as u8 + 1; 4096]);
+                logger.write(off, data, false).await.unwrap();
+            }
+        });
+        if restart_between {
+            logger.close();
+            drop(logger);
+            logger = Logger::open(cfg.clone()).unwrap();
+        } else {
+            rt.block_on(logger.rotate()).unwrap();
+        }
+    }
+    logger.close();
+    (dir, disk)
+}
+
+fn copy_file(from: &Path, to: &Path, name: &str) {
+    std::fs::copy(from.join(name), to.join(name)).unwrap();
+}
+
+/// A restart of the primary without writes leaves an empty logfile; replay
+/// must pass through it (and chain its version), not jump over it.
+#[test]
+fn empty_logfile_between_restarts_is_not_a_split_brain() {
+    let root = tempfile::tempdir().unwrap();
+    // Logfile 2 stays empty: the primary restarts twice without a write in between.
+    let (adir, adisk) = primary_with(root.path(), &[5, 0, 5, 5], true);
+    let (bdir, bdisk) = secondary(root.path(), &adir);
+    let names: Vec<_> = list_logfiles(&bdir)
+        .unwrap()
+        .iter()
+        .map(|e| e.name())
+        .collect();
+    assert!(
+        std::fs::metadata(bdir.join(&names[1])).unwrap().len() == 64,
+        "logfile 2 is empty: {names:?}"
+    );
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    while !r.step(u64::MAX).unwrap().idle {}
+    assert!(r.halted().is_none(), "{:?}", r.halted());
+    assert!(std::fs::read(&bdisk).unwrap() == std::fs::read(&adisk).unwrap());
+}
+
+/// Replay reaches the end of a logfile before the next one is fetched: when
+/// it arrives, the finished logfile's version is still checked and chained.
+#[test]
+fn logfile_finished_before_its_successor_arrives_is_still_versioned() {
+    let root = tempfile::tempdir().unwrap();
+    let (adir, adisk) = primary_with(root.path(), &[5, 5, 5], false);
+    let bdir = root.path().join("b");
+    std::fs::create_dir_all(&bdir).unwrap();
+    let bdisk = root.path().join("b.img");
+    std::fs::File::create(&bdisk)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    let logs = list_logfiles(&adir).unwrap();
+    assert!(logs.len() >= 3);
+    // Only the first logfile has arrived: replay applies it and waits.
+    copy_file(&adir, &bdir, &logs[0].name());
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    assert!(r.step(u64::MAX).unwrap().idle);
+    // Then the rest, with the origin's versions.
+    for e in std::fs::read_dir(&adir).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().to_string();
+        if name.starts_with("log-") || name.starts_with("version-") {
+            copy_file(&adir, &bdir, &name);
+        }
+    }
+    while !r.step(u64::MAX).unwrap().idle {}
+    assert!(r.halted().is_none(), "{:?}", r.halted());
+    assert!(std::fs::read(&bdisk).unwrap() == std::fs::read(&adisk).unwrap());
+    let ours = bdir.join(format!("version-{:09}-beta", logs[0].seq));
+    assert!(ours.exists(), "the first logfile's version was computed");
+}
+
+/// A split brain must stay a halt when the replayer restarts (marsd restarted).
+#[test]
+fn split_brain_halt_survives_a_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let (adir, _) = primary_logs(root.path(), 200);
+    let (bdir, bdisk) = secondary(root.path(), &adir);
+    let first = list_logfiles(&bdir).unwrap().remove(0);
+    let vpath = bdir.join(format!("version-{:09}-alpha", first.seq));
+    let v = mars_logfmt::Version::from_json(&std::fs::read_to_string(&vpath).unwrap()).unwrap();
+    let mut b = VersionBuilder::new();
+    b.update(b"another history");
+    let other = b.finish(None, &v.logfile, v.file_seq, v.start_pos, v.end_pos);
+    std::fs::write(&vpath, other.to_json()).unwrap();
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    let _ = r.step(u64::MAX);
+    assert!(r.halted().is_some());
+    drop(r);
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    let o = r.step(u64::MAX);
+    assert!(
+        matches!(
+            r.halted(),
+            Some(mars_logger::replay::Halt::SplitBrain { .. })
+        ) && r.position() == v.end_pos,
+        "after a restart: {o:?}, position {} (split brain at {})",
+        r.position(),
+        v.end_pos
+    );
+    assert!(r.step(u64::MAX).is_err(), "stays stopped");
+}
