@@ -50,6 +50,13 @@ pub enum Request {
         what: PauseKind,
         paused: bool,
     },
+    /// Rate limits of this member's fetch and sync, bytes per second (0: none;
+    /// `None`: unchanged).
+    SetRate {
+        name: String,
+        fetch: Option<u64>,
+        sync: Option<u64>,
+    },
     LogRotate {
         name: String,
     },

@@ -23,7 +23,7 @@ use mars_proto::{write_data, write_msg, LogFileInfo, Msg};
 use parking_lot::RwLock;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -141,6 +141,8 @@ struct Actual {
 
 struct SecondaryHandle {
     progress: Arc<parking_lot::Mutex<Progress>>,
+    /// Fetch and sync rate limits (bytes/s, 0: none).
+    rates: [Arc<AtomicU64>; 2],
     prefer_source: Arc<parking_lot::Mutex<Option<String>>>,
     stop: Arc<AtomicBool>,
     pauses: [Arc<AtomicBool>; 3],
@@ -213,6 +215,8 @@ impl Daemon {
                     pause_sync: m.pause_sync,
                     pause_fetch: m.pause_fetch,
                     pause_replay: m.pause_replay,
+                    fetch_rate: m.fetch_rate,
+                    sync_rate: m.sync_rate,
                 },
             );
         }
@@ -422,6 +426,10 @@ impl Daemon {
                 }));
                 let stop = Arc::new(AtomicBool::new(false));
                 let prefer_source = Arc::new(parking_lot::Mutex::new(a.handover_from.clone()));
+                let rates = [
+                    Arc::new(AtomicU64::new(r.fetch_rate)),
+                    Arc::new(AtomicU64::new(r.sync_rate)),
+                ];
                 let pauses = [
                     Arc::new(AtomicBool::new(false)),
                     Arc::new(AtomicBool::new(false)),
@@ -440,11 +448,14 @@ impl Daemon {
                     pause_fetch: pauses[1].clone(),
                     pause_replay: pauses[2].clone(),
                     prefer_source: prefer_source.clone(),
+                    fetch_rate: rates[0].clone(),
+                    sync_rate: rates[1].clone(),
                 };
                 tracing::info!(resource = %r.name, "secondary: sync, fetch and replay");
                 let task = tokio::spawn(sec.run());
                 a.secondary = Some(SecondaryHandle {
                     progress,
+                    rates,
                     prefer_source,
                     stop,
                     pauses,
@@ -456,8 +467,11 @@ impl Daemon {
         if let Some(h) = &a.secondary {
             *h.prefer_source.lock() = a.handover_from.clone();
             h.pauses[0].store(r.pause_sync, Ordering::Release);
-            h.pauses[1].store(r.pause_fetch, Ordering::Release);
+            // `disconnect` stops log transfer like pause-fetch does.
+            h.pauses[1].store(r.pause_fetch || !r.connected, Ordering::Release);
             h.pauses[2].store(r.pause_replay, Ordering::Release);
+            h.rates[0].store(r.fetch_rate, Ordering::Release);
+            h.rates[1].store(r.sync_rate, Ordering::Release);
         }
         let written = primary_written(&self.peer.store.lock(), &r.name);
         a.lag.observe(written, Instant::now());
@@ -623,6 +637,30 @@ impl Daemon {
             Request::DeleteResource { name } => self.delete_resource(&name).await,
             Request::Primary { name, force } => self.become_primary(&name, force).await,
             Request::Invalidate { name } => self.invalidate(&name).await,
+            Request::SetRate { name, fetch, sync } => {
+                self.set_member(&name, |m| {
+                    if let Some(f) = fetch {
+                        m.fetch_rate = f;
+                    }
+                    if let Some(s) = sync {
+                        m.sync_rate = s;
+                    }
+                })
+                .await?;
+                let m = self.member_entry(&name)?;
+                let show = |r: u64| {
+                    if r == 0 {
+                        "unlimited".to_string()
+                    } else {
+                        format!("{r} bytes/s")
+                    }
+                };
+                Ok(Response::ok(format!(
+                    "{name}: fetch rate {}, sync rate {}",
+                    show(m.fetch_rate),
+                    show(m.sync_rate)
+                )))
+            }
             Request::Secondary { name } => {
                 self.res_entry(&name)?;
                 let current = meta::designated_primary(&self.peer.store.lock(), &name);
@@ -1126,6 +1164,8 @@ impl Daemon {
             pause_sync: false,
             pause_fetch: false,
             pause_replay: false,
+            fetch_rate: 0,
+            sync_rate: 0,
         };
         let lcfg = self.logger_config(&cfg);
         let logger = match tokio::task::spawn_blocking(move || Logger::open(lcfg)).await? {

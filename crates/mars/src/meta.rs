@@ -39,6 +39,12 @@ pub struct MemberEntry {
     pub pause_fetch: bool,
     #[serde(default)]
     pub pause_replay: bool,
+    /// Fetch rate limit in bytes per second (0: none).
+    #[serde(default)]
+    pub fetch_rate: u64,
+    /// Full-sync rate limit in bytes per second of transferred blocks (0: none).
+    #[serde(default)]
+    pub sync_rate: u64,
 }
 
 impl MemberEntry {
@@ -51,6 +57,8 @@ impl MemberEntry {
             pause_sync: false,
             pause_fetch: false,
             pause_replay: false,
+            fetch_rate: 0,
+            sync_rate: 0,
         }
     }
 }

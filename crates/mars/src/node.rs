@@ -67,6 +67,10 @@ pub struct ResourceConfig {
     pub pause_fetch: bool,
     #[serde(default)]
     pub pause_replay: bool,
+    #[serde(default)]
+    pub fetch_rate: u64,
+    #[serde(default)]
+    pub sync_rate: u64,
 }
 
 /// Node and resource names: 1..=64 of `[A-Za-z0-9_.-]`, not starting with `.` or `-`.

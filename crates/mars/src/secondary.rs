@@ -115,6 +115,48 @@ pub struct Secondary {
     pub pause_replay: Arc<AtomicBool>,
     /// During a handover to this node: the member that wrote the log.
     pub prefer_source: Arc<Mutex<Option<String>>>,
+    /// Rate limits, bytes per second (0: none).
+    pub fetch_rate: Arc<std::sync::atomic::AtomicU64>,
+    pub sync_rate: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Keeps a transfer under a rate (bytes per second, read anew at every call
+/// so a changed setting applies at once) by sleeping after each chunk.
+pub struct Throttle {
+    rate: Arc<std::sync::atomic::AtomicU64>,
+    window: std::time::Instant,
+    bytes: u64,
+    window_rate: u64,
+}
+
+impl Throttle {
+    pub fn new(rate: Arc<std::sync::atomic::AtomicU64>) -> Throttle {
+        Throttle {
+            rate,
+            window: std::time::Instant::now(),
+            bytes: 0,
+            window_rate: 0,
+        }
+    }
+
+    /// Account `n` bytes just moved; sleeps as long as needed to stay under the rate.
+    pub async fn spend(&mut self, n: u64) {
+        let rate = self.rate.load(Ordering::Acquire);
+        // A new window when the rate changes or every few seconds (no credit hoarded).
+        if rate != self.window_rate || self.window.elapsed() > Duration::from_secs(5) {
+            self.window = std::time::Instant::now();
+            self.bytes = 0;
+            self.window_rate = rate;
+        }
+        self.bytes += n;
+        if rate == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(self.window.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
 }
 
 fn read_sync(dir: &std::path::Path) -> Result<Option<SyncState>> {
@@ -390,6 +432,7 @@ impl Secondary {
         let mut buf = vec![0u8; SYNC_BLOCK as usize];
         let mut blocks = 0u64;
         let (started, from) = (std::time::Instant::now(), sync.next_offset);
+        let mut throttle = Throttle::new(self.sync_rate.clone());
         while sync.next_offset < self.size {
             if self.stop.load(Ordering::Acquire) || self.pause_sync.load(Ordering::Acquire) {
                 write_sync(&self.dir, sync)?;
@@ -418,6 +461,7 @@ impl Secondary {
                     }
                     disk.write_all_at(&data, off)?;
                     self.progress.lock().blocks_transferred += 1;
+                    throttle.spend(data.len() as u64).await;
                 }
                 Msg::Refused { reason } => bail!("primary {primary} refused: {reason}"),
                 other => bail!("unexpected answer to SyncBlock: {other:?}"),
@@ -501,6 +545,7 @@ impl Secondary {
         let mut fetched = 0u64;
         let mut end = 0u64;
         let mut complete = !open;
+        let mut throttle = Throttle::new(self.fetch_rate.clone());
         // Files before the one that holds the replay position are not needed (a
         // full sync began after them); that one and all later ones are.
         let first_needed = files
@@ -528,7 +573,11 @@ impl Secondary {
                         res: self.res.clone(),
                         file: f.name.clone(),
                         offset: local,
-                        max: FETCH_CHUNK,
+                        // Small chunks under a low rate limit keep the stream smooth.
+                        max: match self.fetch_rate.load(Ordering::Acquire) {
+                            0 => FETCH_CHUNK,
+                            r => (r / 4).clamp(64 << 10, FETCH_CHUNK as u64) as u32,
+                        },
                     },
                 )
                 .await?;
@@ -541,6 +590,7 @@ impl Secondary {
                         out.write_all_at(&data, local)?;
                         local += data.len() as u64;
                         fetched += data.len() as u64;
+                        throttle.spend(data.len() as u64).await;
                     }
                     other => bail!("unexpected answer to Fetch: {other:?}"),
                 }

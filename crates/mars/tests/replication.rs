@@ -690,3 +690,52 @@ fn handover_failover_split_brain_and_invalidate() {
     let v = nodes[2].view_json();
     assert_eq!(member(&v, "gamma")["split_brain"], false, "{v:#}");
 }
+
+/// `set-rate --fetch` holds log transfer under the limit (a lower bound on the
+/// time: a slow machine only makes it slower); 0 lifts it.
+#[test]
+fn fetch_rate_limit_holds_and_lifts() {
+    let nodes = start_cluster(&["alpha", "beta"]);
+    let size = 16 * MIB;
+    let a_disk = nodes[0].disk("a.img", size);
+    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
+    nodes[1].wait_view("r0 known", |v| resource(v, "r0").is_some());
+    let b_disk = nodes[1].disk("b.img", size);
+    nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    let err = nodes[1].adm_err(&["set-rate", "r0", "--fetch", "1Q"]);
+    assert!(err.contains("unit"), "{err}");
+    let out = nodes[1].adm_ok(&["set-rate", "r0", "--fetch", "1M"]);
+    assert!(out.contains("fetch rate 1048576 bytes/s"), "{out}");
+    nodes[1].adm_ok(&["pause-fetch", "r0"]);
+    let mut c = nodes[0].nbd("r0");
+    for i in 0..4u64 {
+        assert_eq!(c.write(i * MIB, &[i as u8 + 1; 1 << 20], true).unwrap(), 0);
+    }
+    let written = member(&nodes[0].view_json(), "alpha")["log"]["written"]
+        .as_u64()
+        .unwrap();
+    let start = std::time::Instant::now();
+    nodes[1].adm_ok(&["resume-fetch", "r0"]);
+    wait_for(
+        "beta fetched 4 MiB",
+        std::time::Duration::from_secs(60),
+        || {
+            member(&nodes[1].view_json(), "beta")["log"]["fetched"]
+                .as_u64()
+                .unwrap_or(0)
+                >= written
+        },
+    );
+    let took = start.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(2500),
+        "4 MiB at 1 MiB/s arrived in {took:?}"
+    );
+    nodes[1].adm_ok(&["set-rate", "r0", "--fetch", "0"]);
+    for i in 4..8u64 {
+        assert_eq!(c.write(i * MIB, &[i as u8 + 1; 1 << 20], true).unwrap(), 0);
+    }
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    assert!(read(&b_disk) == read(&a_disk));
+}

@@ -117,6 +117,15 @@ enum Cmd {
     ResumeReplay {
         res: String,
     },
+    /// Limit this member's fetch and full-sync rates (bytes per second; K, M, G
+    /// suffixes are powers of 1024; 0: unlimited).
+    SetRate {
+        res: String,
+        #[arg(long, value_parser = parse_bytes)]
+        fetch: Option<u64>,
+        #[arg(long, value_parser = parse_bytes)]
+        sync: Option<u64>,
+    },
     /// Throw away this secondary's data and sync again.
     Invalidate {
         res: String,
@@ -202,6 +211,28 @@ fn say(dir: &Path, req: Request) -> Result<i32> {
     Ok(0)
 }
 
+/// `1048576`, `512K`, `100M`, `2G` (powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown unit {c:?} in {s:?}: use K, M, G or T")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("not a byte count: {s:?}"))
+}
+
 fn not_yet(what: &str) -> Result<i32> {
     bail!("{what} is not available yet (see docs/DEVELOPMENT.md)")
 }
@@ -266,6 +297,19 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
         Cmd::JoinResource { res, disk } => say(dir, Request::JoinResource { name: res, disk }),
         Cmd::LeaveResource { res } => say(dir, Request::LeaveResource { name: res }),
         Cmd::Invalidate { res } => say(dir, Request::Invalidate { name: res }),
+        Cmd::SetRate { res, fetch, sync } => {
+            if fetch.is_none() && sync.is_none() {
+                bail!("set-rate {res}: give --fetch BYTES and/or --sync BYTES (per second; 0: unlimited)");
+            }
+            say(
+                dir,
+                Request::SetRate {
+                    name: res,
+                    fetch,
+                    sync,
+                },
+            )
+        }
         Cmd::Resize { .. } => not_yet("resize"),
         Cmd::CreateResource { res, disk } => say(dir, Request::CreateResource { name: res, disk }),
         Cmd::DeleteResource { res } => say(dir, Request::DeleteResource { name: res }),
