@@ -401,11 +401,12 @@ impl Logger {
         }
     }
 
-    /// Delete logfiles that are finished, versioned and entirely written back
-    /// (with the position persisted). Returns the names deleted.
-    pub fn delete_applied(&self) -> Result<Vec<String>, LoggerError> {
+    /// Delete logfiles that are finished, versioned, entirely written back
+    /// (with the position persisted) and end at or before `upto` (what every
+    /// other member has replayed). Returns the names deleted.
+    pub fn delete_applied(&self, upto: u64) -> Result<Vec<String>, LoggerError> {
         let cfg = &self.shared.cfg;
-        let persisted = self.shared.persisted_pos.load(Ordering::Acquire);
+        let persisted = self.shared.persisted_pos.load(Ordering::Acquire).min(upto);
         let current = self.shared.current_logfile.lock().clone();
         let mut deleted = Vec::new();
         for entry in recovery::list_logfiles(&cfg.dir).map_err(|e| LoggerError::io(&cfg.dir, e))? {

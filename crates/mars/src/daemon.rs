@@ -580,7 +580,12 @@ impl Daemon {
 
     /// The periodic part of the control loop; also runs as soon as metadata changes.
     pub async fn run_loop(self: Arc<Self>) {
+        let mut policy_at = Instant::now();
         loop {
+            if policy_at.elapsed() >= Duration::from_secs(5) {
+                policy_at = Instant::now();
+                self.apply_space_policy().await;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = self.peer.changed.notified() => {}
@@ -712,40 +717,20 @@ impl Daemon {
                 }
             }
             Request::LogDelete { name } => {
-                let l = self.logger(&name).await?;
-                // Logfiles go only when every member has replayed them. The logger deletes
-                // what it has written back; so delete only when no member lags behind that.
-                let persisted = l.status().persisted_pos;
-                let lagging: Vec<String> = {
-                    let st = self.peer.store.lock();
-                    let members = meta::resource(&st, &name)
-                        .map(|r| r.members)
-                        .unwrap_or_default();
-                    members
-                        .into_iter()
-                        .filter(|m| *m != me)
-                        .filter_map(|m| {
-                            let replayed =
-                                meta::get::<ActualEntry>(&st, &meta::actual_key(&name, &m))
-                                    .map(|a| a.replayed)
-                                    .unwrap_or(0);
-                            (replayed < persisted)
-                                .then(|| format!("{m} (replayed {replayed} of {persisted})"))
-                        })
-                        .collect()
-                };
-                if !lagging.is_empty() {
-                    return Ok(Response::ok(format!(
-                        "{name}: no logfile deleted: not every member has replayed them yet: {}",
+                let (deleted, lagging) = self.delete_logs(&name).await?;
+                let waiting = if lagging.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; later ones are kept: not every member has replayed them yet: {}",
                         lagging.join(", ")
-                    )));
-                }
-                let deleted = tokio::task::spawn_blocking(move || l.delete_applied()).await??;
+                    )
+                };
                 if deleted.is_empty() {
-                    Ok(Response::ok(format!("{name}: no logfile can be deleted yet (only finished, fully written back ones are)")))
+                    Ok(Response::ok(format!("{name}: no logfile deleted (only finished, written back logfiles that every member has replayed are){waiting}")))
                 } else {
                     Ok(Response::ok(format!(
-                        "{name}: deleted {}",
+                        "{name}: deleted {}{waiting}",
                         deleted.join(", ")
                     )))
                 }
@@ -868,6 +853,67 @@ impl Daemon {
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Delete the logfiles of `name` that are written back here and replayed by
+    /// every member. Returns the files deleted and the members that hold later
+    /// ones back.
+    async fn delete_logs(&self, name: &str) -> Result<(Vec<String>, Vec<String>)> {
+        let me = self.me().to_string();
+        let l = self.logger(name).await?;
+        let persisted = l.status().persisted_pos;
+        let (upto, lagging) = {
+            let st = self.peer.store.lock();
+            let members = meta::resource(&st, name)
+                .map(|r| r.members)
+                .unwrap_or_default();
+            let mut upto = u64::MAX;
+            let mut lagging = Vec::new();
+            for m in members.into_iter().filter(|m| *m != me) {
+                let replayed = meta::get::<ActualEntry>(&st, &meta::actual_key(name, &m))
+                    .map(|a| a.replayed)
+                    .unwrap_or(0);
+                upto = upto.min(replayed);
+                if replayed < persisted {
+                    lagging.push(format!("{m} (replayed {replayed} of {persisted})"));
+                }
+            }
+            (upto, lagging)
+        };
+        let deleted = tokio::task::spawn_blocking(move || l.delete_applied(upto)).await??;
+        if !deleted.is_empty() {
+            tracing::info!(resource = %name, files = ?deleted, "logfiles deleted");
+        }
+        Ok((deleted, lagging))
+    }
+
+    /// The space policy: when the logfiles of a resource take more than
+    /// `log_keep_bytes`, delete those that every member has replayed.
+    async fn apply_space_policy(&self) {
+        let names: Vec<String> = {
+            let st = self.state.lock().await;
+            st.actual
+                .iter()
+                .filter(|(_, a)| a.logger.is_some())
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        for name in names {
+            let dir = node::resource_dir(&self.dir, &name);
+            let used: u64 = mars_logger::list_logfiles(&dir)
+                .map(|l| {
+                    l.iter()
+                        .filter_map(|e| std::fs::metadata(&e.path).ok())
+                        .map(|m| m.len())
+                        .sum()
+                })
+                .unwrap_or(0);
+            if used > self.cfg.log_keep_bytes {
+                if let Err(e) = self.delete_logs(&name).await {
+                    tracing::debug!(resource = %name, "space policy: {e:#}");
+                }
+            }
         }
     }
 

@@ -26,6 +26,10 @@ fn default_mem_bytes() -> u64 {
     256 << 20
 }
 
+fn default_log_keep_bytes() -> u64 {
+    4 << 30
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeConfig {
     pub format: u16,
@@ -41,6 +45,10 @@ pub struct NodeConfig {
     /// Per resource: bound on data logged but not yet written back.
     #[serde(default = "default_mem_bytes")]
     pub writeback_mem_bytes: u64,
+    /// Space policy: when a resource's logfiles take more than this, those
+    /// that every member has replayed are deleted automatically.
+    #[serde(default = "default_log_keep_bytes")]
+    pub log_keep_bytes: u64,
     /// Cluster ids this node had before merges (peers still using them are accepted).
     #[serde(default)]
     pub former_cluster_ids: Vec<String>,
@@ -170,6 +178,7 @@ fn write_node(
         nbd: nbd.to_string(),
         logfile_max_bytes: default_logfile_bytes(),
         writeback_mem_bytes: default_mem_bytes(),
+        log_keep_bytes: default_log_keep_bytes(),
         former_cluster_ids: Vec::new(),
     };
     save_json(&dir.join(NODE_FILE), &cfg)?;

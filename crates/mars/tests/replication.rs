@@ -739,3 +739,66 @@ fn fetch_rate_limit_holds_and_lifts() {
     nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
     assert!(read(&b_disk) == read(&a_disk));
 }
+
+/// The space policy: over `log_keep_bytes`, logfiles every member has replayed
+/// go by themselves; one a member has not replayed stays.
+#[test]
+fn space_policy_deletes_only_what_every_member_replayed() {
+    let mut nodes = start_cluster(&["alpha", "beta"]);
+    // alpha keeps at most 1 MiB of logfiles.
+    nodes[0].stop();
+    let cfg_path = nodes[0].dir.join("node.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["log_keep_bytes"] = (MIB).into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    nodes[0].start();
+    let size = 16 * MIB;
+    let a_disk = nodes[0].disk("a.img", size);
+    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
+    nodes[1].wait_view("r0 known", |v| resource(v, "r0").is_some());
+    let b_disk = nodes[1].disk("b.img", size);
+    nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    let rdir = nodes[0].dir.join("resources/r0");
+    let logs = |d: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("log-"))
+            .collect();
+        v.sort();
+        v
+    };
+    // beta replays the first logfile, then holds replay back: nothing it has
+    // not replayed may go.
+    let mut c = nodes[0].nbd("r0");
+    assert_eq!(c.write(0, &[6u8; 1 << 20], true).unwrap(), 0);
+    nodes[0].adm_ok(&["log-rotate", "r0"]);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    nodes[1].adm_ok(&["pause-replay", "r0"]);
+    for i in 1..3u64 {
+        assert_eq!(c.write(i * MIB, &[7u8; 1 << 20], true).unwrap(), 0);
+        nodes[0].adm_ok(&["log-rotate", "r0"]);
+    }
+    // The policy deleting the first logfile shows that it ran; the others stay.
+    wait_for(
+        "the policy deletes the replayed first logfile",
+        std::time::Duration::from_secs(30),
+        || !rdir.join("log-000000001-alpha").exists(),
+    );
+    assert!(
+        logs(&rdir).len() >= 3,
+        "a logfile beta has not replayed was deleted: {:?}",
+        logs(&rdir)
+    );
+    nodes[1].adm_ok(&["resume-replay", "r0"]);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    wait_for(
+        "the policy deletes the replayed logfiles",
+        std::time::Duration::from_secs(30),
+        || logs(&rdir).len() <= 1,
+    );
+    assert!(read(&b_disk) == read(&a_disk));
+}
