@@ -137,6 +137,8 @@ struct Actual {
     handover_from: Option<String>,
     /// `primary --force`: become primary with the data this node has.
     force_promote: bool,
+    /// Logfiles a member had not replayed were deleted to free space.
+    emergency: bool,
 }
 
 struct SecondaryHandle {
@@ -509,6 +511,7 @@ impl Daemon {
             split_brain: p.split_brain,
             // Rounded to 100 ms: the entry is gossiped when it changes.
             lag_ms: lag.as_millis() as u64 / 100 * 100,
+            emergency: p.cut_off,
         }
     }
 
@@ -889,7 +892,10 @@ impl Daemon {
     }
 
     /// The space policy: when the logfiles of a resource take more than
-    /// `log_keep_bytes`, delete those that every member has replayed.
+    /// `log_keep_bytes`, delete those that every member has replayed. When the
+    /// log space runs out (`log_space_bytes`, `emergency_free_bytes`), emergency
+    /// mode: delete what is written back here even if members have not replayed
+    /// it (they will need `invalidate`), so that the primary keeps writing.
     async fn apply_space_policy(&self) {
         let names: Vec<String> = {
             let st = self.state.lock().await;
@@ -901,20 +907,60 @@ impl Daemon {
         };
         for name in names {
             let dir = node::resource_dir(&self.dir, &name);
-            let used: u64 = mars_logger::list_logfiles(&dir)
-                .map(|l| {
-                    l.iter()
-                        .filter_map(|e| std::fs::metadata(&e.path).ok())
-                        .map(|m| m.len())
-                        .sum()
-                })
-                .unwrap_or(0);
-            if used > self.cfg.log_keep_bytes {
+            let used = log_bytes(&dir);
+            if used > self.cfg.log_keep_bytes || self.out_of_log_space(&dir, used) {
                 if let Err(e) = self.delete_logs(&name).await {
                     tracing::debug!(resource = %name, "space policy: {e:#}");
                 }
             }
+            let used = log_bytes(&dir);
+            if self.out_of_log_space(&dir, used) {
+                let Ok(l) = self.logger(&name).await else {
+                    continue;
+                };
+                let deleted = tokio::task::spawn_blocking(move || l.delete_applied(u64::MAX))
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| r.map_err(anyhow::Error::from));
+                match deleted {
+                    Ok(d) if !d.is_empty() => {
+                        tracing::error!(resource = %name, files = ?d, used, "EMERGENCY MODE: log space exhausted; deleted logfiles not every member has replayed; those members need `marsadm invalidate {name}`");
+                        let mut st = self.state.lock().await;
+                        if let Some(a) = st.actual.get_mut(&name) {
+                            a.emergency = true;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(resource = %name, "emergency deletion: {e:#}"),
+                }
+            }
         }
+        // Emergency mode ends when no member is cut off any more: every one has
+        // replayed up to the oldest logfile left, or resynced.
+        let mut st = self.state.lock().await;
+        let store = self.peer.store.lock();
+        for (name, a) in st.actual.iter_mut().filter(|(_, a)| a.emergency) {
+            let oldest = mars_logger::list_logfiles(&node::resource_dir(&self.dir, name))
+                .ok()
+                .and_then(|l| l.first().and_then(|e| logfile_start(&e.path).ok()))
+                .unwrap_or(0);
+            let members = meta::resource(&store, name)
+                .map(|r| r.members)
+                .unwrap_or_default();
+            let cut_off = members.iter().filter(|m| **m != self.me()).any(|m| {
+                meta::get::<ActualEntry>(&store, &meta::actual_key(name, m))
+                    .is_none_or(|e| e.emergency || e.disk == "syncing" || e.replayed < oldest)
+            });
+            if !cut_off {
+                tracing::info!(resource = %name, "emergency mode over: every member is in sync again");
+                a.emergency = false;
+            }
+        }
+    }
+
+    fn out_of_log_space(&self, dir: &Path, used: u64) -> bool {
+        (self.cfg.log_space_bytes > 0 && used > self.cfg.log_space_bytes)
+            || free_bytes(dir).is_some_and(|f| f < self.cfg.emergency_free_bytes)
     }
 
     /// `invalidate RES`: throw away this secondary's log copies and replay state, sync again.
@@ -1334,7 +1380,7 @@ impl Daemon {
                             paused,
                             split_brain: rep.split_brain,
                             lag_seconds: rep.lag_ms as f64 / 1000.0,
-                            emergency: false,
+                            emergency: rep.emergency,
                             lag_bytes: rep.written.saturating_sub(rep.replayed),
                             disk_path: d.map(|d| d.disk).unwrap_or_default(),
                             logfile: rep.logfile.clone(),
@@ -1372,6 +1418,30 @@ impl Daemon {
             resources,
         }
     }
+}
+
+/// Bytes the logfiles in `dir` take.
+fn log_bytes(dir: &Path) -> u64 {
+    mars_logger::list_logfiles(dir)
+        .map(|l| {
+            l.iter()
+                .filter_map(|e| std::fs::metadata(&e.path).ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Free bytes for unprivileged use on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// What the designated primary of `res` reports as durably written.
@@ -1412,6 +1482,7 @@ fn actual_entry(a: &Actual) -> ActualEntry {
         sync_rate: 0,
         split_brain: false,
         lag_ms: 0,
+        emergency: a.emergency,
     }
 }
 
@@ -1543,7 +1614,7 @@ impl Daemon {
                 let mut max = max.min(MAX_CHUNK) as usize;
                 if let Some((_, synced)) = self.durable_end(&res).await.filter(|(c, _)| *c == file)
                 {
-                    let start = read_start_pos(&path)?;
+                    let start = logfile_start(&path)?;
                     let durable =
                         mars_logfmt::FILE_HEADER_LEN as u64 + synced.saturating_sub(start);
                     max = max.min(durable.saturating_sub(offset) as usize);
@@ -1592,7 +1663,8 @@ impl Daemon {
     }
 }
 
-fn read_start_pos(path: &Path) -> Result<u64> {
+/// The log stream position where the logfile at `path` starts (from its header).
+pub(crate) fn logfile_start(path: &Path) -> Result<u64> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
     let mut h = [0u8; mars_logfmt::FILE_HEADER_LEN];

@@ -90,6 +90,11 @@ pub struct ActualEntry {
     /// milliseconds (0 when it has replayed everything it knows of).
     #[serde(default)]
     pub lag_ms: u64,
+    /// Emergency mode: on a primary, logfiles a member had not replayed were
+    /// deleted to free space; on a secondary, it was cut off that way and
+    /// needs `invalidate`.
+    #[serde(default)]
+    pub emergency: bool,
 }
 
 pub const CLUSTER_ID_KEY: &str = "c/d/cluster-id";

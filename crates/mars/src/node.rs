@@ -30,6 +30,10 @@ fn default_log_keep_bytes() -> u64 {
     4 << 30
 }
 
+fn default_emergency_free_bytes() -> u64 {
+    256 << 20
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeConfig {
     pub format: u16,
@@ -49,6 +53,14 @@ pub struct NodeConfig {
     /// that every member has replayed are deleted automatically.
     #[serde(default = "default_log_keep_bytes")]
     pub log_keep_bytes: u64,
+    /// Emergency mode: when a resource's logfiles take more than this (0: no
+    /// limit) or the node directory's filesystem has less than
+    /// `emergency_free_bytes` free, written-back logfiles are deleted even if a
+    /// member has not replayed them; such members need `invalidate`.
+    #[serde(default)]
+    pub log_space_bytes: u64,
+    #[serde(default = "default_emergency_free_bytes")]
+    pub emergency_free_bytes: u64,
     /// Cluster ids this node had before merges (peers still using them are accepted).
     #[serde(default)]
     pub former_cluster_ids: Vec<String>,
@@ -179,6 +191,8 @@ fn write_node(
         logfile_max_bytes: default_logfile_bytes(),
         writeback_mem_bytes: default_mem_bytes(),
         log_keep_bytes: default_log_keep_bytes(),
+        log_space_bytes: 0,
+        emergency_free_bytes: default_emergency_free_bytes(),
         former_cluster_ids: Vec::new(),
     };
     save_json(&dir.join(NODE_FILE), &cfg)?;

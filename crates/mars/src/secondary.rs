@@ -66,6 +66,9 @@ pub struct Progress {
     /// (`fetched` is the end of its log): a planned handover may complete
     /// once replay reaches it.
     pub source_complete: bool,
+    /// The source no longer has the logfiles this member needs (deleted in
+    /// emergency mode): only `invalidate` (a full sync) helps.
+    pub cut_off: bool,
 }
 
 /// Lag in seconds without comparing clocks of different nodes: remembers when
@@ -552,6 +555,30 @@ impl Secondary {
             .iter()
             .rposition(|f| f.start_pos <= replay_pos)
             .unwrap_or(0);
+        if let Some(first) = files.first() {
+            // What the local copies hold (fetched in order, so contiguous from replay_pos).
+            let local_end = mars_logger::list_logfiles(&self.dir)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|e| {
+                    let len = std::fs::metadata(&e.path).ok()?.len();
+                    let start = crate::daemon::logfile_start(&e.path).ok()?;
+                    Some(start + len.saturating_sub(mars_logfmt::FILE_HEADER_LEN as u64))
+                })
+                .max()
+                .unwrap_or(0)
+                .max(replay_pos);
+            if first.start_pos > local_end {
+                self.progress.lock().cut_off = true;
+                bail!(
+                    "{primary} no longer has the log from position {replay_pos} on (its oldest logfile {} starts at {}; deleted in emergency mode?): run `marsadm invalidate {}` here for a full sync",
+                    first.name,
+                    first.start_pos,
+                    self.res
+                );
+            }
+        }
+        self.progress.lock().cut_off = false;
         for (i, f) in files.into_iter().enumerate() {
             if mars_logfmt::parse_logfile_name(&f.name).is_none() {
                 bail!("{primary} listed a bad logfile name {:?}", f.name);

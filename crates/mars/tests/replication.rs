@@ -540,11 +540,21 @@ fn primary_killed_and_restarted_mid_fetch() {
         );
     }
     for d in &disks[1..] {
-        assert!(
-            read(d) == a,
-            "{} equals the restarted primary's disk",
-            d.display()
-        );
+        let b = read(d);
+        if b != a {
+            let first = a.iter().zip(&b).position(|(x, y)| x != y).unwrap_or(0);
+            panic!(
+                "{} differs from the restarted primary's disk at byte {first} ({} vs {}); views:\n{:#}\n{:#}\n{:#}\nlogs:\n{}\n{}",
+                d.display(),
+                b[first],
+                a[first],
+                nodes[0].view_json(),
+                nodes[1].view_json(),
+                nodes[2].view_json(),
+                nodes[1].log_text(),
+                nodes[2].log_text()
+            );
+        }
     }
 }
 
@@ -746,13 +756,7 @@ fn fetch_rate_limit_holds_and_lifts() {
 fn space_policy_deletes_only_what_every_member_replayed() {
     let mut nodes = start_cluster(&["alpha", "beta"]);
     // alpha keeps at most 1 MiB of logfiles.
-    nodes[0].stop();
-    let cfg_path = nodes[0].dir.join("node.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["log_keep_bytes"] = (MIB).into();
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    nodes[0].start();
+    set_node_setting(&mut nodes[0], "log_keep_bytes", MIB);
     let size = 16 * MIB;
     let a_disk = nodes[0].disk("a.img", size);
     nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
@@ -801,4 +805,64 @@ fn space_policy_deletes_only_what_every_member_replayed() {
         || logs(&rdir).len() <= 1,
     );
     assert!(read(&b_disk) == read(&a_disk));
+}
+
+/// Change a setting in a node's `node.json` (restarts its marsd).
+fn set_node_setting(n: &mut Node, key: &str, value: u64) {
+    n.stop();
+    let cfg_path = n.dir.join("node.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg[key] = value.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    n.start();
+}
+
+/// Emergency mode: the log space runs out while a secondary cannot fetch; the
+/// primary deletes written-back logfiles anyway and goes on writing, both sides
+/// say so, and `invalidate` brings the secondary back.
+#[test]
+fn emergency_mode_keeps_the_primary_writing_and_invalidate_recovers() {
+    let mut nodes = start_cluster(&["alpha", "beta"]);
+    set_node_setting(&mut nodes[0], "log_space_bytes", 2 * MIB);
+    let size = 16 * MIB;
+    let a_disk = nodes[0].disk("a.img", size);
+    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
+    nodes[1].wait_view("r0 known", |v| resource(v, "r0").is_some());
+    let b_disk = nodes[1].disk("b.img", size);
+    nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    nodes[1].adm_ok(&["pause-fetch", "r0"]);
+    let mut c = nodes[0].nbd("r0");
+    for i in 0..4u64 {
+        assert_eq!(c.write(i * MIB, &[i as u8 + 1; 1 << 20], true).unwrap(), 0);
+        nodes[0].adm_ok(&["log-rotate", "r0"]);
+    }
+    let v = nodes[0].wait_view("alpha in emergency mode", |v| {
+        member(v, "alpha")["emergency"] == true
+    });
+    assert!(
+        !nodes[0]
+            .dir
+            .join("resources/r0/log-000000001-alpha")
+            .exists(),
+        "{v:#}"
+    );
+    assert_eq!(
+        c.write(5 * MIB, &[9u8; 1 << 20], true).unwrap(),
+        0,
+        "the primary goes on writing"
+    );
+    nodes[1].adm_ok(&["resume-fetch", "r0"]);
+    let v = nodes[1].wait_view("beta knows it is cut off", |v| {
+        member(v, "beta")["emergency"] == true
+    });
+    let err = member(&v, "beta")["error"].as_str().unwrap_or("");
+    assert!(err.contains("invalidate"), "{v:#}");
+    nodes[1].adm_ok(&["invalidate", "r0"]);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    assert!(read(&b_disk) == read(&a_disk));
+    nodes[0].wait_view("emergency over", |v| {
+        member(v, "alpha")["emergency"] == false && member(v, "beta")["emergency"] == false
+    });
 }
