@@ -3,19 +3,45 @@
 //!
 //! The logfiles in the resource directory may still be growing (fetch
 //! appends to them). [`Replayer::step`] applies every complete record from
-//! the persisted position on, one at a time and in order, so the disk is at
+//! the current position on, one at a time and in order, so the disk is at
 //! every moment an image of the primary's disk after some prefix of the log
-//! (*anytime consistency*; a record cut by a crash is applied again from the
-//! persisted position on restart). Not so after a restart until replay is
-//! back where it was: the records after the persisted position are applied
-//! again over a disk that already holds later ones (see
-//! `tests/replication_sim.rs`). It stops, and applies nothing further,
-//! at a record whose checksum fails and when a finished logfile's version does
-//! not continue the history this node applied (split brain).
+//! (*anytime consistency*). It stops, and applies nothing further, at a
+//! record whose checksum fails and when a finished logfile's version does not
+//! continue the history this node applied (split brain).
 //!
-//! State: `replayed` in the resource directory, `{"format":1,"pos":N}`:
-//! every record before stream position N is on the disk, the disk was synced
-//! before it was written.
+//! State in the resource directory (`docs/FORMAT.md`):
+//!
+//! - `replayed`, `{"format":1,"pos":N,"limit":L}` (crash-safe): every
+//!   record before stream position N is on the disk, the disk was synced
+//!   before it was written; and no record ending after L is applied before
+//!   `replayed` is written again ([`Replayer::persist`], and `step` persists
+//!   by itself before it would pass L; L is N plus [`PERSIST_WINDOW`]).
+//! - `replayed.hw`, the *high-water mark* ([`HwMark`], [`HW_LEN`] bytes,
+//!   rewritten in place with one `pwrite`, never synced): the kernel's boot
+//!   id, the durable position it builds on, and the position after the last
+//!   record applied. Order per record: the record to the disk (pwrite), then
+//!   the mark.
+//!
+//! Restart ([`Replayer::open`]):
+//!
+//! - Same boot (a process kill; the page cache, disk and mark, survived):
+//!   resume at the mark if it builds on the durable position, lies within the
+//!   limit and is a record boundary of the local logfiles (the end of a
+//!   complete record, or a logfile's start); else ignore it. The disk holds
+//!   exactly the records before the mark, or one more whose mark was not
+//!   written yet; re-applying that record changes nothing, so the disk stays
+//!   a prefix image at every moment, also across kills.
+//! - Another boot (or no usable mark): the unsynced writes after the durable
+//!   position may be partly on the disk, partly lost, and the mark with them.
+//!   Resume at the durable position; the disk is no consistent image until
+//!   replay passes min(limit, end of the local logfiles)
+//!   ([`Replayer::inconsistent_until`]; the daemon shows it as
+//!   `consistent_from`). The mark carries this bound, so a kill before replay
+//!   passes it does not forget it.
+//!
+//! `promote`, `demote` and [`forget`] remove the mark with `replayed`.
+//! Assumption: the local logfile copies (not synced by fetch) survive a
+//! reboot as far as replay read them.
 
 use crate::crashsafe::write_atomic;
 use crate::disk::{disk_size, Disk};
@@ -26,16 +52,110 @@ use crate::recovery::{
 };
 use mars_logfmt::{FileHeader, Kind, RecordHeader, Version, FILE_HEADER_LEN, RECORD_HEADER_LEN};
 use serde::{Deserialize, Serialize};
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 pub const REPLAYED_FILE: &str = "replayed";
+/// The high-water mark: where replay is, as of the last applied record (not synced).
+pub const HW_FILE: &str = "replayed.hw";
+/// Default: persist (sync the disk, write `replayed` with a new limit) at
+/// least every this many bytes of log. Above the daemon's step (64 MiB) plus
+/// the largest record (32 MiB), so the daemon's persist after each step
+/// keeps the limit ahead and replay never stops to persist in a step.
+pub const PERSIST_WINDOW: u64 = 128 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct ReplayedState {
     format: u16,
     pos: u64,
+    /// No record ending after this was applied before `replayed` is written
+    /// again (absent in older files: `pos`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    limit: Option<u64>,
+}
+
+/// Length of the high-water mark, a line of ASCII:
+/// `MARSHW1 <boot id, 36> <base, 20 digits> <pos, 20> <until, 20> <crc32c, 8 hex>\n`.
+pub const HW_LEN: usize = 8 + 37 + 21 + 21 + 21 + 9;
+const HW_MAGIC: &[u8; 8] = b"MARSHW1 ";
+const BOOT_ID_LEN: usize = 36;
+
+/// A decoded high-water mark.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HwMark {
+    /// `/proc/sys/kernel/random/boot_id` of the boot that wrote it.
+    pub boot_id: String,
+    /// The durable position (`replayed`) the writer had persisted last.
+    pub base: u64,
+    /// The position after the last record applied to the disk (page cache).
+    pub pos: u64,
+    /// The disk is no consistent image until replay passes this (0: it is).
+    pub until: u64,
+}
+
+/// 36 characters of lowercase hex digits and dashes (the kernel's form).
+fn valid_boot_id(b: &str) -> bool {
+    b.len() == BOOT_ID_LEN
+        && b.bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c) || c == b'-')
+}
+
+/// The running kernel's boot id, if it can be read and looks like one.
+pub fn current_boot_id() -> Option<String> {
+    let s = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let s = s.trim().to_ascii_lowercase();
+    valid_boot_id(&s).then_some(s)
+}
+
+impl HwMark {
+    /// The fixed-length line (`HW_LEN` bytes). `boot_id` must be a valid boot id.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = format!(
+            "MARSHW1 {} {:020} {:020} {:020} ",
+            self.boot_id, self.base, self.pos, self.until
+        )
+        .into_bytes();
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(format!("{crc:08x}\n").as_bytes());
+        debug_assert_eq!(b.len(), HW_LEN);
+        b
+    }
+
+    /// `None` for anything that is not exactly one well-formed mark.
+    pub fn decode(b: &[u8]) -> Option<HwMark> {
+        if b.len() != HW_LEN || !b.starts_with(HW_MAGIC) || b[HW_LEN - 1] != b'\n' {
+            return None;
+        }
+        let body = &b[..HW_LEN - 9];
+        let crc = std::str::from_utf8(&b[HW_LEN - 9..HW_LEN - 1]).ok()?;
+        let lower_hex = |c: u8| c.is_ascii_digit() || (b'a'..=b'f').contains(&c);
+        if crc.len() != 8 || !crc.bytes().all(lower_hex) {
+            return None;
+        }
+        if u32::from_str_radix(crc, 16).ok()? != crc32c::crc32c(body) {
+            return None;
+        }
+        let text = std::str::from_utf8(&body[HW_MAGIC.len()..]).ok()?;
+        let mut f = text.split(' ');
+        let boot_id = f.next()?.to_string();
+        let mut num = || -> Option<u64> {
+            let d = f.next()?;
+            (d.len() == 20 && d.bytes().all(|c| c.is_ascii_digit()))
+                .then(|| d.parse().ok())
+                .flatten()
+        };
+        let (base, pos, until) = (num()?, num()?, num()?);
+        if !valid_boot_id(&boot_id) || f.next() != Some("") || f.next().is_some() {
+            return None;
+        }
+        Some(HwMark {
+            boot_id,
+            base,
+            pos,
+            until,
+        })
+    }
 }
 
 /// Why replay stopped for good (until an operator acts).
@@ -107,6 +227,14 @@ pub struct Replayer {
     last_version: Option<Version>,
     /// The logfile whose place in this node's history was checked last.
     entered: Option<u64>,
+    /// The durable limit: no record ending after it is applied before
+    /// `replayed` says a larger one.
+    limit: u64,
+    window: u64,
+    /// The disk is no consistent image until replay passes this.
+    until: Option<u64>,
+    /// This boot's id and the open high-water mark (none when the boot id is unknown).
+    hw: Option<(String, File)>,
 }
 
 fn read_state(dir: &Path) -> Result<Option<ReplayedState>, LoggerError> {
@@ -123,13 +251,27 @@ fn read_state(dir: &Path) -> Result<Option<ReplayedState>, LoggerError> {
 impl Replayer {
     /// Open replay of the logs in `dir` onto `disk`, starting at the persisted
     /// position, or at `start_pos` when nothing was replayed yet (the position
-    /// where a full sync began).
+    /// where a full sync began). After a kill of the process (same boot),
+    /// at the high-water mark when it is usable; after a reboot at the
+    /// durable position, with [`Replayer::inconsistent_until`] set.
     pub fn open(
         dir: &Path,
         node: &str,
         disk_path: &Path,
         size: u64,
         start_pos: u64,
+    ) -> Result<Replayer, LoggerError> {
+        let boot = current_boot_id();
+        Self::open_inner(dir, node, disk_path, size, start_pos, boot.as_deref())
+    }
+
+    fn open_inner(
+        dir: &Path,
+        node: &str,
+        disk_path: &Path,
+        size: u64,
+        start_pos: u64,
+        boot_id: Option<&str>,
     ) -> Result<Replayer, LoggerError> {
         let have = disk_size(disk_path).map_err(|e| LoggerError::io(disk_path, e))?;
         if have < size {
@@ -140,18 +282,180 @@ impl Replayer {
             });
         }
         let disk = Disk::open(disk_path).map_err(|e| LoggerError::io(disk_path, e))?;
-        let pos = read_state(dir)?.map(|s| s.pos).unwrap_or(start_pos);
-        Ok(Replayer {
+        let state = read_state(dir)?;
+        let durable = state.as_ref().map(|s| s.pos).unwrap_or(start_pos);
+        let limit = state.and_then(|s| s.limit).unwrap_or(durable).max(durable);
+        let boot = boot_id.filter(|b| valid_boot_id(b)).map(str::to_string);
+        if boot.is_none() {
+            tracing::warn!(dir = %dir.display(), "no boot id: replay keeps no high-water mark");
+        }
+        let hw_path = dir.join(HW_FILE);
+        let mark = match std::fs::read(&hw_path) {
+            Ok(b) => HwMark::decode(&b),
+            Err(_) => None,
+        };
+        let mut r = Replayer {
             dir: dir.to_path_buf(),
             node: node.to_string(),
             disk,
             size,
-            pos,
-            persisted: pos,
+            pos: durable,
+            persisted: durable,
             halted: None,
             last_version: None,
             entered: None,
-        })
+            limit,
+            window: PERSIST_WINDOW,
+            until: None,
+            hw: None,
+        };
+        let this_boot = mark
+            .clone()
+            .filter(|m| boot.as_deref() == Some(m.boot_id.as_str()));
+        match this_boot {
+            // Nothing applied beyond the durable position.
+            Some(m) if m.pos == durable => r.until = Some(m.until),
+            // Killed after applying up to the mark: the page cache holds the
+            // image at the mark; go on from there.
+            Some(m)
+                if m.base == durable
+                    && m.pos > durable
+                    && m.pos <= limit
+                    && r.is_boundary(m.pos).unwrap_or(false) =>
+            {
+                r.pos = m.pos;
+                r.until = Some(m.until);
+            }
+            _ => {
+                if let Some(m) = &mark {
+                    tracing::info!(dir = %dir.display(), ?m, durable, limit, "high-water mark not usable (another boot, or stale)");
+                }
+                // Records up to the limit may be on the disk (a reboot may
+                // have lost some of them, and the mark); none beyond what is
+                // here locally.
+                let end = r.local_end().unwrap_or(limit);
+                r.until = Some(limit.min(end));
+            }
+        }
+        r.until = r.until.filter(|&u| u > r.pos);
+        if let Some(u) = r.until {
+            tracing::warn!(dir = %dir.display(), pos = r.pos, until = u, "disk is no consistent image until replay passes {u}");
+        }
+        if let Some(b) = boot {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&hw_path)
+                .map_err(|e| LoggerError::io(&hw_path, e))?;
+            // Exactly one mark long (a longer file, garbage, would never decode).
+            f.set_len(HW_LEN as u64)
+                .map_err(|e| LoggerError::io(&hw_path, e))?;
+            r.hw = Some((b, f));
+            r.write_mark()?;
+        }
+        Ok(r)
+    }
+
+    /// Where replay starts, as after a process kill (same boot) or after a
+    /// reboot (any other `boot_id`): for tests. `None`: no boot id known.
+    #[doc(hidden)]
+    pub fn open_with_boot_id(
+        dir: &Path,
+        node: &str,
+        disk_path: &Path,
+        size: u64,
+        start_pos: u64,
+        boot_id: Option<&str>,
+    ) -> Result<Replayer, LoggerError> {
+        Self::open_inner(dir, node, disk_path, size, start_pos, boot_id)
+    }
+
+    /// Persist at least every `bytes` of log instead of [`PERSIST_WINDOW`]: for tests.
+    #[doc(hidden)]
+    pub fn set_persist_window(&mut self, bytes: u64) {
+        self.window = bytes.max(1);
+    }
+
+    /// Until replay passes the returned position, the disk is not an image
+    /// of the primary's after a prefix of the log: after a reboot, unsynced
+    /// disk writes of records after the durable position may be partly on
+    /// the disk. `None`: it is one now.
+    pub fn inconsistent_until(&self) -> Option<u64> {
+        self.until.filter(|&u| self.pos < u)
+    }
+
+    /// The position persisted last (`replayed`).
+    pub fn persisted_position(&self) -> u64 {
+        self.persisted
+    }
+
+    /// Write the high-water mark (one `pwrite`, not synced).
+    fn write_mark(&self) -> Result<(), LoggerError> {
+        let Some((boot, f)) = &self.hw else {
+            return Ok(());
+        };
+        let m = HwMark {
+            boot_id: boot.clone(),
+            base: self.persisted,
+            pos: self.pos,
+            until: self.inconsistent_until().unwrap_or(0),
+        };
+        f.write_all_at(&m.encode(), 0)
+            .map_err(|e| LoggerError::io(&self.dir.join(HW_FILE), e))
+    }
+
+    /// Whether `target` is the start of a local logfile or the end of a
+    /// complete record in one (found by walking record headers from a known
+    /// boundary: the durable position or the logfile's start).
+    fn is_boundary(&self, target: u64) -> Result<bool, LoggerError> {
+        let files = self.logfiles()?;
+        if files.iter().any(|(_, h)| h.start_pos == target) {
+            return Ok(true);
+        }
+        let Some((e, h)) = files.iter().rev().find(|(_, h)| h.start_pos < target) else {
+            return Ok(false);
+        };
+        let mut pos = if (h.start_pos..target).contains(&self.pos) {
+            self.pos
+        } else {
+            h.start_pos
+        };
+        let f = File::open(&e.path).map_err(|err| LoggerError::io(&e.path, err))?;
+        let len = f
+            .metadata()
+            .map_err(|err| LoggerError::io(&e.path, err))?
+            .len();
+        let mut hdr = [0u8; RECORD_HEADER_LEN];
+        while pos < target {
+            let at = FILE_HEADER_LEN as u64 + (pos - h.start_pos);
+            if at + RECORD_HEADER_LEN as u64 > len {
+                return Ok(false);
+            }
+            f.read_exact_at(&mut hdr, at)
+                .map_err(|err| LoggerError::io(&e.path, err))?;
+            let Ok((rh, _)) = RecordHeader::decode(&hdr) else {
+                return Ok(false);
+            };
+            if rh.pos != pos || at + rh.total_len() > len {
+                return Ok(false);
+            }
+            pos += rh.total_len();
+        }
+        Ok(pos == target)
+    }
+
+    /// The stream position where the local logfiles end.
+    fn local_end(&self) -> Result<u64, LoggerError> {
+        let mut end = 0;
+        for (e, h) in self.logfiles()? {
+            let len = std::fs::metadata(&e.path)
+                .map_err(|err| LoggerError::io(&e.path, err))?
+                .len();
+            end = end.max(h.start_pos + len.saturating_sub(FILE_HEADER_LEN as u64));
+        }
+        Ok(end)
     }
 
     /// Next stream position to apply.
@@ -168,22 +472,25 @@ impl Replayer {
         if self.pos == self.persisted {
             return Ok(());
         }
+        self.save(self.pos.saturating_add(self.window))
+    }
+
+    /// Sync the disk, then write `replayed` (position and new limit), then
+    /// the mark. The limit never drops below a pending `until`, so that a
+    /// second reboot still reports the first one's damage.
+    fn save(&mut self, limit: u64) -> Result<(), LoggerError> {
+        let limit = limit.max(self.inconsistent_until().unwrap_or(0));
         self.disk
             .sync()
             .map_err(|e| LoggerError::Disk(e.to_string()))?;
-        let body = serde_json::to_vec(&ReplayedState {
-            format: 1,
-            pos: self.pos,
-        })
-        .unwrap_or_default();
-        let path = self.dir.join(REPLAYED_FILE);
-        write_atomic(&path, &body).map_err(|e| LoggerError::io(&path, e))?;
+        write_state(&self.dir, self.pos, Some(limit))?;
         self.persisted = self.pos;
-        Ok(())
+        self.limit = limit;
+        self.write_mark()
     }
 
-    /// The logfile holding `pos` (or starting exactly at it), its header, and the next one if any.
-    fn locate(&self) -> Result<Option<Located>, LoggerError> {
+    /// The logfiles with their headers (ones still being created are left out).
+    fn logfiles(&self) -> Result<Vec<(LogfileEntry, FileHeader)>, LoggerError> {
         let mut with_headers = Vec::new();
         for e in list_logfiles(&self.dir).map_err(|err| LoggerError::io(&self.dir, err))? {
             let f = File::open(&e.path).map_err(|err| LoggerError::io(&e.path, err))?;
@@ -201,6 +508,12 @@ impl Replayer {
                 }
             }
         }
+        Ok(with_headers)
+    }
+
+    /// The logfile holding `pos` (or starting exactly at it), its header, and the next one if any.
+    fn locate(&self) -> Result<Option<Located>, LoggerError> {
+        let mut with_headers = self.logfiles()?;
         // The first logfile that holds `pos`, or ends exactly at it and still
         // needs its version checked (an empty logfile, or one replayed to its
         // end before the next one arrived): never jump over a logfile, or the
@@ -339,6 +652,11 @@ impl Replayer {
                         reason,
                     });
                 }
+                // Never apply a record past the durable limit: a reboot must
+                // know how far the disk may be ahead of `replayed`.
+                if self.pos + total > self.limit {
+                    self.save(self.pos.saturating_add(self.window.max(total)))?;
+                }
                 let r = match h.kind {
                     Kind::Write => self.disk.write_vectored_at(&[&payload], h.offset),
                     Kind::Trim => self.disk.zero_range(h.offset, h.length, true),
@@ -346,6 +664,8 @@ impl Replayer {
                 };
                 r.map_err(|e| LoggerError::Disk(e.to_string()))?;
                 self.pos += total;
+                // The mark after the record: a kill from here on re-applies nothing.
+                self.write_mark()?;
                 at += total;
                 out.records += 1;
                 out.bytes += total;
@@ -455,9 +775,13 @@ impl Replayer {
     }
 }
 
-fn write_state(dir: &Path, pos: u64) -> Result<(), LoggerError> {
-    let body = serde_json::to_vec(&ReplayedState { format: 1, pos })
-        .map_err(|e| LoggerError::BadState(e.to_string()))?;
+fn write_state(dir: &Path, pos: u64, limit: Option<u64>) -> Result<(), LoggerError> {
+    let body = serde_json::to_vec(&ReplayedState {
+        format: 1,
+        pos,
+        limit,
+    })
+    .map_err(|e| LoggerError::BadState(e.to_string()))?;
     let path = dir.join(REPLAYED_FILE);
     write_atomic(&path, &body).map_err(|e| LoggerError::io(&path, e))
 }
@@ -491,7 +815,9 @@ pub fn demote(dir: &Path, node: &str, disk_path: &Path, size: u64) -> Result<u64
             remove_state_file(dir, &last.name())?;
         }
     }
-    write_state(dir, rec.end_pos)?;
+    // An old mark must not move the position written here.
+    remove_state_file(dir, HW_FILE)?;
+    write_state(dir, rec.end_pos, Some(rec.end_pos))?;
     remove_state_file(dir, APPLIED_FILE)?;
     Ok(rec.end_pos)
 }
@@ -503,13 +829,118 @@ pub fn demote(dir: &Path, node: &str, disk_path: &Path, size: u64) -> Result<u64
 /// position. Crash-safe like [`demote`].
 pub fn promote(dir: &Path) -> Result<u64, LoggerError> {
     if let Some(a) = read_applied(dir)? {
-        remove_state_file(dir, REPLAYED_FILE)?;
+        forget(dir)?;
         return Ok(a.applied_pos);
     }
     let pos = read_state(dir)?.map(|s| s.pos).ok_or_else(|| {
         LoggerError::BadState(format!("{}: nothing replayed here", dir.display()))
     })?;
     write_applied(dir, pos)?;
-    remove_state_file(dir, REPLAYED_FILE)?;
+    forget(dir)?;
     Ok(pos)
+}
+
+/// Remove replay's state (`replayed` and the high-water mark, the mark
+/// first): a new full sync, or the directory becomes a writer's.
+pub fn forget(dir: &Path) -> Result<(), LoggerError> {
+    remove_state_file(dir, HW_FILE)?;
+    remove_state_file(dir, REPLAYED_FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BOOT: &str = "c5dd6396-94c9-49c9-8831-c9c91e4f2c8e";
+
+    fn mark() -> HwMark {
+        HwMark {
+            boot_id: BOOT.into(),
+            base: 4096,
+            pos: 123_456_789,
+            until: u64::MAX,
+        }
+    }
+
+    #[test]
+    fn mark_round_trips_at_its_fixed_length() {
+        let b = mark().encode();
+        assert_eq!(b.len(), HW_LEN);
+        assert!(b.ends_with(b"\n") && b.starts_with(b"MARSHW1 "));
+        assert_eq!(HwMark::decode(&b), Some(mark()));
+        let zero = HwMark {
+            base: 0,
+            pos: 0,
+            until: 0,
+            ..mark()
+        };
+        assert_eq!(HwMark::decode(&zero.encode()), Some(zero));
+    }
+
+    #[test]
+    fn short_long_or_empty_marks_are_no_marks() {
+        let b = mark().encode();
+        for n in 0..b.len() {
+            assert_eq!(HwMark::decode(&b[..n]), None, "cut at {n}");
+        }
+        let mut long = b.clone();
+        long.push(b'\n');
+        assert_eq!(HwMark::decode(&long), None);
+        assert_eq!(HwMark::decode(&[0u8; HW_LEN]), None, "zeroes");
+    }
+
+    #[test]
+    fn every_flipped_bit_is_caught() {
+        let b = mark().encode();
+        for i in 0..b.len() {
+            for bit in 0..8 {
+                let mut x = b.clone();
+                x[i] ^= 1 << bit;
+                assert_eq!(HwMark::decode(&x), None, "byte {i} bit {bit}");
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_with_a_valid_crc_is_no_mark() {
+        // Well-formed apart from one field: the crc matches, the field does not.
+        let with_crc = |body: String| {
+            let mut b = body.into_bytes();
+            let crc = crc32c::crc32c(&b);
+            b.extend_from_slice(format!("{crc:08x}\n").as_bytes());
+            b
+        };
+        let p = format!("{:020}", 1);
+        for body in [
+            format!(
+                "MARSHW1 {} {p} {p} {p} ",
+                "C5DD6396-94C9-49C9-8831-C9C91E4F2C8E"
+            ),
+            format!(
+                "MARSHW1 {} {p} {p} {p} ",
+                "c5dd6396-94c9-49c9-8831-c9c91e4f2c8g"
+            ),
+            format!("MARSHW1 {BOOT} {p} {p} {:>20} ", "+1"),
+            format!("MARSHW1 {BOOT} {p} {p} {} ", "9".repeat(20)), // > u64::MAX
+            format!("MARSHW1 {BOOT} {p} {p}  {:019} ", 1),
+            format!("MARSHW2 {BOOT} {p} {p} {p} "),
+        ] {
+            let b = with_crc(body.clone());
+            assert_eq!(b.len(), HW_LEN, "{body}");
+            assert_eq!(HwMark::decode(&b), None, "{body}");
+        }
+        let ok = with_crc(format!("MARSHW1 {BOOT} {p} {p} {p} "));
+        assert!(HwMark::decode(&ok).is_some());
+    }
+
+    #[test]
+    fn boot_ids_are_checked() {
+        assert!(valid_boot_id(BOOT));
+        assert!(!valid_boot_id(""));
+        assert!(!valid_boot_id(&BOOT[1..]));
+        assert!(!valid_boot_id(&BOOT.replace('-', " ")));
+        if let Some(b) = current_boot_id() {
+            assert!(valid_boot_id(&b));
+        }
+    }
 }

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use mars_logfmt::{scan_logfile, Kind, VersionBuilder};
-use mars_logger::replay::Replayer;
+use mars_logger::replay::{HwMark, Replayer, HW_FILE, HW_LEN};
 use mars_logger::{list_logfiles, Config, Logger};
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
@@ -330,4 +330,165 @@ fn split_brain_halt_survives_a_restart() {
         v.end_pos
     );
     assert!(r.step(u64::MAX).is_err(), "stays stopped");
+}
+
+const BOOT: &str = "11111111-2222-4333-8444-555555555555";
+
+fn open_in_boot(dir: &Path, disk: &Path, boot: &str) -> Replayer {
+    Replayer::open_with_boot_id(dir, "beta", disk, SIZE, 0, Some(boot)).unwrap()
+}
+
+fn put_mark(dir: &Path, m: &HwMark) {
+    std::fs::write(dir.join(HW_FILE), m.encode()).unwrap();
+}
+
+/// A replayer that persisted, then applied more: (durable position, position reached).
+fn killed_after_unpersisted_records(dir: &Path, disk: &Path) -> (u64, u64) {
+    let mut r = open_in_boot(dir, disk, BOOT);
+    for _ in 0..5 {
+        assert_eq!(r.step(1).unwrap().records, 1);
+    }
+    r.persist().unwrap();
+    let durable = r.position();
+    for _ in 0..5 {
+        assert_eq!(r.step(1).unwrap().records, 1);
+    }
+    let reached = r.position();
+    assert!(std::fs::read(dir.join(HW_FILE)).unwrap().len() == HW_LEN);
+    (durable, reached)
+}
+
+#[test]
+fn high_water_mark_is_taken_only_when_it_fits() {
+    let root = tempfile::tempdir().unwrap();
+    let (adir, _) = primary_logs(root.path(), 300);
+    let (bdir, bdisk) = secondary(root.path(), &adir);
+    let (durable, reached) = killed_after_unpersisted_records(&bdir, &bdisk);
+    assert!(reached > durable);
+    let good = HwMark::decode(&std::fs::read(bdir.join(HW_FILE)).unwrap()).unwrap();
+    assert_eq!((good.base, good.pos, good.until), (durable, reached, 0));
+
+    // Same boot, fitting: go on at the mark, consistent.
+    let r = open_in_boot(&bdir, &bdisk, BOOT);
+    assert_eq!((r.position(), r.inconsistent_until()), (reached, None));
+    drop(r);
+
+    // Not usable: start at the durable position and report the disk
+    // inconsistent past everything that may have been applied.
+    let second = &list_logfiles(&bdir).unwrap()[1];
+    let mut h = [0u8; mars_logfmt::FILE_HEADER_LEN];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(&second.path).unwrap(),
+        &mut h,
+        0,
+    )
+    .unwrap();
+    let second_start = mars_logfmt::FileHeader::decode(&h).unwrap().start_pos;
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("missing", Vec::new()),
+        ("garbage", b"hello, world\n".repeat(9)),
+        ("short", good.encode()[..HW_LEN - 1].to_vec()),
+        (
+            "another boot",
+            HwMark {
+                boot_id: "99999999-2222-4333-8444-555555555555".into(),
+                ..good.clone()
+            }
+            .encode(),
+        ),
+        (
+            "not a record boundary",
+            HwMark {
+                pos: reached - 1,
+                ..good.clone()
+            }
+            .encode(),
+        ),
+        (
+            "inside a record",
+            HwMark {
+                pos: reached + 1,
+                ..good.clone()
+            }
+            .encode(),
+        ),
+        (
+            "other base",
+            HwMark {
+                base: durable + 1,
+                ..good.clone()
+            }
+            .encode(),
+        ),
+        (
+            "behind the durable position",
+            HwMark {
+                pos: durable - 1,
+                ..good.clone()
+            }
+            .encode(),
+        ),
+        (
+            "past the limit",
+            HwMark {
+                pos: durable + (1 << 40),
+                ..good.clone()
+            }
+            .encode(),
+        ),
+    ];
+    for (what, bytes) in bad {
+        if bytes.is_empty() {
+            let _ = std::fs::remove_file(bdir.join(HW_FILE));
+        } else {
+            std::fs::write(bdir.join(HW_FILE), &bytes).unwrap();
+        }
+        let r = open_in_boot(&bdir, &bdisk, BOOT);
+        assert_eq!(r.position(), durable, "{what}");
+        assert!(
+            r.inconsistent_until().is_some_and(|u| u >= reached),
+            "{what}: {:?}",
+            r.inconsistent_until()
+        );
+        drop(r);
+        // The new mark carries the report across a kill.
+        let r = open_in_boot(&bdir, &bdisk, BOOT);
+        assert_eq!(r.position(), durable, "{what}");
+        assert!(r.inconsistent_until().is_some(), "{what}");
+    }
+
+    // A logfile's start is a boundary too (walked to from nowhere).
+    put_mark(
+        &bdir,
+        &HwMark {
+            pos: second_start,
+            ..good.clone()
+        },
+    );
+    assert!(second_start > durable);
+    let r = open_in_boot(&bdir, &bdisk, BOOT);
+    assert_eq!(r.position(), second_start);
+    drop(r);
+
+    // The mark at the durable position itself: consistent there.
+    put_mark(
+        &bdir,
+        &HwMark {
+            pos: durable,
+            ..good.clone()
+        },
+    );
+    let r = open_in_boot(&bdir, &bdisk, BOOT);
+    assert_eq!((r.position(), r.inconsistent_until()), (durable, None));
+}
+
+#[test]
+fn promote_leaves_no_mark_behind() {
+    let root = tempfile::tempdir().unwrap();
+    let (adir, _) = primary_logs(root.path(), 60);
+    let (bdir, bdisk) = secondary(root.path(), &adir);
+    let (durable, _) = killed_after_unpersisted_records(&bdir, &bdisk);
+    assert_eq!(mars_logger::replay::promote(&bdir).unwrap(), durable);
+    assert!(!bdir.join(HW_FILE).exists());
+    assert!(!bdir.join(mars_logger::replay::REPLAYED_FILE).exists());
 }

@@ -788,7 +788,7 @@ impl Daemon {
             if let Some(h) = &a.secondary {
                 let p = h.progress.lock();
                 if p.syncing || p.consistent_from.is_some() {
-                    bail!("{name}: refused: this member's disk is inconsistent until its sync completes (sync {} of {} bytes, then replay to {}); it cannot be primary", p.sync_done, p.sync_total, p.consistent_from.map(|c| c.to_string()).unwrap_or_else(|| "its end".into()));
+                    bail!("{name}: refused: this member's disk is inconsistent until its sync completes and replay passes a position (sync {} of {} bytes, then replay to {}; after a reboot of a secondary, replay must pass what may be on its disk); it cannot be primary", p.sync_done, p.sync_total, p.consistent_from.map(|c| c.to_string()).unwrap_or_else(|| "its end".into()));
                 }
                 if p.split_brain && !force {
                     bail!("{name}: refused: this member is in split brain with the log; use `primary --force {name}` to make its data the primary's, or `invalidate {name}` to sync it again");
@@ -991,8 +991,13 @@ impl Daemon {
             let mut n = 0;
             for e in std::fs::read_dir(&dir)?.flatten() {
                 let f = e.file_name().to_string_lossy().into_owned();
-                let state =
-                    ["applied", "sync", mars_logger::replay::REPLAYED_FILE].contains(&f.as_str());
+                let state = [
+                    "applied",
+                    "sync",
+                    mars_logger::replay::REPLAYED_FILE,
+                    mars_logger::replay::HW_FILE,
+                ]
+                .contains(&f.as_str());
                 if state || f.starts_with("log-") || f.starts_with("version-") {
                     std::fs::remove_file(e.path())?;
                     n += 1;

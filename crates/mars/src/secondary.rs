@@ -9,7 +9,10 @@
 //!   when the sync began. The disk is `syncing` (inconsistent) until replay
 //!   has passed `end_pos`, the primary's position when the copy ended.
 //!   Resumable: `next_offset` is persisted every 64 blocks.
-//! - `replayed`: the replay position (`mars_logger::replay`).
+//! - `replayed`, `replayed.hw`: the replay position, durable and as of the
+//!   last applied record (`mars_logger::replay`). After a reboot the disk
+//!   is not consistent until replay passes what the replayer reports
+//!   (`consistent_from`).
 //!
 //! Logfiles are fetched whole (from offset 0, with their file header) into
 //! the resource directory under their origin's names, resuming at the local
@@ -358,13 +361,19 @@ impl Secondary {
                         self.size,
                         sync.start_pos,
                     );
-                    tokio::task::spawn_blocking(move || {
+                    let r = tokio::task::spawn_blocking(move || {
                         Replayer::open(&dir, &me, &disk, size, start)
                     })
                     .await
                     .map_err(anyhow::Error::from)
                     .and_then(|r| r.map_err(anyhow::Error::from))
-                    .inspect_err(|_| self.progress.lock().replaying = false)?
+                    .inspect_err(|_| self.progress.lock().replaying = false)?;
+                    // After a reboot, unsynced writes of replay may be partly on the disk.
+                    if let Some(until) = r.inconsistent_until() {
+                        let mut p = self.progress.lock();
+                        p.consistent_from = Some(p.consistent_from.map_or(until, |c| c.max(until)));
+                    }
+                    r
                 }
             };
             let stepped = tokio::task::spawn_blocking(move || {
@@ -416,8 +425,8 @@ impl Secondary {
                 Msg::Refused { reason } => bail!("primary {primary} refused the sync: {reason}"),
                 other => bail!("unexpected answer to SyncStart: {other:?}"),
             }
-            // A new sync: nothing replayed before counts.
-            let _ = std::fs::remove_file(self.dir.join(mars_logger::replay::REPLAYED_FILE));
+            // A new sync: nothing replayed before counts (nor its high-water mark).
+            mars_logger::replay::forget(&self.dir)?;
             write_sync(&self.dir, sync)?;
         }
         {
