@@ -499,7 +499,16 @@ impl Daemon {
         let syncing = p.syncing || p.consistent_from.is_some();
         ActualEntry {
             role: "secondary".into(),
-            disk: if syncing { "syncing" } else { "uptodate" }.into(),
+            // A split brain or a member cut off by emergency mode keeps a consistent
+            // but old image.
+            disk: if syncing {
+                "syncing"
+            } else if p.split_brain || p.cut_off {
+                "outdated"
+            } else {
+                "uptodate"
+            }
+            .into(),
             written: primary_written,
             fetched: p.fetched,
             replayed: p.replayed,
