@@ -64,7 +64,10 @@ if ! adm 0 view r0 >/dev/null 2>&1; then
   adm 0 create-resource r0 "$DEMO_DIR/disk-alpha.img"
 fi
 for ((i = 1; i < COUNT; i++)); do
-  if ! adm "$i" view r0 --json | grep -q "\"node\": \"${NAMES[$i]}\""; then
+  # The new resource reaches the other nodes by gossip within a moment.
+  for _ in $(seq 300); do adm "$i" view r0 >/dev/null 2>&1 && break; sleep 0.1; done
+  member=$(adm "$i" view r0 --json | python3 -c 'import json,sys; v=json.load(sys.stdin); print(any(m["node"]==v["node"] for m in v["resources"][0]["members"]))')
+  if [ "$member" != True ]; then
     adm "$i" join-resource r0 "$DEMO_DIR/disk-${NAMES[$i]}.img"
   fi
 done

@@ -143,6 +143,12 @@ pub enum Msg {
     SyncEnd {
         res: String,
     },
+    /// The primary's durable log position now (answered with `SyncInfo`):
+    /// `view RES` on a secondary asks it so that `wait-resource RES uptodate`
+    /// never judges on a position published before the latest writes.
+    LogStatus {
+        res: String,
+    },
     SyncInfo {
         pos: u64,
         size: u64,

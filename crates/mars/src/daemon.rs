@@ -19,7 +19,7 @@ use mars_api::{
 };
 use mars_logger::{Config as LoggerConfig, Logger, Status};
 use mars_nbd::{BoxFut, Export, Registry};
-use mars_proto::{write_data, write_msg, LogFileInfo, Msg};
+use mars_proto::{read_msg, write_data, write_msg, LogFileInfo, Msg};
 use parking_lot::RwLock;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -643,10 +643,24 @@ impl Daemon {
                     self.res_entry(n)?;
                 }
                 self.pull_foreign(name.as_deref()).await;
+                let fresh = match &name {
+                    Some(n) => self.primary_written_now(n).await,
+                    None => None,
+                };
                 let st = self.state.lock().await;
+                let mut view = self.view(&st, name.as_deref());
+                // Every member's lag is measured against what the primary wrote.
+                if let Some((_, written)) = fresh {
+                    for r in view.resources.iter_mut() {
+                        for m in r.members.iter_mut() {
+                            m.log.written = m.log.written.max(written);
+                            m.lag_bytes = m.log.written.saturating_sub(m.log.replayed);
+                        }
+                    }
+                }
                 Ok(Response {
                     ok: true,
-                    view: Some(self.view(&st, name.as_deref())),
+                    view: Some(view),
                     ..Default::default()
                 })
             }
@@ -970,6 +984,43 @@ impl Daemon {
     fn out_of_log_space(&self, dir: &Path, used: u64) -> bool {
         (self.cfg.log_space_bytes > 0 && used > self.cfg.log_space_bytes)
             || free_bytes(dir).is_some_and(|f| f < self.cfg.emergency_free_bytes)
+    }
+
+    /// The designated primary's durable log position, asked from it now (on a
+    /// member that is not the primary; `None` when it cannot be asked).
+    async fn primary_written_now(&self, res: &str) -> Option<(String, u64)> {
+        // Only members hear the primary: a non-member has no view of the replay anyway.
+        if !meta::resource(&self.peer.store.lock(), res)
+            .is_some_and(|r| r.members.iter().any(|m| m == self.me()))
+        {
+            return None;
+        }
+        let p = meta::designated_primary(&self.peer.store.lock(), res)?;
+        if p == self.me() || !self.peer.is_alive(&p) {
+            return None;
+        }
+        let ask = async {
+            let mut s = self.peer.connect(&p).await?;
+            write_msg(
+                &mut s,
+                &Msg::LogStatus {
+                    res: res.to_string(),
+                },
+            )
+            .await?;
+            match read_msg(&mut s).await? {
+                Msg::SyncInfo { pos, .. } => Ok(pos),
+                other => bail!("unexpected answer to LogStatus: {other:?}"),
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(2), ask).await {
+            Ok(Ok(pos)) => Some((p, pos)),
+            Ok(Err(e)) => {
+                tracing::debug!(resource = %res, primary = %p, "log status: {e:#}");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// `invalidate RES`: throw away this secondary's log copies and replay state, sync again.
@@ -1564,6 +1615,18 @@ impl Daemon {
                     s,
                     &Msg::SyncInfo {
                         pos: st.logged_pos,
+                        size: l.size(),
+                    },
+                )
+                .await?;
+            }
+            Msg::LogStatus { res } => {
+                let l = self.primary_logger(&res).await?;
+                let st = l.status();
+                write_msg(
+                    s,
+                    &Msg::SyncInfo {
+                        pos: st.synced_pos,
                         size: l.size(),
                     },
                 )

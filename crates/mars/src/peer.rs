@@ -682,6 +682,7 @@ impl Peer {
                 (
                     Relation::Member,
                     m @ (Msg::SyncStart { .. }
+                    | Msg::LogStatus { .. }
                     | Msg::SyncEnd { .. }
                     | Msg::SyncBlock { .. }
                     | Msg::LogList { .. }

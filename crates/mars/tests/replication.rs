@@ -256,6 +256,16 @@ fn midlog_sync_rotation_lag_and_split_brain() {
         nodes[0].adm_ok(&["log-rotate", "r0"]);
     }
     assert_eq!(c.write(3 * MIB, &[9u8; 4096], true).unwrap(), 0);
+    // Asked on the secondary right after the write: it must not answer from a
+    // position the primary published before that write.
+    nodes[1].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    let b = read(&b_disk);
+    assert!(
+        b[(3 * MIB) as usize..(3 * MIB + 4096) as usize]
+            .iter()
+            .all(|&x| x == 9),
+        "uptodate on beta before beta had the last write"
+    );
     nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
     let v = nodes[1].wait_view("beta replayed everything", |v| {
         member(v, "beta")["lag_bytes"] == 0 && member(v, "beta")["disk"] == "uptodate"
