@@ -64,6 +64,11 @@ pub enum Request {
     Invalidate {
         name: String,
     },
+    /// Grow the device to `bytes` (default: the smallest member disk).
+    Resize {
+        name: String,
+        bytes: Option<u64>,
+    },
     LogDelete {
         name: String,
     },

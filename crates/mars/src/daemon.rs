@@ -139,9 +139,13 @@ struct Actual {
     force_promote: bool,
     /// Logfiles a member had not replayed were deleted to free space.
     emergency: bool,
+    /// Bytes the local disk holds (published for `resize`).
+    disk_size: u64,
 }
 
 struct SecondaryHandle {
+    /// The resource size it runs with (restarted when it changes).
+    size: u64,
     progress: Arc<parking_lot::Mutex<Progress>>,
     /// Fetch and sync rate limits (bytes/s, 0: none).
     rates: [Arc<AtomicU64>; 2],
@@ -262,6 +266,7 @@ impl Daemon {
         self.remove_deleted_dirs(&desired);
         for r in desired.into_values() {
             let a = st.actual.entry(r.name.clone()).or_default();
+            a.disk_size = mars_logger::disk::disk_size(&r.disk).unwrap_or(0);
             // A member whose directory is not a log writer's (no `applied`) is a secondary.
             let rdir = node::resource_dir(&self.dir, &r.name);
             let designated_me = r.designated_primary.as_deref() == Some(me.as_str());
@@ -296,6 +301,14 @@ impl Daemon {
             }
             if let Some(h) = a.secondary.take() {
                 h.stop().await;
+            }
+            if a.logger.as_ref().is_some_and(|l| l.size() != r.size) {
+                // Resized: serve and log with the new size (clients reconnect).
+                tracing::info!(resource = %r.name, size = r.size, "reopening the log for the new size");
+                self.unexport(&r.name, a);
+                if let Some(l) = a.logger.take() {
+                    a.last_status = close_logger(l).await;
+                }
             }
             let want_export = r.attached && r.designated_primary.as_deref() == Some(me.as_str());
             if (!want_export || a.logger.is_none()) && a.export.is_some() {
@@ -414,6 +427,11 @@ impl Daemon {
 
     async fn reconcile_secondary(&self, r: &ResourceConfig, a: &mut Actual, me: &str) {
         let want = r.attached;
+        if a.secondary.as_ref().is_some_and(|h| h.size != r.size) {
+            if let Some(h) = a.secondary.take() {
+                h.stop().await;
+            }
+        }
         match (&a.secondary, want) {
             (Some(_), false) => {
                 if let Some(h) = a.secondary.take() {
@@ -456,6 +474,7 @@ impl Daemon {
                 tracing::info!(resource = %r.name, "secondary: sync, fetch and replay");
                 let task = tokio::spawn(sec.run());
                 a.secondary = Some(SecondaryHandle {
+                    size: r.size,
                     progress,
                     rates,
                     prefer_source,
@@ -521,6 +540,7 @@ impl Daemon {
             // Rounded to 100 ms: the entry is gossiped when it changes.
             lag_ms: lag.as_millis() as u64 / 100 * 100,
             emergency: p.cut_off,
+            disk_size: a.disk_size,
         }
     }
 
@@ -668,6 +688,7 @@ impl Daemon {
             Request::DeleteResource { name } => self.delete_resource(&name).await,
             Request::Primary { name, force } => self.become_primary(&name, force).await,
             Request::Invalidate { name } => self.invalidate(&name).await,
+            Request::Resize { name, bytes } => self.resize(&name, bytes).await,
             Request::SetRate { name, fetch, sync } => {
                 self.set_member(&name, |m| {
                     if let Some(f) = fetch {
@@ -1021,6 +1042,54 @@ impl Daemon {
             }
             Err(_) => None,
         }
+    }
+
+    /// `resize RES [BYTES]`: grow the device; every member's disk must hold it.
+    async fn resize(self: &Arc<Self>, name: &str, bytes: Option<u64>) -> Result<Response> {
+        let r = self.res_entry(name)?;
+        let sizes: Vec<(String, u64)> = {
+            let store = self.peer.store.lock();
+            r.members
+                .iter()
+                .map(|m| {
+                    let size = meta::get::<ActualEntry>(&store, &meta::actual_key(name, m))
+                        .map(|a| a.disk_size)
+                        .unwrap_or(0);
+                    (m.clone(), size)
+                })
+                .collect()
+        };
+        if let Some((m, _)) = sizes.iter().find(|(_, s)| *s == 0) {
+            bail!("{name}: refused: the disk size of member {m} is not known (is it running and attached?)");
+        }
+        let smallest = sizes.iter().map(|(_, s)| *s).min().unwrap_or(0);
+        let want = bytes.unwrap_or(smallest);
+        if want < r.size {
+            bail!("{name}: refused: shrinking ({} to {want} bytes) would lose data; only growing is supported", r.size);
+        }
+        if want == r.size {
+            return Ok(Response::ok(format!("{name}: already {want} bytes")));
+        }
+        if let Some((m, s)) = sizes.iter().find(|(_, s)| *s < want) {
+            bail!("{name}: refused: member {m}'s disk holds only {s} bytes, {want} needed");
+        }
+        self.peer.set(
+            &meta::res_key(name),
+            meta::to_value(&ResEntry {
+                size: want,
+                resource_id: r.resource_id,
+                members: Vec::new(),
+            }),
+        );
+        tracing::info!(resource = %name, from = r.size, to = want, "resized");
+        let mut st = self.state.lock().await;
+        self.reconcile_locked(&mut st, true).await;
+        outcome(&st, name, || {
+            format!(
+                "{name}: resized from {} to {want} bytes (new NBD connections see the new size)",
+                r.size
+            )
+        })
     }
 
     /// `invalidate RES`: throw away this secondary's log copies and replay state, sync again.
@@ -1548,6 +1617,7 @@ fn actual_entry(a: &Actual) -> ActualEntry {
         split_brain: false,
         lag_ms: 0,
         emergency: a.emergency,
+        disk_size: a.disk_size,
     }
 }
 

@@ -95,6 +95,9 @@ pub struct ActualEntry {
     /// needs `invalidate`.
     #[serde(default)]
     pub emergency: bool,
+    /// Bytes this member's disk holds (0: unknown); `resize` needs every one.
+    #[serde(default)]
+    pub disk_size: u64,
 }
 
 pub const CLUSTER_ID_KEY: &str = "c/d/cluster-id";

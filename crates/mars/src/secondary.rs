@@ -362,7 +362,14 @@ impl Secondary {
                         sync.start_pos,
                     );
                     let r = tokio::task::spawn_blocking(move || {
-                        Replayer::open(&dir, &me, &disk, size, start)
+                        // Records are bounded by what the disk holds, not by the
+                        // resource size this node knows: after a `resize` the
+                        // primary's first records beyond the old end may arrive
+                        // before the new size does.
+                        let bound = mars_logger::disk::disk_size(&disk)
+                            .unwrap_or(size)
+                            .max(size);
+                        Replayer::open(&dir, &me, &disk, bound, start)
                     })
                     .await
                     .map_err(anyhow::Error::from)

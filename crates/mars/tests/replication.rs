@@ -876,3 +876,52 @@ fn emergency_mode_keeps_the_primary_writing_and_invalidate_recovers() {
         member(v, "alpha")["emergency"] == false && member(v, "beta")["emergency"] == false
     });
 }
+
+/// `resize` grows the device on every member: refused beyond the smallest
+/// disk and for shrinking; new connections see the new size; data written
+/// beyond the old end reaches the secondary.
+#[test]
+fn resize_grows_the_device_on_every_member() {
+    let nodes = start_cluster(&["alpha", "beta"]);
+    let a_disk = nodes[0].disk("a.img", 32 * MIB);
+    let b_disk = nodes[1].disk("b.img", 24 * MIB);
+    // The resource starts at 8 MiB: created on an 8 MiB disk that then grows.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&a_disk)
+        .unwrap()
+        .set_len(8 * MIB)
+        .unwrap();
+    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&a_disk)
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    nodes[1].wait_view("r0 known", |v| resource(v, "r0").is_some());
+    nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    nodes[0].wait_view("both disk sizes known", |v| {
+        member(v, "beta")["disk"] == "uptodate"
+    });
+    let err = nodes[0].adm_err(&["resize", "r0", "4M"]);
+    assert!(err.contains("shrinking"), "{err}");
+    let err = nodes[0].adm_err(&["resize", "r0", "28M"]);
+    assert!(err.contains("beta") && err.contains("holds only"), "{err}");
+    let out = nodes[0].adm_ok(&["resize", "r0"]);
+    assert!(out.contains("to 25165824 bytes"), "{out}");
+    let v = nodes[0].wait_view("size 24 MiB everywhere", |v| {
+        resource(v, "r0").is_some_and(|r| r["size"] == 24 * MIB)
+    });
+    assert_eq!(resource(&v, "r0").unwrap()["size"], 24 * MIB);
+    nodes[0].adm_ok(&["wait-resource", "r0", "primary", "--timeout", "30"]);
+    let mut c = nodes[0].nbd("r0");
+    assert_eq!(c.size, 24 * MIB, "a new connection sees the new size");
+    assert_eq!(c.write(20 * MIB, &[5u8; 65536], true).unwrap(), 0);
+    nodes[1].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    let b = read(&b_disk);
+    assert!(b[(20 * MIB) as usize..(20 * MIB + 65536) as usize]
+        .iter()
+        .all(|&x| x == 5));
+}

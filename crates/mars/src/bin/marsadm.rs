@@ -133,6 +133,7 @@ enum Cmd {
     /// Grow the device.
     Resize {
         res: String,
+        #[arg(value_parser = parse_bytes)]
         bytes: Option<u64>,
     },
     /// Start a new logfile now.
@@ -233,10 +234,6 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("not a byte count: {s:?}"))
 }
 
-fn not_yet(what: &str) -> Result<i32> {
-    bail!("{what} is not available yet (see docs/DEVELOPMENT.md)")
-}
-
 fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
     let pause = |res: String, what, paused| Request::Pause {
         name: res,
@@ -310,7 +307,7 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
                 },
             )
         }
-        Cmd::Resize { .. } => not_yet("resize"),
+        Cmd::Resize { res, bytes } => say(dir, Request::Resize { name: res, bytes }),
         Cmd::CreateResource { res, disk } => say(dir, Request::CreateResource { name: res, disk }),
         Cmd::DeleteResource { res } => say(dir, Request::DeleteResource { name: res }),
         Cmd::Primary { force, res } => say(dir, Request::Primary { name: res, force }),
