@@ -635,9 +635,16 @@ out.append(f"- lag: the same fio with `--rw=write --bs=1M --iodepth=8 --rate={e[
            f" every 100 ms `marsadm view r0 --json` on alpha, beta and gamma; values from each secondary's own view"
            f" ({len(samples)} samples, {errors} failed). " + "; ".join(lag_detail))
 cf, cr = jl("catchup-fetch.json"), jl("catchup-replay.json")
+def phases(c):  # (first poll with fetched at the target, last poll before replayed moved)
+    t_f = next((x[0] for x in c["samples"] if x[1] >= c["target"]), None)
+    t_r = max((x[0] for x in c["samples"] if x[2] <= c["start_replayed"]), default=0.0)
+    return t_f, t_r
+tf, tr = phases(cf)
 out.append(f"- catch-up: beta paused, {int(e['CATCHUP_BYTES']) / MiB:,.0f} MiB written with fio (1 MiB, QD8, end_fsync);"
            " timed from `resume-fetch`/`resume-replay` until beta's own `log.replayed` reaches alpha's `log.written`"
-           f" (polled every 50 ms: {cf['polls']} / {cr['polls']} polls); with pause-replay, fetch had brought everything over before the resume")
+           f" (polled every 50 ms: {cf['polls']} / {cr['polls']} polls); with pause-replay, fetch had brought everything over before the resume."
+           f" After resume-fetch, beta's view showed the whole backlog fetched at {tf if tf is not None else float('nan'):.2f} s and replayed still"
+           f" at its start position at {tr:.2f} s (its `log.fetched` moves once per fetch round)")
 se, sd = jl("sync-equal.json"), jl("sync-different.json")
 out.append(f"- full sync: r1 created on alpha over {size_gib:g} GiB of /dev/urandom data; beta's disk a `cp` of it, gamma's other"
            " random data; timed from `join-resource` until the joiner's own view shows `sync: null` and `disk: uptodate`."
