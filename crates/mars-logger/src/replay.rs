@@ -847,6 +847,39 @@ pub fn forget(dir: &Path) -> Result<(), LoggerError> {
     remove_state_file(dir, REPLAYED_FILE)
 }
 
+/// On a replaying member: delete the local logfiles that end at or before
+/// `upto` and have a successor here (so the one replay is in stays). `upto`
+/// must not exceed the *durable* replay position (`replayed`): a restart
+/// resumes there. Version files stay (the chain needs them). Returns the
+/// names deleted.
+pub fn delete_replayed(dir: &Path, upto: u64) -> Result<Vec<String>, LoggerError> {
+    let logs = list_logfiles(dir).map_err(|e| LoggerError::io(dir, e))?;
+    let mut deleted = Vec::new();
+    for entry in logs.iter().take(logs.len().saturating_sub(1)) {
+        let f = File::open(&entry.path).map_err(|e| LoggerError::io(&entry.path, e))?;
+        let len = f
+            .metadata()
+            .map_err(|e| LoggerError::io(&entry.path, e))?
+            .len();
+        let mut b = [0u8; FILE_HEADER_LEN];
+        if f.read_exact_at(&mut b, 0).is_err() {
+            continue;
+        }
+        let Ok(h) = FileHeader::decode(&b) else {
+            continue;
+        };
+        let end = h.start_pos + len.saturating_sub(FILE_HEADER_LEN as u64);
+        if end <= upto {
+            std::fs::remove_file(&entry.path).map_err(|e| LoggerError::io(&entry.path, e))?;
+            deleted.push(entry.name());
+        }
+    }
+    if !deleted.is_empty() {
+        crate::crashsafe::sync_dir(dir).map_err(|e| LoggerError::io(dir, e))?;
+    }
+    Ok(deleted)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

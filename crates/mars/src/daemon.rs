@@ -908,8 +908,22 @@ impl Daemon {
     /// ones back.
     async fn delete_logs(&self, name: &str) -> Result<(Vec<String>, Vec<String>)> {
         let me = self.me().to_string();
-        let l = self.logger(name).await?;
-        let persisted = l.status().persisted_pos;
+        let dir = node::resource_dir(&self.dir, name);
+        let logger = {
+            let st = self.state.lock().await;
+            st.actual.get(name).and_then(|a| a.logger.clone())
+        };
+        let persisted = match &logger {
+            Some(l) => l.status().persisted_pos,
+            // A secondary: what replay has durably applied (a restart resumes there).
+            None => match crate::secondary::persisted_replayed(&dir) {
+                Some(p) => p,
+                None => {
+                    self.member_entry(name)?;
+                    return Ok((Vec::new(), Vec::new()));
+                }
+            },
+        };
         let (upto, lagging) = {
             let st = self.peer.store.lock();
             let members = meta::resource(&st, name)
@@ -928,7 +942,16 @@ impl Daemon {
             }
             (upto, lagging)
         };
-        let deleted = tokio::task::spawn_blocking(move || l.delete_applied(upto)).await??;
+        let deleted = match logger {
+            Some(l) => tokio::task::spawn_blocking(move || l.delete_applied(upto)).await??,
+            None => {
+                let upto = upto.min(persisted);
+                tokio::task::spawn_blocking(move || {
+                    mars_logger::replay::delete_replayed(&dir, upto)
+                })
+                .await??
+            }
+        };
         if !deleted.is_empty() {
             tracing::info!(resource = %name, files = ?deleted, "logfiles deleted");
         }
@@ -945,7 +968,7 @@ impl Daemon {
             let st = self.state.lock().await;
             st.actual
                 .iter()
-                .filter(|(_, a)| a.logger.is_some())
+                .filter(|(_, a)| a.logger.is_some() || a.secondary.is_some())
                 .map(|(n, _)| n.clone())
                 .collect()
         };

@@ -633,6 +633,12 @@ impl Secondary {
                         out.write_all_at(&data, local)?;
                         local += data.len() as u64;
                         fetched += data.len() as u64;
+                        {
+                            let reached = f.start_pos
+                                + local.saturating_sub(mars_logfmt::FILE_HEADER_LEN as u64);
+                            let mut p = self.progress.lock();
+                            p.fetched = p.fetched.max(reached);
+                        }
                         throttle.spend(data.len() as u64).await;
                     }
                     other => bail!("unexpected answer to Fetch: {other:?}"),

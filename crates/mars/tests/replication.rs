@@ -765,8 +765,10 @@ fn fetch_rate_limit_holds_and_lifts() {
 #[test]
 fn space_policy_deletes_only_what_every_member_replayed() {
     let mut nodes = start_cluster(&["alpha", "beta"]);
-    // alpha keeps at most 1 MiB of logfiles.
+    // alpha and beta keep at most 1 MiB of logfiles.
     set_node_setting(&mut nodes[0], "log_keep_bytes", MIB);
+    set_node_setting(&mut nodes[1], "log_keep_bytes", MIB);
+    nodes[1].wait_view("alpha alive", |v| all_alive(v, &["alpha", "beta"]));
     let size = 16 * MIB;
     let a_disk = nodes[0].disk("a.img", size);
     nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
@@ -814,6 +816,15 @@ fn space_policy_deletes_only_what_every_member_replayed() {
         std::time::Duration::from_secs(30),
         || logs(&rdir).len() <= 1,
     );
+    // The secondary's copies go too (all but the one replay is in).
+    let bdir = nodes[1].dir.join("resources/r0");
+    wait_for(
+        "beta's policy deletes its replayed copies",
+        std::time::Duration::from_secs(30),
+        || logs(&bdir).len() <= 1,
+    );
+    let out = nodes[1].adm_ok(&["log-delete", "r0"]);
+    assert!(out.contains("no logfile deleted"), "{out}");
     assert!(read(&b_disk) == read(&a_disk));
 }
 
