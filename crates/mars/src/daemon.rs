@@ -531,7 +531,11 @@ impl Daemon {
             written: primary_written,
             fetched: p.fetched,
             replayed: p.replayed,
-            error: p.error.clone().or(a.error.clone()),
+            error: p
+                .replay_error
+                .clone()
+                .or(p.error.clone())
+                .or(a.error.clone()),
             logfile: None,
             sync: p.syncing.then_some((p.sync_done, p.sync_total)),
             blocks_transferred: p.blocks_transferred,

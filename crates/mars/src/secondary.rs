@@ -72,6 +72,9 @@ pub struct Progress {
     /// The source no longer has the logfiles this member needs (deleted in
     /// emergency mode): only `invalidate` (a full sync) helps.
     pub cut_off: bool,
+    /// Why replay stopped or failed last (kept apart from sync/fetch errors,
+    /// which a successful fetch round clears).
+    pub replay_error: Option<String>,
 }
 
 /// Lag in seconds without comparing clocks of different nodes: remembers when
@@ -240,29 +243,61 @@ impl Secondary {
                 p.sync_total = self.size;
             }
         }
-        while !self.stop.load(Ordering::Acquire) {
-            let idle = match self.round(&mut replayer).await {
-                Ok(idle) => {
-                    self.progress.lock().error = None;
-                    idle
-                }
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    let mut p = self.progress.lock();
-                    if p.error.as_deref() != Some(msg.as_str()) {
-                        tracing::warn!(resource = %self.res, "secondary: {msg}");
+        // Sync and fetch in one loop, replay in another, concurrently: a
+        // secondary applies what it has while it fetches more.
+        let wake = tokio::sync::Notify::new();
+        let transfer = async {
+            while !self.stop.load(Ordering::Acquire) {
+                let idle = match self.transfer_round(&wake).await {
+                    Ok(idle) => {
+                        self.progress.lock().error = None;
+                        idle
                     }
-                    p.error = Some(msg);
-                    true
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        let mut p = self.progress.lock();
+                        if p.error.as_deref() != Some(msg.as_str()) {
+                            tracing::warn!(resource = %self.res, "secondary: {msg}");
+                        }
+                        p.error = Some(msg);
+                        true
+                    }
+                };
+                if idle {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-            };
-            if idle {
-                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-        }
-        if let Some(mut r) = replayer {
-            let _ = tokio::task::spawn_blocking(move || r.persist()).await;
-        }
+            wake.notify_one();
+        };
+        let replay = async {
+            while !self.stop.load(Ordering::Acquire) {
+                let idle = match self.replay_round(&mut replayer).await {
+                    Ok(idle) => {
+                        self.progress.lock().replay_error = None;
+                        idle
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        let mut p = self.progress.lock();
+                        if p.replay_error.as_deref() != Some(msg.as_str()) {
+                            tracing::warn!(resource = %self.res, "secondary: {msg}");
+                        }
+                        p.replay_error = Some(msg);
+                        true
+                    }
+                };
+                if idle {
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                }
+            }
+            if let Some(mut r) = replayer.take() {
+                let _ = tokio::task::spawn_blocking(move || r.persist()).await;
+            }
+        };
+        tokio::join!(transfer, replay);
     }
 
     /// The member to sync from: the designated primary.
@@ -313,8 +348,8 @@ impl Secondary {
             .ok_or_else(|| anyhow!("no reachable member to fetch the log from"))
     }
 
-    /// One round: sync if needed, fetch what is new, replay what was fetched. Returns true when idle.
-    async fn round(&self, replayer: &mut Option<Replayer>) -> Result<bool> {
+    /// One round of transfer: sync if needed, then fetch what is new. Returns true when idle.
+    async fn transfer_round(&self, wake: &tokio::sync::Notify) -> Result<bool> {
         let mut sync = read_sync(&self.dir)?.unwrap_or(SyncState {
             format: 1,
             ..Default::default()
@@ -330,11 +365,12 @@ impl Secondary {
         if !self.pause_fetch.load(Ordering::Acquire) {
             match self.fetch_source() {
                 Ok(source) => {
-                    let from = replayer
-                        .as_ref()
-                        .map(|r| r.position())
-                        .unwrap_or(sync.start_pos);
-                    idle &= self.fetch(&source, from).await? == 0;
+                    let from = self.progress.lock().replayed.max(sync.start_pos);
+                    let got = self.fetch(&source, from).await?;
+                    if got > 0 {
+                        wake.notify_one();
+                    }
+                    idle &= got == 0;
                 }
                 Err(e) => {
                     let mut p = self.progress.lock();
@@ -345,6 +381,16 @@ impl Secondary {
                 }
             }
         }
+        Ok(idle)
+    }
+
+    /// One replay step (at most 64 MiB) once the sync is done. Returns true when idle.
+    async fn replay_round(&self, replayer: &mut Option<Replayer>) -> Result<bool> {
+        let sync = match read_sync(&self.dir)? {
+            Some(s) if s.done => s,
+            _ => return Ok(true), // the disk is not a base for replay yet
+        };
+        let mut idle = true;
         // Announce the step before looking at the pause flag: pause-replay sets the flag,
         // then waits while `replaying` is set, so it never returns while a step runs.
         self.progress.lock().replaying = true;
