@@ -1858,7 +1858,7 @@ mod tests {
                     .write(
                         (i * 4096) % SIZE,
                         Bytes::from(vec![i as u8; 4096]),
-                        i % 3 == 0,
+                        i.is_multiple_of(3),
                     )
                     .await
                     .unwrap();

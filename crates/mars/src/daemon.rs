@@ -11,15 +11,15 @@ use crate::meta::{self, ActualEntry, MemberEntry, ResEntry};
 use crate::node::{self, NodeConfig, ResourceConfig};
 use crate::peer::{DataServer, Peer};
 use crate::secondary::{Progress, Secondary};
-use mars_proto::{write_data, write_msg, LogFileInfo, Msg};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use mars_api::{
-    SyncView, ClusterView, LogView, MemberView, NodeView, PauseKind, PausedView, Request, ResourceView,
-    Response, View,
+    ClusterView, LogView, MemberView, NodeView, PauseKind, PausedView, Request, ResourceView,
+    Response, SyncView, View,
 };
 use mars_logger::{Config as LoggerConfig, Logger, Status};
 use mars_nbd::{BoxFut, Export, Registry};
+use mars_proto::{write_data, write_msg, LogFileInfo, Msg};
 use parking_lot::RwLock;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -332,9 +332,17 @@ impl Daemon {
                 }
             }
             (None, true) => {
-                let progress = Arc::new(parking_lot::Mutex::new(Progress { syncing: true, sync_total: r.size, ..Default::default() }));
+                let progress = Arc::new(parking_lot::Mutex::new(Progress {
+                    syncing: true,
+                    sync_total: r.size,
+                    ..Default::default()
+                }));
                 let stop = Arc::new(AtomicBool::new(false));
-                let pauses = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
+                let pauses = [
+                    Arc::new(AtomicBool::new(false)),
+                    Arc::new(AtomicBool::new(false)),
+                    Arc::new(AtomicBool::new(false)),
+                ];
                 let sec = Secondary {
                     res: r.name.clone(),
                     dir: node::resource_dir(&self.dir, &r.name),
@@ -350,7 +358,12 @@ impl Daemon {
                 };
                 tracing::info!(resource = %r.name, "secondary: sync, fetch and replay");
                 let task = tokio::spawn(sec.run());
-                a.secondary = Some(SecondaryHandle { progress, stop, pauses, task });
+                a.secondary = Some(SecondaryHandle {
+                    progress,
+                    stop,
+                    pauses,
+                    task,
+                });
             }
             _ => {}
         }
@@ -363,13 +376,16 @@ impl Daemon {
         let now = Self::actual_entry_of(a, written);
         if a.published.as_ref() != Some(&now) {
             a.published = Some(now.clone());
-            self.peer.set(&meta::actual_key(&r.name, me), meta::to_value(&now));
+            self.peer
+                .set(&meta::actual_key(&r.name, me), meta::to_value(&now));
         }
     }
 
     /// What this member reports about itself.
     fn actual_entry_of(a: &Actual, primary_written: u64) -> ActualEntry {
-        let Some(h) = &a.secondary else { return actual_entry(a) };
+        let Some(h) = &a.secondary else {
+            return actual_entry(a);
+        };
         let p = h.progress.lock().clone();
         let syncing = p.syncing || p.consistent_from.is_some();
         ActualEntry {
@@ -594,13 +610,19 @@ impl Daemon {
                 let persisted = l.status().persisted_pos;
                 let lagging: Vec<String> = {
                     let st = self.peer.store.lock();
-                    let members = meta::resource(&st, &name).map(|r| r.members).unwrap_or_default();
+                    let members = meta::resource(&st, &name)
+                        .map(|r| r.members)
+                        .unwrap_or_default();
                     members
                         .into_iter()
                         .filter(|m| *m != me)
                         .filter_map(|m| {
-                            let replayed = meta::get::<ActualEntry>(&st, &meta::actual_key(&name, &m)).map(|a| a.replayed).unwrap_or(0);
-                            (replayed < persisted).then(|| format!("{m} (replayed {replayed} of {persisted})"))
+                            let replayed =
+                                meta::get::<ActualEntry>(&st, &meta::actual_key(&name, &m))
+                                    .map(|a| a.replayed)
+                                    .unwrap_or(0);
+                            (replayed < persisted)
+                                .then(|| format!("{m} (replayed {replayed} of {persisted})"))
                         })
                         .collect()
                 };
@@ -644,7 +666,10 @@ impl Daemon {
         loop {
             let running = {
                 let st = self.state.lock().await;
-                st.actual.get(name).and_then(|a| a.secondary.as_ref()).is_some_and(|h| h.progress.lock().replaying)
+                st.actual
+                    .get(name)
+                    .and_then(|a| a.secondary.as_ref())
+                    .is_some_and(|h| h.progress.lock().replaying)
             };
             if !running {
                 return Ok(());
@@ -666,7 +691,9 @@ impl Daemon {
             self.peer.delete(&meta::actual_key(name, m));
         }
         self.reconcile().await;
-        Ok(Response::ok(format!("resource {name} deleted (disks were left as they are)")))
+        Ok(Response::ok(format!(
+            "resource {name} deleted (disks were left as they are)"
+        )))
     }
 
     async fn join_resource(self: &Arc<Self>, name: &str, disk: &str) -> Result<Response> {
@@ -676,28 +703,47 @@ impl Daemon {
             bail!("{me} is already a member of {name}");
         }
         let disk_path = std::fs::canonicalize(disk).with_context(|| format!("disk {disk}"))?;
-        let size = mars_logger::disk::disk_size(&disk_path).with_context(|| format!("disk {}", disk_path.display()))?;
+        let size = mars_logger::disk::disk_size(&disk_path)
+            .with_context(|| format!("disk {}", disk_path.display()))?;
         if size < r.size {
-            bail!("disk {} has {size} bytes, {name} needs {}", disk_path.display(), r.size);
+            bail!(
+                "disk {} has {size} bytes, {name} needs {}",
+                disk_path.display(),
+                r.size
+            );
         }
         if let Some(other) = self.desired().values().find(|x| x.disk == disk_path) {
-            bail!("disk {} is already used by resource {}", disk_path.display(), other.name);
+            bail!(
+                "disk {} is already used by resource {}",
+                disk_path.display(),
+                other.name
+            );
         }
         let rdir = node::resource_dir(&self.dir, name);
         if rdir.exists() {
-            bail!("{} exists (left over from an earlier membership?); remove it first", rdir.display());
+            bail!(
+                "{} exists (left over from an earlier membership?); remove it first",
+                rdir.display()
+            );
         }
-        std::fs::create_dir_all(&rdir).with_context(|| format!("cannot create {}", rdir.display()))?;
+        std::fs::create_dir_all(&rdir)
+            .with_context(|| format!("cannot create {}", rdir.display()))?;
         let member = MemberEntry::up(&disk_path);
-        self.peer.set(&meta::member_key(name, &me), meta::to_value(&member));
-        self.peer.set(&meta::membership_key(name, &me), serde_json::Value::Bool(true));
+        self.peer
+            .set(&meta::member_key(name, &me), meta::to_value(&member));
+        self.peer.set(
+            &meta::membership_key(name, &me),
+            serde_json::Value::Bool(true),
+        );
         // The primary learns of the new member before this command returns.
         let primary = meta::designated_primary(&self.peer.store.lock(), name);
         if let Some(p) = primary.filter(|p| *p != me) {
             self.peer.ae_with(&p, "c/").await;
         }
         self.reconcile().await;
-        Ok(Response::ok(format!("{me} joined {name} as a secondary; a full sync runs (see `marsadm view {name}`)")))
+        Ok(Response::ok(format!(
+            "{me} joined {name} as a secondary; a full sync runs (see `marsadm view {name}`)"
+        )))
     }
 
     async fn leave_resource(self: &Arc<Self>, name: &str) -> Result<Response> {
@@ -720,7 +766,9 @@ impl Daemon {
         self.reconcile().await;
         let rdir = node::resource_dir(&self.dir, name);
         let _ = std::fs::remove_dir_all(&rdir);
-        Ok(Response::ok(format!("{me} left {name} (its disk was left as it is)")))
+        Ok(Response::ok(format!(
+            "{me} left {name} (its disk was left as it is)"
+        )))
     }
 
     async fn leave_cluster(self: &Arc<Self>) -> Result<Response> {
@@ -868,10 +916,17 @@ impl Daemon {
             &meta::primary_key(name),
             serde_json::Value::String(me.clone()),
         );
-        self.peer.set(&meta::membership_key(name, &me), serde_json::Value::Bool(true));
+        self.peer.set(
+            &meta::membership_key(name, &me),
+            serde_json::Value::Bool(true),
+        );
         self.peer.set(
             &meta::res_key(name),
-            meta::to_value(&ResEntry { size, resource_id, members: Vec::new() }),
+            meta::to_value(&ResEntry {
+                size,
+                resource_id,
+                members: Vec::new(),
+            }),
         );
         self.reconcile_locked(&mut st, true).await;
         Ok(Response::ok(format!(
@@ -1060,7 +1115,13 @@ impl DataServer for Daemon {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     let reason = format!("{e:#}");
-                    let _ = write_msg(s, &Msg::Refused { reason: reason.clone() }).await;
+                    let _ = write_msg(
+                        s,
+                        &Msg::Refused {
+                            reason: reason.clone(),
+                        },
+                    )
+                    .await;
                     Err(anyhow::anyhow!(reason))
                 }
             }
@@ -1084,14 +1145,27 @@ impl Daemon {
             Msg::SyncStart { res } | Msg::SyncEnd { res } => {
                 let l = self.primary_logger(&res).await?;
                 let st = l.status();
-                write_msg(s, &Msg::SyncInfo { pos: st.logged_pos, size: l.size() }).await?;
+                write_msg(
+                    s,
+                    &Msg::SyncInfo {
+                        pos: st.logged_pos,
+                        size: l.size(),
+                    },
+                )
+                .await?;
             }
-            Msg::SyncBlock { res, offset, len, digest } => {
+            Msg::SyncBlock {
+                res,
+                offset,
+                len,
+                digest,
+            } => {
                 let l = self.primary_logger(&res).await?;
                 if len > MAX_CHUNK || offset.checked_add(len as u64).is_none_or(|e| e > l.size()) {
                     bail!("block {offset}+{len} is out of range");
                 }
-                let data = tokio::task::spawn_blocking(move || l.read(offset, len as u64)).await??;
+                let data =
+                    tokio::task::spawn_blocking(move || l.read(offset, len as u64)).await??;
                 if blake3::hash(&data).to_hex().as_str() == digest {
                     write_msg(s, &Msg::Same).await?;
                 } else {
@@ -1102,32 +1176,42 @@ impl Daemon {
             Msg::LogList { res } => {
                 self.res_entry(&res)?;
                 let dir = node::resource_dir(&self.dir, &res);
-                let (mut files, versions) = tokio::task::spawn_blocking(move || list_for_fetch(&dir)).await??;
+                let (mut files, versions) =
+                    tokio::task::spawn_blocking(move || list_for_fetch(&dir)).await??;
                 // The primary's current logfile is offered only up to what is durable: a
                 // secondary never applies a write that a crash of the primary could undo.
                 if let Some((current, synced)) = self.durable_end(&res).await {
                     for f in files.iter_mut().filter(|f| f.name == current) {
-                        let durable = mars_logfmt::FILE_HEADER_LEN as u64 + synced.saturating_sub(f.start_pos);
+                        let durable = mars_logfmt::FILE_HEADER_LEN as u64
+                            + synced.saturating_sub(f.start_pos);
                         f.len = f.len.min(durable);
                     }
                 }
                 write_msg(s, &Msg::Logs { files, versions }).await?;
             }
-            Msg::Fetch { res, file, offset, max } => {
+            Msg::Fetch {
+                res,
+                file,
+                offset,
+                max,
+            } => {
                 self.res_entry(&res)?;
                 if mars_logfmt::parse_logfile_name(&file).is_none() {
                     bail!("bad logfile name {file:?}");
                 }
                 let path = node::resource_dir(&self.dir, &res).join(&file);
                 let mut max = max.min(MAX_CHUNK) as usize;
-                if let Some((_, synced)) = self.durable_end(&res).await.filter(|(c, _)| *c == file) {
+                if let Some((_, synced)) = self.durable_end(&res).await.filter(|(c, _)| *c == file)
+                {
                     let start = read_start_pos(&path)?;
-                    let durable = mars_logfmt::FILE_HEADER_LEN as u64 + synced.saturating_sub(start);
+                    let durable =
+                        mars_logfmt::FILE_HEADER_LEN as u64 + synced.saturating_sub(start);
                     max = max.min(durable.saturating_sub(offset) as usize);
                 }
                 let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
                     use std::os::unix::fs::FileExt;
-                    let f = std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
+                    let f = std::fs::File::open(&path)
+                        .with_context(|| format!("{}", path.display()))?;
                     let mut buf = vec![0u8; max];
                     let mut n = 0;
                     while n < max {
@@ -1141,7 +1225,15 @@ impl Daemon {
                     Ok(buf)
                 })
                 .await??;
-                write_msg(s, &Msg::Chunk { file, offset, len: data.len() as u32 }).await?;
+                write_msg(
+                    s,
+                    &Msg::Chunk {
+                        file,
+                        offset,
+                        len: data.len() as u32,
+                    },
+                )
+                .await?;
                 write_data(s, &data).await?;
             }
             other => bail!("unexpected message {other:?}"),
@@ -1165,7 +1257,9 @@ fn read_start_pos(path: &Path) -> Result<u64> {
     let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
     let mut h = [0u8; mars_logfmt::FILE_HEADER_LEN];
     f.read_exact_at(&mut h, 0)?;
-    Ok(mars_logfmt::FileHeader::decode(&h).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?.start_pos)
+    Ok(mars_logfmt::FileHeader::decode(&h)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        .start_pos)
 }
 
 /// Logfiles (with their start position and length) and version files of a resource directory.
@@ -1184,8 +1278,15 @@ fn list_for_fetch(dir: &Path) -> Result<(Vec<LogFileInfo>, VersionFiles)> {
         if f.read_exact_at(&mut h, 0).is_err() {
             continue;
         }
-        let Ok(header) = mars_logfmt::FileHeader::decode(&h) else { continue };
-        files.push(LogFileInfo { name: e.name(), start_pos: header.start_pos, len, finished: i + 1 < n });
+        let Ok(header) = mars_logfmt::FileHeader::decode(&h) else {
+            continue;
+        };
+        files.push(LogFileInfo {
+            name: e.name(),
+            start_pos: header.start_pos,
+            len,
+            finished: i + 1 < n,
+        });
     }
     let mut versions = Vec::new();
     for e in std::fs::read_dir(dir)?.flatten() {
