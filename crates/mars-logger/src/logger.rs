@@ -223,6 +223,11 @@ struct Shared {
     /// Lock order: `sync` and `wb` are never held together; `failed` may be taken
     /// while holding either.
     sync: Mutex<SyncState>,
+    /// Held around every fdatasync of the log and the bookkeeping after it (taken
+    /// before `sync`): two syncs of the same file racing could otherwise see one
+    /// failure between them (the kernel reports a writeback error once per open
+    /// file), and the other would then report as durable what the failure lost.
+    sync_io: Mutex<()>,
     /// The syncer waits here for waiters, a full batch, or the idle timeout.
     sync_cv: Condvar,
     wb: Mutex<WbState>,
@@ -274,6 +279,30 @@ impl Shared {
         }
         for r in ready {
             let _ = r.send(Ok(()));
+        }
+    }
+
+    /// fdatasync `file` (the current logfile, or the one just finished) so that
+    /// everything before log position `target` is durable, then acknowledge what
+    /// that covers. Refused once the logger failed: a sync after a failed one proves
+    /// nothing, so nothing may be reported durable any more.
+    fn sync_log(&self, file: &File, path: &Path, target: u64) -> io::Result<()> {
+        let _io = self.sync_io.lock();
+        if let Some(f) = self.failed.lock().clone() {
+            return Err(io::Error::other(f));
+        }
+        if self.sync.lock().synced_pos >= target {
+            return Ok(());
+        }
+        match file.sync_data() {
+            Ok(()) => {
+                self.advance_synced(target);
+                Ok(())
+            }
+            Err(e) => {
+                self.fail_sync(path, &e);
+                Err(e)
+            }
         }
     }
 
@@ -342,6 +371,7 @@ impl Logger {
                 stop: false,
             }),
             sync_cv: Condvar::new(),
+            sync_io: Mutex::new(()),
             wb: Mutex::new(WbState {
                 synced_pos: rec.end_pos,
                 ..Default::default()
@@ -814,16 +844,7 @@ impl Writer {
         if self.shared.sync.lock().synced_pos >= self.pos {
             return Ok(());
         }
-        if let Some(f) = self.shared.failed.lock().clone() {
-            // A sync after a failed one proves nothing: never report durability again.
-            return Err(io::Error::other(f));
-        }
-        if let Err(e) = self.file.sync_data() {
-            self.shared.fail_sync(&self.entry.path, &e);
-            return Err(e);
-        }
-        self.shared.advance_synced(self.pos);
-        Ok(())
+        self.shared.sync_log(&self.file, &self.entry.path, self.pos)
     }
 
     fn process(&mut self, batch: &mut Vec<Op>) {
@@ -835,7 +856,14 @@ impl Writer {
         }
         if self.pos - self.file_start_pos >= self.shared.cfg.logfile_max_bytes {
             if let Err(e) = self.rotate() {
-                self.shared.fail(format!("log rotation: {e}"));
+                // The old logfile may not be durable (or no new one exists): nothing of
+                // this batch is logged, and nothing more will be.
+                let msg = format!("log rotation: {e}");
+                self.shared.fail(msg.clone());
+                for op in batch.drain(..) {
+                    reply_err(op, &msg);
+                }
+                return;
             }
         }
         let start_pos = self.pos;
@@ -895,16 +923,26 @@ impl Writer {
                 crate::disk::pwritev_all(&self.file, &bufs, file_offset)
             };
             if let Err(e) = res {
-                // Undo: cut what may have been written, give the positions back.
-                let _ = self.file.set_len(file_offset);
-                self.pos = start_pos;
-                self.next_seq = start_seq;
+                // Undo: cut what may have been written, give the positions back. The
+                // next batch reuses these positions and record numbers: if the cut
+                // fails, a stale record could pass for the next one, so stop instead.
                 let msg = format!("log write to {}: {e}", self.entry.path.display());
                 tracing::error!("{msg}");
+                if let Err(cut) = self.file.set_len(file_offset) {
+                    self.shared
+                        .fail(format!("{msg}; cutting the partial batch: {cut}"));
+                }
+                self.pos = start_pos;
+                self.next_seq = start_seq;
                 for op in batch.drain(..) {
                     match op {
                         Op::Write { reply, .. } | Op::Zero { reply, .. } => {
-                            let _ = reply.send(Err(io::Error::new(e.kind(), msg.clone())));
+                            // Keep the errno (ENOSPC must reach the client as ENOSPC).
+                            let err = match e.raw_os_error() {
+                                Some(code) => io::Error::from_raw_os_error(code),
+                                None => io::Error::new(e.kind(), msg.clone()),
+                            };
+                            let _ = reply.send(Err(err));
                         }
                         other => self.finish_op(other),
                     }
@@ -1151,10 +1189,8 @@ fn sync_loop(shared: Arc<Shared>) {
         deadline = None;
         let (file, path, target) = (s.file.clone(), s.path.clone(), s.written_pos);
         drop(s);
-        match file.sync_data() {
-            Ok(()) => shared.advance_synced(target),
-            Err(e) => shared.fail_sync(&path, &e),
-        }
+        // Errors are handled inside (the logger fails, waiters get the error).
+        let _ = shared.sync_log(&file, &path, target);
         s = shared.sync.lock();
     }
 }
@@ -1231,7 +1267,9 @@ fn writeback_loop(shared: Arc<Shared>) {
                     .queue
                     .front()
                     .is_some_and(|e| e.end_pos() <= wb.synced_pos);
-                if ready || (wb.writer_done && wb.queue.is_empty()) {
+                // Once the writer is done (its last sync behind it), records still
+                // unsynced never will be (the logger failed): stop at them.
+                if ready || wb.writer_done {
                     break;
                 }
                 shared.wb_cv.wait(&mut wb);
@@ -1256,13 +1294,24 @@ fn writeback_loop(shared: Arc<Shared>) {
                     None => break,
                 }
             }
-            (batch, eof, wb.writer_done && wb.queue.is_empty())
+            let stuck = wb
+                .queue
+                .front()
+                .is_some_and(|e| e.end_pos() > wb.synced_pos);
+            (batch, eof, wb.writer_done && (wb.queue.is_empty() || stuck))
         };
         if !batch.is_empty() {
             if let Err(e) = apply_batch(&shared.disk, &batch) {
                 shared.fail(format!("writeback to {}: {e}", shared.cfg.disk.display()));
-                // Keep the records in memory (reads stay correct) and retry later.
+                // Keep the records in memory (reads stay correct) and retry later;
+                // at shutdown, give up: they are in the log, and the next open
+                // applies them again (the applied position stays before them).
                 let mut wb = shared.wb.lock();
+                if wb.writer_done {
+                    wb.writeback_done = true;
+                    shared.persist_cv.notify_all();
+                    return;
+                }
                 if let Some(f) = eof {
                     wb.queue.push_front(WbItem::EndOfFile(f));
                 }
@@ -1593,6 +1642,46 @@ mod tests {
         logger.close();
         let (a, s, l2) = positions(&logger);
         assert_eq!((a, s), (l2, l2), "close syncs and writes back everything");
+    }
+
+    /// A logger that failed with records logged but not synced must still close
+    /// (writeback used to wait forever for a sync that could no longer come), must
+    /// not report them durable, and must leave them to recovery.
+    #[test]
+    fn a_failed_logger_closes_and_acknowledges_nothing_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = setup(dir.path());
+        cfg.idle_sync = Duration::from_secs(3600);
+        cfg.sync_batch_bytes = u64::MAX;
+        let rt = rt();
+        let logger = Logger::open(cfg.clone()).unwrap();
+        rt.block_on(async {
+            for i in 0..8u64 {
+                logger
+                    .write(i * 4096, Bytes::from(vec![5u8; 4096]), false)
+                    .await
+                    .unwrap();
+            }
+        });
+        let (_, s0, l) = positions(&logger);
+        assert!(s0 < l);
+        logger
+            .shared
+            .fail("test: as after a failed fdatasync".into());
+        assert!(rt.block_on(logger.flush()).is_err(), "flush after failure");
+        assert!(rt
+            .block_on(logger.write(0, Bytes::from(vec![1u8; 512]), false))
+            .is_err());
+        let t0 = Instant::now();
+        logger.close();
+        assert!(t0.elapsed() < Duration::from_secs(10), "close hung");
+        let st = logger.status();
+        assert_eq!(st.synced_pos, s0, "nothing synced after the failure");
+        assert_eq!(st.applied_pos, s0, "nothing unsynced written back");
+        drop(logger);
+        // The records are in the logfile: recovery applies them.
+        let logger = Logger::open(cfg.clone()).unwrap();
+        assert!(logger.read(0, 8 * 4096).unwrap().iter().all(|&b| b == 5));
     }
 
     /// Many concurrent writers with FUA writes, flushes and rotations: the positions
