@@ -75,7 +75,12 @@ pub struct Config {
     pub sync_batch_bytes: u64,
     /// Sync the log after this long idle with unsynced data.
     pub idle_sync: Duration,
-    /// Persist the applied position at least this often while writeback progresses.
+    /// Sync the disk and persist the applied position at most this often while
+    /// writeback progresses (and at close, and when asked: `persist_now`, which
+    /// `log-delete` uses). Each disk sync writes out the disk's dirty pages and flushes
+    /// the device cache, which stalls the log's own syncs; the longer the interval,
+    /// the more overwrites the page cache absorbs. What it costs: after a crash,
+    /// recovery applies the log from the last persisted position again.
     pub persist_interval: Duration,
     /// Write large batches to the log with O_DIRECT where the file system allows it.
     pub direct_io: bool,
@@ -93,7 +98,7 @@ impl Config {
             mem_limit_bytes: 256 << 20,
             sync_batch_bytes: 16 << 20,
             idle_sync: Duration::from_millis(5),
-            persist_interval: Duration::from_secs(1),
+            persist_interval: Duration::from_secs(10),
             direct_io: true,
         }
     }
@@ -241,6 +246,8 @@ struct Shared {
     direct_bytes: AtomicU64,
     applied_pos: AtomicU64,
     persisted_pos: AtomicU64,
+    /// Held while syncing the disk and writing `applied` (the persister, `persist_now`).
+    persist_lock: Mutex<()>,
     current_logfile: Mutex<String>,
     failed: Mutex<Option<String>>,
 }
@@ -302,6 +309,33 @@ impl Shared {
             Err(e) => {
                 self.fail_sync(path, &e);
                 Err(e)
+            }
+        }
+    }
+
+    /// Sync the disk, then persist what writeback has applied so far. Returns the
+    /// persisted position.
+    fn persist(&self) -> io::Result<u64> {
+        let _p = self.persist_lock.lock();
+        let applied = self.applied_pos.load(Ordering::Acquire);
+        let persisted = self.persisted_pos.load(Ordering::Acquire);
+        if applied <= persisted {
+            return Ok(persisted);
+        }
+        let r = self
+            .disk
+            .sync()
+            .map_err(|e| format!("disk sync: {e}"))
+            .and_then(|()| write_applied(&self.cfg.dir, applied).map_err(|e| e.to_string()));
+        match r {
+            Ok(()) => {
+                self.persisted_pos.store(applied, Ordering::Release);
+                Ok(applied)
+            }
+            Err(e) => {
+                let msg = format!("persisting applied position: {e}");
+                self.fail(msg.clone());
+                Err(io::Error::other(msg))
             }
         }
     }
@@ -383,6 +417,7 @@ impl Logger {
             direct_bytes: AtomicU64::new(0),
             applied_pos: AtomicU64::new(rec.end_pos),
             persisted_pos: AtomicU64::new(rec.end_pos),
+            persist_lock: Mutex::new(()),
             current_logfile: Mutex::new(entry.name()),
             failed: Mutex::new(None),
             cfg,
@@ -625,11 +660,23 @@ impl Logger {
         }
     }
 
+    /// Sync the disk and persist the written-back position now (instead of waiting
+    /// for the persister's interval). Returns the persisted position. Blocking.
+    pub fn persist_now(&self) -> io::Result<u64> {
+        self.shared.persist()
+    }
+
     /// Delete logfiles that are finished, versioned and entirely written back
     /// (with the position persisted). Returns the names deleted.
     pub fn delete_applied(&self) -> Result<Vec<String>, LoggerError> {
+        self.delete_applied_before(u64::MAX)
+    }
+
+    /// [`Logger::delete_applied`], limited to logfiles that end at or before `limit`
+    /// (the caller checked that every member replayed that far).
+    pub fn delete_applied_before(&self, limit: u64) -> Result<Vec<String>, LoggerError> {
         let cfg = &self.shared.cfg;
-        let persisted = self.shared.persisted_pos.load(Ordering::Acquire);
+        let persisted = self.shared.persisted_pos.load(Ordering::Acquire).min(limit);
         let current = self.shared.current_logfile.lock().clone();
         let mut deleted = Vec::new();
         for entry in recovery::list_logfiles(&cfg.dir).map_err(|e| LoggerError::io(&cfg.dir, e))? {
@@ -1415,14 +1462,8 @@ fn persist_loop(shared: Arc<Shared>, mut last_version: Option<Version>) {
             && (done || Instant::now() >= next_disk_sync)
         {
             next_disk_sync = Instant::now() + interval;
-            let r =
-                shared.disk.sync().map_err(|e| e.to_string()).and_then(|_| {
-                    write_applied(&shared.cfg.dir, applied).map_err(|e| e.to_string())
-                });
-            match r {
-                Ok(()) => shared.persisted_pos.store(applied, Ordering::Release),
-                Err(e) => shared.fail(format!("persisting applied position: {e}")),
-            }
+            // Errors fail the logger inside.
+            let _ = shared.persist();
         }
         if done {
             return;
@@ -1451,10 +1492,11 @@ fn apply_batch(disk: &Disk, batch: &[WbEntry]) -> io::Result<()> {
                     end += batch[j].len;
                     j += 1;
                 }
+                // No sync_file_range hint here (there was one for runs of 1 MiB and
+                // more): it made every byte go to the device right away, twice the
+                // device traffic of the log alone, where the page cache would absorb
+                // overwrites until the persister's sync.
                 disk.write_vectored_at(&bufs, e.offset)?;
-                if end - e.offset >= 1 << 20 {
-                    disk.start_writeback(e.offset, end - e.offset);
-                }
                 i = j;
             }
             (kind, _) => {

@@ -607,6 +607,9 @@ impl Daemon {
                 let l = self.logger(&name).await?;
                 // Logfiles go only when every member has replayed them. The logger deletes
                 // what it has written back; so delete only when no member lags behind that.
+                // Persist first: the persister does it only every few seconds.
+                let lp = l.clone();
+                tokio::task::spawn_blocking(move || lp.persist_now()).await??;
                 let persisted = l.status().persisted_pos;
                 let lagging: Vec<String> = {
                     let st = self.peer.store.lock();
@@ -632,7 +635,9 @@ impl Daemon {
                         lagging.join(", ")
                     )));
                 }
-                let deleted = tokio::task::spawn_blocking(move || l.delete_applied()).await??;
+                let deleted =
+                    tokio::task::spawn_blocking(move || l.delete_applied_before(persisted))
+                        .await??;
                 if deleted.is_empty() {
                     Ok(Response::ok(format!("{name}: no logfile can be deleted yet (only finished, fully written back ones are)")))
                 } else {
