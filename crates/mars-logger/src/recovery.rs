@@ -134,6 +134,20 @@ pub(crate) fn finish_version(
         b.update(&buf[..n]);
         left -= n as u64;
     }
+    store_version(dir, node, entry, start_pos, end_pos, prev, b)
+}
+
+/// Store the version of a finished logfile whose records were digested into `b`
+/// (all of them, in order, exactly as they are in the file).
+pub(crate) fn store_version(
+    dir: &Path,
+    node: &str,
+    entry: &LogfileEntry,
+    start_pos: u64,
+    end_pos: u64,
+    prev: Option<&Version>,
+    b: VersionBuilder,
+) -> Result<Version, LoggerError> {
     let v = b.finish(prev, &entry.name(), entry.seq, start_pos, end_pos);
     let path = dir.join(version_file_name(entry.seq, node));
     write_atomic(&path, v.to_json().as_bytes()).map_err(|e| LoggerError::io(&path, e))?;

@@ -88,7 +88,7 @@ fn random_io_matches_model_across_reopen() {
     assert!(disk == model, "disk after clean close equals model");
     let logger = Logger::open(cfg.clone()).unwrap();
     assert!(logger.read(0, SIZE).unwrap()[..] == model[..]);
-    let deleted = logger.delete_applied(u64::MAX).unwrap();
+    let deleted = logger.delete_applied().unwrap();
     assert!(!deleted.is_empty());
     assert_eq!(
         list_logfiles(&cfg.dir).unwrap().len(),
@@ -260,4 +260,60 @@ fn backpressure_bounds_memory() {
     let p = peak.load(std::sync::atomic::Ordering::Relaxed);
     assert!(p <= (1 << 20) + 8 * 65536 + 8 * 128, "peak {p}");
     wait_until("writeback drained", || logger.status().mem_used_bytes == 0);
+}
+
+/// The persister syncs the disk only every `persist_interval`; `persist_now` does it
+/// right away (log-delete uses it), and `delete_applied_before` never deletes a
+/// logfile that ends past its limit.
+#[test]
+fn persist_now_and_delete_applied_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = setup(dir.path());
+    cfg.persist_interval = Duration::from_secs(3600);
+    cfg.idle_sync = Duration::from_millis(1);
+    let logger = Logger::open(cfg.clone()).unwrap();
+    let rt = rt();
+    // The persister's first sync comes right away; later ones wait for the interval.
+    rt.block_on(logger.write(65536, Bytes::from(vec![1u8; 512]), true))
+        .unwrap();
+    wait_until("the first persist", || {
+        let st = logger.status();
+        st.persisted_pos == st.logged_pos
+    });
+    rt.block_on(async {
+        logger
+            .write(0, Bytes::from(vec![3u8; 8192]), true)
+            .await
+            .unwrap();
+        logger.rotate().await.unwrap().unwrap();
+        logger
+            .write(8192, Bytes::from(vec![4u8; 4096]), false)
+            .await
+            .unwrap();
+    });
+    let first_end = {
+        let st = logger.status();
+        st.logged_pos - (64 + 4096)
+    };
+    wait_until("writeback and the version of logfile 1", || {
+        logger.status().applied_pos >= first_end && cfg.dir.join("version-000000001-alpha").exists()
+    });
+    let before = logger.status().persisted_pos;
+    assert!(before < first_end, "persisted without being asked");
+    assert!(
+        logger.delete_applied().unwrap().is_empty(),
+        "not persisted yet"
+    );
+    let p = logger.persist_now().unwrap();
+    assert!(p >= first_end && logger.status().persisted_pos == p);
+    assert!(logger
+        .delete_applied_before(first_end - 1)
+        .unwrap()
+        .is_empty());
+    assert!(cfg.dir.join("log-000000001-alpha").exists());
+    assert_eq!(
+        logger.delete_applied_before(first_end).unwrap(),
+        vec!["log-000000001-alpha".to_string()]
+    );
+    logger.close();
 }

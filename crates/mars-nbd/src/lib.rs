@@ -54,17 +54,18 @@
 
 pub mod proto;
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 use proto::*;
 
@@ -228,9 +229,10 @@ where
         return Ok(());
     };
     tracing::debug!(export = %name, "nbd: entering transmission");
-    // The read half keeps the BufReader, so pipelined bytes are not lost.
-    let (rd, wr) = tokio::io::split(conn);
-    transmission(rd, wr, export).await
+    // Requests the client pipelined behind the handshake may already be buffered.
+    let leftover = BytesMut::from(conn.buffer());
+    let (rd, wr) = tokio::io::split(conn.into_inner());
+    transmission(leftover, rd, wr, export).await
 }
 
 /// [`serve_connection`] for TCP: after the handshake the socket is split with
@@ -242,10 +244,9 @@ async fn serve_tcp(stream: TcpStream, registry: Arc<dyn Registry>) -> Result<(),
     };
     tracing::debug!(export = %name, "nbd: entering transmission");
     // Requests the client pipelined behind NBD_OPT_GO may already be buffered.
-    let leftover = Bytes::copy_from_slice(conn.buffer());
+    let leftover = BytesMut::from(conn.buffer());
     let (r, w) = conn.into_inner().into_split();
-    let rd = BufReader::with_capacity(READ_BUF_CAP, io::Cursor::new(leftover).chain(r));
-    transmission(rd, w, export).await
+    transmission(leftover, r, w, export).await
 }
 
 // ======================================================================= handshake
@@ -413,67 +414,550 @@ where
 
 // ======================================================================= transmission
 
-/// Resources a request holds until its reply has been written.
-struct Permits {
-    _slot: OwnedSemaphorePermit,
-    _bytes: Option<OwnedSemaphorePermit>,
+/// Bytes read from the socket at a time (at least).
+const READ_CHUNK: usize = 128 * 1024;
+/// WRITE payloads up to this size are copied out of the receive buffer into their
+/// own allocation (so that a small write kept in the log's memory does not pin a
+/// whole receive chunk); larger ones are split off without a copy.
+const COPY_PAYLOAD_MAX: usize = 64 * 1024;
+/// Stop reading requests while this many reply bytes (headers and inlined data)
+/// wait for the client to read them.
+const OUT_META_MAX: usize = 1024 * 1024;
+/// Events handled in one poll of a connection before it yields to other tasks.
+const ROUNDS_PER_POLL: usize = 16;
+/// Buffers handed to one vectored write.
+const MAX_IOV: usize = 64;
+
+/// Completions signalled by request futures, collected for the connection task.
+struct ReadyQueue {
+    ready: Mutex<Vec<usize>>,
+    task: Mutex<Option<Waker>>,
 }
 
-struct Reply {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; a poisoned one still holds valid data.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The waker given to the future in one slot: queues the slot and wakes the connection task.
+struct SlotWaker {
+    idx: usize,
+    queued: AtomicBool,
+    queue: Arc<ReadyQueue>,
+}
+
+impl Wake for SlotWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            lock(&self.queue.ready).push(self.idx);
+            let task = lock(&self.queue.task).take();
+            if let Some(w) = task {
+                w.wake();
+            }
+        }
+    }
+}
+
+enum Work {
+    Read(BoxFut<io::Result<Bytes>>, u32),
+    Other(BoxFut<io::Result<()>>),
+}
+
+struct InFlight {
     cookie: u64,
-    error: u32,
-    data: Option<Bytes>,
-    _permits: Option<Permits>,
+    work: Work,
+    /// Payload bytes this request holds in the connection's budget.
+    budget: usize,
 }
 
-/// State shared by the reader loop, the request tasks and the writer.
-struct Shared {
-    /// Set when the connection must stop reading requests (export gone or
-    /// writer failed).
-    stop: AtomicBool,
-    notify: Notify,
+struct Slot {
+    waker: Arc<SlotWaker>,
+    std_waker: Waker,
+    req: Option<InFlight>,
 }
 
-impl Shared {
-    fn stop(&self) {
-        if !self.stop.swap(true, Ordering::AcqRel) {
-            self.notify.notify_one();
+/// The requests of one connection that are running in the export: polled by the
+/// connection task itself (no task per request); completions are found through
+/// per-slot wakers, so that only finished futures are polled again.
+struct Requests {
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    queue: Arc<ReadyQueue>,
+    running: usize,
+    /// Scratch for the ready list, swapped with the queue's.
+    scratch: Vec<usize>,
+}
+
+enum Done {
+    Read(io::Result<Bytes>, u32),
+    Other(io::Result<()>),
+}
+
+impl Requests {
+    fn new() -> Self {
+        Requests {
+            slots: Vec::new(),
+            free: Vec::new(),
+            queue: Arc::new(ReadyQueue {
+                ready: Mutex::new(Vec::new()),
+                task: Mutex::new(None),
+            }),
+            running: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Start `r`: poll it once; the result when it is done already.
+    fn start(&mut self, r: InFlight) -> Option<(InFlight, Done)> {
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                let waker = Arc::new(SlotWaker {
+                    idx: self.slots.len(),
+                    queued: AtomicBool::new(false),
+                    queue: Arc::clone(&self.queue),
+                });
+                self.slots.push(Slot {
+                    std_waker: Waker::from(Arc::clone(&waker)),
+                    waker,
+                    req: None,
+                });
+                self.slots.len() - 1
+            }
+        };
+        self.slots[idx].req = Some(r);
+        self.running += 1;
+        self.poll_slot(idx)
+    }
+
+    fn poll_slot(&mut self, idx: usize) -> Option<(InFlight, Done)> {
+        let slot = &mut self.slots[idx];
+        let req = slot.req.as_mut()?;
+        let mut cx = Context::from_waker(&slot.std_waker);
+        let done = match &mut req.work {
+            Work::Read(f, len) => match f.as_mut().poll(&mut cx) {
+                Poll::Ready(r) => Done::Read(r, *len),
+                Poll::Pending => return None,
+            },
+            Work::Other(f) => match f.as_mut().poll(&mut cx) {
+                Poll::Ready(r) => Done::Other(r),
+                Poll::Pending => return None,
+            },
+        };
+        let req = slot.req.take()?;
+        self.free.push(idx);
+        self.running -= 1;
+        Some((req, done))
+    }
+
+    /// Poll the requests whose futures were woken; call `f` for each finished one.
+    /// Registers the task's waker first, so that no completion is missed.
+    fn poll_ready(&mut self, cx: &Context<'_>, mut f: impl FnMut(InFlight, Done)) -> bool {
+        if self.running == 0 {
+            return false;
+        }
+        {
+            let mut task = lock(&self.queue.task);
+            if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *task = Some(cx.waker().clone());
+            }
+        }
+        let mut ready = std::mem::take(&mut self.scratch);
+        std::mem::swap(&mut *lock(&self.queue.ready), &mut ready);
+        let mut any = false;
+        for &idx in &ready {
+            if let Some(slot) = self.slots.get(idx) {
+                slot.waker.queued.store(false, Ordering::Release);
+                if let Some((req, done)) = self.poll_slot(idx) {
+                    f(req, done);
+                    any = true;
+                }
+            }
+        }
+        ready.clear();
+        self.scratch = ready;
+        any
+    }
+}
+
+/// One piece of reply bytes, and what it gives back once completely written.
+struct Seg {
+    bytes: Bytes,
+    /// Payload budget held until then.
+    budget: usize,
+    /// Reply header bytes in it (counted against `OUT_META_MAX`).
+    meta: usize,
+}
+
+/// Reply bytes waiting to be written: `small` collects headers and small payloads
+/// and is sealed into a segment before writing; large read payloads are segments
+/// of their own (no copy).
+struct Output {
+    segs: VecDeque<Seg>,
+    small: BytesMut,
+    small_budget: usize,
+    small_meta: usize,
+    /// Reply header bytes not yet written.
+    meta: usize,
+}
+
+impl Output {
+    fn is_empty(&self) -> bool {
+        self.segs.is_empty() && self.small.is_empty()
+    }
+
+    fn push(&mut self, cookie: u64, error: u32, data: Option<Bytes>, budget: usize) {
+        self.small
+            .extend_from_slice(&encode_simple_reply(error, cookie));
+        self.small_meta += SIMPLE_REPLY_LEN;
+        self.meta += SIMPLE_REPLY_LEN;
+        match data {
+            Some(d) if d.len() > INLINE_DATA_MAX => {
+                self.seal();
+                self.segs.push_back(Seg {
+                    bytes: d,
+                    budget,
+                    meta: 0,
+                });
+            }
+            Some(d) => {
+                self.small.extend_from_slice(&d);
+                self.small_budget += budget;
+            }
+            None => self.small_budget += budget,
+        }
+    }
+
+    fn seal(&mut self) {
+        if !self.small.is_empty() {
+            self.segs.push_back(Seg {
+                bytes: self.small.split().freeze(),
+                budget: std::mem::take(&mut self.small_budget),
+                meta: std::mem::take(&mut self.small_meta),
+            });
         }
     }
 }
 
 enum End {
-    /// DISC, EOF at a request boundary, or stop requested.
+    /// DISC, EOF at a request boundary, or the export went away.
     Clean,
     /// Protocol violation: close after in-flight requests.
     Error(NbdError),
 }
 
-async fn transmission<R, W>(mut rd: R, wr: W, export: Arc<dyn Export>) -> Result<(), NbdError>
+struct Conn<R, W> {
+    rd: R,
+    wr: W,
+    export: Arc<dyn Export>,
+    size: u64,
+    read_only: bool,
+    inbuf: BytesMut,
+    /// A request whose header is parsed, waiting for budget (and its WRITE payload).
+    pending: Option<Request>,
+    requests: Requests,
+    out: Output,
+    /// Read/write payload bytes held by requests and unwritten replies.
+    budget_used: usize,
+    /// No more requests are read; set with the reason.
+    end: Option<End>,
+    /// The writer needs a flush before the output counts as delivered.
+    need_flush: bool,
+    /// Scratch for completions found in one round.
+    finished: Vec<(InFlight, Done)>,
+}
+
+impl<R, W> Conn<R, W>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin,
 {
-    // Unbounded is fine: the number of queued replies is bounded by the slot semaphore.
-    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let shared = Arc::new(Shared {
-        stop: AtomicBool::new(false),
-        notify: Notify::new(),
-    });
-    let writer = tokio::spawn(writer_task(wr, rx, Arc::clone(&shared)));
+    fn finish(&mut self, req: InFlight, done: Done) {
+        let (error, data) = match done {
+            Done::Read(Ok(d), len) if d.len() == len as usize => (0, Some(d)),
+            Done::Read(Ok(d), len) => {
+                tracing::error!(
+                    len,
+                    got = d.len(),
+                    cookie = req.cookie,
+                    "nbd: export returned short read"
+                );
+                (NBD_EIO, None)
+            }
+            Done::Read(Err(e), _) | Done::Other(Err(e)) => (errno_for(&e), None),
+            Done::Other(Ok(())) => (0, None),
+        };
+        if error == NBD_ESHUTDOWN && self.end.is_none() {
+            // The export is gone: answer what is in flight, read nothing more.
+            self.end = Some(End::Clean);
+        }
+        self.out.push(req.cookie, error, data, req.budget);
+    }
 
-    let end = reader_loop(&mut rd, &export, &tx, &shared).await;
+    fn can_take_request(&self) -> bool {
+        self.end.is_none() && self.requests.running < MAX_IN_FLIGHT && self.out.meta < OUT_META_MAX
+    }
 
-    // Finish: the writer exits once every request task has dropped its sender.
-    drop(tx);
-    let wres = writer.await;
-    match end {
-        End::Error(e) => Err(e),
-        End::Clean => match wres {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(NbdError::Io(e)),
-            Err(e) => Err(NbdError::Writer(e.to_string())),
+    /// Read more bytes into `inbuf` (at least `want` bytes of room).
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        let room = want.max(READ_CHUNK);
+        if self.inbuf.capacity() - self.inbuf.len() < room.min(want.max(REQUEST_LEN)) {
+            self.inbuf.reserve(room);
+        }
+        let spare = self.inbuf.spare_capacity_mut();
+        let mut rb = ReadBuf::uninit(spare);
+        let ptr = rb.filled().as_ptr();
+        ready!(Pin::new(&mut self.rd).poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        if n > 0 && rb.filled().as_ptr() != ptr {
+            return Poll::Ready(Err(io::Error::other("reader swapped the read buffer")));
+        }
+        // SAFETY: poll_read initialized the first `n` bytes of the spare capacity
+        // (checked above to be the buffer we handed it).
+        unsafe { self.inbuf.set_len(self.inbuf.len() + n) };
+        Poll::Ready(Ok(n))
+    }
+
+    /// Parse and start requests while allowed and available. Returns whether
+    /// anything happened.
+    fn poll_requests(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        while self.can_take_request() {
+            let req = match self.pending.take() {
+                Some(r) => r,
+                None => {
+                    if self.inbuf.len() < REQUEST_LEN {
+                        match self.poll_fill(cx, REQUEST_LEN - self.inbuf.len()) {
+                            Poll::Pending => return progress,
+                            Poll::Ready(Ok(0)) => {
+                                // Client hard-disconnected (or half-closed).
+                                self.end = Some(End::Clean);
+                                return true;
+                            }
+                            Poll::Ready(Ok(_)) => {
+                                progress = true;
+                                continue;
+                            }
+                            Poll::Ready(Err(e)) => {
+                                self.end = Some(End::Error(e.into()));
+                                return true;
+                            }
+                        }
+                    }
+                    progress = true;
+                    let req = match parse_request(&self.inbuf[..REQUEST_LEN]) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            self.end = Some(End::Error(e.into()));
+                            return true;
+                        }
+                    };
+                    self.inbuf.advance(REQUEST_LEN);
+                    if req.kind == Command::Disc {
+                        self.end = Some(End::Clean);
+                        return true;
+                    }
+                    if req.kind == Command::Write && req.length > MAX_PAYLOAD {
+                        self.end = Some(End::Error(NbdError::PayloadTooLarge(req.length)));
+                        return true;
+                    }
+                    req
+                }
+            };
+            let payload_len = match req.kind {
+                Command::Write | Command::Read if req.length <= MAX_PAYLOAD => req.length as usize,
+                _ => 0,
+            };
+            // Payload budget (MAX_PAYLOAD < MAX_BUFFERED_BYTES: an idle connection always admits).
+            if payload_len > 0 && self.budget_used + payload_len > MAX_BUFFERED_BYTES {
+                self.pending = Some(req);
+                return progress;
+            }
+            let mut data = None;
+            if req.kind == Command::Write {
+                if self.inbuf.len() < payload_len {
+                    let missing = payload_len - self.inbuf.len();
+                    match self.poll_fill(cx, missing) {
+                        Poll::Pending => {
+                            self.pending = Some(req);
+                            return progress;
+                        }
+                        Poll::Ready(Ok(0)) => {
+                            self.end = Some(End::Error(NbdError::Io(
+                                io::ErrorKind::UnexpectedEof.into(),
+                            )));
+                            return true;
+                        }
+                        Poll::Ready(Ok(_)) => {
+                            self.pending = Some(req);
+                            progress = true;
+                            continue;
+                        }
+                        Poll::Ready(Err(e)) => {
+                            self.end = Some(End::Error(e.into()));
+                            return true;
+                        }
+                    }
+                }
+                data = Some(if payload_len <= COPY_PAYLOAD_MAX {
+                    let d = Bytes::copy_from_slice(&self.inbuf[..payload_len]);
+                    self.inbuf.advance(payload_len);
+                    d
+                } else {
+                    self.inbuf.split_to(payload_len).freeze()
+                });
+            }
+            progress = true;
+            self.start_request(req, payload_len, data);
+        }
+        progress
+    }
+
+    fn start_request(&mut self, req: Request, payload_len: usize, data: Option<Bytes>) {
+        let cookie = req.cookie;
+        if let Err(errno) = validate(&req, self.size, self.read_only) {
+            tracing::debug!(?req, errno, "nbd: rejecting request");
+            self.out.push(cookie, errno, None, 0);
+            return;
+        }
+        if req.length == 0 && req.kind != Command::Flush {
+            self.out.push(cookie, 0, None, 0);
+            return;
+        }
+        let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
+        let (off, len) = (req.offset, req.length);
+        let work = match req.kind {
+            Command::Read => Work::Read(self.export.read(off, len), len),
+            Command::Write => Work::Other(self.export.write(off, data.unwrap_or_default(), fua)),
+            Command::Flush => Work::Other(self.export.flush()),
+            Command::Trim => Work::Other(self.export.trim(off, len, fua)),
+            _ => Work::Other(self.export.write_zeroes(off, len, fua)),
+        };
+        self.budget_used += payload_len;
+        let r = InFlight {
+            cookie,
+            work,
+            budget: payload_len,
+        };
+        if let Some((r, done)) = self.requests.start(r) {
+            self.finish(r, done);
+        }
+    }
+
+    /// Write queued replies. Ready(Ok(progress)) once everything is written (and flushed).
+    fn poll_output(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let mut progress = false;
+        loop {
+            self.out.seal();
+            if self.out.segs.is_empty() {
+                if self.need_flush {
+                    ready!(Pin::new(&mut self.wr).poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                return Poll::Ready(Ok(progress));
+            }
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut n_iov = 0;
+            for seg in self.out.segs.iter().take(MAX_IOV) {
+                iov[n_iov] = IoSlice::new(&seg.bytes);
+                n_iov += 1;
+            }
+            let n = ready!(Pin::new(&mut self.wr).poll_write_vectored(cx, &iov[..n_iov]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            progress = true;
+            self.need_flush = true;
+            let mut left = n;
+            while let Some(front) = self.out.segs.front_mut() {
+                if left < front.bytes.len() {
+                    front.bytes.advance(left);
+                    break;
+                }
+                left -= front.bytes.len();
+                self.out.meta -= front.meta;
+                self.budget_used -= front.budget;
+                self.out.segs.pop_front();
+            }
+        }
+    }
+
+    /// Drive the connection until no more requests will be read and every reply is written.
+    fn poll_conn(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        for _ in 0..ROUNDS_PER_POLL {
+            let mut progress = false;
+            // Completions, then new requests (whose immediate results join the same
+            // write), then one write for all of it.
+            let mut finished = std::mem::take(&mut self.finished);
+            progress |= self.requests.poll_ready(cx, |r, d| finished.push((r, d)));
+            for (r, d) in finished.drain(..) {
+                self.finish(r, d);
+            }
+            self.finished = finished;
+            progress |= self.poll_requests(cx);
+            match self.poll_output(cx) {
+                Poll::Ready(Ok(p)) => {
+                    progress |= p;
+                    if self.end.is_some() && self.requests.running == 0 && self.out.is_empty() {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        // Plenty to do: let other tasks run, then continue.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+async fn transmission<R, W>(
+    inbuf: BytesMut,
+    rd: R,
+    wr: W,
+    export: Arc<dyn Export>,
+) -> Result<(), NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut conn = Conn {
+        rd,
+        size: export.size(),
+        read_only: export.read_only(),
+        export,
+        wr,
+        inbuf,
+        pending: None,
+        requests: Requests::new(),
+        out: Output {
+            segs: VecDeque::new(),
+            small: BytesMut::with_capacity(WRITE_BUF_CAP),
+            small_budget: 0,
+            small_meta: 0,
+            meta: 0,
         },
+        budget_used: 0,
+        end: None,
+        need_flush: false,
+        finished: Vec::new(),
+    };
+    // A write error means the client is gone: requests still running are dropped
+    // (what they do in the export carries on; only their replies are lost).
+    std::future::poll_fn(|cx| conn.poll_conn(cx)).await?;
+    match conn.end.take() {
+        Some(End::Error(e)) => {
+            let _ = conn.wr.shutdown().await;
+            Err(e)
+        }
+        _ => conn.wr.shutdown().await.map_err(NbdError::Io),
     }
 }
 
@@ -512,263 +996,193 @@ fn validate(req: &Request, size: u64, read_only: bool) -> Result<(), u32> {
     Ok(())
 }
 
-async fn read_payload<R>(rd: &mut R, len: usize) -> io::Result<Bytes>
-where
-    R: AsyncRead + Unpin,
-{
-    let mut buf = BytesMut::with_capacity(len);
-    while buf.len() < len {
-        let want = (len - buf.len()) as u64;
-        let n = (&mut *rd).take(want).read_buf(&mut buf).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::DuplexStream;
+    use tokio::sync::oneshot;
+
+    /// An export whose writes finish only when the test lets them, from another thread.
+    struct GatedExport {
+        data: Mutex<Vec<u8>>,
+        gate: Mutex<Vec<oneshot::Sender<()>>>,
+        started: AtomicUsize,
+    }
+
+    impl Export for GatedExport {
+        fn size(&self) -> u64 {
+            lock(&self.data).len() as u64
+        }
+        fn read(&self, offset: u64, len: u32) -> BoxFut<io::Result<Bytes>> {
+            let d = lock(&self.data)[offset as usize..offset as usize + len as usize].to_vec();
+            Box::pin(async move { Ok(Bytes::from(d)) })
+        }
+        fn write(&self, offset: u64, data: Bytes, _fua: bool) -> BoxFut<io::Result<()>> {
+            lock(&self.data)[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+            let (tx, rx) = oneshot::channel();
+            lock(&self.gate).push(tx);
+            self.started.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { rx.await.map_err(|_| io::Error::other("gate dropped")) })
+        }
+        fn flush(&self) -> BoxFut<io::Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn trim(&self, _: u64, _: u32, _: bool) -> BoxFut<io::Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn write_zeroes(&self, _: u64, _: u32, _: bool) -> BoxFut<io::Result<()>> {
+            Box::pin(async { Ok(()) })
         }
     }
-    Ok(buf.freeze())
-}
 
-async fn reader_loop<R>(
-    rd: &mut R,
-    export: &Arc<dyn Export>,
-    tx: &mpsc::UnboundedSender<Reply>,
-    shared: &Arc<Shared>,
-) -> End
-where
-    R: AsyncRead + Unpin,
-{
-    let size = export.size();
-    let read_only = export.read_only();
-    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let bytes_budget = Arc::new(Semaphore::new(MAX_BUFFERED_BYTES));
+    fn req(kind: u16, cookie: u64, offset: u64, length: u32) -> [u8; REQUEST_LEN] {
+        encode_request(&Request {
+            flags: 0,
+            kind: Command::from_u16(kind),
+            cookie,
+            offset,
+            length,
+        })
+    }
 
-    loop {
-        if shared.stop.load(Ordering::Acquire) {
-            return End::Clean;
+    async fn read_reply(s: &mut tokio::io::ReadHalf<DuplexStream>) -> (u32, u64) {
+        let mut h = [0u8; SIMPLE_REPLY_LEN];
+        s.read_exact(&mut h).await.unwrap();
+        parse_simple_reply(&h).unwrap()
+    }
+
+    /// Requests finish from a foreign thread (as with the logger); the connection never
+    /// has more than MAX_IN_FLIGHT running, and every one is answered once released.
+    #[tokio::test]
+    async fn in_flight_bounded_and_woken_from_other_threads() {
+        let export = Arc::new(GatedExport {
+            data: Mutex::new(vec![0u8; 1 << 20]),
+            gate: Mutex::new(Vec::new()),
+            started: AtomicUsize::new(0),
+        });
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (sr, sw) = tokio::io::split(server);
+        let server = tokio::spawn(transmission(BytesMut::new(), sr, sw, export.clone()));
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let n = 300u64;
+        let sender = tokio::spawn(async move {
+            for c in 0..n {
+                cw.write_all(&req(NBD_CMD_WRITE, c, c * 512, 512))
+                    .await
+                    .unwrap();
+                cw.write_all(&[c as u8; 512]).await.unwrap();
+            }
+            cw.write_all(&req(NBD_CMD_DISC, 0, 0, 0)).await.unwrap();
+            cw
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while export.started.load(Ordering::SeqCst) < MAX_IN_FLIGHT {
+            assert!(std::time::Instant::now() < deadline, "requests not started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        // Bound in-flight requests before reading the next one.
-        let slot = tokio::select! {
-            biased;
-            _ = shared.notify.notified() => return End::Clean,
-            p = Arc::clone(&slots).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return End::Clean, // never closed
-            },
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(export.started.load(Ordering::SeqCst), MAX_IN_FLIGHT);
+        // Release them from a plain thread, a few at a time, until all are done.
+        let releaser = {
+            let export = export.clone();
+            std::thread::spawn(move || {
+                let mut released = 0;
+                while released < n as usize {
+                    let batch: Vec<_> = lock(&export.gate).drain(..).collect();
+                    released += batch.len();
+                    for tx in batch {
+                        let _ = tx.send(());
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
         };
-        let mut hdr = [0u8; REQUEST_LEN];
-        let read = tokio::select! {
-            biased;
-            _ = shared.notify.notified() => return End::Clean,
-            r = rd.read_exact(&mut hdr) => r,
-        };
-        if let Err(e) = read {
-            return if e.kind() == io::ErrorKind::UnexpectedEof {
-                // Client hard-disconnected (or half-closed) at a request boundary.
-                End::Clean
-            } else {
-                End::Error(e.into())
-            };
+        let mut seen = vec![false; n as usize];
+        for _ in 0..n {
+            let (err, cookie) = read_reply(&mut cr).await;
+            assert_eq!(err, 0);
+            assert!(!std::mem::replace(&mut seen[cookie as usize], true));
         }
-        let req = match parse_request(&hdr) {
-            Ok(r) => r,
-            Err(e) => return End::Error(e.into()),
-        };
-        let cookie = req.cookie;
-
-        if req.kind == Command::Disc {
-            return End::Clean;
+        releaser.join().unwrap();
+        let _cw = sender.await.unwrap();
+        server.await.unwrap().unwrap();
+        let data = lock(&export.data).clone();
+        for c in 0..n as usize {
+            assert!(data[c * 512..(c + 1) * 512].iter().all(|&b| b == c as u8));
         }
+    }
 
-        // Payload-carrying / payload-producing requests take byte budget.
-        let payload_len = match req.kind {
-            Command::Write | Command::Read if req.length <= MAX_PAYLOAD => req.length,
-            _ => 0,
+    /// Large writes arrive in small pieces, mixed with small ones and reads, without
+    /// the client waiting for replies; a client that reads replies only at the end
+    /// (with a tiny pipe) still gets them all.
+    #[tokio::test]
+    async fn large_payloads_in_pieces_and_slow_reader() {
+        let export = Arc::new(GatedExport {
+            data: Mutex::new(vec![0u8; 8 << 20]),
+            gate: Mutex::new(Vec::new()),
+            started: AtomicUsize::new(0),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let releaser = {
+            let (export, stop) = (export.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let batch: Vec<_> = lock(&export.gate).drain(..).collect();
+                    for tx in batch {
+                        let _ = tx.send(());
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
         };
-        let bytes = if payload_len > 0 {
-            // MAX_PAYLOAD < MAX_BUFFERED_BYTES, so this always succeeds eventually.
-            match Arc::clone(&bytes_budget)
-                .acquire_many_owned(payload_len)
+        let (client, server) = tokio::io::duplex(997);
+        let (sr, sw) = tokio::io::split(server);
+        let server = tokio::spawn(transmission(BytesMut::new(), sr, sw, export.clone()));
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let sizes = [3 << 20, 1, 70_000, 4096, 65_536, 65_537, 1 << 20];
+        let sender = tokio::spawn(async move {
+            let mut off = 0u64;
+            for (i, &len) in sizes.iter().enumerate() {
+                cw.write_all(&req(NBD_CMD_WRITE, i as u64, off, len as u32))
+                    .await
+                    .unwrap();
+                let d: Vec<u8> = (0..len).map(|j| (j % 251) as u8 ^ i as u8).collect();
+                cw.write_all(&d).await.unwrap();
+                off += len as u64;
+            }
+            cw.write_all(&req(NBD_CMD_READ, 100, 0, 5 << 20))
                 .await
-            {
-                Ok(p) => Some(p),
-                Err(_) => return End::Clean,
-            }
-        } else {
-            None
-        };
-        let permits = Permits {
-            _slot: slot,
-            _bytes: bytes,
-        };
-
-        let mut data = None;
-        if req.kind == Command::Write {
-            if req.length > MAX_PAYLOAD {
-                return End::Error(NbdError::PayloadTooLarge(req.length));
-            }
-            match read_payload(rd, req.length as usize).await {
-                Ok(d) => data = Some(d),
-                Err(e) => return End::Error(e.into()),
+                .unwrap();
+            cw.write_all(&req(NBD_CMD_DISC, 0, 0, 0)).await.unwrap();
+            cw
+        });
+        let mut got_read = false;
+        for _ in 0..sizes.len() + 1 {
+            let (err, cookie) = read_reply(&mut cr).await;
+            assert_eq!(err, 0);
+            if cookie == 100 {
+                let mut d = vec![0u8; 5 << 20];
+                cr.read_exact(&mut d).await.unwrap();
+                got_read = true;
             }
         }
-
-        if let Err(errno) = validate(&req, size, read_only) {
-            tracing::debug!(?req, errno, "nbd: rejecting request");
-            let _ = tx.send(Reply {
-                cookie,
-                error: errno,
-                data: None,
-                _permits: Some(permits),
-            });
-            continue;
-        }
-        if req.length == 0 && req.kind != Command::Flush {
-            let _ = tx.send(Reply {
-                cookie,
-                error: 0,
-                data: None,
-                _permits: Some(permits),
-            });
-            continue;
-        }
-
-        let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
-        let (off, len) = (req.offset, req.length);
-        let tx = tx.clone();
-        let shared = Arc::clone(shared);
-        match req.kind {
-            Command::Read => {
-                let fut = export.read(off, len);
-                tokio::spawn(async move {
-                    let (error, data) = match fut.await {
-                        Ok(d) if d.len() == len as usize => (0, Some(d)),
-                        Ok(d) => {
-                            tracing::error!(
-                                offset = off,
-                                len,
-                                got = d.len(),
-                                "nbd: export returned short read"
-                            );
-                            (NBD_EIO, None)
-                        }
-                        Err(e) => (errno_for(&e), None),
-                    };
-                    if error == NBD_ESHUTDOWN {
-                        shared.stop();
-                    }
-                    let _ = tx.send(Reply {
-                        cookie,
-                        error,
-                        data,
-                        _permits: Some(permits),
-                    });
-                });
+        assert!(got_read);
+        let _cw = sender.await.unwrap();
+        server.await.unwrap().unwrap();
+        stop.store(true, Ordering::SeqCst);
+        releaser.join().unwrap();
+        let data = lock(&export.data).clone();
+        let mut off = 0usize;
+        for (i, &len) in sizes.iter().enumerate() {
+            for j in 0..len {
+                assert_eq!(
+                    data[off + j],
+                    (j % 251) as u8 ^ i as u8,
+                    "write {i} byte {j}"
+                );
             }
-            kind => {
-                let fut = match kind {
-                    Command::Write => export.write(off, data.unwrap_or_default(), fua),
-                    Command::Flush => export.flush(),
-                    Command::Trim => export.trim(off, len, fua),
-                    _ => export.write_zeroes(off, len, fua),
-                };
-                tokio::spawn(async move {
-                    let error = match fut.await {
-                        Ok(()) => 0,
-                        Err(e) => errno_for(&e),
-                    };
-                    if error == NBD_ESHUTDOWN {
-                        shared.stop();
-                    }
-                    let _ = tx.send(Reply {
-                        cookie,
-                        error,
-                        data: None,
-                        _permits: Some(permits),
-                    });
-                });
-            }
+            off += len;
         }
     }
-}
-
-/// Batching reply writer.
-struct ReplyWriter<W> {
-    w: W,
-    buf: Vec<u8>,
-}
-
-impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
-    async fn push(&mut self, r: Reply) -> io::Result<()> {
-        self.buf
-            .extend_from_slice(&encode_simple_reply(r.error, r.cookie));
-        if let Some(d) = r.data.as_deref() {
-            if d.len() <= INLINE_DATA_MAX {
-                self.buf.extend_from_slice(d);
-            } else {
-                write_two(&mut self.w, &self.buf, d).await?;
-                self.buf.clear();
-            }
-        }
-        if self.buf.len() >= WRITE_BUF_CAP {
-            self.flush().await?;
-        }
-        Ok(())
-    }
-
-    async fn flush(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            self.w.write_all(&self.buf).await?;
-            self.buf.clear();
-        }
-        self.w.flush().await
-    }
-}
-
-/// Write `a` then `b` completely, using vectored writes where supported.
-async fn write_two<W: AsyncWrite + Unpin>(w: &mut W, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
-    while !a.is_empty() || !b.is_empty() {
-        let n = w
-            .write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
-            .await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        if n < a.len() {
-            a = &a[n..];
-        } else {
-            let m = (n - a.len()).min(b.len());
-            a = &[];
-            b = &b[m..];
-        }
-    }
-    Ok(())
-}
-
-async fn writer_task<W>(
-    wr: W,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-    shared: Arc<Shared>,
-) -> io::Result<()>
-where
-    W: AsyncWrite + Unpin,
-{
-    let mut w = ReplyWriter {
-        w: wr,
-        buf: Vec::with_capacity(WRITE_BUF_CAP + INLINE_DATA_MAX + 64),
-    };
-    let res = async {
-        while let Some(r) = rx.recv().await {
-            w.push(r).await?;
-            while let Ok(r) = rx.try_recv() {
-                w.push(r).await?;
-            }
-            w.flush().await?;
-        }
-        w.w.shutdown().await
-    }
-    .await;
-    if res.is_err() {
-        // The client is gone: stop reading requests.
-        shared.stop();
-    }
-    res
 }

@@ -55,10 +55,16 @@ impl Export for LoggerExport {
         self.logger.size()
     }
     fn read(&self, offset: u64, len: u32) -> BoxFut<std::io::Result<Bytes>> {
+        if let Err(e) = self.check() {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        // Served right here when the log's index or the page cache holds the data;
+        // only a read that would wait for the device goes to a blocking thread.
+        if let Some(r) = self.logger.try_read_nonblocking(offset, len as u64) {
+            return Box::pin(std::future::ready(r));
+        }
         let logger = self.logger.clone();
-        let open = self.check();
         Box::pin(async move {
-            open?;
             tokio::task::spawn_blocking(move || logger.read(offset, len as u64))
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?
@@ -918,7 +924,8 @@ impl Daemon {
             st.actual.get(name).and_then(|a| a.logger.clone())
         };
         let persisted = match &logger {
-            Some(l) => l.status().persisted_pos,
+            // What is written back: deletion persists it first (below).
+            Some(l) => l.status().applied_pos,
             // A secondary: what replay has durably applied (a restart resumes there).
             None => match crate::secondary::persisted_replayed(&dir) {
                 Some(p) => p,
@@ -947,7 +954,14 @@ impl Daemon {
             (upto, lagging)
         };
         let deleted = match logger {
-            Some(l) => tokio::task::spawn_blocking(move || l.delete_applied(upto)).await??,
+            Some(l) => {
+                tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+                    // Persist first: the persister does it only every few seconds.
+                    l.persist_now()?;
+                    Ok(l.delete_applied_before(upto)?)
+                })
+                .await??
+            }
             None => {
                 let upto = upto.min(persisted);
                 tokio::task::spawn_blocking(move || {
@@ -989,7 +1003,7 @@ impl Daemon {
                 let Ok(l) = self.logger(&name).await else {
                     continue;
                 };
-                let deleted = tokio::task::spawn_blocking(move || l.delete_applied(u64::MAX))
+                let deleted = tokio::task::spawn_blocking(move || l.delete_applied())
                     .await
                     .map_err(anyhow::Error::from)
                     .and_then(|r| r.map_err(anyhow::Error::from));

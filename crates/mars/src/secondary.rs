@@ -441,8 +441,10 @@ impl Secondary {
             let pos = r.position();
             {
                 let mut p = self.progress.lock();
-                if let Some(mars_logger::replay::Halt::SplitBrain { .. }) = r.halted() {
-                    p.split_brain = true;
+                if let Some(h) = r.halted() {
+                    // Set together, so that a view never shows one without the other.
+                    p.split_brain |= matches!(h, mars_logger::replay::Halt::SplitBrain { .. });
+                    p.replay_error = Some(format!("replay stopped: {h}"));
                 }
                 p.replayed = pos;
                 if p.consistent_from.is_some_and(|end| pos >= end) {

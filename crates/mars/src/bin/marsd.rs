@@ -78,6 +78,9 @@ fn run(dir: &Path) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("marsd")
+        // Reads are served inline unless they must wait for the disk: a few blocking
+        // threads suffice, and an unbounded pool only piles up threads under load.
+        .max_blocking_threads(64)
         .build()?;
     rt.block_on(async move {
         let nbd = tokio::net::TcpListener::from_std(nbd)?;
