@@ -12,6 +12,22 @@ fn cluster3() -> Vec<Node> {
     start_cluster(&["alpha", "beta", "gamma"])
 }
 
+/// r0 of `size` bytes created on `nodes[0]` (disk `a.img`), joined by all the
+/// others (`s0.img`, ...), up to date. Returns the disks, primary first.
+fn replicate_r0(nodes: &[Node], size: u64) -> Vec<std::path::PathBuf> {
+    let a_disk = nodes[0].disk("a.img", size);
+    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
+    let mut disks = vec![a_disk];
+    for (i, n) in nodes[1..].iter().enumerate() {
+        n.wait_view("r0 known", |v| resource(v, "r0").is_some());
+        let d = n.disk(&format!("s{i}.img"), size);
+        n.adm_ok(&["join-resource", "r0", d.to_str().unwrap()]);
+        disks.push(d);
+    }
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    disks
+}
+
 fn qemu_write(n: &Node, cmds: &[&str]) {
     let mut c = Command::new("qemu-io");
     c.args(["-f", "raw", &n.uri("r0")]);
@@ -425,16 +441,8 @@ fn link_cut_mid_fetch_then_restored() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let nodes = cluster3();
     let size = 64 * MIB;
-    let a_disk = nodes[0].disk("a.img", size);
-    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
-    let mut disks = vec![a_disk.clone()];
-    for (i, n) in nodes[1..].iter().enumerate() {
-        n.wait_view("r0 known", |v| resource(v, "r0").is_some());
-        let d = n.disk(&format!("s{i}.img"), size);
-        n.adm_ok(&["join-resource", "r0", d.to_str().unwrap()]);
-        disks.push(d);
-    }
-    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    let disks = replicate_r0(&nodes, size);
+    let a_disk = disks[0].clone();
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let writer = fua_writer(nodes[0].nbd.clone(), stop.clone(), 48 * MIB);
     // Cut beta off from alpha (both directions) while data streams.
@@ -498,16 +506,8 @@ fn primary_killed_and_restarted_mid_fetch() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let mut nodes = cluster3();
     let size = 32 * MIB;
-    let a_disk = nodes[0].disk("a.img", size);
-    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
-    let mut disks = vec![a_disk.clone()];
-    for (i, n) in nodes[1..].iter().enumerate() {
-        n.wait_view("r0 known", |v| resource(v, "r0").is_some());
-        let d = n.disk(&format!("s{i}.img"), size);
-        n.adm_ok(&["join-resource", "r0", d.to_str().unwrap()]);
-        disks.push(d);
-    }
-    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    let disks = replicate_r0(&nodes, size);
+    let a_disk = disks[0].clone();
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let writer = fua_writer(nodes[0].nbd.clone(), stop.clone(), 24 * MIB);
     wait_for(
@@ -592,16 +592,7 @@ fn wait_identical(nodes: &[Node], disks: &[std::path::PathBuf], via: usize) {
 fn handover_failover_split_brain_and_invalidate() {
     let mut nodes = cluster3();
     let size = 16 * MIB;
-    let mut disks = Vec::new();
-    let a_disk = nodes[0].disk("a.img", size);
-    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
-    disks.push(a_disk);
-    for (i, n) in nodes[1..].iter().enumerate() {
-        n.wait_view("r0 known", |v| resource(v, "r0").is_some());
-        let d = n.disk(&format!("s{i}.img"), size);
-        n.adm_ok(&["join-resource", "r0", d.to_str().unwrap()]);
-        disks.push(d);
-    }
+    let disks = replicate_r0(&nodes, size);
     let mut c = nodes[0].nbd("r0");
     assert_eq!(c.write(0, &[1u8; 1 << 20], false).unwrap(), 0);
     assert_eq!(c.flush().unwrap(), 0);
