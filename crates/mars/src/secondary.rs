@@ -34,6 +34,8 @@ use std::time::Duration;
 
 pub const SYNC_BLOCK: u64 = 1 << 20;
 const FETCH_CHUNK: u32 = 4 << 20;
+/// Fetch requests in flight on one connection.
+const FETCH_WINDOW: usize = 3;
 const SYNC_FILE: &str = "sync";
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -657,26 +659,51 @@ impl Secondary {
                 .write(true)
                 .truncate(false)
                 .open(&path)?;
-            while local < f.len {
-                write_msg(
-                    &mut s,
-                    &Msg::Fetch {
-                        res: self.res.clone(),
-                        file: f.name.clone(),
-                        offset: local,
-                        // Small chunks under a low rate limit keep the stream smooth.
-                        max: match self.fetch_rate.load(Ordering::Acquire) {
-                            0 => FETCH_CHUNK,
-                            r => (r / 4).clamp(64 << 10, FETCH_CHUNK as u64) as u32,
+            // Up to FETCH_WINDOW requests in flight: the source reads the next
+            // chunk while this node writes the last one.
+            let max = match self.fetch_rate.load(Ordering::Acquire) {
+                0 => FETCH_CHUNK,
+                // Small chunks under a low rate limit keep the stream smooth.
+                r => (r / 4).clamp(64 << 10, FETCH_CHUNK as u64) as u32,
+            };
+            let mut next = local;
+            let mut more = true;
+            let mut pending = std::collections::VecDeque::new();
+            loop {
+                if self.stop.load(Ordering::Acquire) || self.pause_fetch.load(Ordering::Acquire) {
+                    more = false; // pause-fetch / disconnect: stop between chunks
+                }
+                while more && pending.len() < FETCH_WINDOW && next < f.len {
+                    write_msg(
+                        &mut s,
+                        &Msg::Fetch {
+                            res: self.res.clone(),
+                            file: f.name.clone(),
+                            offset: next,
+                            max,
                         },
-                    },
-                )
-                .await?;
+                    )
+                    .await?;
+                    pending.push_back(next);
+                    next += max as u64;
+                }
+                let Some(want) = pending.pop_front() else {
+                    break;
+                };
                 match read_msg(&mut s).await? {
-                    Msg::Chunk { offset, len, .. } if offset == local => {
+                    Msg::Chunk { offset, len, .. } if offset == want => {
                         let data = read_data(&mut s).await?;
-                        if data.len() != len as usize || data.is_empty() {
-                            break;
+                        if data.len() != len as usize {
+                            bail!("{primary} announced {len} bytes and sent {}", data.len());
+                        }
+                        if offset != local {
+                            continue; // after a short chunk: the rest of the window is moot
+                        }
+                        if data.len() < max as usize {
+                            more = false; // the source has no more of this file now
+                        }
+                        if data.is_empty() {
+                            continue;
                         }
                         out.write_all_at(&data, local)?;
                         local += data.len() as u64;
