@@ -10,8 +10,8 @@
 //!   has passed `end_pos`, the primary's position when the copy ended.
 //!   Pipelined: up to `SYNC_WINDOW` digests are in flight while the answers
 //!   are taken in order. Resumable: `next_offset` (the end of the completed
-//!   prefix of blocks, written and synced) is persisted every 64 blocks and
-//!   when the sync pauses or fails.
+//!   prefix of blocks, written and synced) is persisted every 64 blocks (at
+//!   least every second) and when the sync pauses or fails.
 //! - `replayed`, `replayed.hw`: the replay position, durable and as of the
 //!   last applied record (`mars_logger::replay`). After a reboot the disk
 //!   is not consistent until replay passes what the replayer reports
@@ -200,6 +200,8 @@ fn spawn_persist_sync(
 
 /// Sync requests (`SyncBlock`) sent ahead of their answers.
 const SYNC_WINDOW: usize = 16;
+/// The longest a sync goes without recording its position.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
@@ -558,6 +560,7 @@ impl Secondary {
         let mut throttle = Throttle::new(self.sync_rate.clone());
         // At most one background persist at a time (see `spawn_persist_sync`).
         let mut persisting: Option<tokio::task::JoinHandle<Result<()>>> = None;
+        let mut last_persist = std::time::Instant::now();
         let copied: Result<()> = async {
             loop {
                 if halted() {
@@ -596,7 +599,10 @@ impl Secondary {
                     }
                 }
                 blocks += 1;
-                if blocks.is_multiple_of(64) {
+                // Every 64 blocks, and every second when that takes longer (a slow or
+                // rate-limited sync still makes progress that survives a crash).
+                if blocks.is_multiple_of(64) || last_persist.elapsed() >= PERSIST_EVERY {
+                    last_persist = std::time::Instant::now();
                     if let Some(p) = persisting.take() {
                         p.await??;
                     }
