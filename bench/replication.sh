@@ -27,6 +27,7 @@
 #   BENCH_KEEP=1   keep the work directory (logs, fio JSON, samples) at exit
 #   BENCH_NO_BUILD=1  skip cargo build (use the binaries already in $CARGO_TARGET_DIR/release)
 #   BENCH_MIN_FREE_GIB  stop when the work filesystem has less free space (default 8)
+#   BENCH_ONLY=sync  run only the full-sync rows (4.): no prefill, throughput, lag or catch-up
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,14 +37,17 @@ BENCH_REPEAT="${BENCH_REPEAT:-1}"
 BENCH_CATCHUP="${BENCH_CATCHUP:-1G}"
 BENCH_RAND="${BENCH_RAND:-1}"
 BENCH_MIN_FREE_GIB="${BENCH_MIN_FREE_GIB:-8}"
+BENCH_ONLY="${BENCH_ONLY:-}"
+RATE80=0 # set by the lag row
 BENCH_OUT="${BENCH_OUT:-$ROOT/bench/replication-results.md}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-CMDLINE="BENCH_SIZE=$BENCH_SIZE BENCH_RUNTIME=$BENCH_RUNTIME BENCH_REPEAT=$BENCH_REPEAT BENCH_CATCHUP=$BENCH_CATCHUP BENCH_RAND=$BENCH_RAND $(printf '%q ' "$0" "$@")"
+CMDLINE="${BENCH_ONLY:+BENCH_ONLY=$BENCH_ONLY }BENCH_SIZE=$BENCH_SIZE BENCH_RUNTIME=$BENCH_RUNTIME BENCH_REPEAT=$BENCH_REPEAT BENCH_CATCHUP=$BENCH_CATCHUP BENCH_RAND=$BENCH_RAND $(printf '%q ' "$0" "$@")"
 
 die() { echo "bench: $*" >&2; exit 1; }
 say() { echo "bench: $(date +%T) $*" >&2; }
 [[ "$BENCH_REPEAT" =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPEAT must be a positive integer"
 [[ "$BENCH_RUNTIME" =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNTIME must be a positive integer (seconds)"
+[[ -z "$BENCH_ONLY" || "$BENCH_ONLY" == sync ]] || die "BENCH_ONLY must be empty or 'sync'"
 
 # ------------------------------------------------------------------ prerequisites
 for t in fio python3 fallocate cargo; do
@@ -402,6 +406,8 @@ run_fio() { # result stem, fio args...
         >"$stem.err" 2>&1 || die "fio $(basename "$stem") failed: $(cat "$stem.err")"
 }
 
+LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
+if [[ "$BENCH_ONLY" != sync ]]; then
 # Untimed prefill: alpha's disk gets written once, so no configuration writes into unwritten
 # (fallocated) extents; the secondaries' disks are written whole by their full sync.
 say "prefill r0 (one sequential 1 MiB pass, untimed)"
@@ -409,7 +415,6 @@ fio --name=prefill --ioengine=nbd --uri="$URI" --rw=write --bs=1M --iodepth=8 --
     --output-format=json --output="$W/res/prefill.json" >"$W/res/prefill.err" 2>&1 \
     || die "fio prefill failed: $(cat "$W/res/prefill.err")"
 
-LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
 reset_hwm
 for cfg in 0 1 2; do
     case $cfg in
@@ -476,6 +481,7 @@ reset_hwm
 catchup fetch
 catchup replay
 phase_hwm catchup
+fi # BENCH_ONLY
 
 # ------------------------------------------------------------------ 4. full sync of r1: equal disk (beta), different disk (gamma)
 settle
@@ -512,7 +518,7 @@ GIT_REV="$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
 REPORT="$(W="$W" CMDLINE="$CMDLINE" FIO_VER="$FIO_VER" CPU_MODEL="$CPU_MODEL" MEM_TOTAL="$MEM_TOTAL" \
     FSTYPE="$FSTYPE" SIZE_BYTES="$SIZE_BYTES" RUNTIME="$BENCH_RUNTIME" REPEAT="$BENCH_REPEAT" \
     GIT_REV="$GIT_REV" KERNEL="$(uname -r)" DATE="$(date -u '+%Y-%m-%d %H:%M:%S UTC')" NCPU="$(nproc)" \
-    LOAD_START="$LOAD_START" LOAD_END="$LOAD_END" ROWS="${ROW_NAMES[*]}" RATE80="$RATE80" \
+    LOAD_START="$LOAD_START" ONLY="$BENCH_ONLY" LOAD_END="$LOAD_END" ROWS="${ROW_NAMES[*]}" RATE80="$RATE80" \
     FIO_COMMON="$FIO_COMMON" HWM_RESET="$HWM_RESET" CATCHUP_BYTES="$CATCHUP_BYTES" \
     python3 - <<'EOF'
 import json, os, statistics
@@ -530,6 +536,7 @@ def cpu_row(label, c):
     cpu_rows.append(f"| {label} | {m['alpha'] / w:.2f} | {m['beta'] / w:.2f} | {m['gamma'] / w:.2f} | {c['other_cpu'] / w:.2f} |")
 
 table = []
+ONLY_SYNC = e["ONLY"] == "sync"
 # 1. throughput
 def tp(cfg, row):
     vals, cpus = [], []
@@ -540,7 +547,7 @@ def tp(cfg, row):
         vals.append(j["write"]["bw_bytes"] / MiB if row == "seqwrite" else j["write"]["iops"])
         cpus.append(jl(f"tp-{cfg}-{row}-{r}.cpu.json"))
     return statistics.median(vals), vals, cpus[len(cpus) // 2]
-for row in rows:
+for row in ([] if ONLY_SYNC else rows):
     unit = "MiB/s" if row == "seqwrite" else "IOPS"
     label = "1 MiB seq write, QD8" if row == "seqwrite" else "4 KiB rand write, QD32, fsync=32"
     base = tp(0, row)
@@ -558,7 +565,7 @@ for row in rows:
         cpu_row(f"{label}, {cfg} sec.", c)
 
 # 2. catch-up
-for kind, label in (("fetch", "catch-up after pause-fetch (fetch + replay)"), ("replay", "catch-up after pause-replay (replay only)")):
+for kind, label in (() if ONLY_SYNC else (("fetch", "catch-up after pause-fetch (fetch + replay)"), ("replay", "catch-up after pause-replay (replay only)"))):
     c = jl(f"catchup-{kind}.json")
     rate = c["bytes"] / c["elapsed"] if c["elapsed"] > 0 else 0
     table.append(f"| {label}: {c['bytes'] / MiB:,.0f} MiB in {c['elapsed']:.2f} s (MB/s) | {rate / 1e6:,.0f} | | >= 1,000 MB/s | {verdict(rate >= 1e9)} |")
@@ -573,29 +580,30 @@ for kind, label, tgt in (("equal", "full sync, equal disks", 2e9), ("different",
     cpu_row(f"full sync ({kind})", s)
 
 # 4. lag
-samples = [json.loads(l) for l in open(f"{R}/lag-samples.jsonl")]
-lagfio = jl("lag.json")["jobs"][0]["write"]["bw_bytes"]
-lc = jl("lag.cpu.json")
-t_end = lc["wall"] + 0.5  # the sampler started 0.5 s before fio
-errors = sum(1 for s in samples if "error" in s)
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
 lag_detail = []
-for n in ("beta", "gamma"):
-    ls = [s[n]["lag_seconds"] for s in samples if n in s]
-    lb = [s[n]["lag_bytes"] for s in samples if n in s]
-    pls = [s[n]["p_lag_seconds"] for s in samples if n in s]
-    true_b = [max(0, s["written"] - s[n]["replayed"]) for s in samples if n in s]
-    mx = max(ls) if ls else float("nan")
-    table.append(f"| lag of {n} at {int(e['RATE80']) / MiB:,.0f} MiB/s asked (80 %), {lagfio / MiB:,.0f} MiB/s reached, 2 sec.: lag_seconds p50 / p99 / max (s) | {pct(ls, 50):.2f} / {pct(ls, 99):.2f} / {mx:.2f} | | max < 1 s | {verdict(mx < 1.0)} |")
-    table.append(f"| lag of {n}: lag_bytes p50 / p99 / max (MiB) | {pct(lb, 50) / MiB:,.1f} / {pct(lb, 99) / MiB:,.1f} / {max(lb) / MiB if lb else 0:,.1f} | | | |")
-    lag_detail.append(f"{n}: {len(ls)} samples; as the primary's view shows it: lag_seconds max {max(pls) if pls else 0:.2f} s;"
-                      f" alpha's written minus {n}'s own replayed, sampled one after the other: p99 {pct(true_b, 99) / MiB:,.1f} MiB, max {max(true_b) / MiB if true_b else 0:,.1f} MiB")
-cpu_row("lag row (80 % rate)", lc)
+if not ONLY_SYNC:
+    samples = [json.loads(l) for l in open(f"{R}/lag-samples.jsonl")]
+    lagfio = jl("lag.json")["jobs"][0]["write"]["bw_bytes"]
+    lc = jl("lag.cpu.json")
+    t_end = lc["wall"] + 0.5  # the sampler started 0.5 s before fio
+    errors = sum(1 for s in samples if "error" in s)
+    def pct(xs, p):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
+    for n in ("beta", "gamma"):
+        ls = [s[n]["lag_seconds"] for s in samples if n in s]
+        lb = [s[n]["lag_bytes"] for s in samples if n in s]
+        pls = [s[n]["p_lag_seconds"] for s in samples if n in s]
+        true_b = [max(0, s["written"] - s[n]["replayed"]) for s in samples if n in s]
+        mx = max(ls) if ls else float("nan")
+        table.append(f"| lag of {n} at {int(e['RATE80']) / MiB:,.0f} MiB/s asked (80 %), {lagfio / MiB:,.0f} MiB/s reached, 2 sec.: lag_seconds p50 / p99 / max (s) | {pct(ls, 50):.2f} / {pct(ls, 99):.2f} / {mx:.2f} | | max < 1 s | {verdict(mx < 1.0)} |")
+        table.append(f"| lag of {n}: lag_bytes p50 / p99 / max (MiB) | {pct(lb, 50) / MiB:,.1f} / {pct(lb, 99) / MiB:,.1f} / {max(lb) / MiB if lb else 0:,.1f} | | | |")
+        lag_detail.append(f"{n}: {len(ls)} samples; as the primary's view shows it: lag_seconds max {max(pls) if pls else 0:.2f} s;"
+                          f" alpha's written minus {n}'s own replayed, sampled one after the other: p99 {pct(true_b, 99) / MiB:,.1f} MiB, max {max(true_b) / MiB if true_b else 0:,.1f} MiB")
+    cpu_row("lag row (80 % rate)", lc)
 
 # RSS
-hw = {p: jl(f"hwm-{p}.json") for p in ("tp-0", "tp-1", "tp-2", "lag", "catchup", "sync")}
+hw = {p: jl(f"hwm-{p}.json") for p in ("tp-0", "tp-1", "tp-2", "lag", "catchup", "sync") if os.path.exists(f"{R}/hwm-{p}.json")}
 hw_rows = [f"| {p} | " + " | ".join(f"{hw[p][n] / 1024:,.0f}" for n in ("alpha", "beta", "gamma")) + " |" for p in hw]
 
 du = dict(l.split() for l in open(f"{R}/du"))
@@ -628,23 +636,24 @@ out.append(f"- date: {e['DATE']}; mars commit {e['GIT_REV']}")
 out.append(f"- kernel: {e['KERNEL']}; CPU: {e['CPU_MODEL']}; memory: {e['MEM_TOTAL']}; load average at start {e['LOAD_START']}, at end {e['LOAD_END']}")
 out.append(f"- {e['FIO_VER']}; r0 and r1: {size_gib:g} GiB disk files per node (r0: `fallocate -l`), all on one {e['FSTYPE']} filesystem; default node settings for all three nodes")
 out.append(f"- command: `{e['CMDLINE'].strip()}`")
-out.append(f"- throughput: `fio --name=bench {e['FIO_COMMON']} ROWARGS --uri=nbd://127.0.0.1:PORT/r0` against alpha;"
-           " before every run all members are waited for (`wait-resource r0 uptodate`), the log is rotated and"
-           " replayed logfiles deleted on alpha (untimed)")
-out.append(f"- lag: the same fio with `--rw=write --bs=1M --iodepth=8 --rate={e['RATE80']}` (achieved {lagfio / MiB:,.0f} MiB/s);"
-           f" every 100 ms `marsadm view r0 --json` on alpha, beta and gamma; values from each secondary's own view"
-           f" ({len(samples)} samples, {errors} failed). " + "; ".join(lag_detail))
-cf, cr = jl("catchup-fetch.json"), jl("catchup-replay.json")
-def phases(c):  # (first poll with fetched at the target, last poll before replayed moved)
-    t_f = next((x[0] for x in c["samples"] if x[1] >= c["target"]), None)
-    t_r = max((x[0] for x in c["samples"] if x[2] <= c["start_replayed"]), default=0.0)
-    return t_f, t_r
-tf, tr = phases(cf)
-out.append(f"- catch-up: beta paused, {int(e['CATCHUP_BYTES']) / MiB:,.0f} MiB written with fio (1 MiB, QD8, end_fsync);"
-           " timed from `resume-fetch`/`resume-replay` until beta's own `log.replayed` reaches alpha's `log.written`"
-           f" (polled every 50 ms: {cf['polls']} / {cr['polls']} polls); with pause-replay, fetch had brought everything over before the resume."
-           f" After resume-fetch, beta's view showed the whole backlog fetched at {tf if tf is not None else float('nan'):.2f} s and replayed still"
-           f" at its start position at {tr:.2f} s (its `log.fetched` moves once per fetch round)")
+if not ONLY_SYNC:
+    out.append(f"- throughput: `fio --name=bench {e['FIO_COMMON']} ROWARGS --uri=nbd://127.0.0.1:PORT/r0` against alpha;"
+               " before every run all members are waited for (`wait-resource r0 uptodate`), the log is rotated and"
+               " replayed logfiles deleted on alpha (untimed)")
+    out.append(f"- lag: the same fio with `--rw=write --bs=1M --iodepth=8 --rate={e['RATE80']}` (achieved {lagfio / MiB:,.0f} MiB/s);"
+               f" every 100 ms `marsadm view r0 --json` on alpha, beta and gamma; values from each secondary's own view"
+               f" ({len(samples)} samples, {errors} failed). " + "; ".join(lag_detail))
+    cf, cr = jl("catchup-fetch.json"), jl("catchup-replay.json")
+    def phases(c):  # (first poll with fetched at the target, last poll before replayed moved)
+        t_f = next((x[0] for x in c["samples"] if x[1] >= c["target"]), None)
+        t_r = max((x[0] for x in c["samples"] if x[2] <= c["start_replayed"]), default=0.0)
+        return t_f, t_r
+    tf, tr = phases(cf)
+    out.append(f"- catch-up: beta paused, {int(e['CATCHUP_BYTES']) / MiB:,.0f} MiB written with fio (1 MiB, QD8, end_fsync);"
+               " timed from `resume-fetch`/`resume-replay` until beta's own `log.replayed` reaches alpha's `log.written`"
+               f" (polled every 50 ms: {cf['polls']} / {cr['polls']} polls); with pause-replay, fetch had brought everything over before the resume."
+               f" After resume-fetch, beta's view showed the whole backlog fetched at {tf if tf is not None else float('nan'):.2f} s and replayed still"
+               f" at its start position at {tr:.2f} s (its `log.fetched` moves once per fetch round)")
 se, sd = jl("sync-equal.json"), jl("sync-different.json")
 out.append(f"- full sync: r1 created on alpha over {size_gib:g} GiB of /dev/urandom data; beta's disk a `cp` of it, gamma's other"
            " random data; timed from `join-resource` until the joiner's own view shows `sync: null` and `disk: uptodate`."

@@ -1753,9 +1753,15 @@ impl Daemon {
                 if len > MAX_CHUNK || offset.checked_add(len as u64).is_none_or(|e| e > l.size()) {
                     bail!("block {offset}+{len} is out of range");
                 }
-                let data =
-                    tokio::task::spawn_blocking(move || l.read(offset, len as u64)).await??;
-                if blake3::hash(&data).to_hex().as_str() == digest {
+                // Read and hash off the async runtime.
+                let (data, same) = tokio::task::spawn_blocking(move || {
+                    l.read(offset, len as u64).map(|d| {
+                        let same = blake3::hash(&d).to_hex().as_str() == digest;
+                        (d, same)
+                    })
+                })
+                .await??;
+                if same {
                     write_msg(s, &Msg::Same).await?;
                 } else {
                     write_msg(s, &Msg::BlockData { offset, len }).await?;

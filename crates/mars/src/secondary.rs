@@ -8,7 +8,10 @@
 //!   writing; then replay starts at `start_pos`, the primary's log position
 //!   when the sync began. The disk is `syncing` (inconsistent) until replay
 //!   has passed `end_pos`, the primary's position when the copy ended.
-//!   Resumable: `next_offset` is persisted every 64 blocks.
+//!   Pipelined: up to `SYNC_WINDOW` digests are in flight while the answers
+//!   are taken in order. Resumable: `next_offset` (the end of the completed
+//!   prefix of blocks, written and synced) is persisted every 64 blocks (at
+//!   least every second) and when the sync pauses or fails.
 //! - `replayed`, `replayed.hw`: the replay position, durable and as of the
 //!   last applied record (`mars_logger::replay`). After a reboot the disk
 //!   is not consistent until replay passes what the replayer reports
@@ -182,6 +185,89 @@ fn read_sync(dir: &std::path::Path) -> Result<Option<SyncState>> {
 
 fn write_sync(dir: &std::path::Path, s: &SyncState) -> Result<()> {
     crate::node::save_json(&dir.join(SYNC_FILE), s)
+}
+
+/// Make the blocks written so far durable, then record how far the sync got:
+/// `next_offset` never claims a block that a crash could still lose. Runs in
+/// the background (the sync goes on meanwhile); only blocks whose writes have
+/// returned before the call are claimed.
+fn spawn_persist_sync(
+    disk: &Arc<std::fs::File>,
+    dir: &std::path::Path,
+    s: &SyncState,
+) -> tokio::task::JoinHandle<Result<()>> {
+    let (disk, dir, s) = (disk.clone(), dir.to_path_buf(), s.clone());
+    tokio::task::spawn_blocking(move || {
+        disk.sync_data()?;
+        write_sync(&dir, &s)
+    })
+}
+
+/// Sync requests (`SyncBlock`) sent ahead of their answers.
+const SYNC_WINDOW: usize = 16;
+/// The longest a sync goes without recording its position.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The sending half of a pipelined full sync.
+struct SyncSender {
+    res: String,
+    disk: Arc<std::fs::File>,
+    path: PathBuf,
+    size: u64,
+    from: u64,
+    wr: tokio::net::tcp::OwnedWriteHalf,
+    /// Every request sent, in order, for the receiving half; its capacity is the window.
+    tx: tokio::sync::mpsc::Sender<(u64, usize)>,
+    stop: Arc<AtomicBool>,
+    pause: Arc<AtomicBool>,
+}
+
+/// Read and hash each local block from `from` on (off the async runtime) and ask the
+/// primary about it, at most `SYNC_WINDOW` blocks ahead of the answers taken. Stops
+/// asking when the sync is paused or stopped. Returns the write half for `SyncEnd`.
+async fn send_sync_requests(mut s: SyncSender) -> Result<tokio::net::tcp::OwnedWriteHalf> {
+    let mut buf = vec![0u8; SYNC_BLOCK as usize];
+    let mut off = s.from;
+    while off < s.size {
+        let Ok(permit) = s.tx.reserve().await else {
+            break; // the receiving half gave up
+        };
+        if s.stop.load(Ordering::Acquire) || s.pause.load(Ordering::Acquire) {
+            break;
+        }
+        let len = SYNC_BLOCK.min(s.size - off) as usize;
+        let disk = s.disk.clone();
+        let (b, digest) = tokio::task::spawn_blocking(move || {
+            disk.read_exact_at(&mut buf[..len], off).map(|()| {
+                let h = blake3::hash(&buf[..len]);
+                (buf, h)
+            })
+        })
+        .await?
+        .with_context(|| format!("reading block at {off} of {}", s.path.display()))?;
+        buf = b;
+        write_msg(
+            &mut s.wr,
+            &Msg::SyncBlock {
+                res: s.res.clone(),
+                offset: off,
+                len: len as u32,
+                digest: digest.to_hex().to_string(),
+            },
+        )
+        .await?;
+        permit.send((off, len));
+        off += len as u64;
+    }
+    Ok(s.wr)
 }
 
 /// A former primary's directory after `demote`: its disk is the image at
@@ -493,72 +579,133 @@ impl Secondary {
             p.sync_done = sync.next_offset;
         }
         tracing::info!(resource = %self.res, from = %primary, start_pos = sync.start_pos, offset = sync.next_offset, "full sync");
-        let disk = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&self.disk)
-            .with_context(|| format!("disk {}", self.disk.display()))?;
-        let mut buf = vec![0u8; SYNC_BLOCK as usize];
+        let disk = Arc::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.disk)
+                .with_context(|| format!("disk {}", self.disk.display()))?,
+        );
+        // Pipelined: a sender task reads and hashes the local blocks and keeps up to
+        // SYNC_WINDOW `SyncBlock` requests in flight; this task takes the answers in
+        // order (the primary answers in order on the one connection), writes what
+        // differs and advances `next_offset` over the completed prefix only.
+        let (mut rd, wr) = s.into_split();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, usize)>(SYNC_WINDOW);
+        let mut sender = AbortOnDrop(tokio::spawn(send_sync_requests(SyncSender {
+            res: self.res.clone(),
+            disk: disk.clone(),
+            path: self.disk.clone(),
+            size: self.size,
+            from: sync.next_offset,
+            wr,
+            tx,
+            stop: self.stop.clone(),
+            pause: self.pause_sync.clone(),
+        })));
+        let halted =
+            || self.stop.load(Ordering::Acquire) || self.pause_sync.load(Ordering::Acquire);
         let mut blocks = 0u64;
         let (started, from) = (std::time::Instant::now(), sync.next_offset);
         let mut throttle = Throttle::new(self.sync_rate.clone());
-        while sync.next_offset < self.size {
-            if self.stop.load(Ordering::Acquire) || self.pause_sync.load(Ordering::Acquire) {
-                write_sync(&self.dir, sync)?;
+        // At most one background persist at a time (see `spawn_persist_sync`).
+        let mut persisting: Option<tokio::task::JoinHandle<Result<()>>> = None;
+        let mut last_persist = std::time::Instant::now();
+        let copied: Result<()> = async {
+            loop {
+                if halted() {
+                    bail!("sync paused or stopped at offset {}", sync.next_offset);
+                }
+                // None: the sender asked for every block, or stopped (paused, or failed).
+                let Some((off, len)) = rx.recv().await else {
+                    break;
+                };
+                match read_msg(&mut rd).await? {
+                    Msg::Same => {}
+                    Msg::BlockData { offset, len: n } if offset == off && n as usize == len => {
+                        let data = read_data(&mut rd).await?;
+                        if data.len() != len {
+                            bail!("primary sent {} bytes for a block of {len}", data.len());
+                        }
+                        let d = disk.clone();
+                        tokio::task::spawn_blocking(move || d.write_all_at(&data, off))
+                            .await?
+                            .with_context(|| {
+                                format!("writing block at {off} to {}", self.disk.display())
+                            })?;
+                        self.progress.lock().blocks_transferred += 1;
+                        throttle.spend(len as u64).await;
+                    }
+                    Msg::Refused { reason } => bail!("primary {primary} refused: {reason}"),
+                    other => bail!("unexpected answer to SyncBlock at {off}: {other:?}"),
+                }
+                sync.next_offset = off + len as u64;
+                {
+                    let mut p = self.progress.lock();
+                    p.sync_done = sync.next_offset;
+                    let secs = started.elapsed().as_secs_f64();
+                    if secs > 0.0 {
+                        p.sync_rate = ((sync.next_offset - from) as f64 / secs) as u64;
+                    }
+                }
+                blocks += 1;
+                // Every 64 blocks, and every second when that takes longer (a slow or
+                // rate-limited sync still makes progress that survives a crash).
+                if blocks.is_multiple_of(64) || last_persist.elapsed() >= PERSIST_EVERY {
+                    last_persist = std::time::Instant::now();
+                    if let Some(p) = persisting.take() {
+                        p.await??;
+                    }
+                    persisting = Some(spawn_persist_sync(&disk, &self.dir, sync));
+                }
+            }
+            if sync.next_offset < self.size && halted() {
                 bail!("sync paused or stopped at offset {}", sync.next_offset);
             }
-            let off = sync.next_offset;
-            let len = SYNC_BLOCK.min(self.size - off) as usize;
-            disk.read_exact_at(&mut buf[..len], off)?;
-            let digest = blake3::hash(&buf[..len]).to_hex().to_string();
-            write_msg(
-                &mut s,
-                &Msg::SyncBlock {
-                    res: self.res.clone(),
-                    offset: off,
-                    len: len as u32,
-                    digest,
-                },
-            )
-            .await?;
-            match read_msg(&mut s).await? {
-                Msg::Same => {}
-                Msg::BlockData { offset, len: n } if offset == off && n as usize == len => {
-                    let data = read_data(&mut s).await?;
-                    if data.len() != len {
-                        bail!("primary sent {} bytes for a block of {len}", data.len());
-                    }
-                    disk.write_all_at(&data, off)?;
-                    self.progress.lock().blocks_transferred += 1;
-                    throttle.spend(data.len() as u64).await;
-                }
-                Msg::Refused { reason } => bail!("primary {primary} refused: {reason}"),
-                other => bail!("unexpected answer to SyncBlock: {other:?}"),
-            }
-            sync.next_offset = off + len as u64;
-            {
-                let mut p = self.progress.lock();
-                p.sync_done = sync.next_offset;
-                let secs = started.elapsed().as_secs_f64();
-                if secs > 0.0 {
-                    p.sync_rate = ((sync.next_offset - from) as f64 / secs) as u64;
-                }
-            }
-            blocks += 1;
-            if blocks.is_multiple_of(64) {
-                disk.sync_data()?;
-                write_sync(&self.dir, sync)?;
-            }
+            Ok(())
         }
-        disk.sync_data()?;
+        .await;
+        // The last background persist ends before the final one (never a step back).
+        let copied = match persisting.take() {
+            Some(p) => copied.and(p.await.map_err(anyhow::Error::from).and_then(|r| r)),
+            None => copied,
+        };
+        let wr = match copied {
+            Ok(()) => match (&mut sender.0).await? {
+                // Every block asked for was answered and written: all is copied.
+                Ok(wr) if sync.next_offset == self.size => Ok(wr),
+                Ok(_) => Err(anyhow!(
+                    "sync paused or stopped at offset {}",
+                    sync.next_offset
+                )),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        let mut wr = match wr {
+            Ok(wr) => wr,
+            Err(e) => {
+                // Keep what was completed: a prefix of written blocks, made durable first.
+                drop(sender);
+                if let Err(p) = spawn_persist_sync(&disk, &self.dir, sync)
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| r)
+                {
+                    tracing::warn!(resource = %self.res, "saving the sync position: {p:#}");
+                }
+                return Err(e);
+            }
+        };
+        spawn_persist_sync(&disk, &self.dir, sync).await??;
         write_msg(
-            &mut s,
+            &mut wr,
             &Msg::SyncEnd {
                 res: self.res.clone(),
             },
         )
         .await?;
-        let end = match read_msg(&mut s).await? {
+        let end = match read_msg(&mut rd).await? {
             Msg::SyncInfo { pos, .. } => pos,
             other => bail!("unexpected answer to SyncEnd: {other:?}"),
         };

@@ -930,3 +930,82 @@ fn resize_grows_the_device_on_every_member() {
         .iter()
         .all(|&x| x == 5));
 }
+
+fn sync_done(n: &Node, node: &str) -> Option<u64> {
+    member(&n.view_json(), node)["sync"]["done"].as_u64()
+}
+
+/// A full sync killed (SIGKILL) mid-way resumes at its recorded position, which
+/// only ever covers blocks already on the disk, and ends byte-identical;
+/// `pause-sync` holds it where it is.
+#[test]
+fn sync_killed_mid_way_resumes_and_pause_sync_holds_it() {
+    let mut nodes = start_cluster(&["alpha", "beta"]);
+    let size = 64 * MIB;
+    let a_disk = nodes[0].disk("a.img", size);
+    // Every block differs from beta's zeroed disk.
+    let data: Vec<u8> = (0..size)
+        .map(|i| ((i / 4096) as u8) ^ (i as u8).wrapping_mul(31) | 1)
+        .collect();
+    std::fs::write(&a_disk, &data).unwrap();
+    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
+    nodes[1].wait_view("r0 known", |v| resource(v, "r0").is_some());
+    let b_disk = nodes[1].disk("b.img", size);
+    // Join while cut off from alpha, so the rate limit is in place before the first block.
+    nodes[1].adm_ok(&["debug-block", "alpha"]);
+    nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
+    nodes[1].adm_ok(&["set-rate", "r0", "--sync", "8M"]);
+    nodes[1].adm_ok(&["debug-unblock", "alpha"]);
+    let long = std::time::Duration::from_secs(60);
+    wait_for("beta synced 20 MiB", long, || {
+        sync_done(&nodes[1], "beta").is_some_and(|d| d >= 20 * MIB)
+    });
+    nodes[1].kill9();
+    let state: serde_json::Value =
+        serde_json::from_slice(&read(&nodes[1].dir.join("resources/r0/sync"))).unwrap();
+    let next = state["next_offset"].as_u64().unwrap();
+    assert!(state["done"] == false, "{state}");
+    assert!(
+        next > 0 && next < size && next.is_multiple_of(MIB),
+        "killed mid-way, the recorded position is inside the disk: {state}"
+    );
+    // What the position claims is on beta's disk (the prefix property).
+    let b = read(&b_disk);
+    assert!(
+        b[..next as usize] == data[..next as usize],
+        "blocks below next_offset {next} are not all on beta's disk"
+    );
+
+    // Restarted, it goes on from there (only the rest is transferred), still at 8 MiB/s.
+    nodes[1].start();
+    wait_for("beta's sync moves on", long, || {
+        sync_done(&nodes[1], "beta").is_some_and(|d| d >= next + 4 * MIB)
+    });
+    nodes[1].adm_ok(&["pause-sync", "r0"]);
+    // Paused: no progress (a block in flight may still land right after the command).
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let held = sync_done(&nodes[1], "beta").expect("still syncing");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(
+        sync_done(&nodes[1], "beta"),
+        Some(held),
+        "paused sync moved"
+    );
+    assert!(held < size, "sync completed before the pause");
+    let state: serde_json::Value =
+        serde_json::from_slice(&read(&nodes[1].dir.join("resources/r0/sync"))).unwrap();
+    assert_eq!(state["next_offset"].as_u64(), Some(held), "{state}");
+
+    nodes[1].adm_ok(&["set-rate", "r0", "--sync", "0"]);
+    nodes[1].adm_ok(&["resume-sync", "r0"]);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    let v = nodes[1].wait_view("beta uptodate", |v| member(v, "beta")["disk"] == "uptodate");
+    let moved = member(&v, "beta")["sync_blocks_transferred"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        moved <= (size - next) / MIB,
+        "after the restart {moved} blocks moved, but only those from {next} on were missing: {v:#}"
+    );
+    assert!(read(&b_disk) == data, "beta's disk equals alpha's");
+}
