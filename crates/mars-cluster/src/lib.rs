@@ -343,6 +343,15 @@ impl Cluster {
         self.foca.num_members()
     }
 
+    /// Take these nodes as alive members without gossiping about them. For
+    /// a simulator's warm start; a daemon learns its members by gossip.
+    pub fn add_members(&mut self, ids: impl IntoIterator<Item = NodeId>) {
+        let members = ids.into_iter().map(foca::Member::alive);
+        if let Err(e) = self.foca.apply_many(members, false, &mut self.rt) {
+            tracing::debug!("add_members: {e}");
+        }
+    }
+
     /// Retune for the cluster's size (retransmissions, suspicion timeout).
     pub fn set_size_hint(&mut self, cfg: &ClusterConfig) {
         if let Err(e) = self.foca.set_config(foca_config(cfg)) {

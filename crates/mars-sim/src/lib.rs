@@ -37,7 +37,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mars_cluster::{ae, to_wire, Cluster, ClusterConfig, Effect, FocaTimer, NodeId};
+use mars_cluster::{ae, from_wire, to_wire, Cluster, ClusterConfig, Effect, FocaTimer, NodeId};
 use mars_meta::{resource_prefix, scope_of, Scope, Stamp, Store, CLUSTER_PREFIX};
 use mars_proto::{encode_frame, Msg};
 use parking_lot::Mutex;
@@ -76,6 +76,15 @@ pub struct SimConfig {
     pub spread_limit_ms: u64,
     /// Progress lines on stderr.
     pub verbose: bool,
+    /// Skip the bootstrap: start from a converged cluster, for sizes whose
+    /// bootstrap does not fit in memory or time. Every node starts at t = 0
+    /// with all others in its foca membership (`Cluster::add_members`) and
+    /// the size hint fixed at N. The stores hold only the resources' `r/`
+    /// entries (no `c/d/node`, `c/d/res` or `c/d/member`: at 5,000 nodes
+    /// those alone would be 15,000 entries on each of 5,000 stores), so
+    /// resource membership comes from the simulator's table. Measures the
+    /// steady state, the spread of new entries and the scope check.
+    pub warm: bool,
 }
 
 impl SimConfig {
@@ -98,6 +107,7 @@ impl SimConfig {
             converge_limit_ms: 600_000,
             spread_limit_ms: 120_000,
             verbose: false,
+            warm: false,
         }
     }
 }
@@ -111,6 +121,7 @@ struct Counters {
     ae_bytes: u64,
     push_msgs: u64,
     push_bytes: u64,
+    join_bytes: u64,
 }
 
 /// The TCP traffic kinds the simulator tells apart.
@@ -118,6 +129,8 @@ struct Counters {
 enum Chan {
     AntiEntropy,
     Push,
+    /// `marsadm join-cluster`: `Join`, answered by `Joined` with every cluster-wide entry.
+    Join,
 }
 
 /// How a node learned an entry.
@@ -222,6 +235,8 @@ pub struct Sim {
     resources: Vec<Resource>,
     res_by_name: HashMap<String, u32>,
     watch: Option<Watch>,
+    /// Nodes whose daemon runs, in start order (join seeds are drawn from them).
+    running: Vec<u32>,
     /// Resource entries merged by a node outside the resource.
     leaks: u64,
     /// MemberDown notifications (no node ever fails here: all are false).
@@ -240,14 +255,25 @@ fn node_addr(i: u32) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::new(127, a, b, c), 7000))
 }
 
+/// The value of `c/d/node/<name>`: marsd's `NodeEntry`.
+fn node_entry(i: u32) -> serde_json::Value {
+    let addr = node_addr(i);
+    let nbd = SocketAddr::new(addr.ip(), 10809);
+    json!({ "listen": addr.to_string(), "nbd": nbd.to_string() })
+}
+
 fn ms_ceil(d: Duration) -> u64 {
     u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
 impl Sim {
     /// Builds the nodes and resources and schedules the node starts.
-    pub fn new(cfg: SimConfig) -> Sim {
+    pub fn new(mut cfg: SimConfig) -> Sim {
         assert!(cfg.nodes >= 2, "simulate at least 2 nodes");
+        if cfg.warm {
+            // The stores have no node entries to follow.
+            cfg.size_hint.get_or_insert(cfg.nodes);
+        }
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let ccfg = ClusterConfig {
             size_hint: cfg.size_hint.unwrap_or(ClusterConfig::default().size_hint),
@@ -301,18 +327,98 @@ impl Sim {
             resources,
             res_by_name,
             watch: None,
+            running: Vec::new(),
             leaks: 0,
             downs: 0,
             events: 0,
             last_start: 0,
             cfg,
         };
+        if sim.cfg.warm {
+            sim.warm_start();
+            return sim;
+        }
         for i in 0..sim.cfg.nodes {
             let at = u64::from(i) * sim.cfg.start_window_ms / u64::from(sim.cfg.nodes);
             sim.last_start = at;
             sim.schedule(at, Event::Start(i));
         }
         sim
+    }
+
+    /// Starts every node at t = 0 knowing all the others; see [`SimConfig::warm`].
+    fn warm_start(&mut self) {
+        let ids: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .map(|n| n.cluster.identity().clone())
+            .collect();
+        // Adding N-1 members costs O(N²) per node in foca: spread it over two threads.
+        let half = self.nodes.len().div_ceil(2);
+        let (first, second) = self.nodes.split_at_mut(half);
+        let timers: Vec<Vec<(FocaTimer<NodeId>, Duration)>> = std::thread::scope(|scope| {
+            let ids = &ids;
+            let handles: Vec<_> = [(0, first), (half, second)]
+                .into_iter()
+                .map(|(offset, chunk)| {
+                    scope.spawn(move || {
+                        let mut timers = Vec::with_capacity(chunk.len());
+                        for (k, node) in chunk.iter_mut().enumerate() {
+                            let others = ids.iter().enumerate().filter(|&(j, _)| j != offset + k);
+                            node.cluster.add_members(others.map(|(_, id)| id.clone()));
+                            // Keep the timers foca set on going online, drop the N-1 Ups.
+                            let effects = node.cluster.take_effects().into_iter();
+                            timers.push(
+                                effects
+                                    .filter_map(|e| match e {
+                                        Effect::Schedule { timer, after } => Some((timer, after)),
+                                        _ => None,
+                                    })
+                                    .collect(),
+                            );
+                        }
+                        timers
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("warm-start thread"))
+                .collect()
+        });
+        for (i, node_timers) in (0..self.cfg.nodes).zip(timers) {
+            self.nodes[i as usize].started = true;
+            for (timer, after) in node_timers {
+                self.schedule(ms_ceil(after), Event::Timer { node: i, timer });
+            }
+            let first_ae = self.rng.random_range(0..self.cfg.ae_interval_ms);
+            self.schedule(first_ae, Event::AeTick(i));
+        }
+        // Resource entries, already on every member.
+        for r in 0..self.resources.len() {
+            let (name, members) = (
+                self.resources[r].name.clone(),
+                self.resources[r].members.clone(),
+            );
+            let prefix = resource_prefix(&name);
+            let mut entries = Vec::new();
+            for (k, &m) in members.iter().enumerate() {
+                let store = self.nodes[m as usize].cluster.store().clone();
+                let mut store = store.lock();
+                if k == 0 {
+                    let key = format!("{prefix}d/primary");
+                    entries.push((key.clone(), store.set(&key, json!(node_name(m)))));
+                }
+                let key = format!("{prefix}d/member/{}", node_name(m));
+                entries.push((key.clone(), store.set(&key, json!({ "attached": true }))));
+            }
+            for &m in &members {
+                let mut store = self.nodes[m as usize].cluster.store().lock();
+                for (key, entry) in &entries {
+                    store.merge(key, entry.clone());
+                }
+            }
+        }
     }
 
     pub fn now(&self) -> u64 {
@@ -370,16 +476,30 @@ impl Sim {
         }
     }
 
+    /// Node `i` is set up: the first node founds the cluster; every other
+    /// one joins through a random running node (`marsadm join-cluster`),
+    /// and its daemon starts when the answer arrives.
     fn start(&mut self, i: u32) {
+        if self.running.is_empty() {
+            self.start_daemon(i);
+            return;
+        }
+        let seed = self.running[self.rng.random_range(0..self.running.len())];
+        self.send_tcp(i, seed, Chan::Join, Msg::Join);
+    }
+
+    /// What marsd does on start: write its node entry if the store lacks it,
+    /// write the entries of its resources, announce to up to three nodes of
+    /// its store, and start the anti-entropy loop.
+    fn start_daemon(&mut self, i: u32) {
         let name = node_name(i);
+        self.nodes[i as usize].started = true;
+        self.running.push(i);
+        let (key, entry) = (format!("c/d/node/{name}"), node_entry(i));
         let node = &mut self.nodes[i as usize];
-        node.started = true;
-        let addr = node_addr(i);
-        let nbd = SocketAddr::new(addr.ip(), 10809);
-        node.cluster.set(
-            &format!("c/d/node/{name}"),
-            json!({ "listen": addr.to_string(), "nbd": nbd.to_string() }),
-        );
+        if node.cluster.store().lock().get(&key) != Some(&entry) {
+            node.cluster.set(&key, entry);
+        }
         // marsd's keys: every member adds its own membership key and member
         // entry; the first member also creates the resource and is its primary.
         for r in node.resources.clone() {
@@ -405,9 +525,9 @@ impl Sim {
             });
             self.write_resource_entry(i, r, &format!("{prefix}d/member/{name}"), member);
         }
-        if i > 0 {
-            let seed = self.rng.random_range(0..i);
-            let to = self.nodes[seed as usize].cluster.identity().clone();
+        let known = self.known_nodes(i);
+        for &n in known.choose_multiple(&mut self.rng, 3) {
+            let to = self.nodes[n as usize].cluster.identity().clone();
             self.nodes[i as usize].cluster.announce(to);
         }
         let first_ae = self.rng.random_range(0..self.cfg.ae_interval_ms);
@@ -453,6 +573,7 @@ impl Sim {
                 sent.push_msgs += 1;
                 sent.push_bytes += bytes;
             }
+            Chan::Join => sent.join_bytes += bytes,
         }
         let at = self.now + self.delay();
         self.schedule(
@@ -467,8 +588,38 @@ impl Sim {
     }
 
     fn deliver_tcp(&mut self, from: u32, to: u32, chan: Chan, msg: Msg) {
+        if let Msg::Joined { entries, .. } = msg {
+            // marsadm stores the cluster's entries as they are, then marsd starts.
+            let store = self.nodes[to as usize].cluster.store().clone();
+            for w in entries {
+                let (key, entry) = from_wire(w);
+                store.lock().merge(&key, entry);
+            }
+            self.start_daemon(to);
+            return;
+        }
         if !self.nodes[to as usize].started {
             return; // connection refused
+        }
+        if let Msg::Join = msg {
+            // The seed adds the joiner's node entry and sends every cluster-wide entry.
+            self.nodes[to as usize]
+                .cluster
+                .set(&format!("c/d/node/{}", node_name(from)), node_entry(from));
+            self.flush(to);
+            let entries = {
+                let store = self.nodes[to as usize].cluster.store().lock();
+                store
+                    .range(CLUSTER_PREFIX)
+                    .map(|(k, e)| to_wire(k, e))
+                    .collect()
+            };
+            let reply = Msg::Joined {
+                cluster_id: "sim".to_string(),
+                entries,
+            };
+            self.send_tcp(to, from, Chan::Join, reply);
+            return;
         }
         let (reply, entries) = {
             let store = self.nodes[to as usize].cluster.store().lock();
@@ -563,6 +714,10 @@ impl Sim {
     /// and one live `c/d/member/<res>/<node>` per member, as marsd reads
     /// them), if they include `i`.
     fn known_members(&self, i: u32, r: u32) -> Option<Vec<u32>> {
+        if self.cfg.warm {
+            let members = &self.resources[r as usize].members;
+            return members.contains(&i).then(|| members.clone());
+        }
         let res = &self.resources[r as usize].name;
         let store = self.nodes[i as usize].cluster.store().lock();
         store.get(&format!("c/d/res/{res}"))?;
@@ -754,6 +909,7 @@ fn traffic(before: &[Counters], after: &[Counters], secs: f64) -> Traffic {
         ae_msgs: rate(|c| c.ae_msgs),
         ae_bytes: rate(|c| c.ae_bytes),
         push_msgs: rate(|c| c.push_msgs),
+        join_bytes: rate(|c| c.join_bytes),
     }
 }
 
@@ -771,6 +927,63 @@ pub fn peak_rss_mib() -> Option<f64> {
 
 fn rss_mib() -> Option<f64> {
     proc_status_mib("VmRSS:")
+}
+
+/// What the bootstrap phase measured: virtual ms after the last node's start.
+#[derive(Default)]
+struct Bootstrap {
+    members_99_ms: Option<u64>,
+    members_ms: Option<u64>,
+    meta_ms: Option<u64>,
+    quiet_ms: Option<u64>,
+    min_members_seen: usize,
+}
+
+/// Runs until every node sees all others alive, all "c/" stores are equal
+/// and no node has anything left to retransmit (or the limit), checking once
+/// per probe period.
+fn bootstrap(sim: &mut Sim, wall: &Instant) -> Bootstrap {
+    let cfg = sim.cfg.clone();
+    let n = cfg.nodes as usize;
+    let t0 = sim.last_start;
+    let mut b = Bootstrap::default();
+    let (mut t, mut next_log, mut last_log) = (t0, t0, Instant::now());
+    loop {
+        sim.run_until(t);
+        let elapsed = t - t0;
+        let (complete, min) = sim.membership();
+        b.min_members_seen = min;
+        if b.members_99_ms.is_none() && complete * 100 >= n * 99 {
+            b.members_99_ms = Some(elapsed);
+        }
+        if b.members_ms.is_none() && complete == n {
+            b.members_ms = Some(elapsed);
+            sim.log(wall, "membership converged");
+        }
+        if b.meta_ms.is_none() && sim.meta_converged() {
+            b.meta_ms = Some(elapsed);
+            sim.log(wall, "cluster metadata converged");
+        }
+        if b.members_ms.is_some() && b.meta_ms.is_some() && sim.backlog() == 0 {
+            b.quiet_ms = Some(elapsed);
+            sim.log(wall, "quiet");
+            return b;
+        }
+        if elapsed >= cfg.converge_limit_ms {
+            sim.log(wall, "bootstrap limit reached");
+            return b;
+        }
+        if cfg.verbose && (t >= next_log || last_log.elapsed() > Duration::from_secs(30)) {
+            (next_log, last_log) = (t + 10_000, Instant::now());
+            let rss = rss_mib().map_or(String::new(), |m| format!(", RSS {m:.0} MiB"));
+            let backlog = sim.backlog();
+            sim.log(
+                wall,
+                &format!("{complete} of {n} nodes see all, fewest live members seen {min}, backlog {backlog}{rss}"),
+            );
+        }
+        t += cfg.probe_period_ms;
+    }
 }
 
 /// Plays the scenario:
@@ -793,50 +1006,21 @@ pub fn run(cfg: &SimConfig) -> Report {
     let mut sim = Sim::new(cfg.clone());
     let period = cfg.probe_period_ms;
 
-    // 1. Bootstrap.
-    let t0 = sim.last_start;
-    let (mut members99_ms, mut members_ms, mut meta_ms, mut quiet_ms) = (None, None, None, None);
-    let mut min_members;
-    let mut t = t0;
-    let n = cfg.nodes as usize;
-    let (mut next_log, mut last_log) = (t0, Instant::now());
-    loop {
-        sim.run_until(t);
-        let elapsed = t - t0;
-        let (complete, min) = sim.membership();
-        min_members = min;
-        if members99_ms.is_none() && complete * 100 >= n * 99 {
-            members99_ms = Some(elapsed);
+    // 1. Bootstrap (or a warm start and one anti-entropy round for foca's timers to run).
+    let boot = if cfg.warm {
+        sim.run_until(cfg.ae_interval_ms);
+        sim.log(&wall, "warm start done");
+        Bootstrap {
+            min_members_seen: sim.membership().1,
+            ..Bootstrap::default()
         }
-        if members_ms.is_none() && complete == n {
-            members_ms = Some(elapsed);
-            sim.log(&wall, "membership converged");
-        }
-        if meta_ms.is_none() && sim.meta_converged() {
-            meta_ms = Some(elapsed);
-            sim.log(&wall, "cluster metadata converged");
-        }
-        if members_ms.is_some() && meta_ms.is_some() && sim.backlog() == 0 {
-            quiet_ms = Some(elapsed);
-            sim.log(&wall, "quiet");
-            break;
-        }
-        if elapsed >= cfg.converge_limit_ms {
-            sim.log(&wall, "bootstrap limit reached");
-            break;
-        }
-        if cfg.verbose && (t >= next_log || last_log.elapsed() > Duration::from_secs(30)) {
-            (next_log, last_log) = (t + 10_000, Instant::now());
-            let rss = rss_mib().map_or(String::new(), |m| format!(", RSS {m:.0} MiB"));
-            sim.log(
-                &wall,
-                &format!("{complete} of {n} nodes see all, fewest live members seen {min}, backlog {}{rss}", sim.backlog()),
-            );
-        }
-        t += period;
-    }
-
-    let bootstrap = totals(&vec![Counters::default(); n], &sim.counters());
+    } else {
+        bootstrap(&mut sim, &wall)
+    };
+    let bootstrap_traffic = totals(
+        &vec![Counters::default(); cfg.nodes as usize],
+        &sim.counters(),
+    );
 
     // 2. Steady state.
     let before = sim.counters();
@@ -879,12 +1063,13 @@ pub fn run(cfg: &SimConfig) -> Report {
         resources: cfg.resources,
         loss: cfg.loss,
         probe_period_ms: period,
-        members_converged_99_ms: members99_ms,
-        members_converged_ms: members_ms,
-        meta_converged_ms: meta_ms,
-        quiet_ms,
-        min_members_seen: min_members,
-        bootstrap,
+        warm: cfg.warm,
+        members_converged_99_ms: boot.members_99_ms,
+        members_converged_ms: boot.members_ms,
+        meta_converged_ms: boot.meta_ms,
+        quiet_ms: boot.quiet_ms,
+        min_members_seen: boot.min_members_seen,
+        bootstrap: bootstrap_traffic,
         steady,
         cluster_key,
         resource_key,

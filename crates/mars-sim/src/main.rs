@@ -52,6 +52,10 @@ struct Args {
     /// Write the markdown tables to this file too.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// Start from a converged cluster: no bootstrap, for sizes whose bootstrap
+    /// does not fit (see `SimConfig::warm`).
+    #[arg(long)]
+    warm: bool,
     /// Print the report as one JSON line (used by --all).
     #[arg(long)]
     json: bool,
@@ -71,6 +75,7 @@ fn config(args: &Args, nodes: u32) -> SimConfig {
     cfg.converge_limit_ms = args.converge_limit_secs * 1000;
     cfg.spread_limit_ms = args.spread_limit_secs * 1000;
     cfg.verbose = !args.quiet;
+    cfg.warm = args.warm;
     cfg
 }
 
@@ -105,6 +110,9 @@ fn run_child(args: &Args, nodes: u32) -> Result<Report, String> {
     if args.quiet {
         cmd.arg("--quiet");
     }
+    if args.warm {
+        cmd.arg("--warm");
+    }
     let out = cmd
         .stderr(Stdio::inherit())
         .output()
@@ -127,6 +135,9 @@ fn command_line(args: &Args) -> String {
         c.push_str(&format!(" --nodes {}", args.nodes));
     }
     c.push_str(&format!(" --seed {}", args.seed));
+    if args.warm {
+        c.push_str(" --warm");
+    }
     if args.loss > 0.0 {
         c.push_str(&format!(" --loss {}", args.loss));
     }

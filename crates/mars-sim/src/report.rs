@@ -32,6 +32,9 @@ pub struct Traffic {
     pub ae_bytes: Rates,
     /// Resource pushes (none expected in steady state).
     pub push_msgs: Rates,
+    /// `Join` and `Joined` frames (bootstrap only).
+    #[serde(default)]
+    pub join_bytes: Rates,
 }
 
 /// How one entry spread.
@@ -60,6 +63,9 @@ pub struct Report {
     pub resources: u32,
     pub loss: f64,
     pub probe_period_ms: u64,
+    /// Started from a converged cluster (no bootstrap measured).
+    #[serde(default)]
+    pub warm: bool,
     /// Virtual ms after the last node started until 99% of the nodes saw all others alive.
     pub members_converged_99_ms: Option<u64>,
     /// Virtual ms after the last node started until every node saw all others alive.
@@ -134,6 +140,7 @@ pub fn markdown(reports: &[Report]) -> String {
             None => format!("{} of {} members", rk.reached, rk.targets),
         };
         let members = match r.members_converged_ms {
+            _ if r.warm => "warm start".to_string(),
             Some(ms) => format!("{} ({})", ms.div_ceil(p), opt_secs(Some(ms))),
             None => format!(
                 "not reached (fewest seen {} of {})",
@@ -141,13 +148,22 @@ pub fn markdown(reports: &[Report]) -> String {
                 r.nodes - 1
             ),
         };
+        let (members_99, meta, quiet) = if r.warm {
+            ("-".to_string(), "-".to_string(), "-".to_string())
+        } else {
+            (
+                opt_rounds(r.members_converged_99_ms, p),
+                opt_secs(r.meta_converged_ms),
+                opt_secs(r.quiet_ms),
+            )
+        };
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.nodes,
-            opt_rounds(r.members_converged_99_ms, p),
+            members_99,
             members,
-            opt_secs(r.meta_converged_ms),
-            opt_secs(r.quiet_ms),
+            meta,
+            quiet,
             ck_cell,
             ck.via_tcp,
             rk_cell,
@@ -155,7 +171,7 @@ pub fn markdown(reports: &[Report]) -> String {
             r.downs,
         ));
     }
-    s.push_str("\n### Steady-state traffic per node, after bootstrap (mean / max over nodes)\n\n");
+    s.push_str("\n### Steady-state traffic per node, once quiet (mean / max over nodes)\n\n");
     s.push_str(
         "| N | window (s) | gossip msg/s | gossip B/s | AE msg/s | AE B/s | total B/s (mean) |\n",
     );
@@ -173,27 +189,31 @@ pub fn markdown(reports: &[Report]) -> String {
             t.gossip_bytes.mean + t.ae_bytes.mean,
         ));
     }
-    s.push_str("\n### Bootstrap: total sent per node until quiet (mean / max over nodes)\n\n");
-    s.push_str("| N | gossip msgs | gossip KiB | AE msgs | AE KiB |\n");
-    s.push_str("|---:|---:|---:|---:|---:|\n");
-    for r in reports {
-        let t = &r.bootstrap;
-        s.push_str(&format!(
-            "| {} | {} | {} | {} | {} |\n",
-            r.nodes,
-            pair(&t.gossip_msgs, 1.0),
-            pair(&t.gossip_bytes, 1024.0),
-            pair(&t.ae_msgs, 1.0),
-            pair(&t.ae_bytes, 1024.0),
-        ));
+    if reports.iter().any(|r| !r.warm) {
+        s.push_str("\n### Bootstrap: total sent per node until quiet (mean / max over nodes)\n\n");
+        s.push_str("| N | gossip msgs | gossip KiB | AE msgs | AE KiB | join KiB |\n");
+        s.push_str("|---:|---:|---:|---:|---:|---:|\n");
+        for r in reports.iter().filter(|r| !r.warm) {
+            let t = &r.bootstrap;
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                r.nodes,
+                pair(&t.gossip_msgs, 1.0),
+                pair(&t.gossip_bytes, 1024.0),
+                pair(&t.ae_msgs, 1.0),
+                pair(&t.ae_bytes, 1024.0),
+                pair(&t.join_bytes, 1024.0),
+            ));
+        }
     }
     s.push_str("\n### Cost of the simulation\n\n");
-    s.push_str("| N | virtual s | events | wall s | peak RSS MiB |\n");
-    s.push_str("|---:|---:|---:|---:|---:|\n");
+    s.push_str("| N | start | virtual s | events | wall s | peak RSS MiB |\n");
+    s.push_str("|---:|---|---:|---:|---:|---:|\n");
     for r in reports {
         s.push_str(&format!(
-            "| {} | {:.0} | {} | {:.1} | {} |\n",
+            "| {} | {} | {:.0} | {} | {:.1} | {} |\n",
             r.nodes,
+            if r.warm { "warm" } else { "cold" },
             r.virtual_secs,
             r.events,
             r.wall_secs,
