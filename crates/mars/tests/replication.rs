@@ -982,9 +982,20 @@ fn sync_killed_mid_way_resumes_and_pause_sync_holds_it() {
         sync_done(&nodes[1], "beta").is_some_and(|d| d >= next + 4 * MIB)
     });
     nodes[1].adm_ok(&["pause-sync", "r0"]);
-    // Paused: no progress (a block in flight may still land right after the command).
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Paused: the sync stops at a block boundary and records it (a block in flight
+    // may still land right after the command); from then on it does not move.
+    let recorded = || -> Option<u64> {
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(nodes[1].dir.join("resources/r0/sync")).ok()?)
+                .ok()?;
+        state["next_offset"].as_u64()
+    };
+    wait_for("the paused sync records where it stopped", long, || {
+        let shown = sync_done(&nodes[1], "beta");
+        shown.is_some() && shown == recorded()
+    });
     let held = sync_done(&nodes[1], "beta").expect("still syncing");
+    // An observation window, not a synchronisation: nothing may move during it.
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert_eq!(
         sync_done(&nodes[1], "beta"),
