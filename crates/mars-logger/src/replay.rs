@@ -835,14 +835,20 @@ pub fn demote(dir: &Path, node: &str, disk_path: &Path, size: u64) -> Result<u64
 /// applies whatever was fetched beyond it, cuts a torn tail, versions the
 /// logfiles and starts a new one that continues the chain. Returns the
 /// position. Crash-safe like [`demote`].
-pub fn promote(dir: &Path) -> Result<u64, LoggerError> {
+///
+/// `start_pos`: where replay starts when it never persisted a position (a
+/// finished full sync with nothing to replay after it).
+pub fn promote(dir: &Path, start_pos: Option<u64>) -> Result<u64, LoggerError> {
     if let Some(a) = read_applied(dir)? {
         forget(dir)?;
         return Ok(a.applied_pos);
     }
-    let pos = read_state(dir)?.map(|s| s.pos).ok_or_else(|| {
-        LoggerError::BadState(format!("{}: nothing replayed here", dir.display()))
-    })?;
+    let pos = read_state(dir)?
+        .map(|s| s.pos)
+        .or(start_pos)
+        .ok_or_else(|| {
+            LoggerError::BadState(format!("{}: nothing replayed here", dir.display()))
+        })?;
     write_applied(dir, pos)?;
     forget(dir)?;
     Ok(pos)

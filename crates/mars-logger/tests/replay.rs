@@ -488,7 +488,7 @@ fn promote_leaves_no_mark_behind() {
     let (adir, _) = primary_logs(root.path(), 60);
     let (bdir, bdisk) = secondary(root.path(), &adir);
     let (durable, _) = killed_after_unpersisted_records(&bdir, &bdisk);
-    assert_eq!(mars_logger::replay::promote(&bdir).unwrap(), durable);
+    assert_eq!(mars_logger::replay::promote(&bdir, None).unwrap(), durable);
     assert!(!bdir.join(HW_FILE).exists());
     assert!(!bdir.join(mars_logger::replay::REPLAYED_FILE).exists());
 }

@@ -295,6 +295,9 @@ impl Daemon {
             let writer = a.logger.is_some() || rdir.join("applied").exists();
             if !writer && designated_me && r.attached && self.ready_to_promote(a) {
                 if let Err(e) = self.promote(&r, a).await {
+                    // Do not try again by itself: the operator decides (run `primary` again).
+                    a.force_promote = false;
+                    a.handover_from = None;
                     let msg = format!("{}: cannot become primary: {e:#}", r.name);
                     tracing::error!("{msg}");
                     a.error = Some(msg);
@@ -394,7 +397,11 @@ impl Daemon {
         }
         let dir = node::resource_dir(&self.dir, &r.name);
         let pos = tokio::task::spawn_blocking(move || -> Result<u64> {
-            let pos = mars_logger::replay::promote(&dir)?;
+            // Only a finished sync is a base: an unfinished one is no image at all.
+            let Some(start) = crate::secondary::synced_start(&dir) else {
+                bail!("this member's disk is inconsistent (its full sync has not finished); it cannot be primary");
+            };
+            let pos = mars_logger::replay::promote(&dir, Some(start))?;
             crate::secondary::clear_sync(&dir)?;
             Ok(pos)
         })

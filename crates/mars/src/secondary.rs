@@ -285,6 +285,16 @@ pub fn mark_synced(dir: &std::path::Path, pos: u64) -> Result<()> {
     )
 }
 
+/// Where replay starts on this member, once its full sync is done (None while
+/// a sync is unfinished or was never started: the disk is no image then).
+pub fn synced_start(dir: &std::path::Path) -> Option<u64> {
+    read_sync(dir)
+        .ok()
+        .flatten()
+        .filter(|s| s.done)
+        .map(|s| s.start_pos)
+}
+
 /// Forget the sync state (a new primary, or `invalidate`).
 pub fn clear_sync(dir: &std::path::Path) -> Result<()> {
     match std::fs::remove_file(dir.join(SYNC_FILE)) {
