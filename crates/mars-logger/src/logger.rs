@@ -99,7 +99,7 @@ impl Config {
             sync_batch_bytes: 16 << 20,
             idle_sync: Duration::from_millis(5),
             persist_interval: Duration::from_secs(10),
-            direct_io: true,
+            direct_io: std::env::var_os("MARS_NO_DIRECT").is_none(),
         }
     }
 }
@@ -147,6 +147,15 @@ impl Op {
     fn payload_len(&self) -> u64 {
         match self {
             Op::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        }
+    }
+
+    /// Bytes the request's record takes in the log stream (none for the others).
+    fn log_len(&self) -> u64 {
+        match self {
+            Op::Write { data, .. } => RECORD_HEADER_LEN as u64 + data.len() as u64,
+            Op::Zero { .. } => RECORD_HEADER_LEN as u64,
             _ => 0,
         }
     }
@@ -244,6 +253,14 @@ struct Shared {
     logged_pos: AtomicU64,
     /// Log bytes written with O_DIRECT (statistics).
     direct_bytes: AtomicU64,
+    /// Tests: the I/O thread's job with this number (from 1) fails with ENOSPC.
+    #[cfg(test)]
+    fail_io_job: AtomicU64,
+    #[cfg(test)]
+    io_jobs: AtomicU64,
+    /// Tests: most batches in flight at once.
+    #[cfg(test)]
+    max_inflight: AtomicU64,
     applied_pos: AtomicU64,
     persisted_pos: AtomicU64,
     /// Held while syncing the disk and writing `applied` (the persister, `persist_now`).
@@ -415,6 +432,12 @@ impl Logger {
             persist_cv: Condvar::new(),
             logged_pos: AtomicU64::new(rec.end_pos),
             direct_bytes: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_io_job: AtomicU64::new(0),
+            #[cfg(test)]
+            io_jobs: AtomicU64::new(0),
+            #[cfg(test)]
+            max_inflight: AtomicU64::new(0),
             applied_pos: AtomicU64::new(rec.end_pos),
             persisted_pos: AtomicU64::new(rec.end_pos),
             persist_lock: Mutex::new(()),
@@ -424,6 +447,8 @@ impl Logger {
         });
         let cfg_direct = shared.cfg.direct_io;
         let (tx, rx) = crossbeam_channel::unbounded();
+        let (io_tx, io_rx) = crossbeam_channel::unbounded();
+        let (io_done_tx, io_done_rx) = crossbeam_channel::unbounded();
         let direct = if cfg_direct {
             open_direct(&entry.path)
         } else {
@@ -437,8 +462,11 @@ impl Logger {
             pos: rec.end_pos,
             next_seq: rec.next_record_seq,
             now: Vec::new(),
-            direct,
-            bounce: Vec::new(),
+            direct: direct.map(Arc::new),
+            spare: Vec::new(),
+            inflight: VecDeque::new(),
+            io_tx: Some(io_tx),
+            io_done: io_done_rx.clone(),
             closed: false,
             inline_batch: Vec::with_capacity(1),
         };
@@ -450,7 +478,8 @@ impl Logger {
                 .spawn(f)
                 .map_err(|e| LoggerError::Disk(format!("spawn {name}: {e}")))
         };
-        let (wb_shared, p_shared, s_shared, last_version) = (
+        let (wb_shared, p_shared, s_shared, io_shared, last_version) = (
+            shared.clone(),
             shared.clone(),
             shared.clone(),
             shared.clone(),
@@ -459,7 +488,11 @@ impl Logger {
         let threads = vec![
             spawn(
                 "mars-log-writer",
-                Box::new(move || Writer::run(w_thread, rx)),
+                Box::new(move || Writer::run(w_thread, rx, io_done_rx)),
+            )?,
+            spawn(
+                "mars-log-io",
+                Box::new(move || io_loop(io_shared, io_rx, io_done_tx)),
             )?,
             spawn(
                 "mars-writeback",
@@ -726,9 +759,17 @@ struct Writer {
     now: Vec<Reply>,
     /// The current logfile opened with O_DIRECT, for large batches (None where the
     /// file system refuses O_DIRECT).
-    direct: Option<File>,
-    /// Bounce buffer for O_DIRECT writes (aligned slices are taken from it).
-    bounce: Vec<u8>,
+    direct: Option<Arc<File>>,
+    /// Bounce buffers for O_DIRECT writes (aligned slices are taken from them), ready
+    /// for reuse.
+    spare: Vec<Vec<u8>>,
+    /// Batches handed to the I/O thread, oldest first: they complete (index,
+    /// writeback queue, acknowledgments) in this order, on this thread.
+    inflight: VecDeque<Inflight>,
+    /// Jobs for the I/O thread (None once the writer has stopped).
+    io_tx: Option<Sender<IoJob>>,
+    /// The I/O thread's answers, one per job, in job order.
+    io_done: Receiver<IoDone>,
     /// Set once the writer has stopped: nothing is processed any more.
     closed: bool,
     /// Reused for requests processed on the caller's thread.
@@ -792,6 +833,179 @@ fn write_direct_at(f: &File, mut buf: &[u8], mut offset: u64) -> (usize, io::Res
     (done, Ok(()))
 }
 
+/// Batches in flight to the I/O thread at most (one being written, one waiting): the
+/// writer thread fills the next bounce buffer while the device writes the last one.
+const MAX_INFLIGHT: usize = 2;
+
+/// A batch handed to the I/O thread (or being completed): its requests and records,
+/// and where it went in the log.
+struct Inflight {
+    ops: Vec<Op>,
+    entries: Vec<WbEntry>,
+    start_pos: u64,
+    start_seq: u64,
+    file_offset: u64,
+    len: u64,
+}
+
+/// Where a batch's bytes go: `[start, end)` of the logfile, held in a bounce buffer
+/// from `skew` on, whose first byte belongs at file offset `base` (`start` rounded
+/// down). `[a, b)` is the aligned middle, written with O_DIRECT.
+struct DirectLayout {
+    skew: usize,
+    base: u64,
+    start: u64,
+    a: u64,
+    b: u64,
+    end: u64,
+}
+
+struct IoJob {
+    buf: Vec<u8>,
+    layout: DirectLayout,
+    file: Arc<File>,
+    direct: Arc<File>,
+}
+
+struct IoDone {
+    buf: Vec<u8>,
+    res: io::Result<()>,
+    /// O_DIRECT was refused (EINVAL); the batch went through the page cache.
+    refused: bool,
+}
+
+/// The log's I/O thread: writes the batches the writer thread prepared, in order, so
+/// that the writer can prepare the next batch meanwhile.
+fn io_loop(shared: Arc<Shared>, jobs: Receiver<IoJob>, done: Sender<IoDone>) {
+    while let Ok(job) = jobs.recv() {
+        #[cfg(test)]
+        {
+            let n = shared.io_jobs.fetch_add(1, Ordering::Relaxed) + 1;
+            if n == shared.fail_io_job.load(Ordering::Relaxed) {
+                // Slow, so that the writer hands over the next batch meanwhile.
+                std::thread::sleep(Duration::from_millis(100));
+                let err = io::Error::from_raw_os_error(libc::ENOSPC);
+                if done
+                    .send(IoDone {
+                        buf: job.buf,
+                        res: Err(err),
+                        refused: false,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+        }
+        let (res, refused) = write_layout(&shared, &job.file, &job.direct, &job.buf, &job.layout);
+        if done
+            .send(IoDone {
+                buf: job.buf,
+                res,
+                refused,
+            })
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// The same error for another reply (ENOSPC must reach the client as ENOSPC).
+fn copy_error(e: &io::Error, msg: &str) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), msg.to_string()),
+    }
+}
+
+/// Copy the records of a batch that goes to `[start, start+len)` of the logfile into
+/// `buf`, laid out as in the file. None when the batch has no whole aligned block (or
+/// no aligned buffer could be had): write it through the page cache instead.
+fn fill_bounce(
+    buf: &mut Vec<u8>,
+    entries: &[WbEntry],
+    start: u64,
+    len: u64,
+) -> Option<DirectLayout> {
+    let end = start + len;
+    let base = start / DIRECT_ALIGN * DIRECT_ALIGN;
+    let a = start.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+    let b = end / DIRECT_ALIGN * DIRECT_ALIGN;
+    if b <= a {
+        return None;
+    }
+    let need = (end - base) as usize;
+    if buf.len() < need + DIRECT_ALIGN as usize {
+        *buf = vec![0u8; need + DIRECT_ALIGN as usize];
+    }
+    let skew = buf.as_ptr().align_offset(DIRECT_ALIGN as usize);
+    if skew >= DIRECT_ALIGN as usize {
+        return None;
+    }
+    let out = &mut buf[skew..skew + need];
+    let mut at = (start - base) as usize;
+    for e in entries {
+        out[at..at + RECORD_HEADER_LEN].copy_from_slice(&e.hdr);
+        at += RECORD_HEADER_LEN;
+        if let Some(d) = &e.data {
+            out[at..at + d.len()].copy_from_slice(d);
+            at += d.len();
+        }
+    }
+    Some(DirectLayout {
+        skew,
+        base,
+        start,
+        a,
+        b,
+        end,
+    })
+}
+
+/// Write a filled bounce buffer: the partial blocks at both ends through the page
+/// cache (so that the file never holds anything after its last record, and so that
+/// no block is written both ways), the whole aligned blocks in the middle with
+/// O_DIRECT. In that order, so the file grows as a prefix of complete data. Returns
+/// whether O_DIRECT was refused (the rest then went through the page cache).
+fn write_layout(
+    shared: &Shared,
+    file: &File,
+    direct: &File,
+    buf: &[u8],
+    l: &DirectLayout,
+) -> (io::Result<()>, bool) {
+    let part = |from: u64, to: u64| {
+        &buf[l.skew + (from - l.base) as usize..l.skew + (to - l.base) as usize]
+    };
+    let mut refused = false;
+    let res = (|| {
+        if l.a > l.start {
+            file.write_all_at(part(l.start, l.a), l.start)?;
+        }
+        let (done, r) = write_direct_at(direct, part(l.a, l.b), l.a);
+        shared
+            .direct_bytes
+            .fetch_add(done as u64, Ordering::Relaxed);
+        if let Err(e) = r {
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                tracing::warn!("O_DIRECT log write refused ({e}); writing through the page cache");
+                refused = true;
+            } else if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            let from = l.a + done as u64;
+            file.write_all_at(part(from, l.b), from)?;
+        }
+        if l.end > l.b {
+            file.write_all_at(part(l.b, l.end), l.b)?;
+        }
+        Ok(())
+    })();
+    (res, refused)
+}
+
 /// The header bytes of record `h` with `payload`: exactly what
 /// `RecordHeader::encode_into` writes before its copy of the payload (checked by a
 /// test), so that the payload itself can be written from the request's buffer.
@@ -813,9 +1027,25 @@ fn encode_header(h: &RecordHeader, payload: &[u8]) -> [u8; RECORD_HEADER_LEN] {
 }
 
 impl Writer {
-    fn run(writer: Arc<Mutex<Writer>>, rx: Receiver<Op>) {
+    fn run(writer: Arc<Mutex<Writer>>, rx: Receiver<Op>, io_done: Receiver<IoDone>) {
         let mut batch: Vec<Op> = Vec::new();
-        while let Ok(first) = rx.recv() {
+        loop {
+            // While batches are in flight, their completions are as urgent as new work.
+            let busy = !writer.lock().inflight.is_empty();
+            let first = if busy {
+                crossbeam_channel::select! {
+                    recv(rx) -> op => op,
+                    recv(io_done) -> done => {
+                        if let Ok(done) = done {
+                            writer.lock().on_io_done(done);
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                rx.recv()
+            };
+            let Ok(first) = first else { break };
             let mut bytes = first.payload_len();
             batch.push(first);
             while bytes < BATCH_BYTES_MAX && batch.len() < BATCH_OPS_MAX {
@@ -839,6 +1069,8 @@ impl Writer {
         let mut w = writer.lock();
         w.closed = true;
         let _ = w.sync_now();
+        // Ends the I/O thread (nothing is in flight after the sync).
+        w.io_tx = None;
         {
             let mut s = w.shared.sync.lock();
             s.stop = true;
@@ -851,7 +1083,10 @@ impl Writer {
 
     /// Whether a request with `payload` bytes can be processed without blocking.
     fn can_process_now(&self, payload: u64) -> bool {
-        if self.closed || self.pos - self.file_start_pos >= self.shared.cfg.logfile_max_bytes {
+        if self.closed
+            || !self.inflight.is_empty()
+            || self.pos - self.file_start_pos >= self.shared.cfg.logfile_max_bytes
+        {
             return false;
         }
         let wb = self.shared.wb.lock();
@@ -888,6 +1123,7 @@ impl Writer {
     /// fdatasync the current logfile on this thread (rotation, shutdown, memory
     /// pressure); routine syncs are the syncer's.
     fn sync_now(&mut self) -> io::Result<()> {
+        self.drain();
         if self.shared.sync.lock().synced_pos >= self.pos {
             return Ok(());
         }
@@ -895,6 +1131,17 @@ impl Writer {
     }
 
     fn process(&mut self, batch: &mut Vec<Op>) {
+        // Batches complete in log order: one written on this thread waits for those in
+        // flight; one handed to the I/O thread waits for room. Either wait may find a
+        // failed write and give its positions back, so positions are taken after it.
+        let pipelined = self.can_pipeline(batch);
+        if pipelined {
+            while self.inflight.len() >= MAX_INFLIGHT {
+                self.complete_front();
+            }
+        } else {
+            self.drain();
+        }
         if let Some(f) = self.shared.failed.lock().clone() {
             for op in batch.drain(..) {
                 reply_err(op, &f);
@@ -953,53 +1200,126 @@ impl Writer {
                 hdr,
             });
         }
-        if !entries.is_empty() {
-            let file_offset = FILE_HEADER_LEN as u64 + (start_pos - self.file_start_pos);
-            let len = self.pos - start_pos;
-            let direct = (DIRECT_MIN..=DIRECT_MAX).contains(&len) && self.direct.is_some();
-            let res = if direct {
-                self.write_via_direct(&entries, file_offset, len)
-            } else {
-                let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * entries.len());
-                for e in &entries {
-                    bufs.push(&e.hdr[..]);
-                    if let Some(d) = &e.data {
-                        bufs.push(&d[..]);
-                    }
-                }
-                crate::disk::pwritev_all(&self.file, &bufs, file_offset)
-            };
-            if let Err(e) = res {
-                // Undo: cut what may have been written, give the positions back. The
-                // next batch reuses these positions and record numbers: if the cut
-                // fails, a stale record could pass for the next one, so stop instead.
-                let msg = format!("log write to {}: {e}", self.entry.path.display());
-                tracing::error!("{msg}");
-                if let Err(cut) = self.file.set_len(file_offset) {
+        let file_offset = FILE_HEADER_LEN as u64 + (start_pos - self.file_start_pos);
+        let len = self.pos - start_pos;
+        let direct = (DIRECT_MIN..=DIRECT_MAX).contains(&len) && self.direct.is_some();
+        if pipelined && direct {
+            let mut buf = self.spare.pop().unwrap_or_default();
+            match (
+                self.direct.clone(),
+                fill_bounce(&mut buf, &entries, file_offset, len),
+            ) {
+                (Some(direct), Some(layout)) => {
+                    let job = IoJob {
+                        buf,
+                        layout,
+                        file: self.file.clone(),
+                        direct,
+                    };
+                    let sent = self.io_tx.as_ref().is_some_and(|tx| tx.send(job).is_ok());
+                    self.inflight.push_back(Inflight {
+                        ops: std::mem::take(batch),
+                        entries,
+                        start_pos,
+                        start_seq,
+                        file_offset,
+                        len,
+                    });
+                    #[cfg(test)]
                     self.shared
-                        .fail(format!("{msg}; cutting the partial batch: {cut}"));
-                }
-                self.pos = start_pos;
-                self.next_seq = start_seq;
-                for op in batch.drain(..) {
-                    match op {
-                        Op::Write { reply, .. } | Op::Zero { reply, .. } => {
-                            // Keep the errno (ENOSPC must reach the client as ENOSPC).
-                            let err = match e.raw_os_error() {
-                                Some(code) => io::Error::from_raw_os_error(code),
-                                None => io::Error::new(e.kind(), msg.clone()),
-                            };
-                            let _ = reply.send(Err(err));
+                        .max_inflight
+                        .fetch_max(self.inflight.len() as u64, Ordering::Relaxed);
+                    if !sent {
+                        // No I/O thread (it cannot end before the writer): fail the batch.
+                        let front = self.inflight.len() - 1;
+                        if let Some(inf) = self.inflight.remove(front) {
+                            self.complete(inf, Err(io::Error::other("log I/O thread gone")));
                         }
-                        other => self.finish_op(other),
                     }
+                    return;
                 }
-                return;
+                _ => self.spare.push(buf),
             }
-            if len >= START_WRITEBACK_MIN && !direct {
+        }
+        let res = if entries.is_empty() {
+            Ok(())
+        } else if direct {
+            self.write_direct_here(&entries, file_offset, len)
+        } else {
+            let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * entries.len());
+            for e in &entries {
+                bufs.push(&e.hdr[..]);
+                if let Some(d) = &e.data {
+                    bufs.push(&d[..]);
+                }
+            }
+            let r = crate::disk::pwritev_all(&self.file, &bufs, file_offset);
+            if r.is_ok() && len >= START_WRITEBACK_MIN {
                 crate::disk::start_writeback(&self.file, file_offset, len);
             }
-            self.shared.logged_pos.store(self.pos, Ordering::Release);
+            r
+        };
+        let inf = Inflight {
+            ops: std::mem::take(batch),
+            entries,
+            start_pos,
+            start_seq,
+            file_offset,
+            len,
+        };
+        *batch = self.complete(inf, res);
+    }
+
+    /// Whether `batch` may be handed to the I/O thread: records only (a rotation or
+    /// shutdown waits for everything before it), O_DIRECT-sized, in the current logfile.
+    fn can_pipeline(&self, batch: &[Op]) -> bool {
+        let len: u64 = batch.iter().map(Op::log_len).sum();
+        self.io_tx.is_some()
+            && self.direct.is_some()
+            && (DIRECT_MIN..=DIRECT_MAX).contains(&len)
+            && batch
+                .iter()
+                .all(|op| matches!(op, Op::Write { .. } | Op::Zero { .. }))
+            && self.pos - self.file_start_pos < self.shared.cfg.logfile_max_bytes
+    }
+
+    /// A batch is in the logfile (`res` Ok) or not: publish it (writeback queue,
+    /// index, written position) and acknowledge, or cut it off and give its positions
+    /// back. Returns the emptied op vector for reuse.
+    fn complete(&mut self, inf: Inflight, res: io::Result<()>) -> Vec<Op> {
+        let Inflight {
+            mut ops,
+            entries,
+            start_pos,
+            start_seq,
+            file_offset,
+            len,
+        } = inf;
+        if let Err(e) = res {
+            // Undo: cut what may have been written, give the positions back. The
+            // next batch reuses these positions and record numbers: if the cut
+            // fails, a stale record could pass for the next one, so stop instead.
+            let msg = format!("log write to {}: {e}", self.entry.path.display());
+            tracing::error!("{msg}");
+            if let Err(cut) = self.file.set_len(file_offset) {
+                self.shared
+                    .fail(format!("{msg}; cutting the partial batch: {cut}"));
+            }
+            self.pos = start_pos;
+            self.next_seq = start_seq;
+            for op in ops.drain(..) {
+                match op {
+                    Op::Write { reply, .. } | Op::Zero { reply, .. } => {
+                        let _ = reply.send(Err(copy_error(&e, &msg)));
+                    }
+                    other => self.finish_op(other),
+                }
+            }
+            return ops;
+        }
+        if !entries.is_empty() {
+            let end = start_pos + len;
+            self.shared.logged_pos.store(end, Ordering::Release);
             // The index before any acknowledgment: a read after it must see the data.
             {
                 let mut index = self.shared.index.lock();
@@ -1020,14 +1340,14 @@ impl Writer {
         }
         // Acknowledge: plain writes now (they are in the logfile); FUA writes and
         // flushes once a sync covers everything written so far.
-        let target = self.pos;
+        let target = start_pos + len;
         let mut rest = Vec::new();
         let mut wake = false;
         {
             let mut s = self.shared.sync.lock();
             let was_clean = s.written_pos <= s.synced_pos;
-            s.written_pos = self.pos;
-            for op in batch.drain(..) {
+            s.written_pos = s.written_pos.max(target);
+            for op in ops.drain(..) {
                 match op {
                     Op::Write {
                         fua: false, reply, ..
@@ -1059,25 +1379,86 @@ impl Writer {
         for op in rest {
             self.finish_op(op);
         }
+        ops
     }
 
-    /// Write the records of a large batch, which go to `[start, start+len)` of the
-    /// logfile: the whole aligned blocks in the middle with O_DIRECT, the partial
-    /// blocks at both ends through the page cache (so that the file never holds
-    /// anything after its last record, and so that no block is written both ways).
-    /// In that order, so the file grows as a prefix of complete data.
-    fn write_via_direct(&mut self, entries: &[WbEntry], start: u64, len: u64) -> io::Result<()> {
-        let end = start + len;
-        let base = start / DIRECT_ALIGN * DIRECT_ALIGN;
-        let a = start.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-        let b = end / DIRECT_ALIGN * DIRECT_ALIGN;
-        let need = (end - base) as usize;
-        if self.bounce.len() < need + DIRECT_ALIGN as usize {
-            self.bounce = vec![0u8; need + DIRECT_ALIGN as usize];
+    /// Wait for the oldest batch in flight and complete it.
+    fn complete_front(&mut self) {
+        if self.inflight.is_empty() {
+            return;
         }
-        let skew = self.bounce.as_ptr().align_offset(DIRECT_ALIGN as usize);
-        let direct = match self.direct.as_ref() {
-            Some(d) if b > a && skew < DIRECT_ALIGN as usize => d,
+        let done = self.io_done.recv().unwrap_or_else(|_| IoDone {
+            buf: Vec::new(),
+            res: Err(io::Error::other("log I/O thread gone")),
+            refused: false,
+        });
+        self.on_io_done(done);
+    }
+
+    /// Complete every batch in flight.
+    fn drain(&mut self) {
+        while !self.inflight.is_empty() {
+            self.complete_front();
+        }
+    }
+
+    /// The I/O thread finished the oldest batch in flight.
+    fn on_io_done(&mut self, done: IoDone) {
+        let Some(front) = self.inflight.pop_front() else {
+            return;
+        };
+        if done.refused {
+            // The device or file system wants something else: page cache from now on.
+            self.direct = None;
+        }
+        if done.buf.capacity() > 0 && self.spare.len() < MAX_INFLIGHT {
+            self.spare.push(done.buf);
+        }
+        let Err(e) = done.res else {
+            self.complete(front, Ok(()));
+            return;
+        };
+        // Later batches are cut off with this one (they may be written already, but
+        // the log must not have a hole): wait for them, then give all positions back.
+        let mut later = Vec::new();
+        while let Some(inf) = self.inflight.pop_front() {
+            if let Ok(d) = self.io_done.recv() {
+                if d.buf.capacity() > 0 && self.spare.len() < MAX_INFLIGHT {
+                    self.spare.push(d.buf);
+                }
+            }
+            later.push(inf);
+        }
+        let msg = e.to_string();
+        self.complete(front, Err(e));
+        for inf in later {
+            for op in inf.ops {
+                match op {
+                    Op::Write { reply, .. } | Op::Zero { reply, .. } => {
+                        let _ = reply.send(Err(io::Error::other(format!(
+                            "log write of an earlier batch failed: {msg}"
+                        ))));
+                    }
+                    other => self.finish_op(other),
+                }
+            }
+        }
+    }
+
+    /// Write the records of a large batch on this thread (see [`write_layout`]).
+    fn write_direct_here(&mut self, entries: &[WbEntry], start: u64, len: u64) -> io::Result<()> {
+        let mut buf = self.spare.pop().unwrap_or_default();
+        let res = match (
+            self.direct.clone(),
+            fill_bounce(&mut buf, entries, start, len),
+        ) {
+            (Some(direct), Some(layout)) => {
+                let (res, refused) = write_layout(&self.shared, &self.file, &direct, &buf, &layout);
+                if refused {
+                    self.direct = None;
+                }
+                res
+            }
             _ => {
                 let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * entries.len());
                 for e in entries {
@@ -1086,42 +1467,11 @@ impl Writer {
                         bufs.push(&d[..]);
                     }
                 }
-                return crate::disk::pwritev_all(&self.file, &bufs, start);
+                crate::disk::pwritev_all(&self.file, &bufs, start)
             }
         };
-        let buf = &mut self.bounce[skew..skew + need];
-        let mut at = (start - base) as usize;
-        for e in entries {
-            buf[at..at + RECORD_HEADER_LEN].copy_from_slice(&e.hdr);
-            at += RECORD_HEADER_LEN;
-            if let Some(d) = &e.data {
-                buf[at..at + d.len()].copy_from_slice(d);
-                at += d.len();
-            }
-        }
-        let part = |from: u64, to: u64| &buf[(from - base) as usize..(to - base) as usize];
-        if a > start {
-            self.file.write_all_at(part(start, a), start)?;
-        }
-        let (done, r) = write_direct_at(direct, part(a, b), a);
-        self.shared
-            .direct_bytes
-            .fetch_add(done as u64, Ordering::Relaxed);
-        if let Err(e) = r {
-            if e.raw_os_error() == Some(libc::EINVAL) {
-                // The device or file system wants something else: page cache from now on.
-                tracing::warn!(logfile = %self.entry.path.display(), "O_DIRECT log write refused ({e}); writing through the page cache");
-                self.direct = None;
-            } else if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-            let from = a + done as u64;
-            self.file.write_all_at(part(from, b), from)?;
-        }
-        if end > b {
-            self.file.write_all_at(part(b, end), b)?;
-        }
-        Ok(())
+        self.spare.push(buf);
+        res
     }
 
     fn finish_op(&mut self, op: Op) {
@@ -1158,7 +1508,12 @@ impl Writer {
             cfg.resource_id,
         )?;
         let file = Arc::new(file);
-        let direct = self.direct.is_some().then(|| open_direct(&path)).flatten();
+        let direct = self
+            .direct
+            .is_some()
+            .then(|| open_direct(&path))
+            .flatten()
+            .map(Arc::new);
         {
             let mut s = self.shared.sync.lock();
             s.file = file.clone();
@@ -1946,6 +2301,101 @@ mod tests {
         // And recovery accepts the logfiles (a reopen replays nothing, all is applied).
         let logger = Logger::open(cfg.clone()).unwrap();
         assert!(logger.read(0, SIZE).unwrap()[..] == image[..]);
+    }
+
+    /// A large batch whose write fails while the next one is already in flight: both
+    /// are refused (ENOSPC reaches the writer of the failed one), the log is cut
+    /// before them, the logger goes on, and after a reopen the disk holds exactly the
+    /// acknowledged writes.
+    #[test]
+    fn a_failed_pipelined_write_cuts_it_and_the_batches_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = setup(dir.path());
+        let logger = Arc::new(Logger::open(cfg.clone()).unwrap());
+        logger.shared.fail_io_job.store(3, Ordering::Relaxed);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        const CHUNK: u64 = 300 << 10; // one write is an O_DIRECT batch by itself
+        let slots = SIZE / CHUNK;
+        let results = rt.block_on(async {
+            let mut tasks = Vec::new();
+            for t in 0..4u64 {
+                let logger = logger.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    for i in 0..(slots / 4) {
+                        let slot = i * 4 + t;
+                        let fill = (slot % 251) as u8 + 1;
+                        let r = logger
+                            .write(slot * CHUNK, Bytes::from(vec![fill; CHUNK as usize]), false)
+                            .await;
+                        out.push((slot, fill, r.map_err(|e| e.raw_os_error())));
+                    }
+                    out
+                }));
+            }
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.unwrap());
+            }
+            all
+        });
+        assert!(
+            logger.shared.max_inflight.load(Ordering::Relaxed) >= 2,
+            "batches were pipelined"
+        );
+        let failed: Vec<_> = results.iter().filter(|r| r.2.is_err()).collect();
+        assert!(!failed.is_empty(), "the injected failure reached a writer");
+        assert!(
+            failed.iter().any(|r| r.2 == Err(Some(libc::ENOSPC))),
+            "ENOSPC kept: {failed:?}"
+        );
+        let mut image = vec![0u8; SIZE as usize];
+        for (slot, fill, r) in &results {
+            if r.is_ok() {
+                let at = (slot * CHUNK) as usize;
+                image[at..at + CHUNK as usize].fill(*fill);
+            }
+        }
+        // The logger goes on after the failure.
+        rt.block_on(logger.write(0, Bytes::from(vec![7u8; 4096]), true))
+            .unwrap();
+        image[..4096].fill(7);
+        assert!(logger.read(0, SIZE).unwrap()[..] == image[..], "reads");
+        logger.close();
+        drop(logger);
+        // The log holds exactly the acknowledged writes: replayed from the start, it
+        // gives the image.
+        let mut replayed = vec![0u8; SIZE as usize];
+        for entry in crate::recovery::list_logfiles(&cfg.dir).unwrap() {
+            let bytes = std::fs::read(&entry.path).unwrap();
+            let report = mars_logfmt::scan_logfile(&bytes);
+            assert!(
+                report.damage.is_none(),
+                "{}: {:?}",
+                entry.name(),
+                report.damage
+            );
+            for r in &report.records {
+                let h = &r.header;
+                assert_eq!(h.kind, Kind::Write);
+                let at = r.file_offset as usize + RECORD_HEADER_LEN;
+                replayed[h.offset as usize..(h.offset + h.length) as usize]
+                    .copy_from_slice(&bytes[at..at + h.length as usize]);
+            }
+        }
+        assert!(
+            replayed == image,
+            "the log replays to the acknowledged writes"
+        );
+        let logger = Logger::open(cfg.clone()).unwrap();
+        assert!(
+            logger.read(0, SIZE).unwrap()[..] == image[..],
+            "after reopen"
+        );
     }
 
     /// Large batches go to the logfile with O_DIRECT (middle blocks) and the page
