@@ -217,9 +217,14 @@ struct WbState {
 
 /// What the syncer needs to know about the log, and who waits for it to be durable.
 struct SyncState {
-    /// The current logfile (the writer swaps it on rotation, after syncing the old one).
-    file: Arc<File>,
+    /// The current logfile, opened once per syncer thread (the writer swaps them on
+    /// rotation, after syncing the old one): each open file learns of a writeback
+    /// error by itself, so two syncs running at once both see it.
+    files: Vec<Arc<File>>,
     path: PathBuf,
+    /// The highest target of the syncs running now (a waiter at or below it is
+    /// covered by one of them).
+    syncing_to: u64,
     /// End of what the writer has written into the logfile.
     written_pos: u64,
     /// End of what is on stable storage. Only grows.
@@ -237,11 +242,6 @@ struct Shared {
     /// Lock order: `sync` and `wb` are never held together; `failed` may be taken
     /// while holding either.
     sync: Mutex<SyncState>,
-    /// Held around every fdatasync of the log and the bookkeeping after it (taken
-    /// before `sync`): two syncs of the same file racing could otherwise see one
-    /// failure between them (the kernel reports a writeback error once per open
-    /// file), and the other would then report as durable what the failure lost.
-    sync_io: Mutex<()>,
     /// The syncer waits here for waiters, a full batch, or the idle timeout.
     sync_cv: Condvar,
     wb: Mutex<WbState>,
@@ -309,9 +309,11 @@ impl Shared {
     /// fdatasync `file` (the current logfile, or the one just finished) so that
     /// everything before log position `target` is durable, then acknowledge what
     /// that covers. Refused once the logger failed: a sync after a failed one proves
-    /// nothing, so nothing may be reported durable any more.
+    /// nothing, so nothing may be reported durable any more. Syncs run concurrently
+    /// only on distinct open files of the logfile (the kernel reports a writeback
+    /// error once per open file: two syncs racing on one could see one failure
+    /// between them, and the other would report as durable what it lost).
     fn sync_log(&self, file: &File, path: &Path, target: u64) -> io::Result<()> {
-        let _io = self.sync_io.lock();
         if let Some(f) = self.failed.lock().clone() {
             return Err(io::Error::other(f));
         }
@@ -414,7 +416,8 @@ impl Logger {
             disk,
             index: Mutex::new(Index::new()),
             sync: Mutex::new(SyncState {
-                file: file.clone(),
+                files: open_for_sync(&entry.path).map_err(|e| LoggerError::io(&entry.path, e))?,
+                syncing_to: 0,
                 path: entry.path.clone(),
                 written_pos: rec.end_pos,
                 synced_pos: rec.end_pos,
@@ -422,7 +425,6 @@ impl Logger {
                 stop: false,
             }),
             sync_cv: Condvar::new(),
-            sync_io: Mutex::new(()),
             wb: Mutex::new(WbState {
                 synced_pos: rec.end_pos,
                 ..Default::default()
@@ -478,14 +480,13 @@ impl Logger {
                 .spawn(f)
                 .map_err(|e| LoggerError::Disk(format!("spawn {name}: {e}")))
         };
-        let (wb_shared, p_shared, s_shared, io_shared, last_version) = (
-            shared.clone(),
+        let (wb_shared, p_shared, io_shared, last_version) = (
             shared.clone(),
             shared.clone(),
             shared.clone(),
             rec.last_version,
         );
-        let threads = vec![
+        let mut threads = vec![
             spawn(
                 "mars-log-writer",
                 Box::new(move || Writer::run(w_thread, rx, io_done_rx)),
@@ -502,8 +503,14 @@ impl Logger {
                 "mars-persist",
                 Box::new(move || persist_loop(p_shared, last_version)),
             )?,
-            spawn("mars-log-sync", Box::new(move || sync_loop(s_shared)))?,
         ];
+        for me in 0..SYNCERS {
+            let s_shared = shared.clone();
+            threads.push(spawn(
+                &format!("mars-log-sync{me}"),
+                Box::new(move || sync_loop(s_shared, me)),
+            )?);
+        }
         Ok(Logger {
             shared,
             tx,
@@ -1514,9 +1521,10 @@ impl Writer {
             .then(|| open_direct(&path))
             .flatten()
             .map(Arc::new);
+        let files = open_for_sync(&path).map_err(|e| LoggerError::io(&path, e))?;
         {
             let mut s = self.shared.sync.lock();
-            s.file = file.clone();
+            s.files = files;
             s.path = path.clone();
         }
         let new_entry = LogfileEntry {
@@ -1550,7 +1558,12 @@ impl Writer {
 /// writes, FLUSH), when `sync_batch_bytes` are unsynced, or `idle_sync` after data
 /// became unsynced. One sync covers everything written before it started (group
 /// commit), and only then does `synced_pos` (and with it writeback) move on.
-fn sync_loop(shared: Arc<Shared>) {
+///
+/// Two syncer threads: while one waits for its fdatasync, the other starts the next
+/// one for the waiters the first does not cover, so a client that flushes after
+/// every write does not wait for a sync that started before its write plus a whole
+/// second one from scratch.
+fn sync_loop(shared: Arc<Shared>, me: usize) {
     let mut deadline: Option<Instant> = None;
     let mut s = shared.sync.lock();
     loop {
@@ -1580,7 +1593,15 @@ fn sync_loop(shared: Arc<Shared>) {
             shared.sync_cv.wait(&mut s);
             continue;
         }
-        let urgent = !s.waiters.is_empty() || s.stop || unsynced >= shared.cfg.sync_batch_bytes;
+        // What the syncs running now do not cover.
+        let covered = s.synced_pos.max(s.syncing_to);
+        if s.written_pos <= covered {
+            // The other syncer covers it all: wait for its result (or new work).
+            shared.sync_cv.wait(&mut s);
+            continue;
+        }
+        let waiting = s.waiters.back().is_some_and(|(t, _)| *t > covered);
+        let urgent = waiting || s.stop || s.written_pos - covered >= shared.cfg.sync_batch_bytes;
         if !urgent {
             let d = *deadline.get_or_insert_with(|| Instant::now() + shared.cfg.idle_sync);
             if Instant::now() < d {
@@ -1589,12 +1610,27 @@ fn sync_loop(shared: Arc<Shared>) {
             }
         }
         deadline = None;
-        let (file, path, target) = (s.file.clone(), s.path.clone(), s.written_pos);
+        let (file, path, target) = (s.files[me].clone(), s.path.clone(), s.written_pos);
+        s.syncing_to = s.syncing_to.max(target);
         drop(s);
         // Errors are handled inside (the logger fails, waiters get the error).
         let _ = shared.sync_log(&file, &path, target);
         s = shared.sync.lock();
+        // The other syncer may be waiting for this result.
+        shared.sync_cv.notify_all();
     }
+}
+
+/// Syncer threads.
+const SYNCERS: usize = 2;
+
+/// One open file of the logfile per syncer, apart from the writer's own (which the
+/// writer syncs at rotation and shutdown). Opened before anything is written to it,
+/// so that each learns of any writeback error.
+fn open_for_sync(path: &Path) -> io::Result<Vec<Arc<File>>> {
+    (0..SYNCERS)
+        .map(|_| OpenOptions::new().write(true).open(path).map(Arc::new))
+        .collect()
 }
 
 fn reply_err(op: Op, msg: &str) {
