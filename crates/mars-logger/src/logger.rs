@@ -675,13 +675,32 @@ impl Logger {
                 }
             }
         }
-        let covered: u64 = pieces.iter().map(|(o, e)| e.end - o).sum();
         let mut buf = vec![0u8; len as usize];
-        if covered < len {
-            self.shared.disk.read_exact_at(&mut buf, offset)?;
-        }
-        overlay(&mut buf, offset, &pieces);
+        self.read_pieces(offset, &mut buf, &pieces)?;
         Ok(Bytes::from(buf))
+    }
+
+    /// [`Logger::read`] into `buf` (blocking).
+    pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let pieces = self.shared.index.lock().lookup(offset, buf.len() as u64);
+        self.read_pieces(offset, buf, &pieces)
+    }
+
+    /// Fill `buf` (at `offset`) from the disk where `pieces` (the index's newer data)
+    /// do not cover it, then lay the pieces over it.
+    fn read_pieces(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        pieces: &[(u64, crate::index::Extent)],
+    ) -> io::Result<()> {
+        let covered: u64 = pieces.iter().map(|(o, e)| e.end - o).sum();
+        if covered < buf.len() as u64 {
+            self.shared.disk.read_exact_at(buf, offset)?;
+        }
+        overlay(buf, offset, pieces);
+        Ok(())
     }
 
     pub fn status(&self) -> Status {

@@ -483,6 +483,7 @@ impl Daemon {
                     prefer_source: prefer_source.clone(),
                     fetch_rate: rates[0].clone(),
                     sync_rate: rates[1].clone(),
+                    sync_digest: self.cfg.sync_digest,
                 };
                 tracing::info!(resource = %r.name, "secondary: sync, fetch and replay");
                 let task = tokio::spawn(sec.run());
@@ -1695,7 +1696,16 @@ impl DataServer for Daemon {
         s: &'a mut tokio::net::TcpStream,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>> {
         Box::pin(async move {
-            match self.data_reply(msg, s).await {
+            let mut msg = msg;
+            let res = loop {
+                // A stream of SyncBlock requests ends with the next message, read ahead.
+                match self.data_reply(msg, s).await {
+                    Ok(Some(next)) => msg = next,
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            };
+            match res {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     let reason = format!("{e:#}");
@@ -1724,7 +1734,9 @@ impl Daemon {
         }
     }
 
-    async fn data_reply(&self, msg: Msg, s: &mut tokio::net::TcpStream) -> Result<()> {
+    /// Answer one replication message. A `SyncBlock` starts a stream of them, answered
+    /// by [`Daemon::serve_sync_blocks`]; the message after the stream is returned.
+    async fn data_reply(&self, msg: Msg, s: &mut tokio::net::TcpStream) -> Result<Option<Msg>> {
         match msg {
             Msg::SyncStart { res } | Msg::SyncEnd { res } => {
                 let l = self.primary_logger(&res).await?;
@@ -1750,30 +1762,12 @@ impl Daemon {
                 )
                 .await?;
             }
-            Msg::SyncBlock {
-                res,
-                offset,
-                len,
-                digest,
-            } => {
-                let l = self.primary_logger(&res).await?;
-                if len > MAX_CHUNK || offset.checked_add(len as u64).is_none_or(|e| e > l.size()) {
-                    bail!("block {offset}+{len} is out of range");
-                }
-                // Read and hash off the async runtime.
-                let (data, same) = tokio::task::spawn_blocking(move || {
-                    l.read(offset, len as u64).map(|d| {
-                        let same = blake3::hash(&d).to_hex().as_str() == digest;
-                        (d, same)
-                    })
-                })
-                .await??;
-                if same {
-                    write_msg(s, &Msg::Same).await?;
-                } else {
-                    write_msg(s, &Msg::BlockData { offset, len }).await?;
-                    write_data(s, &data).await?;
-                }
+            m @ Msg::SyncBlock { .. } => {
+                return match self.serve_sync_blocks(m, s).await? {
+                    Some(next @ (Msg::SyncEnd { .. } | Msg::SyncStart { .. })) => Ok(Some(next)),
+                    Some(other) => bail!("unexpected {other:?} after SyncBlock"),
+                    None => Ok(None),
+                };
             }
             Msg::LogList { res } => {
                 self.res_entry(&res)?;
@@ -1850,8 +1844,103 @@ impl Daemon {
             }
             other => bail!("unexpected message {other:?}"),
         }
-        Ok(())
+        Ok(None)
     }
+
+    /// Answer `SyncBlock` requests from `first` on: each block is read and hashed off
+    /// the runtime as soon as its request arrives (up to `SYNC_SERVE_AHEAD` at once,
+    /// so that both CPUs and the joiner's window stay busy), and answered in order.
+    /// Returns the first other message (None at the end of the stream).
+    async fn serve_sync_blocks(
+        &self,
+        first: Msg,
+        s: &mut tokio::net::TcpStream,
+    ) -> Result<Option<Msg>> {
+        type Answer = tokio::task::JoinHandle<std::io::Result<(u64, u32, Option<Vec<u8>>)>>;
+        let (mut rd, mut wr) = s.split();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Answer>(SYNC_SERVE_AHEAD);
+        let reader = async move {
+            let mut msg = first;
+            let mut logger: Option<(String, Arc<Logger>)> = None;
+            loop {
+                let Msg::SyncBlock {
+                    res,
+                    offset,
+                    len,
+                    digest,
+                } = msg
+                else {
+                    return Ok(Some(msg));
+                };
+                let l = match &logger {
+                    Some((r, l)) if *r == res => l.clone(),
+                    _ => {
+                        let l = self.primary_logger(&res).await?;
+                        logger = Some((res, l.clone()));
+                        l
+                    }
+                };
+                if len > MAX_CHUNK || offset.checked_add(len as u64).is_none_or(|e| e > l.size()) {
+                    bail!("block {offset}+{len} is out of range");
+                }
+                let answer = tokio::task::spawn_blocking(move || {
+                    sync_answer(&l, offset, len, &digest).map(|d| (offset, len, d))
+                });
+                if tx.send(answer).await.is_err() {
+                    return Ok(None); // the writing half failed; its error is the one to report
+                }
+                msg = match read_msg(&mut rd).await {
+                    Ok(m) => m,
+                    Err(mars_proto::ProtoError::Io(e))
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+                    {
+                        return Ok(None)
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+            }
+        };
+        let writer = async move {
+            while let Some(answer) = rx.recv().await {
+                match answer.await?? {
+                    (_, _, None) => write_msg(&mut wr, &Msg::Same).await?,
+                    (offset, len, Some(data)) => {
+                        write_msg(&mut wr, &Msg::BlockData { offset, len }).await?;
+                        write_data(&mut wr, &data).await?;
+                    }
+                }
+            }
+            Ok::<(), anyhow::Error>(())
+        };
+        let (next, ()) = tokio::try_join!(reader, writer)?;
+        Ok(next)
+    }
+}
+
+/// Blocks of a full sync read and hashed at once on the serving side.
+const SYNC_SERVE_AHEAD: usize = 4;
+
+/// The answer to one `SyncBlock`: None when the block's digest is `digest`, else the
+/// block. Reads into a buffer kept per thread (no allocation for equal blocks).
+fn sync_answer(
+    l: &Logger,
+    offset: u64,
+    len: u32,
+    digest: &str,
+) -> std::io::Result<Option<Vec<u8>>> {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUF.with(|b| {
+        let mut buf = b.borrow_mut();
+        buf.resize(len as usize, 0);
+        l.read_into(offset, &mut buf)?;
+        if crate::digest::matches(digest, &buf) {
+            Ok(None)
+        } else {
+            Ok(Some(buf.clone()))
+        }
+    })
 }
 
 impl Daemon {

@@ -7,6 +7,7 @@
 
 pub mod control;
 pub mod daemon;
+pub mod digest;
 pub mod dumplog;
 pub mod meta;
 pub mod node;

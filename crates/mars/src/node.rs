@@ -61,6 +61,9 @@ pub struct NodeConfig {
     pub log_space_bytes: u64,
     #[serde(default = "default_emergency_free_bytes")]
     pub emergency_free_bytes: u64,
+    /// How a full sync that this node joins compares blocks.
+    #[serde(default)]
+    pub sync_digest: crate::digest::SyncDigest,
     /// Cluster ids this node had before merges (peers still using them are accepted).
     #[serde(default)]
     pub former_cluster_ids: Vec<String>,
@@ -191,6 +194,7 @@ fn write_node(
         logfile_max_bytes: default_logfile_bytes(),
         writeback_mem_bytes: default_mem_bytes(),
         log_keep_bytes: default_log_keep_bytes(),
+        sync_digest: Default::default(),
         log_space_bytes: 0,
         emergency_free_bytes: default_emergency_free_bytes(),
         former_cluster_ids: Vec::new(),

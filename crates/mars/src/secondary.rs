@@ -29,6 +29,7 @@ use mars_logger::replay::Replayer;
 use mars_proto::{read_data, read_msg, write_msg, Msg};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -132,6 +133,8 @@ pub struct Secondary {
     /// Rate limits, bytes per second (0: none).
     pub fetch_rate: Arc<std::sync::atomic::AtomicU64>,
     pub sync_rate: Arc<std::sync::atomic::AtomicU64>,
+    /// How this node's full syncs compare blocks.
+    pub sync_digest: crate::digest::SyncDigest,
 }
 
 /// Keeps a transfer under a rate (bytes per second, read anew at every call
@@ -228,47 +231,67 @@ struct SyncSender {
     tx: tokio::sync::mpsc::Sender<(u64, usize)>,
     stop: Arc<AtomicBool>,
     pause: Arc<AtomicBool>,
+    digest: crate::digest::SyncDigest,
 }
 
-/// Read and hash each local block from `from` on (off the async runtime) and ask the
-/// primary about it, at most `SYNC_WINDOW` blocks ahead of the answers taken. Stops
-/// asking when the sync is paused or stopped. Returns the write half for `SyncEnd`.
+/// Read and hash each local block from `from` on (off the async runtime, up to
+/// `HASH_AHEAD` blocks at once) and ask the primary about it, at most `SYNC_WINDOW`
+/// blocks ahead of the answers taken. Stops asking when the sync is paused or
+/// stopped. Returns the write half for `SyncEnd`.
 async fn send_sync_requests(mut s: SyncSender) -> Result<tokio::net::tcp::OwnedWriteHalf> {
-    let mut buf = vec![0u8; SYNC_BLOCK as usize];
-    let mut off = s.from;
-    while off < s.size {
+    type Hashed = tokio::task::JoinHandle<(Vec<u8>, std::io::Result<String>)>;
+    let mut hashing: VecDeque<(u64, usize, Hashed)> = VecDeque::new();
+    let mut spare: Vec<Vec<u8>> = Vec::new();
+    let mut next = s.from;
+    loop {
+        // Keep HASH_AHEAD blocks being read and hashed.
+        while hashing.len() < HASH_AHEAD && next < s.size {
+            let len = SYNC_BLOCK.min(s.size - next) as usize;
+            let mut buf = spare
+                .pop()
+                .unwrap_or_else(|| vec![0u8; SYNC_BLOCK as usize]);
+            let (disk, off, alg) = (s.disk.clone(), next, s.digest);
+            let task = tokio::task::spawn_blocking(move || {
+                let r = disk
+                    .read_exact_at(&mut buf[..len], off)
+                    .map(|()| alg.digest(&buf[..len]));
+                (buf, r)
+            });
+            hashing.push_back((next, len, task));
+            next += len as u64;
+        }
+        let Some((off, len, task)) = hashing.pop_front() else {
+            break; // every block asked for
+        };
         let Ok(permit) = s.tx.reserve().await else {
             break; // the receiving half gave up
         };
         if s.stop.load(Ordering::Acquire) || s.pause.load(Ordering::Acquire) {
             break;
         }
-        let len = SYNC_BLOCK.min(s.size - off) as usize;
-        let disk = s.disk.clone();
-        let (b, digest) = tokio::task::spawn_blocking(move || {
-            disk.read_exact_at(&mut buf[..len], off).map(|()| {
-                let h = blake3::hash(&buf[..len]);
-                (buf, h)
-            })
-        })
-        .await?
-        .with_context(|| format!("reading block at {off} of {}", s.path.display()))?;
-        buf = b;
+        let (buf, digest) = task.await?;
+        spare.push(buf);
+        let digest =
+            digest.with_context(|| format!("reading block at {off} of {}", s.path.display()))?;
         write_msg(
             &mut s.wr,
             &Msg::SyncBlock {
                 res: s.res.clone(),
                 offset: off,
                 len: len as u32,
-                digest: digest.to_hex().to_string(),
+                digest,
             },
         )
         .await?;
         permit.send((off, len));
-        off += len as u64;
     }
     Ok(s.wr)
 }
+
+/// Local blocks read and hashed at once by a joining member.
+const HASH_AHEAD: usize = 2;
+/// Blocks a joining member writes to its disk at once.
+const WRITE_AHEAD: usize = 4;
 
 /// A former primary's directory after `demote`: its disk is the image at
 /// `pos`, no sync is needed, replay continues from there.
@@ -612,6 +635,7 @@ impl Secondary {
             tx,
             stop: self.stop.clone(),
             pause: self.pause_sync.clone(),
+            digest: self.sync_digest,
         })));
         let halted =
             || self.stop.load(Ordering::Acquire) || self.pause_sync.load(Ordering::Acquire);
@@ -621,35 +645,69 @@ impl Secondary {
         // At most one background persist at a time (see `spawn_persist_sync`).
         let mut persisting: Option<tokio::task::JoinHandle<Result<()>>> = None;
         let mut last_persist = std::time::Instant::now();
+        // Blocks answered, in order: where each ends, and its write to the local disk
+        // (None for an equal block). `next_offset` passes a block once it and all
+        // before it are written.
+        let mut answered: VecDeque<(u64, Option<tokio::task::JoinHandle<std::io::Result<()>>>)> =
+            VecDeque::new();
+        let disk_name = self.disk.display().to_string();
+        let written = |r: std::result::Result<std::io::Result<()>, tokio::task::JoinError>,
+                       end: u64| {
+            r.map_err(anyhow::Error::from)
+                .and_then(|r| r.map_err(anyhow::Error::from))
+                .with_context(|| format!("writing the block before {end} to {disk_name}"))
+        };
         let copied: Result<()> = async {
             loop {
                 if halted() {
                     bail!("sync paused or stopped at offset {}", sync.next_offset);
                 }
+                // Completed blocks at the front move the position on.
+                let mut moved = false;
+                while let Some((_, w)) = answered.front() {
+                    let wait = answered.len() > WRITE_AHEAD;
+                    if w.as_ref().is_some_and(|h| !h.is_finished()) && !wait {
+                        break;
+                    }
+                    let Some((end, w)) = answered.pop_front() else {
+                        break;
+                    };
+                    if let Some(h) = w {
+                        written(h.await, end)?;
+                    }
+                    sync.next_offset = end;
+                    moved = true;
+                }
                 // None: the sender asked for every block, or stopped (paused, or failed).
                 let Some((off, len)) = rx.recv().await else {
+                    // Wait for the last writes.
+                    while let Some((end, w)) = answered.pop_front() {
+                        if let Some(h) = w {
+                            written(h.await, end)?;
+                        }
+                        sync.next_offset = end;
+                    }
                     break;
                 };
                 match read_msg(&mut rd).await? {
-                    Msg::Same => {}
+                    Msg::Same => answered.push_back((off + len as u64, None)),
                     Msg::BlockData { offset, len: n } if offset == off && n as usize == len => {
                         let data = read_data(&mut rd).await?;
                         if data.len() != len {
                             bail!("primary sent {} bytes for a block of {len}", data.len());
                         }
                         let d = disk.clone();
-                        tokio::task::spawn_blocking(move || d.write_all_at(&data, off))
-                            .await?
-                            .with_context(|| {
-                                format!("writing block at {off} to {}", self.disk.display())
-                            })?;
+                        let w = tokio::task::spawn_blocking(move || d.write_all_at(&data, off));
+                        answered.push_back((off + len as u64, Some(w)));
                         self.progress.lock().blocks_transferred += 1;
                         throttle.spend(len as u64).await;
                     }
                     Msg::Refused { reason } => bail!("primary {primary} refused: {reason}"),
                     other => bail!("unexpected answer to SyncBlock at {off}: {other:?}"),
                 }
-                sync.next_offset = off + len as u64;
+                if !moved {
+                    continue;
+                }
                 {
                     let mut p = self.progress.lock();
                     p.sync_done = sync.next_offset;
