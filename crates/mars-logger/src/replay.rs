@@ -877,8 +877,10 @@ impl ReadAhead {
     fn get(&mut self, f: &File, at: u64, len: usize, file_len: u64) -> std::io::Result<&[u8]> {
         let end = at + len as u64;
         if at < self.start || end > self.start + self.buf.len() as u64 {
-            let want = (len as u64)
-                .max(Self::WINDOW)
+            // A window read for a header also holds a payload of up to WINDOW bytes
+            // and the next header: records of WINDOW bytes (1 MiB writes) cost one
+            // read each, not two.
+            let want = ((len as u64).max(Self::WINDOW) + 2 * RECORD_HEADER_LEN as u64)
                 .min(file_len.saturating_sub(at));
             let want = want.max(len as u64) as usize;
             self.buf.resize(want, 0);

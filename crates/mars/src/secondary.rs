@@ -869,11 +869,22 @@ impl Secondary {
             if local == 0 && i < first_needed {
                 continue;
             }
-            let out = std::fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(false)
-                .open(&path)?;
+            let out = Arc::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(false)
+                    .open(&path)?,
+            );
+            // The chunk being written (off the runtime, while the next one arrives),
+            // and the local length once it is written.
+            let mut writing: Option<(tokio::task::JoinHandle<std::io::Result<()>>, u64)> = None;
+            let show_fetched = |local: u64| {
+                let reached =
+                    f.start_pos + local.saturating_sub(mars_logfmt::FILE_HEADER_LEN as u64);
+                let mut p = self.progress.lock();
+                p.fetched = p.fetched.max(reached);
+            };
             // Up to FETCH_WINDOW requests in flight: the source reads the next
             // chunk while this node writes the last one.
             let max = match self.fetch_rate.load(Ordering::Acquire) {
@@ -920,19 +931,26 @@ impl Secondary {
                         if data.is_empty() {
                             continue;
                         }
-                        out.write_all_at(&data, local)?;
-                        local += data.len() as u64;
-                        fetched += data.len() as u64;
-                        {
-                            let reached = f.start_pos
-                                + local.saturating_sub(mars_logfmt::FILE_HEADER_LEN as u64);
-                            let mut p = self.progress.lock();
-                            p.fetched = p.fetched.max(reached);
+                        if let Some((w, done)) = writing.take() {
+                            w.await??;
+                            show_fetched(done);
                         }
-                        throttle.spend(data.len() as u64).await;
+                        let n = data.len() as u64;
+                        let (o, at) = (out.clone(), local);
+                        writing = Some((
+                            tokio::task::spawn_blocking(move || o.write_all_at(&data, at)),
+                            local + n,
+                        ));
+                        local += n;
+                        fetched += n;
+                        throttle.spend(n).await;
                     }
                     other => bail!("unexpected answer to Fetch: {other:?}"),
                 }
+            }
+            if let Some((w, done)) = writing.take() {
+                w.await??;
+                show_fetched(done);
             }
             complete &= local >= f.len;
             end = end.max(f.start_pos + local.saturating_sub(mars_logfmt::FILE_HEADER_LEN as u64));
