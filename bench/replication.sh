@@ -28,6 +28,7 @@
 #   BENCH_NO_BUILD=1  skip cargo build (use the binaries already in $CARGO_TARGET_DIR/release)
 #   BENCH_MIN_FREE_GIB  stop when the work filesystem has less free space (default 8)
 #   BENCH_ONLY=sync  run only the full-sync rows (4.): no prefill, throughput, lag or catch-up
+#   BENCH_ONLY=catchup  run only the catch-up rows (3.), after the prefill and both joins
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -47,7 +48,8 @@ die() { echo "bench: $*" >&2; exit 1; }
 say() { echo "bench: $(date +%T) $*" >&2; }
 [[ "$BENCH_REPEAT" =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPEAT must be a positive integer"
 [[ "$BENCH_RUNTIME" =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNTIME must be a positive integer (seconds)"
-[[ -z "$BENCH_ONLY" || "$BENCH_ONLY" == sync ]] || die "BENCH_ONLY must be empty or 'sync'"
+[[ -z "$BENCH_ONLY" || "$BENCH_ONLY" == sync || "$BENCH_ONLY" == catchup ]] \
+    || die "BENCH_ONLY must be empty, 'sync' or 'catchup'"
 
 # ------------------------------------------------------------------ prerequisites
 for t in fio python3 fallocate cargo; do
@@ -427,6 +429,7 @@ for cfg in 0 1 2; do
         adm "$joiner" join-resource r0 "$W/disks/$joiner-r0.img" >&2
         wait_uptodate r0 900
     fi
+    [[ "$BENCH_ONLY" == catchup ]] && continue
     for row in "${ROW_NAMES[@]}"; do
         for ((rep = 1; rep <= BENCH_REPEAT; rep++)); do
             settle
@@ -439,6 +442,7 @@ for cfg in 0 1 2; do
 done
 
 # ------------------------------------------------------------------ 2. lag at 80 % of the 0-secondary peak, 2 secondaries
+if [[ "$BENCH_ONLY" != catchup ]]; then
 PEAK0="$(python3 - "$W/res" "$BENCH_REPEAT" <<'EOF'
 import json, statistics, sys
 d, n = sys.argv[1], int(sys.argv[2])
@@ -458,6 +462,7 @@ touch "$W/res/lag.stop"
 wait "$LAG_PID" || die "lag sampler failed"
 LAG_PID=""
 phase_hwm lag
+fi
 
 # ------------------------------------------------------------------ 3. catch-up on beta after pause-fetch / pause-replay
 catchup() { # fetch|replay
@@ -484,6 +489,7 @@ phase_hwm catchup
 fi # BENCH_ONLY
 
 # ------------------------------------------------------------------ 4. full sync of r1: equal disk (beta), different disk (gamma)
+if [[ "$BENCH_ONLY" != catchup ]]; then
 settle
 say "full sync: preparing r1 ($SIZE_BYTES bytes of random data on alpha; beta gets a copy, gamma other random data)"
 head -c "$SIZE_BYTES" /dev/urandom >"$W/disks/alpha-r1.img"
@@ -503,6 +509,7 @@ H sync "$W/res/sync-different.json" "$PIDS" "$W/gamma" r1 gamma "$W/disks/gamma-
 cmp -s "$W/disks/alpha-r1.img" "$W/disks/beta-r1.img" && echo equal >"$W/res/cmp-beta" || echo DIFFERENT >"$W/res/cmp-beta"
 cmp -s "$W/disks/alpha-r1.img" "$W/disks/gamma-r1.img" && echo equal >"$W/res/cmp-gamma" || echo DIFFERENT >"$W/res/cmp-gamma"
 phase_hwm sync
+fi
 LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # ------------------------------------------------------------------ space used by the node directories
@@ -537,6 +544,7 @@ def cpu_row(label, c):
 
 table = []
 ONLY_SYNC = e["ONLY"] == "sync"
+ONLY_CATCHUP = e["ONLY"] == "catchup"
 # 1. throughput
 def tp(cfg, row):
     vals, cpus = [], []
@@ -547,7 +555,7 @@ def tp(cfg, row):
         vals.append(j["write"]["bw_bytes"] / MiB if row == "seqwrite" else j["write"]["iops"])
         cpus.append(jl(f"tp-{cfg}-{row}-{r}.cpu.json"))
     return statistics.median(vals), vals, cpus[len(cpus) // 2]
-for row in ([] if ONLY_SYNC else rows):
+for row in ([] if ONLY_SYNC or ONLY_CATCHUP else rows):
     unit = "MiB/s" if row == "seqwrite" else "IOPS"
     label = "1 MiB seq write, QD8" if row == "seqwrite" else "4 KiB rand write, QD32, fsync=32"
     base = tp(0, row)
@@ -572,7 +580,7 @@ for kind, label in (() if ONLY_SYNC else (("fetch", "catch-up after pause-fetch 
     cpu_row(f"catch-up ({kind})", c)
 
 # 3. sync
-for kind, label, tgt in (("equal", "full sync, equal disks", 2e9), ("different", "full sync, different disks", 1e9)):
+for kind, label, tgt in (() if ONLY_CATCHUP else (("equal", "full sync, equal disks", 2e9), ("different", "full sync, different disks", 1e9))):
     s = jl(f"sync-{kind}.json")
     size = int(e["SIZE_BYTES"])
     rate = size / s["elapsed"] if s["elapsed"] > 0 else 0
@@ -581,7 +589,7 @@ for kind, label, tgt in (("equal", "full sync, equal disks", 2e9), ("different",
 
 # 4. lag
 lag_detail = []
-if not ONLY_SYNC:
+if not ONLY_SYNC and not ONLY_CATCHUP:
     samples = [json.loads(l) for l in open(f"{R}/lag-samples.jsonl")]
     lagfio = jl("lag.json")["jobs"][0]["write"]["bw_bytes"]
     lc = jl("lag.cpu.json")
@@ -636,13 +644,14 @@ out.append(f"- date: {e['DATE']}; mars commit {e['GIT_REV']}")
 out.append(f"- kernel: {e['KERNEL']}; CPU: {e['CPU_MODEL']}; memory: {e['MEM_TOTAL']}; load average at start {e['LOAD_START']}, at end {e['LOAD_END']}")
 out.append(f"- {e['FIO_VER']}; r0 and r1: {size_gib:g} GiB disk files per node (r0: `fallocate -l`), all on one {e['FSTYPE']} filesystem; default node settings for all three nodes")
 out.append(f"- command: `{e['CMDLINE'].strip()}`")
-if not ONLY_SYNC:
+if not ONLY_SYNC and not ONLY_CATCHUP:
     out.append(f"- throughput: `fio --name=bench {e['FIO_COMMON']} ROWARGS --uri=nbd://127.0.0.1:PORT/r0` against alpha;"
                " before every run all members are waited for (`wait-resource r0 uptodate`), the log is rotated and"
                " replayed logfiles deleted on alpha (untimed)")
     out.append(f"- lag: the same fio with `--rw=write --bs=1M --iodepth=8 --rate={e['RATE80']}` (achieved {lagfio / MiB:,.0f} MiB/s);"
                f" every 100 ms `marsadm view r0 --json` on alpha, beta and gamma; values from each secondary's own view"
                f" ({len(samples)} samples, {errors} failed). " + "; ".join(lag_detail))
+if not ONLY_SYNC:
     cf, cr = jl("catchup-fetch.json"), jl("catchup-replay.json")
     def phases(c):  # (first poll with fetched at the target, last poll before replayed moved)
         t_f = next((x[0] for x in c["samples"] if x[1] >= c["target"]), None)
@@ -654,8 +663,9 @@ if not ONLY_SYNC:
                f" (polled every 50 ms: {cf['polls']} / {cr['polls']} polls); with pause-replay, fetch had brought everything over before the resume."
                f" After resume-fetch, beta's view showed the whole backlog fetched at {tf if tf is not None else float('nan'):.2f} s and replayed still"
                f" at its start position at {tr:.2f} s (its `log.fetched` moves once per fetch round)")
-se, sd = jl("sync-equal.json"), jl("sync-different.json")
-out.append(f"- full sync: r1 created on alpha over {size_gib:g} GiB of /dev/urandom data; beta's disk a `cp` of it, gamma's other"
+if not ONLY_CATCHUP:
+  se, sd = jl("sync-equal.json"), jl("sync-different.json")
+  out.append(f"- full sync: r1 created on alpha over {size_gib:g} GiB of /dev/urandom data; beta's disk a `cp` of it, gamma's other"
            " random data; timed from `join-resource` until the joiner's own view shows `sync: null` and `disk: uptodate`."
            f" Disks after sync: beta {open(R + '/cmp-beta').read().strip()}, gamma {open(R + '/cmp-gamma').read().strip()} (cmp with alpha's)."
            f" The joiner reported sync rates of {(se['view_rate_last'] or 0) / 1e6:,.0f} / {(sd['view_rate_last'] or 0) / 1e6:,.0f} MB/s (last view sample)."

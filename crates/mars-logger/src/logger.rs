@@ -2281,6 +2281,23 @@ mod tests {
         assert!(checked > 10, "only {checked} versions");
     }
 
+    /// Every logfile in `dir`, in order, with its scan; none may be damaged.
+    fn undamaged_logfiles(dir: &Path) -> Vec<(Vec<u8>, mars_logfmt::ScanReport)> {
+        let mut out = Vec::new();
+        for entry in crate::recovery::list_logfiles(dir).unwrap() {
+            let bytes = std::fs::read(&entry.path).unwrap();
+            let report = mars_logfmt::scan_logfile(&bytes);
+            assert!(
+                report.damage.is_none(),
+                "{}: {:?}",
+                entry.name(),
+                report.damage
+            );
+            out.push((bytes, report));
+        }
+        out
+    }
+
     fn direct_and_buffered_writes(cfg: Config, expect_direct: bool) {
         let logger = Arc::new(Logger::open(cfg.clone()).unwrap());
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -2336,15 +2353,7 @@ mod tests {
             "disk after close"
         );
         let mut records = 0;
-        for entry in crate::recovery::list_logfiles(&cfg.dir).unwrap() {
-            let bytes = std::fs::read(&entry.path).unwrap();
-            let report = mars_logfmt::scan_logfile(&bytes);
-            assert!(
-                report.damage.is_none(),
-                "{}: {:?}",
-                entry.name(),
-                report.damage
-            );
+        for (bytes, report) in undamaged_logfiles(&cfg.dir) {
             assert_eq!(
                 report.valid_end,
                 bytes.len() as u64,
@@ -2425,15 +2434,7 @@ mod tests {
         // The log holds exactly the acknowledged writes: replayed from the start, it
         // gives the image.
         let mut replayed = vec![0u8; SIZE as usize];
-        for entry in crate::recovery::list_logfiles(&cfg.dir).unwrap() {
-            let bytes = std::fs::read(&entry.path).unwrap();
-            let report = mars_logfmt::scan_logfile(&bytes);
-            assert!(
-                report.damage.is_none(),
-                "{}: {:?}",
-                entry.name(),
-                report.damage
-            );
+        for (bytes, report) in undamaged_logfiles(&cfg.dir) {
             for r in &report.records {
                 let h = &r.header;
                 assert_eq!(h.kind, Kind::Write);
