@@ -58,17 +58,30 @@ async fn serve_one(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<(
 }
 
 /// Client side (`marsadm`): send one request, wait for the response.
+/// The node directory is initialised but no `marsd` answers on its control socket
+/// (not started yet, or gone). `marsadm wait-*` keep waiting on this one.
+#[derive(Debug)]
+pub struct NotRunning(pub String);
+
+impl std::fmt::Display for NotRunning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotRunning {}
+
 pub fn call(dir: &Path, req: &Request) -> anyhow::Result<Response> {
     use std::io::{BufRead, Write};
     let path = dir.join(mars_api::SOCKET_NAME);
     let mut stream = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
         if dir.join(crate::node::NODE_FILE).exists() {
-            anyhow::anyhow!(
+            anyhow::Error::new(NotRunning(format!(
                 "marsd is not running on {} ({}: {e}); start it with `marsd --dir {}`",
                 dir.display(),
                 path.display(),
                 dir.display()
-            )
+            )))
         } else {
             anyhow::anyhow!(
                 "{} is not an initialised mars node directory; run `marsadm create-cluster` first",

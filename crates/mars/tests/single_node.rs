@@ -224,10 +224,31 @@ fn commands_refuse_clearly_and_change_nothing() {
     // Daemon not running.
     let err = n.adm_err(&["view"]);
     assert!(err.contains("not running"), "{err}");
+    // wait-* wait for a daemon that is not running yet (a script that starts marsd
+    // in the background and waits at once), and say so when it never comes.
+    let err = n.adm_err(&["wait-cluster", "--timeout", "0.3"]);
+    assert!(
+        err.contains("timed out") && err.contains("not running"),
+        "{err}"
+    );
+    let mut waiter = Command::new(MARSADM)
+        .arg("--dir")
+        .arg(&n.dir)
+        .args(["wait-cluster", "--timeout", "60"])
+        .spawn()
+        .unwrap();
     // create-cluster twice.
     let err = n.adm_err(&["create-cluster", "--node", "x", "--listen", "127.0.0.1:1"]);
     assert!(err.contains("already initialised"), "{err}");
+    assert!(
+        waiter.try_wait().unwrap().is_none(),
+        "wait-cluster returned before marsd started"
+    );
     n.start();
+    assert!(
+        waiter.wait().unwrap().success(),
+        "wait-cluster after marsd started"
+    );
     // A second marsd on the same directory.
     let out = Command::new(MARSD)
         .arg("--dir")

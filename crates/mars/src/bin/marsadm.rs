@@ -404,14 +404,22 @@ fn get_view(dir: &Path, res: Option<String>) -> Result<View> {
 }
 
 /// Poll `check` until it holds or `timeout_s` passes.
+/// A `marsd` that is not running yet (started in the background just before) is
+/// waited for too; any other error ends the wait at once.
 fn wait(timeout_s: f64, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<i32> {
     let deadline = Instant::now() + Duration::from_secs_f64(timeout_s.max(0.0));
     loop {
-        if check()? {
-            return Ok(0);
-        }
+        let not_running = match check() {
+            Ok(true) => return Ok(0),
+            Ok(false) => None,
+            Err(e) if e.downcast_ref::<mars::control::NotRunning>().is_some() => Some(e),
+            Err(e) => return Err(e),
+        };
         if Instant::now() >= deadline {
-            bail!("timed out after {timeout_s} s waiting for {what}");
+            match not_running {
+                Some(e) => bail!("timed out after {timeout_s} s waiting for {what}: {e:#}"),
+                None => bail!("timed out after {timeout_s} s waiting for {what}"),
+            }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
