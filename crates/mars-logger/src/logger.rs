@@ -99,7 +99,7 @@ impl Config {
             sync_batch_bytes: 16 << 20,
             idle_sync: Duration::from_millis(5),
             persist_interval: Duration::from_secs(10),
-            direct_io: std::env::var_os("MARS_NO_DIRECT").is_none(),
+            direct_io: true,
         }
     }
 }
@@ -256,6 +256,19 @@ struct Shared {
     /// Tests: the I/O thread's job with this number (from 1) fails with ENOSPC.
     #[cfg(test)]
     fail_io_job: AtomicU64,
+    /// Tests: the I/O thread's job with this number (from 1) is written as if
+    /// O_DIRECT had been refused.
+    #[cfg(test)]
+    refuse_io_job: AtomicU64,
+    /// Tests: the refused job waits for this.
+    #[cfg(test)]
+    release_io: std::sync::atomic::AtomicBool,
+    /// Tests: how often a batch waited for room in the pipeline.
+    #[cfg(test)]
+    room_waits: AtomicU64,
+    /// Tests: batches completed while an earlier one was not.
+    #[cfg(test)]
+    out_of_order: AtomicU64,
     #[cfg(test)]
     io_jobs: AtomicU64,
     /// Tests: most batches in flight at once.
@@ -436,6 +449,14 @@ impl Logger {
             direct_bytes: AtomicU64::new(0),
             #[cfg(test)]
             fail_io_job: AtomicU64::new(0),
+            #[cfg(test)]
+            refuse_io_job: AtomicU64::new(0),
+            #[cfg(test)]
+            release_io: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            room_waits: AtomicU64::new(0),
+            #[cfg(test)]
+            out_of_order: AtomicU64::new(0),
             #[cfg(test)]
             io_jobs: AtomicU64::new(0),
             #[cfg(test)]
@@ -907,9 +928,41 @@ fn io_loop(shared: Arc<Shared>, jobs: Receiver<IoJob>, done: Sender<IoDone>) {
         #[cfg(test)]
         {
             let n = shared.io_jobs.fetch_add(1, Ordering::Relaxed) + 1;
-            if n == shared.fail_io_job.load(Ordering::Relaxed) {
-                // Slow, so that the writer hands over the next batch meanwhile.
-                std::thread::sleep(Duration::from_millis(100));
+            let fail = n == shared.fail_io_job.load(Ordering::Relaxed);
+            let refuse = n == shared.refuse_io_job.load(Ordering::Relaxed);
+            if fail || refuse {
+                // Only once the writer has handed over the next batch (failure), or the
+                // test says so (refusal), or after a deadline.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let wait = || {
+                    if refuse {
+                        !shared.release_io.load(Ordering::Acquire)
+                    } else {
+                        jobs.is_empty()
+                    }
+                };
+                while wait() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            if refuse {
+                let l = &job.layout;
+                let data = &job.buf
+                    [l.skew + (l.start - l.base) as usize..l.skew + (l.end - l.base) as usize];
+                let res = job.file.write_all_at(data, l.start);
+                if done
+                    .send(IoDone {
+                        buf: job.buf,
+                        res,
+                        refused: true,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+            if fail {
                 let err = io::Error::from_raw_os_error(libc::ENOSPC);
                 if done
                     .send(IoDone {
@@ -1062,8 +1115,12 @@ impl Writer {
                 crossbeam_channel::select! {
                     recv(rx) -> op => op,
                     recv(io_done) -> done => {
-                        if let Ok(done) = done {
-                            writer.lock().on_io_done(done);
+                        let mut w = writer.lock();
+                        match done {
+                            Ok(done) => w.on_io_done(done),
+                            // No I/O thread (it cannot end before the writer): fails
+                            // what is in flight.
+                            Err(_) => w.drain(),
                         }
                         continue;
                     }
@@ -1162,6 +1219,10 @@ impl Writer {
         // failed write and give its positions back, so positions are taken after it.
         let pipelined = self.can_pipeline(batch);
         if pipelined {
+            #[cfg(test)]
+            if self.inflight.len() >= MAX_INFLIGHT {
+                self.shared.room_waits.fetch_add(1, Ordering::Relaxed);
+            }
             while self.inflight.len() >= MAX_INFLIGHT {
                 self.complete_front();
             }
@@ -1267,6 +1328,15 @@ impl Writer {
                 _ => self.spare.push(buf),
             }
         }
+        // Written here: after every batch in flight. If one of them failed, it gave
+        // back the positions this batch took: take them again.
+        if !self.inflight.is_empty() {
+            let end = self.pos;
+            self.drain();
+            if self.pos != end {
+                return self.process(batch);
+            }
+        }
         let res = if entries.is_empty() {
             Ok(())
         } else if direct {
@@ -1343,7 +1413,8 @@ impl Writer {
             }
             return ops;
         }
-        if !entries.is_empty() {
+        let entries_empty = entries.is_empty();
+        if !entries_empty {
             let end = start_pos + len;
             self.shared.logged_pos.store(end, Ordering::Release);
             // The index before any acknowledgment: a read after it must see the data.
@@ -1371,6 +1442,11 @@ impl Writer {
         let mut wake = false;
         {
             let mut s = self.shared.sync.lock();
+            // Batches complete in log order, back to back (counted for the tests).
+            #[cfg(test)]
+            if !entries_empty && s.written_pos != start_pos {
+                self.shared.out_of_order.fetch_add(1, Ordering::Relaxed);
+            }
             let was_clean = s.written_pos <= s.synced_pos;
             s.written_pos = s.written_pos.max(target);
             for op in ops.drain(..) {
@@ -1455,15 +1531,19 @@ impl Writer {
             }
             later.push(inf);
         }
-        let msg = e.to_string();
+        let msg = format!("log write of an earlier batch failed: {e}");
+        let code = e.raw_os_error();
         self.complete(front, Err(e));
         for inf in later {
             for op in inf.ops {
                 match op {
                     Op::Write { reply, .. } | Op::Zero { reply, .. } => {
-                        let _ = reply.send(Err(io::Error::other(format!(
-                            "log write of an earlier batch failed: {msg}"
-                        ))));
+                        // The same errno (ENOSPC stays ENOSPC for the client).
+                        let err = match code {
+                            Some(c) => io::Error::from_raw_os_error(c),
+                            None => io::Error::other(msg.clone()),
+                        };
+                        let _ = reply.send(Err(err));
                     }
                     other => self.finish_op(other),
                 }
@@ -2376,54 +2456,47 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = setup(dir.path());
         let logger = Arc::new(Logger::open(cfg.clone()).unwrap());
-        logger.shared.fail_io_job.store(3, Ordering::Relaxed);
+        // Job 2 fails, once job 3 is queued behind it: a write before (ok), the held
+        // write A (ENOSPC) and a write B issued while A is being written (refused too).
+        logger.shared.fail_io_job.store(2, Ordering::Relaxed);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
         const CHUNK: u64 = 300 << 10; // one write is an O_DIRECT batch by itself
-        let slots = SIZE / CHUNK;
-        let results = rt.block_on(async {
-            let mut tasks = Vec::new();
-            for t in 0..4u64 {
-                let logger = logger.clone();
-                tasks.push(tokio::spawn(async move {
-                    let mut out = Vec::new();
-                    for i in 0..(slots / 4) {
-                        let slot = i * 4 + t;
-                        let fill = (slot % 251) as u8 + 1;
-                        let r = logger
-                            .write(slot * CHUNK, Bytes::from(vec![fill; CHUNK as usize]), false)
-                            .await;
-                        out.push((slot, fill, r.map_err(|e| e.raw_os_error())));
-                    }
-                    out
-                }));
+        let chunk = |fill: u8| Bytes::from(vec![fill; CHUNK as usize]);
+        let mut image = vec![0u8; SIZE as usize];
+        rt.block_on(logger.write(0, chunk(1), false)).unwrap();
+        image[..CHUNK as usize].fill(1);
+        let (a, b) = rt.block_on(async {
+            let l = logger.clone();
+            let a = tokio::spawn(async move { l.write(CHUNK, chunk(2), false).await });
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while logger.shared.io_jobs.load(Ordering::Relaxed) < 2 {
+                assert!(
+                    Instant::now() < deadline,
+                    "write A never reached the I/O thread"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            let mut all = Vec::new();
-            for t in tasks {
-                all.extend(t.await.unwrap());
-            }
-            all
+            let b = logger.write(2 * CHUNK, chunk(3), true).await;
+            (a.await.unwrap(), b)
         });
         assert!(
             logger.shared.max_inflight.load(Ordering::Relaxed) >= 2,
             "batches were pipelined"
         );
-        let failed: Vec<_> = results.iter().filter(|r| r.2.is_err()).collect();
-        assert!(!failed.is_empty(), "the injected failure reached a writer");
-        assert!(
-            failed.iter().any(|r| r.2 == Err(Some(libc::ENOSPC))),
-            "ENOSPC kept: {failed:?}"
+        assert_eq!(
+            a.map_err(|e| e.raw_os_error()),
+            Err(Some(libc::ENOSPC)),
+            "ENOSPC kept"
         );
-        let mut image = vec![0u8; SIZE as usize];
-        for (slot, fill, r) in &results {
-            if r.is_ok() {
-                let at = (slot * CHUNK) as usize;
-                image[at..at + CHUNK as usize].fill(*fill);
-            }
-        }
+        assert!(b.is_err(), "the batch after the failed one is refused too");
+        // Later writes land where the refused ones were.
+        rt.block_on(logger.write(3 * CHUNK, chunk(4), false))
+            .unwrap();
+        image[3 * CHUNK as usize..4 * CHUNK as usize].fill(4);
         // The logger goes on after the failure.
         rt.block_on(logger.write(0, Bytes::from(vec![7u8; 4096]), true))
             .unwrap();
@@ -2452,6 +2525,70 @@ mod tests {
             logger.read(0, SIZE).unwrap()[..] == image[..],
             "after reopen"
         );
+    }
+
+    /// O_DIRECT refused while two batches are in flight: the next batch (now written
+    /// through the page cache on the writer thread) waits for the one still in
+    /// flight, so batches complete in log order (a debug assertion in `complete`).
+    #[test]
+    fn o_direct_refused_mid_pipeline_keeps_log_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = setup(dir.path());
+        let logger = Arc::new(Logger::open(cfg.clone()).unwrap());
+        logger.shared.refuse_io_job.store(1, Ordering::Relaxed);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        const CHUNK: u64 = 300 << 10;
+        let chunk = |fill: u8| Bytes::from(vec![fill; CHUNK as usize]);
+        let sh = logger.shared.clone();
+        let until = |what: &str, f: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !f() {
+                assert!(Instant::now() < deadline, "{what}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for i in 0..3u64 {
+                let l = logger.clone();
+                tasks.push(tokio::spawn(async move {
+                    l.write(i * CHUNK, chunk(i as u8 + 1), false).await
+                }));
+                // A is held by the I/O thread; B waits behind it; C waits for room.
+                match i {
+                    0 => until("A taken", &|| sh.io_jobs.load(Ordering::Relaxed) >= 1),
+                    1 => until("B queued", &|| sh.max_inflight.load(Ordering::Relaxed) >= 2),
+                    _ => until("C waits", &|| sh.room_waits.load(Ordering::Relaxed) >= 1),
+                }
+            }
+            sh.release_io.store(true, Ordering::Release);
+            for t in tasks {
+                t.await.unwrap().unwrap();
+            }
+        });
+        assert!(logger.shared.max_inflight.load(Ordering::Relaxed) >= 2);
+        assert_eq!(
+            logger.shared.out_of_order.load(Ordering::Relaxed),
+            0,
+            "batches completed out of log order"
+        );
+        let mut image = vec![0u8; SIZE as usize];
+        for i in 0..3usize {
+            image[i * CHUNK as usize..(i + 1) * CHUNK as usize].fill(i as u8 + 1);
+        }
+        assert!(logger.read(0, SIZE).unwrap()[..] == image[..], "reads");
+        logger.close();
+        drop(logger);
+        assert!(std::fs::read(&cfg.disk).unwrap() == image, "disk");
+        let records: usize = undamaged_logfiles(&cfg.dir)
+            .iter()
+            .map(|(_, r)| r.records.len())
+            .sum();
+        assert_eq!(records, 3);
     }
 
     /// Large batches go to the logfile with O_DIRECT (middle blocks) and the page

@@ -57,7 +57,6 @@ async fn serve_one(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<(
     }
 }
 
-/// Client side (`marsadm`): send one request, wait for the response.
 /// The node directory is initialised but no `marsd` answers on its control socket
 /// (not started yet, or gone). `marsadm wait-*` keep waiting on this one.
 #[derive(Debug)]
@@ -71,6 +70,7 @@ impl std::fmt::Display for NotRunning {
 
 impl std::error::Error for NotRunning {}
 
+/// Client side (`marsadm`): send one request, wait for the response.
 pub fn call(dir: &Path, req: &Request) -> anyhow::Result<Response> {
     use std::io::{BufRead, Write};
     let path = dir.join(mars_api::SOCKET_NAME);

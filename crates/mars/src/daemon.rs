@@ -1861,7 +1861,6 @@ impl Daemon {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Answer>(SYNC_SERVE_AHEAD);
         let reader = async move {
             let mut msg = first;
-            let mut logger: Option<(String, Arc<Logger>)> = None;
             loop {
                 let Msg::SyncBlock {
                     res,
@@ -1872,14 +1871,9 @@ impl Daemon {
                 else {
                     return Ok(Some(msg));
                 };
-                let l = match &logger {
-                    Some((r, l)) if *r == res => l.clone(),
-                    _ => {
-                        let l = self.primary_logger(&res).await?;
-                        logger = Some((res, l.clone()));
-                        l
-                    }
-                };
+                // Looked up for every block: a demote or detach during the sync
+                // ends the answers from this logger.
+                let l = self.primary_logger(&res).await?;
                 if len > MAX_CHUNK || offset.checked_add(len as u64).is_none_or(|e| e > l.size()) {
                     bail!("block {offset}+{len} is out of range");
                 }

@@ -733,6 +733,13 @@ impl Secondary {
             Ok(())
         }
         .await;
+        // Writes still running after an error or a pause end here: none may land
+        // after this sync returns (a later sync could have copied the block anew).
+        for (_, w) in answered.drain(..) {
+            if let Some(h) = w {
+                let _ = h.await;
+            }
+        }
         // The last background persist ends before the final one (never a step back).
         let copied = match persisting.take() {
             Some(p) => copied.and(p.await.map_err(anyhow::Error::from).and_then(|r| r)),
