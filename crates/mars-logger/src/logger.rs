@@ -882,6 +882,8 @@ fn write_direct_at(f: &File, mut buf: &[u8], mut offset: u64) -> (usize, io::Res
 
 /// Batches in flight to the I/O thread at most (one being written, one waiting): the
 /// writer thread fills the next bounce buffer while the device writes the last one.
+/// Their payload (at most 2 x `BATCH_BYTES_MAX`) is not counted in `mem_used` until
+/// they complete.
 const MAX_INFLIGHT: usize = 2;
 
 /// A batch handed to the I/O thread (or being completed): its requests and records,

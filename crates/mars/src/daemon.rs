@@ -1911,7 +1911,8 @@ impl Daemon {
     }
 }
 
-/// Blocks of a full sync read and hashed at once on the serving side.
+/// Answers of a full sync queued on the serving side (blocks read and hashed at
+/// once: this many, plus the one being sent and the one just requested).
 const SYNC_SERVE_AHEAD: usize = 4;
 
 /// The answer to one `SyncBlock`: None when the block's digest is `digest`, else the

@@ -290,7 +290,8 @@ async fn send_sync_requests(mut s: SyncSender) -> Result<tokio::net::tcp::OwnedW
 
 /// Local blocks read and hashed at once by a joining member.
 const HASH_AHEAD: usize = 2;
-/// Blocks a joining member writes to its disk at once.
+/// Answered blocks a joining member keeps before it waits for the oldest one's write
+/// (so at most this many plus one writes to its disk at once).
 const WRITE_AHEAD: usize = 4;
 
 /// A former primary's directory after `demote`: its disk is the image at
