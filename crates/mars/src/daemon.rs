@@ -1859,6 +1859,9 @@ impl Daemon {
         type Answer = tokio::task::JoinHandle<std::io::Result<(u64, u32, Option<Vec<u8>>)>>;
         let (mut rd, mut wr) = s.split();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Answer>(SYNC_SERVE_AHEAD);
+        // Block buffers, used again: no allocation, zeroing or page faults per block.
+        let buffers: Arc<parking_lot::Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let pool = buffers.clone();
         let reader = async move {
             let mut msg = first;
             loop {
@@ -1877,8 +1880,9 @@ impl Daemon {
                 if len > MAX_CHUNK || offset.checked_add(len as u64).is_none_or(|e| e > l.size()) {
                     bail!("block {offset}+{len} is out of range");
                 }
+                let pool = pool.clone();
                 let answer = tokio::task::spawn_blocking(move || {
-                    sync_answer(&l, offset, len, &digest).map(|d| (offset, len, d))
+                    sync_answer(&l, offset, len, &digest, &pool).map(|d| (offset, len, d))
                 });
                 if tx.send(answer).await.is_err() {
                     return Ok(None); // the writing half failed; its error is the one to report
@@ -1901,6 +1905,7 @@ impl Daemon {
                     (offset, len, Some(data)) => {
                         write_msg(&mut wr, &Msg::BlockData { offset, len }).await?;
                         write_data(&mut wr, &data).await?;
+                        buffers.lock().push(data);
                     }
                 }
             }
@@ -1916,26 +1921,22 @@ impl Daemon {
 const SYNC_SERVE_AHEAD: usize = 4;
 
 /// The answer to one `SyncBlock`: None when the block's digest is `digest`, else the
-/// block. Reads into a buffer kept per thread (no allocation for equal blocks).
+/// block. Buffers come from and go back to `pool`.
 fn sync_answer(
     l: &Logger,
     offset: u64,
     len: u32,
     digest: &str,
+    pool: &parking_lot::Mutex<Vec<Vec<u8>>>,
 ) -> std::io::Result<Option<Vec<u8>>> {
-    thread_local! {
-        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    let mut buf = pool.lock().pop().unwrap_or_default();
+    buf.resize(len as usize, 0);
+    let r = l.read_into(offset, &mut buf);
+    if r.is_ok() && !crate::digest::matches(digest, &buf) {
+        return Ok(Some(buf));
     }
-    BUF.with(|b| {
-        let mut buf = b.borrow_mut();
-        buf.resize(len as usize, 0);
-        l.read_into(offset, &mut buf)?;
-        if crate::digest::matches(digest, &buf) {
-            Ok(None)
-        } else {
-            Ok(Some(buf.clone()))
-        }
-    })
+    pool.lock().push(buf);
+    r.map(|()| None)
 }
 
 impl Daemon {

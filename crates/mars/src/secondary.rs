@@ -26,7 +26,7 @@ use crate::meta;
 use crate::peer::Peer;
 use anyhow::{anyhow, bail, Context, Result};
 use mars_logger::replay::Replayer;
-use mars_proto::{read_data, read_msg, write_msg, Msg};
+use mars_proto::{read_data, read_data_into, read_msg, write_msg, Msg};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -649,15 +649,18 @@ impl Secondary {
         // Blocks answered, in order: where each ends, and its write to the local disk
         // (None for an equal block). `next_offset` passes a block once it and all
         // before it are written.
-        let mut answered: VecDeque<(u64, Option<tokio::task::JoinHandle<std::io::Result<()>>>)> =
-            VecDeque::new();
+        // A write gives its buffer back for the next block received.
+        type BlockWrite = tokio::task::JoinHandle<(Vec<u8>, std::io::Result<()>)>;
+        let mut answered: VecDeque<(u64, Option<BlockWrite>)> = VecDeque::new();
+        let mut buffers: Vec<Vec<u8>> = Vec::new();
         let disk_name = self.disk.display().to_string();
-        let written = |r: std::result::Result<std::io::Result<()>, tokio::task::JoinError>,
-                       end: u64| {
-            r.map_err(anyhow::Error::from)
-                .and_then(|r| r.map_err(anyhow::Error::from))
-                .with_context(|| format!("writing the block before {end} to {disk_name}"))
-        };
+        let written =
+            |r: std::result::Result<(Vec<u8>, std::io::Result<()>), tokio::task::JoinError>,
+             end: u64| {
+                r.map_err(anyhow::Error::from)
+                    .and_then(|(buf, r)| r.map(|()| buf).map_err(anyhow::Error::from))
+                    .with_context(|| format!("writing the block before {end} to {disk_name}"))
+            };
         let copied: Result<()> = async {
             loop {
                 if halted() {
@@ -674,7 +677,7 @@ impl Secondary {
                         break;
                     };
                     if let Some(h) = w {
-                        written(h.await, end)?;
+                        buffers.push(written(h.await, end)?);
                     }
                     sync.next_offset = end;
                     moved = true;
@@ -693,12 +696,16 @@ impl Secondary {
                 match read_msg(&mut rd).await? {
                     Msg::Same => answered.push_back((off + len as u64, None)),
                     Msg::BlockData { offset, len: n } if offset == off && n as usize == len => {
-                        let data = read_data(&mut rd).await?;
+                        let mut data = buffers.pop().unwrap_or_default();
+                        read_data_into(&mut rd, &mut data).await?;
                         if data.len() != len {
                             bail!("primary sent {} bytes for a block of {len}", data.len());
                         }
                         let d = disk.clone();
-                        let w = tokio::task::spawn_blocking(move || d.write_all_at(&data, off));
+                        let w = tokio::task::spawn_blocking(move || {
+                            let r = d.write_all_at(&data, off);
+                            (data, r)
+                        });
                         answered.push_back((off + len as u64, Some(w)));
                         self.progress.lock().blocks_transferred += 1;
                         throttle.spend(len as u64).await;
