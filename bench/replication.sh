@@ -426,6 +426,7 @@ for cfg in 0 1 2; do
     esac
     if [[ -n "$joiner" ]]; then
         say "join-resource r0 on $joiner (full sync of $SIZE_BYTES bytes, untimed)"
+        for ((i = 0; i < 300; i++)); do adm "$joiner" view r0 >/dev/null 2>&1 && break; sleep 0.1; done
         adm "$joiner" join-resource r0 "$W/disks/$joiner-r0.img" >&2
         wait_uptodate r0 900
     fi
