@@ -2112,6 +2112,8 @@ mod tests {
         // Acknowledged: in the logfile, readable, but not synced, hence not written back.
         assert_eq!(records_in_current_logfile(&logger), 10);
         assert!(logger.read(0, 4096).unwrap().iter().all(|&b| b == 7));
+        // An observation window, not a synchronisation: nothing may sync or write
+        // back during it (no sync is due: idle_sync is an hour, the batch unbounded).
         std::thread::sleep(Duration::from_millis(200));
         let (a, s, l) = positions(&logger);
         assert!(l > l0);
@@ -2485,14 +2487,9 @@ mod tests {
         let (a, b) = rt.block_on(async {
             let l = logger.clone();
             let a = tokio::spawn(async move { l.write(CHUNK, chunk(2), false).await });
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while logger.shared.io_jobs.load(Ordering::Relaxed) < 2 {
-                assert!(
-                    Instant::now() < deadline,
-                    "write A never reached the I/O thread"
-                );
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            wait_until("write A in the I/O thread", || {
+                logger.shared.io_jobs.load(Ordering::Relaxed) >= 2
+            });
             let b = logger.write(2 * CHUNK, chunk(3), true).await;
             (a.await.unwrap(), b)
         });
@@ -2549,13 +2546,6 @@ mod tests {
         let (cfg, logger, rt) = pipeline_setup(dir.path());
         logger.shared.refuse_io_job.store(1, Ordering::Relaxed);
         let sh = logger.shared.clone();
-        let until = |what: &str, f: &dyn Fn() -> bool| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !f() {
-                assert!(Instant::now() < deadline, "{what}");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        };
         rt.block_on(async {
             let mut tasks = Vec::new();
             for i in 0..3u64 {
@@ -2565,9 +2555,9 @@ mod tests {
                 }));
                 // A is held by the I/O thread; B waits behind it; C waits for room.
                 match i {
-                    0 => until("A taken", &|| sh.io_jobs.load(Ordering::Relaxed) >= 1),
-                    1 => until("B queued", &|| sh.max_inflight.load(Ordering::Relaxed) >= 2),
-                    _ => until("C waits", &|| sh.room_waits.load(Ordering::Relaxed) >= 1),
+                    0 => wait_until("A taken", || sh.io_jobs.load(Ordering::Relaxed) >= 1),
+                    1 => wait_until("B queued", || sh.max_inflight.load(Ordering::Relaxed) >= 2),
+                    _ => wait_until("C waits", || sh.room_waits.load(Ordering::Relaxed) >= 1),
                 }
             }
             sh.release_io.store(true, Ordering::Release);

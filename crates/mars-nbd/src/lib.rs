@@ -1081,6 +1081,8 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "requests not started");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        // An observation window, not a synchronisation: no request beyond the bound
+        // may start during it.
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(export.started.load(Ordering::SeqCst), MAX_IN_FLIGHT);
         // Release them from a plain thread, a few at a time, until all are done.
