@@ -339,6 +339,32 @@ pub fn persisted_replayed(dir: &std::path::Path) -> Option<u64> {
 }
 
 impl Secondary {
+    /// The outcome of a transfer or replay round: its error (logged once while it
+    /// repeats) goes to, or is cleared from, the `slot` of `view`. Returns whether
+    /// the loop should wait before the next round.
+    fn note_round(
+        &self,
+        r: Result<bool>,
+        slot: impl FnOnce(&mut Progress) -> &mut Option<String>,
+    ) -> bool {
+        let mut p = self.progress.lock();
+        let slot = slot(&mut p);
+        match r {
+            Ok(idle) => {
+                *slot = None;
+                idle
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if slot.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!(resource = %self.res, "secondary: {msg}");
+                }
+                *slot = Some(msg);
+                true
+            }
+        }
+    }
+
     pub async fn run(self) {
         let mut replayer: Option<Replayer> = None;
         if let Some(pos) = persisted_replayed(&self.dir) {
@@ -370,21 +396,8 @@ impl Secondary {
         let wake = tokio::sync::Notify::new();
         let transfer = async {
             while !self.stop.load(Ordering::Acquire) {
-                let idle = match self.transfer_round(&wake).await {
-                    Ok(idle) => {
-                        self.progress.lock().error = None;
-                        idle
-                    }
-                    Err(e) => {
-                        let msg = format!("{e:#}");
-                        let mut p = self.progress.lock();
-                        if p.error.as_deref() != Some(msg.as_str()) {
-                            tracing::warn!(resource = %self.res, "secondary: {msg}");
-                        }
-                        p.error = Some(msg);
-                        true
-                    }
-                };
+                let r = self.transfer_round(&wake).await;
+                let idle = self.note_round(r, |p| &mut p.error);
                 if idle {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -393,21 +406,8 @@ impl Secondary {
         };
         let replay = async {
             while !self.stop.load(Ordering::Acquire) {
-                let idle = match self.replay_round(&mut replayer).await {
-                    Ok(idle) => {
-                        self.progress.lock().replay_error = None;
-                        idle
-                    }
-                    Err(e) => {
-                        let msg = format!("{e:#}");
-                        let mut p = self.progress.lock();
-                        if p.replay_error.as_deref() != Some(msg.as_str()) {
-                            tracing::warn!(resource = %self.res, "secondary: {msg}");
-                        }
-                        p.replay_error = Some(msg);
-                        true
-                    }
-                };
+                let r = self.replay_round(&mut replayer).await;
+                let idle = self.note_round(r, |p| &mut p.replay_error);
                 if idle {
                     tokio::select! {
                         _ = wake.notified() => {}
