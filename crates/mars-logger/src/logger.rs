@@ -993,6 +993,18 @@ fn io_loop(shared: Arc<Shared>, jobs: Receiver<IoJob>, done: Sender<IoDone>) {
     }
 }
 
+/// The records' bytes as they go into the logfile: each header, then its payload.
+fn record_slices(entries: &[WbEntry]) -> Vec<&[u8]> {
+    let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * entries.len());
+    for e in entries {
+        bufs.push(&e.hdr[..]);
+        if let Some(d) = &e.data {
+            bufs.push(&d[..]);
+        }
+    }
+    bufs
+}
+
 /// The same error for another reply (ENOSPC must reach the client as ENOSPC).
 fn copy_error(e: &io::Error, msg: &str) -> io::Error {
     match e.raw_os_error() {
@@ -1216,9 +1228,10 @@ impl Writer {
     }
 
     fn process(&mut self, batch: &mut Vec<Op>) {
-        // Batches complete in log order: one written on this thread waits for those in
-        // flight; one handed to the I/O thread waits for room. Either wait may find a
-        // failed write and give its positions back, so positions are taken after it.
+        // Batches complete in log order: one handed to the I/O thread waits for room
+        // first (that wait may find a failed write and give its positions back, so
+        // positions are taken after it); one written on this thread waits for all in
+        // flight just before it is written (below).
         let pipelined = self.can_pipeline(batch);
         if pipelined {
             #[cfg(test)]
@@ -1228,8 +1241,6 @@ impl Writer {
             while self.inflight.len() >= MAX_INFLIGHT {
                 self.complete_front();
             }
-        } else {
-            self.drain();
         }
         if let Some(f) = self.shared.failed.lock().clone() {
             for op in batch.drain(..) {
@@ -1344,14 +1355,7 @@ impl Writer {
         } else if direct {
             self.write_direct_here(&entries, file_offset, len)
         } else {
-            let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * entries.len());
-            for e in &entries {
-                bufs.push(&e.hdr[..]);
-                if let Some(d) = &e.data {
-                    bufs.push(&d[..]);
-                }
-            }
-            let r = crate::disk::pwritev_all(&self.file, &bufs, file_offset);
+            let r = crate::disk::pwritev_all(&self.file, &record_slices(&entries), file_offset);
             if r.is_ok() && len >= START_WRITEBACK_MIN {
                 crate::disk::start_writeback(&self.file, file_offset, len);
             }
@@ -1567,16 +1571,7 @@ impl Writer {
                 }
                 res
             }
-            _ => {
-                let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * entries.len());
-                for e in entries {
-                    bufs.push(&e.hdr[..]);
-                    if let Some(d) = &e.data {
-                        bufs.push(&d[..]);
-                    }
-                }
-                crate::disk::pwritev_all(&self.file, &bufs, start)
-            }
+            _ => crate::disk::pwritev_all(&self.file, &record_slices(entries), start),
         };
         self.spare.push(buf);
         res
