@@ -359,12 +359,7 @@ fn midlog_sync_rotation_lag_and_split_brain() {
 fn bit_flip_in_a_fetched_logfile_is_detected_and_not_replayed() {
     let nodes = start_cluster(&["alpha", "beta"]);
     let size = 8 * MIB;
-    let a_disk = nodes[0].disk("a.img", size);
-    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
-    nodes[1].wait_view("r0 known", |v| resource(v, "r0").is_some());
-    let b_disk = nodes[1].disk("b.img", size);
-    nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
-    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    let [_a_disk, b_disk]: [std::path::PathBuf; 2] = replicate_r0(&nodes, size).try_into().unwrap();
     nodes[1].adm_ok(&["pause-replay", "r0"]);
     let mut c = nodes[0].nbd("r0");
     assert_eq!(c.write(0, &[7u8; 65536], true).unwrap(), 0);
@@ -711,12 +706,7 @@ fn handover_failover_split_brain_and_invalidate() {
 fn fetch_rate_limit_holds_and_lifts() {
     let nodes = start_cluster(&["alpha", "beta"]);
     let size = 16 * MIB;
-    let a_disk = nodes[0].disk("a.img", size);
-    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
-    nodes[1].wait_view("r0 known", |v| resource(v, "r0").is_some());
-    let b_disk = nodes[1].disk("b.img", size);
-    nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
-    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    let [a_disk, b_disk]: [std::path::PathBuf; 2] = replicate_r0(&nodes, size).try_into().unwrap();
     let err = nodes[1].adm_err(&["set-rate", "r0", "--fetch", "1Q"]);
     assert!(err.contains("unit"), "{err}");
     let out = nodes[1].adm_ok(&["set-rate", "r0", "--fetch", "1M"]);
@@ -764,12 +754,7 @@ fn space_policy_deletes_only_what_every_member_replayed() {
     set_node_setting(&mut nodes[1], "log_keep_bytes", MIB);
     nodes[1].wait_view("alpha alive", |v| all_alive(v, &["alpha", "beta"]));
     let size = 16 * MIB;
-    let a_disk = nodes[0].disk("a.img", size);
-    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
-    nodes[1].wait_view("r0 known", |v| resource(v, "r0").is_some());
-    let b_disk = nodes[1].disk("b.img", size);
-    nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
-    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    let [a_disk, b_disk]: [std::path::PathBuf; 2] = replicate_r0(&nodes, size).try_into().unwrap();
     let rdir = nodes[0].dir.join("resources/r0");
     let logs = |d: &std::path::Path| -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(d)
@@ -841,12 +826,7 @@ fn emergency_mode_keeps_the_primary_writing_and_invalidate_recovers() {
     let mut nodes = start_cluster(&["alpha", "beta"]);
     set_node_setting(&mut nodes[0], "log_space_bytes", 2 * MIB);
     let size = 16 * MIB;
-    let a_disk = nodes[0].disk("a.img", size);
-    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
-    nodes[1].wait_view("r0 known", |v| resource(v, "r0").is_some());
-    let b_disk = nodes[1].disk("b.img", size);
-    nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
-    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    let [a_disk, b_disk]: [std::path::PathBuf; 2] = replicate_r0(&nodes, size).try_into().unwrap();
     nodes[1].adm_ok(&["pause-fetch", "r0"]);
     let mut c = nodes[0].nbd("r0");
     for i in 0..4u64 {
