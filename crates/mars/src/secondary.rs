@@ -561,12 +561,15 @@ impl Secondary {
             self.progress.lock().replaying = false;
             let (r, outcome) = stepped?;
             let pos = r.position();
+            let mut halted = None;
             {
                 let mut p = self.progress.lock();
                 if let Some(h) = r.halted() {
                     // Set together, so that a view never shows one without the other.
                     p.split_brain |= matches!(h, mars_logger::replay::Halt::SplitBrain { .. });
-                    p.replay_error = Some(format!("replay stopped: {h}"));
+                    let msg = format!("replay stopped: {h}");
+                    p.replay_error = Some(msg.clone());
+                    halted = Some(msg);
                 }
                 p.replayed = pos;
                 if p.consistent_from.is_some_and(|end| pos >= end) {
@@ -574,6 +577,12 @@ impl Secondary {
                 }
             }
             *replayer = Some(r);
+            if let Some(msg) = halted {
+                // An error, so that the round does not clear what it just reported
+                // (the step that halts returns Ok; a view in between showed
+                // split_brain without its error).
+                bail!("{msg}");
+            }
             let o = outcome.map_err(|e| anyhow!("{e}"))?;
             idle &= o.idle || o.records == 0;
         }
