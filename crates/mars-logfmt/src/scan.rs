@@ -4,6 +4,12 @@
 //! *torn tail* (a write cut short by a crash; cut off on recovery). A bad
 //! record followed by a valid one is *corruption* (an incident: reported,
 //! never applied, never cut silently).
+//!
+//! A valid record is one at its place: its `pos` says where in the file it
+//! lies (`start_pos` + offset after the file header). A recycled logfile (see
+//! `docs/FORMAT.md`) holds the records of its earlier use after the end of the
+//! log; they verify by checksum but never lie at their place, so they end the
+//! log like any other torn tail.
 
 use crate::record::{
     DecodeError, FileHeader, RecordHeader, FILE_HEADER_LEN, RECORD_HEADER_LEN, RECORD_MAGIC,
@@ -132,7 +138,7 @@ pub fn scan_logfile(buf: &[u8]) -> ScanReport {
                 seq = next_seq;
             }
             Err(e) => {
-                let kind = if valid_record_after(buf, at + 1, pos, seq) {
+                let kind = if valid_record_after(buf, at + 1, fh.start_pos, pos, seq) {
                     DamageKind::Corrupt
                 } else {
                     DamageKind::TornTail
@@ -160,17 +166,26 @@ fn describe(buf: &[u8], at: usize, e: &DecodeError) -> String {
     if buf[at..].iter().all(|&b| b == 0) {
         return format!("zero-filled tail ({} bytes)", buf.len() - at);
     }
+    if let DecodeError::OutOfPlace { found_pos, pos, .. } = e {
+        if found_pos < pos {
+            return format!(
+                "{e}: an older record, as left after the end of the log by an earlier use of a recycled logfile"
+            );
+        }
+    }
     e.to_string()
 }
 
-/// Is there any valid record that continues this stream at or after `from`?
-fn valid_record_after(buf: &[u8], from: usize, pos: u64, seq: u64) -> bool {
+/// Is there any valid record that continues this stream at or after `from`, at
+/// its place (its position matches its offset in a file starting at `start_pos`)?
+fn valid_record_after(buf: &[u8], from: usize, start_pos: u64, pos: u64, seq: u64) -> bool {
     let magic = RECORD_MAGIC.to_le_bytes();
     let mut i = from;
     while i + RECORD_HEADER_LEN <= buf.len() {
         if buf[i..i + 4] == magic {
             if let Ok((h, _)) = RecordHeader::decode_record(&buf[i..]) {
-                if h.pos > pos && h.seq > seq {
+                let at_place = (i - FILE_HEADER_LEN) as u64;
+                if h.pos > pos && h.seq > seq && h.pos.checked_sub(start_pos) == Some(at_place) {
                     return true;
                 }
             }
@@ -186,19 +201,24 @@ mod tests {
     use crate::record::Kind;
 
     fn build(n: u64) -> Vec<u8> {
+        build_at(500, 10, n)
+    }
+
+    /// A logfile starting at stream position `start` with record seq `seq`.
+    fn build_at(start: u64, seq: u64, n: u64) -> Vec<u8> {
         let fh = FileHeader {
             file_seq: 1,
-            start_pos: 500,
-            start_record_seq: 10,
+            start_pos: start,
+            start_record_seq: seq,
             created_ns: 0,
             resource_id: 1,
         };
         let mut buf = fh.encode().to_vec();
-        let mut pos = 500;
+        let mut pos = start;
         for i in 0..n {
             let h = RecordHeader {
                 kind: Kind::Write,
-                seq: 10 + i,
+                seq: seq + i,
                 pos,
                 offset: i * 512,
                 length: 512,
@@ -260,6 +280,41 @@ mod tests {
         let d = r.damage.expect("damage");
         assert_eq!(d.kind, DamageKind::TornTail);
         assert!(d.reason.contains("zero"), "{}", d.reason);
+    }
+
+    /// A recycled logfile: the new header and records over the start of an older
+    /// logfile, whose remaining records verify by checksum but lie elsewhere in the
+    /// stream.
+    fn recycled(old_start: u64, old_seq: u64, new_records: u64) -> Vec<u8> {
+        let mut buf = build_at(old_start, old_seq, 8);
+        let new = build(new_records);
+        buf[..new.len()].copy_from_slice(&new);
+        buf
+    }
+
+    #[test]
+    fn records_of_a_recycled_logfiles_earlier_use_end_the_log() {
+        // Older history (the usual case), a later one (another member's history
+        // after a split brain), and one whose records would continue this one's seq.
+        for (old_start, old_seq) in [(0, 1), (100_000, 900), (500 + 2 * 576 + 64, 12)] {
+            let buf = recycled(old_start, old_seq, 3);
+            let r = scan_logfile(&buf);
+            assert_eq!(r.records.len(), 3, "old start {old_start}");
+            assert_eq!(r.valid_end, 64 + 3 * 576);
+            let d = r.damage.expect("damage");
+            assert_eq!(d.kind, DamageKind::TornTail, "old start {old_start}: {d:?}");
+        }
+        let r = scan_logfile(&recycled(0, 1, 3));
+        assert!(
+            r.damage.expect("damage").reason.contains("recycled"),
+            "an older record is named as such"
+        );
+        // Corruption among the new records is still corruption.
+        let mut buf = recycled(0, 1, 5);
+        buf[64 + 576 + 100] ^= 0x10;
+        let r = scan_logfile(&buf);
+        assert_eq!(r.records.len(), 1);
+        assert_eq!(r.damage.expect("damage").kind, DamageKind::Corrupt);
     }
 
     #[test]

@@ -28,4 +28,4 @@ mod recovery;
 pub mod replay;
 
 pub use logger::{Config, Logger, LoggerError, Status};
-pub use recovery::{list_logfiles, LogfileEntry};
+pub use recovery::{drop_spares, list_logfiles, list_spares, LogfileEntry, SPARE_PREFIX};

@@ -84,6 +84,9 @@ pub struct Config {
     pub persist_interval: Duration,
     /// Write large batches to the log with O_DIRECT where the file system allows it.
     pub direct_io: bool,
+    /// Deleted logfiles are kept as spares, up to this many bytes, and reused as new
+    /// logfiles (0: delete them).
+    pub spare_bytes: u64,
 }
 
 impl Config {
@@ -100,6 +103,7 @@ impl Config {
             idle_sync: Duration::from_millis(5),
             persist_interval: Duration::from_secs(10),
             direct_io: true,
+            spare_bytes: 1 << 30,
         }
     }
 }
@@ -411,7 +415,7 @@ impl Logger {
         }
         let disk = Disk::open(&cfg.disk).map_err(|e| LoggerError::io(&cfg.disk, e))?;
         let rec = recovery::recover(&cfg.dir, &cfg.node, &disk, cfg.size)?;
-        let (file, path) = new_logfile(
+        let (file, path, file_cap) = new_logfile(
             &cfg.dir,
             &cfg.node,
             rec.next_file_seq,
@@ -480,6 +484,7 @@ impl Logger {
         let writer = Writer {
             shared: shared.clone(),
             file,
+            file_cap,
             entry,
             file_start_pos: rec.end_pos,
             pos: rec.end_pos,
@@ -747,7 +752,8 @@ impl Logger {
     }
 
     /// Delete logfiles that are finished, versioned and entirely written back
-    /// (with the position persisted). Returns the names deleted.
+    /// (with the position persisted): up to `spare_bytes` of them are kept as spares
+    /// for reuse. Returns the names deleted.
     pub fn delete_applied(&self) -> Result<Vec<String>, LoggerError> {
         self.delete_applied_before(u64::MAX)
     }
@@ -765,7 +771,7 @@ impl Logger {
             }
             match recovery::read_version(&cfg.dir, entry.seq, &entry.node)? {
                 Some(v) if v.end_pos <= persisted => {
-                    std::fs::remove_file(&entry.path)
+                    recovery::retire_logfile(&cfg.dir, &entry, cfg.spare_bytes)
                         .map_err(|e| LoggerError::io(&entry.path, e))?;
                     deleted.push(entry.name());
                 }
@@ -797,6 +803,9 @@ impl Drop for Logger {
 struct Writer {
     shared: Arc<Shared>,
     file: Arc<File>,
+    /// Length of the current logfile beyond which nothing was ever written: more than
+    /// the log's end in a recycled logfile (records of its earlier use lie there).
+    file_cap: u64,
     entry: LogfileEntry,
     file_start_pos: u64,
     /// Stream position of the next record.
@@ -822,6 +831,9 @@ struct Writer {
     /// Reused for requests processed on the caller's thread.
     inline_batch: Vec<Op>,
 }
+
+/// Padding after buffered writes into recycled logfiles (see `Writer::padded_end`).
+static ZEROS: [u8; DIRECT_ALIGN as usize] = [0; DIRECT_ALIGN as usize];
 
 /// Requests with at most this much payload may be logged on the caller's thread.
 const INLINE_MAX: u64 = 64 << 10;
@@ -1021,6 +1033,7 @@ fn fill_bounce(
     entries: &[WbEntry],
     start: u64,
     len: u64,
+    padded_end: u64,
 ) -> Option<DirectLayout> {
     let end = start + len;
     let base = start / DIRECT_ALIGN * DIRECT_ALIGN;
@@ -1029,7 +1042,7 @@ fn fill_bounce(
     if b <= a {
         return None;
     }
-    let need = (end - base) as usize;
+    let need = (padded_end.max(end) - base) as usize;
     if buf.len() < need + DIRECT_ALIGN as usize {
         *buf = vec![0u8; need + DIRECT_ALIGN as usize];
     }
@@ -1047,13 +1060,14 @@ fn fill_bounce(
             at += d.len();
         }
     }
+    out[at..].fill(0);
     Some(DirectLayout {
         skew,
         base,
         start,
         a,
         b,
-        end,
+        end: base + need as u64,
     })
 }
 
@@ -1165,7 +1179,11 @@ impl Writer {
         }
         let mut w = writer.lock();
         w.closed = true;
-        let _ = w.sync_now();
+        if w.sync_now().is_ok() {
+            if let Err(e) = w.cut_at_end() {
+                tracing::warn!(logfile = %w.entry.path.display(), "cutting the logfile at its end: {e}");
+            }
+        }
         // Ends the I/O thread (nothing is in flight after the sync).
         w.io_tx = None;
         {
@@ -1307,7 +1325,13 @@ impl Writer {
             let mut buf = self.spare.pop().unwrap_or_default();
             match (
                 self.direct.clone(),
-                fill_bounce(&mut buf, &entries, file_offset, len),
+                fill_bounce(
+                    &mut buf,
+                    &entries,
+                    file_offset,
+                    len,
+                    self.padded_end(file_offset + len),
+                ),
             ) {
                 (Some(direct), Some(layout)) => {
                     let job = IoJob {
@@ -1355,7 +1379,10 @@ impl Writer {
         } else if direct {
             self.write_direct_here(&entries, file_offset, len)
         } else {
-            let r = crate::disk::pwritev_all(&self.file, &record_slices(&entries), file_offset);
+            let mut slices = record_slices(&entries);
+            let pad = (self.padded_end(file_offset + len) - (file_offset + len)) as usize;
+            slices.push(&ZEROS[..pad]);
+            let r = crate::disk::pwritev_all(&self.file, &slices, file_offset);
             if r.is_ok() && len >= START_WRITEBACK_MIN {
                 crate::disk::start_writeback(&self.file, file_offset, len);
             }
@@ -1403,9 +1430,11 @@ impl Writer {
             // fails, a stale record could pass for the next one, so stop instead.
             let msg = format!("log write to {}: {e}", self.entry.path.display());
             tracing::error!("{msg}");
-            if let Err(cut) = self.file.set_len(file_offset) {
-                self.shared
-                    .fail(format!("{msg}; cutting the partial batch: {cut}"));
+            match self.file.set_len(file_offset) {
+                Ok(()) => self.file_cap = file_offset,
+                Err(cut) => self
+                    .shared
+                    .fail(format!("{msg}; cutting the partial batch: {cut}")),
             }
             self.pos = start_pos;
             self.next_seq = start_seq;
@@ -1562,7 +1591,7 @@ impl Writer {
         let mut buf = self.spare.pop().unwrap_or_default();
         let res = match (
             self.direct.clone(),
-            fill_bounce(&mut buf, entries, start, len),
+            fill_bounce(&mut buf, entries, start, len, self.padded_end(start + len)),
         ) {
             (Some(direct), Some(layout)) => {
                 let (res, refused) = write_layout(&self.shared, &self.file, &direct, &buf, &layout);
@@ -1596,13 +1625,44 @@ impl Writer {
         }
     }
 
+    /// File offset of the end of the log in the current logfile.
+    fn end_offset(&self) -> u64 {
+        FILE_HEADER_LEN as u64 + (self.pos - self.file_start_pos)
+    }
+
+    /// A finished logfile holds exactly its records: cut a recycled one at the end
+    /// of its log (durably, before it counts as finished), so that it is an exact
+    /// copy for readers and a spare whose old records all lie at one place.
+    fn cut_at_end(&mut self) -> io::Result<()> {
+        let end = self.end_offset();
+        if self.file_cap > end {
+            self.file.set_len(end)?;
+            self.file.sync_data()?;
+            self.file_cap = end;
+        }
+        Ok(())
+    }
+
+    /// Where a buffered write ending at file offset `end` should end: at the next
+    /// page boundary inside a recycled logfile (zeros after the records), so that
+    /// the kernel never reads a partly overwritten page of the old content first.
+    fn padded_end(&self, end: u64) -> u64 {
+        if end >= self.file_cap {
+            end
+        } else {
+            end.next_multiple_of(DIRECT_ALIGN).min(self.file_cap)
+        }
+    }
+
     fn rotate(&mut self) -> Result<String, LoggerError> {
         // Everything in the old file must be durable before the syncer moves on to the new one.
         self.sync_now()
             .map_err(|e| LoggerError::io(&self.entry.path, e))?;
+        self.cut_at_end()
+            .map_err(|e| LoggerError::io(&self.entry.path, e))?;
         let cfg = &self.shared.cfg;
         let seq = self.entry.seq + 1;
-        let (file, path) = new_logfile(
+        let (file, path, file_cap) = new_logfile(
             &cfg.dir,
             &cfg.node,
             seq,
@@ -1641,6 +1701,7 @@ impl Writer {
             self.shared.wb_cv.notify_all();
         }
         self.file = file;
+        self.file_cap = file_cap;
         self.direct = direct;
         self.file_start_pos = self.pos;
         let name = self.entry.name();
@@ -1906,13 +1967,24 @@ fn persist_loop(shared: Arc<Shared>, mut last_version: Option<Version>) {
         let done = {
             let mut wb = shared.wb.lock();
             if !wb.writeback_done {
+                // Checked under the lock writeback notifies under: work that arrived
+                // since the last round is not slept through (no lost wakeup).
+                let applied = shared.applied_pos.load(Ordering::Acquire);
+                let versions = wb.finished.front().is_some_and(|f| f.end_pos <= applied);
+                let unpersisted = applied > shared.persisted_pos.load(Ordering::Acquire);
                 let now = Instant::now();
-                let wait = if next_disk_sync > now {
-                    next_disk_sync - now
+                let wait = if versions {
+                    None
+                } else if next_disk_sync > now {
+                    Some(next_disk_sync - now)
+                } else if unpersisted {
+                    None
                 } else {
-                    interval
+                    Some(interval)
                 };
-                shared.persist_cv.wait_for(&mut wb, wait);
+                if let Some(wait) = wait {
+                    shared.persist_cv.wait_for(&mut wb, wait);
+                }
             }
             wb.writeback_done
         };

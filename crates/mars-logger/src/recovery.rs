@@ -333,6 +333,125 @@ fn scan_file_next_seq(entry: &LogfileEntry) -> Result<u64, LoggerError> {
     }
 }
 
+/// Name prefix of spare logfiles: deleted logfiles kept to be reused as the next
+/// logfile (`spare-<seq>-<node>`, the name they had). Writing into a file whose
+/// blocks are allocated and written is an overwrite: O_DIRECT writes need no block
+/// allocation and an fdatasync no journal commit (docs/FORMAT.md, "Recycled
+/// logfiles").
+pub const SPARE_PREFIX: &str = "spare-";
+
+/// Spares smaller than this are not worth keeping.
+const SPARE_MIN_BYTES: u64 = 64 << 10;
+
+/// Spare logfiles in `dir` with their lengths, largest first.
+pub fn list_spares(dir: &Path) -> std::io::Result<Vec<(PathBuf, u64)>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_name().to_string_lossy().starts_with(SPARE_PREFIX) {
+            if let Ok(m) = e.metadata() {
+                out.push((e.path(), m.len()));
+            }
+        }
+    }
+    out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    Ok(out)
+}
+
+/// Remove every spare logfile in `dir` (when space runs short). Returns the bytes freed.
+pub fn drop_spares(dir: &Path) -> std::io::Result<u64> {
+    let mut freed = 0;
+    for (path, len) in list_spares(dir)? {
+        fs::remove_file(&path)?;
+        freed += len;
+    }
+    if freed > 0 {
+        crate::crashsafe::sync_dir(dir)?;
+    }
+    Ok(freed)
+}
+
+/// A logfile is deleted: keep it as a spare while the spares stay within
+/// `budget` bytes, else remove it. The caller syncs the directory. Only finished
+/// logfiles come here: they hold exactly their records (rotation, close and
+/// recovery cut a logfile at the end of its log), which `take_spare` relies on.
+pub(crate) fn retire_logfile(dir: &Path, entry: &LogfileEntry, budget: u64) -> std::io::Result<()> {
+    let len = fs::metadata(&entry.path)?.len();
+    if len >= SPARE_MIN_BYTES && budget > 0 {
+        let spares: u64 = list_spares(dir)?.iter().map(|s| s.1).sum();
+        if spares + len <= budget {
+            let name = format!("{SPARE_PREFIX}{}", entry.name());
+            return fs::rename(&entry.path, dir.join(name));
+        }
+    }
+    fs::remove_file(&entry.path)
+}
+
+/// Take the largest usable spare for a logfile starting at `start_pos`: opened for
+/// writing, with its length. The records left in a spare verify by checksum, but
+/// the scanner takes a record only at its place (its position matches its offset
+/// from the file's `start_pos`): a spare's old records all lie at the places of its
+/// first record's position `p` (it was cut at its end), so it is used only where
+/// `p != start_pos`. Unusable spares are removed.
+fn take_spare(dir: &Path, start_pos: u64) -> Option<(fs::File, PathBuf, u64)> {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let spares = list_spares(dir).ok()?;
+    for (path, _) in spares {
+        let usable = (|| -> std::io::Result<Option<(fs::File, u64)>> {
+            let f = fs::OpenOptions::new().read(true).write(true).open(&path)?;
+            let m = f.metadata()?;
+            // A second name (a crash between link and unlink elsewhere) would make
+            // our writes show up under it: never reuse such a file.
+            if m.nlink() != 1 || m.len() < SPARE_MIN_BYTES {
+                return Ok(None);
+            }
+            let mut first = [0u8; mars_logfmt::RECORD_HEADER_LEN];
+            f.read_exact_at(&mut first, FILE_HEADER_LEN as u64)?;
+            Ok(match mars_logfmt::RecordHeader::decode(&first) {
+                Ok((h, _)) if h.pos != start_pos => Some((f, m.len())),
+                _ => None,
+            })
+        })();
+        match usable {
+            Ok(Some((f, len))) => return Some((f, path, len)),
+            Ok(None) | Err(_) => {
+                tracing::debug!(spare = %path.display(), start_pos, "spare logfile not reusable here: removed");
+                let _ = fs::remove_file(&path);
+            }
+        }
+    }
+    None
+}
+
+/// `rename(from, to)` that fails when `to` exists.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let cstr = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (f, t) = (cstr(from)?, cstr(to)?);
+    // SAFETY: both are NUL-terminated paths that live for the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A new logfile: a spare (see [`take_spare`]) given the new header and name, or a
+/// new file. Returns the file, its path and its length (more than the header for a
+/// spare: the records of its earlier use follow, to be overwritten).
 pub(crate) fn new_logfile(
     dir: &Path,
     node: &str,
@@ -340,25 +459,44 @@ pub(crate) fn new_logfile(
     start_pos: u64,
     start_record_seq: u64,
     resource_id: u64,
-) -> Result<(fs::File, PathBuf), LoggerError> {
+) -> Result<(fs::File, PathBuf, u64), LoggerError> {
     use std::os::unix::fs::FileExt;
     let path = dir.join(mars_logfmt::logfile_name(seq, node));
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(|e| LoggerError::io(&path, e))?;
     let h = FileHeader {
         file_seq: seq,
         start_pos,
         start_record_seq,
         created_ns: crate::logger::now_ns(),
         resource_id,
-    };
-    f.write_all_at(&h.encode(), 0)
+    }
+    .encode();
+    if let Some((f, spare, len)) = take_spare(dir, start_pos) {
+        // The header first (durable), then the name: a logfile never has another's header.
+        let reused = f
+            .write_all_at(&h, 0)
+            .and_then(|()| f.sync_data())
+            .and_then(|()| rename_noreplace(&spare, &path));
+        match reused {
+            Ok(()) => {
+                crate::crashsafe::sync_dir(dir).map_err(|e| LoggerError::io(dir, e))?;
+                tracing::debug!(logfile = %path.display(), len, "logfile recycled from a spare");
+                return Ok((f, path, len));
+            }
+            Err(e) => {
+                tracing::warn!(spare = %spare.display(), "cannot reuse spare logfile: {e}");
+                let _ = fs::remove_file(&spare);
+            }
+        }
+    }
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| LoggerError::io(&path, e))?;
+    f.write_all_at(&h, 0)
         .map_err(|e| LoggerError::io(&path, e))?;
     f.sync_all().map_err(|e| LoggerError::io(&path, e))?;
     crate::crashsafe::sync_dir(dir).map_err(|e| LoggerError::io(dir, e))?;
-    Ok((f, path))
+    Ok((f, path, FILE_HEADER_LEN as u64))
 }

@@ -245,6 +245,8 @@ impl Daemon {
         );
         c.logfile_max_bytes = self.cfg.logfile_max_bytes;
         c.mem_limit_bytes = self.cfg.writeback_mem_bytes;
+        // Spares fill the room the space policy leaves to the log anyway.
+        c.spare_bytes = self.cfg.log_keep_bytes;
         c
     }
 
@@ -1008,6 +1010,21 @@ impl Daemon {
             }
             let used = log_bytes(&dir);
             if self.out_of_log_space(&dir, used) {
+                // Spare logfiles go first: they only save time.
+                let spare_dir = dir.clone();
+                match tokio::task::spawn_blocking(move || mars_logger::drop_spares(&spare_dir))
+                    .await
+                {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(freed)) => {
+                        tracing::warn!(resource = %name, freed, "log space short: spare logfiles removed");
+                        if !self.out_of_log_space(&dir, used) {
+                            continue;
+                        }
+                    }
+                    Ok(Err(e)) => tracing::warn!(resource = %name, "removing spare logfiles: {e}"),
+                    Err(e) => tracing::warn!(resource = %name, "removing spare logfiles: {e}"),
+                }
                 let Ok(l) = self.logger(&name).await else {
                     continue;
                 };
@@ -1772,14 +1789,21 @@ impl Daemon {
             Msg::LogList { res } => {
                 self.res_entry(&res)?;
                 let dir = node::resource_dir(&self.dir, &res);
+                // Asked before listing: a logfile that becomes current after this is
+                // clamped to nothing below, never to more than what is durable.
+                let durable_end = self.durable_end(&res).await;
+                let me = durable_end.is_none().then(|| self.me().to_string());
                 let (mut files, versions) =
-                    tokio::task::spawn_blocking(move || list_for_fetch(&dir)).await??;
+                    tokio::task::spawn_blocking(move || list_for_fetch(&dir, me.as_deref()))
+                        .await??;
                 // The primary's current logfile is offered only up to what is durable: a
                 // secondary never applies a write that a crash of the primary could undo.
-                let durable_end = self.durable_end(&res).await;
+                // Every file is clamped so, not only the current one: a logfile that
+                // became current after `durable_end` was asked (a recycled one is longer
+                // than its log) is offered up to nothing; finished ones end before `synced`.
                 let open = durable_end.is_some();
-                if let Some((current, synced)) = durable_end {
-                    for f in files.iter_mut().filter(|f| f.name == current) {
+                if let Some((_, synced)) = durable_end {
+                    for f in files.iter_mut() {
                         let durable = mars_logfmt::FILE_HEADER_LEN as u64
                             + synced.saturating_sub(f.start_pos);
                         f.len = f.len.min(durable);
@@ -1807,8 +1831,12 @@ impl Daemon {
                 }
                 let path = node::resource_dir(&self.dir, &res).join(&file);
                 let mut max = max.min(MAX_CHUNK) as usize;
-                if let Some((_, synced)) = self.durable_end(&res).await.filter(|(c, _)| *c == file)
-                {
+                // Up to what is durable, as in `LogList`, in any file of a writing node.
+                let durable_end = self.durable_end(&res).await;
+                if durable_end.is_none() && unrecovered_own(&path, self.me()) {
+                    max = 0;
+                }
+                if let Some((_, synced)) = durable_end {
                     let start = logfile_start(&path)?;
                     let durable =
                         mars_logfmt::FILE_HEADER_LEN as u64 + synced.saturating_sub(start);
@@ -1964,14 +1992,40 @@ pub(crate) fn logfile_start(path: &Path) -> Result<u64> {
 /// (name, JSON) of each version file.
 type VersionFiles = Vec<(String, String)>;
 
-fn list_for_fetch(dir: &Path) -> Result<(Vec<LogFileInfo>, VersionFiles)> {
+/// Whether the logfile at `path` was written by `me` and never finished (no version
+/// file: a crash, not recovered yet). Without a running logger such a file may hold
+/// a torn tail, or after its end the records of a recycled logfile's earlier use:
+/// nothing of it is offered to fetchers until recovery has cut and versioned it.
+fn unrecovered_own(path: &Path, me: &str) -> bool {
+    let Some(name) = path
+        .file_name()
+        .and_then(|n| mars_logfmt::parse_logfile_name(&n.to_string_lossy()))
+    else {
+        return false;
+    };
+    name.node == me
+        && path.parent().is_some_and(|d| {
+            !d.join(mars_logfmt::version_file_name(name.seq, me))
+                .exists()
+        })
+}
+
+/// `no_logger_me`: this node's name when it runs no logger for the resource (see
+/// [`unrecovered_own`]).
+fn list_for_fetch(
+    dir: &Path,
+    no_logger_me: Option<&str>,
+) -> Result<(Vec<LogFileInfo>, VersionFiles)> {
     use std::os::unix::fs::FileExt;
     let logs = mars_logger::list_logfiles(dir)?;
     let n = logs.len();
     let mut files = Vec::new();
     for (i, e) in logs.into_iter().enumerate() {
         let f = std::fs::File::open(&e.path)?;
-        let len = f.metadata()?.len();
+        let mut len = f.metadata()?.len();
+        if no_logger_me.is_some_and(|me| unrecovered_own(&e.path, me)) {
+            len = len.min(mars_logfmt::FILE_HEADER_LEN as u64);
+        }
         let mut h = [0u8; mars_logfmt::FILE_HEADER_LEN];
         if f.read_exact_at(&mut h, 0).is_err() {
             continue;
