@@ -144,6 +144,8 @@ enum Op {
     Rotate {
         reply: oneshot::Sender<io::Result<Option<String>>>,
     },
+    /// Spares appeared: an empty new current logfile is swapped for one.
+    TakeSpare,
     Shutdown,
 }
 
@@ -780,6 +782,8 @@ impl Logger {
         }
         if !deleted.is_empty() {
             crate::crashsafe::sync_dir(&cfg.dir).map_err(|e| LoggerError::io(&cfg.dir, e))?;
+            // A closed logger takes none.
+            let _ = self.tx.send(Op::TakeSpare);
         }
         Ok(deleted)
     }
@@ -1295,7 +1299,7 @@ impl Writer {
                     *len,
                     None,
                 ),
-                Op::Rotate { .. } | Op::Shutdown => continue,
+                Op::Rotate { .. } | Op::TakeSpare | Op::Shutdown => continue,
             };
             let h = RecordHeader {
                 kind,
@@ -1621,8 +1625,56 @@ impl Writer {
                 };
                 let _ = reply.send(res);
             }
+            Op::TakeSpare => {
+                if let Err(e) = self.take_spare() {
+                    // The empty logfile stays; nothing is lost.
+                    tracing::warn!("reusing a spare logfile: {e}");
+                }
+            }
             Op::Shutdown => {}
         }
+    }
+
+    /// An empty current logfile that is new (it would grow by appends) is replaced
+    /// by a spare with the same name and header, so that the log overwrites.
+    fn take_spare(&mut self) -> Result<(), LoggerError> {
+        if self.pos != self.file_start_pos || self.file_cap > FILE_HEADER_LEN as u64 {
+            return Ok(());
+        }
+        let shared = self.shared.clone();
+        let cfg = &shared.cfg;
+        let path = self.entry.path.clone();
+        // The same header, byte for byte: a fetcher may have copied it already.
+        let mut h = [0u8; FILE_HEADER_LEN];
+        self.file
+            .read_exact_at(&mut h, 0)
+            .map_err(|e| LoggerError::io(&path, e))?;
+        let Some((file, cap)) =
+            recovery::logfile_from_spare(&cfg.dir, &path, &h, self.file_start_pos, true)?
+        else {
+            return Ok(());
+        };
+        self.switch_file(file, cap, path)
+    }
+
+    /// Log into `file` (at `path`, `cap` bytes long) from now on.
+    fn switch_file(&mut self, file: File, cap: u64, path: PathBuf) -> Result<(), LoggerError> {
+        let direct = self
+            .direct
+            .is_some()
+            .then(|| open_direct(&path))
+            .flatten()
+            .map(Arc::new);
+        let files = open_for_sync(&path).map_err(|e| LoggerError::io(&path, e))?;
+        {
+            let mut s = self.shared.sync.lock();
+            s.files = files;
+            s.path = path;
+        }
+        self.file = Arc::new(file);
+        self.file_cap = cap;
+        self.direct = direct;
+        Ok(())
     }
 
     /// File offset of the end of the log in the current logfile.
@@ -1655,12 +1707,14 @@ impl Writer {
     }
 
     fn rotate(&mut self) -> Result<String, LoggerError> {
+        let t0 = Instant::now();
         // Everything in the old file must be durable before the syncer moves on to the new one.
         self.sync_now()
             .map_err(|e| LoggerError::io(&self.entry.path, e))?;
         self.cut_at_end()
             .map_err(|e| LoggerError::io(&self.entry.path, e))?;
-        let cfg = &self.shared.cfg;
+        let shared = self.shared.clone();
+        let cfg = &shared.cfg;
         let seq = self.entry.seq + 1;
         let (file, path, file_cap) = new_logfile(
             &cfg.dir,
@@ -1670,19 +1724,7 @@ impl Writer {
             self.next_seq,
             cfg.resource_id,
         )?;
-        let file = Arc::new(file);
-        let direct = self
-            .direct
-            .is_some()
-            .then(|| open_direct(&path))
-            .flatten()
-            .map(Arc::new);
-        let files = open_for_sync(&path).map_err(|e| LoggerError::io(&path, e))?;
-        {
-            let mut s = self.shared.sync.lock();
-            s.files = files;
-            s.path = path.clone();
-        }
+        self.switch_file(file, file_cap, path.clone())?;
         let new_entry = LogfileEntry {
             seq,
             node: cfg.node.clone(),
@@ -1700,13 +1742,10 @@ impl Writer {
             })));
             self.shared.wb_cv.notify_all();
         }
-        self.file = file;
-        self.file_cap = file_cap;
-        self.direct = direct;
         self.file_start_pos = self.pos;
         let name = self.entry.name();
         *self.shared.current_logfile.lock() = name.clone();
-        tracing::info!(logfile = %name, pos = self.pos, "log rotated");
+        tracing::info!(logfile = %name, pos = self.pos, took = ?t0.elapsed(), "log rotated");
         Ok(name)
     }
 }
@@ -1799,7 +1838,7 @@ fn reply_err(op: Op, msg: &str) {
         Op::Rotate { reply } => {
             let _ = reply.send(Err(io::Error::other(msg.to_string())));
         }
-        Op::Shutdown => {}
+        Op::TakeSpare | Op::Shutdown => {}
     }
 }
 

@@ -449,6 +449,46 @@ fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
     }
 }
 
+/// A spare (see [`take_spare`]) with the logfile header `h` (of a logfile starting at
+/// `start_pos`), renamed to `path`: over an existing `path` when `replace` (an
+/// empty logfile: the rename swaps one empty logfile for another), else only where
+/// nothing has that name. None when no spare is usable.
+pub(crate) fn logfile_from_spare(
+    dir: &Path,
+    path: &Path,
+    h: &[u8; FILE_HEADER_LEN],
+    start_pos: u64,
+    replace: bool,
+) -> Result<Option<(fs::File, u64)>, LoggerError> {
+    use std::os::unix::fs::FileExt;
+    let Some((f, spare, len)) = take_spare(dir, start_pos) else {
+        return Ok(None);
+    };
+    // The header first (durable), then the name: a logfile never has another's header.
+    let reused = f
+        .write_all_at(h, 0)
+        .and_then(|()| f.sync_data())
+        .and_then(|()| {
+            if replace {
+                fs::rename(&spare, path)
+            } else {
+                rename_noreplace(&spare, path)
+            }
+        });
+    match reused {
+        Ok(()) => {
+            crate::crashsafe::sync_dir(dir).map_err(|e| LoggerError::io(dir, e))?;
+            tracing::debug!(logfile = %path.display(), len, "logfile recycled from a spare");
+            Ok(Some((f, len)))
+        }
+        Err(e) => {
+            tracing::warn!(spare = %spare.display(), "cannot reuse spare logfile: {e}");
+            let _ = fs::remove_file(&spare);
+            Ok(None)
+        }
+    }
+}
+
 /// A new logfile: a spare (see [`take_spare`]) given the new header and name, or a
 /// new file. Returns the file, its path and its length (more than the header for a
 /// spare: the records of its earlier use follow, to be overwritten).
@@ -470,23 +510,8 @@ pub(crate) fn new_logfile(
         resource_id,
     }
     .encode();
-    if let Some((f, spare, len)) = take_spare(dir, start_pos) {
-        // The header first (durable), then the name: a logfile never has another's header.
-        let reused = f
-            .write_all_at(&h, 0)
-            .and_then(|()| f.sync_data())
-            .and_then(|()| rename_noreplace(&spare, &path));
-        match reused {
-            Ok(()) => {
-                crate::crashsafe::sync_dir(dir).map_err(|e| LoggerError::io(dir, e))?;
-                tracing::debug!(logfile = %path.display(), len, "logfile recycled from a spare");
-                return Ok((f, path, len));
-            }
-            Err(e) => {
-                tracing::warn!(spare = %spare.display(), "cannot reuse spare logfile: {e}");
-                let _ = fs::remove_file(&spare);
-            }
-        }
+    if let Some((f, len)) = logfile_from_spare(dir, &path, &h, start_pos, false)? {
+        return Ok((f, path, len));
     }
     let f = fs::OpenOptions::new()
         .read(true)
