@@ -1745,7 +1745,8 @@ impl Writer {
         self.file_start_pos = self.pos;
         let name = self.entry.name();
         *self.shared.current_logfile.lock() = name.clone();
-        tracing::info!(logfile = %name, pos = self.pos, took = ?t0.elapsed(), "log rotated");
+        let recycled = self.file_cap > FILE_HEADER_LEN as u64;
+        tracing::info!(logfile = %name, pos = self.pos, recycled, took = ?t0.elapsed(), "log rotated");
         Ok(name)
     }
 }

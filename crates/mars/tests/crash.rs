@@ -34,6 +34,9 @@ struct WriterState {
 #[test]
 fn acknowledged_writes_survive_sigkill_many_times() {
     let mut n = Node::create("alpha");
+    // Small logfiles, deleted every round: the kills land in recycled logfiles too
+    // (records of their earlier use after the end of the log).
+    n.set_setting("logfile_max_bytes", 192 << 10);
     n.start();
     let disk = n.disk("disk.img", BLOCK * BLOCKS);
     n.adm_ok(&["create-resource", "r0", disk.to_str().unwrap()]);
@@ -42,6 +45,7 @@ fn acknowledged_writes_survive_sigkill_many_times() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5EED);
     for round in 0..25 {
         n.adm_ok(&["wait-resource", "r0", "primary", "--timeout", "20"]);
+        n.adm_ok(&["log-delete", "r0"]);
         let acks = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
@@ -125,6 +129,10 @@ fn acknowledged_writes_survive_sigkill_many_times() {
         assert!(checked > 0);
     }
     assert!(n.log_text().contains("disk attached, log recovered"));
+    assert!(
+        n.log_text().contains("recycled=true"),
+        "no kill landed in a recycled logfile"
+    );
 }
 
 fn last_logfile(n: &Node) -> std::path::PathBuf {

@@ -750,8 +750,8 @@ fn fetch_rate_limit_holds_and_lifts() {
 fn space_policy_deletes_only_what_every_member_replayed() {
     let mut nodes = start_cluster(&["alpha", "beta"]);
     // alpha and beta keep at most 1 MiB of logfiles.
-    set_node_setting(&mut nodes[0], "log_keep_bytes", MIB);
-    set_node_setting(&mut nodes[1], "log_keep_bytes", MIB);
+    nodes[0].set_setting("log_keep_bytes", MIB);
+    nodes[1].set_setting("log_keep_bytes", MIB);
     nodes[1].wait_view("alpha alive", |v| all_alive(v, &["alpha", "beta"]));
     let size = 16 * MIB;
     let [a_disk, b_disk]: [std::path::PathBuf; 2] = replicate_r0(&nodes, size).try_into().unwrap();
@@ -807,24 +807,13 @@ fn space_policy_deletes_only_what_every_member_replayed() {
     assert!(read(&b_disk) == read(&a_disk));
 }
 
-/// Change a setting in a node's `node.json` (restarts its marsd).
-fn set_node_setting(n: &mut Node, key: &str, value: u64) {
-    n.stop();
-    let cfg_path = n.dir.join("node.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg[key] = value.into();
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    n.start();
-}
-
 /// Emergency mode: the log space runs out while a secondary cannot fetch; the
 /// primary deletes written-back logfiles anyway and goes on writing, both sides
 /// say so, and `invalidate` brings the secondary back.
 #[test]
 fn emergency_mode_keeps_the_primary_writing_and_invalidate_recovers() {
     let mut nodes = start_cluster(&["alpha", "beta"]);
-    set_node_setting(&mut nodes[0], "log_space_bytes", 2 * MIB);
+    nodes[0].set_setting("log_space_bytes", 2 * MIB);
     let size = 16 * MIB;
     let [a_disk, b_disk]: [std::path::PathBuf; 2] = replicate_r0(&nodes, size).try_into().unwrap();
     nodes[1].adm_ok(&["pause-fetch", "r0"]);

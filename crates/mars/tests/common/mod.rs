@@ -89,6 +89,22 @@ impl Node {
         }
     }
 
+    /// Change a setting in `node.json` (a running marsd is restarted for it).
+    pub fn set_setting(&mut self, key: &str, value: u64) {
+        let running = self.child.is_some();
+        if running {
+            self.stop();
+        }
+        let cfg_path = self.dir.join("node.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+        cfg[key] = value.into();
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        if running {
+            self.start();
+        }
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.tmp.path().join(name)
     }
