@@ -70,7 +70,7 @@ pub fn dump(path: &Path, with_data: bool) -> anyhow::Result<(String, bool)> {
         Some(d) => {
             let what = match d.kind {
                 DamageKind::TornTail => {
-                    "TORN TAIL (a write cut short by a crash; recovery cuts it off)"
+                    "TORN TAIL (nothing valid after it: a write cut short by a crash, or, in the current logfile of a running primary, the part not yet written, which in a recycled logfile holds old records; recovery cuts it off)"
                 }
                 DamageKind::Corrupt => {
                     "CORRUPT (valid records follow a bad one; recovery refuses this logfile)"
