@@ -1626,9 +1626,12 @@ impl Writer {
                 let _ = reply.send(res);
             }
             Op::TakeSpare => {
+                // Errors before the rename leave the empty logfile in place (handled
+                // inside); one after it (the directory sync, opening the new file)
+                // leaves the name uncertain: stop, as for a failed log sync.
                 if let Err(e) = self.take_spare() {
-                    // The empty logfile stays; nothing is lost.
-                    tracing::warn!("reusing a spare logfile: {e}");
+                    self.shared
+                        .fail(format!("swapping the empty logfile for a spare: {e}"));
                 }
             }
             Op::Shutdown => {}

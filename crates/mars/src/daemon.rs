@@ -1009,7 +1009,13 @@ impl Daemon {
                 }
             }
             let used = log_bytes(&dir);
-            if self.out_of_log_space(&dir, used) {
+            let spares: u64 = mars_logger::list_spares(&dir)
+                .map(|l| l.iter().map(|s| s.1).sum())
+                .unwrap_or(0);
+            let over_limit = self.cfg.log_space_bytes > 0
+                && spares > 0
+                && used + spares > self.cfg.log_space_bytes;
+            if over_limit || self.out_of_log_space(&dir, used) {
                 // Spare logfiles go first: they only save time.
                 let spare_dir = dir.clone();
                 match tokio::task::spawn_blocking(move || mars_logger::drop_spares(&spare_dir))
@@ -1017,21 +1023,27 @@ impl Daemon {
                 {
                     Ok(Ok(0)) => {}
                     Ok(Ok(freed)) => {
-                        tracing::warn!(resource = %name, freed, "log space short: spare logfiles removed");
-                        if !self.out_of_log_space(&dir, used) {
-                            continue;
-                        }
+                        tracing::warn!(resource = %name, freed, "log space short: spare logfiles removed")
                     }
                     Ok(Err(e)) => tracing::warn!(resource = %name, "removing spare logfiles: {e}"),
                     Err(e) => tracing::warn!(resource = %name, "removing spare logfiles: {e}"),
                 }
+                if !self.out_of_log_space(&dir, used) {
+                    continue;
+                }
                 let Ok(l) = self.logger(&name).await else {
                     continue;
                 };
-                let deleted = tokio::task::spawn_blocking(move || l.delete_applied())
-                    .await
-                    .map_err(anyhow::Error::from)
-                    .and_then(|r| r.map_err(anyhow::Error::from));
+                let spare_dir = dir.clone();
+                let deleted = tokio::task::spawn_blocking(move || {
+                    let d = l.delete_applied()?;
+                    // Deletion keeps spares; here the space is what is wanted.
+                    mars_logger::drop_spares(&spare_dir)?;
+                    anyhow::Ok(d)
+                })
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r);
                 match deleted {
                     Ok(d) if !d.is_empty() => {
                         tracing::error!(resource = %name, files = ?d, used, "EMERGENCY MODE: log space exhausted; deleted logfiles not every member has replayed; those members need `marsadm invalidate {name}`");
@@ -1793,7 +1805,7 @@ impl Daemon {
                 // clamped to nothing below, never to more than what is durable.
                 let durable_end = self.durable_end(&res).await;
                 let me = durable_end.is_none().then(|| self.me().to_string());
-                let (mut files, versions) =
+                let (mut files, versions, held_back) =
                     tokio::task::spawn_blocking(move || list_for_fetch(&dir, me.as_deref()))
                         .await??;
                 // The primary's current logfile is offered only up to what is durable: a
@@ -1801,12 +1813,22 @@ impl Daemon {
                 // Every file is clamped so, not only the current one: a logfile that
                 // became current after `durable_end` was asked (a recycled one is longer
                 // than its log) is offered up to nothing; finished ones end before `synced`.
-                let open = durable_end.is_some();
+                // A logfile that starts past `synced` (it became current after
+                // `durable_end` was asked) is left out: listed, it would end the one
+                // before at `synced` and make a gap. A clamped logfile will grow.
+                let open = durable_end.is_some() || held_back;
                 if let Some((_, synced)) = durable_end {
+                    files.retain(|f| f.start_pos <= synced);
                     for f in files.iter_mut() {
                         let durable = mars_logfmt::FILE_HEADER_LEN as u64
                             + synced.saturating_sub(f.start_pos);
-                        f.len = f.len.min(durable);
+                        if durable < f.len {
+                            f.len = durable;
+                            f.finished = false;
+                        }
+                    }
+                    if let Some(last) = files.last_mut() {
+                        last.finished = false;
                     }
                 }
                 write_msg(
@@ -2011,26 +2033,33 @@ fn unrecovered_own(path: &Path, me: &str) -> bool {
 }
 
 /// `no_logger_me`: this node's name when it runs no logger for the resource (see
-/// [`unrecovered_own`]).
+/// [`unrecovered_own`]). The flag: such a logfile was held back (the list is not
+/// complete: more will be offered once recovery has run).
 fn list_for_fetch(
     dir: &Path,
     no_logger_me: Option<&str>,
-) -> Result<(Vec<LogFileInfo>, VersionFiles)> {
+) -> Result<(Vec<LogFileInfo>, VersionFiles, bool)> {
     use std::os::unix::fs::FileExt;
     let logs = mars_logger::list_logfiles(dir)?;
     let n = logs.len();
     let mut files = Vec::new();
+    let mut held_back = false;
     for (i, e) in logs.into_iter().enumerate() {
         let f = std::fs::File::open(&e.path)?;
         let mut len = f.metadata()?.len();
         if no_logger_me.is_some_and(|me| unrecovered_own(&e.path, me)) {
+            held_back |= len > mars_logfmt::FILE_HEADER_LEN as u64;
             len = len.min(mars_logfmt::FILE_HEADER_LEN as u64);
         }
         let mut h = [0u8; mars_logfmt::FILE_HEADER_LEN];
         if f.read_exact_at(&mut h, 0).is_err() {
             continue;
         }
-        let Ok(header) = mars_logfmt::FileHeader::decode(&h) else {
+        // A header of another logfile: this one was just recycled under a new name.
+        let Ok(header) = mars_logfmt::FileHeader::decode(&h)
+            .map_err(|_| ())
+            .and_then(|h| if h.file_seq == e.seq { Ok(h) } else { Err(()) })
+        else {
             continue;
         };
         files.push(LogFileInfo {
@@ -2049,5 +2078,5 @@ fn list_for_fetch(
             }
         }
     }
-    Ok((files, versions))
+    Ok((files, versions, held_back))
 }
