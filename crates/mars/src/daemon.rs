@@ -1848,9 +1848,9 @@ impl Daemon {
                 max,
             } => {
                 self.res_entry(&res)?;
-                if mars_logfmt::parse_logfile_name(&file).is_none() {
+                let Some(name) = mars_logfmt::parse_logfile_name(&file) else {
                     bail!("bad logfile name {file:?}");
-                }
+                };
                 let path = node::resource_dir(&self.dir, &res).join(&file);
                 let mut max = max.min(MAX_CHUNK) as usize;
                 // Up to what is durable, as in `LogList`, in any file of a writing node.
@@ -1878,6 +1878,13 @@ impl Daemon {
                         n += k;
                     }
                     buf.truncate(n);
+                    // Checked after the read: a logfile deleted and recycled meanwhile
+                    // has another header, written before any of its new records.
+                    let mut h = [0u8; mars_logfmt::FILE_HEADER_LEN];
+                    f.read_exact_at(&mut h, 0)?;
+                    if mars_logfmt::FileHeader::decode(&h).map(|h| h.file_seq) != Ok(name.seq) {
+                        bail!("logfile {} is gone (deleted)", path.display());
+                    }
                     Ok(buf)
                 })
                 .await??;
