@@ -442,13 +442,24 @@ fn recycled_logfiles_keep_the_log_exact() {
 
     // A crash copy: everything before the flush is there; recovery cuts the old
     // records after the end of the current logfile as a torn tail.
+    // Quiescent first (written back, persisted, versions written), so that disk
+    // and directory are copied at one moment.
+    let st = logger.status();
+    wait_until("writeback", || logger.status().applied_pos == st.logged_pos);
+    logger.persist_now().unwrap();
     let copy = tempfile::tempdir().unwrap();
     let mut ccfg = setup(copy.path());
     ccfg.logfile_max_bytes = cfg.logfile_max_bytes;
     std::fs::copy(&cfg.disk, &ccfg.disk).unwrap();
     for e in std::fs::read_dir(&cfg.dir).unwrap() {
         let e = e.unwrap();
-        std::fs::copy(e.path(), ccfg.dir.join(e.file_name())).unwrap();
+        match std::fs::copy(e.path(), ccfg.dir.join(e.file_name())) {
+            // A temporary file of a state update that finished meanwhile.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            r => {
+                r.unwrap();
+            }
+        }
     }
     {
         let recovered = Logger::open(ccfg.clone()).unwrap();
