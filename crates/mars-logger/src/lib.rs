@@ -28,4 +28,6 @@ mod recovery;
 pub mod replay;
 
 pub use logger::{Config, Logger, LoggerError, Status};
-pub use recovery::{drop_spares, list_logfiles, list_spares, LogfileEntry, SPARE_PREFIX};
+pub use recovery::{
+    drop_spares, list_logfiles, list_spares, spare_bytes, LogfileEntry, SPARE_PREFIX,
+};

@@ -358,6 +358,11 @@ pub fn list_spares(dir: &Path) -> std::io::Result<Vec<(PathBuf, u64)>> {
     Ok(out)
 }
 
+/// Bytes the spare logfiles in `dir` take.
+pub fn spare_bytes(dir: &Path) -> std::io::Result<u64> {
+    Ok(list_spares(dir)?.iter().map(|s| s.1).sum())
+}
+
 /// Remove every spare logfile in `dir` (when space runs short). Returns the bytes freed.
 pub fn drop_spares(dir: &Path) -> std::io::Result<u64> {
     let mut freed = 0;
@@ -377,12 +382,9 @@ pub fn drop_spares(dir: &Path) -> std::io::Result<u64> {
 /// recovery cut a logfile at the end of its log), which `take_spare` relies on.
 pub(crate) fn retire_logfile(dir: &Path, entry: &LogfileEntry, budget: u64) -> std::io::Result<()> {
     let len = fs::metadata(&entry.path)?.len();
-    if len >= SPARE_MIN_BYTES && budget > 0 {
-        let spares: u64 = list_spares(dir)?.iter().map(|s| s.1).sum();
-        if spares + len <= budget {
-            let name = format!("{SPARE_PREFIX}{}", entry.name());
-            return fs::rename(&entry.path, dir.join(name));
-        }
+    if len >= SPARE_MIN_BYTES && budget > 0 && spare_bytes(dir)? + len <= budget {
+        let name = format!("{SPARE_PREFIX}{}", entry.name());
+        return fs::rename(&entry.path, dir.join(name));
     }
     fs::remove_file(&entry.path)
 }

@@ -1009,9 +1009,7 @@ impl Daemon {
                 }
             }
             let used = log_bytes(&dir);
-            let spares: u64 = mars_logger::list_spares(&dir)
-                .map(|l| l.iter().map(|s| s.1).sum())
-                .unwrap_or(0);
+            let spares = mars_logger::spare_bytes(&dir).unwrap_or(0);
             let over_limit = self.cfg.log_space_bytes > 0
                 && spares > 0
                 && used + spares > self.cfg.log_space_bytes;
