@@ -367,8 +367,12 @@ pub fn spare_bytes(dir: &Path) -> std::io::Result<u64> {
 pub fn drop_spares(dir: &Path) -> std::io::Result<u64> {
     let mut freed = 0;
     for (path, len) in list_spares(dir)? {
-        fs::remove_file(&path)?;
-        freed += len;
+        match fs::remove_file(&path) {
+            Ok(()) => freed += len,
+            // The logger took it for a new logfile meanwhile: not a spare any more.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
     }
     if freed > 0 {
         crate::crashsafe::sync_dir(dir)?;

@@ -1035,8 +1035,11 @@ impl Daemon {
                 let spare_dir = dir.clone();
                 let deleted = tokio::task::spawn_blocking(move || {
                     let d = l.delete_applied()?;
-                    // Deletion keeps spares; here the space is what is wanted.
-                    mars_logger::drop_spares(&spare_dir)?;
+                    // Deletion keeps spares; here the space is what is wanted. A
+                    // failure here must not hide the deletion: emergency mode is on.
+                    if let Err(e) = mars_logger::drop_spares(&spare_dir) {
+                        tracing::warn!(dir = %spare_dir.display(), "removing spare logfiles: {e}");
+                    }
                     anyhow::Ok(d)
                 })
                 .await
