@@ -784,7 +784,7 @@ impl Daemon {
                 }
             }
             Request::LogDelete { name } => {
-                let (deleted, lagging) = self.delete_logs(&name).await?;
+                let (deleted, lagging) = self.delete_logs(&name, true).await?;
                 let waiting = if lagging.is_empty() {
                     String::new()
                 } else {
@@ -925,8 +925,11 @@ impl Daemon {
 
     /// Delete the logfiles of `name` that are written back here and replayed by
     /// every member. Returns the files deleted and the members that hold later
-    /// ones back.
-    async fn delete_logs(&self, name: &str) -> Result<(Vec<String>, Vec<String>)> {
+    /// ones back. `persist`: sync the disk first so that everything written back
+    /// counts (`log-delete`, space shortage); else only what the persister already
+    /// made durable counts (the routine space policy: a disk sync writes out all dirty
+    /// pages of the disk and stalls the log's writes for as long).
+    async fn delete_logs(&self, name: &str, persist: bool) -> Result<(Vec<String>, Vec<String>)> {
         let me = self.me().to_string();
         let dir = node::resource_dir(&self.dir, name);
         let logger = {
@@ -935,7 +938,8 @@ impl Daemon {
         };
         let persisted = match &logger {
             // What is written back: deletion persists it first (below).
-            Some(l) => l.status().applied_pos,
+            Some(l) if persist => l.status().applied_pos,
+            Some(l) => l.status().persisted_pos,
             // A secondary: what replay has durably applied (a restart resumes there).
             None => match crate::secondary::persisted_replayed(&dir) {
                 Some(p) => p,
@@ -966,8 +970,10 @@ impl Daemon {
         let deleted = match logger {
             Some(l) => {
                 tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
-                    // Persist first: the persister does it only every few seconds.
-                    l.persist_now()?;
+                    // The persister persists only every few seconds.
+                    if persist {
+                        l.persist_now()?;
+                    }
                     Ok(l.delete_applied_before(upto)?)
                 })
                 .await??
@@ -1003,8 +1009,9 @@ impl Daemon {
         for name in names {
             let dir = node::resource_dir(&self.dir, &name);
             let used = log_bytes(&dir);
-            if used > self.cfg.log_keep_bytes || self.out_of_log_space(&dir, used) {
-                if let Err(e) = self.delete_logs(&name).await {
+            let short = self.out_of_log_space(&dir, used);
+            if used > self.cfg.log_keep_bytes || short {
+                if let Err(e) = self.delete_logs(&name, short).await {
                     tracing::debug!(resource = %name, "space policy: {e:#}");
                 }
             }
