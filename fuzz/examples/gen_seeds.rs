@@ -109,10 +109,13 @@ fn log_seeds() {
 
     // log_version
     let mut b = VersionBuilder::new();
-    b.update(&logfile(0, 1, 2)[64..]);
+    let first = logfile(0, 1, 2);
+    let mut hdr = [0u8; mars_logfmt::RECORD_HEADER_LEN];
+    hdr.copy_from_slice(&first[64..128]);
+    b.add_record(&hdr);
     let v1 = b.finish(None, "log-000000001-alpha", 1, 0, 500);
     let mut b = VersionBuilder::new();
-    b.update(b"more records");
+    b.add_record(&[0x42; mars_logfmt::RECORD_HEADER_LEN]);
     let v2 = b.finish(Some(&v1), "log-000000002-alpha", 2, 500, 512);
     put("log_version", "version1.json", v1.to_json().as_bytes());
     put("log_version", "version2.json", v2.to_json().as_bytes());

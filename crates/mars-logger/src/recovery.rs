@@ -5,12 +5,11 @@ use crate::crashsafe::write_atomic;
 use crate::disk::Disk;
 use crate::logger::LoggerError;
 use mars_logfmt::{
-    parse_logfile_name, scan_logfile, version_file_name, DamageKind, FileHeader, Kind, Version,
-    VersionBuilder, FILE_HEADER_LEN,
+    parse_logfile_name, scan_logfile, version_file_name, DamageKind, FileHeader, Kind,
+    RecordHeader, Version, VersionBuilder, FILE_HEADER_LEN, RECORD_HEADER_LEN,
 };
 use serde::{Deserialize, Serialize};
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,21 +119,47 @@ pub(crate) fn finish_version(
     end_pos: u64,
     prev: Option<&Version>,
 ) -> Result<Version, LoggerError> {
-    let mut f = fs::File::open(&entry.path).map_err(|e| LoggerError::io(&entry.path, e))?;
-    let mut skip = [0u8; FILE_HEADER_LEN];
-    f.read_exact(&mut skip)
-        .map_err(|e| LoggerError::io(&entry.path, e))?;
-    let mut left = end_pos - start_pos;
-    let mut b = VersionBuilder::new();
-    let mut buf = vec![0u8; 1 << 20];
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        f.read_exact(&mut buf[..n])
-            .map_err(|e| LoggerError::io(&entry.path, e))?;
-        b.update(&buf[..n]);
-        left -= n as u64;
-    }
+    let b = digest_records(&entry.path, end_pos - start_pos)?;
     store_version(dir, node, entry, start_pos, end_pos, prev, b)
+}
+
+/// The version digest of the first `len` bytes of records of the logfile at `path`
+/// (records that scanned clean: each header is followed by its payload). Reads the
+/// headers only, a window at a time: payloads are skipped, not read.
+pub(crate) fn digest_records(path: &Path, len: u64) -> Result<VersionBuilder, LoggerError> {
+    use std::os::unix::fs::FileExt;
+    const WINDOW: usize = 16 << 10;
+    let io = |e| LoggerError::io(path, e);
+    let f = fs::File::open(path).map_err(io)?;
+    let end = FILE_HEADER_LEN as u64 + len;
+    let mut win = vec![0u8; WINDOW];
+    // The window holds the file's bytes [win_at, win_at + win_len).
+    let (mut win_at, mut win_len) = (0u64, 0usize);
+    let mut b = VersionBuilder::new();
+    let mut at = FILE_HEADER_LEN as u64;
+    while at < end {
+        if at < win_at || at + RECORD_HEADER_LEN as u64 > win_at + win_len as u64 {
+            let want = (end - at).min(WINDOW as u64) as usize;
+            f.read_exact_at(&mut win[..want], at).map_err(io)?;
+            (win_at, win_len) = (at, want);
+        }
+        let i = (at - win_at) as usize;
+        let hdr: &[u8; RECORD_HEADER_LEN] = win
+            .get(i..i + RECORD_HEADER_LEN)
+            .and_then(|s| s.try_into().ok())
+            .ok_or_else(|| {
+                LoggerError::Corrupt(format!(
+                    "{}: record at offset {at} cut short",
+                    path.display()
+                ))
+            })?;
+        let (h, _) = RecordHeader::decode(hdr).map_err(|e| {
+            LoggerError::Corrupt(format!("{}: record at offset {at}: {e}", path.display()))
+        })?;
+        b.add_record(hdr);
+        at += h.total_len();
+    }
+    Ok(b)
 }
 
 /// Store the version of a finished logfile whose records were digested into `b`

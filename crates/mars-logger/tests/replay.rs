@@ -187,7 +187,7 @@ fn different_history_is_a_split_brain() {
     let vpath = bdir.join(format!("version-{:09}-alpha", first.seq));
     let v = mars_logfmt::Version::from_json(&std::fs::read_to_string(&vpath).unwrap()).unwrap();
     let mut b = VersionBuilder::new();
-    b.update(b"another history");
+    b.add_record(&[0xA5; mars_logfmt::RECORD_HEADER_LEN]);
     let other = b.finish(None, &v.logfile, v.file_seq, v.start_pos, v.end_pos);
     std::fs::write(&vpath, other.to_json()).unwrap();
     let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
@@ -311,7 +311,7 @@ fn split_brain_halt_survives_a_restart() {
     let vpath = bdir.join(format!("version-{:09}-alpha", first.seq));
     let v = mars_logfmt::Version::from_json(&std::fs::read_to_string(&vpath).unwrap()).unwrap();
     let mut b = VersionBuilder::new();
-    b.update(b"another history");
+    b.add_record(&[0xA5; mars_logfmt::RECORD_HEADER_LEN]);
     let other = b.finish(None, &v.logfile, v.file_seq, v.start_pos, v.end_pos);
     std::fs::write(&vpath, other.to_json()).unwrap();
     let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();

@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: logfile versions of format 2 (a node of protocol 1 refuses them as inconsistent).
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"MRSP");
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Largest payload accepted (metadata only; data moves in later kinds).
