@@ -390,8 +390,14 @@ pub fn spare_bytes(dir: &Path) -> std::io::Result<u64> {
 
 /// Remove every spare logfile in `dir` (when space runs short). Returns the bytes freed.
 pub fn drop_spares(dir: &Path) -> std::io::Result<u64> {
+    remove_spares(dir, list_spares(dir)?)
+}
+
+/// Remove the `spares` listed in `dir` (listed earlier: the logger may have taken
+/// some meanwhile). Returns the bytes freed.
+fn remove_spares(dir: &Path, spares: Vec<(PathBuf, u64)>) -> std::io::Result<u64> {
     let mut freed = 0;
-    for (path, len) in list_spares(dir)? {
+    for (path, len) in spares {
         match fs::remove_file(&path) {
             Ok(()) => freed += len,
             // The logger took it for a new logfile meanwhile: not a spare any more.
@@ -555,4 +561,34 @@ pub(crate) fn new_logfile(
     f.sync_all().map_err(|e| LoggerError::io(&path, e))?;
     crate::crashsafe::sync_dir(dir).map_err(|e| LoggerError::io(dir, e))?;
     Ok((f, path, FILE_HEADER_LEN as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A spare the logger takes (renames) between the listing and the removal is
+    /// not an error, and is not counted as freed (emergency deletion failed on it).
+    #[test]
+    fn spares_taken_meanwhile_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for (seq, len) in [(1, 70_000u64), (2, 80_000)] {
+            let name = format!("{SPARE_PREFIX}{}", mars_logfmt::logfile_name(seq, "alpha"));
+            fs::File::create(d.join(name))
+                .unwrap()
+                .set_len(len)
+                .unwrap();
+        }
+        let listed = list_spares(d).unwrap();
+        assert_eq!(listed.len(), 2);
+        // The logger takes the larger one for a new logfile.
+        fs::rename(&listed[0].0, d.join("log-000000009-alpha")).unwrap();
+        assert_eq!(remove_spares(d, listed).unwrap(), 70_000);
+        assert!(list_spares(d).unwrap().is_empty());
+        assert!(
+            d.join("log-000000009-alpha").exists(),
+            "the taken spare stays"
+        );
+    }
 }
