@@ -429,7 +429,7 @@ pub(crate) fn retire_logfile(dir: &Path, entry: &LogfileEntry, budget: u64) -> s
 /// the scanner takes a record only at its place (its position matches its offset
 /// from the file's `start_pos`): a spare's old records all lie at the places of its
 /// first record's position `p` (it was cut at its end), so it is used only where
-/// `p != start_pos`. Unusable spares are removed.
+/// `p != start_pos`. Unusable spares are removed; one that cannot be read now stays.
 fn take_spare(dir: &Path, start_pos: u64) -> Option<(fs::File, PathBuf, u64)> {
     use std::os::unix::fs::{FileExt, MetadataExt};
     let spares = list_spares(dir).ok()?;
@@ -451,9 +451,14 @@ fn take_spare(dir: &Path, start_pos: u64) -> Option<(fs::File, PathBuf, u64)> {
         })();
         match usable {
             Ok(Some((f, len))) => return Some((f, path, len)),
-            Ok(None) | Err(_) => {
+            Ok(None) => {
                 tracing::debug!(spare = %path.display(), start_pos, "spare logfile not reusable here: removed");
                 let _ = fs::remove_file(&path);
+            }
+            // Perhaps passing (EMFILE, ENOMEM): keep it for the next logfile; the
+            // space policy removes spares when space runs short.
+            Err(e) => {
+                tracing::debug!(spare = %path.display(), "spare logfile not usable now: {e}");
             }
         }
     }
