@@ -223,6 +223,8 @@ pub struct Replayer {
     size: u64,
     pos: u64,
     persisted: u64,
+    /// When the position was last persisted (or the replayer opened).
+    saved_at: std::time::Instant,
     halted: Option<Halt>,
     last_version: Option<Version>,
     /// The logfile whose place in this node's history was checked last.
@@ -301,6 +303,7 @@ impl Replayer {
             size,
             pos: durable,
             persisted: durable,
+            saved_at: std::time::Instant::now(),
             halted: None,
             last_version: None,
             entered: None,
@@ -467,6 +470,18 @@ impl Replayer {
         self.halted.as_ref()
     }
 
+    /// [`Replayer::persist`] when the last one is at least `interval` ago. Each
+    /// persist syncs the disk: a device flush, and the end of the page cache's
+    /// absorbing of overwrites. A crash re-applies from the persisted position
+    /// (see `replayed.hw` for what that means for consistency); what delays is log
+    /// deletion, which waits for the persisted position.
+    pub fn persist_if_due(&mut self, interval: std::time::Duration) -> Result<(), LoggerError> {
+        if self.saved_at.elapsed() < interval {
+            return Ok(());
+        }
+        self.persist()
+    }
+
     /// Sync the disk and persist the position.
     pub fn persist(&mut self) -> Result<(), LoggerError> {
         if self.pos == self.persisted {
@@ -484,6 +499,7 @@ impl Replayer {
             .sync()
             .map_err(|e| LoggerError::Disk(e.to_string()))?;
         write_state(&self.dir, self.pos, Some(limit))?;
+        self.saved_at = std::time::Instant::now();
         self.persisted = self.pos;
         self.limit = limit;
         self.write_mark()

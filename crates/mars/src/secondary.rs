@@ -288,6 +288,10 @@ async fn send_sync_requests(mut s: SyncSender) -> Result<tokio::net::tcp::OwnedW
     Ok(s.wr)
 }
 
+/// Replay persists its position (a disk sync) at most this often, besides every
+/// `PERSIST_WINDOW` of log and when it stops.
+const REPLAY_PERSIST_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Local blocks read and hashed at once by a joining member.
 const HASH_AHEAD: usize = 2;
 /// Answered blocks a joining member keeps before it waits for the oldest one's write
@@ -554,7 +558,10 @@ impl Secondary {
             let stepped = tokio::task::spawn_blocking(move || {
                 let mut r = r;
                 let o = r.step(64 << 20);
-                let p = r.persist();
+                // Not after every step: a secondary that keeps up takes a few records
+                // per round, and a disk sync per round flooded the shared device with
+                // flushes (the window still persists within every 128 MiB).
+                let p = r.persist_if_due(REPLAY_PERSIST_INTERVAL);
                 (r, o.and_then(|o| p.map(|_| o)))
             })
             .await;
