@@ -152,6 +152,28 @@ fn growing_logfile_is_applied_record_by_record() {
     assert_eq!(o.records as usize, recs.len() - 2);
 }
 
+/// `persist_if_due` persists only once the interval has passed since the last
+/// persist (each persist syncs the disk); `persist` always does.
+#[test]
+fn persist_if_due_waits_for_its_interval() {
+    use std::time::Duration;
+    let root = tempfile::tempdir().unwrap();
+    let (adir, _) = primary_logs(root.path(), 10);
+    let (bdir, bdisk) = secondary(root.path(), &adir);
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    let o = r.step(u64::MAX).unwrap();
+    assert!(o.records > 0);
+    let at = r.position();
+    r.persist_if_due(Duration::from_secs(3600)).unwrap();
+    assert_eq!(r.persisted_position(), 0, "just opened: not due");
+    r.persist_if_due(Duration::ZERO).unwrap();
+    assert_eq!(r.persisted_position(), at);
+    // Reopened, it starts from the persisted position.
+    drop(r);
+    let r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    assert_eq!(r.persisted_position(), at);
+}
+
 #[test]
 fn corrupt_record_halts_with_the_consistent_prefix() {
     let root = tempfile::tempdir().unwrap();
