@@ -123,40 +123,74 @@ pub(crate) fn finish_version(
     store_version(dir, node, entry, start_pos, end_pos, prev, b)
 }
 
+/// Reads a logfile ahead in windows, so that reading many small records (or many
+/// headers) costs no read syscall and no allocation per record.
+pub(crate) struct ReadAhead {
+    buf: Vec<u8>,
+    /// File offset of `buf[0]`.
+    start: u64,
+    window: u64,
+}
+
+impl ReadAhead {
+    /// Reads of at least `window` bytes (fewer at the end of the file).
+    pub(crate) fn new(window: u64) -> ReadAhead {
+        ReadAhead {
+            buf: Vec::new(),
+            start: 0,
+            window,
+        }
+    }
+
+    /// The `len` bytes at `at` (which lie before `file_len`).
+    pub(crate) fn get(
+        &mut self,
+        f: &fs::File,
+        at: u64,
+        len: usize,
+        file_len: u64,
+    ) -> std::io::Result<&[u8]> {
+        use std::os::unix::fs::FileExt;
+        let end = at + len as u64;
+        if at < self.start || end > self.start + self.buf.len() as u64 {
+            // A window read for a header also holds a payload of up to the window
+            // and the next header: records of a window's size (1 MiB writes in
+            // replay) cost one read each, not two.
+            let want = ((len as u64).max(self.window) + 2 * RECORD_HEADER_LEN as u64)
+                .min(file_len.saturating_sub(at));
+            let want = want.max(len as u64) as usize;
+            self.buf.resize(want, 0);
+            f.read_exact_at(&mut self.buf, at)?;
+            self.start = at;
+        }
+        let from = (at - self.start) as usize;
+        Ok(&self.buf[from..from + len])
+    }
+}
+
 /// The version digest of the first `len` bytes of records of the logfile at `path`
 /// (records that scanned clean: each header is followed by its payload). Reads the
-/// headers only, a window at a time: payloads are skipped, not read.
+/// headers only, in small windows: large payloads are skipped, not read.
 pub(crate) fn digest_records(path: &Path, len: u64) -> Result<VersionBuilder, LoggerError> {
-    use std::os::unix::fs::FileExt;
-    const WINDOW: usize = 16 << 10;
     let io = |e| LoggerError::io(path, e);
     let f = fs::File::open(path).map_err(io)?;
     let end = FILE_HEADER_LEN as u64 + len;
-    let mut win = vec![0u8; WINDOW];
-    // The window holds the file's bytes [win_at, win_at + win_len).
-    let (mut win_at, mut win_len) = (0u64, 0usize);
+    let mut ra = ReadAhead::new(16 << 10);
     let mut b = VersionBuilder::new();
     let mut at = FILE_HEADER_LEN as u64;
     while at < end {
-        if at < win_at || at + RECORD_HEADER_LEN as u64 > win_at + win_len as u64 {
-            let want = (end - at).min(WINDOW as u64) as usize;
-            f.read_exact_at(&mut win[..want], at).map_err(io)?;
-            (win_at, win_len) = (at, want);
+        if at + RECORD_HEADER_LEN as u64 > end {
+            return Err(LoggerError::Corrupt(format!(
+                "{}: record at offset {at} cut short",
+                path.display()
+            )));
         }
-        let i = (at - win_at) as usize;
-        let hdr: &[u8; RECORD_HEADER_LEN] = win
-            .get(i..i + RECORD_HEADER_LEN)
-            .and_then(|s| s.try_into().ok())
-            .ok_or_else(|| {
-                LoggerError::Corrupt(format!(
-                    "{}: record at offset {at} cut short",
-                    path.display()
-                ))
-            })?;
-        let (h, _) = RecordHeader::decode(hdr).map_err(|e| {
+        let mut hdr = [0u8; RECORD_HEADER_LEN];
+        hdr.copy_from_slice(ra.get(&f, at, RECORD_HEADER_LEN, end).map_err(io)?);
+        let (h, _) = RecordHeader::decode(&hdr).map_err(|e| {
             LoggerError::Corrupt(format!("{}: record at offset {at}: {e}", path.display()))
         })?;
-        b.add_record(hdr);
+        b.add_record(&hdr);
         at += h.total_len();
     }
     Ok(b)

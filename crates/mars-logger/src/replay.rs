@@ -48,7 +48,7 @@ use crate::disk::{disk_size, Disk};
 use crate::logger::LoggerError;
 use crate::recovery::{
     finish_version, list_logfiles, previous_version, read_applied, read_version, recover,
-    write_applied, LogfileEntry, APPLIED_FILE,
+    write_applied, LogfileEntry, ReadAhead, APPLIED_FILE,
 };
 use mars_logfmt::{FileHeader, Kind, RecordHeader, Version, FILE_HEADER_LEN, RECORD_HEADER_LEN};
 use serde::{Deserialize, Serialize};
@@ -619,7 +619,7 @@ impl Replayer {
                 .len();
             let mut at = FILE_HEADER_LEN as u64 + (self.pos - header.start_pos);
             let mut progressed = false;
-            let mut ra = ReadAhead::default();
+            let mut ra = ReadAhead::new(1 << 20);
             while out.bytes < max_bytes && at + RECORD_HEADER_LEN as u64 <= file_len {
                 let mut hdr = [0u8; RECORD_HEADER_LEN];
                 hdr.copy_from_slice(
@@ -875,37 +875,6 @@ pub fn promote(dir: &Path, start_pos: Option<u64>) -> Result<u64, LoggerError> {
 pub fn forget(dir: &Path) -> Result<(), LoggerError> {
     remove_state_file(dir, HW_FILE)?;
     remove_state_file(dir, REPLAYED_FILE)
-}
-
-/// Reads a logfile ahead in windows of at least 1 MiB, so that replay of small
-/// records costs no read syscall and no allocation per record.
-#[derive(Default)]
-struct ReadAhead {
-    buf: Vec<u8>,
-    /// File offset of `buf[0]`.
-    start: u64,
-}
-
-impl ReadAhead {
-    const WINDOW: u64 = 1 << 20;
-
-    /// The `len` bytes at `at` (which lie before `file_len`).
-    fn get(&mut self, f: &File, at: u64, len: usize, file_len: u64) -> std::io::Result<&[u8]> {
-        let end = at + len as u64;
-        if at < self.start || end > self.start + self.buf.len() as u64 {
-            // A window read for a header also holds a payload of up to WINDOW bytes
-            // and the next header: records of WINDOW bytes (1 MiB writes) cost one
-            // read each, not two.
-            let want = ((len as u64).max(Self::WINDOW) + 2 * RECORD_HEADER_LEN as u64)
-                .min(file_len.saturating_sub(at));
-            let want = want.max(len as u64) as usize;
-            self.buf.resize(want, 0);
-            f.read_exact_at(&mut self.buf, at)?;
-            self.start = at;
-        }
-        let from = (at - self.start) as usize;
-        Ok(&self.buf[from..from + len])
-    }
 }
 
 /// On a replaying member: delete the local logfiles that end at or before
