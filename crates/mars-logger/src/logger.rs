@@ -760,9 +760,25 @@ impl Logger {
         self.delete_applied_before(u64::MAX)
     }
 
+    /// [`Logger::delete_applied`] when space is what is wanted: the logfiles are
+    /// removed, none is kept as a spare (emergency deletion).
+    pub fn delete_applied_without_spares(&self) -> Result<Vec<String>, LoggerError> {
+        self.delete_applied_upto(u64::MAX, 0)
+    }
+
     /// [`Logger::delete_applied`], limited to logfiles that end at or before `limit`
     /// (the caller checked that every member replayed that far).
     pub fn delete_applied_before(&self, limit: u64) -> Result<Vec<String>, LoggerError> {
+        self.delete_applied_upto(limit, self.shared.cfg.spare_bytes)
+    }
+
+    /// Delete as [`Logger::delete_applied_before`]; up to `spare_budget` bytes of
+    /// spares are kept.
+    fn delete_applied_upto(
+        &self,
+        limit: u64,
+        spare_budget: u64,
+    ) -> Result<Vec<String>, LoggerError> {
         let cfg = &self.shared.cfg;
         let persisted = self.shared.persisted_pos.load(Ordering::Acquire).min(limit);
         let current = self.shared.current_logfile.lock().clone();
@@ -773,7 +789,7 @@ impl Logger {
             }
             match recovery::read_version(&cfg.dir, entry.seq, &entry.node)? {
                 Some(v) if v.end_pos <= persisted => {
-                    recovery::retire_logfile(&cfg.dir, &entry, cfg.spare_bytes)
+                    recovery::retire_logfile(&cfg.dir, &entry, spare_budget)
                         .map_err(|e| LoggerError::io(&entry.path, e))?;
                     deleted.push(entry.name());
                 }
@@ -782,8 +798,10 @@ impl Logger {
         }
         if !deleted.is_empty() {
             crate::crashsafe::sync_dir(&cfg.dir).map_err(|e| LoggerError::io(&cfg.dir, e))?;
-            // A closed logger takes none.
-            let _ = self.tx.send(Op::TakeSpare);
+            if spare_budget > 0 {
+                // A closed logger takes none.
+                let _ = self.tx.send(Op::TakeSpare);
+            }
         }
         Ok(deleted)
     }

@@ -488,3 +488,34 @@ fn recycled_logfiles_keep_the_log_exact() {
     logger.close();
     assert!(std::fs::read(&cfg.disk).unwrap() == model);
 }
+
+/// Emergency deletion wants the space: `delete_applied_without_spares` removes the
+/// logfiles and keeps none as a spare (`delete_applied` would keep them).
+#[test]
+fn deletion_for_space_keeps_no_spares() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = setup(dir.path());
+    cfg.logfile_max_bytes = 256 << 10;
+    cfg.spare_bytes = 64 << 20;
+    let rt = rt();
+    let logger = Logger::open(cfg.clone()).unwrap();
+    rt.block_on(async {
+        for i in 0..16u64 {
+            let off = (i * 65536) % SIZE;
+            logger
+                .write(off, Bytes::from(vec![i as u8 + 1; 65536]), false)
+                .await
+                .unwrap();
+        }
+        logger.flush().await.unwrap();
+    });
+    let st = logger.status();
+    wait_until("writeback", || logger.status().applied_pos == st.logged_pos);
+    logger.persist_now().unwrap();
+    let before = list_logfiles(&cfg.dir).unwrap().len();
+    assert!(before > 2, "rotation happened");
+    let deleted = logger.delete_applied_without_spares().unwrap();
+    assert_eq!(deleted.len(), before - 1, "all but the current logfile");
+    assert!(mars_logger::list_spares(&cfg.dir).unwrap().is_empty());
+    assert_eq!(list_logfiles(&cfg.dir).unwrap().len(), 1);
+}

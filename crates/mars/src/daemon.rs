@@ -1039,19 +1039,11 @@ impl Daemon {
                 let Ok(l) = self.logger(&name).await else {
                     continue;
                 };
-                let spare_dir = dir.clone();
-                let deleted = tokio::task::spawn_blocking(move || {
-                    let d = l.delete_applied()?;
-                    // Deletion keeps spares; here the space is what is wanted. A
-                    // failure here must not hide the deletion: emergency mode is on.
-                    if let Err(e) = mars_logger::drop_spares(&spare_dir) {
-                        tracing::warn!(dir = %spare_dir.display(), "removing spare logfiles: {e}");
-                    }
-                    anyhow::Ok(d)
-                })
-                .await
-                .map_err(anyhow::Error::from)
-                .and_then(|r| r);
+                let deleted =
+                    tokio::task::spawn_blocking(move || l.delete_applied_without_spares())
+                        .await
+                        .map_err(anyhow::Error::from)
+                        .and_then(|r| r.map_err(anyhow::Error::from));
                 match deleted {
                     Ok(d) if !d.is_empty() => {
                         tracing::error!(resource = %name, files = ?d, used, "EMERGENCY MODE: log space exhausted; deleted logfiles not every member has replayed; those members need `marsadm invalidate {name}`");
