@@ -160,6 +160,20 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) {
     }
 }
 
+/// `posix_fadvise(WILLNEED)`: start reading the range into the page cache in the
+/// background. Only a hint, so errors are ignored.
+pub fn start_readahead(file: &File, offset: u64, len: u64) {
+    // SAFETY: plain syscall on an owned descriptor.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_WILLNEED,
+        );
+    }
+}
+
 /// `pwritev` of all of `bufs` (back to back from `offset`), retrying partial writes
 /// and splitting at `IOV_MAX` (1024) buffers.
 pub fn pwritev_all(file: &File, bufs: &[&[u8]], mut offset: u64) -> io::Result<()> {

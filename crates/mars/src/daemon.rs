@@ -1754,21 +1754,6 @@ impl DataServer for Daemon {
 
 const MAX_CHUNK: u32 = 8 << 20;
 
-/// `posix_fadvise(WILLNEED)`: start reading `[offset, offset + len)` of `f` into the
-/// page cache in the background. Only a hint: errors are ignored.
-fn advise_willneed(f: &std::fs::File, offset: u64, len: u64) {
-    use std::os::unix::io::AsRawFd;
-    // SAFETY: plain syscall on an open descriptor.
-    unsafe {
-        libc::posix_fadvise(
-            f.as_raw_fd(),
-            offset as libc::off_t,
-            len as libc::off_t,
-            libc::POSIX_FADV_WILLNEED,
-        );
-    }
-}
-
 impl Daemon {
     async fn primary_logger(&self, res: &str) -> Result<Arc<Logger>> {
         let st = self.state.lock().await;
@@ -1897,7 +1882,7 @@ impl Daemon {
                     // ahead while this one is sent (an O_DIRECT-written logfile is not
                     // in the page cache).
                     if n == max && n > 0 {
-                        advise_willneed(&f, offset + n as u64, max as u64);
+                        mars_logger::disk::start_readahead(&f, offset + n as u64, max as u64);
                     }
                     // Checked after the read: a logfile deleted and recycled meanwhile
                     // has another header, written before any of its new records.
