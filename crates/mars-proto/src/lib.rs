@@ -33,7 +33,7 @@ pub enum ProtoError {
     Io(#[from] std::io::Error),
     #[error("bad frame magic {0:#010x} (not a mars peer?)")]
     BadMagic(u32),
-    #[error("peer speaks protocol version {0}, this node speaks {PROTOCOL_VERSION}")]
+    #[error("peer speaks protocol version {0}, this node speaks {PROTOCOL_VERSION}: run the same mars release on every node of the cluster")]
     BadVersion(u16),
     #[error("unknown frame kind {0}")]
     BadKind(u16),

@@ -612,7 +612,7 @@ impl Peer {
         };
         let refusal = if version != PROTOCOL_VERSION {
             Some(format!(
-                "protocol version {version} not supported (this node speaks {PROTOCOL_VERSION})"
+                "protocol version {version} not supported (this node speaks {PROTOCOL_VERSION}): run the same mars release on every node of the cluster"
             ))
         } else if self.is_blocked(&node.name) {
             Some("blocked (debug-block)".to_string())
