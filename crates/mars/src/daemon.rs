@@ -937,7 +937,8 @@ impl Daemon {
             st.actual.get(name).and_then(|a| a.logger.clone())
         };
         let persisted = match &logger {
-            // What is written back: deletion persists it first (below).
+            // With `persist`, what is written back (persisted first, below); else
+            // what the persister made durable.
             Some(l) if persist => l.status().applied_pos,
             Some(l) => l.status().persisted_pos,
             // A secondary: what replay has durably applied (a restart resumes there).
