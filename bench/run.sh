@@ -15,6 +15,8 @@
 #                  the table shows the median (default 1)
 #   BENCH_KEEP=1   keep the work directory (logs, fio JSON) at exit
 #   BENCH_NO_BUILD=1  skip cargo build (use the binaries already in target/release)
+#   BENCH_ROWS     rows to measure (default "seqwrite randwrite randread"); the table
+#                  shows only those
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -168,7 +170,10 @@ mars_settle() {
 # ------------------------------------------------------------------ fio
 uri_of() { case "$1" in mars) echo "nbd://127.0.0.1:$MARS_NBD_PORT/r0" ;; qemu) echo "nbd://127.0.0.1:$QEMU_PORT/r0" ;; esac; }
 
-ROW_NAMES=(seqwrite randwrite randread)
+read -ra ROW_NAMES <<<"${BENCH_ROWS:-seqwrite randwrite randread}"
+for row in "${ROW_NAMES[@]}"; do
+    [[ $row =~ ^(seqwrite|randwrite|randread)$ ]] || die "unknown row '$row' in BENCH_ROWS (seqwrite, randwrite, randread)"
+done
 declare -A ROW_ARGS=(
     [seqwrite]="--rw=write --bs=1M --iodepth=8"
     [randwrite]="--rw=randwrite --bs=4k --iodepth=32 --fsync=32"
@@ -222,6 +227,7 @@ for ((rep = 1; rep <= BENCH_REPEAT; rep++)); do
     if ((rep % 2)); then order=(qemu mars); else order=(mars qemu); fi
     for row in "${ROW_NAMES[@]}"; do
         if [[ $row == randread && $rep == 1 ]]; then
+            # Reads need data: prefill both disks once.
             prefill qemu
             prefill mars
         fi
@@ -253,7 +259,7 @@ REPORT="$(W="$W" MARS_HWM="$MARS_HWM" QEMU_HWM="$QEMU_HWM" QEMU_AIO="$QEMU_AIO" 
     MEM_TOTAL="$MEM_TOTAL" FSTYPE="$FSTYPE" SIZE_BYTES="$SIZE_BYTES" RUNTIME="$BENCH_RUNTIME" \
     GIT_REV="$GIT_REV" KERNEL="$(uname -r)" DATE="$(date -u '+%Y-%m-%d %H:%M:%S UTC')" \
     QEMU_CMD="${QEMU_CMD[*]}" FIO_COMMON="$FIO_COMMON" MARS_LOG_BYTES="$MARS_LOG_BYTES" \
-    REPEAT="$BENCH_REPEAT" LOAD_START="$LOAD_START" LOAD_END="$LOAD_END" NCPU="$(nproc)" \
+    REPEAT="$BENCH_REPEAT" ROWS="${ROW_NAMES[*]}" LOAD_START="$LOAD_START" LOAD_END="$LOAD_END" NCPU="$(nproc)" \
     ARGS_SEQ="${ROW_ARGS[seqwrite]}" ARGS_RW="${ROW_ARGS[randwrite]}" ARGS_RR="${ROW_ARGS[randread]}" \
     python3 - <<'EOF'
 import json, os
@@ -285,6 +291,8 @@ spec = [
 flush_note = []
 cpu_rows = []
 for row, label, d, metric, target in spec:
+    if row not in e["ROWS"].split():
+        continue
     vals = {}
     for side in ("mars", "qemu"):
         samples, srv, oth = [], [], []
