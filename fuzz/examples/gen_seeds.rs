@@ -35,6 +35,7 @@ fn record(kind: Kind, seq: u64, pos: u64, offset: u64, length: u64, fill: u8) ->
         offset,
         length,
         stamp_ns: 1_700_000_000_000_000_000,
+        durable_back: 0,
     };
     let payload = vec![fill; h.payload_len() as usize];
     let mut out = Vec::new();

@@ -3,8 +3,12 @@
 use thiserror::Error;
 
 /// Format version written into every file header and record header.
-/// History: 1 = first format (2026-11).
-pub const FORMAT_VERSION: u16 = 1;
+/// History: 1 = first format (2026-11); 2 = record bytes 56..60 hold
+/// `durable_back` (2026-11-27; version 1 has zero there, which means the same:
+/// "everything before this record was durable").
+pub const FORMAT_VERSION: u16 = 2;
+/// Oldest format version this build reads.
+pub const FORMAT_VERSION_MIN: u16 = 1;
 
 /// `"MRSL"` read as little-endian u32: starts every record.
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"MRSL");
@@ -53,7 +57,7 @@ pub enum DecodeError {
     Short { need: usize, have: usize },
     #[error("bad magic {0:#010x}")]
     BadMagic(u32),
-    #[error("unsupported format version {0} (this build reads version {FORMAT_VERSION})")]
+    #[error("unsupported format version {0} (this build reads versions {FORMAT_VERSION_MIN} to {FORMAT_VERSION})")]
     BadVersion(u16),
     #[error("unknown record kind {0}")]
     BadKind(u16),
@@ -105,8 +109,14 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 /// 24 u64 offset (disk byte offset)       32 u64 length (disk bytes affected)
 /// 40 u32 payload_len (= length for Write, else 0)
 /// 44 u32 flags (0; reserved)             48 u64 stamp_ns (wall clock when logged)
-/// 56 u32 reserved (0)                    60 u32 crc32c(bytes 0..60 ++ payload)
+/// 56 u32 durable_back (version 2; 0 in version 1)
+///                                         60 u32 crc32c(bytes 0..60 ++ payload)
 /// ```
+///
+/// `durable_back`: when the writer wrote this record, the log was durable
+/// (fdatasync'ed) at least up to stream position `pos - durable_back`. Recovery
+/// uses it to tell a torn tail from corruption when the writer has several
+/// writes in flight at once (docs/FORMAT.md, "Torn tail or corruption").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordHeader {
     pub kind: Kind,
@@ -115,9 +125,16 @@ pub struct RecordHeader {
     pub offset: u64,
     pub length: u64,
     pub stamp_ns: u64,
+    /// The log was durable up to `pos - durable_back` when this record was written.
+    pub durable_back: u32,
 }
 
 impl RecordHeader {
+    /// Stream position up to which the log was durable when this record was written.
+    pub fn durable_point(&self) -> u64 {
+        self.pos.saturating_sub(self.durable_back as u64)
+    }
+
     pub fn payload_len(&self) -> u32 {
         match self.kind {
             Kind::Write => self.length as u32,
@@ -143,7 +160,7 @@ impl RecordHeader {
         out.extend_from_slice(&self.payload_len().to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&self.stamp_ns.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&self.durable_back.to_le_bytes());
         let crc = crc32c::crc32c_append(crc32c::crc32c(&out[start..start + 60]), payload);
         out.extend_from_slice(&crc.to_le_bytes());
         out.extend_from_slice(payload);
@@ -162,7 +179,7 @@ impl RecordHeader {
             return Err(DecodeError::BadMagic(magic));
         }
         let version = u16_at(b, 4);
-        if version != FORMAT_VERSION {
+        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
             return Err(DecodeError::BadVersion(version));
         }
         let kind_raw = u16_at(b, 6);
@@ -174,11 +191,13 @@ impl RecordHeader {
             offset: u64_at(b, 24),
             length: u64_at(b, 32),
             stamp_ns: u64_at(b, 48),
+            durable_back: u32_at(b, 56),
         };
-        for at in [44, 56] {
-            if u32_at(b, at) != 0 {
-                return Err(DecodeError::Reserved(at));
-            }
+        if u32_at(b, 44) != 0 {
+            return Err(DecodeError::Reserved(44));
+        }
+        if version == 1 && h.durable_back != 0 {
+            return Err(DecodeError::Reserved(56));
         }
         let payload_len = u32_at(b, 40);
         let ok = match kind {
@@ -272,7 +291,7 @@ impl FileHeader {
             return Err(DecodeError::BadMagic(u32_at(b, 0)));
         }
         let version = u16_at(b, 8);
-        if version != FORMAT_VERSION {
+        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
             return Err(DecodeError::BadVersion(version));
         }
         let hlen = u16_at(b, 10) as u32;
@@ -311,8 +330,8 @@ mod tests {
     proptest! {
         #[test]
         fn record_round_trip(kind in kind_strategy(), seq: u64, pos: u64, offset in 0u64..1<<50,
-                             len in 0u64..5000, stamp: u64, fill: u8) {
-            let h = RecordHeader { kind, seq, pos, offset, length: len, stamp_ns: stamp };
+                             len in 0u64..5000, stamp: u64, back: u32, fill: u8) {
+            let h = RecordHeader { kind, seq, pos, offset, length: len, stamp_ns: stamp, durable_back: back };
             let payload = vec![fill; h.payload_len() as usize];
             let mut out = Vec::new();
             h.encode_into(&payload, &mut out);
@@ -324,7 +343,7 @@ mod tests {
 
         #[test]
         fn any_single_bit_flip_is_detected(len in 1u64..300, bit in 0usize..8*(64+300)) {
-            let h = RecordHeader { kind: Kind::Write, seq: 7, pos: 99, offset: 4096, length: len, stamp_ns: 1 };
+            let h = RecordHeader { kind: Kind::Write, seq: 7, pos: 99, offset: 4096, length: len, stamp_ns: 1, durable_back: 3 };
             let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
             let mut out = Vec::new();
             h.encode_into(&payload, &mut out);

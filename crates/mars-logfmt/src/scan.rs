@@ -1,9 +1,14 @@
 //! Scanning a whole logfile: which records are good, and where (and how) it is damaged.
 //!
-//! Recovery policy: a bad record after which no valid record follows is a
-//! *torn tail* (a write cut short by a crash; cut off on recovery). A bad
-//! record followed by a valid one is *corruption* (an incident: reported,
-//! never applied, never cut silently).
+//! Recovery policy: a bad record is *corruption* (an incident: reported, never
+//! applied, never cut silently) when a valid record after it says that the log
+//! was durable beyond the bad record's position when it was written (its
+//! `durable_point`). Otherwise it is a *torn tail*: writes cut short by a crash
+//! (the writer has several writes in flight, so a crash can leave a later one
+//! written and an earlier one not: a hole followed by valid records), none of
+//! which can have been acknowledged as durable; cut off on recovery. Records of
+//! format version 1 say "everything before me was durable", so with them any
+//! valid record after a bad one makes it corruption, as before.
 //!
 //! A valid record is one at its place: its `pos` says where in the file it
 //! lies (`start_pos` + offset after the file header). A recycled logfile (see
@@ -138,12 +143,17 @@ pub fn scan_logfile(buf: &[u8]) -> ScanReport {
                 seq = next_seq;
             }
             Err(e) => {
-                let kind = if valid_record_after(buf, at + 1, fh.start_pos, pos, seq) {
-                    DamageKind::Corrupt
-                } else {
-                    DamageKind::TornTail
+                let later = durable_reach_after(buf, at + 1, fh.start_pos, pos, seq);
+                let kind = match later {
+                    Some((reach, _)) if reach > pos => DamageKind::Corrupt,
+                    _ => DamageKind::TornTail,
                 };
-                let reason = describe(buf, at, &e);
+                let mut reason = describe(buf, at, &e);
+                if let (DamageKind::TornTail, Some((_, n))) = (&kind, later) {
+                    reason.push_str(&format!(
+                        "; followed by {n} valid record(s) written while it was not yet durable (writes in flight at a crash)"
+                    ));
+                }
                 damage = Some(Damage {
                     kind,
                     file_offset: at as u64,
@@ -176,23 +186,36 @@ fn describe(buf: &[u8], at: usize, e: &DecodeError) -> String {
     e.to_string()
 }
 
-/// Is there any valid record that continues this stream at or after `from`, at
-/// its place (its position matches its offset in a file starting at `start_pos`)?
-fn valid_record_after(buf: &[u8], from: usize, start_pos: u64, pos: u64, seq: u64) -> bool {
+/// Of the valid records that continue this stream at or after `from`, at their
+/// place (position matching the offset in a file starting at `start_pos`): the
+/// furthest stream position up to which one of them says the log was durable
+/// when it was written, and how many there are. None when there is no such record.
+fn durable_reach_after(
+    buf: &[u8],
+    from: usize,
+    start_pos: u64,
+    pos: u64,
+    seq: u64,
+) -> Option<(u64, usize)> {
     let magic = RECORD_MAGIC.to_le_bytes();
+    let mut reach = None;
     let mut i = from;
     while i + RECORD_HEADER_LEN <= buf.len() {
         if buf[i..i + 4] == magic {
             if let Ok((h, _)) = RecordHeader::decode_record(&buf[i..]) {
                 let at_place = (i - FILE_HEADER_LEN) as u64;
                 if h.pos > pos && h.seq > seq && h.pos.checked_sub(start_pos) == Some(at_place) {
-                    return true;
+                    let (r, n) = reach.unwrap_or((0, 0));
+                    reach = Some((r.max(h.durable_point()), n + 1));
+                    // Records do not overlap: skip this one's bytes.
+                    i += h.total_len() as usize;
+                    continue;
                 }
             }
         }
         i += 1;
     }
-    false
+    reach
 }
 
 #[cfg(test)]
@@ -204,8 +227,15 @@ mod tests {
         build_at(500, 10, n)
     }
 
-    /// A logfile starting at stream position `start` with record seq `seq`.
+    /// A logfile starting at stream position `start` with record seq `seq`, of
+    /// records written when all before them was durable (as format version 1 says).
     fn build_at(start: u64, seq: u64, n: u64) -> Vec<u8> {
+        build_durable(start, seq, n, |_| 0)
+    }
+
+    /// Like `build_at`; record `i` says the log was durable up to `back(i)` bytes
+    /// before it.
+    fn build_durable(start: u64, seq: u64, n: u64, back: impl Fn(u64) -> u32) -> Vec<u8> {
         let fh = FileHeader {
             file_seq: 1,
             start_pos: start,
@@ -223,6 +253,7 @@ mod tests {
                 offset: i * 512,
                 length: 512,
                 stamp_ns: 0,
+                durable_back: back(i),
             };
             h.encode_into(&[i as u8; 512], &mut buf);
             pos += h.total_len();
@@ -269,6 +300,51 @@ mod tests {
         let r = scan_logfile(&buf);
         assert_eq!(r.records.len(), 4);
         assert_eq!(r.damage.expect("damage").kind, DamageKind::TornTail);
+    }
+
+    /// Several writes in flight: the crash left a hole (record 2 never written),
+    /// records 3 and 4 written. None of them was durable when 3 and 4 were
+    /// written: a torn tail, cut at the hole.
+    #[test]
+    fn hole_before_records_written_while_it_was_not_durable_is_torn() {
+        const REC: u64 = 576;
+        // Records 2..5 written while the log was durable up to record 2's start.
+        let buf = build_durable(
+            500,
+            10,
+            5,
+            |i| if i >= 2 { ((i - 2) * REC) as u32 } else { 0 },
+        );
+        let mut holed = buf.clone();
+        let hole = 64 + 2 * REC as usize;
+        holed[hole..hole + REC as usize].fill(0);
+        let r = scan_logfile(&holed);
+        assert_eq!(r.records.len(), 2);
+        assert_eq!(r.valid_end, hole as u64);
+        let d = r.damage.expect("damage");
+        assert_eq!(d.kind, DamageKind::TornTail, "{d:?}");
+        assert_eq!(d.pos, 500 + 2 * REC);
+        assert!(
+            d.reason.contains("followed by 2 valid record(s)"),
+            "{}",
+            d.reason
+        );
+
+        // A bit flip in record 3 while record 4 says record 3 was durable before
+        // it: corruption, although record 4 itself came later than the hole.
+        let buf = build_durable(500, 10, 5, |i| if i == 4 { 1 } else { 0 });
+        let mut flipped = buf.clone();
+        flipped[64 + 3 * REC as usize + 100] ^= 1;
+        let d = scan_logfile(&flipped).damage.expect("damage");
+        assert_eq!(d.kind, DamageKind::Corrupt, "{d:?}");
+
+        // The same flip where record 4 was written while record 3 was not yet
+        // durable (durable point exactly at record 3's start): torn.
+        let buf = build_durable(500, 10, 5, |i| if i == 4 { REC as u32 } else { 0 });
+        let mut flipped = buf.clone();
+        flipped[64 + 3 * REC as usize + 100] ^= 1;
+        let d = scan_logfile(&flipped).damage.expect("damage");
+        assert_eq!(d.kind, DamageKind::TornTail, "{d:?}");
     }
 
     #[test]
@@ -357,11 +433,30 @@ mod tests {
             offset: 0,
             length: 1,
             stamp_ns: 0,
+            durable_back: 0,
         };
         h.encode_into(&[], &mut buf);
         let r = scan_logfile(&buf);
         assert!(r.records.is_empty());
         assert_eq!(r.damage.expect("damage").kind, DamageKind::Corrupt);
+    }
+
+    #[test]
+    fn version_1_records_must_have_zero_durable_back() {
+        let mut buf = build(1);
+        buf[64 + 4] = 1; // record format version 1
+        buf[64 + 56] = 9;
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&buf[64..124]), &buf[128..]);
+        buf[124..128].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            RecordHeader::decode_record(&buf[64..]),
+            Err(crate::DecodeError::Reserved(56))
+        ));
+        buf[64 + 56] = 0;
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&buf[64..124]), &buf[128..]);
+        buf[124..128].copy_from_slice(&crc.to_le_bytes());
+        let (h, _) = RecordHeader::decode_record(&buf[64..]).expect("version 1 still reads");
+        assert_eq!(h.durable_point(), h.pos);
     }
 
     #[test]

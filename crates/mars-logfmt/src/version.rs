@@ -181,6 +181,7 @@ mod tests {
             offset: 4096,
             length: data.len() as u64,
             stamp_ns: 7,
+            durable_back: 0,
         };
         let mut out = Vec::new();
         h.encode_into(data, &mut out);

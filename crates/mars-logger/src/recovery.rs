@@ -304,6 +304,17 @@ pub(crate) fn recover(
             )));
         }
         if let Some(d) = &report.damage {
+            if d.pos < applied_from {
+                // Written back, so it had been durable: not a write cut short.
+                return Err(LoggerError::Corrupt(format!(
+                    "{}: damaged record at log position {} (file offset {}): {}; the disk already holds the data up to log position {applied_from} (inspect with `marsadm dump-log {}`)",
+                    entry.path.display(),
+                    d.pos,
+                    d.file_offset,
+                    d.reason,
+                    entry.path.display()
+                )));
+            }
             match d.kind {
                 DamageKind::TornTail if is_last => {
                     tracing::warn!(

@@ -412,6 +412,7 @@ fn recycled_logfiles_keep_the_log_exact() {
             offset: 0,
             length: 4096,
             stamp_ns: 0,
+            durable_back: 0,
         };
         h.encode_into(&[7u8; 4096], &mut b);
         b.resize(8 << 20, 0);

@@ -11,14 +11,16 @@
 //! cluster, other protocol version, unknown node) and closes. A malformed
 //! frame closes the connection and never changes state.
 //!
-//! Version history: 1 = first protocol (2026-11).
+//! Version history: 1 = first protocol (2026-11); 2 = version format 2;
+//! 3 = log record format 2 (see [`PROTOCOL_VERSION`]).
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// 2: logfile versions of format 2 (a node of protocol 1 refuses them as inconsistent).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: log records of format 2 (`durable_back`; a node of protocol 2 refuses them).
+pub const PROTOCOL_VERSION: u16 = 3;
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"MRSP");
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Largest payload accepted (metadata only; data moves in later kinds).

@@ -25,21 +25,22 @@ pub fn dump(path: &Path, with_data: bool) -> anyhow::Result<(String, bool)> {
     }
     writeln!(
         out,
-        "{:>10} {:>14} {:>10} {:>14} {:>10} {:>20} {:>8}",
-        "seq", "pos", "file-off", "disk-off", "length", "stamp-ns", "kind"
+        "{:>10} {:>14} {:>10} {:>14} {:>10} {:>20} {:>12} {:>14}",
+        "seq", "pos", "file-off", "disk-off", "length", "stamp-ns", "kind", "durable-to"
     )?;
     for r in &report.records {
         let h: &RecordHeader = &r.header;
         write!(
             out,
-            "{:>10} {:>14} {:>10} {:>14} {:>10} {:>20} {:>8}",
+            "{:>10} {:>14} {:>10} {:>14} {:>10} {:>20} {:>12} {:>14}",
             h.seq,
             h.pos,
             r.file_offset,
             h.offset,
             h.length,
             h.stamp_ns,
-            h.kind.name()
+            h.kind.name(),
+            h.durable_point()
         )?;
         if with_data && h.length > 0 {
             let at = r.file_offset as usize + mars_logfmt::RECORD_HEADER_LEN;
@@ -70,10 +71,10 @@ pub fn dump(path: &Path, with_data: bool) -> anyhow::Result<(String, bool)> {
         Some(d) => {
             let what = match d.kind {
                 DamageKind::TornTail => {
-                    "TORN TAIL (nothing valid after it: a write cut short by a crash, or, in the current logfile of a running primary, the part not yet written, which in a recycled logfile holds old records; recovery cuts it off)"
+                    "TORN TAIL (nothing valid after it that was written once it was durable: writes cut short by a crash, or, in the current logfile of a running primary, the part not yet written, which in a recycled logfile holds old records; recovery cuts it off)"
                 }
                 DamageKind::Corrupt => {
-                    "CORRUPT (valid records follow a bad one; recovery refuses this logfile)"
+                    "CORRUPT (a valid record after it was written when the log was durable beyond it; recovery refuses this logfile)"
                 }
             };
             writeln!(
