@@ -990,32 +990,20 @@ struct IoDone {
 fn io_loop(shared: Arc<Shared>, jobs: Receiver<IoJob>, done: Sender<IoDone>) {
     while let Ok(job) = jobs.recv() {
         let order = || shared.io_order.wait_for_earlier(job.id);
-        let (res, refused) = {
-            #[cfg(test)]
-            {
-                test_io(&shared, &jobs, &job, order).unwrap_or_else(|| {
-                    write_layout(
-                        &shared,
-                        &job.file,
-                        &job.direct,
-                        &job.buf,
-                        &job.layout,
-                        order,
-                    )
-                })
-            }
-            #[cfg(not(test))]
-            {
-                write_layout(
-                    &shared,
-                    &job.file,
-                    &job.direct,
-                    &job.buf,
-                    &job.layout,
-                    order,
-                )
-            }
+        let write = || {
+            write_layout(
+                &shared,
+                &job.file,
+                &job.direct,
+                &job.buf,
+                &job.layout,
+                order,
+            )
         };
+        #[cfg(test)]
+        let (res, refused) = test_io(&shared, &jobs, &job, order).unwrap_or_else(write);
+        #[cfg(not(test))]
+        let (res, refused) = write();
         shared.io_order.finished(job.id);
         let answer = IoDone {
             id: job.id,
