@@ -1000,10 +1000,17 @@ fn io_loop(shared: Arc<Shared>, jobs: Receiver<IoJob>, done: Sender<IoDone>) {
                 order,
             )
         };
-        #[cfg(test)]
-        let (res, refused) = test_io(&shared, &jobs, &job, order).unwrap_or_else(write);
-        #[cfg(not(test))]
-        let (res, refused) = write();
+        // A panic must not leave the writer and the later jobs waiting for this job
+        // forever: it becomes this job's error.
+        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            #[cfg(test)]
+            let r = test_io(&shared, &jobs, &job, order).unwrap_or_else(write);
+            #[cfg(not(test))]
+            let r = write();
+            r
+        }));
+        let (res, refused) =
+            written.unwrap_or_else(|_| (Err(io::Error::other("log I/O thread panicked")), false));
         shared.io_order.finished(job.id);
         let answer = IoDone {
             id: job.id,
@@ -1024,7 +1031,7 @@ fn test_io(
     shared: &Shared,
     jobs: &Receiver<IoJob>,
     job: &IoJob,
-    order: impl FnOnce(),
+    order: impl Fn(),
 ) -> Option<(io::Result<()>, bool)> {
     let n = shared.io_jobs.fetch_add(1, Ordering::Relaxed) + 1;
     let fail = n == shared.fail_io_job.load(Ordering::Relaxed);
@@ -1052,6 +1059,16 @@ fn test_io(
     let l = &job.layout;
     let data = &job.buf[l.skew + (l.start - l.base) as usize..l.skew + (l.end - l.base) as usize];
     Some((job.file.write_all_at(data, l.start), true))
+}
+
+/// The memory page size (4 KiB where unknown).
+fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf reads a constant of the system; no memory is passed.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => DIRECT_ALIGN,
+    })
 }
 
 /// Order among the log's I/O jobs: a batch's first partial page is the page the
@@ -1207,7 +1224,7 @@ fn write_layout(
     direct: &File,
     buf: &[u8],
     l: &DirectLayout,
-    order: impl FnOnce(),
+    order: impl Fn(),
 ) -> (io::Result<()>, bool) {
     let part = |from: u64, to: u64| {
         &buf[l.skew + (from - l.base) as usize..l.skew + (to - l.base) as usize]
@@ -1219,13 +1236,27 @@ fn write_layout(
         } else {
             l.b
         };
+        if page_size() > DIRECT_ALIGN {
+            // Pages larger than the blocks: the middle could share a page with the
+            // batch before's partial block (page-cache and O_DIRECT writes of one page
+            // at once). Write after that batch, as with one I/O thread.
+            order();
+        }
         let (first, second) = std::thread::scope(|s| {
-            let second = (m < l.b)
-                .then(|| s.spawn(|| write_direct_or_buffered(file, direct, part(m, l.b), m)));
+            let second_half = || write_direct_or_buffered(file, direct, part(m, l.b), m);
+            // No thread to be had (EAGAIN under a process limit): one half after the other.
+            let second = (m < l.b).then(|| {
+                std::thread::Builder::new()
+                    .name("mars-log-io-half".into())
+                    .spawn_scoped(s, second_half)
+                    .map_err(|_| second_half)
+            });
             let first = write_direct_or_buffered(file, direct, part(l.a, m), l.a);
-            let second = second.map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| (0, Err(io::Error::other("log write thread panicked"))))
+            let second = second.map(|h| match h {
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|_| (0, Err(io::Error::other("log write thread panicked")))),
+                Err(second_half) => second_half(),
             });
             (first, second)
         });
@@ -1233,7 +1264,9 @@ fn write_layout(
             shared.direct_bytes.fetch_add(done, Ordering::Relaxed);
             refused |= r?;
         }
-        order();
+        if page_size() <= DIRECT_ALIGN {
+            order();
+        }
         if l.a > l.start {
             file.write_all_at(part(l.start, l.a), l.start)?;
         }
