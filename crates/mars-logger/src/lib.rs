@@ -26,6 +26,7 @@ pub mod index;
 mod logger;
 mod recovery;
 pub mod replay;
+mod tail;
 
 pub use logger::{Config, Logger, LoggerError, Status};
 pub use recovery::{

@@ -87,6 +87,9 @@ pub struct Config {
     /// Deleted logfiles are kept as spares, up to this many bytes, and reused as new
     /// logfiles (0: delete them).
     pub spare_bytes: u64,
+    /// The last this many bytes of log are kept in memory for fetchers
+    /// (`Logger::read_recent`; 0: none).
+    pub tail_cache_bytes: u64,
 }
 
 impl Config {
@@ -104,6 +107,7 @@ impl Config {
             persist_interval: Duration::from_secs(10),
             direct_io: true,
             spare_bytes: 1 << 30,
+            tail_cache_bytes: 64 << 20,
         }
     }
 }
@@ -284,6 +288,8 @@ struct Shared {
     persisted_pos: AtomicU64,
     /// Order of the log's I/O jobs where they share a page.
     io_order: IoOrder,
+    /// The records of the last `tail_cache_bytes` of log, for fetchers.
+    tail: Mutex<crate::tail::TailCache>,
     /// Held while syncing the disk and writing `applied` (the persister, `persist_now`).
     persist_lock: Mutex<()>,
     current_logfile: Mutex<String>,
@@ -472,6 +478,7 @@ impl Logger {
             applied_pos: AtomicU64::new(rec.end_pos),
             persisted_pos: AtomicU64::new(rec.end_pos),
             io_order: IoOrder::default(),
+            tail: Mutex::new(crate::tail::TailCache::new(cfg.tail_cache_bytes)),
             persist_lock: Mutex::new(()),
             current_logfile: Mutex::new(entry.name()),
             failed: Mutex::new(None),
@@ -755,6 +762,14 @@ impl Logger {
             mem_used_bytes,
             failed: self.shared.failed.lock().clone(),
         }
+    }
+
+    /// The bytes of this node's logfile number `file_seq` from file `offset` on, at
+    /// most `max`, if the log's recent records in memory hold them (a fetcher that
+    /// keeps up asks for those: no device read for them). What is returned is in
+    /// the logfile, but not necessarily durable: the caller limits `max`.
+    pub fn read_recent(&self, file_seq: u64, offset: u64, max: usize) -> Option<Vec<u8>> {
+        self.shared.tail.lock().read(file_seq, offset, max)
     }
 
     /// Sync the disk and persist the written-back position now (instead of waiting
@@ -1629,6 +1644,14 @@ impl Writer {
         if !entries_empty {
             let end = start_pos + len;
             self.shared.logged_pos.store(end, Ordering::Release);
+            {
+                let mut tail = self.shared.tail.lock();
+                let mut at = file_offset;
+                for e in &entries {
+                    tail.push(self.entry.seq, at, &e.hdr, e.data.as_ref());
+                    at += RECORD_HEADER_LEN as u64 + e.data.as_ref().map_or(0, |d| d.len() as u64);
+                }
+            }
             // The index before any acknowledgment: a read after it must see the data.
             {
                 let mut index = self.shared.index.lock();
@@ -2701,6 +2724,28 @@ mod tests {
         );
         let direct = logger.shared.direct_bytes.load(Ordering::Relaxed);
         assert_eq!(direct > 0, expect_direct, "O_DIRECT bytes: {direct}");
+        // What fetchers get from memory is what the logfiles hold.
+        let mut from_memory = 0;
+        for e in recovery::list_logfiles(&cfg.dir).unwrap() {
+            let bytes = std::fs::read(&e.path).unwrap();
+            let mut off = FILE_HEADER_LEN;
+            while off < bytes.len() {
+                if let Some(got) = logger.read_recent(e.seq, off as u64, 100_003) {
+                    assert!(!got.is_empty());
+                    assert!(
+                        got[..] == bytes[off..off + got.len()],
+                        "{} at {off}",
+                        e.name()
+                    );
+                    from_memory += got.len();
+                }
+                off += 100_003;
+            }
+        }
+        assert!(
+            from_memory > 1 << 20,
+            "the recent log is in memory: {from_memory}"
+        );
         logger.close();
         assert!(
             std::fs::read(&cfg.disk).unwrap() == image,

@@ -1754,6 +1754,8 @@ impl DataServer for Daemon {
 }
 
 const MAX_CHUNK: u32 = 8 << 20;
+/// Fetch answers read this many chunks ahead of the one asked for.
+const FETCH_READAHEAD_CHUNKS: usize = 4;
 
 impl Daemon {
     async fn primary_logger(&self, res: &str) -> Result<Arc<Logger>> {
@@ -1865,36 +1867,57 @@ impl Daemon {
                         mars_logfmt::FILE_HEADER_LEN as u64 + synced.saturating_sub(start);
                     max = max.min(durable.saturating_sub(offset) as usize);
                 }
-                let data = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
-                    use std::os::unix::fs::FileExt;
-                    let f = std::fs::File::open(&path)
-                        .with_context(|| format!("{}", path.display()))?;
-                    let mut buf = vec![0u8; max];
-                    let mut n = 0;
-                    while n < max {
-                        let k = f.read_at(&mut buf[n..], offset + n as u64)?;
-                        if k == 0 {
-                            break;
-                        }
-                        n += k;
+                // The log's tail from the writer's memory: no device read (the log is
+                // written with O_DIRECT, so it is not in the page cache).
+                let recent = match self.logger_of(&res).await {
+                    Some(l) if name.node == self.me() && max > 0 => {
+                        l.read_recent(name.seq, offset, max)
                     }
-                    buf.truncate(n);
-                    // The fetcher asks for the next chunk next: have the kernel read it
-                    // ahead while this one is sent (an O_DIRECT-written logfile is not
-                    // in the page cache).
-                    if n == max && n > 0 {
-                        mars_logger::disk::start_readahead(&f, offset + n as u64, max as u64);
+                    _ => None,
+                };
+                let data = match recent {
+                    Some(data) => data,
+                    None => {
+                        tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+                            use std::os::unix::fs::FileExt;
+                            let f = std::fs::File::open(&path)
+                                .with_context(|| format!("{}", path.display()))?;
+                            let mut buf = vec![0u8; max];
+                            let mut n = 0;
+                            while n < max {
+                                let k = f.read_at(&mut buf[n..], offset + n as u64)?;
+                                if k == 0 {
+                                    break;
+                                }
+                                n += k;
+                            }
+                            buf.truncate(n);
+                            // The fetcher asks for the next chunks next: have the kernel
+                            // read them ahead while this one is sent (an O_DIRECT-written
+                            // logfile is not in the page cache, and a fetcher that keeps up
+                            // is answered from memory, so one catching up reads from the
+                            // device). Several chunks: the device reads them at once.
+                            if n == max && n > 0 {
+                                mars_logger::disk::start_readahead(
+                                    &f,
+                                    offset + n as u64,
+                                    (max * FETCH_READAHEAD_CHUNKS) as u64,
+                                );
+                            }
+                            // Checked after the read: a logfile deleted and recycled meanwhile
+                            // has another header, written before any of its new records.
+                            let mut h = [0u8; mars_logfmt::FILE_HEADER_LEN];
+                            f.read_exact_at(&mut h, 0)?;
+                            if mars_logfmt::FileHeader::decode(&h).map(|h| h.file_seq)
+                                != Ok(name.seq)
+                            {
+                                bail!("logfile {} is gone (deleted)", path.display());
+                            }
+                            Ok(buf)
+                        })
+                        .await??
                     }
-                    // Checked after the read: a logfile deleted and recycled meanwhile
-                    // has another header, written before any of its new records.
-                    let mut h = [0u8; mars_logfmt::FILE_HEADER_LEN];
-                    f.read_exact_at(&mut h, 0)?;
-                    if mars_logfmt::FileHeader::decode(&h).map(|h| h.file_seq) != Ok(name.seq) {
-                        bail!("logfile {} is gone (deleted)", path.display());
-                    }
-                    Ok(buf)
-                })
-                .await??;
+                };
                 write_msg(
                     s,
                     &Msg::Chunk {
@@ -2005,6 +2028,11 @@ fn sync_answer(
 
 impl Daemon {
     /// The current logfile of this node's logger for `res` and the durable log position.
+    async fn logger_of(&self, res: &str) -> Option<Arc<Logger>> {
+        let st = self.state.lock().await;
+        st.actual.get(res)?.logger.clone()
+    }
+
     async fn durable_end(&self, res: &str) -> Option<(String, u64)> {
         let st = self.state.lock().await;
         let l = st.actual.get(res)?.logger.as_ref()?;
