@@ -245,6 +245,7 @@ impl Daemon {
         );
         c.logfile_max_bytes = self.cfg.logfile_max_bytes;
         c.mem_limit_bytes = self.cfg.writeback_mem_bytes;
+        c.tail_cache_bytes = self.cfg.tail_cache_bytes;
         // Spares fill the room the space policy leaves to the log anyway.
         c.spare_bytes = self.cfg.log_keep_bytes;
         c

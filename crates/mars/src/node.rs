@@ -30,6 +30,10 @@ fn default_log_keep_bytes() -> u64 {
     4 << 30
 }
 
+fn default_tail_cache_bytes() -> u64 {
+    64 << 20
+}
+
 fn default_emergency_free_bytes() -> u64 {
     256 << 20
 }
@@ -61,6 +65,10 @@ pub struct NodeConfig {
     pub log_space_bytes: u64,
     #[serde(default = "default_emergency_free_bytes")]
     pub emergency_free_bytes: u64,
+    /// Per resource on its primary: the last this many bytes of log are kept in
+    /// memory to answer fetches without reading the device (0: none).
+    #[serde(default = "default_tail_cache_bytes")]
+    pub tail_cache_bytes: u64,
     /// How a full sync that this node joins compares blocks.
     #[serde(default)]
     pub sync_digest: crate::digest::SyncDigest,
@@ -197,6 +205,7 @@ fn write_node(
         sync_digest: Default::default(),
         log_space_bytes: 0,
         emergency_free_bytes: default_emergency_free_bytes(),
+        tail_cache_bytes: default_tail_cache_bytes(),
         former_cluster_ids: Vec::new(),
     };
     save_json(&dir.join(NODE_FILE), &cfg)?;
