@@ -1057,11 +1057,13 @@ fn test_io(
     // Only once the writer has handed over the next batch (failure), or the test
     // says so (refusal), or after a deadline.
     let deadline = Instant::now() + Duration::from_secs(10);
+    // With several I/O threads the next job may be taken at once: handed over
+    // means queued, or already picked up by another thread.
     let wait = || {
         if refuse {
             !shared.release_io.load(Ordering::Acquire)
         } else {
-            jobs.is_empty()
+            jobs.is_empty() && shared.io_jobs.load(Ordering::Relaxed) <= n
         }
     };
     while wait() && Instant::now() < deadline {
