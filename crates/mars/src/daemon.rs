@@ -1858,7 +1858,8 @@ impl Daemon {
                 let path = node::resource_dir(&self.dir, &res).join(&file);
                 let mut max = max.min(MAX_CHUNK) as usize;
                 // Up to what is durable, as in `LogList`, in any file of a writing node.
-                let durable_end = self.durable_end(&res).await;
+                let logger = self.logger_of(&res).await;
+                let durable_end = logger.as_deref().map(durable_end_of);
                 if durable_end.is_none() && unrecovered_own(&path, self.me()) {
                     max = 0;
                 }
@@ -1870,7 +1871,7 @@ impl Daemon {
                 }
                 // The log's tail from the writer's memory: no device read (the log is
                 // written with O_DIRECT, so it is not in the page cache).
-                let recent = match self.logger_of(&res).await {
+                let recent = match &logger {
                     Some(l) if name.node == self.me() && max > 0 => {
                         l.read_recent(name.seq, offset, max)
                     }
@@ -2035,11 +2036,14 @@ impl Daemon {
     }
 
     async fn durable_end(&self, res: &str) -> Option<(String, u64)> {
-        let st = self.state.lock().await;
-        let l = st.actual.get(res)?.logger.as_ref()?;
-        let status = l.status();
-        Some((status.current_logfile, status.synced_pos))
+        self.logger_of(res).await.as_deref().map(durable_end_of)
     }
+}
+
+/// The logger's current logfile and how far its log is durable.
+fn durable_end_of(l: &Logger) -> (String, u64) {
+    let status = l.status();
+    (status.current_logfile, status.synced_pos)
 }
 
 /// The log stream position where the logfile at `path` starts (from its header).
