@@ -1845,95 +1845,133 @@ impl Daemon {
                 )
                 .await?;
             }
-            Msg::Fetch {
-                res,
-                file,
-                offset,
-                max,
-            } => {
-                self.res_entry(&res)?;
-                let Some(name) = mars_logfmt::parse_logfile_name(&file) else {
-                    bail!("bad logfile name {file:?}");
-                };
-                let path = node::resource_dir(&self.dir, &res).join(&file);
-                let mut max = max.min(MAX_CHUNK) as usize;
-                // Up to what is durable, as in `LogList`, in any file of a writing node.
-                let logger = self.logger_of(&res).await;
-                let durable_end = logger.as_deref().map(durable_end_of);
-                if durable_end.is_none() && unrecovered_own(&path, self.me()) {
-                    max = 0;
-                }
-                if let Some((_, synced)) = durable_end {
-                    let start = logfile_start(&path)?;
-                    let durable =
-                        mars_logfmt::FILE_HEADER_LEN as u64 + synced.saturating_sub(start);
-                    max = max.min(durable.saturating_sub(offset) as usize);
-                }
-                // The log's tail from the writer's memory: no device read (the log is
-                // written with O_DIRECT, so it is not in the page cache).
-                let recent = match &logger {
-                    Some(l) if name.node == self.me() && max > 0 => {
-                        l.read_recent(name.seq, offset, max)
-                    }
-                    _ => None,
-                };
-                let data = match recent {
-                    Some(data) => data,
-                    None => {
-                        tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
-                            use std::os::unix::fs::FileExt;
-                            let f = std::fs::File::open(&path)
-                                .with_context(|| format!("{}", path.display()))?;
-                            let mut buf = vec![0u8; max];
-                            let mut n = 0;
-                            while n < max {
-                                let k = f.read_at(&mut buf[n..], offset + n as u64)?;
-                                if k == 0 {
-                                    break;
-                                }
-                                n += k;
-                            }
-                            buf.truncate(n);
-                            // The fetcher asks for the next chunks next: have the kernel
-                            // read them ahead while this one is sent (an O_DIRECT-written
-                            // logfile is not in the page cache, and a fetcher that keeps up
-                            // is answered from memory, so one catching up reads from the
-                            // device). Several chunks: the device reads them at once.
-                            if n == max && n > 0 {
-                                mars_logger::disk::start_readahead(
-                                    &f,
-                                    offset + n as u64,
-                                    (max * FETCH_READAHEAD_CHUNKS) as u64,
-                                );
-                            }
-                            // Checked after the read: a logfile deleted and recycled meanwhile
-                            // has another header, written before any of its new records.
-                            let mut h = [0u8; mars_logfmt::FILE_HEADER_LEN];
-                            f.read_exact_at(&mut h, 0)?;
-                            if mars_logfmt::FileHeader::decode(&h).map(|h| h.file_seq)
-                                != Ok(name.seq)
-                            {
-                                bail!("logfile {} is gone (deleted)", path.display());
-                            }
-                            Ok(buf)
-                        })
-                        .await??
-                    }
-                };
-                write_msg(
-                    s,
-                    &Msg::Chunk {
-                        file,
-                        offset,
-                        len: data.len() as u32,
-                    },
-                )
-                .await?;
-                write_data(s, &data).await?;
-            }
+            m @ Msg::Fetch { .. } => return self.serve_fetches(m, s).await,
             other => bail!("unexpected message {other:?}"),
         }
         Ok(None)
+    }
+
+    /// Answer `Fetch` requests from `first` on, in order: each chunk is read (off the
+    /// runtime, into a buffer used again) as soon as its request arrives, up to
+    /// `FETCH_SERVE_AHEAD` at once, so that the device or page-cache read of the next
+    /// chunks overlaps sending this one. Returns the first other message (None at the
+    /// end of the stream). An error ends the answers where it happened: the chunks
+    /// asked for before it are sent first.
+    async fn serve_fetches(
+        &self,
+        first: Msg,
+        s: &mut tokio::net::TcpStream,
+    ) -> Result<Option<Msg>> {
+        let (mut rd, mut wr) = s.split();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<FetchAnswer>(FETCH_SERVE_AHEAD);
+        let buffers: FetchBuffers = Arc::default();
+        let pool = buffers.clone();
+        let reader = async move {
+            let mut msg = first;
+            loop {
+                let Msg::Fetch {
+                    res,
+                    file,
+                    offset,
+                    max,
+                } = msg
+                else {
+                    return Ok::<_, anyhow::Error>(Some(msg));
+                };
+                let answer = match self.fetch_answer(&res, &file, offset, max, &pool).await {
+                    Ok(a) => a,
+                    Err(e) => FetchAnswer::Failed(e),
+                };
+                let failed = matches!(answer, FetchAnswer::Failed(_));
+                if tx.send(answer).await.is_err() || failed {
+                    return Ok(None); // the writing half reports what ended the stream
+                }
+                msg = match read_msg(&mut rd).await {
+                    Ok(m) => m,
+                    Err(mars_proto::ProtoError::Io(e))
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+                    {
+                        return Ok(None)
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+            }
+        };
+        let writer = async move {
+            while let Some(answer) = rx.recv().await {
+                let (file, offset, buf, n) = match answer {
+                    FetchAnswer::Failed(e) => return Err(e),
+                    FetchAnswer::Ready { file, offset, data } => {
+                        let n = data.len();
+                        (file, offset, data, n)
+                    }
+                    FetchAnswer::Reading { file, offset, job } => {
+                        let (buf, n) = job.await??;
+                        (file, offset, buf, n)
+                    }
+                };
+                write_msg(
+                    &mut wr,
+                    &Msg::Chunk {
+                        file,
+                        offset,
+                        len: n as u32,
+                    },
+                )
+                .await?;
+                write_data(&mut wr, &buf[..n]).await?;
+                let mut pool = buffers.lock();
+                if pool.len() < FETCH_SERVE_AHEAD + 2 {
+                    pool.push(buf);
+                }
+            }
+            Ok::<(), anyhow::Error>(())
+        };
+        let (next, ()) = tokio::try_join!(reader, writer)?;
+        Ok(next)
+    }
+
+    /// The answer to one `Fetch`: what of `file` from `offset` on (at most `max`
+    /// bytes) may be sent now, from the logger's memory or read from the file.
+    async fn fetch_answer(
+        &self,
+        res: &str,
+        file: &str,
+        offset: u64,
+        max: u32,
+        pool: &FetchBuffers,
+    ) -> Result<FetchAnswer> {
+        self.res_entry(res)?;
+        let Some(name) = mars_logfmt::parse_logfile_name(file) else {
+            bail!("bad logfile name {file:?}");
+        };
+        let path = node::resource_dir(&self.dir, res).join(file);
+        let mut max = max.min(MAX_CHUNK) as usize;
+        // Up to what is durable, as in `LogList`, in any file of a writing node.
+        let logger = self.logger_of(res).await;
+        let durable_end = logger.as_deref().map(durable_end_of);
+        if durable_end.is_none() && unrecovered_own(&path, self.me()) {
+            max = 0;
+        }
+        if let Some((_, synced)) = durable_end {
+            let start = logfile_start(&path)?;
+            let durable = mars_logfmt::FILE_HEADER_LEN as u64 + synced.saturating_sub(start);
+            max = max.min(durable.saturating_sub(offset) as usize);
+        }
+        let file = file.to_string();
+        // The log's tail from the writer's memory: no device read (the log is
+        // written with O_DIRECT, so it is not in the page cache).
+        if let Some(l) = &logger {
+            if name.node == self.me() && max > 0 {
+                if let Some(data) = l.read_recent(name.seq, offset, max) {
+                    return Ok(FetchAnswer::Ready { file, offset, data });
+                }
+            }
+        }
+        let buf = pool.lock().pop().unwrap_or_default();
+        let job =
+            tokio::task::spawn_blocking(move || read_chunk(&path, name.seq, offset, max, buf));
+        Ok(FetchAnswer::Reading { file, offset, job })
     }
 
     /// Answer `SyncBlock` requests from `first` on: each block is read and hashed off
@@ -2008,6 +2046,73 @@ impl Daemon {
 /// Answers of a full sync queued on the serving side (blocks read and hashed at
 /// once: this many, plus the one being sent and the one just requested).
 const SYNC_SERVE_AHEAD: usize = 4;
+
+/// Fetch answers being read on the serving side at once (besides the one being sent).
+const FETCH_SERVE_AHEAD: usize = 4;
+
+/// Chunk buffers of one fetch stream, used again.
+type FetchBuffers = Arc<parking_lot::Mutex<Vec<Vec<u8>>>>;
+
+/// One `Fetch` answer, queued in request order.
+enum FetchAnswer {
+    /// From the logger's memory.
+    Ready {
+        file: String,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Being read from the file: the buffer and how much of it holds the chunk.
+    Reading {
+        file: String,
+        offset: u64,
+        job: tokio::task::JoinHandle<Result<(Vec<u8>, usize)>>,
+    },
+    /// The request cannot be answered: the stream ends here.
+    Failed(anyhow::Error),
+}
+
+/// Read up to `max` bytes of the logfile at `path` (number `seq`) from `offset` into
+/// `buf` (grown to `max` if needed, never zeroed again): the buffer and the length read.
+fn read_chunk(
+    path: &Path,
+    seq: u64,
+    offset: u64,
+    max: usize,
+    mut buf: Vec<u8>,
+) -> Result<(Vec<u8>, usize)> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    if buf.len() < max {
+        buf.resize(max, 0);
+    }
+    let mut n = 0;
+    while n < max {
+        let k = f.read_at(&mut buf[n..max], offset + n as u64)?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    // The fetcher asks for the next chunks next: have the kernel read them ahead
+    // (an O_DIRECT-written logfile is not in the page cache, and a fetcher that keeps
+    // up is answered from memory, so one catching up reads from the device).
+    // Several chunks: the device reads them at once.
+    if n == max && n > 0 {
+        mars_logger::disk::start_readahead(
+            &f,
+            offset + n as u64,
+            (max * FETCH_READAHEAD_CHUNKS) as u64,
+        );
+    }
+    // Checked after the read: a logfile deleted and recycled meanwhile has another
+    // header, written before any of its new records.
+    let mut h = [0u8; mars_logfmt::FILE_HEADER_LEN];
+    f.read_exact_at(&mut h, 0)?;
+    if mars_logfmt::FileHeader::decode(&h).map(|h| h.file_seq) != Ok(seq) {
+        bail!("logfile {} is gone (deleted)", path.display());
+    }
+    Ok((buf, n))
+}
 
 /// The answer to one `SyncBlock`: None when the block's digest is `digest`, else the
 /// block. Buffers come from and go back to `pool`.

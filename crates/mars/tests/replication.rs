@@ -681,7 +681,12 @@ fn handover_failover_split_brain_and_invalidate() {
     assert_eq!(member(&v, "gamma")["role"], "secondary", "{v:#}");
     let human = nodes[2].adm_ok(&["view", "r0"]);
     assert!(human.contains("SPLIT-BRAIN"), "{human}");
-    // The losing side throws its data away and syncs again.
+    // The losing side throws its data away and syncs again, from the primary it sees
+    // alive (split brain can be detected before gamma's gossip has beta alive again;
+    // until then invalidate refuses: no reachable primary).
+    nodes[2].wait_view("gamma sees beta alive", |v| {
+        view_nodes(v).iter().any(|(n, alive)| n == "beta" && *alive)
+    });
     let err = nodes[1].adm_err(&["invalidate", "r0"]);
     assert!(err.contains("designated primary"), "{err}");
     nodes[2].adm_ok(&["invalidate", "r0"]);
