@@ -994,3 +994,98 @@ fn sync_killed_mid_way_resumes_and_pause_sync_holds_it() {
     );
     assert!(read(&b_disk) == data, "beta's disk equals alpha's");
 }
+
+/// The serving side reads several fetch answers at once but sends them in the
+/// order asked, each the file's exact bytes; a request it cannot answer (a
+/// logfile that does not exist) ends the stream after the answers before it.
+#[test]
+fn fetch_answers_come_in_order_and_a_bad_request_ends_the_stream() {
+    let mut nodes = start_cluster(&["alpha"]);
+    // No answers from memory: every chunk is read from the logfile.
+    nodes[0].set_setting("tail_cache_bytes", 0);
+    let disk = nodes[0].disk("a.img", 16 * MIB);
+    nodes[0].adm_ok(&["create-resource", "r0", disk.to_str().unwrap()]);
+    nodes[0].adm_ok(&["wait-resource", "r0", "primary", "--timeout", "30"]);
+    let mut c = nodes[0].nbd("r0");
+    for i in 0..6u64 {
+        let data: Vec<u8> = (0..MIB).map(|j| (i * 31 + j / 512) as u8).collect();
+        assert_eq!(c.write(i * MIB, &data, true).unwrap(), 0);
+    }
+    drop(c);
+    nodes[0].adm_ok(&["log-rotate", "r0"]);
+    let id = nodes[0].view_json()["cluster"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let res_dir = nodes[0].dir.join("resources").join("r0");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use mars_proto::{client_handshake, read_data, read_msg, write_msg, Msg, NodeInfo};
+        let me = NodeInfo {
+            name: "fetcher".into(),
+            listen: "127.0.0.1:1".into(),
+            nbd: "127.0.0.1:2".into(),
+        };
+        let mut s = tokio::net::TcpStream::connect(&nodes[0].listen)
+            .await
+            .unwrap();
+        client_handshake(&mut s, Some(&id), &me).await.unwrap();
+        write_msg(&mut s, &Msg::LogList { res: "r0".into() })
+            .await
+            .unwrap();
+        let files = match read_msg(&mut s).await.unwrap() {
+            Msg::Logs { files, .. } => files,
+            other => panic!("expected Logs, got {other:?}"),
+        };
+        let f = files
+            .iter()
+            .find(|f| f.finished && f.len > 5 * MIB)
+            .unwrap_or_else(|| panic!("no finished logfile of 6 MiB of records: {files:?}"));
+        let bytes = std::fs::read(res_dir.join(&f.name)).unwrap();
+        assert_eq!(bytes.len() as u64, f.len);
+        // Five requests before any answer is read: three good ones, a missing
+        // logfile, and one more good one that must not be answered.
+        let chunk = 2 * MIB as u32;
+        let fetch = |file: &str, offset: u64| Msg::Fetch {
+            res: "r0".into(),
+            file: file.into(),
+            offset,
+            max: chunk,
+        };
+        for m in [
+            fetch(&f.name, 0),
+            fetch(&f.name, 2 * MIB),
+            fetch(&f.name, 4 * MIB),
+            fetch("log-000000099-alpha", 0),
+            fetch(&f.name, 0),
+        ] {
+            write_msg(&mut s, &m).await.unwrap();
+        }
+        let mut got = Vec::new();
+        for want in [0, 2 * MIB, 4 * MIB] {
+            match read_msg(&mut s).await.unwrap() {
+                Msg::Chunk { file, offset, len } => {
+                    assert_eq!((file.as_str(), offset), (f.name.as_str(), want));
+                    let data = read_data(&mut s).await.unwrap();
+                    assert_eq!(data.len(), len as usize);
+                    let end = (want + chunk as u64).min(f.len) as usize;
+                    assert!(data == bytes[want as usize..end], "chunk at {want} differs");
+                    got.push(want);
+                }
+                other => panic!("expected the chunk at {want}, got {other:?}"),
+            }
+        }
+        assert_eq!(got, [0, 2 * MIB, 4 * MIB]);
+        match read_msg(&mut s).await.unwrap() {
+            Msg::Refused { reason } => {
+                assert!(reason.contains("log-000000099-alpha"), "{reason}")
+            }
+            other => panic!("expected Refused for the missing logfile, got {other:?}"),
+        }
+        // Nothing after it: the connection ends.
+        assert!(read_msg(&mut s).await.is_err());
+    });
+}
