@@ -1886,14 +1886,9 @@ impl Daemon {
                 if tx.send(answer).await.is_err() || failed {
                     return Ok(None); // the writing half reports what ended the stream
                 }
-                msg = match read_msg(&mut rd).await {
-                    Ok(m) => m,
-                    Err(mars_proto::ProtoError::Io(e))
-                        if e.kind() == std::io::ErrorKind::UnexpectedEof =>
-                    {
-                        return Ok(None)
-                    }
-                    Err(e) => return Err(e.into()),
+                msg = match next_request(&mut rd).await? {
+                    Some(m) => m,
+                    None => return Ok(None),
                 };
             }
         };
@@ -2014,14 +2009,9 @@ impl Daemon {
                 if tx.send(answer).await.is_err() {
                     return Ok(None); // the writing half failed; its error is the one to report
                 }
-                msg = match read_msg(&mut rd).await {
-                    Ok(m) => m,
-                    Err(mars_proto::ProtoError::Io(e))
-                        if e.kind() == std::io::ErrorKind::UnexpectedEof =>
-                    {
-                        return Ok(None)
-                    }
-                    Err(e) => return Err(e.into()),
+                msg = match next_request(&mut rd).await? {
+                    Some(m) => m,
+                    None => return Ok(None),
                 };
             }
         };
@@ -2046,6 +2036,17 @@ impl Daemon {
 /// Answers of a full sync queued on the serving side (blocks read and hashed at
 /// once: this many, plus the one being sent and the one just requested).
 const SYNC_SERVE_AHEAD: usize = 4;
+
+/// The next request of a stream of them; None when the peer closed the connection.
+async fn next_request<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) -> Result<Option<Msg>> {
+    match read_msg(rd).await {
+        Ok(m) => Ok(Some(m)),
+        Err(mars_proto::ProtoError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
 
 /// Fetch answers being read on the serving side at once (besides the one being sent).
 const FETCH_SERVE_AHEAD: usize = 4;
