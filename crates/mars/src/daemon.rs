@@ -1747,6 +1747,7 @@ impl DataServer for Daemon {
                         },
                     )
                     .await;
+                    linger_close(s).await;
                     Err(anyhow::anyhow!(reason))
                 }
             }
@@ -2036,6 +2037,30 @@ impl Daemon {
 /// Answers of a full sync queued on the serving side (blocks read and hashed at
 /// once: this many, plus the one being sent and the one just requested).
 const SYNC_SERVE_AHEAD: usize = 4;
+
+/// End a connection whose peer may still be sending requests (a fetcher keeps
+/// several in flight): send FIN, then read and drop what arrives until the peer
+/// closes too (at most `LINGER`). Closing with unread bytes in the receive buffer
+/// makes the kernel send a reset, and a reset throws away what the peer has not
+/// read yet: the answers before the error and the `Refused` that says why.
+async fn linger_close(s: &mut tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if s.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = vec![0u8; 64 << 10];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = s.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// How long [`linger_close`] waits for the peer to close.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// The next request of a stream of them; None when the peer closed the connection.
 async fn next_request<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) -> Result<Option<Msg>> {
