@@ -305,6 +305,41 @@ mod tests {
     }
 
     #[test]
+    fn preallocate_reserves_blocks_and_keeps_the_length() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.write_all_at(b"head", 0).unwrap();
+        preallocate(&f, 4, 8 << 20);
+        let m = f.metadata().unwrap();
+        assert_eq!(
+            m.len(),
+            4,
+            "the length is the data's, not the reservation's"
+        );
+        // 512-byte units; ext4, xfs and tmpfs reserve; a file system without
+        // fallocate leaves only the data's block (the hint is then a no-op).
+        assert!(
+            m.blocks() >= (8 << 20) / 512 || m.blocks() <= 8,
+            "{} blocks",
+            m.blocks()
+        );
+        // Writes into the reservation read back; the length grows with them.
+        f.write_all_at(&[7u8; 10000], 4096).unwrap();
+        let mut back = vec![0u8; 10000];
+        f.read_exact_at(&mut back, 4096).unwrap();
+        assert!(back.iter().all(|&b| b == 7));
+        assert_eq!(f.metadata().unwrap().len(), 4096 + 10000);
+    }
+
+    #[test]
     fn disk_writes_in_chunks_land_where_they_belong() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk");
