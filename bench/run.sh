@@ -358,9 +358,10 @@ out.append("- ours: `marsd --dir NODE` serving resource r0 on its own disk file 
 out.append(f"- fio: `fio --name=ROW {e['FIO_COMMON']} ROWARGS --uri=nbd://127.0.0.1:PORT/r0` with ROWARGS")
 out.append(f"  `{e['ARGS_SEQ']}` / `{e['ARGS_RW']}` / `{e['ARGS_RR']}`;"
            " the read row follows a sequential 1 MiB prefill of the whole device on both servers")
-out.append(f"- flushes in the random-write row (fio JSON sync.total_ios): {'; '.join(flush_note)}."
-           " fio sets last_was_sync only when a sync completes, so at QD32 it issues NBD_CMD_FLUSH into"
-           " every free slot until the first one returns: the mix is far more flush-heavy than 1 per 32")
+if flush_note:  # only when the random-write row was measured (BENCH_ROWS)
+    out.append(f"- flushes in the random-write row (fio JSON sync.total_ios): {'; '.join(flush_note)}."
+               " fio sets last_was_sync only when a sync completes, so at QD32 it issues NBD_CMD_FLUSH into"
+               " every free slot until the first one returns: the mix is far more flush-heavy than 1 per 32")
 out.append("- not equal footing: qemu-nbd uses O_DIRECT (cache=none); marsd writes its log and its disk"
            " through the page cache (fdatasync on flush), so its reads may be served from RAM")
 out.append(f"- between rows mars is let write back and delete applied logfiles (untimed); mars node dir at end (after the last settle): {int(e['MARS_LOG_BYTES']) / 2**20:,.0f} MiB")
