@@ -14,6 +14,7 @@ Usage: bench/catchup-again.py WORKDIR
 Environment:
   BYTES       bytes written while beta's fetch is paused (default 2G, fio syntax)
   FETCH_ONLY=1  pause beta's replay too and time until `log.fetched` arrives
+  PERF_OUT=FILE  `perf record -g -a` into FILE from the resume on, for PERF_SECS (default 3)
   MARS_BIN    directory with marsd and marsadm (default $CARGO_TARGET_DIR/release
               or target/release)
 """
@@ -87,6 +88,11 @@ def main():
         wait("gamma", "replayed", written)
         if fetch_only:
             adm("beta", "pause-replay", "r0")
+        perf = None
+        if os.environ.get("PERF_OUT"):
+            perf = subprocess.Popen(["perf", "record", "-g", "-a", "-o", os.environ["PERF_OUT"], "--",
+                                     "sleep", os.environ.get("PERF_SECS", "3")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         adm("beta", "resume-fetch", "r0")
         secs = wait("beta", "fetched" if fetch_only else "replayed", written)
         what = "fetched" if fetch_only else "caught up"
@@ -94,6 +100,8 @@ def main():
               f"{(written - start) / secs / 1e6:.0f} MB/s")
         if fetch_only:
             adm("beta", "resume-replay", "r0")
+        if perf:
+            perf.wait()
     finally:
         for p in procs:
             p.terminate()
