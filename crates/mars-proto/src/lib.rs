@@ -337,6 +337,37 @@ pub async fn read_data_into<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// [`read_data`] into the front of `buf`, which does not move or grow (a buffer
+/// aligned for O_DIRECT): the payload's length. A larger frame is an error.
+pub async fn read_data_into_slice<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+) -> Result<usize, ProtoError> {
+    let mut h = [0u8; FRAME_HEADER_LEN];
+    r.read_exact(&mut h).await?;
+    let (kind, len, crc) = parse_frame_header_kind(&h)?;
+    let len = len as usize;
+    if kind != KIND_DATA {
+        let mut payload = vec![0u8; len];
+        r.read_exact(&mut payload).await?;
+        let m = decode_payload(&payload, crc)?;
+        return Err(ProtoError::Unexpected(format!(
+            "message {m:?} where data belongs"
+        )));
+    }
+    if len > buf.len() {
+        return Err(ProtoError::Unexpected(format!(
+            "a data frame of {len} bytes where at most {} were asked for",
+            buf.len()
+        )));
+    }
+    r.read_exact(&mut buf[..len]).await?;
+    if crc32c::crc32c(&buf[..len]) != crc {
+        return Err(ProtoError::BadChecksum);
+    }
+    Ok(len)
+}
+
 /// Read a data frame (after a message that announced it).
 pub async fn read_data<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, ProtoError> {
     match read_frame(r).await? {
@@ -383,6 +414,47 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn data_frames_into_a_fixed_slice() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut wire = Vec::new();
+            write_data(&mut wire, &[7u8; 3000]).await.unwrap();
+            write_data(&mut wire, &[8u8; 5000]).await.unwrap();
+            let mut r = &wire[..];
+            let mut buf = [0u8; 4096];
+            assert_eq!(read_data_into_slice(&mut r, &mut buf).await.unwrap(), 3000);
+            assert!(buf[..3000].iter().all(|&b| b == 7));
+            assert!(
+                buf[3000..].iter().all(|&b| b == 0),
+                "nothing past the frame"
+            );
+            // Larger than the slice: an error.
+            assert!(matches!(
+                read_data_into_slice(&mut r, &mut buf).await,
+                Err(ProtoError::Unexpected(m)) if m.contains("5000")
+            ));
+            let mut wire = Vec::new();
+            write_msg(&mut wire, &Msg::Same).await.unwrap();
+            let mut bad = Vec::new();
+            write_data(&mut bad, &[1u8; 64]).await.unwrap();
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            wire.extend_from_slice(&bad);
+            let mut r = &wire[..];
+            assert!(matches!(
+                read_data_into_slice(&mut r, &mut buf).await,
+                Err(ProtoError::Unexpected(m)) if m.contains("Same")
+            ));
+            assert!(matches!(
+                read_data_into_slice(&mut r, &mut buf).await,
+                Err(ProtoError::BadChecksum)
+            ));
+        });
+    }
 
     #[test]
     fn data_frames_into_a_reused_buffer() {

@@ -26,7 +26,7 @@ use crate::meta;
 use crate::peer::Peer;
 use anyhow::{anyhow, bail, Context, Result};
 use mars_logger::replay::Replayer;
-use mars_proto::{read_data_into, read_msg, write_msg, Msg};
+use mars_proto::{read_data_into, read_data_into_slice, read_msg, write_msg, Msg};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -209,6 +209,66 @@ fn spawn_persist_sync(
         disk.sync_data()?;
         write_sync(&dir, &s)
     })
+}
+
+/// Alignment of O_DIRECT buffers, offsets and lengths (covers 512 and 4096 byte sectors).
+const DIRECT_ALIGN: usize = 4096;
+
+/// A block buffer whose bytes start on a `DIRECT_ALIGN` boundary (its heap memory
+/// does not move when the value does).
+struct AlignedBlock {
+    raw: Vec<u8>,
+    start: usize,
+}
+
+impl AlignedBlock {
+    fn new(len: usize) -> AlignedBlock {
+        let raw = vec![0u8; len + DIRECT_ALIGN];
+        let start = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        AlignedBlock { raw, start }
+    }
+
+    fn buf(&mut self) -> &mut [u8] {
+        let len = self.raw.len() - DIRECT_ALIGN;
+        &mut self.raw[self.start..self.start + len]
+    }
+}
+
+/// The disk opened for O_DIRECT writes; None where that is refused (tmpfs).
+fn open_direct(path: &std::path::Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
+/// Write one synced block: with O_DIRECT when there is such a handle and the block
+/// is aligned, else (or when the direct write is refused) through the page cache.
+/// A direct write replaces what the page cache held of the range (the kernel writes
+/// dirty pages back first and drops them after), so later buffered reads see it.
+fn write_block(
+    disk: &std::fs::File,
+    direct: Option<&std::fs::File>,
+    data: &[u8],
+    off: u64,
+) -> std::io::Result<()> {
+    if let Some(f) = direct {
+        let aligned = (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+            && data.len().is_multiple_of(DIRECT_ALIGN)
+            && off.is_multiple_of(DIRECT_ALIGN as u64);
+        if aligned {
+            match f.write_all_at(data, off) {
+                Ok(()) => return Ok(()),
+                // Refused for this file or a short write left an unaligned rest:
+                // the whole block again through the page cache.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    disk.write_all_at(data, off)
 }
 
 /// Sync requests (`SyncBlock`) sent ahead of their answers.
@@ -671,17 +731,22 @@ impl Secondary {
         // (None for an equal block). `next_offset` passes a block once it and all
         // before it are written.
         // A write gives its buffer back for the next block received.
-        type BlockWrite = tokio::task::JoinHandle<(Vec<u8>, std::io::Result<()>)>;
+        type BlockWrite = tokio::task::JoinHandle<(AlignedBlock, std::io::Result<()>)>;
         let mut answered: VecDeque<(u64, Option<BlockWrite>)> = VecDeque::new();
-        let mut buffers: Vec<Vec<u8>> = Vec::new();
+        let mut buffers: Vec<AlignedBlock> = Vec::new();
+        // Blocks are written with O_DIRECT where the file system allows it: no copy
+        // into the page cache (the periodic disk sync writes them out anyway).
+        let direct = open_direct(&self.disk).map(Arc::new);
         let disk_name = self.disk.display().to_string();
-        let written =
-            |r: std::result::Result<(Vec<u8>, std::io::Result<()>), tokio::task::JoinError>,
-             end: u64| {
-                r.map_err(anyhow::Error::from)
-                    .and_then(|(buf, r)| r.map(|()| buf).map_err(anyhow::Error::from))
-                    .with_context(|| format!("writing the block before {end} to {disk_name}"))
-            };
+        let written = |r: std::result::Result<
+            (AlignedBlock, std::io::Result<()>),
+            tokio::task::JoinError,
+        >,
+                       end: u64| {
+            r.map_err(anyhow::Error::from)
+                .and_then(|(buf, r)| r.map(|()| buf).map_err(anyhow::Error::from))
+                .with_context(|| format!("writing the block before {end} to {disk_name}"))
+        };
         let copied: Result<()> = async {
             loop {
                 if halted() {
@@ -717,15 +782,17 @@ impl Secondary {
                 match read_msg(&mut rd).await? {
                     Msg::Same => answered.push_back((off + len as u64, None)),
                     Msg::BlockData { offset, len: n } if offset == off && n as usize == len => {
-                        let mut data = buffers.pop().unwrap_or_default();
-                        read_data_into(&mut rd, &mut data).await?;
-                        if data.len() != len {
-                            bail!("primary sent {} bytes for a block of {len}", data.len());
+                        let mut block = buffers
+                            .pop()
+                            .unwrap_or_else(|| AlignedBlock::new(SYNC_BLOCK as usize));
+                        let got = read_data_into_slice(&mut rd, block.buf()).await?;
+                        if got != len {
+                            bail!("primary sent {got} bytes for a block of {len}");
                         }
-                        let d = disk.clone();
+                        let (d, dd) = (disk.clone(), direct.clone());
                         let w = tokio::task::spawn_blocking(move || {
-                            let r = d.write_all_at(&data, off);
-                            (data, r)
+                            let r = write_block(&d, dd.as_deref(), &block.buf()[..len], off);
+                            (block, r)
                         });
                         answered.push_back((off + len as u64, Some(w)));
                         self.progress.lock().blocks_transferred += 1;
@@ -1019,5 +1086,47 @@ impl Secondary {
         p.source = Some(primary.to_string());
         p.source_complete = complete;
         Ok(fetched)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synced_blocks_land_whether_written_direct_or_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![0xEEu8; 1 << 20]).unwrap();
+        let disk = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let direct = open_direct(&path);
+        let mut model = vec![0xEEu8; 1 << 20];
+        let mut block = AlignedBlock::new(64 << 10);
+        assert_eq!(block.buf().as_ptr() as usize % DIRECT_ALIGN, 0);
+        assert_eq!(block.buf().len(), 64 << 10);
+        // Aligned (direct where the file system allows it), unaligned offset, odd length.
+        for (i, (off, len)) in [
+            (0u64, 65536usize),
+            (8192, 4096),
+            (1000, 65536),
+            (70000, 333),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let b = block.buf();
+            b[..len].fill(i as u8 + 1);
+            write_block(&disk, direct.as_ref(), &b[..len], off).unwrap();
+            model[off as usize..off as usize + len].fill(i as u8 + 1);
+            // A buffered read right after sees it (the direct write dropped cached pages).
+            let mut back = vec![0u8; len];
+            disk.read_exact_at(&mut back, off).unwrap();
+            assert!(back.iter().all(|&x| x == i as u8 + 1), "write {i}");
+        }
+        assert!(std::fs::read(&path).unwrap() == model);
     }
 }
