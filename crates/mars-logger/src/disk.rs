@@ -273,17 +273,21 @@ fn read_nowait(_file: &File, _buf: &mut [u8], _offset: u64) -> Option<io::Result
 mod tests {
     use super::*;
 
-    #[test]
-    fn pwritev_all_writes_many_buffers_back_to_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let f = OpenOptions::new()
+    /// An empty file `f` in `dir`, open for reading and writing.
+    fn scratch_file(dir: &Path) -> File {
+        OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&path)
-            .unwrap();
+            .open(dir.join("f"))
+            .unwrap()
+    }
+
+    #[test]
+    fn pwritev_all_writes_many_buffers_back_to_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = scratch_file(dir.path());
         // More buffers than IOV_MAX, with empty ones mixed in.
         let chunks: Vec<Vec<u8>> = (0..2500u32)
             .map(|i| vec![(i % 251) as u8; (i % 7) as usize])
@@ -308,14 +312,7 @@ mod tests {
     fn preallocate_reserves_blocks_and_keeps_the_length() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let f = scratch_file(dir.path());
         f.write_all_at(b"head", 0).unwrap();
         preallocate(&f, 4, 8 << 20);
         let m = f.metadata().unwrap();

@@ -415,6 +415,15 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A data frame of 64 bytes whose last byte was flipped after its checksum.
+    async fn corrupt_data_frame() -> Vec<u8> {
+        let mut bad = Vec::new();
+        write_data(&mut bad, &[1u8; 64]).await.unwrap();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        bad
+    }
+
     #[test]
     fn data_frames_into_a_fixed_slice() {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -439,11 +448,7 @@ mod tests {
             ));
             let mut wire = Vec::new();
             write_msg(&mut wire, &Msg::Same).await.unwrap();
-            let mut bad = Vec::new();
-            write_data(&mut bad, &[1u8; 64]).await.unwrap();
-            let last = bad.len() - 1;
-            bad[last] ^= 1;
-            wire.extend_from_slice(&bad);
+            wire.extend_from_slice(&corrupt_data_frame().await);
             let mut r = &wire[..];
             assert!(matches!(
                 read_data_into_slice(&mut r, &mut buf).await,
@@ -466,11 +471,7 @@ mod tests {
             write_data(&mut wire, &[7u8; 5000]).await.unwrap();
             write_data(&mut wire, &[9u8; 100]).await.unwrap();
             write_msg(&mut wire, &Msg::Same).await.unwrap();
-            let mut bad = Vec::new();
-            write_data(&mut bad, &[1u8; 64]).await.unwrap();
-            let last = bad.len() - 1;
-            bad[last] ^= 1;
-            wire.extend_from_slice(&bad);
+            wire.extend_from_slice(&corrupt_data_frame().await);
             let mut r = &wire[..];
             let mut buf = Vec::new();
             read_data_into(&mut r, &mut buf).await.unwrap();
