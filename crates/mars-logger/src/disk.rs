@@ -14,6 +14,27 @@ use std::path::Path;
 /// writeback after a sequential pass several times more expensive.
 pub const WRITE_CHUNK: u64 = 64 << 10;
 
+/// Alignment of O_DIRECT buffers, file offsets and lengths (covers 512 and 4096 byte
+/// sectors).
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Open `path` for O_DIRECT writes; None where the file system does not support it
+/// (tmpfs): the caller writes through the page cache then.
+pub fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::debug!(path = %path.display(), "no O_DIRECT writes: {e}");
+            None
+        }
+    }
+}
+
 /// The local disk of a resource, opened read-write and buffered.
 pub struct Disk {
     file: File,

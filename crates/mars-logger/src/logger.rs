@@ -1,6 +1,6 @@
 //! Writer thread, writeback thread and the public [`Logger`] handle.
 
-use crate::disk::{disk_size, Disk};
+use crate::disk::{disk_size, open_direct, Disk};
 use crate::index::{overlay, ExtentData, Index};
 use crate::recovery::{
     self, finish_version, new_logfile, store_version, write_applied, LogfileEntry,
@@ -15,7 +15,7 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -905,23 +905,7 @@ const START_WRITEBACK_MIN: u64 = 256 << 10;
 /// delayed by the device.
 const DIRECT_MIN: u64 = 256 << 10;
 const DIRECT_MAX: u64 = 16 << 20;
-/// Alignment of O_DIRECT buffers, file offsets and lengths (covers 512 and 4096 byte sectors).
-const DIRECT_ALIGN: u64 = 4096;
-
-/// Open `path` for O_DIRECT writes; None where the file system does not support it.
-fn open_direct(path: &Path) -> Option<File> {
-    match OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
-        Ok(f) => Some(f),
-        Err(e) => {
-            tracing::debug!(path = %path.display(), "no O_DIRECT log writes: {e}");
-            None
-        }
-    }
-}
+const DIRECT_ALIGN: u64 = crate::disk::DIRECT_ALIGN as u64;
 
 /// `pwrite` all of `buf` at `offset` on an O_DIRECT file. `buf`, its length and `offset`
 /// are `DIRECT_ALIGN`ed. Returns how much was written before an error (with the error).

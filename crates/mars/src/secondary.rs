@@ -25,6 +25,7 @@
 use crate::meta;
 use crate::peer::Peer;
 use anyhow::{anyhow, bail, Context, Result};
+use mars_logger::disk::{open_direct, DIRECT_ALIGN};
 use mars_logger::replay::Replayer;
 use mars_proto::{read_data_into, read_data_into_slice, read_msg, write_msg, Msg};
 use parking_lot::Mutex;
@@ -211,9 +212,6 @@ fn spawn_persist_sync(
     })
 }
 
-/// Alignment of O_DIRECT buffers, offsets and lengths (covers 512 and 4096 byte sectors).
-const DIRECT_ALIGN: usize = 4096;
-
 /// A block buffer whose bytes start on a `DIRECT_ALIGN` boundary (its heap memory
 /// does not move when the value does).
 struct AlignedBlock {
@@ -232,16 +230,6 @@ impl AlignedBlock {
         let len = self.raw.len() - DIRECT_ALIGN;
         &mut self.raw[self.start..self.start + len]
     }
-}
-
-/// The disk opened for O_DIRECT writes; None where that is refused (tmpfs).
-fn open_direct(path: &std::path::Path) -> Option<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .ok()
 }
 
 /// Write one synced block: with O_DIRECT when there is such a handle and the block
