@@ -1761,10 +1761,12 @@ const FETCH_READAHEAD_CHUNKS: usize = 4;
 
 impl Daemon {
     async fn primary_logger(&self, res: &str) -> Result<Arc<Logger>> {
-        let st = self.state.lock().await;
-        match st.actual.get(res).and_then(|a| a.logger.clone()) {
+        match self.logger_of(res).await {
             Some(l) => Ok(l),
-            None => bail!("{} has no attached log for {res}", self.me()),
+            None => bail!(
+                "{} does not write the log of {res} (not its primary, or its disk is detached): a full sync is served by the primary",
+                self.me()
+            ),
         }
     }
 
