@@ -765,11 +765,15 @@ impl Logger {
     }
 
     /// The bytes of this node's logfile number `file_seq` from file `offset` on, at
-    /// most `max`, if the log's recent records in memory hold them (a fetcher that
-    /// keeps up asks for those: no device read for them). What is returned is in
-    /// the logfile, but not necessarily durable: the caller limits `max`.
-    pub fn read_recent(&self, file_seq: u64, offset: u64, max: usize) -> Option<Vec<u8>> {
-        self.shared.tail.lock().read(file_seq, offset, max)
+    /// most `max`, into `out` (replacing its contents), if the log's recent records
+    /// in memory hold them (a fetcher that keeps up asks for those: no device read
+    /// for them); false if not. What is returned is in the logfile, but not
+    /// necessarily durable: the caller limits `max`.
+    pub fn read_recent(&self, file_seq: u64, offset: u64, max: usize, out: &mut Vec<u8>) -> bool {
+        self.shared
+            .tail
+            .lock()
+            .read_into(file_seq, offset, max, out)
     }
 
     /// Sync the disk and persist the written-back position now (instead of waiting
@@ -2716,7 +2720,8 @@ mod tests {
             let bytes = std::fs::read(&e.path).unwrap();
             let mut off = FILE_HEADER_LEN;
             while off < bytes.len() {
-                if let Some(got) = logger.read_recent(e.seq, off as u64, 100_003) {
+                let mut got = Vec::new();
+                if logger.read_recent(e.seq, off as u64, 100_003, &mut got) {
                     assert!(!got.is_empty());
                     assert!(
                         got[..] == bytes[off..off + got.len()],

@@ -81,18 +81,36 @@ impl TailCache {
         self.bytes = 0;
     }
 
-    /// The bytes of logfile `file_seq` from file `offset` on, at most `max`, as far
-    /// as the cache holds them contiguously; None if it does not hold `offset`.
+    /// [`TailCache::read_into`] into a new buffer (tests).
+    #[cfg(test)]
     pub(crate) fn read(&self, file_seq: u64, offset: u64, max: usize) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        self.read_into(file_seq, offset, max, &mut out)
+            .then_some(out)
+    }
+
+    /// The bytes of logfile `file_seq` from file `offset` on, at most `max`, as far
+    /// as the cache holds them contiguously, in `out` (replacing what it held; a
+    /// buffer used again needs no allocation). false if it does not hold `offset`.
+    pub(crate) fn read_into(
+        &self,
+        file_seq: u64,
+        offset: u64,
+        max: usize,
+        out: &mut Vec<u8>,
+    ) -> bool {
         // The first record that ends after `offset` in this file.
         let i = self
             .recs
             .partition_point(|r| (r.file_seq, r.offset + r.len()) <= (file_seq, offset));
-        let first = self.recs.get(i)?;
+        let Some(first) = self.recs.get(i) else {
+            return false;
+        };
         if first.file_seq != file_seq || first.offset > offset {
-            return None;
+            return false;
         }
-        let mut out = Vec::with_capacity(max);
+        out.clear();
+        out.reserve(max);
         let mut at = offset;
         for r in self.recs.range(i..) {
             // Records of one logfile in the cache are back to back (see `push`).
@@ -112,7 +130,7 @@ impl TailCache {
                 break;
             }
         }
-        Some(out)
+        true
     }
 }
 

@@ -1957,16 +1957,18 @@ impl Daemon {
             max = max.min(durable.saturating_sub(offset) as usize);
         }
         let file = file.to_string();
+        let mut buf = pool.lock().pop().unwrap_or_default();
         // The log's tail from the writer's memory: no device read (the log is
         // written with O_DIRECT, so it is not in the page cache).
         if let Some(l) = &logger {
-            if name.node == self.me() && max > 0 {
-                if let Some(data) = l.read_recent(name.seq, offset, max) {
-                    return Ok(FetchAnswer::Ready { file, offset, data });
-                }
+            if name.node == self.me() && max > 0 && l.read_recent(name.seq, offset, max, &mut buf) {
+                return Ok(FetchAnswer::Ready {
+                    file,
+                    offset,
+                    data: buf,
+                });
             }
         }
-        let buf = pool.lock().pop().unwrap_or_default();
         let job =
             tokio::task::spawn_blocking(move || read_chunk(&path, name.seq, offset, max, buf));
         Ok(FetchAnswer::Reading { file, offset, job })
