@@ -582,6 +582,12 @@ impl Logger {
         if let Some(f) = self.shared.failed.lock().clone() {
             return Err(io::Error::other(f));
         }
+        // Between `plug` and `unplug` on this thread, small requests wait in the plug
+        // and are logged together; a larger one goes after them (same order as sent).
+        let op = match self.plug_push(op) {
+            Ok(()) => return rx.await.map_err(|_| closed())?,
+            Err(op) => op,
+        };
         // A small request is logged right here when the writer is idle: no hand-off to
         // its thread and back. The rules are the same (`Writer::process` either way).
         let op = match self.try_process_now(op) {
@@ -590,6 +596,96 @@ impl Logger {
         };
         self.tx.send(op).map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?
+    }
+
+    fn id(&self) -> usize {
+        Arc::as_ptr(&self.shared) as usize
+    }
+
+    /// Start collecting the small requests submitted on this thread (until `unplug`,
+    /// which must follow on the same thread with no `.await` between): they are
+    /// logged as one batch, one `pwritev` for all, instead of one each. A server calls
+    /// this around starting the requests it read from a client in one go.
+    pub fn plug(&self) {
+        PLUG.with(|p| {
+            let mut p = p.borrow_mut();
+            // Anything still here was left by a caller that panicked before `unplug`:
+            // never acknowledged, its waiters gone. Dropped, not logged (it may not even
+            // be this logger's).
+            p.ops.clear();
+            p.log_len = 0;
+            p.owner = self.id();
+            p.active = true;
+        });
+    }
+
+    /// Log what was collected since `plug` and stop collecting.
+    pub fn unplug(&self) {
+        let ops = PLUG.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.owner != self.id() {
+                return Vec::new();
+            }
+            p.active = false;
+            p.take()
+        });
+        let ops = self.submit_batch(ops);
+        PLUG.with(|p| p.borrow_mut().give_back(ops));
+    }
+
+    /// Put `op` into this thread's plug if one is collecting for this logger and the
+    /// request is small; otherwise log what the plug holds first and give `op` back.
+    fn plug_push(&self, op: Op) -> Result<(), Op> {
+        let small = op.payload_len() <= INLINE_MAX;
+        let full = PLUG.with(|p| {
+            let mut p = p.borrow_mut();
+            if !p.active || p.owner != self.id() {
+                return Err(None);
+            }
+            if small && p.log_len + op.log_len() < PLUG_MAX {
+                return Ok(());
+            }
+            Err(Some(p.take()))
+        });
+        let full = match full {
+            Ok(()) => None,
+            Err(None) => return Err(op),
+            Err(Some(ops)) => Some(ops),
+        };
+        if let Some(ops) = full {
+            let ops = self.submit_batch(ops);
+            PLUG.with(|p| p.borrow_mut().give_back(ops));
+            if !small {
+                return Err(op);
+            }
+        }
+        PLUG.with(|p| {
+            let mut p = p.borrow_mut();
+            p.log_len += op.log_len();
+            p.ops.push(op);
+        });
+        Ok(())
+    }
+
+    /// Log `ops` (small requests, in this order): on this thread when the writer is
+    /// idle, else through its queue. Returns the emptied vector.
+    fn submit_batch(&self, mut ops: Vec<Op>) -> Vec<Op> {
+        if ops.is_empty() {
+            return ops;
+        }
+        if let Some(mut w) = self.writer.try_lock() {
+            let payload = ops.iter().map(Op::payload_len).sum();
+            if w.can_process_now(payload) {
+                w.process(&mut ops);
+                ops.clear();
+                return ops;
+            }
+        }
+        for op in ops.drain(..) {
+            // A closed queue drops the op: its waiter gets "shutting down".
+            let _ = self.tx.send(op);
+        }
+        ops
     }
 
     /// Process `op` on the calling thread if that cannot block: the writer is idle, the
@@ -892,6 +988,44 @@ static ZEROS: [u8; DIRECT_ALIGN as usize] = [0; DIRECT_ALIGN as usize];
 
 /// Requests with at most this much payload may be logged on the caller's thread.
 const INLINE_MAX: u64 = 64 << 10;
+
+/// A plug holds less than this much log: below `DIRECT_MIN`, so that its batch is a
+/// buffered write the caller's thread completes (never one for the I/O threads).
+const PLUG_MAX: u64 = DIRECT_MIN;
+
+/// Small requests collected on one thread between `Logger::plug` and `unplug`.
+struct Plug {
+    /// The logger collecting (`Logger::id`); 0 for none.
+    owner: usize,
+    active: bool,
+    ops: Vec<Op>,
+    log_len: u64,
+}
+
+impl Plug {
+    fn take(&mut self) -> Vec<Op> {
+        self.log_len = 0;
+        std::mem::take(&mut self.ops)
+    }
+
+    /// Keep the vector's room for the next batch.
+    fn give_back(&mut self, ops: Vec<Op>) {
+        if self.ops.is_empty() && ops.capacity() > self.ops.capacity() {
+            self.ops = ops;
+        }
+    }
+}
+
+thread_local! {
+    static PLUG: std::cell::RefCell<Plug> = const {
+        std::cell::RefCell::new(Plug {
+            owner: 0,
+            active: false,
+            ops: Vec::new(),
+            log_len: 0,
+        })
+    };
+}
 
 /// A batch takes at most this much payload from the queue. Small enough that a
 /// client's requests in flight make several batches, written at once by the I/O
@@ -2464,6 +2598,105 @@ mod tests {
         let (a, s, l2) = positions(&logger);
         assert_eq!((a, s), (l2, l2), "close syncs and writes back everything");
     }
+
+    /// Requests submitted between `plug` and `unplug` are logged when unplugged, as
+    /// few batches, in the order they were submitted: overlapping writes end with the
+    /// last one's data, a large write in the middle goes after the small ones before
+    /// it (it empties the plug), a FUA write is acknowledged only once synced, and
+    /// more than `PLUG_MAX` of them make several batches without reordering.
+    #[test]
+    fn plugged_requests_are_logged_at_unplug_in_submit_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = setup(dir.path());
+        cfg.idle_sync = Duration::from_secs(3600);
+        cfg.sync_batch_bytes = u64::MAX;
+        let rt = rt();
+        let logger = Arc::new(Logger::open(cfg.clone()).unwrap());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut futs: Vec<BoxFuture> = Vec::new();
+        let mut want: Vec<(u64, u64)> = Vec::new(); // (disk offset, length) in log order
+        let write = |off: u64, len: usize, byte: u8, fua: bool| -> BoxFuture {
+            let l = logger.clone();
+            Box::pin(async move { l.write(off, Bytes::from(vec![byte; len]), fua).await })
+        };
+        logger.plug();
+        for (i, (off, byte)) in [(0u64, 1u8), (4096, 2), (0, 3), (2048, 4)]
+            .iter()
+            .enumerate()
+        {
+            futs.push(write(*off, 4096, *byte, i == 1));
+            want.push((*off, 4096));
+        }
+        futs.push(Box::pin({
+            let l = logger.clone();
+            async move { l.zero(65536, 8192, false, true).await }
+        }));
+        want.push((65536, 8192));
+        for f in &mut futs {
+            assert!(
+                f.as_mut().poll(&mut cx).is_pending(),
+                "acknowledged while plugged"
+            );
+        }
+        assert_eq!(
+            records_in_current_logfile(&logger),
+            0,
+            "logged while plugged"
+        );
+        // Large: logged after the five before it, before the ones after it.
+        let mut big = write(1 << 20, INLINE_MAX as usize + 4096, 5, false);
+        want.push((1 << 20, INLINE_MAX + 4096));
+        let _ = big.as_mut().poll(&mut cx);
+        rt.block_on(big).unwrap();
+        assert_eq!(records_in_current_logfile(&logger), 6);
+        // More than a plug holds: several batches, still in order.
+        let n = (PLUG_MAX / 4096) as usize * 2 + 3;
+        for i in 0..n {
+            let off = (2 << 20) + (i as u64 % 64) * 4096;
+            let mut f = write(off, 4096, 10 + (i % 200) as u8, false);
+            want.push((off, 4096));
+            let _ = f.as_mut().poll(&mut cx);
+            futs.push(f);
+        }
+        logger.unplug();
+        rt.block_on(async {
+            for f in futs {
+                f.await.unwrap();
+            }
+        });
+        // The FUA write's acknowledgement says the log is synced past it.
+        let synced = logger.shared.sync.lock().synced_pos;
+        assert!(synced > 0, "FUA write acknowledged without a sync");
+        let path = logger.shared.sync.lock().path.clone();
+        let report = mars_logfmt::scan_logfile(&std::fs::read(path).unwrap());
+        assert!(report.damage.is_none(), "{:?}", report.damage);
+        let got: Vec<(u64, u64)> = report
+            .records
+            .iter()
+            .map(|r| (r.header.offset, r.header.length))
+            .collect();
+        assert_eq!(got, want, "log order is submit order");
+        // Overlapping writes: the last submitted wins where they overlap.
+        let head = logger.read(0, 8192).unwrap();
+        assert!(head[..2048].iter().all(|&b| b == 3));
+        assert!(head[2048..6144].iter().all(|&b| b == 4));
+        assert!(head[6144..].iter().all(|&b| b == 2));
+        for i in n - 64..n {
+            let off = (2 << 20) + (i as u64 % 64) * 4096;
+            let byte = 10 + (i % 200) as u8;
+            assert!(
+                logger.read(off, 4096).unwrap().iter().all(|&b| b == byte),
+                "write {i}"
+            );
+        }
+        // Unplugged: a request is logged right away again.
+        rt.block_on(logger.write(0, Bytes::from(vec![7u8; 512]), false))
+            .unwrap();
+        assert_eq!(records_in_current_logfile(&logger), want.len() + 1);
+        logger.close();
+    }
+
+    type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<()>> + Send>>;
 
     /// A logger that failed with records logged but not synced must still close
     /// (writeback used to wait forever for a sync that could no longer come), must

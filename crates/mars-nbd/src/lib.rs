@@ -87,6 +87,12 @@ pub trait Export: Send + Sync + 'static {
     fn flush(&self) -> BoxFut<io::Result<()>>;
     fn trim(&self, offset: u64, len: u32, fua: bool) -> BoxFut<io::Result<()>>;
     fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> BoxFut<io::Result<()>>;
+    /// Called before a connection starts the requests it read in one go, and
+    /// `end_batch` after them, on the same thread with nothing awaited between: an
+    /// export may collect the writes started between the two and do them together
+    /// (their futures are polled once when started, then again when woken).
+    fn begin_batch(&self) {}
+    fn end_batch(&self) {}
 }
 
 /// Name -> export lookup, consulted at handshake time (export names = resource names).
@@ -553,6 +559,12 @@ impl Requests {
         Some((req, done))
     }
 
+    /// Completions from now on only queue their slots, until `poll_ready` registers
+    /// the task's waker again (and then finds them queued).
+    fn suspend_task_wakeup(&self) {
+        lock(&self.queue.task).take();
+    }
+
     /// Poll the requests whose futures were woken; call `f` for each finished one.
     /// Registers the task's waker first, so that no completion is missed.
     fn poll_ready(&mut self, cx: &Context<'_>, mut f: impl FnMut(InFlight, Done)) -> bool {
@@ -896,8 +908,19 @@ where
             for (r, d) in finished.drain(..) {
                 self.finish(r, d);
             }
-            self.finished = finished;
+            // New requests as one batch for the export. Requests it completes at
+            // `end_batch` wake their slots: without the task's waker registered (taken
+            // here, registered again by the next `poll_ready`), that does not schedule
+            // this task again for what the next lines collect anyway.
+            self.requests.suspend_task_wakeup();
+            self.export.begin_batch();
             progress |= self.poll_requests(cx);
+            self.export.end_batch();
+            progress |= self.requests.poll_ready(cx, |r, d| finished.push((r, d)));
+            for (r, d) in finished.drain(..) {
+                self.finish(r, d);
+            }
+            self.finished = finished;
             match self.poll_output(cx) {
                 Poll::Ready(Ok(p)) => {
                     progress |= p;
@@ -1113,6 +1136,93 @@ mod tests {
         for c in 0..n as usize {
             assert!(data[c * 512..(c + 1) * 512].iter().all(|&b| b == c as u8));
         }
+    }
+
+    /// An export that holds writes until `end_batch` and completes them there, on the
+    /// connection's thread (as the logger's plug does).
+    #[derive(Default)]
+    struct BatchingExport {
+        held: Mutex<Vec<oneshot::Sender<()>>>,
+        open: AtomicBool,
+        batches: Mutex<Vec<usize>>,
+    }
+
+    impl Export for BatchingExport {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read(&self, _: u64, len: u32) -> BoxFut<io::Result<Bytes>> {
+            Box::pin(async move { Ok(Bytes::from(vec![0u8; len as usize])) })
+        }
+        fn write(&self, _: u64, _: Bytes, _: bool) -> BoxFut<io::Result<()>> {
+            assert!(self.open.load(Ordering::SeqCst), "write outside a batch");
+            let (tx, rx) = oneshot::channel();
+            lock(&self.held).push(tx);
+            Box::pin(async move { rx.await.map_err(|_| io::Error::other("dropped")) })
+        }
+        fn flush(&self) -> BoxFut<io::Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn trim(&self, _: u64, _: u32, _: bool) -> BoxFut<io::Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn write_zeroes(&self, _: u64, _: u32, _: bool) -> BoxFut<io::Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn begin_batch(&self) {
+            assert!(!self.open.swap(true, Ordering::SeqCst), "nested batch");
+        }
+        fn end_batch(&self) {
+            assert!(self.open.swap(false, Ordering::SeqCst), "end without begin");
+            let held: Vec<_> = lock(&self.held).drain(..).collect();
+            if !held.is_empty() {
+                lock(&self.batches).push(held.len());
+            }
+            for tx in held {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Requests read in one go are started between `begin_batch` and `end_batch`;
+    /// those the export completes at `end_batch` (on the connection's own thread,
+    /// while its wake-ups are suspended) are answered without another wake-up.
+    #[tokio::test]
+    async fn requests_read_together_are_one_batch_and_answered() {
+        let export = Arc::new(BatchingExport::default());
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (sr, sw) = tokio::io::split(server);
+        let server = tokio::spawn(transmission(BytesMut::new(), sr, sw, export.clone()));
+        let (mut cr, mut cw) = tokio::io::split(client);
+        for round in 0..3u64 {
+            let n = 48u64;
+            let mut burst = Vec::new();
+            for c in 0..n {
+                burst.extend_from_slice(&req(NBD_CMD_WRITE, round * n + c, c * 512, 512));
+                burst.extend_from_slice(&[c as u8; 512]);
+            }
+            cw.write_all(&burst).await.unwrap();
+            let mut seen = vec![false; n as usize];
+            for _ in 0..n {
+                let (err, cookie) =
+                    tokio::time::timeout(Duration::from_secs(10), read_reply(&mut cr))
+                        .await
+                        .expect("a request completed at end_batch was never answered");
+                assert_eq!(err, 0);
+                assert!(!std::mem::replace(
+                    &mut seen[(cookie - round * n) as usize],
+                    true
+                ));
+            }
+        }
+        cw.write_all(&req(NBD_CMD_DISC, 0, 0, 0)).await.unwrap();
+        server.await.unwrap().unwrap();
+        let batches = lock(&export.batches).clone();
+        assert_eq!(batches.iter().sum::<usize>(), 144);
+        assert!(
+            batches.iter().any(|&b| b > 1),
+            "requests sent together were never batched: {batches:?}"
+        );
     }
 
     /// Large writes arrive in small pieces, mixed with small ones and reads, without

@@ -102,6 +102,12 @@ impl Export for LoggerExport {
             logger.zero(offset, len as u64, fua, false).await
         })
     }
+    fn begin_batch(&self) {
+        self.logger.plug();
+    }
+    fn end_batch(&self) {
+        self.logger.unplug();
+    }
 }
 
 /// Export name -> export, consulted by the NBD server at handshake.
