@@ -31,6 +31,13 @@ ADM = os.path.join(BIN, "marsadm")
 NODES = ("alpha", "beta", "gamma")
 
 
+def cpu_secs(pid):
+    """User and system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main():
     if len(sys.argv) != 2 or not all(os.path.isdir(os.path.join(sys.argv[1], n)) for n in NODES):
         sys.exit(__doc__)
@@ -58,7 +65,7 @@ def main():
         for n in NODES:
             log = open(f"{work}/marsd-{n}.log", "a")
             procs.append(subprocess.Popen([os.path.join(BIN, "marsd"), "--dir", f"{work}/{n}"],
-                                          env=dict(os.environ, MARS_LOG="warn"),
+                                          env=dict(os.environ, MARS_LOG=os.environ.get("MARS_LOG", "warn")),
                                           stdout=subprocess.DEVNULL, stderr=log))
         deadline = time.time() + 30
         for n in NODES:
@@ -93,11 +100,14 @@ def main():
             perf = subprocess.Popen(["perf", "record", "-g", "-a", "-o", os.environ["PERF_OUT"], "--",
                                      "sleep", os.environ.get("PERF_SECS", "3")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cpu0 = [cpu_secs(p.pid) for p in procs]
         adm("beta", "resume-fetch", "r0")
         secs = wait("beta", "fetched" if fetch_only else "replayed", written)
+        cpu = [cpu_secs(p.pid) - c for p, c in zip(procs, cpu0)]
         what = "fetched" if fetch_only else "caught up"
         print(f"beta {what} {(written - start) / 2**20:.0f} MiB in {secs:.2f} s: "
-              f"{(written - start) / secs / 1e6:.0f} MB/s")
+              f"{(written - start) / secs / 1e6:.0f} MB/s; CPU seconds alpha / beta / gamma: "
+              + " / ".join(f"{c:.2f}" for c in cpu))
         if fetch_only:
             adm("beta", "resume-replay", "r0")
         if perf:

@@ -35,6 +35,43 @@ pub fn open_direct(path: &Path) -> Option<File> {
     }
 }
 
+/// A buffer whose bytes start on a `DIRECT_ALIGN` boundary, for O_DIRECT I/O (its
+/// heap memory does not move when the value does). Holds `len` bytes of data in
+/// room for `capacity`.
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// Zeroed room for `capacity` bytes, no data yet.
+    pub fn new(capacity: usize) -> AlignedBuf {
+        let raw = vec![0u8; capacity + DIRECT_ALIGN];
+        let start = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        AlignedBuf { raw, start, len: 0 }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.raw.len() - DIRECT_ALIGN
+    }
+
+    /// The whole room, to read into (then `set_len`).
+    pub fn room(&mut self) -> &mut [u8] {
+        let cap = self.capacity();
+        &mut self.raw[self.start..self.start + cap]
+    }
+
+    /// The first `len` bytes of the room are the data (at most the capacity).
+    pub fn set_len(&mut self, len: usize) {
+        self.len = len.min(self.capacity());
+    }
+
+    pub fn data(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+}
+
 /// The local disk of a resource, opened read-write and buffered.
 pub struct Disk {
     file: File,

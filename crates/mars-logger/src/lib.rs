@@ -22,6 +22,7 @@
 
 pub mod crashsafe;
 pub mod disk;
+pub mod fetched;
 pub mod index;
 mod logger;
 mod recovery;

@@ -44,7 +44,8 @@
 //! reboot as far as replay read them.
 
 use crate::crashsafe::write_atomic;
-use crate::disk::{disk_size, Disk};
+use crate::disk::{disk_size, AlignedBuf, Disk};
+use crate::fetched::FetchedChunks;
 use crate::logger::LoggerError;
 use crate::recovery::{
     finish_version, list_logfiles, previous_version, read_applied, read_version, recover,
@@ -55,6 +56,7 @@ use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const REPLAYED_FILE: &str = "replayed";
 /// The high-water mark: where replay is, as of the last applied record (not synced).
@@ -237,6 +239,53 @@ pub struct Replayer {
     until: Option<u64>,
     /// This boot's id and the open high-water mark (none when the boot id is unknown).
     hw: Option<(String, File)>,
+    /// Fetched chunks in memory, read instead of the logfile where they hold a record.
+    fetched: Option<Arc<FetchedChunks>>,
+    /// Record bytes taken from `fetched` so far.
+    from_memory: u64,
+}
+
+/// Where replay reads records from: the fetched chunks in memory when they hold
+/// the range, else the logfile (with read-ahead).
+struct Source {
+    fetched: Option<Arc<FetchedChunks>>,
+    seq: u64,
+    name: String,
+    /// The chunk read from last, and the file offset of its first byte.
+    mem: Option<(u64, Arc<AlignedBuf>)>,
+    /// A record two chunks share, copied together.
+    joined: Vec<u8>,
+    ra: ReadAhead,
+    /// Bytes found in memory (statistics for tests).
+    from_memory: u64,
+}
+
+impl Source {
+    fn get(&mut self, f: &File, at: u64, len: usize, file_len: u64) -> std::io::Result<&[u8]> {
+        if let Some(fetched) = &self.fetched {
+            let covers = |m: &(u64, Arc<AlignedBuf>)| {
+                at >= m.0 && at + len as u64 <= m.0 + m.1.data().len() as u64
+            };
+            if !self.mem.as_ref().is_some_and(covers) {
+                // Replay reads forward only: the chunks wholly before `at` are done
+                // (their buffers go back to the fetcher).
+                self.mem = None;
+                fetched.consumed(self.seq, &self.name, at);
+                self.mem = fetched.find(&self.name, at, len);
+            }
+            if let Some((off, buf)) = &self.mem {
+                self.from_memory += len as u64;
+                let from = (at - off) as usize;
+                return Ok(&buf.data()[from..from + len]);
+            }
+            self.joined.resize(len, 0);
+            if fetched.copy_range(&self.name, at, &mut self.joined) {
+                self.from_memory += len as u64;
+                return Ok(&self.joined);
+            }
+        }
+        self.ra.get(f, at, len, file_len)
+    }
 }
 
 fn read_state(dir: &Path) -> Result<Option<ReplayedState>, LoggerError> {
@@ -311,6 +360,8 @@ impl Replayer {
             window: PERSIST_WINDOW,
             until: None,
             hw: None,
+            fetched: None,
+            from_memory: 0,
         };
         let this_boot = mark
             .clone()
@@ -495,9 +546,11 @@ impl Replayer {
     /// second reboot still reports the first one's damage.
     fn save(&mut self, limit: u64) -> Result<(), LoggerError> {
         let limit = limit.max(self.inconsistent_until().unwrap_or(0));
+        let t0 = std::time::Instant::now();
         self.disk
             .sync()
             .map_err(|e| LoggerError::Disk(e.to_string()))?;
+        tracing::debug!(pos = self.pos, limit, took = ?t0.elapsed(), "replay: disk synced");
         write_state(&self.dir, self.pos, Some(limit))?;
         self.saved_at = std::time::Instant::now();
         self.persisted = self.pos;
@@ -592,6 +645,17 @@ impl Replayer {
     }
 
     /// Apply up to `max_bytes` of complete records. Never applies a record that does not verify.
+    /// Read records from these fetched chunks where they hold them (see
+    /// [`FetchedChunks`]); the logfiles otherwise.
+    pub fn use_fetched(&mut self, fetched: Arc<FetchedChunks>) {
+        self.fetched = Some(fetched);
+    }
+
+    /// Record bytes replay took from fetched chunks in memory instead of logfiles.
+    pub fn bytes_from_memory(&self) -> u64 {
+        self.from_memory
+    }
+
     pub fn step(&mut self, max_bytes: u64) -> Result<StepOutcome, LoggerError> {
         let mut out = StepOutcome::default();
         if let Some(h) = &self.halted {
@@ -619,7 +683,15 @@ impl Replayer {
                 .len();
             let mut at = FILE_HEADER_LEN as u64 + (self.pos - header.start_pos);
             let mut progressed = false;
-            let mut ra = ReadAhead::new(1 << 20);
+            let mut ra = Source {
+                fetched: self.fetched.clone(),
+                seq: entry.seq,
+                name: entry.name(),
+                mem: None,
+                joined: Vec::new(),
+                ra: ReadAhead::new(1 << 20),
+                from_memory: 0,
+            };
             while out.bytes < max_bytes && at + RECORD_HEADER_LEN as u64 <= file_len {
                 let mut hdr = [0u8; RECORD_HEADER_LEN];
                 hdr.copy_from_slice(
@@ -694,6 +766,11 @@ impl Replayer {
                 out.records += 1;
                 out.bytes += total;
                 progressed = true;
+            }
+            self.from_memory += ra.from_memory;
+            ra.mem = None;
+            if let Some(fetched) = &self.fetched {
+                fetched.consumed(entry.seq, &ra.name, at);
             }
             // At the end of a finished logfile: check the history, then move on.
             let file_end = header.start_pos + (file_len - FILE_HEADER_LEN as u64);

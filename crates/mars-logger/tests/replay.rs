@@ -3,10 +3,13 @@
 
 use bytes::Bytes;
 use mars_logfmt::{scan_logfile, Kind, VersionBuilder};
+use mars_logger::disk::AlignedBuf;
+use mars_logger::fetched::FetchedChunks;
 use mars_logger::replay::{HwMark, Replayer, HW_FILE, HW_LEN};
 use mars_logger::{list_logfiles, Config, Logger};
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const SIZE: u64 = 1 << 20;
 
@@ -172,6 +175,89 @@ fn persist_if_due_waits_for_its_interval() {
     drop(r);
     let r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
     assert_eq!(r.persisted_position(), at);
+}
+
+/// Offer every logfile of `dir` to `chunks` in pieces of `piece` bytes (records
+/// straddle pieces), as the fetcher does after writing them.
+fn offer_all(dir: &Path, chunks: &FetchedChunks, piece: usize) {
+    for e in list_logfiles(dir).unwrap() {
+        let bytes = std::fs::read(&e.path).unwrap();
+        for (k, part) in bytes.chunks(piece).enumerate() {
+            let mut b = AlignedBuf::new(part.len());
+            b.room().copy_from_slice(part);
+            b.set_len(part.len());
+            chunks.offer(e.seq, &e.name(), (k * piece) as u64, b);
+        }
+    }
+}
+
+/// With the fetched chunks in memory, replay takes every record from there (none
+/// from the files), through the same prefix images; what replay passed is dropped.
+#[test]
+fn records_from_fetched_chunks_give_the_same_prefix_images() {
+    let root = tempfile::tempdir().unwrap();
+    let (adir, adisk) = primary_logs(root.path(), 300);
+    let (bdir, bdisk) = secondary(root.path(), &adir);
+    let imgs = images(&bdir);
+    let chunks = Arc::new(FetchedChunks::new(64 << 20));
+    offer_all(&bdir, &chunks, 3000);
+    let held = chunks.bytes();
+    assert!(held > 0);
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    r.use_fetched(chunks.clone());
+    let (mut applied, mut bytes) = (0usize, 0u64);
+    loop {
+        let o = r.step(1).unwrap();
+        applied += o.records as usize;
+        bytes += o.bytes;
+        assert!(
+            std::fs::read(&bdisk).unwrap() == imgs[applied],
+            "after {applied} records the disk is not the prefix image"
+        );
+        if o.idle {
+            break;
+        }
+    }
+    assert_eq!(applied, imgs.len() - 1);
+    assert!(std::fs::read(&bdisk).unwrap() == std::fs::read(&adisk).unwrap());
+    assert_eq!(
+        r.bytes_from_memory(),
+        bytes,
+        "every record byte came from memory"
+    );
+    assert!(chunks.bytes() < held, "chunks replay passed are dropped");
+}
+
+/// A record whose bytes in memory are damaged is refused like one in a file: the
+/// chunks get the same checks (checksums, positions).
+#[test]
+fn a_damaged_chunk_in_memory_halts_replay() {
+    let root = tempfile::tempdir().unwrap();
+    let (adir, _) = primary_logs(root.path(), 40);
+    let (bdir, bdisk) = secondary(root.path(), &adir);
+    let first = list_logfiles(&bdir).unwrap().remove(0);
+    let bytes = std::fs::read(&first.path).unwrap();
+    let recs = scan_logfile(&bytes).records;
+    let victim = recs[3].file_offset as usize + 64 + 1;
+    let mut damaged = bytes.clone();
+    damaged[victim] ^= 0x80;
+    let chunks = Arc::new(FetchedChunks::new(64 << 20));
+    let mut b = AlignedBuf::new(damaged.len());
+    b.room().copy_from_slice(&damaged);
+    b.set_len(damaged.len());
+    chunks.offer(first.seq, &first.name(), 0, b);
+    let imgs = images(&adir);
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    r.use_fetched(chunks);
+    let err = r.step(u64::MAX).unwrap_err().to_string();
+    assert!(
+        err.contains(&first.name()) && err.contains("corrupt"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(&bdisk).unwrap() == imgs[3],
+        "the three good records only"
+    );
 }
 
 #[test]

@@ -493,6 +493,9 @@ impl Daemon {
                     fetch_rate: rates[0].clone(),
                     sync_rate: rates[1].clone(),
                     sync_digest: self.cfg.sync_digest,
+                    fetched: Arc::new(mars_logger::fetched::FetchedChunks::new(
+                        crate::secondary::FETCHED_KEEP,
+                    )),
                 };
                 tracing::info!(resource = %r.name, "secondary: sync, fetch and replay");
                 let task = tokio::spawn(sec.run());

@@ -25,9 +25,10 @@
 use crate::meta;
 use crate::peer::Peer;
 use anyhow::{anyhow, bail, Context, Result};
-use mars_logger::disk::{open_direct, DIRECT_ALIGN};
+use mars_logger::disk::{open_direct, AlignedBuf, DIRECT_ALIGN};
+use mars_logger::fetched::FetchedChunks;
 use mars_logger::replay::Replayer;
-use mars_proto::{read_data_into, read_data_into_slice, read_msg, write_msg, Msg};
+use mars_proto::{read_data_into_slice, read_msg, write_msg, Msg};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -141,7 +142,12 @@ pub struct Secondary {
     pub sync_rate: Arc<std::sync::atomic::AtomicU64>,
     /// How this node's full syncs compare blocks.
     pub sync_digest: crate::digest::SyncDigest,
+    /// Fetched chunks kept for replay (new with every secondary task).
+    pub fetched: Arc<FetchedChunks>,
 }
+
+/// Memory for fetched chunks kept for replay, per resource (see `FetchedChunks`).
+pub const FETCHED_KEEP: usize = 48 << 20;
 
 /// Keeps a transfer under a rate (bytes per second, read anew at every call
 /// so a changed setting applies at once) by sleeping after each chunk.
@@ -212,26 +218,6 @@ fn spawn_persist_sync(
     })
 }
 
-/// A block buffer whose bytes start on a `DIRECT_ALIGN` boundary (its heap memory
-/// does not move when the value does).
-struct AlignedBlock {
-    raw: Vec<u8>,
-    start: usize,
-}
-
-impl AlignedBlock {
-    fn new(len: usize) -> AlignedBlock {
-        let raw = vec![0u8; len + DIRECT_ALIGN];
-        let start = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-        AlignedBlock { raw, start }
-    }
-
-    fn buf(&mut self) -> &mut [u8] {
-        let len = self.raw.len() - DIRECT_ALIGN;
-        &mut self.raw[self.start..self.start + len]
-    }
-}
-
 /// Write one synced block: with O_DIRECT when there is such a handle and the block
 /// is aligned, else (or when the direct write is refused) through the page cache.
 /// A direct write replaces what the page cache held of the range (the kernel writes
@@ -257,6 +243,28 @@ fn write_block(
         }
     }
     disk.write_all_at(data, off)
+}
+
+/// Write a fetched chunk at `at` of a logfile: its aligned part with O_DIRECT when
+/// there is such a handle and `at` is aligned (`write_block`), the rest through the
+/// page cache. The parts never share a block: the buffered rest begins where the
+/// aligned part ends, and the next chunk begins after it (unaligned: all buffered).
+fn write_fetched(
+    file: &std::fs::File,
+    direct: Option<&std::fs::File>,
+    data: &[u8],
+    at: u64,
+) -> std::io::Result<()> {
+    let aligned = match direct {
+        Some(_) if at.is_multiple_of(DIRECT_ALIGN as u64) => {
+            data.len() / DIRECT_ALIGN * DIRECT_ALIGN
+        }
+        _ => 0,
+    };
+    if aligned > 0 {
+        write_block(file, direct, &data[..aligned], at)?;
+    }
+    file.write_all_at(&data[aligned..], at + aligned as u64)
 }
 
 /// Sync requests (`SyncBlock`) sent ahead of their answers.
@@ -545,7 +553,7 @@ impl Secondary {
             match self.fetch_source() {
                 Ok(source) => {
                     let from = self.progress.lock().replayed.max(sync.start_pos);
-                    let got = self.fetch(&source, from).await?;
+                    let got = self.fetch(&source, from, wake).await?;
                     if got > 0 {
                         wake.notify_one();
                     }
@@ -600,6 +608,8 @@ impl Secondary {
                     .map_err(anyhow::Error::from)
                     .and_then(|r| r.map_err(anyhow::Error::from))
                     .inspect_err(|_| self.progress.lock().replaying = false)?;
+                    let mut r = r;
+                    r.use_fetched(self.fetched.clone());
                     // After a reboot, unsynced writes of replay may be partly on the disk.
                     if let Some(until) = r.inconsistent_until() {
                         let mut p = self.progress.lock();
@@ -620,6 +630,12 @@ impl Secondary {
             .await;
             self.progress.lock().replaying = false;
             let (r, outcome) = stepped?;
+            tracing::debug!(
+                resource = %self.res,
+                replayed = r.position(),
+                from_memory = r.bytes_from_memory(),
+                "replay step"
+            );
             let pos = r.position();
             let mut halted = None;
             {
@@ -719,22 +735,20 @@ impl Secondary {
         // (None for an equal block). `next_offset` passes a block once it and all
         // before it are written.
         // A write gives its buffer back for the next block received.
-        type BlockWrite = tokio::task::JoinHandle<(AlignedBlock, std::io::Result<()>)>;
+        type BlockWrite = tokio::task::JoinHandle<(AlignedBuf, std::io::Result<()>)>;
         let mut answered: VecDeque<(u64, Option<BlockWrite>)> = VecDeque::new();
-        let mut buffers: Vec<AlignedBlock> = Vec::new();
+        let mut buffers: Vec<AlignedBuf> = Vec::new();
         // Blocks are written with O_DIRECT where the file system allows it: no copy
         // into the page cache (the periodic disk sync writes them out anyway).
         let direct = open_direct(&self.disk).map(Arc::new);
         let disk_name = self.disk.display().to_string();
-        let written = |r: std::result::Result<
-            (AlignedBlock, std::io::Result<()>),
-            tokio::task::JoinError,
-        >,
-                       end: u64| {
-            r.map_err(anyhow::Error::from)
-                .and_then(|(buf, r)| r.map(|()| buf).map_err(anyhow::Error::from))
-                .with_context(|| format!("writing the block before {end} to {disk_name}"))
-        };
+        let written =
+            |r: std::result::Result<(AlignedBuf, std::io::Result<()>), tokio::task::JoinError>,
+             end: u64| {
+                r.map_err(anyhow::Error::from)
+                    .and_then(|(buf, r)| r.map(|()| buf).map_err(anyhow::Error::from))
+                    .with_context(|| format!("writing the block before {end} to {disk_name}"))
+            };
         let copied: Result<()> = async {
             loop {
                 if halted() {
@@ -772,14 +786,14 @@ impl Secondary {
                     Msg::BlockData { offset, len: n } if offset == off && n as usize == len => {
                         let mut block = buffers
                             .pop()
-                            .unwrap_or_else(|| AlignedBlock::new(SYNC_BLOCK as usize));
-                        let got = read_data_into_slice(&mut rd, block.buf()).await?;
+                            .unwrap_or_else(|| AlignedBuf::new(SYNC_BLOCK as usize));
+                        let got = read_data_into_slice(&mut rd, block.room()).await?;
                         if got != len {
                             bail!("primary sent {got} bytes for a block of {len}");
                         }
                         let (d, dd) = (disk.clone(), direct.clone());
                         let w = tokio::task::spawn_blocking(move || {
-                            let r = write_block(&d, dd.as_deref(), &block.buf()[..len], off);
+                            let r = write_block(&d, dd.as_deref(), &block.room()[..len], off);
                             (block, r)
                         });
                         answered.push_back((off + len as u64, Some(w)));
@@ -879,7 +893,14 @@ impl Secondary {
     }
 
     /// Fetch new logfile data from the primary. Returns the bytes fetched.
-    async fn fetch(&self, primary: &str, replay_pos: u64) -> Result<u64> {
+    /// Fetch what `primary` has beyond this node's copies; `wake` tells replay of
+    /// every chunk written (it takes it from memory while it is there).
+    async fn fetch(
+        &self,
+        primary: &str,
+        replay_pos: u64,
+        wake: &tokio::sync::Notify,
+    ) -> Result<u64> {
         let mut s = self.peer.connect(primary).await?;
         write_msg(
             &mut s,
@@ -951,12 +972,10 @@ impl Secondary {
             }
         }
         self.progress.lock().cut_off = false;
-        // Chunk buffers, used again: no allocation, zeroing or page faults per chunk.
-        let mut spare: Vec<Vec<u8>> = Vec::new();
         for (i, f) in files.into_iter().enumerate() {
-            if mars_logfmt::parse_logfile_name(&f.name).is_none() {
+            let Some(file_seq) = mars_logfmt::parse_logfile_name(&f.name).map(|n| n.seq) else {
                 bail!("{primary} listed a bad logfile name {:?}", f.name);
-            }
+            };
             let path = self.dir.join(&f.name);
             let mut local = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             if local == 0 && i < first_needed {
@@ -969,15 +988,21 @@ impl Secondary {
                     .truncate(false)
                     .open(&path)?,
             );
+            // Aligned chunks go with O_DIRECT: a fetched logfile is read back only
+            // where replay finds no chunk in memory (`FetchedChunks`), and copying every
+            // fetched byte into new page-cache pages was the largest cost of a catch-up.
+            let direct = mars_logger::disk::open_direct(&path).map(Arc::new);
             // The chunk being written (off the runtime, while the next one arrives),
             // and the local length once it is written.
-            type Writing = tokio::task::JoinHandle<std::io::Result<Vec<u8>>>;
+            type Writing = tokio::task::JoinHandle<std::io::Result<()>>;
             let mut writing: Option<(Writing, u64)> = None;
             let show_fetched = |local: u64| {
                 let reached =
                     f.start_pos + local.saturating_sub(mars_logfmt::FILE_HEADER_LEN as u64);
                 let mut p = self.progress.lock();
                 p.fetched = p.fetched.max(reached);
+                drop(p);
+                wake.notify_one();
             };
             // Up to FETCH_WINDOW requests in flight: the source reads the next
             // chunk while this node writes the last one.
@@ -995,44 +1020,56 @@ impl Secondary {
                     more = false; // pause-fetch / disconnect: stop between chunks
                 }
                 while more && pending.len() < FETCH_WINDOW && next < f.len {
+                    // A request from an unaligned place (a fetch that resumes after a
+                    // short chunk) ends on an alignment boundary, so that the chunks
+                    // after it can be written with O_DIRECT.
+                    let ask = max - (next % DIRECT_ALIGN as u64) as u32;
                     write_msg(
                         &mut s,
                         &Msg::Fetch {
                             res: self.res.clone(),
                             file: f.name.clone(),
                             offset: next,
-                            max,
+                            max: ask,
                         },
                     )
                     .await?;
-                    pending.push_back(next);
-                    next += max as u64;
+                    pending.push_back((next, ask));
+                    next += ask as u64;
                 }
-                let Some(want) = pending.pop_front() else {
+                let Some((want, asked)) = pending.pop_front() else {
                     break;
                 };
                 match read_msg(&mut s).await? {
                     Msg::Chunk { offset, len, .. } if offset == want => {
-                        let mut data = spare.pop().unwrap_or_default();
-                        read_data_into(&mut s, &mut data).await?;
-                        if data.len() != len as usize {
-                            bail!("{primary} announced {len} bytes and sent {}", data.len());
+                        if len > asked {
+                            bail!("{primary} sent a chunk of {len} bytes where at most {asked} were asked");
                         }
+                        // Chunk buffers come back from replay (or were not kept) and
+                        // are used again: no allocation, zeroing or page faults per chunk.
+                        let mut data = self.fetched.buffer(max as usize);
+                        let got = read_data_into_slice(&mut s, data.room()).await?;
+                        if got != len as usize {
+                            bail!("{primary} announced {len} bytes and sent {got}");
+                        }
+                        data.set_len(got);
                         if offset != local {
+                            self.fetched.give_back(data);
                             continue; // after a short chunk: the rest of the window is moot
                         }
-                        if data.len() < max as usize {
+                        if got < asked as usize {
                             more = false; // the source has no more of this file now
                         }
-                        if data.is_empty() {
+                        if got == 0 {
+                            self.fetched.give_back(data);
                             continue;
                         }
                         if let Some((w, done)) = writing.take() {
-                            spare.push(w.await??);
+                            w.await??;
                             show_fetched(done);
                         }
-                        let n = data.len() as u64;
-                        let (o, at) = (out.clone(), local);
+                        let n = got as u64;
+                        let (o, direct, at) = (out.clone(), direct.clone(), local);
                         // Blocks reserved ahead of the writes (see `FETCH_PREALLOC`).
                         let reserve = (at + n > allocated).then(|| {
                             let from = allocated.max(at);
@@ -1044,12 +1081,16 @@ impl Secondary {
                             allocated = to.max(at + n);
                             (from, allocated - from)
                         });
+                        let (chunks, seq, name) = (self.fetched.clone(), file_seq, f.name.clone());
                         writing = Some((
                             tokio::task::spawn_blocking(move || {
                                 if let Some((from, len)) = reserve {
                                     mars_logger::disk::preallocate(&o, from, len);
                                 }
-                                o.write_all_at(&data, at).map(|()| data)
+                                write_fetched(&o, direct.as_deref(), data.data(), at)?;
+                                // Written: from now on these are the file's bytes there.
+                                chunks.offer(seq, &name, at, data);
+                                Ok(())
                             }),
                             local + n,
                         ));
@@ -1061,7 +1102,7 @@ impl Secondary {
                 }
             }
             if let Some((w, done)) = writing.take() {
-                spare.push(w.await??);
+                w.await??;
                 show_fetched(done);
             }
             complete &= local >= f.len;
@@ -1093,9 +1134,9 @@ mod tests {
             .unwrap();
         let direct = open_direct(&path);
         let mut model = vec![0xEEu8; 1 << 20];
-        let mut block = AlignedBlock::new(64 << 10);
-        assert_eq!(block.buf().as_ptr() as usize % DIRECT_ALIGN, 0);
-        assert_eq!(block.buf().len(), 64 << 10);
+        let mut block = AlignedBuf::new(64 << 10);
+        assert_eq!(block.room().as_ptr() as usize % DIRECT_ALIGN, 0);
+        assert_eq!(block.room().len(), 64 << 10);
         // Aligned (direct where the file system allows it), unaligned offset, odd length.
         for (i, (off, len)) in [
             (0u64, 65536usize),
@@ -1106,7 +1147,7 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            let b = block.buf();
+            let b = block.room();
             b[..len].fill(i as u8 + 1);
             write_block(&disk, direct.as_ref(), &b[..len], off).unwrap();
             model[off as usize..off as usize + len].fill(i as u8 + 1);
@@ -1114,6 +1155,48 @@ mod tests {
             let mut back = vec![0u8; len];
             disk.read_exact_at(&mut back, off).unwrap();
             assert!(back.iter().all(|&x| x == i as u8 + 1), "write {i}");
+        }
+        assert!(std::fs::read(&path).unwrap() == model);
+    }
+
+    /// A fetched logfile grows by chunks of any length at any place (a fetch resumes
+    /// after a short chunk): aligned parts go direct, the rest buffered, and the file
+    /// holds exactly the bytes sent, readable right after each write.
+    #[test]
+    fn fetched_chunks_land_exactly_at_any_alignment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log-000000001-alpha");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let direct = open_direct(&path);
+        assert!(
+            direct.is_some(),
+            "the test directory's file system refuses O_DIRECT: the direct path is untested"
+        );
+        let mut model = Vec::new();
+        let mut buf = AlignedBuf::new(1 << 20);
+        // Aligned full chunk, a short one with a tail, one up to the next boundary, an
+        // aligned one with a tail, and an aligned exact one.
+        for (i, len) in [65536usize, 5000, 8192 - 5000, 12345, 8192]
+            .into_iter()
+            .enumerate()
+        {
+            let at = model.len() as u64;
+            let room = buf.room();
+            for (k, b) in room[..len].iter_mut().enumerate() {
+                *b = (i * 31 + k * 7) as u8;
+            }
+            buf.set_len(len);
+            write_fetched(&file, direct.as_ref(), buf.data(), at).unwrap();
+            model.extend_from_slice(buf.data());
+            let mut back = vec![0u8; len];
+            file.read_exact_at(&mut back, at).unwrap();
+            assert!(back == buf.data(), "chunk {i} at {at}");
         }
         assert!(std::fs::read(&path).unwrap() == model);
     }

@@ -357,7 +357,7 @@ fn midlog_sync_rotation_lag_and_split_brain() {
 /// replay stops before it, and the member reports where.
 #[test]
 fn bit_flip_in_a_fetched_logfile_is_detected_and_not_replayed() {
-    let nodes = start_cluster(&["alpha", "beta"]);
+    let mut nodes = start_cluster(&["alpha", "beta"]);
     let size = 8 * MIB;
     let [_a_disk, b_disk]: [std::path::PathBuf; 2] = replicate_r0(&nodes, size).try_into().unwrap();
     nodes[1].adm_ok(&["pause-replay", "r0"]);
@@ -381,6 +381,11 @@ fn bit_flip_in_a_fetched_logfile_is_detected_and_not_replayed() {
     bytes[at] ^= 0x04;
     std::fs::write(&path, &bytes).unwrap();
     let replayed_before = member(&v, "beta")["log"]["replayed"].as_u64().unwrap();
+    // Replay takes records from the fetched chunks while they are in memory (the
+    // damage is on the disk, after the write): a restart empties them, so replay
+    // reads the damaged file (pause-replay is kept across it).
+    nodes[1].kill9();
+    nodes[1].start();
     nodes[1].adm_ok(&["resume-replay", "r0"]);
     let v = nodes[1].wait_view("beta reports the corrupt record", |v| {
         member(v, "beta")["error"]

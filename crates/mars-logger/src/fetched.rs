@@ -1,0 +1,248 @@
+//! Fetched logfile bytes kept in memory for replay.
+//!
+//! A secondary writes every chunk it fetches into its copy of the logfile, and replay
+//! used to read the same bytes back from there. The fetcher now also offers each
+//! chunk here once it is written; replay takes records from it while it is here and
+//! reads the file otherwise. A chunk holds exactly the bytes written at its place in
+//! the file (offered only after a successful write), so taking them from memory
+//! changes nothing replay checks: checksums, positions and versions are verified the
+//! same way.
+//!
+//! Bounded: a chunk that does not fit is not kept (replay reads the file for it);
+//! chunks replay has passed are dropped, their buffers kept for the fetcher to use
+//! again. One `FetchedChunks` belongs to one secondary task (an `invalidate` or a
+//! restart starts a new one, empty), so a logfile fetched again under the same name
+//! after a split brain never meets chunks of its earlier copy.
+
+use crate::disk::AlignedBuf;
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+struct Chunk {
+    /// The logfile's sequence number and name.
+    seq: u64,
+    name: String,
+    /// File offset of the first byte.
+    offset: u64,
+    data: Arc<AlignedBuf>,
+}
+
+impl Chunk {
+    fn end(&self) -> u64 {
+        self.offset + self.data.data().len() as u64
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    chunks: VecDeque<Chunk>,
+    bytes: usize,
+    spare: Vec<AlignedBuf>,
+}
+
+pub struct FetchedChunks {
+    inner: Mutex<Inner>,
+    cap_bytes: usize,
+}
+
+/// Buffers kept for reuse beyond those holding chunks.
+const SPARE_MAX: usize = 4;
+
+impl FetchedChunks {
+    /// Keeps chunks in at most `cap_bytes` of buffers.
+    pub fn new(cap_bytes: usize) -> FetchedChunks {
+        FetchedChunks {
+            inner: Mutex::new(Inner::default()),
+            cap_bytes,
+        }
+    }
+
+    /// A buffer with room for `capacity` bytes: one given back, or a new one.
+    pub fn buffer(&self, capacity: usize) -> AlignedBuf {
+        let mut inner = self.inner.lock();
+        while let Some(b) = inner.spare.pop() {
+            if b.capacity() >= capacity {
+                return b;
+            }
+        }
+        drop(inner);
+        AlignedBuf::new(capacity)
+    }
+
+    /// A buffer no longer needed (kept for `buffer`).
+    pub fn give_back(&self, buf: AlignedBuf) {
+        let mut inner = self.inner.lock();
+        if inner.spare.len() < SPARE_MAX {
+            inner.spare.push(buf);
+        }
+    }
+
+    /// `data` is now the content of logfile `name` (sequence `seq`) at `offset`: it
+    /// was written there. Kept when it continues the last chunk kept for that file
+    /// (or starts a new file's run) and fits, else given back.
+    pub fn offer(&self, seq: u64, name: &str, offset: u64, data: AlignedBuf) {
+        let mut inner = self.inner.lock();
+        let len = data.data().len();
+        // Memory held is the buffer's room, whatever the chunk's length.
+        let held = data.capacity();
+        let continues = match inner.chunks.back() {
+            Some(last) if last.name == name => last.end() == offset,
+            Some(last) => last.seq < seq,
+            None => true,
+        };
+        if len == 0 || !continues || inner.bytes + held > self.cap_bytes {
+            if !continues {
+                // Out of order (a fetch resumed elsewhere): what is kept no longer
+                // leads up to here; start again from this chunk.
+                let old: Vec<Chunk> = inner.chunks.drain(..).collect();
+                inner.bytes = 0;
+                for c in old {
+                    if let Ok(b) = Arc::try_unwrap(c.data) {
+                        if inner.spare.len() < SPARE_MAX {
+                            inner.spare.push(b);
+                        }
+                    }
+                }
+                if len > 0 && held <= self.cap_bytes {
+                    inner.bytes = held;
+                    inner.chunks.push_back(Chunk {
+                        seq,
+                        name: name.to_string(),
+                        offset,
+                        data: Arc::new(data),
+                    });
+                    return;
+                }
+            }
+            if inner.spare.len() < SPARE_MAX {
+                inner.spare.push(data);
+            }
+            return;
+        }
+        inner.bytes += held;
+        inner.chunks.push_back(Chunk {
+            seq,
+            name: name.to_string(),
+            offset,
+            data: Arc::new(data),
+        });
+    }
+
+    /// The kept chunk of logfile `name` that holds all of `[at, at + len)`, with the
+    /// file offset of its first byte.
+    pub fn find(&self, name: &str, at: u64, len: usize) -> Option<(u64, Arc<AlignedBuf>)> {
+        let inner = self.inner.lock();
+        let end = at.checked_add(len as u64)?;
+        inner
+            .chunks
+            .iter()
+            .find(|c| c.name == name && c.offset <= at && end <= c.end())
+            .map(|c| (c.offset, c.data.clone()))
+    }
+
+    /// Copy `[at, at + dst.len())` of logfile `name` into `dst` from consecutive kept
+    /// chunks (a record that two chunks share). False when they do not hold it all.
+    pub fn copy_range(&self, name: &str, at: u64, dst: &mut [u8]) -> bool {
+        let inner = self.inner.lock();
+        let Some(end) = at.checked_add(dst.len() as u64) else {
+            return false;
+        };
+        let Some(first) = inner
+            .chunks
+            .iter()
+            .position(|c| c.name == name && c.offset <= at && at < c.end())
+        else {
+            return false;
+        };
+        let mut pos = at;
+        for c in inner.chunks.iter().skip(first) {
+            if c.name != name || (pos != at && c.offset != pos) {
+                return false;
+            }
+            let from = (pos - c.offset) as usize;
+            let n = ((end - pos) as usize).min(c.data.data().len() - from);
+            let to = (pos - at) as usize;
+            dst[to..to + n].copy_from_slice(&c.data.data()[from..from + n]);
+            pos += n as u64;
+            if pos == end {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Replay has applied logfile `seq`/`name` up to file offset `upto`: drop the
+    /// chunks wholly before that (and those of earlier logfiles).
+    pub fn consumed(&self, seq: u64, name: &str, upto: u64) {
+        let mut inner = self.inner.lock();
+        while let Some(c) = inner.chunks.front() {
+            let passed = c.seq < seq || (c.name == name && c.end() <= upto);
+            if !passed {
+                break;
+            }
+            let Some(c) = inner.chunks.pop_front() else {
+                break;
+            };
+            inner.bytes -= c.data.capacity();
+            if let Ok(b) = Arc::try_unwrap(c.data) {
+                if inner.spare.len() < SPARE_MAX {
+                    inner.spare.push(b);
+                }
+            }
+        }
+    }
+
+    /// Memory the kept chunks hold (their buffers' room).
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buf(bytes: &[u8]) -> AlignedBuf {
+        let mut b = AlignedBuf::new(bytes.len().max(1));
+        b.room()[..bytes.len()].copy_from_slice(bytes);
+        b.set_len(bytes.len());
+        b
+    }
+
+    #[test]
+    fn keeps_runs_finds_copies_and_drops_what_replay_passed() {
+        let c = FetchedChunks::new(10);
+        let file: Vec<u8> = (0..40u8).collect();
+        c.offer(1, "log-1-a", 0, buf(&file[0..4]));
+        c.offer(1, "log-1-a", 4, buf(&file[4..8]));
+        // Not after the last chunk of the same file: what was kept is dropped.
+        c.offer(1, "log-1-a", 20, buf(&file[20..24]));
+        assert!(c.find("log-1-a", 0, 1).is_none());
+        let (off, d) = c.find("log-1-a", 21, 3).unwrap();
+        assert_eq!((off, d.data()), (20, &file[20..24]));
+        drop(d);
+        c.offer(1, "log-1-a", 24, buf(&file[24..28]));
+        // Over the bound (4 + 4 + 4 > 10): not kept.
+        c.offer(1, "log-1-a", 28, buf(&file[28..32]));
+        assert_eq!(c.bytes(), 8);
+        assert!(c.find("log-1-a", 28, 1).is_none());
+        // A range two chunks share is copied; one they do not hold is refused.
+        let mut dst = [0u8; 6];
+        assert!(c.copy_range("log-1-a", 21, &mut dst));
+        assert_eq!(dst, file[21..27]);
+        assert!(!c.copy_range("log-1-a", 23, &mut [0u8; 6]));
+        assert!(!c.copy_range("log-1-b", 21, &mut [0u8; 2]));
+        assert!(c.find("log-1-b", 21, 1).is_none());
+        // An earlier logfile's chunk never follows a later one's.
+        c.offer(0, "log-0-a", 0, buf(&file[0..2]));
+        assert!(c.find("log-1-a", 21, 1).is_none() && c.find("log-0-a", 0, 2).is_some());
+        // Replay passed it: dropped, and its buffer serves the next chunk.
+        c.offer(2, "log-2-a", 0, buf(&file[0..4]));
+        c.consumed(2, "log-2-a", 3);
+        assert_eq!(c.bytes(), 4, "the next logfile's chunk stays until passed");
+        c.consumed(2, "log-2-a", 4);
+        assert_eq!(c.bytes(), 0);
+        assert!(c.buffer(4).capacity() >= 4);
+    }
+}
