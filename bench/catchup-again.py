@@ -13,7 +13,8 @@ nothing on a shared VM.
 Usage: bench/catchup-again.py WORKDIR
 Environment:
   BYTES       bytes written while beta's fetch is paused (default 2G, fio syntax)
-  FETCH_ONLY=1  pause beta's replay too and time until `log.fetched` arrives
+  FETCH_ONLY=1  pause beta's replay too and time until `log.fetched` arrives, then
+              resume replay and time it alone
   PERF_OUT=FILE  `perf record -g -a` into FILE from the resume on, for PERF_SECS (default 3)
   MARS_BIN    directory with marsd and marsadm (default $CARGO_TARGET_DIR/release
               or target/release)
@@ -109,7 +110,10 @@ def main():
               f"{(written - start) / secs / 1e6:.0f} MB/s; CPU seconds alpha / beta / gamma: "
               + " / ".join(f"{c:.2f}" for c in cpu))
         if fetch_only:
+            # Then replay alone (the bench's pause-replay row): from what fetch left.
             adm("beta", "resume-replay", "r0")
+            rsecs = wait("beta", "replayed", written)
+            print(f"beta then replayed it in {rsecs:.2f} s: {(written - start) / rsecs / 1e6:.0f} MB/s")
         if perf:
             perf.wait()
     finally:

@@ -41,6 +41,18 @@ struct Inner {
     spare: Vec<AlignedBuf>,
 }
 
+impl Inner {
+    /// A chunk there would continue the kept run: right after the last chunk of the
+    /// same logfile, or the start of a later logfile's.
+    fn continues(&self, seq: u64, name: &str, offset: u64) -> bool {
+        match self.chunks.back() {
+            Some(last) if last.name == name => last.end() == offset,
+            Some(last) => last.seq < seq,
+            None => true,
+        }
+    }
+}
+
 pub struct FetchedChunks {
     inner: Mutex<Inner>,
     cap_bytes: usize,
@@ -78,43 +90,27 @@ impl FetchedChunks {
         }
     }
 
+    /// Whether `offer` would keep a chunk of logfile `name` at `offset` in a buffer of
+    /// `capacity` bytes now. Only the single fetcher offers, and only replay takes
+    /// chunks away, so a yes holds until that fetcher offers it.
+    pub fn has_room(&self, seq: u64, name: &str, offset: u64, capacity: usize) -> bool {
+        let inner = self.inner.lock();
+        inner.continues(seq, name, offset) && inner.bytes + capacity <= self.cap_bytes
+    }
+
     /// `data` is now the content of logfile `name` (sequence `seq`) at `offset`: it
-    /// was written there. Kept when it continues the last chunk kept for that file
-    /// (or starts a new file's run) and fits, else given back.
+    /// was written there. Kept when it continues the kept run (`has_room`), else
+    /// given back. What is kept stays until replay passes it: after a chunk that was
+    /// not kept, the chunks of that logfile are not kept either (replay finds them in
+    /// the file), until replay has taken everything kept.
     pub fn offer(&self, seq: u64, name: &str, offset: u64, data: AlignedBuf) {
         let mut inner = self.inner.lock();
-        let len = data.data().len();
         // Memory held is the buffer's room, whatever the chunk's length.
         let held = data.capacity();
-        let continues = match inner.chunks.back() {
-            Some(last) if last.name == name => last.end() == offset,
-            Some(last) => last.seq < seq,
-            None => true,
-        };
-        if len == 0 || !continues || inner.bytes + held > self.cap_bytes {
-            if !continues {
-                // Out of order (a fetch resumed elsewhere): what is kept no longer
-                // leads up to here; start again from this chunk.
-                let old: Vec<Chunk> = inner.chunks.drain(..).collect();
-                inner.bytes = 0;
-                for c in old {
-                    if let Ok(b) = Arc::try_unwrap(c.data) {
-                        if inner.spare.len() < SPARE_MAX {
-                            inner.spare.push(b);
-                        }
-                    }
-                }
-                if len > 0 && held <= self.cap_bytes {
-                    inner.bytes = held;
-                    inner.chunks.push_back(Chunk {
-                        seq,
-                        name: name.to_string(),
-                        offset,
-                        data: Arc::new(data),
-                    });
-                    return;
-                }
-            }
+        let keep = !data.data().is_empty()
+            && inner.continues(seq, name, offset)
+            && inner.bytes + held <= self.cap_bytes;
+        if !keep {
             if inner.spare.len() < SPARE_MAX {
                 inner.spare.push(data);
             }
@@ -214,16 +210,20 @@ mod tests {
     fn keeps_runs_finds_copies_and_drops_what_replay_passed() {
         let c = FetchedChunks::new(10);
         let file: Vec<u8> = (0..40u8).collect();
-        c.offer(1, "log-1-a", 0, buf(&file[0..4]));
-        c.offer(1, "log-1-a", 4, buf(&file[4..8]));
-        // Not after the last chunk of the same file: what was kept is dropped.
         c.offer(1, "log-1-a", 20, buf(&file[20..24]));
-        assert!(c.find("log-1-a", 0, 1).is_none());
+        // Not after the last chunk of the same file: not kept, nothing dropped.
+        c.offer(1, "log-1-a", 30, buf(&file[30..34]));
+        assert!(c.find("log-1-a", 30, 1).is_none());
         let (off, d) = c.find("log-1-a", 21, 3).unwrap();
         assert_eq!((off, d.data()), (20, &file[20..24]));
         drop(d);
         c.offer(1, "log-1-a", 24, buf(&file[24..28]));
-        // Over the bound (4 + 4 + 4 > 10): not kept.
+        // Over the bound (4 + 4 + 4 > 10): not kept (and `has_room` said so).
+        assert!(c.has_room(1, "log-1-a", 28, 2) && !c.has_room(1, "log-1-a", 28, 4));
+        assert!(
+            !c.has_room(1, "log-1-a", 27, 1),
+            "not where the last chunk ends"
+        );
         c.offer(1, "log-1-a", 28, buf(&file[28..32]));
         assert_eq!(c.bytes(), 8);
         assert!(c.find("log-1-a", 28, 1).is_none());
@@ -236,11 +236,17 @@ mod tests {
         assert!(c.find("log-1-b", 21, 1).is_none());
         // An earlier logfile's chunk never follows a later one's.
         c.offer(0, "log-0-a", 0, buf(&file[0..2]));
-        assert!(c.find("log-1-a", 21, 1).is_none() && c.find("log-0-a", 0, 2).is_some());
-        // Replay passed it: dropped, and its buffer serves the next chunk.
+        assert!(c.find("log-0-a", 0, 2).is_none());
+        // Replay passed them: dropped, their buffers serve the next chunks.
+        c.consumed(2, "log-2-a", 0);
+        assert_eq!(c.bytes(), 0);
         c.offer(2, "log-2-a", 0, buf(&file[0..4]));
         c.consumed(2, "log-2-a", 3);
-        assert_eq!(c.bytes(), 4, "the next logfile's chunk stays until passed");
+        assert_eq!(
+            c.bytes(),
+            4,
+            "the chunk stays until replay passed all of it"
+        );
         c.consumed(2, "log-2-a", 4);
         assert_eq!(c.bytes(), 0);
         assert!(c.buffer(4).capacity() >= 4);

@@ -49,9 +49,11 @@ use crate::fetched::FetchedChunks;
 use crate::logger::LoggerError;
 use crate::recovery::{
     finish_version, list_logfiles, previous_version, read_applied, read_version, recover,
-    write_applied, LogfileEntry, ReadAhead, APPLIED_FILE,
+    store_version, write_applied, LogfileEntry, ReadAhead, APPLIED_FILE,
 };
-use mars_logfmt::{FileHeader, Kind, RecordHeader, Version, FILE_HEADER_LEN, RECORD_HEADER_LEN};
+use mars_logfmt::{
+    FileHeader, Kind, RecordHeader, Version, VersionBuilder, FILE_HEADER_LEN, RECORD_HEADER_LEN,
+};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -243,6 +245,13 @@ pub struct Replayer {
     fetched: Option<Arc<FetchedChunks>>,
     /// Record bytes taken from `fetched` so far.
     from_memory: u64,
+    /// The version digest of the logfile being replayed, fed with each record
+    /// header as it is applied: (logfile sequence, log position it covers up to,
+    /// digest). Only when replay entered the logfile at its start; used at its end
+    /// instead of reading all headers back from the file.
+    digest: Option<(u64, u64, VersionBuilder)>,
+    /// Versions computed from `digest` (statistics for tests).
+    versions_inline: u64,
 }
 
 /// Where replay reads records from: the fetched chunks in memory when they hold
@@ -362,6 +371,8 @@ impl Replayer {
             hw: None,
             fetched: None,
             from_memory: 0,
+            digest: None,
+            versions_inline: 0,
         };
         let this_boot = mark
             .clone()
@@ -651,6 +662,12 @@ impl Replayer {
         self.fetched = Some(fetched);
     }
 
+    /// Versions of finished logfiles computed while replaying them (the others were
+    /// computed by reading their record headers back).
+    pub fn versions_computed_inline(&self) -> u64 {
+        self.versions_inline
+    }
+
     /// Record bytes replay took from fetched chunks in memory instead of logfiles.
     pub fn bytes_from_memory(&self) -> u64 {
         self.from_memory
@@ -682,6 +699,14 @@ impl Replayer {
                 .map_err(|e| LoggerError::io(&entry.path, e))?
                 .len();
             let mut at = FILE_HEADER_LEN as u64 + (self.pos - header.start_pos);
+            if self.pos == header.start_pos
+                && self
+                    .digest
+                    .as_ref()
+                    .is_none_or(|(seq, _, _)| *seq != entry.seq)
+            {
+                self.digest = Some((entry.seq, self.pos, VersionBuilder::new()));
+            }
             let mut progressed = false;
             let mut ra = Source {
                 fetched: self.fetched.clone(),
@@ -759,6 +784,13 @@ impl Replayer {
                     Kind::WriteZeroes => self.disk.zero_range(h.offset, h.length, false),
                 };
                 r.map_err(|e| LoggerError::Disk(e.to_string()))?;
+                match &mut self.digest {
+                    Some((seq, upto, b)) if *seq == entry.seq && *upto == self.pos => {
+                        b.add_record(&hdr);
+                        *upto += total;
+                    }
+                    _ => self.digest = None,
+                }
                 self.pos += total;
                 // The mark after the record: a kill from here on re-applies nothing.
                 self.write_mark()?;
@@ -819,7 +851,14 @@ impl Replayer {
                     Some(v) => Some(v),
                     None => self.last_version.take(),
                 };
-                finish_version(&self.dir, &self.node, entry, start, end, prev.as_ref())?
+                match self.digest.take() {
+                    // Every header of the logfile went through replay: no read-back.
+                    Some((seq, upto, b)) if seq == entry.seq && upto == end => {
+                        self.versions_inline += 1;
+                        store_version(&self.dir, &self.node, entry, start, end, prev.as_ref(), b)?
+                    }
+                    _ => finish_version(&self.dir, &self.node, entry, start, end, prev.as_ref())?,
+                }
             }
         };
         if let Some(theirs) = read_version(&self.dir, entry.seq, &entry.node)? {

@@ -1087,7 +1087,12 @@ impl Secondary {
                                 if let Some((from, len)) = reserve {
                                     mars_logger::disk::preallocate(&o, from, len);
                                 }
-                                write_fetched(&o, direct.as_deref(), data.data(), at)?;
+                                // Direct only when the chunk stays in memory for replay;
+                                // else (replay paused or far behind) through the page
+                                // cache, where replay finds it later without the device.
+                                let keep = chunks.has_room(seq, &name, at, data.capacity());
+                                let direct = direct.as_deref().filter(|_| keep);
+                                write_fetched(&o, direct, data.data(), at)?;
                                 // Written: from now on these are the file's bytes there.
                                 chunks.offer(seq, &name, at, data);
                                 Ok(())
