@@ -201,6 +201,12 @@ impl Disk {
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+
+    /// Another handle of the same open file (for a sync on another thread: it
+    /// sees the same writeback errors).
+    pub fn try_clone_file(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
 }
 
 /// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: start writeback of dirty pages in

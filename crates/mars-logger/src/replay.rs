@@ -252,6 +252,10 @@ pub struct Replayer {
     digest: Option<(u64, u64, VersionBuilder)>,
     /// Versions computed from `digest` (statistics for tests).
     versions_inline: u64,
+    /// Disk syncs may run in the background (`set_background_sync`).
+    background: bool,
+    /// The background sync running: the position it makes durable, its thread.
+    bg_sync: Option<(u64, std::thread::JoinHandle<std::io::Result<()>>)>,
 }
 
 /// Where replay reads records from: the fetched chunks in memory when they hold
@@ -373,6 +377,8 @@ impl Replayer {
             from_memory: 0,
             digest: None,
             versions_inline: 0,
+            background: false,
+            bg_sync: None,
         };
         let this_boot = mark
             .clone()
@@ -538,14 +544,19 @@ impl Replayer {
     /// (see `replayed.hw` for what that means for consistency); what delays is log
     /// deletion, which waits for the persisted position.
     pub fn persist_if_due(&mut self, interval: std::time::Duration) -> Result<(), LoggerError> {
+        self.finish_background_sync(false)?;
         if self.saved_at.elapsed() < interval {
             return Ok(());
+        }
+        if self.background {
+            return self.start_background_sync(true);
         }
         self.persist()
     }
 
     /// Sync the disk and persist the position.
     pub fn persist(&mut self) -> Result<(), LoggerError> {
+        self.finish_background_sync(true)?;
         if self.pos == self.persisted {
             return Ok(());
         }
@@ -556,17 +567,84 @@ impl Replayer {
     /// the mark. The limit never drops below a pending `until`, so that a
     /// second reboot still reports the first one's damage.
     fn save(&mut self, limit: u64) -> Result<(), LoggerError> {
-        let limit = limit.max(self.inconsistent_until().unwrap_or(0));
+        // A sync running in the background covers less: let it end first (its
+        // result is recorded, then this one's).
+        self.finish_background_sync(true)?;
         let t0 = std::time::Instant::now();
         self.disk
             .sync()
             .map_err(|e| LoggerError::Disk(e.to_string()))?;
         tracing::debug!(pos = self.pos, limit, took = ?t0.elapsed(), "replay: disk synced");
-        write_state(&self.dir, self.pos, Some(limit))?;
+        self.record_durable(self.pos, limit)
+    }
+
+    /// The disk holds every record before `pos` durably: write `replayed` (`pos`,
+    /// and `limit`, never lowered and never below a pending `until`), then the mark.
+    fn record_durable(&mut self, pos: u64, limit: u64) -> Result<(), LoggerError> {
+        let limit = limit
+            .max(self.limit)
+            .max(self.inconsistent_until().unwrap_or(0));
+        write_state(&self.dir, pos, Some(limit))?;
         self.saved_at = std::time::Instant::now();
-        self.persisted = self.pos;
+        self.persisted = pos;
         self.limit = limit;
         self.write_mark()
+    }
+
+    /// Sync the disk on another thread while replay goes on (`set_background_sync`).
+    /// Replay never passes the durable limit meanwhile; when the sync has ended,
+    /// `replayed` becomes the position it started at and the limit moves a window
+    /// past that. Started halfway through the window, a sync usually ends before
+    /// replay reaches the limit, so replay does not stop for it.
+    pub fn set_background_sync(&mut self, on: bool) {
+        self.background = on;
+    }
+
+    /// Start a background sync when one is due: replay is past the middle of the
+    /// window (or `force`), nothing is running, and there is something to persist.
+    fn start_background_sync(&mut self, force: bool) -> Result<(), LoggerError> {
+        let due = force || self.pos >= self.limit.saturating_sub(self.window / 2);
+        if !self.background || self.bg_sync.is_some() || self.pos <= self.persisted || !due {
+            return Ok(());
+        }
+        let file = self
+            .disk
+            .try_clone_file()
+            .map_err(|e| LoggerError::Disk(e.to_string()))?;
+        let pos = self.pos;
+        let spawned = std::thread::Builder::new()
+            .name("mars-replay-sync".into())
+            .spawn(move || {
+                let t0 = std::time::Instant::now();
+                let r = file.sync_data();
+                tracing::debug!(pos, took = ?t0.elapsed(), "replay: disk synced in the background");
+                r
+            });
+        match spawned {
+            Ok(h) => self.bg_sync = Some((pos, h)),
+            // No thread: the synchronous sync at the limit does the work.
+            Err(e) => tracing::warn!("replay: no background sync thread: {e}"),
+        }
+        // The time rule counts from the start: not one sync after another.
+        self.saved_at = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// Record the result of the background sync if it has ended (or wait for it:
+    /// `wait`). A failed sync fails replay as a failed synchronous one does.
+    fn finish_background_sync(&mut self, wait: bool) -> Result<(), LoggerError> {
+        match &self.bg_sync {
+            Some((_, h)) if wait || h.is_finished() => {}
+            _ => return Ok(()),
+        }
+        let Some((pos, h)) = self.bg_sync.take() else {
+            return Ok(());
+        };
+        match h.join() {
+            Ok(Ok(())) => self.record_durable(pos, pos.saturating_add(self.window)),
+            Ok(Err(e)) => Err(LoggerError::Disk(e.to_string())),
+            Err(_) => Err(LoggerError::Disk("background disk sync panicked".into())),
+        }
     }
 
     /// The logfiles with their headers (ones still being created are left out).
@@ -776,6 +854,10 @@ impl Replayer {
                 // Never apply a record past the durable limit: a reboot must
                 // know how far the disk may be ahead of `replayed`.
                 if self.pos + total > self.limit {
+                    // A background sync may raise the limit enough.
+                    self.finish_background_sync(true)?;
+                }
+                if self.pos + total > self.limit {
                     self.save(self.pos.saturating_add(self.window.max(total)))?;
                 }
                 let r = match h.kind {
@@ -794,6 +876,10 @@ impl Replayer {
                 self.pos += total;
                 // The mark after the record: a kill from here on re-applies nothing.
                 self.write_mark()?;
+                if self.background {
+                    self.finish_background_sync(false)?;
+                    self.start_background_sync(false)?;
+                }
                 at += total;
                 out.records += 1;
                 out.bytes += total;

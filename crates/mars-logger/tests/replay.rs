@@ -281,6 +281,52 @@ fn versions_from_replay_and_from_read_back_agree() {
     }
 }
 
+/// With disk syncs in the background, replay never applies a record past the
+/// durable limit written in `replayed`, `replayed` only names record boundaries
+/// replay had passed, and replay need not stop for a sync: background syncs
+/// raise the limit as it goes.
+#[test]
+fn background_syncs_keep_the_durable_limit_ahead_of_replay() {
+    let root = tempfile::tempdir().unwrap();
+    let (adir, adisk) = primary_logs(root.path(), 300);
+    let (bdir, bdisk) = secondary(root.path(), &adir);
+    let imgs = images(&bdir);
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    r.set_persist_window(16 << 10);
+    r.set_background_sync(true);
+    let state = || -> (u64, u64) {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bdir.join("replayed")).unwrap()).unwrap();
+        (v["pos"].as_u64().unwrap(), v["limit"].as_u64().unwrap())
+    };
+    let mut boundaries = vec![0u64];
+    let mut persisted_seen = std::collections::BTreeSet::new();
+    let mut applied = 0usize;
+    loop {
+        let o = r.step(1).unwrap();
+        applied += o.records as usize;
+        boundaries.push(r.position());
+        assert!(std::fs::read(&bdisk).unwrap() == imgs[applied]);
+        let (pos, limit) = state();
+        assert!(r.position() <= limit, "applied past the durable limit");
+        assert!(
+            pos <= r.position() && boundaries.contains(&pos),
+            "replayed {pos}"
+        );
+        persisted_seen.insert(pos);
+        if o.idle {
+            break;
+        }
+    }
+    r.persist().unwrap();
+    assert_eq!(state().0, r.position());
+    assert!(std::fs::read(&bdisk).unwrap() == std::fs::read(&adisk).unwrap());
+    assert!(
+        persisted_seen.len() > 3,
+        "the position moved on as replay went: {persisted_seen:?}"
+    );
+}
+
 /// A record whose bytes in memory are damaged is refused like one in a file: the
 /// chunks get the same checks (checksums, positions).
 #[test]

@@ -610,6 +610,7 @@ impl Secondary {
                     .inspect_err(|_| self.progress.lock().replaying = false)?;
                     let mut r = r;
                     r.use_fetched(self.fetched.clone());
+                    r.set_background_sync(true);
                     // After a reboot, unsynced writes of replay may be partly on the disk.
                     if let Some(until) = r.inconsistent_until() {
                         let mut p = self.progress.lock();
