@@ -583,7 +583,9 @@ impl Logger {
             return Err(io::Error::other(f));
         }
         // Between `plug` and `unplug` on this thread, small requests wait in the plug
-        // and are logged together; a larger one goes after them (same order as sent).
+        // and are logged together; a larger one empties the plug first. (Requests in
+        // flight together have no order in NBD: when the writer is busy, the plug's
+        // go through its queue and a later batch may be logged inline before them.)
         let op = match self.plug_push(op) {
             Ok(()) => return rx.await.map_err(|_| closed())?,
             Err(op) => op,

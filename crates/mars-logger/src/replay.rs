@@ -232,7 +232,7 @@ pub struct Replayer {
     halted: Option<Halt>,
     last_version: Option<Version>,
     /// The logfile whose place in this node's history was checked last.
-    entered: Option<u64>,
+    entered: Option<(u64, String)>,
     /// The durable limit: no record ending after it is applied before
     /// `replayed` says a larger one.
     limit: u64,
@@ -246,10 +246,10 @@ pub struct Replayer {
     /// Record bytes taken from `fetched` so far.
     from_memory: u64,
     /// The version digest of the logfile being replayed, fed with each record
-    /// header as it is applied: (logfile sequence, log position it covers up to,
+    /// header as it is applied: (logfile name, log position it covers up to,
     /// digest). Only when replay entered the logfile at its start; used at its end
     /// instead of reading all headers back from the file.
-    digest: Option<(u64, u64, VersionBuilder)>,
+    digest: Option<(String, u64, VersionBuilder)>,
     /// Versions computed from `digest` (statistics for tests).
     versions_inline: u64,
     /// Disk syncs may run in the background (`set_background_sync`).
@@ -761,7 +761,21 @@ impl Replayer {
                 out.idle = true;
                 break;
             };
-            if self.entered != Some(entry.seq) {
+            let name = entry.name();
+            if self.entered.as_ref().map(|(_, n)| n) != Some(&name) {
+                if let Some((seq, prev)) = &self.entered {
+                    if *seq == entry.seq && self.pos > header.start_pos {
+                        // Another node's logfile of the same number while replay is
+                        // inside one: the two histories part within it, and what
+                        // was applied from the first is not in the second.
+                        let h = Halt::SplitBrain {
+                            file: name.clone(),
+                            ours: format!("{prev} up to position {}", self.pos),
+                            theirs: format!("{name} from position {}", header.start_pos),
+                        };
+                        return self.halt(h);
+                    }
+                }
                 if !self.continues_history(&entry)? {
                     out.idle = true; // its origin's version of the previous logfile is not here yet
                     break;
@@ -769,7 +783,7 @@ impl Replayer {
                 if self.halted.is_some() {
                     break;
                 }
-                self.entered = Some(entry.seq);
+                self.entered = Some((entry.seq, name.clone()));
             }
             let f = File::open(&entry.path).map_err(|e| LoggerError::io(&entry.path, e))?;
             let file_len = f
@@ -778,12 +792,9 @@ impl Replayer {
                 .len();
             let mut at = FILE_HEADER_LEN as u64 + (self.pos - header.start_pos);
             if self.pos == header.start_pos
-                && self
-                    .digest
-                    .as_ref()
-                    .is_none_or(|(seq, _, _)| *seq != entry.seq)
+                && self.digest.as_ref().is_none_or(|(n, _, _)| *n != name)
             {
-                self.digest = Some((entry.seq, self.pos, VersionBuilder::new()));
+                self.digest = Some((name.clone(), self.pos, VersionBuilder::new()));
             }
             let mut progressed = false;
             let mut ra = Source {
@@ -867,7 +878,7 @@ impl Replayer {
                 };
                 r.map_err(|e| LoggerError::Disk(e.to_string()))?;
                 match &mut self.digest {
-                    Some((seq, upto, b)) if *seq == entry.seq && *upto == self.pos => {
+                    Some((n, upto, b)) if *n == name && *upto == self.pos => {
                         b.add_record(&hdr);
                         *upto += total;
                     }
@@ -939,7 +950,7 @@ impl Replayer {
                 };
                 match self.digest.take() {
                     // Every header of the logfile went through replay: no read-back.
-                    Some((seq, upto, b)) if seq == entry.seq && upto == end => {
+                    Some((n, upto, b)) if n == entry.name() && upto == end => {
                         self.versions_inline += 1;
                         store_version(&self.dir, &self.node, entry, start, end, prev.as_ref(), b)?
                     }

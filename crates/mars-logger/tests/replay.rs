@@ -327,6 +327,33 @@ fn background_syncs_keep_the_durable_limit_ahead_of_replay() {
     );
 }
 
+/// Another node's logfile of the same number appears while replay is inside one
+/// (a failover elsewhere started its own log there): replay stops as a split brain
+/// instead of going on in the other file.
+#[test]
+fn another_logfile_of_the_same_number_mid_file_is_a_split_brain() {
+    let root = tempfile::tempdir().unwrap();
+    let (adir, _) = primary_logs(root.path(), 300);
+    let (bdir, bdisk) = secondary(root.path(), &adir);
+    let files = list_logfiles(&bdir).unwrap();
+    let second = &files[1];
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    // Into the second logfile, past its first record.
+    let first_recs = scan_logfile(&std::fs::read(&files[0].path).unwrap())
+        .records
+        .len();
+    let mut applied = 0;
+    while applied < first_recs + 2 {
+        applied += r.step(1).unwrap().records as usize;
+    }
+    let pos = r.position();
+    let other = format!("log-{:09}-omega", second.seq);
+    std::fs::copy(&second.path, bdir.join(&other)).unwrap();
+    let err = r.step(u64::MAX).unwrap_err().to_string();
+    assert!(err.contains("split brain") && err.contains(&other), "{err}");
+    assert_eq!(r.position(), pos, "nothing applied from the other file");
+}
+
 /// A record whose bytes in memory are damaged is refused like one in a file: the
 /// chunks get the same checks (checksums, positions).
 #[test]

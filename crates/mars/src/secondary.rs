@@ -1010,7 +1010,11 @@ impl Secondary {
             let max = match self.fetch_rate.load(Ordering::Acquire) {
                 0 => FETCH_CHUNK,
                 // Small chunks under a low rate limit keep the stream smooth.
-                r => (r / 4).clamp(64 << 10, FETCH_CHUNK as u64) as u32,
+                // A multiple of the alignment, so that chunks stay aligned (O_DIRECT).
+                r => {
+                    ((r / 4).clamp(64 << 10, FETCH_CHUNK as u64) / DIRECT_ALIGN as u64
+                        * DIRECT_ALIGN as u64) as u32
+                }
             };
             let mut next = local;
             let mut allocated = local;
