@@ -763,18 +763,33 @@ impl Replayer {
             };
             let name = entry.name();
             if self.entered.as_ref().map(|(_, n)| n) != Some(&name) {
-                if let Some((seq, prev)) = &self.entered {
-                    if *seq == entry.seq && self.pos > header.start_pos {
-                        // Another node's logfile of the same number while replay is
-                        // inside one: the two histories part within it, and what
-                        // was applied from the first is not in the second.
-                        let h = Halt::SplitBrain {
-                            file: name.clone(),
-                            ours: format!("{prev} up to position {}", self.pos),
-                            theirs: format!("{name} from position {}", header.start_pos),
-                        };
-                        return self.halt(h);
+                // Entering a logfile inside it (replay was in another file of the
+                // same number before, or resumes after a restart) while another
+                // node's logfile of the same number also holds this position: the
+                // two histories part within them, and what was applied came from
+                // one of them. Nothing tells which (a restart forgets it): stop.
+                let mut other = match &self.entered {
+                    Some((seq, prev)) if *seq == entry.seq && self.pos > header.start_pos => {
+                        Some(prev.clone())
                     }
+                    _ => None,
+                };
+                if other.is_none() && self.pos > header.start_pos {
+                    other = self
+                        .logfiles()?
+                        .into_iter()
+                        .find(|(e, h)| {
+                            e.seq == entry.seq && e.name() != name && h.start_pos < self.pos
+                        })
+                        .map(|(e, _)| e.name());
+                }
+                if let Some(prev) = other {
+                    let h = Halt::SplitBrain {
+                        file: name.clone(),
+                        ours: format!("{prev} up to position {}", self.pos),
+                        theirs: format!("{name} from position {}", header.start_pos),
+                    };
+                    return self.halt(h);
                 }
                 if !self.continues_history(&entry)? {
                     out.idle = true; // its origin's version of the previous logfile is not here yet

@@ -352,6 +352,28 @@ fn another_logfile_of_the_same_number_mid_file_is_a_split_brain() {
     let err = r.step(u64::MAX).unwrap_err().to_string();
     assert!(err.contains("split brain") && err.contains(&other), "{err}");
     assert_eq!(r.position(), pos, "nothing applied from the other file");
+    // The same after a restart, which forgets which of the two replay was in.
+    std::fs::remove_file(bdir.join("replayed")).unwrap();
+    std::fs::remove_file(bdir.join(HW_FILE)).unwrap();
+    std::fs::write(&bdisk, vec![0u8; SIZE as usize]).unwrap();
+    std::fs::remove_file(bdir.join(&other)).unwrap();
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    let mut applied = 0;
+    while applied < first_recs + 2 {
+        applied += r.step(1).unwrap().records as usize;
+    }
+    r.persist().unwrap();
+    drop(r);
+    std::fs::copy(&second.path, bdir.join(&other)).unwrap();
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    assert_eq!(r.position(), pos);
+    let err = r.step(u64::MAX).unwrap_err().to_string();
+    assert!(err.contains("split brain"), "{err}");
+    assert_eq!(
+        r.position(),
+        pos,
+        "nothing applied after the restart either"
+    );
 }
 
 /// Replay of 40 writes whose fourth record has a payload bit flipped, in the
