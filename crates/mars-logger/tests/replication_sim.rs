@@ -254,6 +254,17 @@ fn file_len(path: &Path) -> u64 {
 }
 
 impl Sim {
+    /// The secondary's replayer, opened again in the current boot.
+    fn open_replayer(&self) -> Replayer {
+        open_replayer(
+            &self.bdir,
+            &self.bdisk,
+            self.boot,
+            self.window,
+            self.background,
+        )
+    }
+
     fn new(seed: u64, background: bool) -> Sim {
         let mut rng = StdRng::seed_from_u64(seed);
         let root = sim_tempdir();
@@ -629,13 +640,7 @@ impl Sim {
     fn kill(&mut self) {
         let until = self.replayer.as_ref().unwrap().inconsistent_until();
         self.replayer = None;
-        let r = open_replayer(
-            &self.bdir,
-            &self.bdisk,
-            self.boot,
-            self.window,
-            self.background,
-        );
+        let r = self.open_replayer();
         assert_eq!(
             r.position(),
             self.model.ends[self.k],
@@ -690,13 +695,7 @@ impl Sim {
             }
         }
         self.boot += 1;
-        let r = open_replayer(
-            &self.bdir,
-            &self.bdisk,
-            self.boot,
-            self.window,
-            self.background,
-        );
+        let r = self.open_replayer();
         assert_eq!(
             r.position(),
             self.model.ends[self.persisted_k],
