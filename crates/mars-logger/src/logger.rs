@@ -613,50 +613,48 @@ impl Logger {
             let mut p = p.borrow_mut();
             // Anything still here was left by a caller that panicked before `unplug`:
             // never acknowledged, its waiters gone. Dropped, not logged (it may not even
-            // be this logger's).
+            // be this logger's). The vector's room stays for this round.
             p.ops.clear();
             p.log_len = 0;
             p.owner = self.id();
-            p.active = true;
         });
     }
 
     /// Log what was collected since `plug` and stop collecting.
     pub fn unplug(&self) {
-        let ops = PLUG.with(|p| {
+        if self.flush_plug() {
+            PLUG.with(|p| p.borrow_mut().owner = 0);
+        }
+    }
+
+    /// Log what this thread's plug holds now, if it collects for this logger (it
+    /// goes on collecting). Returns whether it does.
+    fn flush_plug(&self) -> bool {
+        let Some(ops) = PLUG.with(|p| {
             let mut p = p.borrow_mut();
-            if p.owner != self.id() {
-                return Vec::new();
-            }
-            p.active = false;
-            p.take()
-        });
+            (p.owner == self.id()).then(|| p.take())
+        }) else {
+            return false;
+        };
         let ops = self.submit_batch(ops);
         PLUG.with(|p| p.borrow_mut().give_back(ops));
+        true
     }
 
     /// Put `op` into this thread's plug if one is collecting for this logger and the
-    /// request is small; otherwise log what the plug holds first and give `op` back.
+    /// request is small (logging what the plug holds first when it would not fit);
+    /// otherwise give `op` back, after logging what the plug holds.
     fn plug_push(&self, op: Op) -> Result<(), Op> {
         let small = op.payload_len() <= INLINE_MAX;
-        let full = PLUG.with(|p| {
-            let mut p = p.borrow_mut();
-            if !p.active || p.owner != self.id() {
-                return Err(None);
-            }
-            if small && p.log_len + op.log_len() < PLUG_MAX {
-                return Ok(());
-            }
-            Err(Some(p.take()))
+        let (collecting, fits) = PLUG.with(|p| {
+            let p = p.borrow();
+            (p.owner == self.id(), p.log_len + op.log_len() < PLUG_MAX)
         });
-        let full = match full {
-            Ok(()) => None,
-            Err(None) => return Err(op),
-            Err(Some(ops)) => Some(ops),
-        };
-        if let Some(ops) = full {
-            let ops = self.submit_batch(ops);
-            PLUG.with(|p| p.borrow_mut().give_back(ops));
+        if !collecting {
+            return Err(op);
+        }
+        if !(small && fits) {
+            self.flush_plug();
             if !small {
                 return Err(op);
             }
@@ -997,9 +995,8 @@ const PLUG_MAX: u64 = DIRECT_MIN;
 
 /// Small requests collected on one thread between `Logger::plug` and `unplug`.
 struct Plug {
-    /// The logger collecting (`Logger::id`); 0 for none.
+    /// The logger collecting (`Logger::id`); 0 while none is.
     owner: usize,
-    active: bool,
     ops: Vec<Op>,
     log_len: u64,
 }
@@ -1022,7 +1019,6 @@ thread_local! {
     static PLUG: std::cell::RefCell<Plug> = const {
         std::cell::RefCell::new(Plug {
             owner: 0,
-            active: false,
             ops: Vec::new(),
             log_len: 0,
         })
