@@ -567,9 +567,9 @@ impl Replayer {
     /// the mark. The limit never drops below a pending `until`, so that a
     /// second reboot still reports the first one's damage.
     fn save(&mut self, limit: u64) -> Result<(), LoggerError> {
-        // A sync running in the background covers less: let it end first (its
-        // result is recorded, then this one's).
-        self.finish_background_sync(true)?;
+        // Callers let a background sync end first (it covers less; its result is
+        // recorded before this one's).
+        debug_assert!(self.bg_sync.is_none());
         let t0 = std::time::Instant::now();
         self.disk
             .sync()
@@ -768,21 +768,18 @@ impl Replayer {
                 // node's logfile of the same number also holds this position: the
                 // two histories part within them, and what was applied came from
                 // one of them. Nothing tells which (a restart forgets it): stop.
-                let mut other = match &self.entered {
-                    Some((seq, prev)) if *seq == entry.seq && self.pos > header.start_pos => {
-                        Some(prev.clone())
-                    }
-                    _ => None,
-                };
-                if other.is_none() && self.pos > header.start_pos {
-                    other = self
-                        .logfiles()?
+                // (The file replay was in stays until the durable position passes
+                // it, so the local files show it.)
+                let other = if self.pos > header.start_pos {
+                    self.logfiles()?
                         .into_iter()
                         .find(|(e, h)| {
                             e.seq == entry.seq && e.name() != name && h.start_pos < self.pos
                         })
-                        .map(|(e, _)| e.name());
-                }
+                        .map(|(e, _)| e.name())
+                } else {
+                    None
+                };
                 if let Some(prev) = other {
                     let h = Halt::SplitBrain {
                         file: name.clone(),
@@ -815,7 +812,7 @@ impl Replayer {
             let mut ra = Source {
                 fetched: self.fetched.clone(),
                 seq: entry.seq,
-                name: entry.name(),
+                name: name.clone(),
                 mem: None,
                 joined: Vec::new(),
                 ra: ReadAhead::new(1 << 20),
