@@ -992,7 +992,7 @@ impl Secondary {
             // Aligned chunks go with O_DIRECT: a fetched logfile is read back only
             // where replay finds no chunk in memory (`FetchedChunks`), and copying every
             // fetched byte into new page-cache pages was the largest cost of a catch-up.
-            let direct = mars_logger::disk::open_direct(&path).map(Arc::new);
+            let direct = open_direct(&path).map(Arc::new);
             // The chunk being written (off the runtime, while the next one arrives),
             // and the local length once it is written.
             type Writing = tokio::task::JoinHandle<std::io::Result<()>>;
