@@ -94,6 +94,9 @@ def main():
         written = own("alpha")["log"]["written"]
         start = own("beta")["log"]["fetched" if fetch_only else "replayed"]
         wait("gamma", "replayed", written)
+        # As in bench/replication.sh: alpha's and gamma's disks written back before the
+        # timed window, which then holds beta's work alone.
+        os.sync()
         if fetch_only:
             adm("beta", "pause-replay", "r0")
         perf = None

@@ -23,6 +23,9 @@
 #                  shows the median (default 1)
 #   BENCH_CATCHUP  bytes written while beta is paused, for the catch-up rows (default 1G)
 #   BENCH_RAND=0   skip the 4 KiB random-write rows
+#   BENCH_CATCHUP_SETTLE=0  resume the paused secondary right after the write, while gamma
+#                  still replays and alpha's and gamma's disks are written back (default 1:
+#                  wait for gamma and `sync` first, so the timed window is beta's work alone)
 #   BENCH_OUT      markdown output (default bench/replication-results.md)
 #   BENCH_KEEP=1   keep the work directory (logs, fio JSON, samples) at exit
 #   BENCH_NO_BUILD=1  skip cargo build (use the binaries already in $CARGO_TARGET_DIR/release)
@@ -37,12 +40,13 @@ BENCH_RUNTIME="${BENCH_RUNTIME:-15}"
 BENCH_REPEAT="${BENCH_REPEAT:-1}"
 BENCH_CATCHUP="${BENCH_CATCHUP:-1G}"
 BENCH_RAND="${BENCH_RAND:-1}"
+BENCH_CATCHUP_SETTLE="${BENCH_CATCHUP_SETTLE:-1}"
 BENCH_MIN_FREE_GIB="${BENCH_MIN_FREE_GIB:-8}"
 BENCH_ONLY="${BENCH_ONLY:-}"
 RATE80=0 # set by the lag row
 BENCH_OUT="${BENCH_OUT:-$ROOT/bench/replication-results.md}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-CMDLINE="${BENCH_ONLY:+BENCH_ONLY=$BENCH_ONLY }BENCH_SIZE=$BENCH_SIZE BENCH_RUNTIME=$BENCH_RUNTIME BENCH_REPEAT=$BENCH_REPEAT BENCH_CATCHUP=$BENCH_CATCHUP BENCH_RAND=$BENCH_RAND $(printf '%q ' "$0" "$@")"
+CMDLINE="${BENCH_ONLY:+BENCH_ONLY=$BENCH_ONLY }BENCH_SIZE=$BENCH_SIZE BENCH_RUNTIME=$BENCH_RUNTIME BENCH_REPEAT=$BENCH_REPEAT BENCH_CATCHUP=$BENCH_CATCHUP BENCH_CATCHUP_SETTLE=$BENCH_CATCHUP_SETTLE BENCH_RAND=$BENCH_RAND $(printf '%q ' "$0" "$@")"
 
 die() { echo "bench: $*" >&2; exit 1; }
 say() { echo "bench: $(date +%T) $*" >&2; }
@@ -131,10 +135,24 @@ def proc_cpu(pid):
     f = s[s.rindex(")") + 2:].split()
     return (int(f[11]) + int(f[12])) / TCK
 
+def disk_io():
+    """(sectors read, sectors written, ms busy) of the work directory's block device, or None."""
+    dev = os.environ.get("BENCH_BLOCKDEV", "")
+    try:
+        for line in open("/proc/diskstats"):
+            f = line.split()
+            if f[2] == dev:
+                return int(f[5]), int(f[9]), int(f[12])
+    except OSError:
+        pass
+    return None
+
 class Cpu:
-    """CPU seconds of the given marsd processes and of the whole machine between start and stop."""
+    """CPU seconds of the given marsd processes and of the whole machine between start and stop,
+    and the traffic of the work directory's block device."""
     def __init__(self, pids):
         self.pids = pids  # name -> pid
+        self.d0 = disk_io()
         self.t0, self.b0 = time.time(), busy()
         self.c0 = {n: proc_cpu(p) for n, p in pids.items()}
         self.r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -146,7 +164,12 @@ class Cpu:
         if child_cpu is None:
             child_cpu = (r.ru_utime - self.r0.ru_utime) + (r.ru_stime - self.r0.ru_stime)
         other = max(0.0, b - sum(c.values()) - child_cpu)
-        return {"wall": wall, "marsd_cpu": c, "client_cpu": child_cpu, "other_cpu": other}
+        d1 = disk_io()
+        dev = None
+        if self.d0 is not None and d1 is not None:
+            dev = {"read_bytes": (d1[0] - self.d0[0]) * 512, "written_bytes": (d1[1] - self.d0[1]) * 512,
+                   "busy_s": (d1[2] - self.d0[2]) / 1000}
+        return {"wall": wall, "marsd_cpu": c, "client_cpu": child_cpu, "other_cpu": other, "device": dev}
 
 def pids_arg(s):  # "alpha=123,beta=456"
     return {k: int(v) for k, v in (x.split("=") for x in s.split(",") if x)}
@@ -363,6 +386,10 @@ mkdisk() { # path: fallocate BENCH_SIZE (zeros)
 for n in "${NODES[@]}"; do mkdisk "$W/disks/$n-r0.img"; done
 SIZE_BYTES="$DISK_SIZE_BYTES"
 FSTYPE="$(df -T "$W" | awk 'NR==2{print $2}')"
+# The block device under the work directory (none on tmpfs), for its traffic per row.
+BENCH_BLOCKDEV="$(df --output=source "$W" | awk 'NR==2{print $1}')"
+BENCH_BLOCKDEV="$(basename "$BENCH_BLOCKDEV")"
+export BENCH_BLOCKDEV
 say "work dir $W ($FSTYPE, $(free_gib) GiB free), device size $SIZE_BYTES bytes, ${BENCH_RUNTIME}s per row"
 
 adm alpha create-resource r0 "$W/disks/alpha-r0.img" >&2
@@ -480,6 +507,13 @@ catchup() { # fetch|replay
     if [[ $kind == replay ]]; then # let fetch bring everything over first (untimed)
         H wait-field "$W/beta" r0 beta fetched "$w" 600
     fi
+    # The timed window holds beta's work alone, as on a machine of its own: gamma has
+    # replayed the backlog and every node's dirty page cache (alpha's and gamma's disks)
+    # is written back before the resume (BENCH_CATCHUP_SETTLE=0: resume right away).
+    if [[ "$BENCH_CATCHUP_SETTLE" == 1 ]]; then
+        H wait-field "$W/gamma" r0 gamma replayed "$w" 600
+        sync
+    fi
     say "catch-up ($kind): resume-$kind on beta, waiting for replayed >= $w"
     H catchup "$W/res/catchup-$kind.json" "$PIDS" "$W/beta" r0 beta "$kind" "$w" 900
 }
@@ -527,7 +561,7 @@ REPORT="$(W="$W" CMDLINE="$CMDLINE" FIO_VER="$FIO_VER" CPU_MODEL="$CPU_MODEL" ME
     FSTYPE="$FSTYPE" SIZE_BYTES="$SIZE_BYTES" RUNTIME="$BENCH_RUNTIME" REPEAT="$BENCH_REPEAT" \
     GIT_REV="$GIT_REV" KERNEL="$(uname -r)" DATE="$(date -u '+%Y-%m-%d %H:%M:%S UTC')" NCPU="$(nproc)" \
     LOAD_START="$LOAD_START" ONLY="$BENCH_ONLY" LOAD_END="$LOAD_END" ROWS="${ROW_NAMES[*]}" RATE80="$RATE80" \
-    FIO_COMMON="$FIO_COMMON" HWM_RESET="$HWM_RESET" CATCHUP_BYTES="$CATCHUP_BYTES" \
+    FIO_COMMON="$FIO_COMMON" HWM_RESET="$HWM_RESET" CATCHUP_BYTES="$CATCHUP_BYTES" CATCHUP_SETTLE="$BENCH_CATCHUP_SETTLE" \
     python3 - <<'EOF'
 import json, os, statistics
 e = os.environ
@@ -541,7 +575,10 @@ def verdict(ok): verdicts.append(ok); return "met" if ok else "MISSED"
 def cpu_row(label, c):
     w = c["wall"]
     m = c["marsd_cpu"]
-    cpu_rows.append(f"| {label} | {m['alpha'] / w:.2f} | {m['beta'] / w:.2f} | {m['gamma'] / w:.2f} | {c['other_cpu'] / w:.2f} |")
+    d = c.get("device")
+    dev = (f"{d['read_bytes'] / w / 1e6:,.0f} / {d['written_bytes'] / w / 1e6:,.0f} / {min(100.0, d['busy_s'] / w * 100):.0f} %"
+           if d else "-")
+    cpu_rows.append(f"| {label} | {m['alpha'] / w:.2f} | {m['beta'] / w:.2f} | {m['gamma'] / w:.2f} | {c['other_cpu'] / w:.2f} | {dev} |")
 
 table = []
 ONLY_SYNC = e["ONLY"] == "sync"
@@ -628,10 +665,12 @@ out += table
 out.append("")
 out.append(f"CPU during each row, in CPUs busy (of {NCPU}): each marsd, and everything else except the client"
            " (fio, or the `marsadm` polls and commands of the catch-up and sync rows). Kernel threads working"
-           " for the daemons (page-cache flushers, loopback softirq) land in 'other', as does unrelated work on a shared machine.")
+           " for the daemons (page-cache flushers, loopback softirq) land in 'other', as does unrelated work on a shared machine."
+           f" Device: the traffic of the block device under the work directory ({os.environ.get('BENCH_BLOCKDEV') or 'none'},"
+           " shared by all three nodes, from /proc/diskstats), and the share of the row's time it had I/O in flight.")
 out.append("")
-out.append("| row | alpha (primary) | beta | gamma | other |")
-out.append("|---|---:|---:|---:|---:|")
+out.append("| row | alpha (primary) | beta | gamma | other | device read / written (MB/s) / busy |")
+out.append("|---|---:|---:|---:|---:|---:|")
 out += cpu_rows
 out.append("")
 out.append("Peak RSS (VmHWM, MiB) of each marsd per phase"
@@ -662,7 +701,12 @@ if not ONLY_SYNC:
     out.append(f"- catch-up: beta paused, {int(e['CATCHUP_BYTES']) / MiB:,.0f} MiB written with fio (1 MiB, QD8, end_fsync);"
                " timed from `resume-fetch`/`resume-replay` until beta's own `log.replayed` reaches alpha's `log.written`"
                f" (polled every 50 ms: {cf['polls']} / {cr['polls']} polls); with pause-replay, fetch had brought everything over before the resume."
-               f" After resume-fetch, beta's view showed the whole backlog fetched at {tf if tf is not None else float('nan'):.2f} s and replayed still"
+               + (" Before each resume gamma had replayed the backlog and `sync` had written back every node's dirty pages"
+                  " (alpha's and gamma's disks), so the timed window holds beta's work alone, as on a machine of its own."
+                  if e.get("CATCHUP_SETTLE") == "1" else
+                  " Resumed right after the write (BENCH_CATCHUP_SETTLE=0): gamma's replay and alpha's and gamma's disk"
+                  " writeback of the backlog share the timed window and the device.")
+               + f" After resume-fetch, beta's view showed the whole backlog fetched at {tf if tf is not None else float('nan'):.2f} s and replayed still"
                f" at its start position at {tr:.2f} s (its `log.fetched` moves once per fetch round)")
 if not ONLY_CATCHUP:
   se, sd = jl("sync-equal.json"), jl("sync-different.json")
