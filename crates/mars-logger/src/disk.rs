@@ -35,6 +35,16 @@ pub fn open_direct(path: &Path) -> Option<File> {
     }
 }
 
+/// Open `path` for O_DIRECT reads; None where the file system does not support it.
+pub fn open_direct_read(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
 /// A buffer whose bytes start on a `DIRECT_ALIGN` boundary, for O_DIRECT I/O (its
 /// heap memory does not move when the value does). Holds `len` bytes of data in
 /// room for `capacity`.

@@ -15,9 +15,10 @@
 //! after a split brain never meets chunks of its earlier copy.
 
 use crate::disk::AlignedBuf;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 struct Chunk {
     /// The logfile's sequence number and name.
@@ -39,6 +40,8 @@ struct Inner {
     chunks: VecDeque<Chunk>,
     bytes: usize,
     spare: Vec<AlignedBuf>,
+    /// Fetchers in `wait_room` (tests wait for one to be there).
+    waiting: usize,
 }
 
 impl Inner {
@@ -55,6 +58,8 @@ impl Inner {
 
 pub struct FetchedChunks {
     inner: Mutex<Inner>,
+    /// Told when replay takes chunks away (room for the fetcher).
+    room: Condvar,
     cap_bytes: usize,
 }
 
@@ -66,6 +71,7 @@ impl FetchedChunks {
     pub fn new(cap_bytes: usize) -> FetchedChunks {
         FetchedChunks {
             inner: Mutex::new(Inner::default()),
+            room: Condvar::new(),
             cap_bytes,
         }
     }
@@ -96,6 +102,39 @@ impl FetchedChunks {
     pub fn has_room(&self, seq: u64, name: &str, offset: u64, capacity: usize) -> bool {
         let inner = self.inner.lock();
         inner.continues(seq, name, offset) && inner.bytes + capacity <= self.cap_bytes
+    }
+
+    /// [`FetchedChunks::has_room`], waiting up to `patience` for replay to take chunks
+    /// away when the chunk continues the kept run but does not fit yet. A fetcher
+    /// ahead of a running replay waits a moment instead of writing the chunk through
+    /// the page cache, where replay would read it back: on the machines measured that
+    /// path cost several times the CPU per byte and halved a catch-up
+    /// (docs/BENCHMARKS.md). Not for a paused replay: nothing would take chunks.
+    pub fn wait_room(
+        &self,
+        seq: u64,
+        name: &str,
+        offset: u64,
+        capacity: usize,
+        patience: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + patience;
+        let mut inner = self.inner.lock();
+        loop {
+            if !inner.continues(seq, name, offset) {
+                return false;
+            }
+            if inner.bytes + capacity <= self.cap_bytes {
+                return true;
+            }
+            inner.waiting += 1;
+            let timed_out = self.room.wait_until(&mut inner, deadline).timed_out();
+            inner.waiting -= 1;
+            if timed_out {
+                return inner.continues(seq, name, offset)
+                    && inner.bytes + capacity <= self.cap_bytes;
+            }
+        }
     }
 
     /// `data` is now the content of logfile `name` (sequence `seq`) at `offset`: it
@@ -186,7 +225,13 @@ impl FetchedChunks {
                     inner.spare.push(b);
                 }
             }
+            self.room.notify_all();
         }
+    }
+
+    /// Fetchers waiting in [`FetchedChunks::wait_room`].
+    pub fn room_waiters(&self) -> usize {
+        self.inner.lock().waiting
     }
 
     /// Memory the kept chunks hold (their buffers' room).
@@ -250,5 +295,35 @@ mod tests {
         c.consumed(2, "log-2-a", 4);
         assert_eq!(c.bytes(), 0);
         assert!(c.buffer(4).capacity() >= 4);
+    }
+
+    #[test]
+    fn a_fetcher_waits_for_room_only_while_replay_takes_chunks() {
+        let c = Arc::new(FetchedChunks::new(8));
+        c.offer(1, "log-1-a", 0, buf(&[1; 4]));
+        c.offer(1, "log-1-a", 4, buf(&[2; 4]));
+        let patience = Duration::from_secs(30);
+        // Full: without anyone taking chunks the wait ends at its deadline, unanswered.
+        let t = Instant::now();
+        assert!(!c.wait_room(1, "log-1-a", 8, 4, Duration::from_millis(50)));
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        // A chunk that does not continue the run is refused at once, whatever the patience.
+        let t = Instant::now();
+        assert!(!c.wait_room(1, "log-1-a", 12, 4, patience));
+        assert!(t.elapsed() < patience);
+        // Replay takes the first chunk: the waiting fetcher gets its room.
+        let waiter = {
+            let c = c.clone();
+            std::thread::spawn(move || c.wait_room(1, "log-1-a", 8, 4, patience))
+        };
+        while c.room_waiters() == 0 {
+            std::thread::yield_now();
+        }
+        c.consumed(1, "log-1-a", 4);
+        let t = Instant::now();
+        assert!(waiter.join().unwrap(), "room after replay took a chunk");
+        assert!(t.elapsed() < patience);
+        c.offer(1, "log-1-a", 8, buf(&[3; 4]));
+        assert_eq!(c.bytes(), 8);
     }
 }

@@ -861,15 +861,12 @@ impl Logger {
     }
 
     /// The bytes of this node's logfile number `file_seq` from file `offset` on, at
-    /// most `max`, into `out` (replacing its contents), if the log's recent records
+    /// most `out.len()`, copied to the start of `out`, if the log's recent records
     /// in memory hold them (a fetcher that keeps up asks for those: no device read
-    /// for them); false if not. What is returned is in the logfile, but not
-    /// necessarily durable: the caller limits `max`.
-    pub fn read_recent(&self, file_seq: u64, offset: u64, max: usize, out: &mut Vec<u8>) -> bool {
-        self.shared
-            .tail
-            .lock()
-            .read_into(file_seq, offset, max, out)
+    /// for them): how many; None if not. What is returned is in the logfile, but not
+    /// necessarily durable: the caller limits the length of `out`.
+    pub fn read_recent(&self, file_seq: u64, offset: u64, out: &mut [u8]) -> Option<usize> {
+        self.shared.tail.lock().read_into(file_seq, offset, out)
     }
 
     /// Sync the disk and persist the written-back position now (instead of waiting
@@ -2958,8 +2955,9 @@ mod tests {
             let bytes = std::fs::read(&e.path).unwrap();
             let mut off = FILE_HEADER_LEN;
             while off < bytes.len() {
-                let mut got = Vec::new();
-                if logger.read_recent(e.seq, off as u64, 100_003, &mut got) {
+                let mut got = vec![0u8; 100_003];
+                if let Some(n) = logger.read_recent(e.seq, off as u64, &mut got) {
+                    got.truncate(n);
                     assert!(!got.is_empty());
                     assert!(
                         got[..] == bytes[off..off + got.len()],

@@ -84,33 +84,25 @@ impl TailCache {
     /// [`TailCache::read_into`] into a new buffer (tests).
     #[cfg(test)]
     pub(crate) fn read(&self, file_seq: u64, offset: u64, max: usize) -> Option<Vec<u8>> {
-        let mut out = Vec::new();
-        self.read_into(file_seq, offset, max, &mut out)
-            .then_some(out)
+        let mut out = vec![0u8; max];
+        let n = self.read_into(file_seq, offset, &mut out)?;
+        out.truncate(n);
+        Some(out)
     }
 
-    /// The bytes of logfile `file_seq` from file `offset` on, at most `max`, as far
-    /// as the cache holds them contiguously, in `out` (replacing what it held; a
-    /// buffer used again needs no allocation). false if it does not hold `offset`.
-    pub(crate) fn read_into(
-        &self,
-        file_seq: u64,
-        offset: u64,
-        max: usize,
-        out: &mut Vec<u8>,
-    ) -> bool {
+    /// The bytes of logfile `file_seq` from file `offset` on, as far as the cache
+    /// holds them contiguously, copied to the start of `out` (at most its length).
+    /// Returns how many; None if it does not hold `offset`.
+    pub(crate) fn read_into(&self, file_seq: u64, offset: u64, out: &mut [u8]) -> Option<usize> {
         // The first record that ends after `offset` in this file.
         let i = self
             .recs
             .partition_point(|r| (r.file_seq, r.offset + r.len()) <= (file_seq, offset));
-        let Some(first) = self.recs.get(i) else {
-            return false;
-        };
+        let first = self.recs.get(i)?;
         if first.file_seq != file_seq || first.offset > offset {
-            return false;
+            return None;
         }
-        out.clear();
-        out.reserve(max);
+        let mut n = 0;
         let mut at = offset;
         for r in self.recs.range(i..) {
             // Records of one logfile in the cache are back to back (see `push`).
@@ -122,15 +114,16 @@ impl TailCache {
             let data_skip = skip.saturating_sub(RECORD_HEADER_LEN);
             let data_part = r.data.as_ref().map_or(&[][..], |d| &d[data_skip..]);
             for part in [hdr_part, data_part] {
-                let take = part.len().min(max - out.len());
-                out.extend_from_slice(&part[..take]);
+                let take = part.len().min(out.len() - n);
+                out[n..n + take].copy_from_slice(&part[..take]);
+                n += take;
             }
             at = r.offset + r.len();
-            if out.len() == max {
+            if n == out.len() {
                 break;
             }
         }
-        true
+        Some(n)
     }
 }
 

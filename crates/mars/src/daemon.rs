@@ -17,6 +17,7 @@ use mars_api::{
     ClusterView, LogView, MemberView, NodeView, PauseKind, PausedView, Request, ResourceView,
     Response, SyncView, View,
 };
+use mars_logger::disk::{AlignedBuf, DIRECT_ALIGN};
 use mars_logger::{Config as LoggerConfig, Logger, Status};
 use mars_nbd::{BoxFut, Export, Registry};
 use mars_proto::{read_msg, write_data, write_msg, LogFileInfo, Msg};
@@ -1906,27 +1907,21 @@ impl Daemon {
         };
         let writer = async move {
             while let Some(answer) = rx.recv().await {
-                let (file, offset, buf, n) = match answer {
+                let (file, offset, buf) = match answer {
                     FetchAnswer::Failed(e) => return Err(e),
-                    FetchAnswer::Ready { file, offset, data } => {
-                        let n = data.len();
-                        (file, offset, data, n)
-                    }
-                    FetchAnswer::Reading { file, offset, job } => {
-                        let (buf, n) = job.await??;
-                        (file, offset, buf, n)
-                    }
+                    FetchAnswer::Ready { file, offset, data } => (file, offset, data),
+                    FetchAnswer::Reading { file, offset, job } => (file, offset, job.await??),
                 };
                 write_msg(
                     &mut wr,
                     &Msg::Chunk {
                         file,
                         offset,
-                        len: n as u32,
+                        len: buf.data().len() as u32,
                     },
                 )
                 .await?;
-                write_data(&mut wr, &buf[..n]).await?;
+                write_data(&mut wr, buf.data()).await?;
                 let mut pool = buffers.lock();
                 if pool.len() < FETCH_SERVE_AHEAD + 2 {
                     pool.push(buf);
@@ -1966,16 +1961,24 @@ impl Daemon {
             max = max.min(durable.saturating_sub(offset) as usize);
         }
         let file = file.to_string();
-        let mut buf = pool.lock().pop().unwrap_or_default();
+        let room = max.next_multiple_of(DIRECT_ALIGN);
+        let mut buf = pool
+            .lock()
+            .pop()
+            .filter(|b| b.capacity() >= room)
+            .unwrap_or_else(|| AlignedBuf::new(room));
         // The log's tail from the writer's memory: no device read (the log is
         // written with O_DIRECT, so it is not in the page cache).
         if let Some(l) = &logger {
-            if name.node == self.me() && max > 0 && l.read_recent(name.seq, offset, max, &mut buf) {
-                return Ok(FetchAnswer::Ready {
-                    file,
-                    offset,
-                    data: buf,
-                });
+            if name.node == self.me() && max > 0 {
+                if let Some(n) = l.read_recent(name.seq, offset, &mut buf.room()[..max]) {
+                    buf.set_len(n);
+                    return Ok(FetchAnswer::Ready {
+                        file,
+                        offset,
+                        data: buf,
+                    });
+                }
             }
         }
         let job =
@@ -2090,7 +2093,7 @@ async fn next_request<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) -> Result<Opt
 const FETCH_SERVE_AHEAD: usize = 4;
 
 /// Chunk buffers of one fetch stream, used again.
-type FetchBuffers = Arc<parking_lot::Mutex<Vec<Vec<u8>>>>;
+type FetchBuffers = Arc<parking_lot::Mutex<Vec<AlignedBuf>>>;
 
 /// One `Fetch` answer, queued in request order.
 enum FetchAnswer {
@@ -2098,50 +2101,88 @@ enum FetchAnswer {
     Ready {
         file: String,
         offset: u64,
-        data: Vec<u8>,
+        data: AlignedBuf,
     },
-    /// Being read from the file: the buffer and how much of it holds the chunk.
+    /// Being read from the file.
     Reading {
         file: String,
         offset: u64,
-        job: tokio::task::JoinHandle<Result<(Vec<u8>, usize)>>,
+        job: tokio::task::JoinHandle<Result<AlignedBuf>>,
     },
     /// The request cannot be answered: the stream ends here.
     Failed(anyhow::Error),
 }
 
 /// Read up to `max` bytes of the logfile at `path` (number `seq`) from `offset` into
-/// `buf` (grown to `max` if needed, never zeroed again): the buffer and the length read.
+/// `buf` (a new one if it has less room): the buffer, holding what was read.
+///
+/// With O_DIRECT where the file system allows it and `offset` is aligned (every
+/// request but the first after a fetch resumed mid-block): a fetcher catching up
+/// reads logfiles the page cache no longer holds (the log is written with O_DIRECT),
+/// and reading them through it cost more CPU than anything else in a catch-up
+/// (new page-cache pages, then a copy out of them), and pushed the primary's own
+/// data out of the cache. A direct read sees what buffered writes left in the page
+/// cache (the kernel writes the range back first).
 fn read_chunk(
     path: &Path,
     seq: u64,
     offset: u64,
     max: usize,
-    mut buf: Vec<u8>,
-) -> Result<(Vec<u8>, usize)> {
+    mut buf: AlignedBuf,
+) -> Result<AlignedBuf> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
-    if buf.len() < max {
-        buf.resize(max, 0);
+    let room = max.next_multiple_of(DIRECT_ALIGN);
+    if buf.capacity() < room {
+        buf = AlignedBuf::new(room);
     }
+    let direct = (offset.is_multiple_of(DIRECT_ALIGN as u64) && max > 0)
+        .then(|| mars_logger::disk::open_direct_read(path))
+        .flatten();
     let mut n = 0;
-    while n < max {
-        let k = f.read_at(&mut buf[n..max], offset + n as u64)?;
-        if k == 0 {
-            break;
+    let mut direct_ok = false;
+    if let Some(d) = direct {
+        // Whole blocks; a read that ends off a block boundary met the file's end.
+        let into = &mut buf.room()[..room];
+        direct_ok = true;
+        while n < room {
+            match d.read_at(&mut into[n..], offset + n as u64) {
+                Ok(0) => break,
+                Ok(k) => {
+                    n += k;
+                    if !k.is_multiple_of(DIRECT_ALIGN) {
+                        break;
+                    }
+                }
+                // Refused (a file system that takes O_DIRECT opens but not these
+                // reads): through the page cache below.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && n == 0 => {
+                    direct_ok = false;
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        n += k;
+        n = n.min(max);
     }
-    // The fetcher asks for the next chunks next: have the kernel read them ahead
-    // (an O_DIRECT-written logfile is not in the page cache, and a fetcher that keeps
-    // up is answered from memory, so one catching up reads from the device).
-    // Several chunks: the device reads them at once.
-    if n == max && n > 0 {
-        mars_logger::disk::start_readahead(
-            &f,
-            offset + n as u64,
-            (max * FETCH_READAHEAD_CHUNKS) as u64,
-        );
+    if !direct_ok {
+        let into = &mut buf.room()[..max];
+        while n < max {
+            let k = f.read_at(&mut into[n..], offset + n as u64)?;
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        // The fetcher asks for the next chunks next: have the kernel read them ahead.
+        // Several chunks: the device reads them at once.
+        if n == max && n > 0 {
+            mars_logger::disk::start_readahead(
+                &f,
+                offset + n as u64,
+                (max * FETCH_READAHEAD_CHUNKS) as u64,
+            );
+        }
     }
     // Checked after the read: a logfile deleted and recycled meanwhile has another
     // header, written before any of its new records.
@@ -2150,7 +2191,8 @@ fn read_chunk(
     if mars_logfmt::FileHeader::decode(&h).map(|h| h.file_seq) != Ok(seq) {
         bail!("logfile {} is gone (deleted)", path.display());
     }
-    Ok((buf, n))
+    buf.set_len(n);
+    Ok(buf)
 }
 
 /// The answer to one `SyncBlock`: None when the block's digest is `digest`, else the
@@ -2270,4 +2312,57 @@ fn list_for_fetch(
         }
     }
     Ok((files, versions, held_back))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fetch answers read from a logfile hold exactly the file's bytes, whether read
+    /// with O_DIRECT (aligned offsets) or through the page cache (an unaligned one),
+    /// at the file's end, past it, and with a buffer too small for the request.
+    #[test]
+    fn fetch_reads_give_the_files_bytes_direct_or_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log-000000007-alpha");
+        let header = mars_logfmt::FileHeader {
+            file_seq: 7,
+            start_pos: 0,
+            start_record_seq: 1,
+            created_ns: 1,
+            resource_id: 1,
+        };
+        let mut bytes = header.encode().to_vec();
+        bytes.extend((0..5 * DIRECT_ALIGN + 123).map(|i| (i * 31 % 251) as u8));
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(
+            mars_logger::disk::open_direct_read(&path).is_some(),
+            "the test directory's file system refuses O_DIRECT: the direct path is untested"
+        );
+        let len = bytes.len();
+        let a = DIRECT_ALIGN;
+        for (offset, max) in [
+            (0, len),
+            (a, 2 * a),
+            (a, 2 * a + 7),
+            (2 * a, 1 << 20),
+            (len / a * a, 1000),
+            (a + 5, 3 * a),
+            (len, 100),
+            (len + a, 100),
+            (3 * a, 0),
+        ] {
+            for room in [1, 1 << 20] {
+                let got = read_chunk(&path, 7, offset as u64, max, AlignedBuf::new(room))
+                    .unwrap_or_else(|e| panic!("{offset}+{max}: {e:#}"));
+                let want = &bytes[offset.min(len)..(offset + max).min(len)];
+                assert!(got.data() == want, "{offset}+{max}, room {room}");
+            }
+        }
+        // Another logfile under that name (deleted and recycled): refused.
+        match read_chunk(&path, 8, 0, 100, AlignedBuf::new(100)) {
+            Err(e) => assert!(format!("{e:#}").contains("gone"), "{e:#}"),
+            Ok(b) => panic!("read {} bytes of another logfile", b.data().len()),
+        }
+    }
 }

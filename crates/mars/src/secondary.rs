@@ -47,6 +47,10 @@ const FETCH_CHUNK: u32 = 4 << 20;
 const FETCH_PREALLOC: u64 = 32 << 20;
 /// Fetch requests in flight on one connection.
 const FETCH_WINDOW: usize = 3;
+/// How long a fetcher ahead of a running replay waits for room among the fetched
+/// chunks kept in memory before it writes a chunk through the page cache instead
+/// (`FetchedChunks::wait_room`): about the longest replay stops for a disk sync.
+const FETCH_ROOM_PATIENCE: Duration = Duration::from_millis(500);
 const SYNC_FILE: &str = "sync";
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -1087,6 +1091,7 @@ impl Secondary {
                             (from, allocated - from)
                         });
                         let (chunks, seq, name) = (self.fetched.clone(), file_seq, f.name.clone());
+                        let replaying = !self.pause_replay.load(Ordering::Acquire);
                         writing = Some((
                             tokio::task::spawn_blocking(move || {
                                 if let Some((from, len)) = reserve {
@@ -1095,7 +1100,17 @@ impl Secondary {
                                 // Direct only when the chunk stays in memory for replay;
                                 // else (replay paused or far behind) through the page
                                 // cache, where replay finds it later without the device.
-                                let keep = chunks.has_room(seq, &name, at, data.capacity());
+                                let keep = if replaying {
+                                    chunks.wait_room(
+                                        seq,
+                                        &name,
+                                        at,
+                                        data.capacity(),
+                                        FETCH_ROOM_PATIENCE,
+                                    )
+                                } else {
+                                    chunks.has_room(seq, &name, at, data.capacity())
+                                };
                                 let direct = direct.as_deref().filter(|_| keep);
                                 write_fetched(&o, direct, data.data(), at)?;
                                 // Written: from now on these are the file's bytes there.
