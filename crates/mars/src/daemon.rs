@@ -545,11 +545,17 @@ impl Daemon {
         let syncing = p.syncing || p.consistent_from.is_some();
         ActualEntry {
             role: "secondary".into(),
-            // A split brain or a member cut off by emergency mode keeps a consistent
-            // but old image.
+            // A consistent but old image (MARS's OutDated): behind the primary's
+            // log, or stopped behind it (replay halted on a corrupt record, a split
+            // brain, cut off by emergency mode). `uptodate` only once it has
+            // replayed what the primary wrote, as far as this node knows.
             disk: if syncing {
                 "syncing"
-            } else if p.split_brain || p.cut_off {
+            } else if p.split_brain
+                || p.cut_off
+                || p.replay_error.is_some()
+                || p.replayed < primary_written
+            {
                 "outdated"
             } else {
                 "uptodate"
@@ -700,12 +706,26 @@ impl Daemon {
                 };
                 let st = self.state.lock().await;
                 let mut view = self.view(&st, name.as_deref());
-                // Every member's lag is measured against what the primary wrote.
-                if let Some((_, written)) = fresh {
-                    for r in view.resources.iter_mut() {
+                // Every member's lag is measured against what the primary wrote: the
+                // newest this node knows (asked just now, or the primary's own entry;
+                // a member's entry carries what it knew when it published).
+                for r in view.resources.iter_mut() {
+                    let written = r
+                        .members
+                        .iter()
+                        .filter(|m| m.role == "primary")
+                        .map(|m| m.log.written)
+                        .chain(fresh.as_ref().map(|(_, w)| *w))
+                        .max();
+                    if let Some(written) = written {
                         for m in r.members.iter_mut() {
                             m.log.written = m.log.written.max(written);
                             m.lag_bytes = m.log.written.saturating_sub(m.log.replayed);
+                            // Behind what the primary wrote: not up to date, whatever
+                            // the member knew when it published.
+                            if m.role == "secondary" && m.disk == "uptodate" && m.lag_bytes > 0 {
+                                m.disk = "outdated".into();
+                            }
                         }
                     }
                 }

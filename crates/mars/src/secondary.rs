@@ -585,43 +585,51 @@ impl Secondary {
         // Announce the step before looking at the pause flag: pause-replay sets the flag,
         // then waits while `replaying` is set, so it never returns while a step runs.
         self.progress.lock().replaying = true;
+        // Opened also while paused: what it finds (the position, and after a reboot
+        // how far the disk is not a consistent image) is what the member reports;
+        // a member restarted with replay paused showed `syncing` until resumed.
+        if replayer.is_none() {
+            let (dir, me, disk, size, start) = (
+                self.dir.clone(),
+                self.me.clone(),
+                self.disk.clone(),
+                self.size,
+                sync.start_pos,
+            );
+            let mut r = tokio::task::spawn_blocking(move || {
+                // Records are bounded by what the disk holds, not by the
+                // resource size this node knows: after a `resize` the
+                // primary's first records beyond the old end may arrive
+                // before the new size does.
+                let bound = mars_logger::disk::disk_size(&disk)
+                    .unwrap_or(size)
+                    .max(size);
+                Replayer::open(&dir, &me, &disk, bound, start)
+            })
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r.map_err(anyhow::Error::from))
+            .inspect_err(|_| self.progress.lock().replaying = false)?;
+            r.use_fetched(self.fetched.clone());
+            r.set_background_sync(true);
+            let mut p = self.progress.lock();
+            // After a reboot, unsynced writes of replay may be partly on the disk.
+            if let Some(until) = r.inconsistent_until() {
+                p.consistent_from = Some(p.consistent_from.map_or(until, |c| c.max(until)));
+            }
+            p.replayed = r.position();
+            if p.consistent_from.is_some_and(|end| r.position() >= end) {
+                p.consistent_from = None;
+            }
+            drop(p);
+            *replayer = Some(r);
+        }
         if self.pause_replay.load(Ordering::Acquire) {
             self.progress.lock().replaying = false;
         } else {
-            let r = match replayer.take() {
-                Some(r) => r,
-                None => {
-                    let (dir, me, disk, size, start) = (
-                        self.dir.clone(),
-                        self.me.clone(),
-                        self.disk.clone(),
-                        self.size,
-                        sync.start_pos,
-                    );
-                    let r = tokio::task::spawn_blocking(move || {
-                        // Records are bounded by what the disk holds, not by the
-                        // resource size this node knows: after a `resize` the
-                        // primary's first records beyond the old end may arrive
-                        // before the new size does.
-                        let bound = mars_logger::disk::disk_size(&disk)
-                            .unwrap_or(size)
-                            .max(size);
-                        Replayer::open(&dir, &me, &disk, bound, start)
-                    })
-                    .await
-                    .map_err(anyhow::Error::from)
-                    .and_then(|r| r.map_err(anyhow::Error::from))
-                    .inspect_err(|_| self.progress.lock().replaying = false)?;
-                    let mut r = r;
-                    r.use_fetched(self.fetched.clone());
-                    r.set_background_sync(true);
-                    // After a reboot, unsynced writes of replay may be partly on the disk.
-                    if let Some(until) = r.inconsistent_until() {
-                        let mut p = self.progress.lock();
-                        p.consistent_from = Some(p.consistent_from.map_or(until, |c| c.max(until)));
-                    }
-                    r
-                }
+            let Some(r) = replayer.take() else {
+                self.progress.lock().replaying = false;
+                bail!("no replayer"); // opened just above
             };
             let stepped = tokio::task::spawn_blocking(move || {
                 let mut r = r;

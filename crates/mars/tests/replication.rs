@@ -254,7 +254,7 @@ fn paused_secondary_always_holds_a_prefix_of_the_writes() {
 /// lag in seconds while replay is paused, and detects a history that differs.
 #[test]
 fn midlog_sync_rotation_lag_and_split_brain() {
-    let nodes = start_cluster(&["alpha", "beta"]);
+    let mut nodes = start_cluster(&["alpha", "beta"]);
     let size = 8 * MIB;
     let a_disk = nodes[0].disk("a.img", size);
     nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
@@ -300,6 +300,21 @@ fn midlog_sync_rotation_lag_and_split_brain() {
         member(&v, "beta")["lag_bytes"].as_u64().unwrap() > 0,
         "{v:#}"
     );
+    assert_eq!(member(&v, "beta")["disk"], "outdated", "behind: {v:#}");
+    // The primary's view measures beta's lag against what alpha wrote.
+    nodes[0].wait_view("alpha sees beta behind", |v| {
+        member(v, "beta")["lag_bytes"].as_u64().unwrap_or(0) > 0
+            && member(v, "beta")["disk"] == "outdated"
+            && member(v, "beta")["log"]["written"] == member(v, "alpha")["log"]["written"]
+    });
+    // Restarted with replay paused: beta's disk is the consistent image it was, not
+    // a sync (it showed `syncing` until resumed, and `synced` waited for it).
+    nodes[1].kill9();
+    nodes[1].start();
+    nodes[1].wait_view("beta back, behind", |v| {
+        member(v, "beta")["disk"] == "outdated" && member(v, "beta")["paused"]["replay"] == true
+    });
+    nodes[1].adm_ok(&["wait-resource", "r0", "synced", "--timeout", "30"]);
     nodes[1].adm_ok(&["resume-replay", "r0"]);
     nodes[1].wait_view("beta caught up", |v| {
         member(v, "beta")["lag_seconds"] == 0.0 && member(v, "beta")["lag_bytes"] == 0
@@ -394,6 +409,11 @@ fn bit_flip_in_a_fetched_logfile_is_detected_and_not_replayed() {
     });
     let err = member(&v, "beta")["error"].as_str().unwrap();
     assert!(err.contains(&logfile), "the error names the file: {err}");
+    assert_eq!(
+        member(&v, "beta")["disk"],
+        "outdated",
+        "stopped behind: {v:#}"
+    );
     let b = read(&b_disk);
     assert!(
         b[..65536].iter().all(|&x| x == 7),
