@@ -12,11 +12,13 @@
 //! no file handling beyond `std::io::Read`. Decoders never panic on any input
 //! (fuzzed in `fuzz/`).
 
+mod arrival;
 mod names;
 mod record;
 mod scan;
 mod version;
 
+pub use arrival::{ArrivalCheck, ArrivalError};
 pub use names::{logfile_name, parse_logfile_name, version_file_name, LogfileName};
 pub use record::{
     DecodeError, FileHeader, Kind, RecordHeader, FILE_HEADER_LEN, FILE_MAGIC, FORMAT_VERSION,

@@ -497,6 +497,7 @@ impl Daemon {
                     fetched: Arc::new(mars_logger::fetched::FetchedChunks::new(
                         crate::secondary::FETCHED_KEEP,
                     )),
+                    arrivals: Default::default(),
                 };
                 tracing::info!(resource = %r.name, "secondary: sync, fetch and replay");
                 let task = tokio::spawn(sec.run());

@@ -25,6 +25,7 @@
 use crate::meta;
 use crate::peer::Peer;
 use anyhow::{anyhow, bail, Context, Result};
+use mars_logfmt::ArrivalCheck;
 use mars_logger::disk::{open_direct, AlignedBuf, DIRECT_ALIGN};
 use mars_logger::fetched::FetchedChunks;
 use mars_logger::replay::Replayer;
@@ -148,6 +149,8 @@ pub struct Secondary {
     pub sync_digest: crate::digest::SyncDigest,
     /// Fetched chunks kept for replay (new with every secondary task).
     pub fetched: Arc<FetchedChunks>,
+    /// The arrival check of each logfile being fetched, where the last round ended.
+    pub arrivals: Mutex<std::collections::HashMap<String, ArrivalCheck>>,
 }
 
 /// Memory for fetched chunks kept for replay, per resource (see `FetchedChunks`).
@@ -997,6 +1000,7 @@ impl Secondary {
             let out = Arc::new(
                 std::fs::OpenOptions::new()
                     .create(true)
+                    .read(true) // the arrival check resumes from what is stored
                     .write(true)
                     .truncate(false)
                     .open(&path)?,
@@ -1007,7 +1011,38 @@ impl Secondary {
             let direct = open_direct(&path).map(Arc::new);
             // The chunk being written (off the runtime, while the next one arrives),
             // and the local length once it is written.
-            type Writing = tokio::task::JoinHandle<std::io::Result<()>>;
+            // Every record is checked as it arrives, before it is stored (the check
+            // of this file goes with the chunk being written and comes back with it).
+            // Every record is checked as it arrives, before it is stored (the check
+            // of this file goes with the chunk being written and comes back with it).
+            // Only for a file with something to fetch: resuming walks the stored copy.
+            let kept = (local < f.len)
+                .then(|| self.arrivals.lock().remove(&f.name))
+                .flatten();
+            let mut check = match kept {
+                _ if local >= f.len => None,
+                Some(c) if c.at() == local => Some(c),
+                _ => {
+                    let (o, at) = (out.clone(), local);
+                    let c = tokio::task::spawn_blocking(move || {
+                        use std::os::unix::fs::FileExt;
+                        ArrivalCheck::resume(file_seq, at, |off, buf| o.read_exact_at(buf, off))
+                    })
+                    .await?
+                    .map_err(|e| match e {
+                        mars_logfmt::ArrivalError::Read { .. } => {
+                            anyhow!("the stored copy of {}: {e}", f.name)
+                        }
+                        e => anyhow!(
+                            "the stored copy of {} is damaged ({e}): replay stops there too; `marsadm invalidate {}` copies the disk anew",
+                            f.name,
+                            self.res
+                        ),
+                    })?;
+                    Some(c)
+                }
+            };
+            type Writing = tokio::task::JoinHandle<Result<ArrivalCheck>>;
             let mut writing: Option<(Writing, u64)> = None;
             let show_fetched = |local: u64| {
                 let reached =
@@ -1082,7 +1117,7 @@ impl Secondary {
                             continue;
                         }
                         if let Some((w, done)) = writing.take() {
-                            w.await??;
+                            check = Some(w.await??);
                             show_fetched(done);
                         }
                         let n = got as u64;
@@ -1100,8 +1135,15 @@ impl Secondary {
                         });
                         let (chunks, seq, name) = (self.fetched.clone(), file_seq, f.name.clone());
                         let replaying = !self.pause_replay.load(Ordering::Acquire);
+                        let Some(mut c) = check.take() else {
+                            bail!("no arrival check for {}", f.name); // made before asking
+                        };
+                        let source = primary.to_string();
                         writing = Some((
                             tokio::task::spawn_blocking(move || {
+                                c.feed(data.data()).map_err(|e| {
+                                    anyhow!("{name} from {source}: {e}; not stored, fetch stops before it")
+                                })?;
                                 if let Some((from, len)) = reserve {
                                     mars_logger::disk::preallocate(&o, from, len);
                                 }
@@ -1123,7 +1165,7 @@ impl Secondary {
                                 write_fetched(&o, direct, data.data(), at)?;
                                 // Written: from now on these are the file's bytes there.
                                 chunks.offer(seq, &name, at, data);
-                                Ok(())
+                                Ok(c)
                             }),
                             local + n,
                         ));
@@ -1135,8 +1177,13 @@ impl Secondary {
                 }
             }
             if let Some((w, done)) = writing.take() {
-                w.await??;
+                check = Some(w.await??);
                 show_fetched(done);
+            }
+            if local >= f.len && f.finished {
+                self.arrivals.lock().remove(&f.name); // all here: nothing more to check
+            } else if let Some(c) = check {
+                self.arrivals.lock().insert(f.name.clone(), c);
             }
             complete &= local >= f.len;
             end = end.max(f.start_pos + local.saturating_sub(mars_logfmt::FILE_HEADER_LEN as u64));

@@ -430,6 +430,76 @@ fn bit_flip_in_a_fetched_logfile_is_detected_and_not_replayed() {
     assert_eq!(member(&v, "beta")["split_brain"], false);
 }
 
+/// Damage in the source's copy of a logfile (after its transport checksum, which the
+/// source computes over what it read) is found when the chunk arrives: the chunk is
+/// not stored, fetch stops before it and says so, and replay applies what came before.
+#[test]
+fn a_damaged_record_from_the_source_is_refused_on_arrival() {
+    use std::os::unix::fs::FileExt;
+    let mut nodes = start_cluster(&["alpha", "beta"]);
+    // Fetches read alpha's logfile, not its memory of the recent log.
+    nodes[0].set_setting("tail_cache_bytes", 0);
+    let size = 8 * MIB;
+    let [_a_disk, b_disk]: [std::path::PathBuf; 2] = replicate_r0(&nodes, size).try_into().unwrap();
+    nodes[1].adm_ok(&["pause-fetch", "r0"]);
+    let mut c = nodes[0].nbd("r0");
+    assert_eq!(c.write(0, &[7u8; 65536], true).unwrap(), 0);
+    assert_eq!(c.write(MIB, &[8u8; 65536], true).unwrap(), 0);
+    let v = nodes[0].view_json();
+    let written = member(&v, "alpha")["log"]["written"].as_u64().unwrap();
+    let logfile = member(&v, "alpha")["logfile"].as_str().unwrap().to_string();
+    let a_path = nodes[0].dir.join("resources/r0").join(&logfile);
+    let bytes = std::fs::read(&a_path).unwrap();
+    let second = mars_logfmt::scan_logfile(&bytes)
+        .records
+        .into_iter()
+        .find(|r| r.header.offset == MIB)
+        .expect("the second write's record");
+    let at = second.file_offset + mars_logfmt::RECORD_HEADER_LEN as u64 + 1000;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&a_path)
+        .unwrap();
+    f.write_at(&[bytes[at as usize] ^ 0x20], at).unwrap();
+    f.sync_all().unwrap();
+    nodes[1].adm_ok(&["resume-fetch", "r0"]);
+    let v = nodes[1].wait_view("beta refuses the damaged record", |v| {
+        member(v, "beta")["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not stored"))
+    });
+    let err = member(&v, "beta")["error"].as_str().unwrap();
+    assert!(
+        err.contains(&logfile) && err.contains("checksum"),
+        "the error names the file and the checksum: {err}"
+    );
+    // Nothing of the damaged record is stored: beta's copy ends before it and
+    // holds alpha's bytes up to there.
+    let b_copy =
+        std::fs::read(nodes[1].dir.join("resources/r0").join(&logfile)).unwrap_or_default();
+    assert!(
+        (b_copy.len() as u64) <= second.file_offset,
+        "stored {} bytes, the damaged record starts at {}",
+        b_copy.len(),
+        second.file_offset
+    );
+    assert!(b_copy[..] == bytes[..b_copy.len()]);
+    let v = nodes[1].wait_view("beta replayed what it holds", |v| {
+        let m = member(v, "beta");
+        m["log"]["replayed"] == m["log"]["fetched"]
+    });
+    let m = member(&v, "beta");
+    assert!(m["log"]["fetched"].as_u64().unwrap() < written, "{v:#}");
+    assert_eq!(m["disk"], "outdated", "{v:#}");
+    let b = read(&b_disk);
+    assert!(
+        b[MIB as usize..(MIB + 65536) as usize]
+            .iter()
+            .all(|&x| x == 0),
+        "the damaged write was not applied"
+    );
+}
+
 /// Writes with FUA from a thread until stopped; returns (offset, byte) of every acknowledged write.
 fn fua_writer(
     addr: String,
