@@ -565,6 +565,7 @@ impl Daemon {
             written: primary_written,
             fetched: p.fetched,
             replayed: p.replayed,
+            replayed_durable: Some(p.replayed_durable),
             error: p
                 .replay_error
                 .clone()
@@ -990,8 +991,10 @@ impl Daemon {
             let mut upto = u64::MAX;
             let mut lagging = Vec::new();
             for m in members.into_iter().filter(|m| *m != me) {
+                // Durably: a member that loses power resumes there, and needs the
+                // log from there on (its fetched copies are not synced).
                 let replayed = meta::get::<ActualEntry>(&st, &meta::actual_key(name, &m))
-                    .map(|a| a.replayed)
+                    .map(|a| a.replayed_durable.unwrap_or(a.replayed).min(a.replayed))
                     .unwrap_or(0);
                 upto = upto.min(replayed);
                 if replayed < persisted {
@@ -1720,6 +1723,7 @@ fn actual_entry(a: &Actual) -> ActualEntry {
         written: status.synced_pos,
         fetched: status.logged_pos,
         replayed: status.applied_pos,
+        replayed_durable: Some(status.persisted_pos),
         error: a.error.clone().or(status.failed.clone()),
         logfile: (!status.current_logfile.is_empty()).then(|| status.current_logfile.clone()),
         sync: None,

@@ -98,6 +98,12 @@ pub struct ActualEntry {
     /// Bytes this member's disk holds (0: unknown); `resize` needs every one.
     #[serde(default)]
     pub disk_size: u64,
+    /// What `replayed` is of it durably (the disk synced, the position persisted):
+    /// where the member resumes after losing power. Logfiles are deleted only
+    /// behind every member's durable position. None from nodes before it existed
+    /// (then `replayed` counts).
+    #[serde(default)]
+    pub replayed_durable: Option<u64>,
 }
 
 pub const CLUSTER_ID_KEY: &str = "c/d/cluster-id";

@@ -93,6 +93,8 @@ pub struct Progress {
     /// Why replay stopped or failed last (kept apart from sync/fetch errors,
     /// which a successful fetch round clears).
     pub replay_error: Option<String>,
+    /// Of `replayed`, what is durable (disk synced, position persisted).
+    pub replayed_durable: u64,
 }
 
 /// Lag in seconds without comparing clocks of different nodes: remembers when
@@ -442,6 +444,7 @@ impl Secondary {
         if let Some(pos) = persisted_replayed(&self.dir) {
             let mut p = self.progress.lock();
             p.replayed = pos;
+            p.replayed_durable = pos;
             p.fetched = p.fetched.max(pos);
         }
         // Until the sync state says otherwise, this disk is not a consistent image.
@@ -621,6 +624,7 @@ impl Secondary {
                 p.consistent_from = Some(p.consistent_from.map_or(until, |c| c.max(until)));
             }
             p.replayed = r.position();
+            p.replayed_durable = r.persisted_position();
             if p.consistent_from.is_some_and(|end| r.position() >= end) {
                 p.consistent_from = None;
             }
@@ -628,6 +632,25 @@ impl Secondary {
             *replayer = Some(r);
         }
         if self.pause_replay.load(Ordering::Acquire) {
+            // Paused: what was applied is made durable (the disk synced, the position
+            // persisted), so that the logfiles before it may go while replay waits.
+            let behind = replayer
+                .as_ref()
+                .is_some_and(|r| r.position() > r.persisted_position());
+            if let Some(mut r) = replayer.take_if(|_| behind) {
+                let (r, persisted) = tokio::task::spawn_blocking(move || {
+                    let p = r.persist();
+                    (r, p)
+                })
+                .await
+                .inspect_err(|_| self.progress.lock().replaying = false)?;
+                self.progress.lock().replayed_durable = r.persisted_position();
+                *replayer = Some(r);
+                if let Err(e) = persisted {
+                    self.progress.lock().replaying = false;
+                    bail!("persisting the replay position: {e}");
+                }
+            }
             self.progress.lock().replaying = false;
         } else {
             let Some(r) = replayer.take() else {
@@ -664,6 +687,7 @@ impl Secondary {
                     halted = Some(msg);
                 }
                 p.replayed = pos;
+                p.replayed_durable = r.persisted_position();
                 if p.consistent_from.is_some_and(|end| pos >= end) {
                     p.consistent_from = None;
                 }
