@@ -1184,3 +1184,103 @@ fn fetch_answers_come_in_order_and_a_bad_request_ends_the_stream() {
         assert!(read_msg(&mut s).await.is_err());
     });
 }
+
+/// Members join and leave while the device is written: a join's full sync runs
+/// under writes (held slow, so that they overlap it) and ends byte-identical; a
+/// member leaves while writes go on and the others carry on; with the primary
+/// dead, a secondary fetches what it lacks from another secondary.
+#[test]
+fn members_join_and_leave_while_the_device_is_written() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut nodes = cluster3();
+    let size = 32 * MIB;
+    let a_disk = nodes[0].disk("a.img", size);
+    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = fua_writer(nodes[0].nbd.clone(), stop.clone(), 24 * MIB);
+    let written = |n: &Node| {
+        member(&n.view_json(), "alpha")["log"]["written"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let mut disks = vec![a_disk.clone()];
+    for (i, n) in nodes[1..].iter().enumerate() {
+        let name = ["beta", "gamma"][i];
+        n.wait_view("r0 known", |v| resource(v, "r0").is_some());
+        let d = n.disk(&format!("s{i}.img"), size);
+        n.adm_ok(&["join-resource", "r0", d.to_str().unwrap()]);
+        // 4 MiB/s: the sync takes seconds, and the writer goes on meanwhile.
+        n.adm_ok(&["set-rate", "r0", "--sync", &(4 * MIB).to_string()]);
+        n.wait_view("syncing", |v| member(v, name)["disk"] == "syncing");
+        let during = written(&nodes[0]);
+        wait_for(
+            "writes while the member syncs",
+            std::time::Duration::from_secs(30),
+            || written(&nodes[0]) > during + 2 * MIB,
+        );
+        let v = n.view_json();
+        assert!(
+            !member(&v, name)["sync"].is_null(),
+            "the sync outlasted the writes: {v:#}"
+        );
+        n.adm_ok(&["set-rate", "r0", "--sync", "0"]);
+        disks.push(d);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer.join().unwrap();
+    assert!(!acked.is_empty());
+    wait_identical(&nodes, &disks, 0);
+
+    // beta leaves while the device is written; alpha and gamma carry on.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = fua_writer(nodes[0].nbd.clone(), stop.clone(), 24 * MIB);
+    let at = written(&nodes[0]);
+    wait_for("writing", std::time::Duration::from_secs(30), || {
+        written(&nodes[0]) > at + MIB
+    });
+    nodes[1].adm_ok(&["leave-resource", "r0"]);
+    nodes[0].wait_view("beta is no member", |v| {
+        resource(v, "r0").is_some_and(|r| {
+            r["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == 2 && m.iter().all(|m| m["node"] != "beta"))
+        })
+    });
+    let at = written(&nodes[0]);
+    wait_for("writes go on", std::time::Duration::from_secs(30), || {
+        written(&nodes[0]) > at + 2 * MIB
+    });
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    wait_identical(&nodes, &[disks[0].clone(), disks[2].clone()], 0);
+
+    // beta joins again (its old disk: only what differs moves); then gamma is held
+    // back, alpha dies, and gamma fetches the rest from beta.
+    nodes[1].adm_ok(&["join-resource", "r0", disks[1].to_str().unwrap()]);
+    wait_identical(&nodes, &disks, 0);
+    nodes[2].adm_ok(&["pause-fetch", "r0"]);
+    let mut c = nodes[0].nbd("r0");
+    for i in 0..8u64 {
+        assert_eq!(c.write(i * MIB, &[0xA0 + i as u8; 65536], true).unwrap(), 0);
+    }
+    let target = written(&nodes[0]);
+    nodes[1].wait_view("beta has everything", |v| {
+        member(v, "beta")["log"]["replayed"].as_u64().unwrap_or(0) >= target
+    });
+    drop(c);
+    nodes[0].kill9();
+    nodes[2].adm_ok(&["resume-fetch", "r0"]);
+    nodes[2].wait_view("gamma fetched from beta", |v| {
+        member(v, "gamma")["log"]["replayed"].as_u64().unwrap_or(0) >= target
+    });
+    assert!(
+        read(&disks[2]) == read(&disks[1]),
+        "gamma's disk equals beta's"
+    );
+    let g = read(&disks[2]);
+    for i in 0..8u64 {
+        let at = (i * MIB) as usize;
+        assert!(g[at..at + 65536].iter().all(|&x| x == 0xA0 + i as u8));
+    }
+}
