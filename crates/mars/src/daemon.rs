@@ -1287,7 +1287,9 @@ impl Daemon {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{name}: replay did not stop within 60 s");
+                // The pause stays (it is what was asked): say that it is set and what
+                // is still running, rather than a refusal that changed nothing.
+                bail!("{name}: replay is paused, but the step it was in did not end within 60 s (a slow disk?): the disk holds still once it ends; `resume-replay {name}` undoes the pause");
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
