@@ -1811,17 +1811,23 @@ impl Daemon {
     /// by [`Daemon::serve_sync_blocks`]; the message after the stream is returned.
     async fn data_reply(&self, msg: Msg, s: &mut tokio::net::TcpStream) -> Result<Option<Msg>> {
         match msg {
-            Msg::SyncStart { res } | Msg::SyncEnd { res } => {
-                let l = self.primary_logger(&res).await?;
-                let st = l.status();
-                write_msg(
-                    s,
-                    &Msg::SyncInfo {
-                        pos: st.logged_pos,
-                        size: l.size(),
-                    },
-                )
-                .await?;
+            ref m @ (Msg::SyncStart { ref res } | Msg::SyncEnd { ref res }) => {
+                let res = res.clone();
+                let end = matches!(m, Msg::SyncEnd { .. });
+                let (pos, size) = match self.sync_source(&res).await? {
+                    SyncSource::Primary(l) => (l.status().logged_pos, l.size()),
+                    // The disk holds every record before `replayed` and moves on only
+                    // by replaying later ones: the joiner replays from there. Where the
+                    // copy ended, the blocks read may hold any record this node has
+                    // (replay reports its position after a step): the end of its log.
+                    SyncSource::Secondary { size, replayed, .. } if !end => (replayed, size),
+                    SyncSource::Secondary { size, replayed, .. } => {
+                        let dir = node::resource_dir(&self.dir, &res);
+                        let held = tokio::task::spawn_blocking(move || local_log_end(&dir)).await?;
+                        (held.max(replayed), size)
+                    }
+                };
+                write_msg(s, &Msg::SyncInfo { pos, size }).await?;
             }
             Msg::LogStatus { res } => {
                 let l = self.primary_logger(&res).await?;
@@ -2041,14 +2047,19 @@ impl Daemon {
                     return Ok(Some(msg));
                 };
                 // Looked up for every block: a demote or detach during the sync
-                // ends the answers from this logger.
-                let l = self.primary_logger(&res).await?;
-                if len > MAX_CHUNK || offset.checked_add(len as u64).is_none_or(|e| e > l.size()) {
+                // ends the answers from this logger (on a secondary: a split
+                // brain, a halted replay).
+                let src = self.sync_source(&res).await?;
+                if len > MAX_CHUNK
+                    || offset
+                        .checked_add(len as u64)
+                        .is_none_or(|e| e > src.size())
+                {
                     bail!("block {offset}+{len} is out of range");
                 }
                 let pool = pool.clone();
                 let answer = tokio::task::spawn_blocking(move || {
-                    sync_answer(&l, offset, len, &digest, &pool).map(|d| (offset, len, d))
+                    sync_answer(&src, offset, len, &digest, &pool).map(|d| (offset, len, d))
                 });
                 if tx.send(answer).await.is_err() {
                     return Ok(None); // the writing half failed; its error is the one to report
@@ -2225,7 +2236,7 @@ fn read_chunk(
 /// The answer to one `SyncBlock`: None when the block's digest is `digest`, else the
 /// block. Buffers come from and go back to `pool`.
 fn sync_answer(
-    l: &Logger,
+    src: &SyncSource,
     offset: u64,
     len: u32,
     digest: &str,
@@ -2233,7 +2244,7 @@ fn sync_answer(
 ) -> std::io::Result<Option<Vec<u8>>> {
     let mut buf = pool.lock().pop().unwrap_or_default();
     buf.resize(len as usize, 0);
-    let r = l.read_into(offset, &mut buf);
+    let r = src.read_into(offset, &mut buf);
     if r.is_ok() && !crate::digest::matches(digest, &buf) {
         return Ok(Some(buf));
     }
@@ -2241,7 +2252,71 @@ fn sync_answer(
     r.map(|()| None)
 }
 
+/// Where a full sync's blocks come from on the serving side.
+enum SyncSource {
+    /// The primary: its logger reads the newest data (not yet written back too).
+    Primary(Arc<Logger>),
+    /// An up-to-date secondary: its disk, which replay moves forward only (records
+    /// after `replayed`, which the joiner replays again from its start position).
+    Secondary {
+        disk: std::fs::File,
+        size: u64,
+        replayed: u64,
+    },
+}
+
+impl SyncSource {
+    fn size(&self) -> u64 {
+        match self {
+            SyncSource::Primary(l) => l.size(),
+            SyncSource::Secondary { size, .. } => *size,
+        }
+    }
+
+    fn read_into(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match self {
+            SyncSource::Primary(l) => l.read_into(offset, buf),
+            SyncSource::Secondary { disk, .. } => disk.read_exact_at(buf, offset),
+        }
+    }
+}
+
 impl Daemon {
+    /// What this node serves a full sync of `res` from: the log writer's logger, or
+    /// the disk of a secondary that is a consistent image and goes on replaying.
+    async fn sync_source(&self, res: &str) -> Result<SyncSource> {
+        if let Some(l) = self.logger_of(res).await {
+            return Ok(SyncSource::Primary(l));
+        }
+        let me = self.me().to_string();
+        let p = {
+            let st = self.state.lock().await;
+            st.actual
+                .get(res)
+                .and_then(|a| a.secondary.as_ref())
+                .map(|h| (h.progress.lock().clone(), h.size))
+        };
+        let Some((p, size)) = p else {
+            bail!("{me} neither writes nor replays {res} (its disk is detached?): a full sync is served by the primary or an up-to-date member");
+        };
+        if p.syncing
+            || p.consistent_from.is_some()
+            || p.split_brain
+            || p.cut_off
+            || p.replay_error.is_some()
+        {
+            bail!("{me}'s disk of {res} is no consistent image to copy now (syncing, split brain, or replay stopped): a full sync is served by the primary or an up-to-date member");
+        }
+        let path = self.member_entry(res)?.disk;
+        let disk = std::fs::File::open(&path).with_context(|| format!("disk {path}"))?;
+        Ok(SyncSource::Secondary {
+            disk,
+            size,
+            replayed: p.replayed,
+        })
+    }
+
     /// The current logfile of this node's logger for `res` and the durable log position.
     async fn logger_of(&self, res: &str) -> Option<Arc<Logger>> {
         let st = self.state.lock().await;
@@ -2257,6 +2332,20 @@ impl Daemon {
 fn durable_end_of(l: &Logger) -> (String, u64) {
     let status = l.status();
     (status.current_logfile, status.synced_pos)
+}
+
+/// Where the logfiles in `dir` end in the log stream (0 without any).
+pub(crate) fn local_log_end(dir: &Path) -> u64 {
+    mars_logger::list_logfiles(dir)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| {
+            let len = std::fs::metadata(&e.path).ok()?.len();
+            let start = logfile_start(&e.path).ok()?;
+            Some(start + len.saturating_sub(mars_logfmt::FILE_HEADER_LEN as u64))
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// The log stream position where the logfile at `path` starts (from its header).

@@ -497,17 +497,39 @@ impl Secondary {
         tokio::join!(transfer, replay);
     }
 
-    /// The member to sync from: the designated primary.
-    fn primary(&self) -> Result<String> {
-        let p = meta::designated_primary(&self.peer.store.lock(), &self.res)
+    /// The member to sync from: the designated primary when it is reachable, else
+    /// the reachable member with a consistent disk (up to date or behind, no split
+    /// brain, not cut off, replay not stopped) that has replayed the most; it serves
+    /// its disk and the joiner replays the log from where that disk was.
+    fn sync_source(&self) -> Result<String> {
+        let store = self.peer.store.lock();
+        let p = meta::designated_primary(&store, &self.res)
             .ok_or_else(|| anyhow!("no designated primary"))?;
         if p == self.me {
             bail!("this node is the designated primary but its disk is not up to date");
         }
-        if !self.peer.is_alive(&p) {
-            bail!("primary {p} is not reachable");
+        if self.peer.is_alive(&p) {
+            return Ok(p);
         }
-        Ok(p)
+        let members = meta::resource(&store, &self.res)
+            .map(|r| r.members)
+            .unwrap_or_default();
+        members
+            .into_iter()
+            .filter(|m| *m != self.me && *m != p && self.peer.is_alive(m))
+            .filter_map(|m| {
+                let a: meta::ActualEntry = meta::get(&store, &meta::actual_key(&self.res, &m))?;
+                // (A member whose replay stopped refuses to serve; its answer says why.)
+                let consistent = matches!(a.disk.as_str(), "uptodate" | "outdated")
+                    && !a.split_brain
+                    && !a.emergency;
+                consistent.then_some((a.replayed, m))
+            })
+            .max()
+            .map(|(_, m)| m)
+            .ok_or_else(|| {
+                anyhow!("primary {p} is not reachable, and no reachable member has a consistent disk to copy")
+            })
     }
 
     /// The member to fetch logfiles from: the designated primary when it is
@@ -555,8 +577,8 @@ impl Secondary {
             if self.pause_sync.load(Ordering::Acquire) {
                 return Ok(true);
             }
-            let primary = self.primary()?;
-            self.full_sync(&primary, &mut sync).await?;
+            let source = self.sync_source()?;
+            self.full_sync(&source, &mut sync).await?;
         }
         let mut idle = true;
         if !self.pause_fetch.load(Ordering::Acquire) {
@@ -722,9 +744,14 @@ impl Secondary {
                     }
                 }
                 Msg::SyncInfo { size, .. } => {
-                    bail!("primary {primary} has size {size}, expected {}", self.size)
+                    bail!(
+                        "sync source {primary} has size {size}, expected {}",
+                        self.size
+                    )
                 }
-                Msg::Refused { reason } => bail!("primary {primary} refused the sync: {reason}"),
+                Msg::Refused { reason } => {
+                    bail!("sync source {primary} refused the sync: {reason}")
+                }
                 other => bail!("unexpected answer to SyncStart: {other:?}"),
             }
             // A new sync: nothing replayed before counts (nor its high-water mark).
@@ -829,7 +856,7 @@ impl Secondary {
                             .unwrap_or_else(|| AlignedBuf::new(SYNC_BLOCK as usize));
                         let got = read_data_into_slice(&mut rd, block.room()).await?;
                         if got != len {
-                            bail!("primary sent {got} bytes for a block of {len}");
+                            bail!("{primary} sent {got} bytes for a block of {len}");
                         }
                         let (d, dd) = (disk.clone(), direct.clone());
                         let w = tokio::task::spawn_blocking(move || {
@@ -840,7 +867,7 @@ impl Secondary {
                         self.progress.lock().blocks_transferred += 1;
                         throttle.spend(len as u64).await;
                     }
-                    Msg::Refused { reason } => bail!("primary {primary} refused: {reason}"),
+                    Msg::Refused { reason } => bail!("sync source {primary} refused: {reason}"),
                     other => bail!("unexpected answer to SyncBlock at {off}: {other:?}"),
                 }
                 if !moved {
@@ -990,17 +1017,7 @@ impl Secondary {
             .unwrap_or(0);
         if let Some(first) = files.first() {
             // What the local copies hold (fetched in order, so contiguous from replay_pos).
-            let local_end = mars_logger::list_logfiles(&self.dir)
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|e| {
-                    let len = std::fs::metadata(&e.path).ok()?.len();
-                    let start = crate::daemon::logfile_start(&e.path).ok()?;
-                    Some(start + len.saturating_sub(mars_logfmt::FILE_HEADER_LEN as u64))
-                })
-                .max()
-                .unwrap_or(0)
-                .max(replay_pos);
+            let local_end = crate::daemon::local_log_end(&self.dir).max(replay_pos);
             if first.start_pos > local_end {
                 self.progress.lock().cut_off = true;
                 bail!(

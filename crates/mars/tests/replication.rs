@@ -1284,3 +1284,79 @@ fn members_join_and_leave_while_the_device_is_written() {
         assert!(g[at..at + 65536].iter().all(|&x| x == 0xA0 + i as u8));
     }
 }
+
+/// With the primary away, a joining member copies the disk of an up-to-date
+/// secondary, which goes on replaying while the copy runs; the joiner replays the
+/// log from where that disk was and ends byte-identical to it.
+#[test]
+fn a_member_syncs_from_a_secondary_while_the_primary_is_away() {
+    let mut nodes = cluster3();
+    let size = 32 * MIB;
+    let a_disk = nodes[0].disk("a.img", size);
+    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
+    nodes[1].wait_view("r0 known", |v| resource(v, "r0").is_some());
+    let b_disk = nodes[1].disk("b.img", size);
+    nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
+    // Data that gamma's copy must carry (its disk is zeroes) ...
+    let mut c = nodes[0].nbd("r0");
+    for i in 0..24u64 {
+        assert_eq!(
+            c.write(i * MIB, &vec![0x10 + i as u8; MIB as usize], i == 23)
+                .unwrap(),
+            0
+        );
+    }
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    // ... and a backlog beta has fetched but not replayed when alpha dies.
+    nodes[1].adm_ok(&["pause-replay", "r0"]);
+    for i in 0..16u64 {
+        let at = (i * 7 % 30) * MIB;
+        assert_eq!(
+            c.write(at, &vec![0x30 + i as u8; MIB as usize], true)
+                .unwrap(),
+            0
+        );
+    }
+    drop(c);
+    let target = member(&nodes[0].view_json(), "alpha")["log"]["written"]
+        .as_u64()
+        .unwrap();
+    nodes[1].wait_view("beta fetched everything", |v| {
+        member(v, "beta")["log"]["fetched"].as_u64().unwrap_or(0) >= target
+    });
+    nodes[0].kill9();
+    nodes[2].wait_view("r0 known", |v| resource(v, "r0").is_some());
+    let g_disk = nodes[2].disk("g.img", size);
+    nodes[2].adm_ok(&["join-resource", "r0", g_disk.to_str().unwrap()]);
+    nodes[2].adm_ok(&["set-rate", "r0", "--sync", &(4 * MIB).to_string()]);
+    nodes[2].wait_view("gamma syncing from beta", |v| {
+        member(v, "gamma")["sync"]["done"].as_u64().unwrap_or(0) > 0
+    });
+    // beta replays its backlog while gamma copies its disk.
+    nodes[1].adm_ok(&["resume-replay", "r0"]);
+    nodes[2].adm_ok(&["set-rate", "r0", "--sync", "0"]);
+    nodes[1].wait_view("beta replayed everything", |v| {
+        member(v, "beta")["log"]["replayed"].as_u64().unwrap_or(0) >= target
+    });
+    let v = nodes[2].wait_view("gamma synced and replayed", |v| {
+        let m = member(v, "gamma");
+        m["sync"].is_null()
+            && m["disk"] != "syncing"
+            && m["log"]["replayed"].as_u64().unwrap_or(0) >= target
+    });
+    assert!(member(&v, "gamma")["error"].is_null(), "{v:#}");
+    let b = read(&b_disk);
+    assert!(read(&g_disk) == b, "gamma's disk equals beta's");
+    for i in 0..16u64 {
+        // The last write to each place wins.
+        let at = (i * 7 % 30) * MIB;
+        let last = (0..16u64)
+            .filter(|j| j * 7 % 30 == i * 7 % 30)
+            .max()
+            .unwrap();
+        assert_eq!(b[at as usize], 0x30 + last as u8);
+    }
+    // alpha comes back: all three end equal.
+    nodes[0].start();
+    wait_identical(&nodes, &[a_disk, b_disk, g_disk], 0);
+}
