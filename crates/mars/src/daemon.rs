@@ -473,10 +473,12 @@ impl Daemon {
                     Arc::new(AtomicU64::new(r.fetch_rate)),
                     Arc::new(AtomicU64::new(r.sync_rate)),
                 ];
+                // As desired from the start: the task runs at once, and a member restarted
+                // with replay paused replayed a step before the flags below were set.
                 let pauses = [
-                    Arc::new(AtomicBool::new(false)),
-                    Arc::new(AtomicBool::new(false)),
-                    Arc::new(AtomicBool::new(false)),
+                    Arc::new(AtomicBool::new(r.pause_sync)),
+                    Arc::new(AtomicBool::new(r.pause_fetch || !r.connected)),
+                    Arc::new(AtomicBool::new(r.pause_replay)),
                 ];
                 let sec = Secondary {
                     res: r.name.clone(),
