@@ -61,6 +61,10 @@ struct SyncState {
     next_offset: u64,
     end_pos: Option<u64>,
     done: bool,
+    /// The member the blocks before `next_offset` came from (absent in files of
+    /// builds before it: then the designated primary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source: Option<String>,
 }
 
 /// What the daemon shows about a secondary.
@@ -379,6 +383,7 @@ pub fn mark_synced(dir: &std::path::Path, pos: u64) -> Result<()> {
             next_offset: 0,
             end_pos: None,
             done: true,
+            source: None,
         },
     )
 }
@@ -729,31 +734,47 @@ impl Secondary {
 
     async fn full_sync(&self, primary: &str, sync: &mut SyncState) -> Result<()> {
         let mut s = self.peer.connect(primary).await?;
-        if sync.next_offset == 0 || sync.start_pos == 0 {
-            write_msg(
-                &mut s,
-                &Msg::SyncStart {
-                    res: self.res.clone(),
-                },
-            )
-            .await?;
-            match read_msg(&mut s).await? {
-                Msg::SyncInfo { pos, size } if size == self.size => {
-                    if sync.next_offset == 0 {
-                        sync.start_pos = pos;
-                    }
-                }
-                Msg::SyncInfo { size, .. } => {
-                    bail!(
-                        "sync source {primary} has size {size}, expected {}",
-                        self.size
-                    )
-                }
-                Msg::Refused { reason } => {
-                    bail!("sync source {primary} refused the sync: {reason}")
-                }
-                other => bail!("unexpected answer to SyncStart: {other:?}"),
+        // Asked on every (re)start: the blocks copied so far are an image at or after
+        // `start_pos` of the history `source` holds; the copy goes on only where the
+        // source is the same and its position did not go back (a primary that lost
+        // its unsynced tail in a crash, a secondary after a reboot). Else it starts
+        // over: blocks from another source may hold records the new one never had
+        // (the digests keep that cheap where the disks agree).
+        write_msg(
+            &mut s,
+            &Msg::SyncStart {
+                res: self.res.clone(),
+            },
+        )
+        .await?;
+        let pos = match read_msg(&mut s).await? {
+            Msg::SyncInfo { pos, size } if size == self.size => pos,
+            Msg::SyncInfo { size, .. } => {
+                bail!(
+                    "sync source {primary} has size {size}, expected {}",
+                    self.size
+                )
             }
+            Msg::Refused { reason } => {
+                bail!("sync source {primary} refused the sync: {reason}")
+            }
+            other => bail!("unexpected answer to SyncStart: {other:?}"),
+        };
+        let same_source = match &sync.source {
+            Some(src) => src == primary,
+            None => {
+                meta::designated_primary(&self.peer.store.lock(), &self.res).as_deref()
+                    == Some(primary)
+            }
+        };
+        let resumable = sync.next_offset > 0 && same_source && pos >= sync.start_pos;
+        if !resumable {
+            if sync.next_offset > 0 {
+                tracing::info!(resource = %self.res, from = %primary, was = ?sync.source, start_pos = sync.start_pos, pos, "full sync: another source, or its position went back: copying again from the first block");
+            }
+            sync.next_offset = 0;
+            sync.start_pos = pos;
+            sync.source = Some(primary.to_string());
             // A new sync: nothing replayed before counts (nor its high-water mark).
             mars_logger::replay::forget(&self.dir)?;
             write_sync(&self.dir, sync)?;

@@ -1360,3 +1360,69 @@ fn a_member_syncs_from_a_secondary_while_the_primary_is_away() {
     nodes[0].start();
     wait_identical(&nodes, &[a_disk, b_disk, g_disk], 0);
 }
+
+/// A full sync begun from the primary and resumed from a secondary whose disk is
+/// behind the sync's start (the primary died mid-sync) starts the copy over from
+/// that secondary: the blocks copied from the primary may hold writes beyond
+/// what the secondary's log replays onto them (found in review: the joiner ended
+/// `uptodate` without 16 acknowledged writes).
+#[test]
+fn sync_resumed_from_a_lagging_secondary_after_the_primary_dies() {
+    let mut nodes = start_cluster(&["alpha", "beta", "gamma"]);
+    let size = 32 * MIB;
+    let a_disk = nodes[0].disk("a.img", size);
+    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
+    nodes[1].wait_view("r0 known", |v| resource(v, "r0").is_some());
+    let b_disk = nodes[1].disk("b.img", size);
+    nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    // beta fetches but does not replay: its disk is behind alpha's log.
+    nodes[1].adm_ok(&["pause-replay", "r0"]);
+    let mut c = nodes[0].nbd("r0");
+    for i in 16..32u64 {
+        assert_eq!(
+            c.write(i * MIB, &vec![0x40 + i as u8; MIB as usize], true)
+                .unwrap(),
+            0
+        );
+    }
+    drop(c);
+    let target = member(&nodes[0].view_json(), "alpha")["log"]["written"]
+        .as_u64()
+        .unwrap();
+    nodes[1].wait_view("beta fetched everything", |v| {
+        member(v, "beta")["log"]["fetched"].as_u64().unwrap_or(0) >= target
+    });
+    // gamma's sync starts from alpha (start_pos = target), slowly.
+    nodes[2].wait_view("r0 known", |v| resource(v, "r0").is_some());
+    let g_disk = nodes[2].disk("g.img", size);
+    nodes[2].adm_ok(&["join-resource", "r0", g_disk.to_str().unwrap()]);
+    nodes[2].adm_ok(&["set-rate", "r0", "--sync", &MIB.to_string()]);
+    nodes[2].wait_view("gamma syncing from alpha", |v| {
+        member(v, "gamma")["sync"]["done"].as_u64().unwrap_or(0) > 0
+    });
+    // alpha dies mid-sync: gamma goes on from beta, whose disk lacks the writes above.
+    nodes[0].kill9();
+    nodes[2].adm_ok(&["set-rate", "r0", "--sync", "0"]);
+    nodes[2].wait_view("gamma synced", |v| {
+        let m = member(v, "gamma");
+        m["sync"].is_null() && m["disk"] != "syncing"
+    });
+    nodes[1].adm_ok(&["resume-replay", "r0"]);
+    nodes[1].wait_view("beta replayed everything", |v| {
+        member(v, "beta")["log"]["replayed"].as_u64().unwrap_or(0) >= target
+    });
+    let v = nodes[2].wait_view("gamma replayed everything", |v| {
+        member(v, "gamma")["log"]["replayed"].as_u64().unwrap_or(0) >= target
+    });
+    let (b, g) = (read(&b_disk), read(&g_disk));
+    let bad: Vec<u64> = (16..32u64)
+        .filter(|i| g[(i * MIB) as usize] != 0x40 + *i as u8)
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "gamma ({}) lacks acknowledged writes at MiB {bad:?}",
+        member(&v, "gamma")["disk"]
+    );
+    assert!(g == b, "gamma's disk equals beta's");
+}
