@@ -500,6 +500,8 @@ impl Daemon {
                         crate::secondary::FETCHED_KEEP,
                     )),
                     arrivals: Default::default(),
+                    avoid_sources: Default::default(),
+                    fetch_backoff: Default::default(),
                 };
                 tracing::info!(resource = %r.name, "secondary: sync, fetch and replay");
                 let task = tokio::spawn(sec.run());
@@ -714,10 +716,14 @@ impl Daemon {
                 // newest this node knows (asked just now, or the primary's own entry;
                 // a member's entry carries what it knew when it published).
                 for r in view.resources.iter_mut() {
+                    // The primary that serves now (alive), not the last entry of one
+                    // that died: after a forced failover its log may be ahead of the
+                    // new history's.
+                    let serving = r.actual_primary.clone();
                     let written = r
                         .members
                         .iter()
-                        .filter(|m| m.role == "primary")
+                        .filter(|m| serving.as_ref() == Some(&m.node))
                         .map(|m| m.log.written)
                         .chain(fresh.as_ref().map(|(_, w)| *w))
                         .max();
@@ -2303,12 +2309,13 @@ impl Daemon {
             bail!("{me} neither writes nor replays {res} (its disk is detached?): a full sync is served by the primary or an up-to-date member");
         };
         if p.syncing
+            || !p.replay_opened
             || p.consistent_from.is_some()
             || p.split_brain
             || p.cut_off
             || p.replay_error.is_some()
         {
-            bail!("{me}'s disk of {res} is no consistent image to copy now (syncing, split brain, or replay stopped): a full sync is served by the primary or an up-to-date member");
+            bail!("{me}'s disk of {res} is no consistent image to copy now (syncing, starting, split brain, or replay stopped): a full sync is served by the primary or an up-to-date member");
         }
         let path = self.member_entry(res)?.disk;
         let disk = std::fs::File::open(&path).with_context(|| format!("disk {path}"))?;

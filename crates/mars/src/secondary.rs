@@ -99,6 +99,9 @@ pub struct Progress {
     pub replay_error: Option<String>,
     /// Of `replayed`, what is durable (disk synced, position persisted).
     pub replayed_durable: u64,
+    /// Replay has opened its state since the task started (after a reboot it finds
+    /// then how far the disk may be no consistent image).
+    pub replay_opened: bool,
 }
 
 /// Lag in seconds without comparing clocks of different nodes: remembers when
@@ -157,7 +160,29 @@ pub struct Secondary {
     pub fetched: Arc<FetchedChunks>,
     /// The arrival check of each logfile being fetched, where the last round ended.
     pub arrivals: Mutex<std::collections::HashMap<String, ArrivalCheck>>,
+    /// Secondaries a full sync failed from, not asked again until then.
+    pub avoid_sources: Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// No fetch until then (after a chunk was refused on arrival).
+    pub fetch_backoff: Mutex<Option<(std::time::Instant, String)>>,
 }
+
+/// A fetched chunk whose records failed their check (`ArrivalCheck`).
+#[derive(Debug)]
+struct ArrivalRefused(String);
+
+impl std::fmt::Display for ArrivalRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ArrivalRefused {}
+
+/// After a chunk was refused on arrival, fetch waits this long before asking again.
+const FETCH_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How long a secondary that failed to serve a full sync is passed over.
+const AVOID_SOURCE: Duration = Duration::from_secs(30);
 
 /// Memory for fetched chunks kept for replay, per resource (see `FetchedChunks`).
 pub const FETCHED_KEEP: usize = 48 << 20;
@@ -519,9 +544,13 @@ impl Secondary {
         let members = meta::resource(&store, &self.res)
             .map(|r| r.members)
             .unwrap_or_default();
+        let now = std::time::Instant::now();
+        let mut avoid = self.avoid_sources.lock();
+        avoid.retain(|_, until| *until > now);
         members
             .into_iter()
             .filter(|m| *m != self.me && *m != p && self.peer.is_alive(m))
+            .filter(|m| !avoid.contains_key(m))
             .filter_map(|m| {
                 let a: meta::ActualEntry = meta::get(&store, &meta::actual_key(&self.res, &m))?;
                 // (A member whose replay stopped refuses to serve; its answer says why.)
@@ -583,14 +612,46 @@ impl Secondary {
                 return Ok(true);
             }
             let source = self.sync_source()?;
-            self.full_sync(&source, &mut sync).await?;
+            if let Err(e) = self.full_sync(&source, &mut sync).await {
+                // A secondary that could not serve (its replay stopped, it went away)
+                // is passed over for a while, so that another one is asked.
+                let designated = meta::designated_primary(&self.peer.store.lock(), &self.res);
+                let halted =
+                    self.stop.load(Ordering::Acquire) || self.pause_sync.load(Ordering::Acquire);
+                if !halted && designated.as_deref() != Some(source.as_str()) {
+                    self.avoid_sources
+                        .lock()
+                        .insert(source, std::time::Instant::now() + AVOID_SOURCE);
+                }
+                return Err(e);
+            }
         }
         let mut idle = true;
+        // After a refused chunk: the same error (still shown) until the backoff ends.
+        let backoff = self.fetch_backoff.lock().clone();
+        if let Some((until, msg)) = backoff {
+            if std::time::Instant::now() < until && !self.pause_fetch.load(Ordering::Acquire) {
+                bail!("{msg}");
+            }
+        }
         if !self.pause_fetch.load(Ordering::Acquire) {
             match self.fetch_source() {
                 Ok(source) => {
                     let from = self.progress.lock().replayed.max(sync.start_pos);
-                    let got = self.fetch(&source, from, wake).await?;
+                    let got = match self.fetch(&source, from, wake).await {
+                        Ok(got) => got,
+                        Err(e) => {
+                            // A damaged record: asking again at once would read and
+                            // send the same chunks ten times a second.
+                            if e.is::<ArrivalRefused>() {
+                                *self.fetch_backoff.lock() = Some((
+                                    std::time::Instant::now() + FETCH_BACKOFF,
+                                    format!("{e:#}"),
+                                ));
+                            }
+                            return Err(e);
+                        }
+                    };
                     if got > 0 {
                         wake.notify_one();
                     }
@@ -652,6 +713,7 @@ impl Secondary {
             }
             p.replayed = r.position();
             p.replayed_durable = r.persisted_position();
+            p.replay_opened = true;
             if p.consistent_from.is_some_and(|end| r.position() >= end) {
                 p.consistent_from = None;
             }
@@ -1050,6 +1112,14 @@ impl Secondary {
             }
         }
         self.progress.lock().cut_off = false;
+        // Checks of logfiles the source no longer lists (deleted) are dropped.
+        {
+            let listed: std::collections::HashSet<&str> =
+                files.iter().map(|f| f.name.as_str()).collect();
+            self.arrivals
+                .lock()
+                .retain(|name, _| listed.contains(name.as_str()));
+        }
         for (i, f) in files.into_iter().enumerate() {
             let Some(file_seq) = mars_logfmt::parse_logfile_name(&f.name).map(|n| n.seq) else {
                 bail!("{primary} listed a bad logfile name {:?}", f.name);
@@ -1204,7 +1274,7 @@ impl Secondary {
                         writing = Some((
                             tokio::task::spawn_blocking(move || {
                                 c.feed(data.data()).map_err(|e| {
-                                    anyhow!("{name} from {source}: {e}; not stored, fetch stops before it")
+                                    ArrivalRefused(format!("{name} from {source}: {e}; not stored, fetch stops before it"))
                                 })?;
                                 if let Some((from, len)) = reserve {
                                     mars_logger::disk::preallocate(&o, from, len);
