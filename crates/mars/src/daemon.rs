@@ -1222,8 +1222,16 @@ impl Daemon {
         if designated.as_deref() == Some(me.as_str()) {
             bail!("{name}: refused: {me} is the designated primary; make another member primary first");
         }
-        let Some(source) = designated.filter(|d| self.peer.is_alive(d)) else {
-            bail!("{name}: refused: no reachable primary to sync from");
+        // The primary, or (while it is away) a member with a consistent disk: the
+        // secondary task picks the same way when it syncs.
+        let source = match designated.clone().filter(|d| self.peer.is_alive(d)) {
+            Some(p) => p,
+            None => crate::secondary::consistent_member(&self.peer.store.lock(), name, |m| {
+                m != me && Some(m) != designated.as_deref() && self.peer.is_alive(m)
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!("{name}: refused: no reachable primary or member with a consistent disk to sync from")
+            })?,
         };
         if !m.attached {
             bail!("{name}: disk is detached here; run `marsadm up {name}` first");

@@ -166,6 +166,30 @@ pub struct Secondary {
     pub fetch_backoff: Mutex<Option<(std::time::Instant, String)>>,
 }
 
+/// Of the members of `res` that `eligible` lets through, the one with a consistent
+/// disk (up to date or behind, no split brain, not cut off) that replayed the most:
+/// a full sync can copy its disk when the primary is away. (A member whose replay
+/// stopped refuses to serve; its answer says why.)
+pub(crate) fn consistent_member(
+    store: &mars_meta::Store,
+    res: &str,
+    eligible: impl Fn(&str) -> bool,
+) -> Option<String> {
+    meta::resource(store, res)?
+        .members
+        .into_iter()
+        .filter(|m| eligible(m))
+        .filter_map(|m| {
+            let a: meta::ActualEntry = meta::get(store, &meta::actual_key(res, &m))?;
+            let consistent = matches!(a.disk.as_str(), "uptodate" | "outdated")
+                && !a.split_brain
+                && !a.emergency;
+            consistent.then_some((a.replayed, m))
+        })
+        .max()
+        .map(|(_, m)| m)
+}
+
 /// A fetched chunk whose records failed their check (`ArrivalCheck`).
 #[derive(Debug)]
 struct ArrivalRefused(String);
@@ -541,27 +565,13 @@ impl Secondary {
         if self.peer.is_alive(&p) {
             return Ok(p);
         }
-        let members = meta::resource(&store, &self.res)
-            .map(|r| r.members)
-            .unwrap_or_default();
         let now = std::time::Instant::now();
         let mut avoid = self.avoid_sources.lock();
         avoid.retain(|_, until| *until > now);
-        members
-            .into_iter()
-            .filter(|m| *m != self.me && *m != p && self.peer.is_alive(m))
-            .filter(|m| !avoid.contains_key(m))
-            .filter_map(|m| {
-                let a: meta::ActualEntry = meta::get(&store, &meta::actual_key(&self.res, &m))?;
-                // (A member whose replay stopped refuses to serve; its answer says why.)
-                let consistent = matches!(a.disk.as_str(), "uptodate" | "outdated")
-                    && !a.split_brain
-                    && !a.emergency;
-                consistent.then_some((a.replayed, m))
-            })
-            .max()
-            .map(|(_, m)| m)
-            .ok_or_else(|| {
+        consistent_member(&store, &self.res, |m| {
+            m != self.me && m != p && self.peer.is_alive(m) && !avoid.contains_key(m)
+        })
+        .ok_or_else(|| {
                 anyhow!("primary {p} is not reachable, and no reachable member has a consistent disk to copy")
             })
     }

@@ -1356,6 +1356,19 @@ fn a_member_syncs_from_a_secondary_while_the_primary_is_away() {
             .unwrap();
         assert_eq!(b[at as usize], 0x30 + last as u8);
     }
+    // invalidate while alpha is still away: gamma copies beta's disk again.
+    let out = nodes[2].adm_ok(&["invalidate", "r0"]);
+    assert!(out.contains("beta"), "{out}");
+    nodes[2].wait_view("gamma synced again", |v| {
+        let m = member(v, "gamma");
+        m["sync"].is_null()
+            && m["disk"] != "syncing"
+            && m["log"]["replayed"].as_u64().unwrap_or(0) >= target
+    });
+    assert!(
+        read(&g_disk) == b,
+        "gamma's disk equals beta's after invalidate"
+    );
     // alpha comes back: all three end equal.
     nodes[0].start();
     wait_identical(&nodes, &[a_disk, b_disk, g_disk], 0);
