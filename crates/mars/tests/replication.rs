@@ -1292,11 +1292,8 @@ fn members_join_and_leave_while_the_device_is_written() {
 fn a_member_syncs_from_a_secondary_while_the_primary_is_away() {
     let mut nodes = cluster3();
     let size = 32 * MIB;
-    let a_disk = nodes[0].disk("a.img", size);
-    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
-    nodes[1].wait_view("r0 known", |v| resource(v, "r0").is_some());
-    let b_disk = nodes[1].disk("b.img", size);
-    nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
+    let [a_disk, b_disk]: [std::path::PathBuf; 2] =
+        replicate_r0(&nodes[..2], size).try_into().unwrap();
     // Data that gamma's copy must carry (its disk is zeroes) ...
     let mut c = nodes[0].nbd("r0");
     for i in 0..24u64 {
@@ -1307,23 +1304,12 @@ fn a_member_syncs_from_a_secondary_while_the_primary_is_away() {
         );
     }
     nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
-    // ... and a backlog beta has fetched but not replayed when alpha dies.
-    nodes[1].adm_ok(&["pause-replay", "r0"]);
-    for i in 0..16u64 {
-        let at = (i * 7 % 30) * MIB;
-        assert_eq!(
-            c.write(at, &vec![0x30 + i as u8; MIB as usize], true)
-                .unwrap(),
-            0
-        );
-    }
     drop(c);
-    let target = member(&nodes[0].view_json(), "alpha")["log"]["written"]
-        .as_u64()
-        .unwrap();
-    nodes[1].wait_view("beta fetched everything", |v| {
-        member(v, "beta")["log"]["fetched"].as_u64().unwrap_or(0) >= target
-    });
+    // ... and a backlog beta has fetched but not replayed when alpha dies.
+    let writes: Vec<(u64, u8)> = (0..16u64)
+        .map(|i| ((i * 7 % 30) * MIB, 0x30 + i as u8))
+        .collect();
+    let target = backlog_on_beta(&nodes, &writes);
     nodes[0].kill9();
     nodes[2].wait_view("r0 known", |v| resource(v, "r0").is_some());
     let g_disk = nodes[2].disk("g.img", size);
@@ -1383,29 +1369,11 @@ fn a_member_syncs_from_a_secondary_while_the_primary_is_away() {
 fn sync_resumed_from_a_lagging_secondary_after_the_primary_dies() {
     let mut nodes = start_cluster(&["alpha", "beta", "gamma"]);
     let size = 32 * MIB;
-    let a_disk = nodes[0].disk("a.img", size);
-    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
-    nodes[1].wait_view("r0 known", |v| resource(v, "r0").is_some());
-    let b_disk = nodes[1].disk("b.img", size);
-    nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
-    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    let [_a_disk, b_disk]: [std::path::PathBuf; 2] =
+        replicate_r0(&nodes[..2], size).try_into().unwrap();
     // beta fetches but does not replay: its disk is behind alpha's log.
-    nodes[1].adm_ok(&["pause-replay", "r0"]);
-    let mut c = nodes[0].nbd("r0");
-    for i in 16..32u64 {
-        assert_eq!(
-            c.write(i * MIB, &vec![0x40 + i as u8; MIB as usize], true)
-                .unwrap(),
-            0
-        );
-    }
-    drop(c);
-    let target = member(&nodes[0].view_json(), "alpha")["log"]["written"]
-        .as_u64()
-        .unwrap();
-    nodes[1].wait_view("beta fetched everything", |v| {
-        member(v, "beta")["log"]["fetched"].as_u64().unwrap_or(0) >= target
-    });
+    let writes: Vec<(u64, u8)> = (16..32u64).map(|i| (i * MIB, 0x40 + i as u8)).collect();
+    let target = backlog_on_beta(&nodes, &writes);
     // gamma's sync starts from alpha (start_pos = target), slowly.
     nodes[2].wait_view("r0 known", |v| resource(v, "r0").is_some());
     let g_disk = nodes[2].disk("g.img", size);
@@ -1438,4 +1406,21 @@ fn sync_resumed_from_a_lagging_secondary_after_the_primary_dies() {
         member(&v, "gamma")["disk"]
     );
     assert!(g == b, "gamma's disk equals beta's");
+}
+
+/// beta (`nodes[1]`) pauses replay, alpha writes 1 MiB of each `(offset, byte)` with
+/// FUA, and beta fetches all of it: returns alpha's `written` then.
+fn backlog_on_beta(nodes: &[Node], writes: &[(u64, u8)]) -> u64 {
+    nodes[1].adm_ok(&["pause-replay", "r0"]);
+    let mut c = nodes[0].nbd("r0");
+    for &(at, byte) in writes {
+        assert_eq!(c.write(at, &vec![byte; MIB as usize], true).unwrap(), 0);
+    }
+    let target = member(&nodes[0].view_json(), "alpha")["log"]["written"]
+        .as_u64()
+        .unwrap();
+    nodes[1].wait_view("beta fetched everything", |v| {
+        member(v, "beta")["log"]["fetched"].as_u64().unwrap_or(0) >= target
+    });
+    target
 }
