@@ -527,10 +527,15 @@ impl Daemon {
             h.rates[1].store(r.sync_rate, Ordering::Release);
         }
         let written = primary_written(&self.peer.store.lock(), &r.name);
-        a.lag.observe(written, Instant::now());
         if let Some(h) = &a.secondary {
+            let dir = node::resource_dir(&self.dir, &r.name);
+            a.lag.load_once(&dir);
+            a.lag.observe(written, Instant::now());
             let replayed = h.progress.lock().replayed;
             a.lag.prune(replayed);
+            a.lag.save_if_due(&dir, Instant::now());
+        } else {
+            a.lag.observe(written, Instant::now());
         }
         let now = Self::actual_entry_of(a, written);
         if a.published.as_ref() != Some(&now) {
@@ -1255,6 +1260,7 @@ impl Daemon {
                     "sync",
                     mars_logger::replay::REPLAYED_FILE,
                     mars_logger::replay::HW_FILE,
+                    crate::secondary::LAG_CLOCK_FILE,
                 ]
                 .contains(&f.as_str());
                 if state || f.starts_with("log-") || f.starts_with("version-") {

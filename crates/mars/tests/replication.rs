@@ -308,12 +308,18 @@ fn midlog_sync_rotation_lag_and_split_brain() {
             && member(v, "beta")["log"]["written"] == member(v, "alpha")["log"]["written"]
     });
     // Restarted with replay paused: beta's disk is the consistent image it was, not
-    // a sync (it showed `syncing` until resumed, and `synced` waited for it).
+    // a sync (it showed `syncing` until resumed, and `synced` waited for it), and
+    // its lag in seconds goes on from where it was (it started from 0 again).
+    nodes[1].wait_view("beta lags by 3 s", |v| {
+        member(v, "beta")["lag_seconds"].as_f64().unwrap_or(0.0) >= 3.0
+    });
     nodes[1].kill9();
     nodes[1].start();
-    nodes[1].wait_view("beta back, behind", |v| {
+    let v = nodes[1].wait_view("beta back, behind", |v| {
         member(v, "beta")["disk"] == "outdated" && member(v, "beta")["paused"]["replay"] == true
     });
+    let lag = member(&v, "beta")["lag_seconds"].as_f64().unwrap_or(0.0);
+    assert!(lag >= 3.0, "lag_seconds after the restart: {lag}");
     nodes[1].adm_ok(&["wait-resource", "r0", "synced", "--timeout", "30"]);
     nodes[1].adm_ok(&["resume-replay", "r0"]);
     nodes[1].wait_view("beta caught up", |v| {
