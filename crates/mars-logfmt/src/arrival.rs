@@ -182,30 +182,23 @@ impl ArrivalCheck {
                 reason: e.to_string(),
             })
         };
-        let mut buf = vec![0u8; RECORD_HEADER_LEN];
+        let mut buf = Vec::new();
         while c.at < len {
-            if c.payload.is_some() {
-                // A record's payload: skipped when whole, else read and summed.
-                let left = c.payload.as_ref().map_or(0, |p| p.left as u64);
-                if c.at + left <= len {
-                    c.payload = None; // whole: checked when it arrived
+            let left = c.payload.as_ref().map(|p| p.left as u64);
+            let n = match left {
+                // A whole payload was checked when it arrived: skipped.
+                Some(left) if c.at + left <= len => {
+                    c.payload = None;
                     c.at += left;
-                } else {
-                    let n = (len - c.at) as usize;
-                    buf.resize(n, 0);
-                    read(c.at, &mut buf[..n])?;
-                    let piece = std::mem::take(&mut buf);
-                    c.feed(&piece)?;
-                    buf = piece;
+                    continue;
                 }
-                continue;
-            }
-            let n = ((len - c.at) as usize).min(RECORD_HEADER_LEN - c.have);
+                // A payload stored only in part: read and summed.
+                Some(_) => (len - c.at) as usize,
+                None => ((len - c.at) as usize).min(RECORD_HEADER_LEN - c.have),
+            };
             buf.resize(n, 0);
-            read(c.at, &mut buf[..n])?;
-            let piece = std::mem::take(&mut buf);
-            c.feed(&piece)?;
-            buf = piece;
+            read(c.at, &mut buf)?;
+            c.feed(&buf)?;
         }
         Ok(c)
     }

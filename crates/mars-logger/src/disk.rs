@@ -21,28 +21,23 @@ pub const DIRECT_ALIGN: usize = 4096;
 /// Open `path` for O_DIRECT writes; None where the file system does not support it
 /// (tmpfs): the caller writes through the page cache then.
 pub fn open_direct(path: &Path) -> Option<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    match OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
-        Ok(f) => Some(f),
-        Err(e) => {
-            tracing::debug!(path = %path.display(), "no O_DIRECT writes: {e}");
-            None
-        }
-    }
+    open_direct_with(path, OpenOptions::new().write(true), "writes")
 }
 
 /// Open `path` for O_DIRECT reads; None where the file system does not support it.
 pub fn open_direct_read(path: &Path) -> Option<File> {
+    open_direct_with(path, OpenOptions::new().read(true), "reads")
+}
+
+fn open_direct_with(path: &Path, opts: &mut OpenOptions, what: &str) -> Option<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .ok()
+    match opts.custom_flags(libc::O_DIRECT).open(path) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::debug!(path = %path.display(), "no O_DIRECT {what}: {e}");
+            None
+        }
+    }
 }
 
 /// A buffer whose bytes start on a `DIRECT_ALIGN` boundary, for O_DIRECT I/O (its

@@ -1833,22 +1833,12 @@ impl Daemon {
     /// by [`Daemon::serve_sync_blocks`]; the message after the stream is returned.
     async fn data_reply(&self, msg: Msg, s: &mut tokio::net::TcpStream) -> Result<Option<Msg>> {
         match msg {
-            ref m @ (Msg::SyncStart { ref res } | Msg::SyncEnd { ref res }) => {
-                let res = res.clone();
-                let end = matches!(m, Msg::SyncEnd { .. });
-                let (pos, size) = match self.sync_source(&res).await? {
-                    SyncSource::Primary(l) => (l.status().logged_pos, l.size()),
-                    // The disk holds every record before `replayed` and moves on only
-                    // by replaying later ones: the joiner replays from there. Where the
-                    // copy ended, the blocks read may hold any record this node has
-                    // (replay reports its position after a step): the end of its log.
-                    SyncSource::Secondary { size, replayed, .. } if !end => (replayed, size),
-                    SyncSource::Secondary { size, replayed, .. } => {
-                        let dir = node::resource_dir(&self.dir, &res);
-                        let held = tokio::task::spawn_blocking(move || local_log_end(&dir)).await?;
-                        (held.max(replayed), size)
-                    }
-                };
+            Msg::SyncStart { res } => {
+                let (pos, size) = self.sync_position(&res, false).await?;
+                write_msg(s, &Msg::SyncInfo { pos, size }).await?;
+            }
+            Msg::SyncEnd { res } => {
+                let (pos, size) = self.sync_position(&res, true).await?;
                 write_msg(s, &Msg::SyncInfo { pos, size }).await?;
             }
             Msg::LogStatus { res } => {
@@ -2198,52 +2188,34 @@ fn read_chunk(
     }
     let direct = (offset.is_multiple_of(DIRECT_ALIGN as u64) && max > 0)
         .then(|| mars_logger::disk::open_direct_read(path))
+        .flatten()
+        .map(|d| read_direct(&d, &mut buf.room()[..room], offset))
+        .transpose()?
         .flatten();
-    let mut n = 0;
-    let mut direct_ok = false;
-    if let Some(d) = direct {
-        // Whole blocks; a read that ends off a block boundary met the file's end.
-        let into = &mut buf.room()[..room];
-        direct_ok = true;
-        while n < room {
-            match d.read_at(&mut into[n..], offset + n as u64) {
-                Ok(0) => break,
-                Ok(k) => {
-                    n += k;
-                    if !k.is_multiple_of(DIRECT_ALIGN) {
-                        break;
-                    }
-                }
-                // Refused (a file system that takes O_DIRECT opens but not these
-                // reads): through the page cache below.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && n == 0 => {
-                    direct_ok = false;
+    let n = match direct {
+        Some(n) => n.min(max),
+        None => {
+            let into = &mut buf.room()[..max];
+            let mut n = 0;
+            while n < max {
+                let k = f.read_at(&mut into[n..], offset + n as u64)?;
+                if k == 0 {
                     break;
                 }
-                Err(e) => return Err(e.into()),
+                n += k;
             }
-        }
-        n = n.min(max);
-    }
-    if !direct_ok {
-        let into = &mut buf.room()[..max];
-        while n < max {
-            let k = f.read_at(&mut into[n..], offset + n as u64)?;
-            if k == 0 {
-                break;
+            // The fetcher asks for the next chunks next: have the kernel read them
+            // ahead. Several chunks: the device reads them at once.
+            if n == max && n > 0 {
+                mars_logger::disk::start_readahead(
+                    &f,
+                    offset + n as u64,
+                    (max * FETCH_READAHEAD_CHUNKS) as u64,
+                );
             }
-            n += k;
+            n
         }
-        // The fetcher asks for the next chunks next: have the kernel read them ahead.
-        // Several chunks: the device reads them at once.
-        if n == max && n > 0 {
-            mars_logger::disk::start_readahead(
-                &f,
-                offset + n as u64,
-                (max * FETCH_READAHEAD_CHUNKS) as u64,
-            );
-        }
-    }
+    };
     // Checked after the read: a logfile deleted and recycled meanwhile has another
     // header, written before any of its new records.
     let mut h = [0u8; mars_logfmt::FILE_HEADER_LEN];
@@ -2253,6 +2225,28 @@ fn read_chunk(
     }
     buf.set_len(n);
     Ok(buf)
+}
+
+/// Read whole blocks of `f` (opened with O_DIRECT) from the aligned `offset` into
+/// `into`, until it is full or a read ends off a block boundary (the file's end):
+/// how many bytes. None when the file system refuses such reads (EINVAL).
+fn read_direct(f: &std::fs::File, into: &mut [u8], offset: u64) -> std::io::Result<Option<usize>> {
+    use std::os::unix::fs::FileExt;
+    let mut n = 0;
+    while n < into.len() {
+        match f.read_at(&mut into[n..], offset + n as u64) {
+            Ok(0) => break,
+            Ok(k) => {
+                n += k;
+                if !k.is_multiple_of(DIRECT_ALIGN) {
+                    break;
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && n == 0 => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(n))
 }
 
 /// The answer to one `SyncBlock`: None when the block's digest is `digest`, else the
@@ -2337,6 +2331,24 @@ impl Daemon {
             disk,
             size,
             replayed: p.replayed,
+        })
+    }
+
+    /// The log position a full sync of `res` served here starts from, or (`end`)
+    /// where its copy ended, and the device size.
+    async fn sync_position(&self, res: &str, end: bool) -> Result<(u64, u64)> {
+        Ok(match self.sync_source(res).await? {
+            SyncSource::Primary(l) => (l.status().logged_pos, l.size()),
+            // The disk holds every record before `replayed` and moves on only by
+            // replaying later ones: the joiner replays from there. Where the copy
+            // ended, the blocks read may hold any record this node has (replay
+            // reports its position after a step): the end of its log.
+            SyncSource::Secondary { size, replayed, .. } if !end => (replayed, size),
+            SyncSource::Secondary { size, replayed, .. } => {
+                let dir = node::resource_dir(&self.dir, res);
+                let held = tokio::task::spawn_blocking(move || local_log_end(&dir)).await?;
+                (held.max(replayed), size)
+            }
         })
     }
 

@@ -288,17 +288,26 @@ pub(crate) fn consistent_member(
         .map(|(_, m)| m)
 }
 
-/// A fetched chunk whose records failed their check (`ArrivalCheck`).
-#[derive(Debug)]
-struct ArrivalRefused(String);
+/// `Progress::replaying` set while it lives (one replay round).
+struct Replaying<'a>(&'a Mutex<Progress>);
 
-impl std::fmt::Display for ArrivalRefused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+impl<'a> Replaying<'a> {
+    fn announce(progress: &'a Mutex<Progress>) -> Replaying<'a> {
+        progress.lock().replaying = true;
+        Replaying(progress)
     }
 }
 
-impl std::error::Error for ArrivalRefused {}
+impl Drop for Replaying<'_> {
+    fn drop(&mut self) {
+        self.0.lock().replaying = false;
+    }
+}
+
+/// A fetched chunk whose records failed their check (`ArrivalCheck`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ArrivalRefused(String);
 
 /// After a chunk was refused on arrival, fetch waits this long before asking again.
 const FETCH_BACKOFF: Duration = Duration::from_secs(10);
@@ -783,127 +792,116 @@ impl Secondary {
             Some(s) if s.done => s,
             _ => return Ok(true), // the disk is not a base for replay yet
         };
-        let mut idle = true;
         // Announce the step before looking at the pause flag: pause-replay sets the flag,
         // then waits while `replaying` is set, so it never returns while a step runs.
-        self.progress.lock().replaying = true;
-        // Opened also while paused: what it finds (the position, and after a reboot
-        // how far the disk is not a consistent image) is what the member reports;
-        // a member restarted with replay paused showed `syncing` until resumed.
-        if replayer.is_none() {
-            let (dir, me, disk, size, start) = (
-                self.dir.clone(),
-                self.me.clone(),
-                self.disk.clone(),
-                self.size,
-                sync.start_pos,
-            );
-            let mut r = tokio::task::spawn_blocking(move || {
-                // Records are bounded by what the disk holds, not by the
-                // resource size this node knows: after a `resize` the
-                // primary's first records beyond the old end may arrive
-                // before the new size does.
-                let bound = mars_logger::disk::disk_size(&disk)
-                    .unwrap_or(size)
-                    .max(size);
-                Replayer::open(&dir, &me, &disk, bound, start)
-            })
-            .await
-            .map_err(anyhow::Error::from)
-            .and_then(|r| r.map_err(anyhow::Error::from))
-            .inspect_err(|_| self.progress.lock().replaying = false)?;
-            r.use_fetched(self.fetched.clone());
-            r.set_background_sync(true);
-            let mut p = self.progress.lock();
-            // After a reboot, unsynced writes of replay may be partly on the disk.
-            if let Some(until) = r.inconsistent_until() {
-                p.consistent_from = Some(p.consistent_from.map_or(until, |c| c.max(until)));
-            }
-            p.replayed = r.position();
-            p.replayed_durable = r.persisted_position();
-            p.replay_opened = true;
-            if p.consistent_from.is_some_and(|end| r.position() >= end) {
-                p.consistent_from = None;
-            }
-            drop(p);
-            *replayer = Some(r);
-        }
+        // The guard clears it when the round ends, whichever way.
+        let _announced = Replaying::announce(&self.progress);
+        let r = match replayer.take() {
+            Some(r) => r,
+            // Opened also while paused: what it finds (the position, and after a
+            // reboot how far the disk is not a consistent image) is what the member
+            // reports; a member restarted with replay paused showed `syncing` until
+            // resumed.
+            None => self.open_replayer(sync.start_pos).await?,
+        };
         if self.pause_replay.load(Ordering::Acquire) {
             // Paused: what was applied is made durable (the disk synced, the position
             // persisted), so that the logfiles before it may go while replay waits.
-            let behind = replayer
-                .as_ref()
-                .is_some_and(|r| r.position() > r.persisted_position());
-            if let Some(mut r) = replayer.take_if(|_| behind) {
-                let (r, persisted) = tokio::task::spawn_blocking(move || {
+            let (r, persisted) = if r.position() > r.persisted_position() {
+                tokio::task::spawn_blocking(move || {
+                    let mut r = r;
                     let p = r.persist();
                     (r, p)
                 })
-                .await
-                .inspect_err(|_| self.progress.lock().replaying = false)?;
-                self.progress.lock().replayed_durable = r.persisted_position();
-                *replayer = Some(r);
-                if let Err(e) = persisted {
-                    self.progress.lock().replaying = false;
-                    bail!("persisting the replay position: {e}");
-                }
-            }
-            self.progress.lock().replaying = false;
-        } else {
-            let Some(r) = replayer.take() else {
-                self.progress.lock().replaying = false;
-                bail!("no replayer"); // opened just above
+                .await?
+            } else {
+                (r, Ok(()))
             };
-            let stepped = tokio::task::spawn_blocking(move || {
-                let mut r = r;
-                let o = r.step(64 << 20);
-                // Not after every step: a secondary that keeps up takes a few records
-                // per round, and a disk sync per round flooded the shared device with
-                // flushes (the window still persists within every 128 MiB).
-                let p = r.persist_if_due(REPLAY_PERSIST_INTERVAL);
-                (r, o.and_then(|o| p.map(|_| o)))
-            })
-            .await;
-            self.progress.lock().replaying = false;
-            let (r, outcome) = stepped?;
-            tracing::debug!(
-                resource = %self.res,
-                replayed = r.position(),
-                from_memory = r.bytes_from_memory(),
-                "replay step"
-            );
-            let pos = r.position();
-            let mut halted = None;
-            {
-                let mut p = self.progress.lock();
-                if let Some(h) = r.halted() {
-                    // Set together, so that a view never shows one without the other.
-                    p.split_brain |= matches!(h, mars_logger::replay::Halt::SplitBrain { .. });
-                    let msg = format!("replay stopped: {h}");
-                    p.replay_error = Some(msg.clone());
-                    halted = Some(msg);
-                }
-                p.replayed = pos;
-                p.replayed_durable = r.persisted_position();
-                if p.consistent_from.is_some_and(|end| pos >= end) {
-                    p.consistent_from = None;
-                }
-            }
+            self.progress.lock().replayed_durable = r.persisted_position();
             *replayer = Some(r);
-            if let Some(msg) = halted {
-                // An error, so that the round does not clear what it just reported
-                // (the step that halts returns Ok; a view in between showed
-                // split_brain without its error).
-                bail!("{msg}");
-            }
-            let o = outcome.map_err(|e| anyhow!("{e}"))?;
-            idle &= o.idle || o.records == 0;
+            persisted.map_err(|e| anyhow!("persisting the replay position: {e}"))?;
+            return Ok(true);
         }
-        Ok(idle)
+        let (r, outcome) = tokio::task::spawn_blocking(move || {
+            let mut r = r;
+            let o = r.step(64 << 20);
+            // Not after every step: a secondary that keeps up takes a few records
+            // per round, and a disk sync per round flooded the shared device with
+            // flushes (the window still persists within every 128 MiB).
+            let p = r.persist_if_due(REPLAY_PERSIST_INTERVAL);
+            (r, o.and_then(|o| p.map(|_| o)))
+        })
+        .await?;
+        tracing::debug!(
+            resource = %self.res,
+            replayed = r.position(),
+            from_memory = r.bytes_from_memory(),
+            "replay step"
+        );
+        let pos = r.position();
+        let mut halted = None;
+        {
+            let mut p = self.progress.lock();
+            if let Some(h) = r.halted() {
+                // Set together, so that a view never shows one without the other.
+                p.split_brain |= matches!(h, mars_logger::replay::Halt::SplitBrain { .. });
+                let msg = format!("replay stopped: {h}");
+                p.replay_error = Some(msg.clone());
+                halted = Some(msg);
+            }
+            p.replayed = pos;
+            p.replayed_durable = r.persisted_position();
+            if p.consistent_from.is_some_and(|end| pos >= end) {
+                p.consistent_from = None;
+            }
+        }
+        *replayer = Some(r);
+        if let Some(msg) = halted {
+            // An error, so that the round does not clear what it just reported
+            // (the step that halts returns Ok; a view in between showed
+            // split_brain without its error).
+            bail!("{msg}");
+        }
+        let o = outcome.map_err(|e| anyhow!("{e}"))?;
+        Ok(o.idle || o.records == 0)
     }
 
-    async fn full_sync(&self, primary: &str, sync: &mut SyncState) -> Result<()> {
-        let mut s = self.peer.connect(primary).await?;
+    /// Open replay's state from the sync's start position and report what it found.
+    async fn open_replayer(&self, start: u64) -> Result<Replayer> {
+        let (dir, me, disk, size) = (
+            self.dir.clone(),
+            self.me.clone(),
+            self.disk.clone(),
+            self.size,
+        );
+        let mut r = tokio::task::spawn_blocking(move || {
+            // Records are bounded by what the disk holds, not by the resource size
+            // this node knows: after a `resize` the primary's first records beyond
+            // the old end may arrive before the new size does.
+            let bound = mars_logger::disk::disk_size(&disk)
+                .unwrap_or(size)
+                .max(size);
+            Replayer::open(&dir, &me, &disk, bound, start)
+        })
+        .await??;
+        r.use_fetched(self.fetched.clone());
+        r.set_background_sync(true);
+        let mut p = self.progress.lock();
+        // After a reboot, unsynced writes of replay may be partly on the disk.
+        if let Some(until) = r.inconsistent_until() {
+            p.consistent_from = Some(p.consistent_from.map_or(until, |c| c.max(until)));
+        }
+        p.replayed = r.position();
+        p.replayed_durable = r.persisted_position();
+        p.replay_opened = true;
+        if p.consistent_from.is_some_and(|end| r.position() >= end) {
+            p.consistent_from = None;
+        }
+        Ok(r)
+    }
+
+    async fn full_sync(&self, source: &str, sync: &mut SyncState) -> Result<()> {
+        let mut s = self.peer.connect(source).await?;
         // Asked on every (re)start: the blocks copied so far are an image at or after
         // `start_pos` of the history `source` holds; the copy goes on only where the
         // source is the same and its position did not go back (a primary that lost
@@ -921,30 +919,30 @@ impl Secondary {
             Msg::SyncInfo { pos, size } if size == self.size => pos,
             Msg::SyncInfo { size, .. } => {
                 bail!(
-                    "sync source {primary} has size {size}, expected {}",
+                    "sync source {source} has size {size}, expected {}",
                     self.size
                 )
             }
             Msg::Refused { reason } => {
-                bail!("sync source {primary} refused the sync: {reason}")
+                bail!("sync source {source} refused the sync: {reason}")
             }
             other => bail!("unexpected answer to SyncStart: {other:?}"),
         };
         let same_source = match &sync.source {
-            Some(src) => src == primary,
+            Some(src) => src == source,
             None => {
                 meta::designated_primary(&self.peer.store.lock(), &self.res).as_deref()
-                    == Some(primary)
+                    == Some(source)
             }
         };
         let resumable = sync.next_offset > 0 && same_source && pos >= sync.start_pos;
         if !resumable {
             if sync.next_offset > 0 {
-                tracing::info!(resource = %self.res, from = %primary, was = ?sync.source, start_pos = sync.start_pos, pos, "full sync: another source, or its position went back: copying again from the first block");
+                tracing::info!(resource = %self.res, from = %source, was = ?sync.source, start_pos = sync.start_pos, pos, "full sync: another source, or its position went back: copying again from the first block");
             }
             sync.next_offset = 0;
             sync.start_pos = pos;
-            sync.source = Some(primary.to_string());
+            sync.source = Some(source.to_string());
             // A new sync: nothing replayed before counts (nor its high-water mark).
             mars_logger::replay::forget(&self.dir)?;
             write_sync(&self.dir, sync)?;
@@ -955,7 +953,7 @@ impl Secondary {
             p.sync_total = self.size;
             p.sync_done = sync.next_offset;
         }
-        tracing::info!(resource = %self.res, from = %primary, start_pos = sync.start_pos, offset = sync.next_offset, "full sync");
+        tracing::info!(resource = %self.res, from = %source, start_pos = sync.start_pos, offset = sync.next_offset, "full sync");
         let disk = Arc::new(
             std::fs::OpenOptions::new()
                 .read(true)
@@ -965,7 +963,7 @@ impl Secondary {
         );
         // Pipelined: a sender task reads and hashes the local blocks and keeps up to
         // SYNC_WINDOW `SyncBlock` requests in flight; this task takes the answers in
-        // order (the primary answers in order on the one connection), writes what
+        // order (the source answers in order on the one connection), writes what
         // differs and advances `next_offset` over the completed prefix only.
         let (mut rd, wr) = s.into_split();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, usize)>(SYNC_WINDOW);
@@ -1047,7 +1045,7 @@ impl Secondary {
                             .unwrap_or_else(|| AlignedBuf::new(SYNC_BLOCK as usize));
                         let got = read_data_into_slice(&mut rd, block.room()).await?;
                         if got != len {
-                            bail!("{primary} sent {got} bytes for a block of {len}");
+                            bail!("{source} sent {got} bytes for a block of {len}");
                         }
                         let (d, dd) = (disk.clone(), direct.clone());
                         let w = tokio::task::spawn_blocking(move || {
@@ -1058,7 +1056,7 @@ impl Secondary {
                         self.progress.lock().blocks_transferred += 1;
                         throttle.spend(len as u64).await;
                     }
-                    Msg::Refused { reason } => bail!("sync source {primary} refused: {reason}"),
+                    Msg::Refused { reason } => bail!("sync source {source} refused: {reason}"),
                     other => bail!("unexpected answer to SyncBlock at {off}: {other:?}"),
                 }
                 if !moved {
@@ -1150,9 +1148,37 @@ impl Secondary {
         Ok(())
     }
 
-    /// Fetch new logfile data from the primary. Returns the bytes fetched.
-    /// Fetch what `primary` has beyond this node's copies; `wake` tells replay of
-    /// every chunk written (it takes it from memory while it is there).
+    /// The arrival check of logfile `name` (number `seq`) stored up to `local` bytes
+    /// in `out`: where the last round left it, or resumed from the stored copy.
+    async fn arrival_check(
+        &self,
+        name: &str,
+        seq: u64,
+        out: &Arc<std::fs::File>,
+        local: u64,
+    ) -> Result<ArrivalCheck> {
+        let kept = self.arrivals.lock().remove(name);
+        if let Some(c) = kept.filter(|c| c.at() == local) {
+            return Ok(c);
+        }
+        let o = out.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            ArrivalCheck::resume(seq, local, |off, buf| o.read_exact_at(buf, off))
+        })
+        .await?
+        .map_err(|e| match e {
+            mars_logfmt::ArrivalError::Read { .. } => anyhow!("the stored copy of {name}: {e}"),
+            e => anyhow!(
+                "the stored copy of {name} is damaged ({e}): replay stops there too; `marsadm invalidate {}` copies the disk anew",
+                self.res
+            ),
+        })
+    }
+
+    /// Fetch what `primary` has beyond this node's copies. Returns the bytes
+    /// fetched; `wake` tells replay of every chunk written (it takes it from memory
+    /// while it is there).
     async fn fetch(
         &self,
         primary: &str,
@@ -1249,39 +1275,16 @@ impl Secondary {
             // where replay finds no chunk in memory (`FetchedChunks`), and copying every
             // fetched byte into new page-cache pages was the largest cost of a catch-up.
             let direct = open_direct(&path).map(Arc::new);
-            // The chunk being written (off the runtime, while the next one arrives),
-            // and the local length once it is written.
-            // Every record is checked as it arrives, before it is stored (the check
-            // of this file goes with the chunk being written and comes back with it).
             // Every record is checked as it arrives, before it is stored (the check
             // of this file goes with the chunk being written and comes back with it).
             // Only for a file with something to fetch: resuming walks the stored copy.
-            let kept = (local < f.len)
-                .then(|| self.arrivals.lock().remove(&f.name))
-                .flatten();
-            let mut check = match kept {
-                _ if local >= f.len => None,
-                Some(c) if c.at() == local => Some(c),
-                _ => {
-                    let (o, at) = (out.clone(), local);
-                    let c = tokio::task::spawn_blocking(move || {
-                        use std::os::unix::fs::FileExt;
-                        ArrivalCheck::resume(file_seq, at, |off, buf| o.read_exact_at(buf, off))
-                    })
-                    .await?
-                    .map_err(|e| match e {
-                        mars_logfmt::ArrivalError::Read { .. } => {
-                            anyhow!("the stored copy of {}: {e}", f.name)
-                        }
-                        e => anyhow!(
-                            "the stored copy of {} is damaged ({e}): replay stops there too; `marsadm invalidate {}` copies the disk anew",
-                            f.name,
-                            self.res
-                        ),
-                    })?;
-                    Some(c)
-                }
+            let mut check = if local < f.len {
+                Some(self.arrival_check(&f.name, file_seq, &out, local).await?)
+            } else {
+                None
             };
+            // The chunk being written (off the runtime, while the next one arrives),
+            // and the local length once it is written.
             type Writing = tokio::task::JoinHandle<Result<ArrivalCheck>>;
             let mut writing: Option<(Writing, u64)> = None;
             let show_fetched = |local: u64| {
@@ -1382,7 +1385,7 @@ impl Secondary {
                         writing = Some((
                             tokio::task::spawn_blocking(move || {
                                 c.feed(data.data()).map_err(|e| {
-                                    ArrivalRefused(format!("{name} from {source}: {e}; not stored, fetch stops before it"))
+                                    ArrivalRefused(format!("{name} from {source}: {e}: not stored; {source}'s copy is damaged there, fetch stops before it and tries again every {} s", FETCH_BACKOFF.as_secs()))
                                 })?;
                                 if let Some((from, len)) = reserve {
                                     mars_logger::disk::preallocate(&o, from, len);
