@@ -552,14 +552,24 @@ impl Daemon {
         };
         let p = h.progress.lock().clone();
         let lag = a.lag.lag(p.replayed, Instant::now());
-        let syncing = p.syncing || p.consistent_from.is_some();
+        let paused = |i: usize| h.pauses[i].load(Ordering::Acquire);
+        // Not yet a consistent image, and nothing is making it one (DRBD's and
+        // MARS's Inconsistent): the copy paused or without a source to copy from, or
+        // replay towards the end of the copy paused or stopped.
+        let stalled = if p.syncing {
+            paused(0) || p.sync_waits_for_source
+        } else {
+            paused(2) || p.replay_error.is_some()
+        };
         ActualEntry {
             role: "secondary".into(),
             // A consistent but old image (MARS's OutDated): behind the primary's
             // log, or stopped behind it (replay halted on a corrupt record, a split
             // brain, cut off by emergency mode). `uptodate` only once it has
             // replayed what the primary wrote, as far as this node knows.
-            disk: if syncing {
+            disk: if (p.syncing || p.consistent_from.is_some()) && stalled {
+                "inconsistent"
+            } else if p.syncing || p.consistent_from.is_some() {
                 "syncing"
             } else if p.split_brain
                 || p.cut_off
@@ -1119,8 +1129,11 @@ impl Daemon {
                 .map(|r| r.members)
                 .unwrap_or_default();
             let cut_off = members.iter().filter(|m| **m != self.me()).any(|m| {
-                meta::get::<ActualEntry>(&store, &meta::actual_key(name, m))
-                    .is_none_or(|e| e.emergency || e.disk == "syncing" || e.replayed < oldest)
+                meta::get::<ActualEntry>(&store, &meta::actual_key(name, m)).is_none_or(|e| {
+                    e.emergency
+                        || matches!(e.disk.as_str(), "syncing" | "inconsistent")
+                        || e.replayed < oldest
+                })
             });
             if !cut_off {
                 tracing::info!(resource = %name, "emergency mode over: every member is in sync again");

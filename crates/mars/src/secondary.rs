@@ -102,6 +102,8 @@ pub struct Progress {
     /// Replay has opened its state since the task started (after a reboot it finds
     /// then how far the disk may be no consistent image).
     pub replay_opened: bool,
+    /// The full sync waits for a source: no member it could copy from is reachable.
+    pub sync_waits_for_source: bool,
 }
 
 /// Lag in seconds without comparing clocks of different nodes: remembers when
@@ -728,7 +730,9 @@ impl Secondary {
             if self.pause_sync.load(Ordering::Acquire) {
                 return Ok(true);
             }
-            let source = self.sync_source()?;
+            let source = self.sync_source();
+            self.progress.lock().sync_waits_for_source = source.is_err();
+            let source = source?;
             if let Err(e) = self.full_sync(&source, &mut sync).await {
                 // A secondary that could not serve (its replay stopped, it went away)
                 // is passed over for a while, so that another one is asked.

@@ -1030,7 +1030,14 @@ fn sync_killed_mid_way_resumes_and_pause_sync_holds_it() {
     nodes[1].adm_ok(&["debug-block", "alpha"]);
     nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
     nodes[1].adm_ok(&["set-rate", "r0", "--sync", "8M"]);
+    // No source to copy from: the disk is no image and nothing is making it one.
+    nodes[1].wait_view("beta inconsistent without a source", |v| {
+        member(v, "beta")["disk"] == "inconsistent"
+    });
     nodes[1].adm_ok(&["debug-unblock", "alpha"]);
+    nodes[1].wait_view("beta syncing once alpha is back", |v| {
+        member(v, "beta")["disk"] == "syncing"
+    });
     let long = std::time::Duration::from_secs(60);
     wait_for("beta synced 20 MiB", long, || {
         sync_done(&nodes[1], "beta").is_some_and(|d| d >= 20 * MIB)
@@ -1078,6 +1085,12 @@ fn sync_killed_mid_way_resumes_and_pause_sync_holds_it() {
         "paused sync moved"
     );
     assert!(held < size, "sync completed before the pause");
+    // A paused sync leaves the disk inconsistent, and the sync is not over.
+    assert_eq!(
+        member(&nodes[1].view_json(), "beta")["disk"],
+        "inconsistent"
+    );
+    nodes[1].adm_err(&["wait-resource", "r0", "synced", "--timeout", "1"]);
     let state: serde_json::Value =
         serde_json::from_slice(&read(&nodes[1].dir.join("resources/r0/sync"))).unwrap();
     assert_eq!(state["next_offset"].as_u64(), Some(held), "{state}");

@@ -355,9 +355,9 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
                     r.actual_primary.as_deref() == Some(v.node.as_str()) && r.device.is_some()
                 },
                 "synced" => |_, r| {
-                    r.members
-                        .iter()
-                        .all(|m| m.sync.is_none() && m.disk != "syncing")
+                    r.members.iter().all(|m| {
+                        m.sync.is_none() && !matches!(m.disk.as_str(), "syncing" | "inconsistent")
+                    })
                 },
                 other => bail!("unknown condition {other:?}: use uptodate, primary or synced"),
             };
