@@ -585,6 +585,11 @@ impl Daemon {
             fetched: p.fetched,
             replayed: p.replayed,
             replayed_durable: Some(p.replayed_durable),
+            isolated: if p.syncing {
+                p.sync_waits_for_source
+            } else {
+                p.fetch_waits_for_source
+            },
             error: p
                 .replay_error
                 .clone()
@@ -1647,8 +1652,11 @@ impl Daemon {
                             node: m.clone(),
                             role: rep.role.clone(),
                             disk: rep.disk.clone(),
+                            // Wanted connected, reachable, and (a secondary) with a
+                            // member it reaches to fetch or sync from.
                             connected: d.as_ref().is_some_and(|d| d.connected)
-                                && self.peer.is_alive(m),
+                                && (m == me || self.peer.is_alive(m))
+                                && !rep.isolated,
                             log: LogView {
                                 written: rep.written,
                                 fetched: rep.fetched,
@@ -1770,6 +1778,7 @@ fn actual_entry(a: &Actual) -> ActualEntry {
         lag_ms: 0,
         emergency: a.emergency,
         disk_size: a.disk_size,
+        isolated: false,
     }
 }
 

@@ -104,6 +104,10 @@ pub struct ActualEntry {
     /// (then `replayed` counts).
     #[serde(default)]
     pub replayed_durable: Option<u64>,
+    /// A secondary that reaches no member to fetch or sync from (views show it
+    /// not `connected`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub isolated: bool,
 }
 
 pub const CLUSTER_ID_KEY: &str = "c/d/cluster-id";

@@ -104,6 +104,8 @@ pub struct Progress {
     pub replay_opened: bool,
     /// The full sync waits for a source: no member it could copy from is reachable.
     pub sync_waits_for_source: bool,
+    /// The last fetch round found no reachable member to fetch from.
+    pub fetch_waits_for_source: bool,
 }
 
 /// Lag in seconds without comparing clocks of different nodes: remembers when
@@ -758,6 +760,7 @@ impl Secondary {
         if !self.pause_fetch.load(Ordering::Acquire) {
             match self.fetch_source() {
                 Ok(source) => {
+                    self.progress.lock().fetch_waits_for_source = false;
                     let from = self.progress.lock().replayed.max(sync.start_pos);
                     let got = match self.fetch(&source, from, wake).await {
                         Ok(got) => got,
@@ -782,6 +785,7 @@ impl Secondary {
                     let mut p = self.progress.lock();
                     p.source = None;
                     p.source_complete = false;
+                    p.fetch_waits_for_source = true;
                     drop(p);
                     tracing::debug!(resource = %self.res, "fetch: {e:#}");
                 }

@@ -1031,12 +1031,13 @@ fn sync_killed_mid_way_resumes_and_pause_sync_holds_it() {
     nodes[1].adm_ok(&["join-resource", "r0", b_disk.to_str().unwrap()]);
     nodes[1].adm_ok(&["set-rate", "r0", "--sync", "8M"]);
     // No source to copy from: the disk is no image and nothing is making it one.
-    nodes[1].wait_view("beta inconsistent without a source", |v| {
-        member(v, "beta")["disk"] == "inconsistent"
-    });
+    nodes[1].wait_view(
+        "beta inconsistent and not connected without a source",
+        |v| member(v, "beta")["disk"] == "inconsistent" && member(v, "beta")["connected"] == false,
+    );
     nodes[1].adm_ok(&["debug-unblock", "alpha"]);
-    nodes[1].wait_view("beta syncing once alpha is back", |v| {
-        member(v, "beta")["disk"] == "syncing"
+    nodes[1].wait_view("beta syncing and connected once alpha is back", |v| {
+        member(v, "beta")["disk"] == "syncing" && member(v, "beta")["connected"] == true
     });
     let long = std::time::Duration::from_secs(60);
     wait_for("beta synced 20 MiB", long, || {
