@@ -34,6 +34,31 @@ pub const AE_INTERVAL: Duration = Duration::from_secs(2);
 const TOMBSTONE_KEEP_MS: u64 = 30 * 24 * 3600 * 1000;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a served connection waits for the peer's next request.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection whose peer stops answering (a cut link drops packets silently: no
+/// FIN, no RST) fails after about this long: keepalive probes after 3 s of
+/// silence, and TCP_USER_TIMEOUT for data sent but not acknowledged. Without it a
+/// fetch or sync blocked in a read would wait for the link to come back, never
+/// asking another member, and show itself connected.
+pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Socket options of every peer connection: no Nagle delay, and dead peers
+/// detected within [`DEAD_PEER_TIMEOUT`].
+fn tune_stream(s: &TcpStream) {
+    let _ = s.set_nodelay(true);
+    let sock = socket2::SockRef::from(s);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(3))
+        .with_interval(Duration::from_secs(1))
+        .with_retries(7);
+    if let Err(e) = sock
+        .set_tcp_keepalive(&keepalive)
+        .and_then(|()| sock.set_tcp_user_timeout(Some(DEAD_PEER_TIMEOUT)))
+    {
+        tracing::warn!("peer socket options: {e}");
+    }
+}
 
 fn cluster_tag(id: &str) -> u32 {
     crc32c::crc32c(id.as_bytes())
@@ -491,8 +516,9 @@ impl Peer {
             .ok_or_else(|| anyhow!("unknown node {node}"))?;
         let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
             .await
-            .map_err(|_| anyhow!("connect to {node} ({addr}) timed out"))??;
-        let _ = s.set_nodelay(true);
+            .map_err(|_| anyhow!("connect to {node} ({addr}) timed out"))?
+            .with_context(|| format!("connect to {node} ({addr})"))?;
+        tune_stream(&s);
         let id = self.cluster_id();
         tokio::time::timeout(
             EXCHANGE_TIMEOUT,
@@ -576,11 +602,11 @@ impl Peer {
                 Ok((s, from)) => {
                     let p = self.clone();
                     tokio::spawn(async move {
-                        let r = tokio::time::timeout(EXCHANGE_TIMEOUT * 3, p.serve(s)).await;
-                        match r {
-                            Ok(Err(e)) => tracing::info!(%from, "peer connection: {e:#}"),
-                            Err(_) => tracing::info!(%from, "peer connection timed out"),
-                            Ok(Ok(())) => {}
+                        // No limit on the whole connection: a full sync streams for
+                        // as long as the disk takes. Silent peers end by the idle
+                        // timeout and the keepalive (`tune_stream`).
+                        if let Err(e) = p.serve(s).await {
+                            tracing::info!(%from, "peer connection: {e:#}");
                         }
                     });
                 }
@@ -593,8 +619,11 @@ impl Peer {
     }
 
     async fn serve(self: &Arc<Self>, mut s: TcpStream) -> Result<()> {
-        let _ = s.set_nodelay(true);
-        let hello = read_msg(&mut s).await.context("handshake")?;
+        tune_stream(&s);
+        let hello = tokio::time::timeout(EXCHANGE_TIMEOUT, read_msg(&mut s))
+            .await
+            .map_err(|_| anyhow!("no Hello within {EXCHANGE_TIMEOUT:?}"))?
+            .context("handshake")?;
         let Msg::Hello {
             version,
             cluster_id,
@@ -646,7 +675,13 @@ impl Peer {
         )
         .await?;
         loop {
-            let msg = match read_msg(&mut s).await {
+            // A peer that says nothing for this long is gone (one that went silent
+            // within a data stream is caught by the socket's keepalive).
+            let next = tokio::time::timeout(IDLE_TIMEOUT, read_msg(&mut s)).await;
+            let Ok(next) = next else {
+                bail!("{} sent nothing for {IDLE_TIMEOUT:?}", node.name);
+            };
+            let msg = match next {
                 Ok(m) => m,
                 Err(mars_proto::ProtoError::Io(e))
                     if e.kind() == std::io::ErrorKind::UnexpectedEof =>

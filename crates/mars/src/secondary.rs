@@ -262,10 +262,14 @@ pub struct Secondary {
     pub fetched: Arc<FetchedChunks>,
     /// The arrival check of each logfile being fetched, where the last round ended.
     pub arrivals: Mutex<std::collections::HashMap<String, ArrivalCheck>>,
-    /// Secondaries a full sync failed from, not asked again until then.
+    /// Secondaries a full sync failed from (the primary: that could not be
+    /// connected to), passed over until then.
     pub avoid_sources: Mutex<std::collections::HashMap<String, std::time::Instant>>,
-    /// No fetch until then (after a chunk was refused on arrival).
-    pub fetch_backoff: Mutex<Option<(std::time::Instant, String)>>,
+    /// Members a fetch failed from, passed over until then while another can be
+    /// asked; with the error when a chunk from it was refused on arrival (its copy
+    /// is damaged: not asked again before then at all).
+    #[allow(clippy::type_complexity)]
+    pub fetch_avoid: Mutex<std::collections::HashMap<String, (std::time::Instant, Option<String>)>>,
 }
 
 /// Of the members of `res` that `eligible` lets through, the one with a consistent
@@ -313,8 +317,16 @@ impl Drop for Replaying<'_> {
 #[error("{0}")]
 struct ArrivalRefused(String);
 
+/// A source that could not be connected to (no data exchanged).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct SourceUnreachable(String);
+
 /// After a chunk was refused on arrival, fetch waits this long before asking again.
 const FETCH_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How long a member a fetch failed from is passed over while another can be asked.
+const FETCH_AVOID: Duration = Duration::from_secs(10);
 
 /// How long a secondary that failed to serve a full sync is passed over.
 const AVOID_SOURCE: Duration = Duration::from_secs(30);
@@ -673,53 +685,74 @@ impl Secondary {
         if p == self.me {
             bail!("this node is the designated primary but its disk is not up to date");
         }
-        if self.peer.is_alive(&p) {
-            return Ok(p);
-        }
         let now = std::time::Instant::now();
         let mut avoid = self.avoid_sources.lock();
         avoid.retain(|_, until| *until > now);
-        consistent_member(&store, &self.res, |m| {
+        let primary_alive = self.peer.is_alive(&p);
+        if primary_alive && !avoid.contains_key(&p) {
+            return Ok(p);
+        }
+        // The primary is away, or alive in the cluster's view but this node could
+        // not connect to it a moment ago (a cut between the two alone).
+        let other = consistent_member(&store, &self.res, |m| {
             m != self.me && m != p && self.peer.is_alive(m) && !avoid.contains_key(m)
-        })
-        .ok_or_else(|| {
-                anyhow!("primary {p} is not reachable, and no reachable member has a consistent disk to copy")
-            })
+        });
+        match other {
+            Some(m) => Ok(m),
+            None if primary_alive => Ok(p),
+            None => Err(anyhow!(
+                "primary {p} is not reachable, and no reachable member has a consistent disk to copy"
+            )),
+        }
     }
 
     /// The member to fetch logfiles from: the designated primary when it is
     /// reachable, else the reachable member that holds the most of the log (a
     /// member that still writes the log first: during a handover that is the
-    /// old primary).
+    /// old primary). A member that failed as a source a moment ago is passed over
+    /// while another can be asked: "reachable" is the cluster's view, and a link
+    /// cut between this node and the primary alone leaves the primary alive in it
+    /// (the others still reach it); the log then comes through another member.
     fn fetch_source(&self) -> Result<String> {
+        let now = std::time::Instant::now();
+        let mut avoid = self.fetch_avoid.lock();
+        avoid.retain(|_, (until, _)| *until > now);
+        let mut candidates: Vec<String> = Vec::new();
         if let Some(p) = self.prefer_source.lock().clone() {
-            if self.peer.is_alive(&p) {
-                return Ok(p);
-            }
+            candidates.push(p);
         }
         let store = self.peer.store.lock();
         if let Some(p) = meta::designated_primary(&store, &self.res) {
-            if p != self.me && self.peer.is_alive(&p) {
-                return Ok(p);
-            }
+            candidates.push(p);
         }
-        let members = meta::resources(&store)
-            .into_iter()
-            .find(|(n, _)| *n == self.res)
-            .map(|(_, r)| r.members)
+        let members = meta::resource(&store, &self.res)
+            .map(|r| r.members)
             .unwrap_or_default();
-        members
+        let mut others: Vec<((bool, u64), String)> = members
             .into_iter()
-            .filter(|m| *m != self.me && self.peer.is_alive(m))
             .filter_map(|m| {
                 let a: meta::ActualEntry = meta::get(&store, &meta::actual_key(&self.res, &m))?;
                 let writes = a.logfile.is_some();
                 let holds = if writes { a.written } else { a.fetched };
                 Some(((writes, holds), m))
             })
-            .max()
-            .map(|(_, m)| m)
-            .ok_or_else(|| anyhow!("no reachable member to fetch the log from"))
+            .collect();
+        others.sort_by(|a, b| b.cmp(a));
+        candidates.extend(others.into_iter().map(|(_, m)| m));
+        candidates.retain(|m| *m != self.me && self.peer.is_alive(m));
+        if let Some(m) = candidates.iter().find(|m| !avoid.contains_key(*m)) {
+            return Ok(m.clone());
+        }
+        // Every reachable member failed a moment ago: ask the first again, unless its
+        // copy was damaged (then its error stays shown until the backoff ends).
+        let first = candidates
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("no reachable member to fetch the log from"))?;
+        if let Some((_, Some(refused))) = avoid.get(&first) {
+            bail!("{refused}");
+        }
+        Ok(first)
     }
 
     /// One round of transfer: sync if needed, then fetch what is new. Returns true when idle.
@@ -738,25 +771,22 @@ impl Secondary {
             if let Err(e) = self.full_sync(&source, &mut sync).await {
                 // A secondary that could not serve (its replay stopped, it went away)
                 // is passed over for a while, so that another one is asked.
+                // The primary only when it could not even be connected to: a sync
+                // that moves to another source starts over from the first block.
                 let designated = meta::designated_primary(&self.peer.store.lock(), &self.res);
                 let halted =
                     self.stop.load(Ordering::Acquire) || self.pause_sync.load(Ordering::Acquire);
-                if !halted && designated.as_deref() != Some(source.as_str()) {
+                let primary = designated.as_deref() == Some(source.as_str());
+                if !halted && (!primary || e.is::<SourceUnreachable>()) {
+                    let wait = if primary { FETCH_AVOID } else { AVOID_SOURCE };
                     self.avoid_sources
                         .lock()
-                        .insert(source, std::time::Instant::now() + AVOID_SOURCE);
+                        .insert(source, std::time::Instant::now() + wait);
                 }
                 return Err(e);
             }
         }
         let mut idle = true;
-        // After a refused chunk: the same error (still shown) until the backoff ends.
-        let backoff = self.fetch_backoff.lock().clone();
-        if let Some((until, msg)) = backoff {
-            if std::time::Instant::now() < until && !self.pause_fetch.load(Ordering::Acquire) {
-                bail!("{msg}");
-            }
-        }
         if !self.pause_fetch.load(Ordering::Acquire) {
             match self.fetch_source() {
                 Ok(source) => {
@@ -765,13 +795,20 @@ impl Secondary {
                     let got = match self.fetch(&source, from, wake).await {
                         Ok(got) => got,
                         Err(e) => {
-                            // A damaged record: asking again at once would read and
-                            // send the same chunks ten times a second.
-                            if e.is::<ArrivalRefused>() {
-                                *self.fetch_backoff.lock() = Some((
-                                    std::time::Instant::now() + FETCH_BACKOFF,
-                                    format!("{e:#}"),
-                                ));
+                            // Another member is asked next, if there is one. A damaged
+                            // record: asking this one again at once would read and send
+                            // the same chunks ten times a second.
+                            let halted = self.stop.load(Ordering::Acquire)
+                                || self.pause_fetch.load(Ordering::Acquire);
+                            if !halted {
+                                let refused = e.is::<ArrivalRefused>().then(|| format!("{e:#}"));
+                                let until = std::time::Instant::now()
+                                    + if refused.is_some() {
+                                        FETCH_BACKOFF
+                                    } else {
+                                        FETCH_AVOID
+                                    };
+                                self.fetch_avoid.lock().insert(source, (until, refused));
                             }
                             return Err(e);
                         }
@@ -787,7 +824,8 @@ impl Secondary {
                     p.source_complete = false;
                     p.fetch_waits_for_source = true;
                     drop(p);
-                    tracing::debug!(resource = %self.res, "fetch: {e:#}");
+                    // Shown (and logged once) until a member can be reached again.
+                    return Err(e.context("fetch"));
                 }
             }
         }
@@ -909,7 +947,11 @@ impl Secondary {
     }
 
     async fn full_sync(&self, source: &str, sync: &mut SyncState) -> Result<()> {
-        let mut s = self.peer.connect(source).await?;
+        let mut s = self
+            .peer
+            .connect(source)
+            .await
+            .map_err(|e| SourceUnreachable(format!("{e:#}")))?;
         // Asked on every (re)start: the blocks copied so far are an image at or after
         // `start_pos` of the history `source` holds; the copy goes on only where the
         // source is the same and its position did not go back (a primary that lost
@@ -1393,7 +1435,7 @@ impl Secondary {
                         writing = Some((
                             tokio::task::spawn_blocking(move || {
                                 c.feed(data.data()).map_err(|e| {
-                                    ArrivalRefused(format!("{name} from {source}: {e}: not stored; {source}'s copy is damaged there, fetch stops before it and tries again every {} s", FETCH_BACKOFF.as_secs()))
+                                    ArrivalRefused(format!("{name} from {source}: {e}: not stored; {source}'s copy is damaged there: fetch stops before it, asks another member that holds it, or {source} again in {} s", FETCH_BACKOFF.as_secs()))
                                 })?;
                                 if let Some((from, len)) = reserve {
                                     mars_logger::disk::preallocate(&o, from, len);

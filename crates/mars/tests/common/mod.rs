@@ -75,6 +75,8 @@ pub struct Node {
     pub nbd: String,
     child: Option<Child>,
     pub log: PathBuf,
+    /// The network namespace marsd runs in (`Net`), None: the test's own.
+    pub netns: Option<String>,
 }
 
 impl Node {
@@ -95,11 +97,16 @@ impl Node {
 
     /// A node directory path and free ports; nothing initialised yet.
     fn fresh(name: &str) -> Node {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = tmp.path().join("node");
         let listen = format!("127.0.0.1:{}", free_port());
         let nbd = format!("127.0.0.1:{}", free_port());
+        Node::fresh_at(name, listen, nbd, None)
+    }
+
+    fn fresh_at(name: &str, listen: String, nbd: String, netns: Option<String>) -> Node {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("node");
         Node {
+            netns,
             log: tmp.path().join("marsd.log"),
             tmp,
             dir,
@@ -146,7 +153,16 @@ impl Node {
             .append(true)
             .open(&self.log)
             .expect("log");
-        let child = Command::new(MARSD)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                // `ip netns exec` enters the namespace and execs marsd (same pid).
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, MARSD]);
+                c
+            }
+            None => Command::new(MARSD),
+        };
+        let child = cmd
             .arg("--dir")
             .arg(&self.dir)
             .stdin(Stdio::null())
@@ -385,7 +401,12 @@ pub fn read(path: &Path) -> Vec<u8> {
 impl Node {
     /// `marsadm join-cluster` through `via` (which must be running), in a fresh directory.
     pub fn join(name: &str, via: &Node) -> Node {
-        let node = Node::fresh(name);
+        Node::join_as(Node::fresh(name), via)
+    }
+
+    fn join_as(node: Node, via: &Node) -> Node {
+        let name = node.name.clone();
+        let name = name.as_str();
         node.adm_ok(&[
             "join-cluster",
             "--node",
@@ -473,4 +494,161 @@ pub fn start_cluster(names: &[&str]) -> Vec<Node> {
         n.wait_view("every node alive", |v| all_alive(v, names));
     }
     nodes
+}
+
+/// Hosts on a network of their own: one network namespace per node, each with a
+/// veth pair into a bridge in the test's namespace (which gets the address .254,
+/// so the test reaches every node). Cuts are real: a link set down, or a route
+/// that drops one peer's packets; no FIN, no RST, the packets are just gone.
+/// Needs root (CI runs as root) and `ip` (iproute2). Removed on drop.
+pub struct Net {
+    id: String,
+    subnet: String,
+    pub namespaces: Vec<String>,
+}
+
+impl Net {
+    pub fn new(hosts: usize) -> Net {
+        require_tool("ip", "iproute2");
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "network namespace tests need root (CI runs them as root)"
+        );
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static COUNT: AtomicU32 = AtomicU32::new(0);
+        let k = COUNT.fetch_add(1, Ordering::AcqRel);
+        let pid = std::process::id();
+        let net = Net {
+            id: format!("{}{k}", pid % 100_000),
+            subnet: format!("10.{}.{}", 20 + pid % 200, k % 250),
+            namespaces: (0..hosts).map(|i| format!("mars-{pid}-{k}-{i}")).collect(),
+        };
+        let br = net.bridge();
+        ip(&["link", "add", &br, "type", "bridge"]);
+        ip(&["addr", "add", &format!("{}.254/24", net.subnet), "dev", &br]);
+        ip(&["link", "set", &br, "up"]);
+        for i in 0..hosts {
+            let (ns, host) = (&net.namespaces[i], net.host_if(i));
+            ip(&["netns", "add", ns]);
+            ip(&[
+                "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            ]);
+            ip(&["link", "set", &host, "master", &br]);
+            ip(&["link", "set", &host, "up"]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/24", net.addr(i)),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
+
+    fn bridge(&self) -> String {
+        format!("mb{}", self.id)
+    }
+
+    fn host_if(&self, i: usize) -> String {
+        format!("mh{}-{i}", self.id)
+    }
+
+    /// Host `i`'s address.
+    pub fn addr(&self, i: usize) -> String {
+        format!("{}.{}", self.subnet, i + 1)
+    }
+
+    /// Cut host `i` off from everyone (its link goes down) or reconnect it.
+    pub fn set_link(&self, i: usize, up: bool) {
+        ip(&[
+            "link",
+            "set",
+            &self.host_if(i),
+            if up { "up" } else { "down" },
+        ]);
+    }
+
+    /// Drop every packet between hosts `i` and `j` (both directions), or stop it.
+    pub fn cut_pair(&self, i: usize, j: usize, cut: bool) {
+        let verb = if cut { "add" } else { "del" };
+        for (from, to) in [(i, j), (j, i)] {
+            let dst = format!("{}/32", self.addr(to));
+            ip(&[
+                "-n",
+                &self.namespaces[from],
+                "route",
+                verb,
+                "blackhole",
+                &dst,
+            ]);
+        }
+    }
+
+    /// A node of a cluster on host `i` (marsd not started, directory not initialised).
+    fn node(&self, name: &str, i: usize) -> Node {
+        let a = self.addr(i);
+        Node::fresh_at(
+            name,
+            format!("{a}:7701"),
+            format!("{a}:10809"),
+            Some(self.namespaces[i].clone()),
+        )
+    }
+
+    /// `start_cluster` with node `k` on host `k`.
+    pub fn start_cluster(&self, names: &[&str]) -> Vec<Node> {
+        let first = self.node(names[0], 0);
+        first.adm_ok(&[
+            "create-cluster",
+            "--node",
+            names[0],
+            "--listen",
+            &first.listen,
+            "--nbd",
+            &first.nbd,
+        ]);
+        let mut nodes = vec![first];
+        nodes[0].start();
+        for (i, n) in names.iter().enumerate().skip(1) {
+            let mut node = Node::join_as(self.node(n, i), &nodes[0]);
+            node.start();
+            nodes.push(node);
+        }
+        for n in &nodes {
+            n.adm_ok(&["wait-cluster", "--timeout", "30"]);
+        }
+        nodes
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        // Best effort: a namespace goes once its last process has exited.
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            let _ = Command::new("ip")
+                .args(["link", "del", &self.host_if(i)])
+                .output();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge()])
+            .output();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
