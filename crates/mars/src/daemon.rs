@@ -502,6 +502,7 @@ impl Daemon {
                     arrivals: Default::default(),
                     avoid_sources: Default::default(),
                     fetch_avoid: Default::default(),
+                    sync_unreachable: Default::default(),
                 };
                 tracing::info!(resource = %r.name, "secondary: sync, fetch and replay");
                 let task = tokio::spawn(sec.run());

@@ -37,25 +37,29 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest a served connection waits for the peer's next request.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A connection whose peer stops answering (a cut link drops packets silently: no
-/// FIN, no RST) fails after about this long: keepalive probes after 3 s of
-/// silence, and TCP_USER_TIMEOUT for data sent but not acknowledged. Without it a
-/// fetch or sync blocked in a read would wait for the link to come back, never
-/// asking another member, and show itself connected.
+/// FIN, no RST) fails after about this long on the side that asked for it:
+/// keepalive probes after 3 s of silence, every second, and TCP_USER_TIMEOUT for
+/// requests sent but not acknowledged. Without it a fetch or sync blocked in a
+/// read would wait for the link to come back, never asking another member, and
+/// show itself connected.
 pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Socket options of every peer connection: no Nagle delay, and dead peers
-/// detected within [`DEAD_PEER_TIMEOUT`].
-fn tune_stream(s: &TcpStream) {
+/// Socket options of every peer connection: no Nagle delay, keepalive, and on the
+/// connecting side (which only sends small requests) TCP_USER_TIMEOUT. Not on the
+/// serving side: it streams data, and a receiver that stops reading for a while
+/// (a low rate limit, a slow disk) would make its zero-window probes time out.
+fn tune_stream(s: &TcpStream, connecting: bool) {
     let _ = s.set_nodelay(true);
     let sock = socket2::SockRef::from(s);
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(3))
         .with_interval(Duration::from_secs(1))
         .with_retries(7);
-    if let Err(e) = sock
-        .set_tcp_keepalive(&keepalive)
-        .and_then(|()| sock.set_tcp_user_timeout(Some(DEAD_PEER_TIMEOUT)))
-    {
+    let mut r = sock.set_tcp_keepalive(&keepalive);
+    if connecting {
+        r = r.and_then(|()| sock.set_tcp_user_timeout(Some(DEAD_PEER_TIMEOUT)));
+    }
+    if let Err(e) = r {
         tracing::warn!("peer socket options: {e}");
     }
 }
@@ -518,7 +522,7 @@ impl Peer {
             .await
             .map_err(|_| anyhow!("connect to {node} ({addr}) timed out"))?
             .with_context(|| format!("connect to {node} ({addr})"))?;
-        tune_stream(&s);
+        tune_stream(&s, true);
         let id = self.cluster_id();
         tokio::time::timeout(
             EXCHANGE_TIMEOUT,
@@ -619,7 +623,7 @@ impl Peer {
     }
 
     async fn serve(self: &Arc<Self>, mut s: TcpStream) -> Result<()> {
-        tune_stream(&s);
+        tune_stream(&s, false);
         let hello = tokio::time::timeout(EXCHANGE_TIMEOUT, read_msg(&mut s))
             .await
             .map_err(|_| anyhow!("no Hello within {EXCHANGE_TIMEOUT:?}"))?

@@ -265,6 +265,8 @@ pub struct Secondary {
     /// Secondaries a full sync failed from (the primary: that could not be
     /// connected to), passed over until then.
     pub avoid_sources: Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Since when each sync source could not be connected to.
+    pub sync_unreachable: Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Members a fetch failed from, passed over until then while another can be
     /// asked; with the error when a chunk from it was refused on arrival (its copy
     /// is damaged: not asked again before then at all).
@@ -324,6 +326,10 @@ struct SourceUnreachable(String);
 
 /// After a chunk was refused on arrival, fetch waits this long before asking again.
 const FETCH_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How long a sync that has copied blocks from the primary keeps trying to connect
+/// to it before it copies from another member (and so from the first block).
+const PRIMARY_PATIENCE: Duration = Duration::from_secs(30);
 
 /// How long a member a fetch failed from is passed over while another can be asked.
 const FETCH_AVOID: Duration = Duration::from_secs(10);
@@ -678,7 +684,9 @@ impl Secondary {
     /// the reachable member with a consistent disk (up to date or behind, no split
     /// brain, not cut off, replay not stopped) that has replayed the most; it serves
     /// its disk and the joiner replays the log from where that disk was.
-    fn sync_source(&self) -> Result<String> {
+    /// Also says whether every candidate failed a moment ago (the one returned is
+    /// asked again: the member shows itself without a source meanwhile).
+    fn sync_source(&self) -> Result<(String, bool)> {
         let store = self.peer.store.lock();
         let p = meta::designated_primary(&store, &self.res)
             .ok_or_else(|| anyhow!("no designated primary"))?;
@@ -690,7 +698,7 @@ impl Secondary {
         avoid.retain(|_, until| *until > now);
         let primary_alive = self.peer.is_alive(&p);
         if primary_alive && !avoid.contains_key(&p) {
-            return Ok(p);
+            return Ok((p, false));
         }
         // The primary is away, or alive in the cluster's view but this node could
         // not connect to it a moment ago (a cut between the two alone).
@@ -698,8 +706,8 @@ impl Secondary {
             m != self.me && m != p && self.peer.is_alive(m) && !avoid.contains_key(m)
         });
         match other {
-            Some(m) => Ok(m),
-            None if primary_alive => Ok(p),
+            Some(m) => Ok((m, false)),
+            None if primary_alive => Ok((p, true)),
             None => Err(anyhow!(
                 "primary {p} is not reachable, and no reachable member has a consistent disk to copy"
             )),
@@ -713,7 +721,7 @@ impl Secondary {
     /// while another can be asked: "reachable" is the cluster's view, and a link
     /// cut between this node and the primary alone leaves the primary alive in it
     /// (the others still reach it); the log then comes through another member.
-    fn fetch_source(&self) -> Result<String> {
+    fn fetch_source(&self) -> Result<(String, bool)> {
         let now = std::time::Instant::now();
         let mut avoid = self.fetch_avoid.lock();
         avoid.retain(|_, (until, _)| *until > now);
@@ -732,6 +740,11 @@ impl Secondary {
             .into_iter()
             .filter_map(|m| {
                 let a: meta::ActualEntry = meta::get(&store, &meta::actual_key(&self.res, &m))?;
+                // Not a member whose history parted from this one's, or that was cut
+                // off (replay would refuse what it offers anyway).
+                if a.split_brain || (a.emergency && a.role != "primary") {
+                    return None;
+                }
                 let writes = a.logfile.is_some();
                 let holds = if writes { a.written } else { a.fetched };
                 Some(((writes, holds), m))
@@ -741,7 +754,7 @@ impl Secondary {
         candidates.extend(others.into_iter().map(|(_, m)| m));
         candidates.retain(|m| *m != self.me && self.peer.is_alive(m));
         if let Some(m) = candidates.iter().find(|m| !avoid.contains_key(*m)) {
-            return Ok(m.clone());
+            return Ok((m.clone(), false));
         }
         // Every reachable member failed a moment ago: ask the first again, unless its
         // copy was damaged (then its error stays shown until the backoff ends).
@@ -752,7 +765,7 @@ impl Secondary {
         if let Some((_, Some(refused))) = avoid.get(&first) {
             bail!("{refused}");
         }
-        Ok(first)
+        Ok((first, true))
     }
 
     /// One round of transfer: sync if needed, then fetch what is new. Returns true when idle.
@@ -763,21 +776,44 @@ impl Secondary {
         });
         if !sync.done {
             if self.pause_sync.load(Ordering::Acquire) {
+                // Not looking for a source while paused: nothing to say about one.
+                self.progress.lock().sync_waits_for_source = false;
                 return Ok(true);
             }
             let source = self.sync_source();
-            self.progress.lock().sync_waits_for_source = source.is_err();
-            let source = source?;
-            if let Err(e) = self.full_sync(&source, &mut sync).await {
+            self.progress.lock().sync_waits_for_source =
+                source.as_ref().map_or(true, |(_, all_failed)| *all_failed);
+            let (source, _) = source?;
+            let result = self.full_sync(&source, &mut sync).await;
+            // Since when the source could not be connected to (none: it could).
+            let unreachable_since = {
+                let mut u = self.sync_unreachable.lock();
+                match &result {
+                    Err(e) if e.is::<SourceUnreachable>() => Some(
+                        *u.entry(source.clone())
+                            .or_insert_with(std::time::Instant::now),
+                    ),
+                    _ => {
+                        u.remove(&source);
+                        None
+                    }
+                }
+            };
+            if let Err(e) = result {
                 // A secondary that could not serve (its replay stopped, it went away)
                 // is passed over for a while, so that another one is asked.
-                // The primary only when it could not even be connected to: a sync
-                // that moves to another source starts over from the first block.
+                // The primary only when it could not even be connected to, at once
+                // when nothing is copied yet, else after PRIMARY_PATIENCE of that: a
+                // sync that moves to another source starts over from the first
+                // block (a primary restarting is back sooner).
                 let designated = meta::designated_primary(&self.peer.store.lock(), &self.res);
                 let halted =
                     self.stop.load(Ordering::Acquire) || self.pause_sync.load(Ordering::Acquire);
                 let primary = designated.as_deref() == Some(source.as_str());
-                if !halted && (!primary || e.is::<SourceUnreachable>()) {
+                let give_up_on_primary = unreachable_since.is_some_and(|since| {
+                    sync.next_offset == 0 || since.elapsed() >= PRIMARY_PATIENCE
+                });
+                if !halted && (!primary || give_up_on_primary) {
                     let wait = if primary { FETCH_AVOID } else { AVOID_SOURCE };
                     self.avoid_sources
                         .lock()
@@ -787,10 +823,12 @@ impl Secondary {
             }
         }
         let mut idle = true;
-        if !self.pause_fetch.load(Ordering::Acquire) {
+        if self.pause_fetch.load(Ordering::Acquire) {
+            self.progress.lock().fetch_waits_for_source = false;
+        } else {
             match self.fetch_source() {
-                Ok(source) => {
-                    self.progress.lock().fetch_waits_for_source = false;
+                Ok((source, all_failed)) => {
+                    self.progress.lock().fetch_waits_for_source = all_failed;
                     let from = self.progress.lock().replayed.max(sync.start_pos);
                     let got = match self.fetch(&source, from, wake).await {
                         Ok(got) => got,
@@ -815,6 +853,18 @@ impl Secondary {
                     };
                     if got > 0 {
                         wake.notify_one();
+                    } else {
+                        // Nothing more from another member while one's copy was refused:
+                        // the refusal is what holds fetch up, and stays shown.
+                        let now = std::time::Instant::now();
+                        let refused = self
+                            .fetch_avoid
+                            .lock()
+                            .values()
+                            .find_map(|(until, r)| r.clone().filter(|_| *until > now));
+                        if let Some(r) = refused {
+                            bail!("{r}");
+                        }
                     }
                     idle &= got == 0;
                 }
@@ -952,12 +1002,13 @@ impl Secondary {
             .connect(source)
             .await
             .map_err(|e| SourceUnreachable(format!("{e:#}")))?;
-        // Asked on every (re)start: the blocks copied so far are an image at or after
-        // `start_pos` of the history `source` holds; the copy goes on only where the
-        // source is the same and its position did not go back (a primary that lost
-        // its unsynced tail in a crash, a secondary after a reboot). Else it starts
-        // over: blocks from another source may hold records the new one never had
-        // (the digests keep that cheap where the disks agree).
+        self.progress.lock().sync_waits_for_source = false; // it answers
+                                                            // Asked on every (re)start: the blocks copied so far are an image at or after
+                                                            // `start_pos` of the history `source` holds; the copy goes on only where the
+                                                            // source is the same and its position did not go back (a primary that lost
+                                                            // its unsynced tail in a crash, a secondary after a reboot). Else it starts
+                                                            // over: blocks from another source may hold records the new one never had
+                                                            // (the digests keep that cheap where the disks agree).
         write_msg(
             &mut s,
             &Msg::SyncStart {
@@ -1236,6 +1287,7 @@ impl Secondary {
         wake: &tokio::sync::Notify,
     ) -> Result<u64> {
         let mut s = self.peer.connect(primary).await?;
+        self.progress.lock().fetch_waits_for_source = false; // it answers
         write_msg(
             &mut s,
             &Msg::LogList {
@@ -1286,6 +1338,16 @@ impl Secondary {
             // What the local copies hold (fetched in order, so contiguous from replay_pos).
             let local_end = crate::daemon::local_log_end(&self.dir).max(replay_pos);
             if first.start_pos > local_end {
+                // Only the primary's deletions cut this member off; another member
+                // may simply have joined later (asked when the primary failed).
+                let designated = meta::designated_primary(&self.peer.store.lock(), &self.res);
+                if designated.as_deref() != Some(primary) {
+                    bail!(
+                        "{primary} does not hold the log from position {replay_pos} on (its oldest logfile {} starts at {})",
+                        first.name,
+                        first.start_pos
+                    );
+                }
                 self.progress.lock().cut_off = true;
                 bail!(
                     "{primary} no longer has the log from position {replay_pos} on (its oldest logfile {} starts at {}; deleted in emergency mode?): run `marsadm invalidate {}` here for a full sync",

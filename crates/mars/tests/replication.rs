@@ -506,6 +506,60 @@ fn a_damaged_record_from_the_source_is_refused_on_arrival() {
     );
 }
 
+/// The primary's copy of a logfile is damaged but gamma holds a good one: beta
+/// refuses the damaged chunk from alpha, passes alpha over and fetches the rest
+/// from gamma, and ends with alpha's data (its writes all applied).
+#[test]
+fn a_damaged_copy_at_the_primary_is_fetched_from_another_member() {
+    use std::os::unix::fs::FileExt;
+    let mut nodes = cluster3();
+    nodes[0].set_setting("tail_cache_bytes", 0);
+    let size = 8 * MIB;
+    let disks = replicate_r0(&nodes, size);
+    nodes[1].adm_ok(&["pause-fetch", "r0"]);
+    let mut c = nodes[0].nbd("r0");
+    assert_eq!(c.write(0, &[7u8; 65536], true).unwrap(), 0);
+    assert_eq!(c.write(MIB, &[8u8; 65536], true).unwrap(), 0);
+    drop(c);
+    let v = nodes[0].view_json();
+    let written = member(&v, "alpha")["log"]["written"].as_u64().unwrap();
+    let logfile = member(&v, "alpha")["logfile"].as_str().unwrap().to_string();
+    nodes[2].wait_view("gamma holds everything", |v| {
+        member(v, "gamma")["log"]["fetched"].as_u64().unwrap_or(0) >= written
+    });
+    let a_path = nodes[0].dir.join("resources/r0").join(&logfile);
+    let bytes = std::fs::read(&a_path).unwrap();
+    let second = mars_logfmt::scan_logfile(&bytes)
+        .records
+        .into_iter()
+        .find(|r| r.header.offset == MIB)
+        .expect("the second write's record");
+    let at = second.file_offset + mars_logfmt::RECORD_HEADER_LEN as u64 + 1000;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&a_path)
+        .unwrap();
+    f.write_at(&[bytes[at as usize] ^ 0x20], at).unwrap();
+    f.sync_all().unwrap();
+    nodes[1].adm_ok(&["resume-fetch", "r0"]);
+    nodes[1].wait_view("beta replayed all of it, through gamma", |v| {
+        member(v, "beta")["log"]["replayed"].as_u64().unwrap_or(0) >= written
+    });
+    let b = read(&disks[1]);
+    assert!(b[..65536].iter().all(|&x| x == 7));
+    assert!(
+        b[MIB as usize..(MIB + 65536) as usize]
+            .iter()
+            .all(|&x| x == 8),
+        "the write whose record is damaged at alpha came from gamma's copy"
+    );
+    // Beta's copy of the logfile is the undamaged one.
+    let b_copy = std::fs::read(nodes[1].dir.join("resources/r0").join(&logfile)).unwrap();
+    let g_copy = std::fs::read(nodes[2].dir.join("resources/r0").join(&logfile)).unwrap();
+    let n = b_copy.len().min(g_copy.len());
+    assert!(n as u64 > at && b_copy[..n] == g_copy[..n]);
+}
+
 /// Writes with FUA from a thread until stopped; returns (offset, byte) of every acknowledged write.
 fn fua_writer(
     addr: String,
@@ -1347,7 +1401,7 @@ fn a_member_syncs_from_a_secondary_while_the_primary_is_away() {
     let v = nodes[2].wait_view("gamma synced and replayed", |v| {
         let m = member(v, "gamma");
         m["sync"].is_null()
-            && m["disk"] != "syncing"
+            && !synced_not(m)
             && m["log"]["replayed"].as_u64().unwrap_or(0) >= target
     });
     assert!(member(&v, "gamma")["error"].is_null(), "{v:#}");
@@ -1373,7 +1427,7 @@ fn a_member_syncs_from_a_secondary_while_the_primary_is_away() {
     nodes[2].wait_view("gamma synced again", |v| {
         let m = member(v, "gamma");
         m["sync"].is_null()
-            && m["disk"] != "syncing"
+            && !synced_not(m)
             && m["log"]["replayed"].as_u64().unwrap_or(0) >= target
     });
     assert!(
@@ -1412,7 +1466,7 @@ fn sync_resumed_from_a_lagging_secondary_after_the_primary_dies() {
     nodes[2].adm_ok(&["set-rate", "r0", "--sync", "0"]);
     nodes[2].wait_view("gamma synced", |v| {
         let m = member(v, "gamma");
-        m["sync"].is_null() && m["disk"] != "syncing"
+        m["sync"].is_null() && !synced_not(m)
     });
     nodes[1].adm_ok(&["resume-replay", "r0"]);
     nodes[1].wait_view("beta replayed everything", |v| {
@@ -1448,6 +1502,21 @@ fn backlog_on_beta(nodes: &[Node], writes: &[(u64, u8)]) -> u64 {
         member(v, "beta")["log"]["fetched"].as_u64().unwrap_or(0) >= target
     });
     target
+}
+
+/// The member's disk is still no image of its sync's source (`syncing`, or
+/// `inconsistent` while the sync stalls).
+fn synced_not(m: &serde_json::Value) -> bool {
+    m["disk"] == "syncing" || m["disk"] == "inconsistent"
+}
+
+/// The primary (nodes[0], alpha) has written back to its disk file all it logged:
+/// only then does the file hold what its log says.
+fn alpha_written_back(nodes: &[Node]) {
+    let written = log_pos(&nodes[0], "alpha", "written");
+    nodes[0].wait_view("alpha wrote back its log", |v| {
+        member(v, "alpha")["log"]["replayed"].as_u64().unwrap_or(0) >= written
+    });
 }
 
 /// Where `node` says its log is (`fetched` or `replayed`) in `n`'s view.
@@ -1520,7 +1589,7 @@ fn a_secondary_cut_off_from_the_primary_fetches_through_another_member() {
     let nodes = net.start_cluster(&["alpha", "beta", "gamma"]);
     let size = 32 * MIB;
     let disks = replicate_r0(&nodes, size);
-    // Alpha stays alive in the cluster's view (gamma reaches it for beta).
+    // Alpha stays alive in beta's view of the cluster (gamma reaches it).
     net.cut_pair(0, 1, true);
     let mut c = nodes[0].nbd("r0");
     for i in 0..16u64 {
@@ -1537,6 +1606,7 @@ fn a_secondary_cut_off_from_the_primary_fetches_through_another_member() {
         member(v, "beta")["log"]["replayed"].as_u64().unwrap_or(0) >= written
     });
     assert_eq!(member(&v, "beta")["connected"], true, "{v:#}");
+    alpha_written_back(&nodes);
     assert!(
         read(&disks[1]) == read(&disks[0]),
         "beta's disk equals alpha's while still cut off from it"
@@ -1579,6 +1649,7 @@ fn a_member_cut_off_from_the_primary_syncs_from_another() {
         let m = member(v, "beta");
         m["disk"] == "uptodate" && m["log"]["replayed"].as_u64().unwrap_or(0) >= written
     });
+    alpha_written_back(&nodes);
     assert!(read(&b_disk) == read(&a_disk), "beta's disk equals alpha's");
     // Writes while still cut come through gamma.
     for i in 0..4u64 {
@@ -1593,6 +1664,7 @@ fn a_member_cut_off_from_the_primary_syncs_from_another() {
     nodes[1].wait_view("beta replays the new writes through gamma", |v| {
         member(v, "beta")["log"]["replayed"].as_u64().unwrap_or(0) >= written
     });
+    alpha_written_back(&nodes);
     assert!(read(&b_disk) == read(&a_disk), "beta's disk equals alpha's");
     net.cut_pair(0, 1, false);
     wait_identical(&nodes, &[a_disk, b_disk, g_disk], 0);

@@ -498,9 +498,12 @@ pub fn start_cluster(names: &[&str]) -> Vec<Node> {
 
 /// Hosts on a network of their own: one network namespace per node, each with a
 /// veth pair into a bridge in the test's namespace (which gets the address .254,
-/// so the test reaches every node). Cuts are real: a link set down, or a route
-/// that drops one peer's packets; no FIN, no RST, the packets are just gone.
-/// Needs root (CI runs as root) and `ip` (iproute2). Removed on drop.
+/// so the test reaches every node). Addresses from 198.18.0.0/15, the range kept
+/// for benchmarking networks, so as not to meet the machine's own. Cuts are
+/// silent, as on a real network: a link set down, or two hosts given each other's
+/// address at a MAC nobody has; no FIN, no RST, no error, the packets are gone.
+/// Needs root (CI runs as root) and `ip` (iproute2). Removed on drop; what a
+/// killed test run left behind is removed by the next one.
 pub struct Net {
     id: String,
     subnet: String,
@@ -520,10 +523,14 @@ impl Net {
         static COUNT: AtomicU32 = AtomicU32::new(0);
         let k = COUNT.fetch_add(1, Ordering::AcqRel);
         let pid = std::process::id();
+        if k == 0 {
+            sweep_stale_nets();
+        }
+        let n = (pid * 8 + k) % 512;
         let net = Net {
-            id: format!("{}{k}", pid % 100_000),
-            subnet: format!("10.{}.{}", 20 + pid % 200, k % 250),
-            namespaces: (0..hosts).map(|i| format!("mars-{pid}-{k}-{i}")).collect(),
+            id: format!("{pid}x{k}"),
+            subnet: format!("198.{}.{}", 18 + n / 256, n % 256),
+            namespaces: (0..hosts).map(|i| format!("mars-{pid}x{k}-{i}")).collect(),
         };
         let br = net.bridge();
         ip(&["link", "add", &br, "type", "bridge"]);
@@ -575,19 +582,29 @@ impl Net {
         ]);
     }
 
-    /// Drop every packet between hosts `i` and `j` (both directions), or stop it.
+    /// Cut hosts `i` and `j` apart, silently (each sends the other's packets to a
+    /// MAC address nobody has), or join them again; the others reach both.
     pub fn cut_pair(&self, i: usize, j: usize, cut: bool) {
-        let verb = if cut { "add" } else { "del" };
         for (from, to) in [(i, j), (j, i)] {
-            let dst = format!("{}/32", self.addr(to));
-            ip(&[
-                "-n",
-                &self.namespaces[from],
-                "route",
-                verb,
-                "blackhole",
-                &dst,
-            ]);
+            let (ns, dst) = (&self.namespaces[from], self.addr(to));
+            if cut {
+                let mac = format!("02:00:00:00:0{from}:0{to}");
+                ip(&[
+                    "-n",
+                    ns,
+                    "neigh",
+                    "replace",
+                    &dst,
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    "eth0",
+                    "nud",
+                    "permanent",
+                ]);
+            } else {
+                ip(&["-n", ns, "neigh", "del", &dst, "dev", "eth0"]);
+            }
         }
     }
 
@@ -640,6 +657,37 @@ impl Drop for Net {
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge()])
             .output();
+    }
+}
+
+/// Namespaces and links of `Net`s whose test process is gone (killed runs).
+fn sweep_stale_nets() {
+    let gone = |name: &str, prefix: &str| {
+        name.strip_prefix(prefix)
+            .and_then(|rest| rest.split('x').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
+    let out = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    for line in out(&["netns", "list"]).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if gone(name, "mars-") {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+    for line in out(&["-o", "link", "show"]).lines() {
+        // "7: mb1234x0: <...": the name, without a "@peer" suffix.
+        let name = line.split(':').nth(1).unwrap_or("").trim();
+        let name = name.split('@').next().unwrap_or("");
+        if gone(name, "mb") || gone(name, "mh") {
+            let _ = Command::new("ip").args(["link", "del", name]).output();
+        }
     }
 }
 
