@@ -319,6 +319,26 @@ impl Drop for Replaying<'_> {
 #[error("{0}")]
 struct ArrivalRefused(String);
 
+/// The longest a source may leave a request unanswered. A process that stopped
+/// (SIGSTOP, a hung disk) keeps its TCP connections alive, the kernel answers
+/// keepalive probes for it; after this the request fails and another member
+/// is asked. Every read below waits for the answer to a request already sent.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `read` (of an answer from `source`), failing after [`ANSWER_TIMEOUT`].
+async fn answer_from<T>(
+    source: &str,
+    read: impl std::future::Future<Output = std::result::Result<T, mars_proto::ProtoError>>,
+) -> Result<T> {
+    match tokio::time::timeout(ANSWER_TIMEOUT, read).await {
+        Ok(r) => r.map_err(anyhow::Error::from),
+        Err(_) => bail!(
+            "{source} sent no answer for {} s: asking again, or another member",
+            ANSWER_TIMEOUT.as_secs()
+        ),
+    }
+}
+
 /// A source that could not be connected to (no data exchanged).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -1016,7 +1036,7 @@ impl Secondary {
             },
         )
         .await?;
-        let pos = match read_msg(&mut s).await? {
+        let pos = match answer_from(source, read_msg(&mut s)).await? {
             Msg::SyncInfo { pos, size } if size == self.size => pos,
             Msg::SyncInfo { size, .. } => {
                 bail!(
@@ -1138,13 +1158,14 @@ impl Secondary {
                     }
                     break;
                 };
-                match read_msg(&mut rd).await? {
+                match answer_from(source, read_msg(&mut rd)).await? {
                     Msg::Same => answered.push_back((off + len as u64, None)),
                     Msg::BlockData { offset, len: n } if offset == off && n as usize == len => {
                         let mut block = buffers
                             .pop()
                             .unwrap_or_else(|| AlignedBuf::new(SYNC_BLOCK as usize));
-                        let got = read_data_into_slice(&mut rd, block.room()).await?;
+                        let got = answer_from(source, read_data_into_slice(&mut rd, block.room()))
+                            .await?;
                         if got != len {
                             bail!("{source} sent {got} bytes for a block of {len}");
                         }
@@ -1235,7 +1256,7 @@ impl Secondary {
             },
         )
         .await?;
-        let end = match read_msg(&mut rd).await? {
+        let end = match answer_from(source, read_msg(&mut rd)).await? {
             Msg::SyncInfo { pos, .. } => pos,
             other => bail!("unexpected answer to SyncEnd: {other:?}"),
         };
@@ -1295,7 +1316,7 @@ impl Secondary {
             },
         )
         .await?;
-        let (files, versions, open) = match read_msg(&mut s).await? {
+        let (files, versions, open) = match answer_from(primary, read_msg(&mut s)).await? {
             Msg::Logs {
                 files,
                 versions,
@@ -1447,7 +1468,7 @@ impl Secondary {
                 let Some((want, asked)) = pending.pop_front() else {
                     break;
                 };
-                match read_msg(&mut s).await? {
+                match answer_from(primary, read_msg(&mut s)).await? {
                     Msg::Chunk { offset, len, .. } if offset == want => {
                         if len > asked {
                             bail!("{primary} sent a chunk of {len} bytes where at most {asked} were asked");
@@ -1455,7 +1476,8 @@ impl Secondary {
                         // Chunk buffers come back from replay (or were not kept) and
                         // are used again: no allocation, zeroing or page faults per chunk.
                         let mut data = self.fetched.buffer(max as usize);
-                        let got = read_data_into_slice(&mut s, data.room()).await?;
+                        let got =
+                            answer_from(primary, read_data_into_slice(&mut s, data.room())).await?;
                         if got != len as usize {
                             bail!("{primary} announced {len} bytes and sent {got}");
                         }

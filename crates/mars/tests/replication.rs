@@ -560,6 +560,52 @@ fn a_damaged_copy_at_the_primary_is_fetched_from_another_member() {
     assert!(n as u64 > at && b_copy[..n] == g_copy[..n]);
 }
 
+/// A primary frozen (SIGSTOP) in the middle of a fetch stream keeps its TCP
+/// connections alive (its kernel answers for it), so only a timeout on the
+/// answer ends the stream: beta then fetches the rest from gamma. Thawed, alpha
+/// goes on and all three disks end equal.
+#[test]
+fn a_frozen_primary_does_not_hold_up_a_fetch() {
+    let nodes = cluster3();
+    let size = 32 * MIB;
+    let disks = replicate_r0(&nodes, size);
+    nodes[1].adm_ok(&["pause-fetch", "r0"]);
+    let mut c = nodes[0].nbd("r0");
+    for i in 0..16u64 {
+        assert_eq!(
+            c.write(i * MIB, &vec![i as u8 + 40; MIB as usize], false)
+                .unwrap(),
+            0
+        );
+    }
+    assert_eq!(c.flush().unwrap(), 0);
+    drop(c);
+    let written = log_pos(&nodes[0], "alpha", "written");
+    alpha_written_back(&nodes);
+    nodes[2].wait_view("gamma holds everything", |v| {
+        member(v, "gamma")["log"]["fetched"].as_u64().unwrap_or(0) >= written
+    });
+    let before = log_pos(&nodes[1], "beta", "fetched");
+    nodes[1].adm_ok(&["set-rate", "r0", "--fetch", "2M"]);
+    nodes[1].adm_ok(&["resume-fetch", "r0"]);
+    wait_for("beta fetching", std::time::Duration::from_secs(30), || {
+        log_pos(&nodes[1], "beta", "fetched") > before + MIB
+    });
+    nodes[0].signal(libc::SIGSTOP);
+    nodes[1].adm_ok(&["set-rate", "r0", "--fetch", "0"]);
+    wait_for(
+        "beta replays everything while alpha is frozen",
+        std::time::Duration::from_secs(90),
+        || log_pos(&nodes[1], "beta", "replayed") >= written,
+    );
+    assert!(
+        read(&disks[1]) == read(&disks[0]),
+        "beta's disk equals alpha's"
+    );
+    nodes[0].signal(libc::SIGCONT);
+    wait_identical(&nodes, &disks, 0);
+}
+
 /// Writes with FUA from a thread until stopped; returns (offset, byte) of every acknowledged write.
 fn fua_writer(
     addr: String,

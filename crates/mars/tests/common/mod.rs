@@ -199,6 +199,13 @@ impl Node {
         }
     }
 
+    /// Send `sig` to the running marsd (SIGSTOP / SIGCONT freeze and thaw it).
+    pub fn signal(&self, sig: i32) {
+        let c = self.child.as_ref().expect("marsd running");
+        // SAFETY: sending a signal to our own child.
+        assert_eq!(unsafe { libc::kill(c.id() as i32, sig) }, 0);
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
