@@ -1715,3 +1715,39 @@ fn a_member_cut_off_from_the_primary_syncs_from_another() {
     net.cut_pair(0, 1, false);
     wait_identical(&nodes, &[a_disk, b_disk, g_disk], 0);
 }
+
+/// Not only pairs: a primary and four secondaries. Writes through qemu-io reach
+/// all five disks; a secondary SIGKILLed mid-stream comes back and catches up;
+/// a planned handover to the last member serves the same data, and its writes
+/// reach the four others.
+#[test]
+fn five_members_replicate_and_hand_over() {
+    let names = ["alpha", "beta", "gamma", "delta", "epsilon"];
+    let mut nodes = start_cluster(&names);
+    let size = 16 * MIB;
+    let disks = replicate_r0(&nodes, size);
+    qemu_write(
+        &nodes[0],
+        &["write -P 0x51 0 4M", "write -P 0x52 6M 1M", "flush"],
+    );
+    nodes[2].kill9();
+    qemu_write(&nodes[0], &["write -P 0x53 8M 4M", "flush"]);
+    nodes[2].start();
+    wait_identical(&nodes, &disks, 0);
+    let a = read(&disks[0]);
+    assert!(a[..4 * MIB as usize].iter().all(|&x| x == 0x51));
+    assert!(a[(8 * MIB) as usize..(12 * MIB) as usize]
+        .iter()
+        .all(|&x| x == 0x53));
+
+    let out = nodes[4].adm_ok(&["primary", "r0"]);
+    assert!(out.contains("primary here"), "{out}");
+    nodes[4].adm_ok(&["wait-resource", "r0", "primary", "--timeout", "60"]);
+    qemu_write(&nodes[4], &["write -P 0x54 2M 2M", "flush"]);
+    wait_identical(&nodes, &disks, 4);
+    let e = read(&disks[4]);
+    assert!(e[(2 * MIB) as usize..(4 * MIB) as usize]
+        .iter()
+        .all(|&x| x == 0x54));
+    assert!(e[..2 * MIB as usize].iter().all(|&x| x == 0x51));
+}
