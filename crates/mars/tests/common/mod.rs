@@ -504,8 +504,8 @@ pub fn start_cluster(names: &[&str]) -> Vec<Node> {
 }
 
 /// Hosts on a network of their own: one network namespace per node, each with a
-/// veth pair into a bridge in the test's namespace (which gets the address .254,
-/// so the test reaches every node). Addresses from 198.18.0.0/15, the range kept
+/// veth pair into a bridge in a switch namespace, which the test's namespace
+/// joins through one more veth (address .254, so the test reaches every node). Addresses from 198.18.0.0/15, the range kept
 /// for benchmarking networks, so as not to meet the machine's own. Cuts are
 /// silent, as on a real network: a link set down, or two hosts given each other's
 /// address at a MAC nobody has; no FIN, no RST, no error, the packets are gone.
@@ -539,39 +539,52 @@ impl Net {
             subnet: format!("198.{}.{}", 18 + n / 256, n % 256),
             namespaces: (0..hosts).map(|i| format!("mars-{pid}x{k}-{i}")).collect(),
         };
-        let br = net.bridge();
-        ip(&["link", "add", &br, "type", "bridge"]);
-        ip(&["addr", "add", &format!("{}.254/24", net.subnet), "dev", &br]);
-        ip(&["link", "set", &br, "up"]);
+        // The switch: a bridge in a namespace of its own, so that the machine's
+        // firewall (a FORWARD policy of DROP with bridge netfilter, as on hosts
+        // that run containers) never sees the traffic between the nodes.
+        let sw = net.switch();
+        ip(&["netns", "add", &sw]);
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &sw, "link", "set", "br0", "up"]);
+        // The test's own way in: one veth into the switch, address .254.
+        let uplink = net.uplink();
+        ip(&[
+            "link", "add", &uplink, "type", "veth", "peer", "name", "upl", "netns", &sw,
+        ]);
+        ip(&["-n", &sw, "link", "set", "upl", "master", "br0"]);
+        ip(&["-n", &sw, "link", "set", "upl", "up"]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}.254/24", net.subnet),
+            "dev",
+            &uplink,
+        ]);
+        ip(&["link", "set", &uplink, "up"]);
         for i in 0..hosts {
-            let (ns, host) = (&net.namespaces[i], net.host_if(i));
+            let ns = &net.namespaces[i];
+            let port = format!("h{i}");
             ip(&["netns", "add", ns]);
             ip(&[
-                "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", ns,
-            ]);
-            ip(&["link", "set", &host, "master", &br]);
-            ip(&["link", "set", &host, "up"]);
-            ip(&[
-                "-n",
+                "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
                 ns,
-                "addr",
-                "add",
-                &format!("{}/24", net.addr(i)),
-                "dev",
-                "eth0",
             ]);
+            ip(&["-n", &sw, "link", "set", &port, "master", "br0"]);
+            ip(&["-n", &sw, "link", "set", &port, "up"]);
+            let cidr = format!("{}/24", net.addr(i));
+            ip(&["-n", ns, "addr", "add", &cidr, "dev", "eth0"]);
             ip(&["-n", ns, "link", "set", "eth0", "up"]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
         net
     }
 
-    fn bridge(&self) -> String {
-        format!("mb{}", self.id)
+    fn switch(&self) -> String {
+        format!("mars-{}-sw", self.id)
     }
 
-    fn host_if(&self, i: usize) -> String {
-        format!("mh{}-{i}", self.id)
+    fn uplink(&self) -> String {
+        format!("mh{}", self.id)
     }
 
     /// Host `i`'s address.
@@ -581,12 +594,8 @@ impl Net {
 
     /// Cut host `i` off from everyone (its link goes down) or reconnect it.
     pub fn set_link(&self, i: usize, up: bool) {
-        ip(&[
-            "link",
-            "set",
-            &self.host_if(i),
-            if up { "up" } else { "down" },
-        ]);
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.switch(), "link", "set", &format!("h{i}"), state]);
     }
 
     /// Cut hosts `i` and `j` apart, silently (each sends the other's packets to a
@@ -654,15 +663,13 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        // Best effort: a namespace goes once its last process has exited.
-        for (i, ns) in self.namespaces.iter().enumerate() {
+        // Best effort: a namespace goes once its last process has exited, and its
+        // veths with it (the uplink too, with the switch).
+        for ns in self.namespaces.iter().chain([&self.switch()]) {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
-            let _ = Command::new("ip")
-                .args(["link", "del", &self.host_if(i)])
-                .output();
         }
         let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge()])
+            .args(["link", "del", &self.uplink()])
             .output();
     }
 }
@@ -692,7 +699,7 @@ fn sweep_stale_nets() {
         // "7: mb1234x0: <...": the name, without a "@peer" suffix.
         let name = line.split(':').nth(1).unwrap_or("").trim();
         let name = name.split('@').next().unwrap_or("");
-        if gone(name, "mb") || gone(name, "mh") {
+        if gone(name, "mh") {
             let _ = Command::new("ip").args(["link", "del", name]).output();
         }
     }
