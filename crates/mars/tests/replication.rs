@@ -441,33 +441,13 @@ fn bit_flip_in_a_fetched_logfile_is_detected_and_not_replayed() {
 /// not stored, fetch stops before it and says so, and replay applies what came before.
 #[test]
 fn a_damaged_record_from_the_source_is_refused_on_arrival() {
-    use std::os::unix::fs::FileExt;
     let mut nodes = start_cluster(&["alpha", "beta"]);
     // Fetches read alpha's logfile, not its memory of the recent log.
     nodes[0].set_setting("tail_cache_bytes", 0);
     let size = 8 * MIB;
     let [_a_disk, b_disk]: [std::path::PathBuf; 2] = replicate_r0(&nodes, size).try_into().unwrap();
-    nodes[1].adm_ok(&["pause-fetch", "r0"]);
-    let mut c = nodes[0].nbd("r0");
-    assert_eq!(c.write(0, &[7u8; 65536], true).unwrap(), 0);
-    assert_eq!(c.write(MIB, &[8u8; 65536], true).unwrap(), 0);
-    let v = nodes[0].view_json();
-    let written = member(&v, "alpha")["log"]["written"].as_u64().unwrap();
-    let logfile = member(&v, "alpha")["logfile"].as_str().unwrap().to_string();
-    let a_path = nodes[0].dir.join("resources/r0").join(&logfile);
-    let bytes = std::fs::read(&a_path).unwrap();
-    let second = mars_logfmt::scan_logfile(&bytes)
-        .records
-        .into_iter()
-        .find(|r| r.header.offset == MIB)
-        .expect("the second write's record");
-    let at = second.file_offset + mars_logfmt::RECORD_HEADER_LEN as u64 + 1000;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&a_path)
-        .unwrap();
-    f.write_at(&[bytes[at as usize] ^ 0x20], at).unwrap();
-    f.sync_all().unwrap();
+    let (written, logfile) = two_writes_beta_paused(&nodes);
+    let (bytes, second, _) = damage_second_record(&nodes, &logfile);
     nodes[1].adm_ok(&["resume-fetch", "r0"]);
     let v = nodes[1].wait_view("beta refuses the damaged record", |v| {
         member(v, "beta")["error"]
@@ -484,10 +464,9 @@ fn a_damaged_record_from_the_source_is_refused_on_arrival() {
     let b_copy =
         std::fs::read(nodes[1].dir.join("resources/r0").join(&logfile)).unwrap_or_default();
     assert!(
-        (b_copy.len() as u64) <= second.file_offset,
-        "stored {} bytes, the damaged record starts at {}",
+        (b_copy.len() as u64) <= second,
+        "stored {} bytes, the damaged record starts at {second}",
         b_copy.len(),
-        second.file_offset
     );
     assert!(b_copy[..] == bytes[..b_copy.len()]);
     let v = nodes[1].wait_view("beta replayed what it holds", |v| {
@@ -511,36 +490,15 @@ fn a_damaged_record_from_the_source_is_refused_on_arrival() {
 /// from gamma, and ends with alpha's data (its writes all applied).
 #[test]
 fn a_damaged_copy_at_the_primary_is_fetched_from_another_member() {
-    use std::os::unix::fs::FileExt;
     let mut nodes = cluster3();
     nodes[0].set_setting("tail_cache_bytes", 0);
     let size = 8 * MIB;
     let disks = replicate_r0(&nodes, size);
-    nodes[1].adm_ok(&["pause-fetch", "r0"]);
-    let mut c = nodes[0].nbd("r0");
-    assert_eq!(c.write(0, &[7u8; 65536], true).unwrap(), 0);
-    assert_eq!(c.write(MIB, &[8u8; 65536], true).unwrap(), 0);
-    drop(c);
-    let v = nodes[0].view_json();
-    let written = member(&v, "alpha")["log"]["written"].as_u64().unwrap();
-    let logfile = member(&v, "alpha")["logfile"].as_str().unwrap().to_string();
+    let (written, logfile) = two_writes_beta_paused(&nodes);
     nodes[2].wait_view("gamma holds everything", |v| {
         member(v, "gamma")["log"]["fetched"].as_u64().unwrap_or(0) >= written
     });
-    let a_path = nodes[0].dir.join("resources/r0").join(&logfile);
-    let bytes = std::fs::read(&a_path).unwrap();
-    let second = mars_logfmt::scan_logfile(&bytes)
-        .records
-        .into_iter()
-        .find(|r| r.header.offset == MIB)
-        .expect("the second write's record");
-    let at = second.file_offset + mars_logfmt::RECORD_HEADER_LEN as u64 + 1000;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&a_path)
-        .unwrap();
-    f.write_at(&[bytes[at as usize] ^ 0x20], at).unwrap();
-    f.sync_all().unwrap();
+    let (_, _, at) = damage_second_record(&nodes, &logfile);
     nodes[1].adm_ok(&["resume-fetch", "r0"]);
     nodes[1].wait_view("beta replayed all of it, through gamma", |v| {
         member(v, "beta")["log"]["replayed"].as_u64().unwrap_or(0) >= written
@@ -604,6 +562,41 @@ fn a_frozen_primary_does_not_hold_up_a_fetch() {
     );
     nodes[0].signal(libc::SIGCONT);
     wait_identical(&nodes, &disks, 0);
+}
+
+/// Beta's fetch paused, two FUA writes on alpha: 64 KiB of 7 at 0, of 8 at 1 MiB.
+/// Returns alpha's written position and its current logfile.
+fn two_writes_beta_paused(nodes: &[Node]) -> (u64, String) {
+    nodes[1].adm_ok(&["pause-fetch", "r0"]);
+    let mut c = nodes[0].nbd("r0");
+    assert_eq!(c.write(0, &[7u8; 65536], true).unwrap(), 0);
+    assert_eq!(c.write(MIB, &[8u8; 65536], true).unwrap(), 0);
+    let v = nodes[0].view_json();
+    let written = member(&v, "alpha")["log"]["written"].as_u64().unwrap();
+    let logfile = member(&v, "alpha")["logfile"].as_str().unwrap().to_string();
+    (written, logfile)
+}
+
+/// Flip a bit in the payload of the second write's record in alpha's copy of
+/// `logfile`. Returns the file's bytes before, where the record starts and the
+/// offset of the flipped byte.
+fn damage_second_record(nodes: &[Node], logfile: &str) -> (Vec<u8>, u64, u64) {
+    use std::os::unix::fs::FileExt;
+    let a_path = nodes[0].dir.join("resources/r0").join(logfile);
+    let bytes = std::fs::read(&a_path).unwrap();
+    let second = mars_logfmt::scan_logfile(&bytes)
+        .records
+        .into_iter()
+        .find(|r| r.header.offset == MIB)
+        .expect("the second write's record");
+    let at = second.file_offset + mars_logfmt::RECORD_HEADER_LEN as u64 + 1000;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&a_path)
+        .unwrap();
+    f.write_at(&[bytes[at as usize] ^ 0x20], at).unwrap();
+    f.sync_all().unwrap();
+    (bytes, second.file_offset, at)
 }
 
 /// Writes with FUA from a thread until stopped; returns (offset, byte) of every acknowledged write.
