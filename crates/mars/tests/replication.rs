@@ -1744,3 +1744,53 @@ fn five_members_replicate_and_hand_over() {
         .all(|&x| x == 0x54));
     assert!(e[..2 * MIB as usize].iter().all(|&x| x == 0x51));
 }
+
+/// A real partition (network namespaces, silent drops): alpha, the primary, is cut
+/// off from beta and gamma but goes on writing for its client; beta takes over
+/// with `primary --force` and writes too. After the partition heals, the split
+/// brain is detected and shown, `invalidate` on alpha throws away its lone writes,
+/// and all three disks end equal to beta's.
+#[test]
+fn a_real_partition_makes_a_split_brain_that_invalidate_resolves() {
+    let net = Net::new(3);
+    let nodes = net.start_cluster(&["alpha", "beta", "gamma"]);
+    let size = 16 * MIB;
+    let disks = replicate_r0(&nodes, size);
+    qemu_write(&nodes[0], &["write -P 0x61 0 1M", "flush"]);
+    wait_identical(&nodes, &disks, 0);
+
+    net.cut_pair(0, 1, true);
+    net.cut_pair(0, 2, true);
+    // The test still reaches alpha (through the switch): alpha writes alone.
+    qemu_write(&nodes[0], &["write -P 0x62 1M 64k", "flush"]);
+    nodes[1].wait_view("alpha unreachable for beta", |v| {
+        view_nodes(v).contains(&("alpha".to_string(), false))
+    });
+    let err = nodes[1].adm_err(&["primary", "r0"]);
+    assert!(err.contains("--force"), "{err}");
+    nodes[1].adm_ok(&["primary", "--force", "r0"]);
+    nodes[1].adm_ok(&["wait-resource", "r0", "primary", "--timeout", "60"]);
+    qemu_write(&nodes[1], &["write -P 0x63 2M 64k", "flush"]);
+
+    net.cut_pair(0, 1, false);
+    net.cut_pair(0, 2, false);
+    let v = nodes[0].wait_view("alpha detects the split brain", |v| {
+        member(v, "alpha")["split_brain"] == true
+    });
+    assert_eq!(member(&v, "alpha")["role"], "secondary", "{v:#}");
+    nodes[0].wait_view("alpha sees beta alive", |v| {
+        view_nodes(v).contains(&("beta".to_string(), true))
+    });
+    nodes[0].adm_ok(&["invalidate", "r0"]);
+    wait_identical(&nodes, &disks, 1);
+    let a = read(&disks[0]);
+    let mib = MIB as usize;
+    assert!(a[..mib].iter().all(|&x| x == 0x61));
+    assert!(
+        a[mib..mib + 65536].iter().all(|&x| x == 0),
+        "alpha's lone write is gone"
+    );
+    assert!(a[2 * mib..2 * mib + 65536].iter().all(|&x| x == 0x63));
+    let v = nodes[0].view_json();
+    assert_eq!(member(&v, "alpha")["split_brain"], false, "{v:#}");
+}
