@@ -33,8 +33,10 @@ use mars_proto::{read_data_into_slice, read_msg, write_msg, Msg};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::future::Future as _;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -319,24 +321,107 @@ impl Drop for Replaying<'_> {
 #[error("{0}")]
 struct ArrivalRefused(String);
 
-/// The longest a source may leave a request unanswered. A process that stopped
-/// (SIGSTOP, a hung disk) keeps its TCP connections alive, the kernel answers
-/// keepalive probes for it; after this the request fails and another member
-/// is asked. Every read below waits for the answer to a request already sent.
+/// The longest a source may send nothing while an answer is due. A process that
+/// stopped (SIGSTOP, a hung disk) keeps its TCP connections alive, the kernel
+/// answers keepalive probes for it; after this the read fails and another member
+/// is asked. Every read of a source's stream waits for the answer to a request
+/// already sent, so the timer runs only while one is due; it restarts with every
+/// byte that arrives, so a slow link never times out a large answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `read` (of an answer from `source`), failing after [`ANSWER_TIMEOUT`].
+/// A source's stream whose reads fail with `TimedOut` after [`ANSWER_TIMEOUT`]
+/// without a byte (see there). Writes pass through.
+struct IdleTimeout<S> {
+    inner: S,
+    /// Armed when a read starts waiting, restarted by every byte.
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+}
+
+impl<S> IdleTimeout<S> {
+    fn new(inner: S) -> IdleTimeout<S> {
+        IdleTimeout {
+            inner,
+            deadline: Box::pin(tokio::time::sleep(ANSWER_TIMEOUT)),
+            waiting: false,
+        }
+    }
+
+    fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleTimeout<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            std::task::Poll::Ready(r) => {
+                this.waiting = false;
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => {
+                if !this.waiting {
+                    this.waiting = true;
+                    let at = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+                    this.deadline.as_mut().reset(at);
+                }
+                match this.deadline.as_mut().poll(cx) {
+                    std::task::Poll::Ready(()) => {
+                        this.waiting = false;
+                        std::task::Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("nothing arrived for {} s", ANSWER_TIMEOUT.as_secs()),
+                        )))
+                    }
+                    std::task::Poll::Pending => std::task::Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleTimeout<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// `read` (of an answer from `source`, on an [`IdleTimeout`] stream), its error
+/// naming the source; a timeout says what happens next.
 async fn answer_from<T>(
     source: &str,
     read: impl std::future::Future<Output = std::result::Result<T, mars_proto::ProtoError>>,
 ) -> Result<T> {
-    match tokio::time::timeout(ANSWER_TIMEOUT, read).await {
-        Ok(r) => r.map_err(anyhow::Error::from),
-        Err(_) => bail!(
-            "{source} sent no answer for {} s: asking again, or another member",
+    read.await.map_err(|e| match e {
+        mars_proto::ProtoError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => anyhow!(
+            "{source} sent nothing for {} s while an answer was due: asking again, or another member",
             ANSWER_TIMEOUT.as_secs()
         ),
-    }
+        e => anyhow::Error::from(e).context(format!("reading from {source}")),
+    })
 }
 
 /// A source that could not be connected to (no data exchanged).
@@ -1017,11 +1102,12 @@ impl Secondary {
     }
 
     async fn full_sync(&self, source: &str, sync: &mut SyncState) -> Result<()> {
-        let mut s = self
-            .peer
-            .connect(source)
-            .await
-            .map_err(|e| SourceUnreachable(format!("{e:#}")))?;
+        let mut s = IdleTimeout::new(
+            self.peer
+                .connect(source)
+                .await
+                .map_err(|e| SourceUnreachable(format!("{e:#}")))?,
+        );
         self.progress.lock().sync_waits_for_source = false; // it answers
                                                             // Asked on every (re)start: the blocks copied so far are an image at or after
                                                             // `start_pos` of the history `source` holds; the copy goes on only where the
@@ -1086,7 +1172,8 @@ impl Secondary {
         // SYNC_WINDOW `SyncBlock` requests in flight; this task takes the answers in
         // order (the source answers in order on the one connection), writes what
         // differs and advances `next_offset` over the completed prefix only.
-        let (mut rd, wr) = s.into_split();
+        let (rd, wr) = s.into_inner().into_split();
+        let mut rd = IdleTimeout::new(rd);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, usize)>(SYNC_WINDOW);
         let mut sender = AbortOnDrop(tokio::spawn(send_sync_requests(SyncSender {
             res: self.res.clone(),
@@ -1307,7 +1394,7 @@ impl Secondary {
         replay_pos: u64,
         wake: &tokio::sync::Notify,
     ) -> Result<u64> {
-        let mut s = self.peer.connect(primary).await?;
+        let mut s = IdleTimeout::new(self.peer.connect(primary).await?);
         self.progress.lock().fetch_waits_for_source = false; // it answers
         write_msg(
             &mut s,
@@ -1577,6 +1664,30 @@ impl Secondary {
 
 #[cfg(test)]
 mod tests {
+
+    /// An answer that trickles in (a byte every 20 s, slower per message than the
+    /// 30 s limit) is read whole; a source that sends nothing times out.
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_restarts_with_every_byte() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let mut rx = IdleTimeout::new(rx);
+        let writer = tokio::spawn(async move {
+            for b in 1..=5u8 {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                tx.write_all(&[b]).await.unwrap();
+            }
+            tx // kept open, silent
+        });
+        let mut got = [0u8; 5];
+        rx.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [1, 2, 3, 4, 5]);
+        let _tx = writer.await.unwrap();
+        let started = tokio::time::Instant::now();
+        let err = rx.read_exact(&mut got[..1]).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), ANSWER_TIMEOUT);
+    }
     use super::*;
 
     #[test]
