@@ -436,8 +436,9 @@ const FETCH_BACKOFF: Duration = Duration::from_secs(10);
 /// to it before it copies from another member (and so from the first block).
 const PRIMARY_PATIENCE: Duration = Duration::from_secs(30);
 
-/// How long a member a fetch failed from is passed over while another can be asked.
-const FETCH_AVOID: Duration = Duration::from_secs(10);
+/// How long a member a fetch failed from (or a primary a sync could not connect
+/// to, see `sync_round`) is passed over while another can be asked.
+const AVOID_FAILED: Duration = Duration::from_secs(10);
 
 /// How long a secondary that failed to serve a full sync is passed over.
 const AVOID_SOURCE: Duration = Duration::from_secs(30);
@@ -814,7 +815,7 @@ impl Secondary {
             Some(m) => Ok((m, false)),
             None if primary_alive => Ok((p, true)),
             None => Err(anyhow!(
-                "primary {p} is not reachable, and no reachable member has a consistent disk to copy"
+                "primary {p} is not reachable, and no reachable member has a consistent disk to copy: the sync waits for one (`marsadm view` shows which members are alive)"
             )),
         }
     }
@@ -866,7 +867,9 @@ impl Secondary {
         let first = candidates
             .into_iter()
             .next()
-            .ok_or_else(|| anyhow!("no reachable member to fetch the log from"))?;
+            .ok_or_else(|| {
+                anyhow!("no reachable member to fetch the log from: every other member is down or cut off from this node (`marsadm view` shows which are alive); fetch goes on when one is back")
+            })?;
         if let Some((_, Some(refused))) = avoid.get(&first) {
             bail!("{refused}");
         }
@@ -885,106 +888,114 @@ impl Secondary {
                 self.progress.lock().sync_waits_for_source = false;
                 return Ok(true);
             }
-            let source = self.sync_source();
-            self.progress.lock().sync_waits_for_source =
-                source.as_ref().map_or(true, |(_, all_failed)| *all_failed);
-            let (source, _) = source?;
-            let result = self.full_sync(&source, &mut sync).await;
-            // Since when the source could not be connected to (none: it could).
-            let unreachable_since = {
-                let mut u = self.sync_unreachable.lock();
-                match &result {
-                    Err(e) if e.is::<SourceUnreachable>() => Some(
-                        *u.entry(source.clone())
-                            .or_insert_with(std::time::Instant::now),
-                    ),
-                    _ => {
-                        u.remove(&source);
-                        None
-                    }
+            self.sync_round(&mut sync).await?;
+        }
+        if self.pause_fetch.load(Ordering::Acquire) {
+            self.progress.lock().fetch_waits_for_source = false;
+            return Ok(true);
+        }
+        self.fetch_round(&sync, wake).await
+    }
+
+    /// Copy the disk from a source (see `full_sync`); after a failure, pass the
+    /// source over for a while so that another one is asked. A secondary that could
+    /// not serve (its replay stopped, it went away) for AVOID_SOURCE; the primary
+    /// only when it could not even be connected to, at once when nothing is copied
+    /// yet, else after PRIMARY_PATIENCE of that: a sync that moves to another
+    /// source starts over from the first block (a primary restarting is back
+    /// sooner).
+    async fn sync_round(&self, sync: &mut SyncState) -> Result<()> {
+        let source = self.sync_source();
+        self.progress.lock().sync_waits_for_source =
+            source.as_ref().map_or(true, |(_, all_failed)| *all_failed);
+        let (source, _) = source?;
+        let result = self.full_sync(&source, sync).await;
+        // Since when the source could not be connected to (none: it could).
+        let unreachable_since = {
+            let mut u = self.sync_unreachable.lock();
+            match &result {
+                Err(e) if e.is::<SourceUnreachable>() => Some(
+                    *u.entry(source.clone())
+                        .or_insert_with(std::time::Instant::now),
+                ),
+                _ => {
+                    u.remove(&source);
+                    None
                 }
-            };
-            if let Err(e) = result {
-                // A secondary that could not serve (its replay stopped, it went away)
-                // is passed over for a while, so that another one is asked.
-                // The primary only when it could not even be connected to, at once
-                // when nothing is copied yet, else after PRIMARY_PATIENCE of that: a
-                // sync that moves to another source starts over from the first
-                // block (a primary restarting is back sooner).
-                let designated = meta::designated_primary(&self.peer.store.lock(), &self.res);
+            }
+        };
+        let Err(e) = result else {
+            return Ok(());
+        };
+        let designated = meta::designated_primary(&self.peer.store.lock(), &self.res);
+        let halted = self.stop.load(Ordering::Acquire) || self.pause_sync.load(Ordering::Acquire);
+        let primary = designated.as_deref() == Some(source.as_str());
+        let give_up_on_primary = unreachable_since
+            .is_some_and(|since| sync.next_offset == 0 || since.elapsed() >= PRIMARY_PATIENCE);
+        if !halted && (!primary || give_up_on_primary) {
+            let wait = if primary { AVOID_FAILED } else { AVOID_SOURCE };
+            self.avoid_sources
+                .lock()
+                .insert(source, std::time::Instant::now() + wait);
+        }
+        Err(e)
+    }
+
+    /// Fetch from a source what it has beyond this node's copies (see `fetch`).
+    /// Returns true when there was nothing. After a failure the source is passed
+    /// over for a while, so that another member is asked, if there is one; a
+    /// source whose copy was refused on arrival is not asked again before the
+    /// backoff ends (asking at once would read and send the same chunks ten times
+    /// a second), and its refusal stays the error shown while no other member
+    /// gets further.
+    async fn fetch_round(&self, sync: &SyncState, wake: &tokio::sync::Notify) -> Result<bool> {
+        let (source, all_failed) = match self.fetch_source() {
+            Ok(found) => found,
+            Err(e) => {
+                let mut p = self.progress.lock();
+                p.source = None;
+                p.source_complete = false;
+                p.fetch_waits_for_source = true;
+                drop(p);
+                // Shown (and logged once) until a member can be reached again.
+                return Err(e.context("fetch"));
+            }
+        };
+        self.progress.lock().fetch_waits_for_source = all_failed;
+        let from = self.progress.lock().replayed.max(sync.start_pos);
+        let got = match self.fetch(&source, from, wake).await {
+            Ok(got) => got,
+            Err(e) => {
                 let halted =
-                    self.stop.load(Ordering::Acquire) || self.pause_sync.load(Ordering::Acquire);
-                let primary = designated.as_deref() == Some(source.as_str());
-                let give_up_on_primary = unreachable_since.is_some_and(|since| {
-                    sync.next_offset == 0 || since.elapsed() >= PRIMARY_PATIENCE
-                });
-                if !halted && (!primary || give_up_on_primary) {
-                    let wait = if primary { FETCH_AVOID } else { AVOID_SOURCE };
-                    self.avoid_sources
+                    self.stop.load(Ordering::Acquire) || self.pause_fetch.load(Ordering::Acquire);
+                if !halted {
+                    let refused = e.is::<ArrivalRefused>().then(|| format!("{e:#}"));
+                    let wait = if refused.is_some() {
+                        FETCH_BACKOFF
+                    } else {
+                        AVOID_FAILED
+                    };
+                    self.fetch_avoid
                         .lock()
-                        .insert(source, std::time::Instant::now() + wait);
+                        .insert(source, (std::time::Instant::now() + wait, refused));
                 }
                 return Err(e);
             }
+        };
+        if got > 0 {
+            wake.notify_one();
+            return Ok(false);
         }
-        let mut idle = true;
-        if self.pause_fetch.load(Ordering::Acquire) {
-            self.progress.lock().fetch_waits_for_source = false;
-        } else {
-            match self.fetch_source() {
-                Ok((source, all_failed)) => {
-                    self.progress.lock().fetch_waits_for_source = all_failed;
-                    let from = self.progress.lock().replayed.max(sync.start_pos);
-                    let got = match self.fetch(&source, from, wake).await {
-                        Ok(got) => got,
-                        Err(e) => {
-                            // Another member is asked next, if there is one. A damaged
-                            // record: asking this one again at once would read and send
-                            // the same chunks ten times a second.
-                            let halted = self.stop.load(Ordering::Acquire)
-                                || self.pause_fetch.load(Ordering::Acquire);
-                            if !halted {
-                                let refused = e.is::<ArrivalRefused>().then(|| format!("{e:#}"));
-                                let until = std::time::Instant::now()
-                                    + if refused.is_some() {
-                                        FETCH_BACKOFF
-                                    } else {
-                                        FETCH_AVOID
-                                    };
-                                self.fetch_avoid.lock().insert(source, (until, refused));
-                            }
-                            return Err(e);
-                        }
-                    };
-                    if got > 0 {
-                        wake.notify_one();
-                    } else {
-                        // Nothing more from another member while one's copy was refused:
-                        // the refusal is what holds fetch up, and stays shown.
-                        let now = std::time::Instant::now();
-                        let refused = self
-                            .fetch_avoid
-                            .lock()
-                            .values()
-                            .find_map(|(until, r)| r.clone().filter(|_| *until > now));
-                        if let Some(r) = refused {
-                            bail!("{r}");
-                        }
-                    }
-                    idle &= got == 0;
-                }
-                Err(e) => {
-                    let mut p = self.progress.lock();
-                    p.source = None;
-                    p.source_complete = false;
-                    p.fetch_waits_for_source = true;
-                    drop(p);
-                    // Shown (and logged once) until a member can be reached again.
-                    return Err(e.context("fetch"));
-                }
-            }
+        let now = std::time::Instant::now();
+        let refused = self
+            .fetch_avoid
+            .lock()
+            .values()
+            .find_map(|(until, r)| r.clone().filter(|_| *until > now));
+        if let Some(r) = refused {
+            bail!("{r}");
         }
-        Ok(idle)
+        Ok(true)
     }
 
     /// One replay step (at most 64 MiB) once the sync is done. Returns true when idle.
