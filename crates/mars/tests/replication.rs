@@ -529,13 +529,7 @@ fn a_frozen_primary_does_not_hold_up_a_fetch() {
     let disks = replicate_r0(&nodes, size);
     nodes[1].adm_ok(&["pause-fetch", "r0"]);
     let mut c = nodes[0].nbd("r0");
-    for i in 0..16u64 {
-        assert_eq!(
-            c.write(i * MIB, &vec![i as u8 + 40; MIB as usize], false)
-                .unwrap(),
-            0
-        );
-    }
+    write_mib_blocks(&mut c, 0..16, 40, false);
     assert_eq!(c.flush().unwrap(), 0);
     drop(c);
     let written = log_pos(&nodes[0], "alpha", "written");
@@ -543,12 +537,7 @@ fn a_frozen_primary_does_not_hold_up_a_fetch() {
     nodes[2].wait_view("gamma holds everything", |v| {
         member(v, "gamma")["log"]["fetched"].as_u64().unwrap_or(0) >= written
     });
-    let before = log_pos(&nodes[1], "beta", "fetched");
-    nodes[1].adm_ok(&["set-rate", "r0", "--fetch", "2M"]);
-    nodes[1].adm_ok(&["resume-fetch", "r0"]);
-    wait_for("beta fetching", std::time::Duration::from_secs(30), || {
-        log_pos(&nodes[1], "beta", "fetched") > before + MIB
-    });
+    slow_fetch_running_on_beta(&nodes);
     nodes[0].signal(libc::SIGSTOP);
     nodes[1].adm_ok(&["set-rate", "r0", "--fetch", "0"]);
     wait_for(
@@ -912,9 +901,7 @@ fn fetch_rate_limit_holds_and_lifts() {
     assert!(out.contains("fetch rate 1048576 bytes/s"), "{out}");
     nodes[1].adm_ok(&["pause-fetch", "r0"]);
     let mut c = nodes[0].nbd("r0");
-    for i in 0..4u64 {
-        assert_eq!(c.write(i * MIB, &[i as u8 + 1; 1 << 20], true).unwrap(), 0);
-    }
+    write_mib_blocks(&mut c, 0..4, 1, true);
     let written = member(&nodes[0].view_json(), "alpha")["log"]["written"]
         .as_u64()
         .unwrap();
@@ -936,9 +923,7 @@ fn fetch_rate_limit_holds_and_lifts() {
         "4 MiB at 1 MiB/s arrived in {took:?}"
     );
     nodes[1].adm_ok(&["set-rate", "r0", "--fetch", "0"]);
-    for i in 4..8u64 {
-        assert_eq!(c.write(i * MIB, &[i as u8 + 1; 1 << 20], true).unwrap(), 0);
-    }
+    write_mib_blocks(&mut c, 4..8, 1, true);
     nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
     assert!(read(&b_disk) == read(&a_disk));
 }
@@ -1543,6 +1528,25 @@ fn backlog_on_beta(nodes: &[Node], writes: &[(u64, u8)]) -> u64 {
     target
 }
 
+/// Write MiB blocks `blocks` through `c`: block i holds the byte `i + add`.
+fn write_mib_blocks(c: &mut NbdClient, blocks: std::ops::Range<u64>, add: u8, fua: bool) {
+    for i in blocks {
+        let byte = (i as u8).wrapping_add(add);
+        assert_eq!(c.write(i * MIB, &vec![byte; MIB as usize], fua).unwrap(), 0);
+    }
+}
+
+/// Beta, its fetch paused with a backlog, resumes at 2 MiB/s: returns once a
+/// fetch stream is running (beta fetched a MiB more).
+fn slow_fetch_running_on_beta(nodes: &[Node]) {
+    let before = log_pos(&nodes[1], "beta", "fetched");
+    nodes[1].adm_ok(&["set-rate", "r0", "--fetch", "2M"]);
+    nodes[1].adm_ok(&["resume-fetch", "r0"]);
+    wait_for("beta fetching", std::time::Duration::from_secs(30), || {
+        log_pos(&nodes[1], "beta", "fetched") > before + MIB
+    });
+}
+
 /// The member's disk is still no image of its sync's source (`syncing`, or
 /// `inconsistent` while the sync stalls).
 fn synced_not(m: &serde_json::Value) -> bool {
@@ -1579,20 +1583,9 @@ fn a_real_link_cut_mid_fetch_is_noticed_and_healed() {
     // A backlog for beta, fetched slowly, so that a stream is running at the cut.
     nodes[1].adm_ok(&["pause-fetch", "r0"]);
     let mut c = nodes[0].nbd("r0");
-    for i in 0..24u64 {
-        assert_eq!(
-            c.write(i * MIB, &vec![i as u8 + 1; MIB as usize], false)
-                .unwrap(),
-            0
-        );
-    }
+    write_mib_blocks(&mut c, 0..24, 1, false);
     assert_eq!(c.flush().unwrap(), 0);
-    let before = log_pos(&nodes[1], "beta", "fetched");
-    nodes[1].adm_ok(&["set-rate", "r0", "--fetch", "2M"]);
-    nodes[1].adm_ok(&["resume-fetch", "r0"]);
-    wait_for("beta fetching", std::time::Duration::from_secs(30), || {
-        log_pos(&nodes[1], "beta", "fetched") > before + MIB
-    });
+    slow_fetch_running_on_beta(&nodes);
     net.set_link(1, false);
     let v = nodes[1].wait_view("beta notices the cut and says so", |v| {
         let m = member(v, "beta");
@@ -1604,13 +1597,7 @@ fn a_real_link_cut_mid_fetch_is_noticed_and_healed() {
         .to_string();
     assert!(why.contains("fetch"), "beta's error names the fetch: {why}");
     // Alpha is not slowed by the cut.
-    for i in 24..40u64 {
-        assert_eq!(
-            c.write(i * MIB, &vec![i as u8 + 7; MIB as usize], true)
-                .unwrap(),
-            0
-        );
-    }
+    write_mib_blocks(&mut c, 24..40, 7, true);
     drop(c);
     net.set_link(1, true);
     nodes[1].adm_ok(&["set-rate", "r0", "--fetch", "0"]);
@@ -1631,13 +1618,7 @@ fn a_secondary_cut_off_from_the_primary_fetches_through_another_member() {
     // Alpha stays alive in beta's view of the cluster (gamma reaches it).
     net.cut_pair(0, 1, true);
     let mut c = nodes[0].nbd("r0");
-    for i in 0..16u64 {
-        assert_eq!(
-            c.write(i * MIB, &vec![i as u8 + 3; MIB as usize], false)
-                .unwrap(),
-            0
-        );
-    }
+    write_mib_blocks(&mut c, 0..16, 3, false);
     assert_eq!(c.flush().unwrap(), 0);
     drop(c);
     let written = log_pos(&nodes[0], "alpha", "written");
