@@ -604,7 +604,7 @@ impl Net {
         for (from, to) in [(i, j), (j, i)] {
             let (ns, dst) = (&self.namespaces[from], self.addr(to));
             if cut {
-                let mac = format!("02:00:00:00:0{from}:0{to}");
+                let mac = format!("02:00:00:00:{from:02x}:{to:02x}");
                 ip(&[
                     "-n",
                     ns,
@@ -676,11 +676,14 @@ impl Drop for Net {
 
 /// Namespaces and links of `Net`s whose test process is gone (killed runs).
 fn sweep_stale_nets() {
+    // Ours are named PREFIX<pid>x<k>...; gone when that process is, or when it is
+    // this one (the sweep runs before this process made any: a pid used again).
+    let me = std::process::id();
     let gone = |name: &str, prefix: &str| {
         name.strip_prefix(prefix)
-            .and_then(|rest| rest.split('x').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+            .and_then(|rest| rest.split_once('x'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+            .is_some_and(|pid| pid == me || !Path::new(&format!("/proc/{pid}")).exists())
     };
     let out = |args: &[&str]| {
         Command::new("ip")
