@@ -1541,6 +1541,7 @@ impl Secondary {
             let mut allocated = local;
             let mut more = true;
             let mut pending = std::collections::VecDeque::new();
+            let streamed: Result<()> = async {
             loop {
                 if self.stop.load(Ordering::Acquire) || self.pause_fetch.load(Ordering::Acquire) {
                     more = false; // pause-fetch / disconnect: stop between chunks
@@ -1651,10 +1652,19 @@ impl Secondary {
                     other => bail!("unexpected answer to Fetch: {other:?}"),
                 }
             }
-            if let Some((w, done)) = writing.take() {
-                check = Some(w.await??);
-                show_fetched(done);
+            Ok(())
             }
+            .await;
+            // The chunk still being written ends here, also after an error: none may
+            // land after this round returns (the next one may fetch from another member).
+            if let Some((w, done)) = writing.take() {
+                let written = w.await;
+                if streamed.is_ok() {
+                    check = Some(written??);
+                    show_fetched(done);
+                }
+            }
+            streamed?;
             if local >= f.len && f.finished {
                 self.arrivals.lock().remove(&f.name); // all here: nothing more to check
             } else if let Some(c) = check {
