@@ -1542,117 +1542,117 @@ impl Secondary {
             let mut more = true;
             let mut pending = std::collections::VecDeque::new();
             let streamed: Result<()> = async {
-            loop {
-                if self.stop.load(Ordering::Acquire) || self.pause_fetch.load(Ordering::Acquire) {
-                    more = false; // pause-fetch / disconnect: stop between chunks
-                }
-                while more && pending.len() < FETCH_WINDOW && next < f.len {
-                    // A request from an unaligned place (a fetch that resumes after a
-                    // short chunk) ends on an alignment boundary, so that the chunks
-                    // after it can be written with O_DIRECT.
-                    let ask = max - (next % DIRECT_ALIGN as u64) as u32;
-                    write_msg(
-                        &mut s,
-                        &Msg::Fetch {
-                            res: self.res.clone(),
-                            file: f.name.clone(),
-                            offset: next,
-                            max: ask,
-                        },
-                    )
-                    .await?;
-                    pending.push_back((next, ask));
-                    next += ask as u64;
-                }
-                let Some((want, asked)) = pending.pop_front() else {
-                    break;
-                };
-                match answer_from(primary, read_msg(&mut s)).await? {
-                    Msg::Chunk { offset, len, .. } if offset == want => {
-                        if len > asked {
-                            bail!("{primary} sent a chunk of {len} bytes where at most {asked} were asked");
-                        }
-                        // Chunk buffers come back from replay (or were not kept) and
-                        // are used again: no allocation, zeroing or page faults per chunk.
-                        let mut data = self.fetched.buffer(max as usize);
-                        let got =
-                            answer_from(primary, read_data_into_slice(&mut s, data.room())).await?;
-                        if got != len as usize {
-                            bail!("{primary} announced {len} bytes and sent {got}");
-                        }
-                        data.set_len(got);
-                        if offset != local {
-                            self.fetched.give_back(data);
-                            continue; // after a short chunk: the rest of the window is moot
-                        }
-                        if got < asked as usize {
-                            more = false; // the source has no more of this file now
-                        }
-                        if got == 0 {
-                            self.fetched.give_back(data);
-                            continue;
-                        }
-                        if let Some((w, done)) = writing.take() {
-                            check = Some(w.await??);
-                            show_fetched(done);
-                        }
-                        let n = got as u64;
-                        let (o, direct, at) = (out.clone(), direct.clone(), local);
-                        // Blocks reserved ahead of the writes (see `FETCH_PREALLOC`).
-                        let reserve = (at + n > allocated).then(|| {
-                            let from = allocated.max(at);
-                            let to = if f.finished {
-                                f.len
-                            } else {
-                                at + n + FETCH_PREALLOC
-                            };
-                            allocated = to.max(at + n);
-                            (from, allocated - from)
-                        });
-                        let (chunks, seq, name) = (self.fetched.clone(), file_seq, f.name.clone());
-                        let replaying = !self.pause_replay.load(Ordering::Acquire);
-                        let Some(mut c) = check.take() else {
-                            bail!("no arrival check for {}", f.name); // made before asking
-                        };
-                        let source = primary.to_string();
-                        writing = Some((
-                            tokio::task::spawn_blocking(move || {
-                                c.feed(data.data()).map_err(|e| {
-                                    ArrivalRefused(format!("{name} from {source}: {e}: not stored; {source}'s copy is damaged there: fetch stops before it, asks another member that holds it, or {source} again in {} s", FETCH_BACKOFF.as_secs()))
-                                })?;
-                                if let Some((from, len)) = reserve {
-                                    mars_logger::disk::preallocate(&o, from, len);
-                                }
-                                // Direct only when the chunk stays in memory for replay;
-                                // else (replay paused or far behind) through the page
-                                // cache, where replay finds it later without the device.
-                                let keep = if replaying {
-                                    chunks.wait_room(
-                                        seq,
-                                        &name,
-                                        at,
-                                        data.capacity(),
-                                        FETCH_ROOM_PATIENCE,
-                                    )
-                                } else {
-                                    chunks.has_room(seq, &name, at, data.capacity())
-                                };
-                                let direct = direct.as_deref().filter(|_| keep);
-                                write_fetched(&o, direct, data.data(), at)?;
-                                // Written: from now on these are the file's bytes there.
-                                chunks.offer(seq, &name, at, data);
-                                Ok(c)
-                            }),
-                            local + n,
-                        ));
-                        local += n;
-                        fetched += n;
-                        throttle.spend(n).await;
+                loop {
+                    if self.stop.load(Ordering::Acquire) || self.pause_fetch.load(Ordering::Acquire) {
+                        more = false; // pause-fetch / disconnect: stop between chunks
                     }
-                    other => bail!("unexpected answer to Fetch: {other:?}"),
+                    while more && pending.len() < FETCH_WINDOW && next < f.len {
+                        // A request from an unaligned place (a fetch that resumes after a
+                        // short chunk) ends on an alignment boundary, so that the chunks
+                        // after it can be written with O_DIRECT.
+                        let ask = max - (next % DIRECT_ALIGN as u64) as u32;
+                        write_msg(
+                            &mut s,
+                            &Msg::Fetch {
+                                res: self.res.clone(),
+                                file: f.name.clone(),
+                                offset: next,
+                                max: ask,
+                            },
+                        )
+                        .await?;
+                        pending.push_back((next, ask));
+                        next += ask as u64;
+                    }
+                    let Some((want, asked)) = pending.pop_front() else {
+                        break;
+                    };
+                    match answer_from(primary, read_msg(&mut s)).await? {
+                        Msg::Chunk { offset, len, .. } if offset == want => {
+                            if len > asked {
+                                bail!("{primary} sent a chunk of {len} bytes where at most {asked} were asked");
+                            }
+                            // Chunk buffers come back from replay (or were not kept) and
+                            // are used again: no allocation, zeroing or page faults per chunk.
+                            let mut data = self.fetched.buffer(max as usize);
+                            let got =
+                                answer_from(primary, read_data_into_slice(&mut s, data.room())).await?;
+                            if got != len as usize {
+                                bail!("{primary} announced {len} bytes and sent {got}");
+                            }
+                            data.set_len(got);
+                            if offset != local {
+                                self.fetched.give_back(data);
+                                continue; // after a short chunk: the rest of the window is moot
+                            }
+                            if got < asked as usize {
+                                more = false; // the source has no more of this file now
+                            }
+                            if got == 0 {
+                                self.fetched.give_back(data);
+                                continue;
+                            }
+                            if let Some((w, done)) = writing.take() {
+                                check = Some(w.await??);
+                                show_fetched(done);
+                            }
+                            let n = got as u64;
+                            let (o, direct, at) = (out.clone(), direct.clone(), local);
+                            // Blocks reserved ahead of the writes (see `FETCH_PREALLOC`).
+                            let reserve = (at + n > allocated).then(|| {
+                                let from = allocated.max(at);
+                                let to = if f.finished {
+                                    f.len
+                                } else {
+                                    at + n + FETCH_PREALLOC
+                                };
+                                allocated = to.max(at + n);
+                                (from, allocated - from)
+                            });
+                            let (chunks, seq, name) = (self.fetched.clone(), file_seq, f.name.clone());
+                            let replaying = !self.pause_replay.load(Ordering::Acquire);
+                            let Some(mut c) = check.take() else {
+                                bail!("no arrival check for {}", f.name); // made before asking
+                            };
+                            let source = primary.to_string();
+                            writing = Some((
+                                tokio::task::spawn_blocking(move || {
+                                    c.feed(data.data()).map_err(|e| {
+                                        ArrivalRefused(format!("{name} from {source}: {e}: not stored; {source}'s copy is damaged there: fetch stops before it, asks another member that holds it, or {source} again in {} s", FETCH_BACKOFF.as_secs()))
+                                    })?;
+                                    if let Some((from, len)) = reserve {
+                                        mars_logger::disk::preallocate(&o, from, len);
+                                    }
+                                    // Direct only when the chunk stays in memory for replay;
+                                    // else (replay paused or far behind) through the page
+                                    // cache, where replay finds it later without the device.
+                                    let keep = if replaying {
+                                        chunks.wait_room(
+                                            seq,
+                                            &name,
+                                            at,
+                                            data.capacity(),
+                                            FETCH_ROOM_PATIENCE,
+                                        )
+                                    } else {
+                                        chunks.has_room(seq, &name, at, data.capacity())
+                                    };
+                                    let direct = direct.as_deref().filter(|_| keep);
+                                    write_fetched(&o, direct, data.data(), at)?;
+                                    // Written: from now on these are the file's bytes there.
+                                    chunks.offer(seq, &name, at, data);
+                                    Ok(c)
+                                }),
+                                local + n,
+                            ));
+                            local += n;
+                            fetched += n;
+                            throttle.spend(n).await;
+                        }
+                        other => bail!("unexpected answer to Fetch: {other:?}"),
+                    }
                 }
-            }
-            Ok(())
+                Ok(())
             }
             .await;
             // The chunk still being written ends here, also after an error: none may
