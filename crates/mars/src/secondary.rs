@@ -321,6 +321,16 @@ impl Drop for Replaying<'_> {
 #[error("{0}")]
 struct ArrivalRefused(String);
 
+impl ArrivalRefused {
+    fn new(file: &str, source: &str, e: impl std::fmt::Display) -> ArrivalRefused {
+        ArrivalRefused(format!(
+            "{file} from {source}: {e}: not stored; {source}'s copy is damaged there: fetch \
+             stops before it, asks another member that holds it, or {source} again in {} s",
+            FETCH_BACKOFF.as_secs()
+        ))
+    }
+}
+
 /// The longest a source may send nothing while an answer is due. A process that
 /// stopped (SIGSTOP, a hung disk) keeps its TCP connections alive, the kernel
 /// answers keepalive probes for it; after this the read fails and another member
@@ -1543,7 +1553,8 @@ impl Secondary {
             let mut pending = std::collections::VecDeque::new();
             let streamed: Result<()> = async {
                 loop {
-                    if self.stop.load(Ordering::Acquire) || self.pause_fetch.load(Ordering::Acquire) {
+                    if self.stop.load(Ordering::Acquire) || self.pause_fetch.load(Ordering::Acquire)
+                    {
                         more = false; // pause-fetch / disconnect: stop between chunks
                     }
                     while more && pending.len() < FETCH_WINDOW && next < f.len {
@@ -1570,13 +1581,17 @@ impl Secondary {
                     match answer_from(primary, read_msg(&mut s)).await? {
                         Msg::Chunk { offset, len, .. } if offset == want => {
                             if len > asked {
-                                bail!("{primary} sent a chunk of {len} bytes where at most {asked} were asked");
+                                bail!(
+                                    "{primary} sent a chunk of {len} bytes where at most \
+                                     {asked} were asked"
+                                );
                             }
                             // Chunk buffers come back from replay (or were not kept) and
                             // are used again: no allocation, zeroing or page faults per chunk.
                             let mut data = self.fetched.buffer(max as usize);
                             let got =
-                                answer_from(primary, read_data_into_slice(&mut s, data.room())).await?;
+                                answer_from(primary, read_data_into_slice(&mut s, data.room()))
+                                    .await?;
                             if got != len as usize {
                                 bail!("{primary} announced {len} bytes and sent {got}");
                             }
@@ -1609,7 +1624,8 @@ impl Secondary {
                                 allocated = to.max(at + n);
                                 (from, allocated - from)
                             });
-                            let (chunks, seq, name) = (self.fetched.clone(), file_seq, f.name.clone());
+                            let (chunks, seq, name) =
+                                (self.fetched.clone(), file_seq, f.name.clone());
                             let replaying = !self.pause_replay.load(Ordering::Acquire);
                             let Some(mut c) = check.take() else {
                                 bail!("no arrival check for {}", f.name); // made before asking
@@ -1617,9 +1633,8 @@ impl Secondary {
                             let source = primary.to_string();
                             writing = Some((
                                 tokio::task::spawn_blocking(move || {
-                                    c.feed(data.data()).map_err(|e| {
-                                        ArrivalRefused(format!("{name} from {source}: {e}: not stored; {source}'s copy is damaged there: fetch stops before it, asks another member that holds it, or {source} again in {} s", FETCH_BACKOFF.as_secs()))
-                                    })?;
+                                    c.feed(data.data())
+                                        .map_err(|e| ArrivalRefused::new(&name, &source, e))?;
                                     if let Some((from, len)) = reserve {
                                         mars_logger::disk::preallocate(&o, from, len);
                                     }
