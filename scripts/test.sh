@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit/property/end-to-end tests, and a short fuzz run.
-# Needs the tools .ci/run installs (qemu-utils, libnbd-bin, nbdfuse, fuse3, fio, e2fsprogs); root for losetup/mount.
+# Needs the tools .ci/run installs (qemu-utils, libnbd-bin, nbdfuse, fuse3, fio, e2fsprogs, iproute2); root for losetup/mount and network namespaces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
