@@ -50,6 +50,7 @@ fn file_header(start_pos: u64, start_record_seq: u64) -> FileHeader {
         start_record_seq,
         created_ns: 5,
         resource_id: 0xfeed_beef,
+        parent: 0,
     }
 }
 

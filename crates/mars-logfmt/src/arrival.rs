@@ -217,6 +217,7 @@ mod tests {
             start_record_seq: 7,
             created_ns: 1,
             resource_id: 2,
+            parent: 0,
         };
         let mut out = fh.encode().to_vec();
         let mut pos = 1000;

@@ -7,6 +7,10 @@ use thiserror::Error;
 /// `durable_back` (2026-11-27; version 1 has zero there, which means the same:
 /// "everything before this record was durable").
 pub const FORMAT_VERSION: u16 = 2;
+/// Format version of the logfile header written now. History: 1 and 2 as
+/// [`FORMAT_VERSION`]; 3 = bytes 12..16 and 56..60 hold the `parent` link
+/// (2026-12-06). Older headers read with `parent` 0 (unknown).
+pub const FILE_FORMAT_VERSION: u16 = 3;
 /// Oldest format version this build reads.
 pub const FORMAT_VERSION_MIN: u16 = 1;
 
@@ -249,12 +253,18 @@ impl RecordHeader {
 ///
 /// ```text
 ///  0 [u8;8] magic "MARSLOG\0"   8 u16 format version   10 u16 header length (64)
-/// 12 u32 reserved (0)          16 u64 file seq (the <seq> of the name)
+/// 12 u32 parent, low half (format 3; 0 before)   16 u64 file seq (the <seq> of the name)
 /// 24 u64 start_pos (stream position of the first record)
 /// 32 u64 start_record_seq (seq of the first record)
 /// 40 u64 created_ns            48 u64 resource id (random, fixed at create-resource)
-/// 56 u32 reserved (0)          60 u32 crc32c(bytes 0..60)
+/// 56 u32 parent, high half (format 3; 0 before)   60 u32 crc32c(bytes 0..60)
 /// ```
+///
+/// `parent` names the history this logfile continues: [`parent_link`] of the
+/// header of the logfile whose records up to `start_pos` came before this
+/// logfile's first record. 0: none (the log's first logfile, at position 0) or
+/// unknown (a format-1/2 header, or a writer that had no logfile of the
+/// history before it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileHeader {
     pub file_seq: u64,
@@ -262,14 +272,39 @@ pub struct FileHeader {
     pub start_record_seq: u64,
     pub created_ns: u64,
     pub resource_id: u64,
+    /// The history this logfile continues ([`parent_link`]); 0 = none or unknown.
+    pub parent: u64,
+}
+
+/// The link a logfile starting at `at` stores to name the logfile (by its whole
+/// 64-byte header, `parent_header`) whose records before `at` it continues:
+/// the first 8 bytes of `blake3("mars-parent-3" ‖ parent_header ‖ at)`, never 0.
+///
+/// A header is unique to one logfile of one writer (it holds the creation time
+/// in nanoseconds, the sequence number and start position), and a writer
+/// writes each position of its logfile once; so equal links mean the same
+/// records up to `at`, by induction over the chain of links. 64 bits tell
+/// histories apart by accident (no defence against crafted logfiles, like
+/// versions).
+pub fn parent_link(parent_header: &[u8; FILE_HEADER_LEN], at: u64) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"mars-parent-3");
+    h.update(parent_header);
+    h.update(&at.to_le_bytes());
+    let d = h.finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d.as_bytes()[..8]);
+    u64::from_le_bytes(b).max(1)
 }
 
 impl FileHeader {
     pub fn encode(&self) -> [u8; FILE_HEADER_LEN] {
         let mut b = [0u8; FILE_HEADER_LEN];
         b[0..8].copy_from_slice(&FILE_MAGIC);
-        b[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[8..10].copy_from_slice(&FILE_FORMAT_VERSION.to_le_bytes());
         b[10..12].copy_from_slice(&(FILE_HEADER_LEN as u16).to_le_bytes());
+        b[12..16].copy_from_slice(&(self.parent as u32).to_le_bytes());
+        b[56..60].copy_from_slice(&((self.parent >> 32) as u32).to_le_bytes());
         b[16..24].copy_from_slice(&self.file_seq.to_le_bytes());
         b[24..32].copy_from_slice(&self.start_pos.to_le_bytes());
         b[32..40].copy_from_slice(&self.start_record_seq.to_le_bytes());
@@ -291,7 +326,7 @@ impl FileHeader {
             return Err(DecodeError::BadMagic(u32_at(b, 0)));
         }
         let version = u16_at(b, 8);
-        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
+        if !(FORMAT_VERSION_MIN..=FILE_FORMAT_VERSION).contains(&version) {
             return Err(DecodeError::BadVersion(version));
         }
         let hlen = u16_at(b, 10) as u32;
@@ -303,12 +338,18 @@ impl FileHeader {
         if stored != computed {
             return Err(DecodeError::BadChecksum { stored, computed });
         }
-        for at in [12, 56] {
-            if u32_at(b, at) != 0 {
-                return Err(DecodeError::Reserved(at));
+        let parent = if version >= 3 {
+            u32_at(b, 12) as u64 | (u32_at(b, 56) as u64) << 32
+        } else {
+            for at in [12, 56] {
+                if u32_at(b, at) != 0 {
+                    return Err(DecodeError::Reserved(at));
+                }
             }
-        }
+            0
+        };
         Ok(FileHeader {
+            parent,
             file_seq: u64_at(b, 16),
             start_pos: u64_at(b, 24),
             start_record_seq: u64_at(b, 32),
@@ -352,11 +393,49 @@ mod tests {
             prop_assert!(RecordHeader::decode_record(&out).is_err());
         }
 
+        /// A link names one header at one position: any other header or position
+        /// gives another link (64 bits: a collision here would be a failed test).
+        #[test]
+        fn parent_links_tell_headers_and_positions_apart(seq: u64, start: u64, created: u64,
+                                                        at: u64, bit in 0usize..60*8) {
+            let h = FileHeader { file_seq: seq, start_pos: start, start_record_seq: 1,
+                                 created_ns: created, resource_id: 9, parent: 0 }.encode();
+            let link = parent_link(&h, at);
+            prop_assert_ne!(link, 0);
+            prop_assert_ne!(link, parent_link(&h, at ^ 1));
+            let mut other = h;
+            other[bit / 8] ^= 1 << (bit % 8);
+            prop_assert_ne!(link, parent_link(&other, at));
+        }
+
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = RecordHeader::decode_record(&bytes);
             let _ = FileHeader::decode(&bytes);
         }
+    }
+
+    /// Format-2 headers (reserved bytes zero) still read, with no parent; a
+    /// format-2 header with reserved bytes set is refused.
+    #[test]
+    fn format_2_headers_read_with_unknown_parent() {
+        let h = FileHeader {
+            file_seq: 3,
+            start_pos: 1000,
+            start_record_seq: 17,
+            created_ns: 5,
+            resource_id: 0xfeed,
+            parent: 0,
+        };
+        let mut b = h.encode();
+        b[8..10].copy_from_slice(&2u16.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(FileHeader::decode(&b).unwrap(), h);
+        b[13] = 1;
+        let crc = crc32c::crc32c(&b[..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(FileHeader::decode(&b), Err(DecodeError::Reserved(12)));
     }
 
     #[test]
@@ -367,9 +446,11 @@ mod tests {
             start_record_seq: 17,
             created_ns: 5,
             resource_id: 0xfeed,
+            parent: 0x1234_5678_9abc_def0,
         };
         let mut b = h.encode();
         assert_eq!(FileHeader::decode(&b).unwrap(), h);
+        assert_eq!(u16_at(&b, 8), FILE_FORMAT_VERSION);
         b[20] ^= 4;
         assert!(matches!(
             FileHeader::decode(&b),

@@ -242,6 +242,7 @@ mod tests {
             start_record_seq: seq,
             created_ns: 0,
             resource_id: 1,
+            parent: 0,
         };
         let mut buf = fh.encode().to_vec();
         let mut pos = start;
@@ -415,6 +416,7 @@ mod tests {
             start_record_seq: 1,
             created_ns: 0,
             resource_id: 0,
+            parent: 0,
         };
         let r = scan_logfile(&fh.encode());
         assert_eq!(r.end_pos(), Some(u64::MAX));
@@ -424,6 +426,7 @@ mod tests {
             start_record_seq: u64::MAX,
             created_ns: 0,
             resource_id: 0,
+            parent: 0,
         };
         let mut buf = fh.encode().to_vec();
         let h = RecordHeader {

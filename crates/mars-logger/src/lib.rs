@@ -23,6 +23,7 @@
 pub mod crashsafe;
 pub mod disk;
 pub mod fetched;
+pub mod history;
 pub mod index;
 mod logger;
 mod recovery;

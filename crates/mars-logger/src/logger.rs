@@ -432,6 +432,7 @@ impl Logger {
             rec.end_pos,
             rec.next_record_seq,
             cfg.resource_id,
+            rec.parent_of_next,
         )?;
         let entry = LogfileEntry {
             seq: rec.next_file_seq,
@@ -2067,6 +2068,11 @@ impl Writer {
         let shared = self.shared.clone();
         let cfg = &shared.cfg;
         let seq = self.entry.seq + 1;
+        // The new logfile names this one, at its end, as its parent.
+        let mut old_header = [0u8; FILE_HEADER_LEN];
+        self.file
+            .read_exact_at(&mut old_header, 0)
+            .map_err(|e| LoggerError::io(&self.entry.path, e))?;
         let (file, path, file_cap) = new_logfile(
             &cfg.dir,
             &cfg.node,
@@ -2074,6 +2080,7 @@ impl Writer {
             self.pos,
             self.next_seq,
             cfg.resource_id,
+            mars_logfmt::parent_link(&old_header, self.pos),
         )?;
         self.switch_file(file, file_cap, path.clone())?;
         let new_entry = LogfileEntry {

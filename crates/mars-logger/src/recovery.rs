@@ -219,6 +219,21 @@ pub(crate) struct Recovered {
     pub next_record_seq: u64,
     pub next_file_seq: u64,
     pub last_version: Option<Version>,
+    /// The parent link of a logfile starting at `end_pos` (0: no logfile here
+    /// ends there, e.g. none at all).
+    pub parent_of_next: u64,
+}
+
+/// The 64-byte header of a logfile as stored (None: shorter than a header).
+pub(crate) fn read_header(path: &Path) -> Result<Option<[u8; FILE_HEADER_LEN]>, LoggerError> {
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::open(path).map_err(|e| LoggerError::io(path, e))?;
+    let mut b = [0u8; FILE_HEADER_LEN];
+    match f.read_exact_at(&mut b, 0) {
+        Ok(()) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(LoggerError::io(path, e)),
+    }
 }
 
 /// Bring disk and logfiles to a clean state: every logfile finished and
@@ -248,12 +263,27 @@ pub(crate) fn recover(
     let mut applied_pos = applied;
     // The record sequence continues after the last logfile; for a skipped one we scan it once at the end.
     let mut seq_from_skipped: Option<&LogfileEntry> = None;
+    // The header of the logfile before (its name too), for the parent links.
+    let mut last_header: Option<(String, [u8; FILE_HEADER_LEN])> = None;
     for (i, entry) in logs.iter().enumerate() {
         let is_last = i + 1 == logs.len();
         if let Some(v) = read_version(dir, entry.seq, node)? {
             // Finished and versioned earlier: records already applied, unless the
             // applied position says otherwise (then we scan it below).
-            if applied_pos.is_some_and(|a| a >= v.end_pos) {
+            let header = read_header(&entry.path)?;
+            if let (Some(b), true) = (header, applied_pos.is_some_and(|a| a >= v.end_pos)) {
+                let h = FileHeader::decode(&b).map_err(|e| {
+                    LoggerError::Corrupt(format!("{}: bad file header: {e}", entry.path.display()))
+                })?;
+                if let (Some((prev_name, prev)), true) = (&last_header, h.parent != 0) {
+                    if h.parent != mars_logfmt::parent_link(prev, h.start_pos) {
+                        return Err(LoggerError::Corrupt(format!(
+                            "{}: does not continue {prev_name} (its parent link names another history): two histories in one directory (split brain)",
+                            entry.path.display()
+                        )));
+                    }
+                }
+                last_header = Some((entry.name(), b));
                 expected_start = Some(v.end_pos);
                 end_pos = v.end_pos;
                 last_version = Some(v);
@@ -285,6 +315,14 @@ pub(crate) fn recover(
                 header.file_seq,
                 entry.seq
             )));
+        }
+        if let (Some((prev_name, prev_header)), true) = (&last_header, header.parent != 0) {
+            if header.parent != mars_logfmt::parent_link(prev_header, header.start_pos) {
+                return Err(LoggerError::Corrupt(format!(
+                    "{}: does not continue {prev_name} (its parent link names another history): two histories in one directory (split brain)",
+                    entry.path.display()
+                )));
+            }
         }
         if let Some(exp) = expected_start {
             if header.start_pos != exp {
@@ -365,6 +403,9 @@ pub(crate) fn recover(
             res.map_err(|e| LoggerError::Disk(e.to_string()))?;
         }
         seq_from_skipped = None;
+        let mut hb = [0u8; FILE_HEADER_LEN];
+        hb.copy_from_slice(&bytes[..FILE_HEADER_LEN]);
+        last_header = Some((entry.name(), hb));
         let file_end = report.end_pos().unwrap_or(header.start_pos);
         next_record_seq = report.next_record_seq().unwrap_or(next_record_seq);
         let prev = match last_version.take() {
@@ -381,11 +422,16 @@ pub(crate) fn recover(
     }
     disk.sync().map_err(|e| LoggerError::Disk(e.to_string()))?;
     write_applied(dir, end_pos)?;
+    let parent_of_next = match &last_header {
+        Some((_, b)) if expected_start == Some(end_pos) => mars_logfmt::parent_link(b, end_pos),
+        _ => 0,
+    };
     Ok(Recovered {
         end_pos,
         next_record_seq,
         next_file_seq: logs.last().map(|l| l.seq + 1).unwrap_or(1),
         last_version,
+        parent_of_next,
     })
 }
 
@@ -586,6 +632,7 @@ pub(crate) fn new_logfile(
     start_pos: u64,
     start_record_seq: u64,
     resource_id: u64,
+    parent: u64,
 ) -> Result<(fs::File, PathBuf, u64), LoggerError> {
     use std::os::unix::fs::FileExt;
     let path = dir.join(mars_logfmt::logfile_name(seq, node));
@@ -595,6 +642,7 @@ pub(crate) fn new_logfile(
         start_record_seq,
         created_ns: crate::logger::now_ns(),
         resource_id,
+        parent,
     }
     .encode();
     if let Some((f, len)) = logfile_from_spare(dir, &path, &h, start_pos, false)? {

@@ -46,6 +46,7 @@
 use crate::crashsafe::write_atomic;
 use crate::disk::{disk_size, AlignedBuf, Disk};
 use crate::fetched::FetchedChunks;
+use crate::history::{self, LocalFile, Next};
 use crate::logger::LoggerError;
 use crate::recovery::{
     finish_version, list_logfiles, previous_version, read_applied, read_version, recover,
@@ -77,6 +78,10 @@ struct ReplayedState {
     /// again (absent in older files: `pos`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     limit: Option<u64>,
+    /// The logfile holding the records just before `pos` (or starting at it), by
+    /// name and start position (absent in older files: found by position).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    file: Option<(String, u64)>,
 }
 
 /// Length of the high-water mark, a line of ASCII:
@@ -217,9 +222,6 @@ pub struct StepOutcome {
     pub idle: bool,
 }
 
-/// A logfile with its header, and the next logfile if there is one.
-type Located = (LogfileEntry, FileHeader, Option<(LogfileEntry, FileHeader)>);
-
 pub struct Replayer {
     dir: PathBuf,
     node: String,
@@ -231,8 +233,12 @@ pub struct Replayer {
     saved_at: std::time::Instant,
     halted: Option<Halt>,
     last_version: Option<Version>,
-    /// The logfile whose place in this node's history was checked last.
-    entered: Option<(u64, String)>,
+    /// The logfiles replay entered, with the position it entered each at (the
+    /// last is the one it is in; older ones go once the durable position passes
+    /// their successor's entry). Its name and start position identify a logfile.
+    path: Vec<(String, u64, u64)>,
+    /// The logfiles of the fetch source's history, when known (`set_lineage`).
+    lineage: Option<Vec<history::Listed>>,
     /// The durable limit: no record ending after it is applied before
     /// `replayed` says a larger one.
     limit: u64,
@@ -348,6 +354,7 @@ impl Replayer {
         let disk = Disk::open(disk_path).map_err(|e| LoggerError::io(disk_path, e))?;
         let state = read_state(dir)?;
         let durable = state.as_ref().map(|s| s.pos).unwrap_or(start_pos);
+        let file = state.as_ref().and_then(|s| s.file.clone());
         let limit = state.and_then(|s| s.limit).unwrap_or(durable).max(durable);
         let boot = boot_id.filter(|b| valid_boot_id(b)).map(str::to_string);
         if boot.is_none() {
@@ -368,7 +375,10 @@ impl Replayer {
             saved_at: std::time::Instant::now(),
             halted: None,
             last_version: None,
-            entered: None,
+            path: file
+                .map(|(n, start)| vec![(n, start, durable)])
+                .unwrap_or_default(),
+            lineage: None,
             limit,
             window: PERSIST_WINDOW,
             until: None,
@@ -392,7 +402,8 @@ impl Replayer {
                 if m.base == durable
                     && m.pos > durable
                     && m.pos <= limit
-                    && r.is_boundary(m.pos).unwrap_or(false) =>
+                    && r.is_boundary(m.pos).unwrap_or(false)
+                    && r.follow_to(m.pos).unwrap_or(false) =>
             {
                 r.pos = m.pos;
                 r.until = Some(m.until);
@@ -517,6 +528,40 @@ impl Replayer {
         Ok(pos == target)
     }
 
+    /// Whether replay can say which logfiles it went through from the durable
+    /// position to `target` (the high-water mark after a kill): one chain of
+    /// links, with no choice on the way. Sets the logfile replay is in.
+    fn follow_to(&mut self, target: u64) -> Result<bool, LoggerError> {
+        let files = self.local_files()?;
+        let views: Vec<LocalFile> = files.iter().map(|(_, f)| f.clone()).collect();
+        let cur = match self.path.last() {
+            Some((n, start, _)) => views.iter().position(|f| &f.name == n && f.start == *start),
+            None => history::locate(self.pos, &views, None).ok().flatten(),
+        };
+        let Some(cur) = cur else {
+            return Ok(false);
+        };
+        let Some(chain) = history::advance(target, cur, &views) else {
+            return Ok(false);
+        };
+        if self.path.is_empty() {
+            self.path
+                .push((views[cur].name.clone(), views[cur].start, self.pos));
+        }
+        // The logfiles left on the way get their versions, as when replay
+        // enters each next one.
+        let mut from = cur;
+        for i in chain {
+            if files[from].0.node != self.node {
+                self.version_of(&files[from].0, views[from].start, views[i].start)?;
+            }
+            self.path
+                .push((views[i].name.clone(), views[i].start, views[i].start));
+            from = i;
+        }
+        Ok(true)
+    }
+
     /// The stream position where the local logfiles end.
     fn local_end(&self) -> Result<u64, LoggerError> {
         let mut end = 0;
@@ -584,7 +629,16 @@ impl Replayer {
         let limit = limit
             .max(self.limit)
             .max(self.inconsistent_until().unwrap_or(0));
-        write_state(&self.dir, pos, Some(limit))?;
+        // The logfile holding the records before `pos`: the last one entered at or
+        // before it. Those entered before it are behind for good.
+        let k = self.path.iter().rposition(|p| p.2 <= pos);
+        if let Some(k) = k {
+            self.path.drain(..k);
+        }
+        let file = k
+            .and_then(|_| self.path.first())
+            .map(|(n, start, _)| (n.clone(), *start));
+        write_state(&self.dir, pos, Some(limit), file)?;
         self.saved_at = std::time::Instant::now();
         self.persisted = pos;
         self.limit = limit;
@@ -649,91 +703,106 @@ impl Replayer {
 
     /// The logfiles with their headers (ones still being created are left out).
     fn logfiles(&self) -> Result<Vec<(LogfileEntry, FileHeader)>, LoggerError> {
-        let mut with_headers = Vec::new();
+        let mut out = Vec::new();
+        for (e, f) in self.local_files()? {
+            let h = FileHeader::decode(&f.header).map_err(|err| {
+                LoggerError::Corrupt(format!("{}: bad file header: {err}", e.path.display()))
+            })?;
+            out.push((e, h));
+        }
+        Ok(out)
+    }
+
+    /// The local logfiles as the history rules see them, ascending by sequence.
+    fn local_files(&self) -> Result<Vec<(LogfileEntry, LocalFile)>, LoggerError> {
+        let mut out = Vec::new();
         for e in list_logfiles(&self.dir).map_err(|err| LoggerError::io(&self.dir, err))? {
-            let f = File::open(&e.path).map_err(|err| LoggerError::io(&e.path, err))?;
+            let f = match File::open(&e.path) {
+                Ok(f) => f,
+                // Deleted meanwhile (a logfile replay has passed).
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(LoggerError::io(&e.path, err)),
+            };
             let mut b = [0u8; FILE_HEADER_LEN];
             if f.read_exact_at(&mut b, 0).is_err() {
                 continue; // still being created by fetch
             }
-            match FileHeader::decode(&b) {
-                Ok(h) => with_headers.push((e, h)),
-                Err(err) => {
-                    return Err(LoggerError::Corrupt(format!(
-                        "{}: bad file header: {err}",
-                        e.path.display()
-                    )))
-                }
-            }
-        }
-        Ok(with_headers)
-    }
-
-    /// The logfile holding `pos` (or starting exactly at it), its header, and the next one if any.
-    fn locate(&self) -> Result<Option<Located>, LoggerError> {
-        let mut with_headers = self.logfiles()?;
-        // The first logfile that holds `pos`, or ends exactly at it and still
-        // needs its version checked (an empty logfile, or one replayed to its
-        // end before the next one arrived): never jump over a logfile, or the
-        // next version does not chain.
-        let mut idx = None;
-        for (i, (e, h)) in with_headers.iter().enumerate() {
-            if h.start_pos > self.pos {
-                break;
-            }
-            let found = match with_headers.get(i + 1) {
-                None => true,
-                Some((_, next)) if next.start_pos > self.pos => true,
-                Some((_, next)) if next.start_pos < self.pos => false,
-                Some(_) => self.must_check_version(e, h.start_pos)?,
+            let h = FileHeader::decode(&b).map_err(|err| {
+                LoggerError::Corrupt(format!("{}: bad file header: {err}", e.path.display()))
+            })?;
+            let len = f
+                .metadata()
+                .map_err(|err| LoggerError::io(&e.path, err))?
+                .len();
+            let lf = LocalFile {
+                name: e.name(),
+                seq: e.seq,
+                header: b,
+                start: h.start_pos,
+                end: h.start_pos + (len - FILE_HEADER_LEN as u64),
+                parent: h.parent,
             };
-            if found {
-                idx = Some(i);
-                break;
-            }
+            out.push((e, lf));
         }
-        let Some(i) = idx else {
-            if let Some((e, h)) = with_headers.first() {
-                if h.start_pos > self.pos {
-                    return Err(LoggerError::Corrupt(
-                        Halt::Gap {
-                            expected_pos: self.pos,
-                            file: e.name(),
-                            starts_at: h.start_pos,
-                        }
-                        .to_string(),
-                    ));
-                }
-            }
-            return Ok(None);
+        Ok(out)
+    }
+
+    /// The logfiles of the fetch source's history (its list), so that replay
+    /// follows that history where logfiles of another one lie here too (left
+    /// from before a failover). `None`: not known (replay follows the links).
+    pub fn set_lineage(&mut self, lineage: Option<Vec<history::Listed>>) {
+        self.lineage = lineage;
+    }
+
+    /// The logfile replay is in (index into `files`), found again by name and
+    /// start, or located by position when replay has none yet.
+    fn current(
+        &mut self,
+        files: &[(LogfileEntry, LocalFile)],
+    ) -> Result<Option<usize>, LoggerError> {
+        let find = |name: &str, start: u64| {
+            files
+                .iter()
+                .position(|(_, f)| f.name == name && f.start == start)
         };
-        let next = with_headers.get(i + 1).cloned();
-        let (e, h) = with_headers.swap_remove(i);
-        Ok(Some((e, h, next)))
-    }
-
-    /// Whether a logfile that ends at the position must be checked before
-    /// going on: we have no version for it yet and can chain one (it starts
-    /// the log, or we have the version of the logfile before it; not so for
-    /// logfiles before the position a full sync started from), or ours
-    /// differs from the origin's (a split brain found before a restart stays
-    /// a halt).
-    fn must_check_version(
-        &self,
-        entry: &LogfileEntry,
-        start_pos: u64,
-    ) -> Result<bool, LoggerError> {
-        if entry.node == self.node {
-            return Ok(false); // our own logfile: versioned when it was finished
+        if let Some((name, start, _)) = self.path.last() {
+            return match find(name, *start) {
+                Some(i) => Ok(Some(i)),
+                None => Err(LoggerError::Corrupt(format!(
+                    "logfile {name} that replay is in is gone from {}",
+                    self.dir.display()
+                ))),
+            };
         }
-        Ok(match read_version(&self.dir, entry.seq, &self.node)? {
-            Some(ours) => read_version(&self.dir, entry.seq, &entry.node)?
-                .is_some_and(|theirs| theirs.version != ours.version),
-            None => start_pos == 0 || previous_version(&self.dir, &self.node, entry)?.is_some(),
-        })
+        let views: Vec<LocalFile> = files.iter().map(|(_, f)| f.clone()).collect();
+        match history::locate(self.pos, &views, self.lineage.as_deref()) {
+            Ok(Some(i)) => {
+                self.path
+                    .push((views[i].name.clone(), views[i].start, self.pos));
+                Ok(Some(i))
+            }
+            Ok(None) => {
+                if let Some(first) = views.first().filter(|f| f.start > self.pos) {
+                    return self.halt(Halt::Gap {
+                        expected_pos: self.pos,
+                        file: first.name.clone(),
+                        starts_at: first.start,
+                    });
+                }
+                Ok(None)
+            }
+            Err(msg) => self.halt(Halt::SplitBrain {
+                file: views
+                    .iter()
+                    .find(|f| f.start < self.pos && self.pos <= f.end)
+                    .map(|f| f.name.clone())
+                    .unwrap_or_default(),
+                ours: format!("position {}", self.pos),
+                theirs: msg,
+            }),
+        }
     }
 
-    /// Apply up to `max_bytes` of complete records. Never applies a record that does not verify.
     /// Read records from these fetched chunks where they hold them (see
     /// [`FetchedChunks`]); the logfiles otherwise.
     pub fn use_fetched(&mut self, fetched: Arc<FetchedChunks>) {
@@ -751,61 +820,49 @@ impl Replayer {
         self.from_memory
     }
 
+    /// Apply up to `max_bytes` of complete records, following one history (see
+    /// [`crate::history`]). Never applies a record that does not verify, nor one
+    /// of a logfile that does not continue what was applied.
     pub fn step(&mut self, max_bytes: u64) -> Result<StepOutcome, LoggerError> {
         let mut out = StepOutcome::default();
         if let Some(h) = &self.halted {
             return Err(LoggerError::Corrupt(h.to_string()));
         }
         while out.bytes < max_bytes {
-            let Some((entry, header, next)) = self.locate()? else {
+            let files = self.local_files()?;
+            let Some(ci) = self.current(&files)? else {
                 out.idle = true;
                 break;
             };
-            let name = entry.name();
-            if self.entered.as_ref().map(|(_, n)| n) != Some(&name) {
-                // Entering a logfile inside it (replay was in another file of the
-                // same number before, or resumes after a restart) while another
-                // node's logfile of the same number also holds this position: the
-                // two histories part within them, and what was applied came from
-                // one of them. Nothing tells which (a restart forgets it): stop.
-                // (The file replay was in stays until the durable position passes
-                // it, so the local files show it.)
-                let other = if self.pos > header.start_pos {
-                    self.logfiles()?
-                        .into_iter()
-                        .find(|(e, h)| {
-                            e.seq == entry.seq && e.name() != name && h.start_pos < self.pos
-                        })
-                        .map(|(e, _)| e.name())
-                } else {
-                    None
-                };
-                if let Some(prev) = other {
+            let views: Vec<LocalFile> = files.iter().map(|(_, f)| f.clone()).collect();
+            let until = match history::next(self.pos, ci, &views, self.lineage.as_deref()) {
+                Next::Wait => {
+                    out.idle = true;
+                    break;
+                }
+                Next::SplitBrain(msg) => {
                     let h = Halt::SplitBrain {
-                        file: name.clone(),
-                        ours: format!("{prev} up to position {}", self.pos),
-                        theirs: format!("{name} from position {}", header.start_pos),
+                        file: views[ci].name.clone(),
+                        ours: format!("{} up to position {}", views[ci].name, self.pos),
+                        theirs: msg,
                     };
                     return self.halt(h);
                 }
-                if !self.continues_history(&entry)? {
-                    out.idle = true; // its origin's version of the previous logfile is not here yet
-                    break;
+                Next::Enter(i) => {
+                    if !self.enter(&files[ci].0, &views[ci], &files[i].0, &views[i])? {
+                        out.idle = true;
+                        break;
+                    }
+                    continue;
                 }
-                if self.halted.is_some() {
-                    break;
-                }
-                self.entered = Some((entry.seq, name.clone()));
-            }
+                Next::Apply { until } => until,
+            };
+            let (entry, cur) = (&files[ci].0, &views[ci]);
+            let name = cur.name.clone();
             let f = File::open(&entry.path).map_err(|e| LoggerError::io(&entry.path, e))?;
-            let file_len = f
-                .metadata()
-                .map_err(|e| LoggerError::io(&entry.path, e))?
-                .len();
-            let mut at = FILE_HEADER_LEN as u64 + (self.pos - header.start_pos);
-            if self.pos == header.start_pos
-                && self.digest.as_ref().is_none_or(|(n, _, _)| *n != name)
-            {
+            let file_len = FILE_HEADER_LEN as u64 + (until - cur.start);
+            let mut at = FILE_HEADER_LEN as u64 + (self.pos - cur.start);
+            if self.pos == cur.start && self.digest.as_ref().is_none_or(|(n, _, _)| *n != name) {
                 self.digest = Some((name.clone(), self.pos, VersionBuilder::new()));
             }
             let mut progressed = false;
@@ -818,17 +875,21 @@ impl Replayer {
                 ra: ReadAhead::new(1 << 20),
                 from_memory: 0,
             };
+            // The file may hold more than `until` (another history's records after
+            // a fork): read-ahead never looks past the file, records past `until`
+            // are never applied.
+            let real_len = FILE_HEADER_LEN as u64 + (cur.end - cur.start);
             while out.bytes < max_bytes && at + RECORD_HEADER_LEN as u64 <= file_len {
                 let mut hdr = [0u8; RECORD_HEADER_LEN];
                 hdr.copy_from_slice(
-                    ra.get(&f, at, RECORD_HEADER_LEN, file_len)
+                    ra.get(&f, at, RECORD_HEADER_LEN, real_len)
                         .map_err(|e| LoggerError::io(&entry.path, e))?,
                 );
                 let (h, crc) = match RecordHeader::decode(&hdr) {
                     Ok(x) => x,
                     Err(e) => {
                         return self.halt(Halt::Corrupt {
-                            file: entry.name(),
+                            file: name,
                             pos: self.pos,
                             reason: e.to_string(),
                         })
@@ -836,6 +897,16 @@ impl Replayer {
                 };
                 let total = h.total_len();
                 if at + total > file_len {
+                    if until < cur.end {
+                        // A fork point (or the source's end of this logfile) inside a
+                        // record: not the same records on both sides.
+                        let h = Halt::SplitBrain {
+                            file: name.clone(),
+                            ours: format!("{name} has a record across position {until}"),
+                            theirs: format!("the history followed here parts at {until}"),
+                        };
+                        return self.halt(h);
+                    }
                     break; // the rest of this record is still being fetched
                 }
                 let payload = ra
@@ -843,7 +914,7 @@ impl Replayer {
                         &f,
                         at + RECORD_HEADER_LEN as u64,
                         h.payload_len() as usize,
-                        file_len,
+                        real_len,
                     )
                     .map_err(|e| LoggerError::io(&entry.path, e))?;
                 let checks = RecordHeader::verify(&hdr, crc, payload)
@@ -869,7 +940,7 @@ impl Replayer {
                     });
                 if let Err(reason) = checks {
                     return self.halt(Halt::Corrupt {
-                        file: entry.name(),
+                        file: name,
                         pos: self.pos,
                         reason,
                     });
@@ -913,25 +984,6 @@ impl Replayer {
             if let Some(fetched) = &self.fetched {
                 fetched.consumed(entry.seq, &ra.name, at);
             }
-            // At the end of a finished logfile: check the history, then move on.
-            let file_end = header.start_pos + (file_len - FILE_HEADER_LEN as u64);
-            match next {
-                Some((next_entry, next_header)) if self.pos == file_end => {
-                    if next_header.start_pos != file_end {
-                        return self.halt(Halt::Gap {
-                            expected_pos: file_end,
-                            file: next_entry.name(),
-                            starts_at: next_header.start_pos,
-                        });
-                    }
-                    self.check_version(&entry, header.start_pos, file_end)?;
-                    if self.halted.is_some() {
-                        break;
-                    }
-                    continue;
-                }
-                _ => {}
-            }
             if !progressed {
                 out.idle = true;
                 break;
@@ -940,80 +992,71 @@ impl Replayer {
         Ok(out)
     }
 
-    /// Compare our version of a finished logfile with its origin's, when the origin's is known.
-    fn check_version(
+    /// Leave `cur` at the position for `child`, which continues it there: our
+    /// version of `cur` covers what was applied of it; when the child's writer
+    /// has a version of `cur` up to the same position, both must be equal.
+    /// Returns false to wait (a format-1/2 child whose writer's version of the
+    /// logfile before it is not here yet: fetch brings it first).
+    fn enter(
+        &mut self,
+        cur_entry: &LogfileEntry,
+        cur: &LocalFile,
+        child_entry: &LogfileEntry,
+        child: &LocalFile,
+    ) -> Result<bool, LoggerError> {
+        let theirs = read_version(&self.dir, cur.seq, &child_entry.node)?
+            .filter(|v| v.logfile == cur.name && v.end_pos == self.pos);
+        if child.parent == 0 && child_entry.node != self.node && theirs.is_none() {
+            return Ok(false);
+        }
+        if cur_entry.node != self.node {
+            let ours = self.version_of(cur_entry, cur.start, self.pos)?;
+            if let Some(theirs) = theirs.filter(|t| t.version != ours.version) {
+                let h = Halt::SplitBrain {
+                    file: child.name.clone(),
+                    ours: format!("{} up to {}: {}", cur.name, self.pos, ours.version),
+                    theirs: format!("{}'s version of it: {}", child_entry.node, theirs.version),
+                };
+                return self.halt(h);
+            }
+            self.last_version = Some(ours);
+        }
+        self.path.push((child.name.clone(), child.start, self.pos));
+        self.digest = None;
+        Ok(true)
+    }
+
+    /// Our version of the part `[start, end)` of a logfile written by another
+    /// node: what replay applied of it, not what the file holds beyond (records
+    /// after a fork are no part of this history). Stored as
+    /// `version-<seq>-<this node>`.
+    fn version_of(
         &mut self,
         entry: &LogfileEntry,
         start: u64,
         end: u64,
-    ) -> Result<(), LoggerError> {
-        if entry.node == self.node {
-            return Ok(()); // our own logfile: its version was written when it was finished
+    ) -> Result<Version, LoggerError> {
+        if let Some(v) = read_version(&self.dir, entry.seq, &self.node)?
+            .filter(|v| v.logfile == entry.name() && v.start_pos == start && v.end_pos == end)
+        {
+            return Ok(v);
         }
-        let ours = match read_version(&self.dir, entry.seq, &self.node)? {
-            Some(v) => v,
-            None => {
-                // Ours of the logfile before, as stored (the one in memory can be
-                // older when replay went past logfiles checked before a restart), or
-                // the origin's where our history begins (a full sync).
-                let prev = match previous_version(&self.dir, &self.node, entry)? {
-                    Some(v) => Some(v),
-                    None => self.last_version.take(),
-                };
-                match self.digest.take() {
-                    // Every header of the logfile went through replay: no read-back.
-                    Some((n, upto, b)) if n == entry.name() && upto == end => {
-                        self.versions_inline += 1;
-                        store_version(&self.dir, &self.node, entry, start, end, prev.as_ref(), b)?
-                    }
-                    _ => finish_version(&self.dir, &self.node, entry, start, end, prev.as_ref())?,
-                }
+        // Ours of the logfile before, as stored, or, where our history begins (a
+        // full sync started inside this logfile), the origin's: the disk is the
+        // source's image there by construction.
+        let prev = match previous_version(&self.dir, &self.node, entry)? {
+            Some(v) => Some(v),
+            None => self.last_version.take(),
+        };
+        match self.digest.take() {
+            // Every header of the part went through replay: no read-back.
+            Some((n, upto, b)) if n == entry.name() && upto == end => {
+                self.versions_inline += 1;
+                store_version(&self.dir, &self.node, entry, start, end, prev.as_ref(), b)
             }
-        };
-        if let Some(theirs) = read_version(&self.dir, entry.seq, &entry.node)? {
-            if theirs.version != ours.version {
-                let h = Halt::SplitBrain {
-                    file: entry.name(),
-                    ours: ours.version.clone(),
-                    theirs: theirs.version,
-                };
-                self.halt::<()>(h).ok();
-                return Ok(());
-            }
+            _ => finish_version(&self.dir, &self.node, entry, start, end, prev.as_ref()),
         }
-        self.last_version = Some(ours);
-        Ok(())
     }
-
-    /// Before applying from a logfile written by another node: that node's
-    /// version of the previous logfile must equal ours. This is where a node
-    /// whose log went on after a failover elsewhere (a former primary) finds
-    /// that the new primary's log does not continue its history. Returns false
-    /// when the origin's version is not here yet (fetch brings it first).
-    fn continues_history(&mut self, entry: &LogfileEntry) -> Result<bool, LoggerError> {
-        if entry.node == self.node {
-            return Ok(true);
-        }
-        let Some(prev_seq) = entry.seq.checked_sub(1) else {
-            return Ok(true);
-        };
-        let Some(ours) = read_version(&self.dir, prev_seq, &self.node)? else {
-            return Ok(true); // our history begins inside this logfile (a full sync)
-        };
-        let Some(theirs) = read_version(&self.dir, prev_seq, &entry.node)? else {
-            return Ok(false);
-        };
-        if ours.version != theirs.version {
-            let h = Halt::SplitBrain {
-                file: entry.name(),
-                ours: ours.version,
-                theirs: theirs.version,
-            };
-            self.halt::<()>(h).ok();
-        }
-        Ok(true)
-    }
-
     fn halt<T>(&mut self, h: Halt) -> Result<T, LoggerError> {
         tracing::error!(dir = %self.dir.display(), "replay stopped: {h}");
         let msg = h.to_string();
@@ -1024,11 +1067,17 @@ impl Replayer {
     }
 }
 
-fn write_state(dir: &Path, pos: u64, limit: Option<u64>) -> Result<(), LoggerError> {
+fn write_state(
+    dir: &Path,
+    pos: u64,
+    limit: Option<u64>,
+    file: Option<(String, u64)>,
+) -> Result<(), LoggerError> {
     let body = serde_json::to_vec(&ReplayedState {
         format: 1,
         pos,
         limit,
+        file,
     })
     .map_err(|e| LoggerError::BadState(e.to_string()))?;
     let path = dir.join(REPLAYED_FILE);
@@ -1066,7 +1115,7 @@ pub fn demote(dir: &Path, node: &str, disk_path: &Path, size: u64) -> Result<u64
     }
     // An old mark must not move the position written here.
     remove_state_file(dir, HW_FILE)?;
-    write_state(dir, rec.end_pos, Some(rec.end_pos))?;
+    write_state(dir, rec.end_pos, Some(rec.end_pos), None)?;
     remove_state_file(dir, APPLIED_FILE)?;
     Ok(rec.end_pos)
 }
@@ -1084,15 +1133,82 @@ pub fn promote(dir: &Path, start_pos: Option<u64>) -> Result<u64, LoggerError> {
         forget(dir)?;
         return Ok(a.applied_pos);
     }
-    let pos = read_state(dir)?
-        .map(|s| s.pos)
-        .or(start_pos)
-        .ok_or_else(|| {
-            LoggerError::BadState(format!("{}: nothing replayed here", dir.display()))
-        })?;
+    let state = read_state(dir)?;
+    let pos = state.as_ref().map(|s| s.pos).or(start_pos).ok_or_else(|| {
+        LoggerError::BadState(format!("{}: nothing replayed here", dir.display()))
+    })?;
+    keep_one_history(dir, pos, state.and_then(|s| s.file))?;
     write_applied(dir, pos)?;
     forget(dir)?;
     Ok(pos)
+}
+
+/// Name prefix of logfiles of another history set aside when a member becomes
+/// the writer (`orphan-log-...`; kept for inspection, never read).
+pub const ORPHAN_PREFIX: &str = "orphan-";
+
+/// Before the writer's recovery applies every local logfile from `pos` on:
+/// only the history replay followed stays (see [`history::chain`]); logfiles
+/// of another history (fetched before a failover) are renamed `orphan-...`,
+/// and a logfile holding records after a fork is cut at the fork.
+fn keep_one_history(dir: &Path, pos: u64, file: Option<(String, u64)>) -> Result<(), LoggerError> {
+    let mut files = Vec::new();
+    for e in list_logfiles(dir).map_err(|err| LoggerError::io(dir, err))? {
+        let Some(b) = crate::recovery::read_header(&e.path)? else {
+            continue; // recovery removes or refuses it
+        };
+        let Ok(h) = FileHeader::decode(&b) else {
+            continue; // recovery refuses it, naming it
+        };
+        let len = std::fs::metadata(&e.path)
+            .map_err(|err| LoggerError::io(&e.path, err))?
+            .len();
+        files.push((
+            e.clone(),
+            LocalFile {
+                name: e.name(),
+                seq: e.seq,
+                header: b,
+                start: h.start_pos,
+                end: h.start_pos + (len - FILE_HEADER_LEN as u64),
+                parent: h.parent,
+            },
+        ));
+    }
+    let views: Vec<LocalFile> = files.iter().map(|(_, f)| f.clone()).collect();
+    let cur = match file {
+        Some((n, start)) => views.iter().position(|f| f.name == n && f.start == start),
+        None => history::locate(pos, &views, None).ok().flatten(),
+    };
+    let Some(cur) = cur else {
+        return Ok(());
+    };
+    let (keep, cuts) = history::chain(cur, &views);
+    let mut changed = false;
+    for (i, (e, _)) in files.iter().enumerate() {
+        if !keep.contains(&i) {
+            let to = dir.join(format!("{ORPHAN_PREFIX}{}", e.name()));
+            tracing::warn!(logfile = %e.path.display(), "another history's logfile set aside as {}", to.display());
+            std::fs::rename(&e.path, &to).map_err(|err| LoggerError::io(&e.path, err))?;
+            changed = true;
+        }
+    }
+    for (i, at) in cuts {
+        let (e, f) = &files[i];
+        tracing::warn!(logfile = %e.path.display(), at, "cut at the fork: the records after it are another history's");
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&e.path)
+            .map_err(|err| LoggerError::io(&e.path, err))?;
+        file.set_len(FILE_HEADER_LEN as u64 + (at - f.start))
+            .and_then(|()| file.sync_all())
+            .map_err(|err| LoggerError::io(&e.path, err))?;
+        changed = true;
+    }
+    if changed {
+        crate::crashsafe::sync_dir(dir).map_err(|e| LoggerError::io(dir, e))?;
+    }
+    Ok(())
 }
 
 /// Remove replay's state (`replayed` and the high-water mark, the mark
@@ -1124,7 +1240,9 @@ pub fn delete_replayed(dir: &Path, upto: u64) -> Result<Vec<String>, LoggerError
             continue;
         };
         let end = h.start_pos + len.saturating_sub(FILE_HEADER_LEN as u64);
-        if end <= upto {
+        // Strictly before: the logfile ending at the durable position may be the
+        // one replay is in (named in `replayed`).
+        if end < upto {
             std::fs::remove_file(&entry.path).map_err(|e| LoggerError::io(&entry.path, e))?;
             deleted.push(entry.name());
         }

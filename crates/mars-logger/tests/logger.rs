@@ -402,6 +402,7 @@ fn recycled_logfiles_keep_the_log_exact() {
             start_record_seq: 1,
             created_ns: 0,
             resource_id: 42,
+            parent: 0,
         }
         .encode()
         .to_vec();

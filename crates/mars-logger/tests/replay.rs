@@ -2,9 +2,10 @@
 //! a prefix image after every step, growing files, corruption and split brain.
 
 use bytes::Bytes;
-use mars_logfmt::{scan_logfile, Kind, VersionBuilder};
+use mars_logfmt::{scan_logfile, FileHeader, Kind, VersionBuilder};
 use mars_logger::disk::AlignedBuf;
 use mars_logger::fetched::FetchedChunks;
+use mars_logger::history::Listed;
 use mars_logger::replay::{HwMark, Replayer, HW_FILE, HW_LEN};
 use mars_logger::{list_logfiles, Config, Logger};
 use rand::{Rng, SeedableRng};
@@ -347,24 +348,45 @@ fn another_logfile_of_the_same_number_mid_file_is_a_split_brain() {
         applied += r.step(1).unwrap().records as usize;
     }
     let pos = r.position();
+    // Another writer's logfile of the same number and the same records, but of
+    // another history (its own header: another logfile, though a child of the
+    // first at the same place), which the source lists.
     let other = format!("log-{:09}-omega", second.seq);
-    std::fs::copy(&second.path, bdir.join(&other)).unwrap();
+    let mut bytes = std::fs::read(&second.path).unwrap();
+    let mut h = FileHeader::decode(&bytes[..64]).unwrap();
+    h.created_ns += 1;
+    bytes[..64].copy_from_slice(&h.encode());
+    std::fs::write(bdir.join(&other), &bytes).unwrap();
+    let lineage = |with: &str| {
+        let mut l = Vec::new();
+        for (i, e) in list_logfiles(&bdir).unwrap().into_iter().enumerate() {
+            if i == 0 || e.name() == with {
+                let b = std::fs::read(&e.path).unwrap();
+                let h = FileHeader::decode(&b[..64]).unwrap();
+                l.push(Listed {
+                    name: e.name(),
+                    start: h.start_pos,
+                    end: h.start_pos + b.len() as u64 - 64,
+                });
+            }
+        }
+        l
+    };
+    // The source lists the other logfile: its history has other records at
+    // this position (the other logfile is no child of the one replay is in).
+    r.set_lineage(Some(lineage(&other)));
     let err = r.step(u64::MAX).unwrap_err().to_string();
     assert!(err.contains("split brain") && err.contains(&other), "{err}");
     assert_eq!(r.position(), pos, "nothing applied from the other file");
-    // The same after a restart, which forgets which of the two replay was in.
-    std::fs::remove_file(bdir.join("replayed")).unwrap();
-    std::fs::remove_file(bdir.join(HW_FILE)).unwrap();
-    std::fs::write(&bdisk, vec![0u8; SIZE as usize]).unwrap();
-    std::fs::remove_file(bdir.join(&other)).unwrap();
-    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
-    let mut applied = 0;
-    while applied < first_recs + 2 {
-        applied += r.step(1).unwrap().records as usize;
-    }
-    r.persist().unwrap();
+    // After a restart with a `replayed` of an older build (no logfile named),
+    // the two logfiles holding the position cannot be told apart: stop.
     drop(r);
-    std::fs::copy(&second.path, bdir.join(&other)).unwrap();
+    std::fs::write(
+        bdir.join("replayed"),
+        format!("{{\"format\":1,\"pos\":{pos},\"limit\":{pos}}}"),
+    )
+    .unwrap();
+    std::fs::remove_file(bdir.join(HW_FILE)).unwrap();
     let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
     assert_eq!(r.position(), pos);
     let err = r.step(u64::MAX).unwrap_err().to_string();
@@ -374,6 +396,19 @@ fn another_logfile_of_the_same_number_mid_file_is_a_split_brain() {
         pos,
         "nothing applied after the restart either"
     );
+    // With the logfile named (this build), replay knows which one it is in.
+    std::fs::write(
+        bdir.join("replayed"),
+        format!(
+            "{{\"format\":1,\"pos\":{pos},\"limit\":{pos},\"file\":[\"{}\",{}]}}",
+            second.name(),
+            h.start_pos
+        ),
+    )
+    .unwrap();
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    r.set_lineage(Some(lineage(&second.name())));
+    assert!(r.step(u64::MAX).unwrap().records > 0);
 }
 
 /// Replay of 40 writes whose fourth record has a payload bit flipped, in the

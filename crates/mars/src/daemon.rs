@@ -503,6 +503,7 @@ impl Daemon {
                     avoid_sources: Default::default(),
                     fetch_avoid: Default::default(),
                     sync_unreachable: Default::default(),
+                    lineage: Default::default(),
                 };
                 tracing::info!(resource = %r.name, "secondary: sync, fetch and replay");
                 let task = tokio::spawn(sec.run());
@@ -2505,6 +2506,7 @@ mod tests {
             start_record_seq: 1,
             created_ns: 1,
             resource_id: 1,
+            parent: 0,
         };
         let mut bytes = header.encode().to_vec();
         bytes.extend((0..5 * DIRECT_ALIGN + 123).map(|i| (i * 31 % 251) as u8));

@@ -274,6 +274,9 @@ pub struct Secondary {
     /// is damaged: not asked again before then at all).
     #[allow(clippy::type_complexity)]
     pub fetch_avoid: Mutex<std::collections::HashMap<String, (std::time::Instant, Option<String>)>>,
+    /// The logfiles of the history of the source fetched from last (its list):
+    /// replay follows that history where another one's logfiles lie here too.
+    pub lineage: Mutex<Option<Vec<mars_logger::history::Listed>>>,
 }
 
 /// Of the members of `res` that `eligible` lets through, the one with a consistent
@@ -1044,6 +1047,8 @@ impl Secondary {
             persisted.map_err(|e| anyhow!("persisting the replay position: {e}"))?;
             return Ok(true);
         }
+        let mut r = r;
+        r.set_lineage(self.lineage.lock().clone());
         let (r, outcome) = tokio::task::spawn_blocking(move || {
             let mut r = r;
             let o = r.step(64 << 20);
@@ -1406,6 +1411,54 @@ impl Secondary {
         })
     }
 
+    /// Whether the local file at `path` is a copy of the source's logfile `f`
+    /// (its header says the same start position). A logfile of the same name
+    /// from another history (its writer's life before a failover) is set aside
+    /// as `orphan-...` when replay never entered it (false: fetch it anew); one
+    /// replay is in or passed makes this member's history another one.
+    async fn same_logfile(
+        &self,
+        path: &std::path::Path,
+        f: &mars_proto::LogFileInfo,
+        replay_pos: u64,
+    ) -> Result<bool> {
+        let p = path.to_path_buf();
+        let header = tokio::task::spawn_blocking(move || -> std::io::Result<Option<u64>> {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::File::open(&p)?;
+            let mut b = [0u8; mars_logfmt::FILE_HEADER_LEN];
+            match file.read_exact_at(&mut b, 0) {
+                Ok(()) => Ok(mars_logfmt::FileHeader::decode(&b)
+                    .ok()
+                    .map(|h| h.start_pos)),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .await??;
+        match header {
+            Some(start) if start == f.start_pos => Ok(true),
+            Some(start) if replay_pos > start => {
+                self.progress.lock().split_brain = true;
+                bail!(
+                    "split brain: the local {} (from log position {start}) is another history's than the source's (from {}), and replay applied it; `marsadm invalidate {}` copies the disk anew",
+                    f.name,
+                    f.start_pos,
+                    self.res
+                )
+            }
+            _ => {
+                let to = self
+                    .dir
+                    .join(format!("{}{}", mars_logger::replay::ORPHAN_PREFIX, f.name));
+                tracing::warn!(resource = %self.res, logfile = %f.name, "a local logfile of that name is another history's: set aside as {}", to.display());
+                std::fs::rename(path, &to)?;
+                self.arrivals.lock().remove(&f.name);
+                Ok(false)
+            }
+        }
+    }
+
     /// Fetch what `primary` has beyond this node's copies. Returns the bytes
     /// fetched; `wake` tells replay of every chunk written (it takes it from memory
     /// while it is there).
@@ -1487,6 +1540,16 @@ impl Secondary {
             }
         }
         self.progress.lock().cut_off = false;
+        *self.lineage.lock() = Some(
+            files
+                .iter()
+                .map(|f| mars_logger::history::Listed {
+                    name: f.name.clone(),
+                    start: f.start_pos,
+                    end: f.start_pos + f.len.saturating_sub(mars_logfmt::FILE_HEADER_LEN as u64),
+                })
+                .collect(),
+        );
         // Checks of logfiles the source no longer lists (deleted) are dropped.
         {
             let listed: std::collections::HashSet<&str> =
@@ -1503,6 +1566,9 @@ impl Secondary {
             let mut local = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             if local == 0 && i < first_needed {
                 continue;
+            }
+            if local > 0 && !self.same_logfile(&path, &f, replay_pos).await? {
+                local = 0;
             }
             let out = Arc::new(
                 std::fs::OpenOptions::new()

@@ -1,0 +1,501 @@
+//! Which logfile replay takes next: the rules of one history, as pure code (no
+//! files, no clock). Replay (`replay.rs`) lists the local logfiles and asks
+//! [`next`]; the replication simulation drives the same replay, so it runs
+//! these rules too.
+//!
+//! Every logfile of format 3 names its parent ([`mars_logfmt::parent_link`]):
+//! the logfile, by its whole header, whose records up to the new logfile's
+//! start came before its first record. A member is *in* one logfile at one
+//! position; it enters a child only at exactly the child's start, so what it
+//! applied is always one chain of links. A child that starts before the
+//! member's position forks from what the member applied: a split brain, never
+//! a skip. Logfiles without a link (formats 1 and 2) follow the old rule: the
+//! next sequence number continues the previous logfile.
+//!
+//! `lineage`: the logfiles the fetch source lists (its history), when known.
+//! Children outside it are another history's (left over from before a
+//! failover) and are not taken; a source whose history holds other records at
+//! the member's position is a split brain too.
+
+use mars_logfmt::{parent_link, FILE_HEADER_LEN};
+
+/// A local logfile as the rules see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalFile {
+    pub name: String,
+    pub seq: u64,
+    /// The file header exactly as stored (links name it).
+    pub header: [u8; FILE_HEADER_LEN],
+    pub start: u64,
+    /// Stream position after the last complete byte here (start + records length).
+    pub end: u64,
+    /// The parent link from the header (0: none or unknown).
+    pub parent: u64,
+}
+
+/// A logfile of the source's history: name, start and end positions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub name: String,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// What replay does next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Apply records of the current logfile up to (not beyond) this position.
+    Apply { until: u64 },
+    /// Enter this logfile (index into the files given): it continues exactly
+    /// the history applied, at the current position.
+    Enter(usize),
+    /// Nothing to do until more arrives.
+    Wait,
+    /// The member's history and another part here: stop, say why.
+    SplitBrain(String),
+}
+
+/// Whether `f` continues `cur` (names it as parent at its start).
+pub fn is_child(cur: &LocalFile, f: &LocalFile) -> bool {
+    if f.name == cur.name && f.start == cur.start {
+        return false;
+    }
+    if f.start < cur.start {
+        return false;
+    }
+    if f.parent != 0 {
+        f.parent == parent_link(&cur.header, f.start)
+    } else {
+        // Format 1/2 (or a writer that knew no parent): the next number.
+        f.seq == cur.seq + 1
+    }
+}
+
+fn listed(lineage: Option<&[Listed]>, f: &LocalFile) -> bool {
+    lineage.is_none_or(|l| l.iter().any(|x| x.name == f.name && x.start == f.start))
+}
+
+/// The next step of a member at `pos` inside `files[cur]`.
+pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&[Listed]>) -> Next {
+    let Some(c) = files.get(cur) else {
+        return Next::Wait;
+    };
+    // The source's history holds other records at this position.
+    if let Some(l) = lineage {
+        if let Some(x) = l
+            .iter()
+            .find(|x| !(x.name == c.name && x.start == c.start) && x.start <= pos && pos < x.end)
+        {
+            // Unless that logfile may continue ours right here (it does when its
+            // link names our logfile; not here yet: wait for it).
+            let ours_next = x.start == pos
+                && files
+                    .iter()
+                    .filter(|f| f.name == x.name && f.start == x.start)
+                    .all(|f| is_child(c, f));
+            if !ours_next {
+                return Next::SplitBrain(format!(
+                    "this node applied {} up to log position {pos}; the source's history has {} there (from {})",
+                    c.name, x.name, x.start
+                ));
+            }
+        }
+    }
+    let children: Vec<usize> = (0..files.len())
+        .filter(|&i| is_child(c, &files[i]) && listed(lineage, &files[i]))
+        .collect();
+    if let Some(&i) = children.iter().find(|&&i| files[i].start < pos) {
+        let f = &files[i];
+        return Next::SplitBrain(format!(
+            "{} continues {} from log position {}, but this node applied {} up to {pos}",
+            f.name, c.name, f.start, c.name
+        ));
+    }
+    if let Some(&i) = children
+        .iter()
+        .filter(|&&i| files[i].start == pos)
+        .min_by_key(|&&i| (files[i].seq, &files[i].name))
+    {
+        return Next::Enter(i);
+    }
+    let mut stop = children
+        .iter()
+        .map(|&i| files[i].start)
+        .min()
+        .unwrap_or(u64::MAX);
+    // The source's copy of this logfile ends where the source's next logfile
+    // starts: its history goes on elsewhere there (that logfile may not be here
+    // yet), so nothing beyond is applied. A source's last logfile may still grow.
+    if let Some(l) = lineage {
+        if let Some(k) = l
+            .iter()
+            .position(|x| x.name == c.name && x.start == c.start)
+        {
+            if k + 1 < l.len() {
+                stop = stop.min(l[k].end);
+            }
+        }
+    }
+    let until = stop.min(c.end);
+    if pos < until {
+        Next::Apply { until }
+    } else {
+        Next::Wait
+    }
+}
+
+/// Where a member at `pos` is when it does not know its logfile (no persisted
+/// one): the logfile holding records before `pos` up to it, or, when none
+/// does, one that starts at `pos` (the first by sequence: an empty logfile
+/// before its child). `Err` when two hold records before `pos` (what was
+/// applied came from one of them; nothing tells which) or none holds `pos`.
+pub fn locate(
+    pos: u64,
+    files: &[LocalFile],
+    lineage: Option<&[Listed]>,
+) -> Result<Option<usize>, String> {
+    let inside: Vec<usize> = (0..files.len())
+        .filter(|&i| files[i].start < pos && pos <= files[i].end)
+        .collect();
+    match inside.len() {
+        1 => return Ok(Some(inside[0])),
+        0 => {}
+        _ => {
+            let names: Vec<&str> = inside.iter().map(|&i| files[i].name.as_str()).collect();
+            return Err(format!(
+                "split brain: logfiles {} all hold log position {pos}; this node's history is one of them",
+                names.join(", ")
+            ));
+        }
+    }
+    let at = (0..files.len())
+        .filter(|&i| files[i].start == pos)
+        .min_by_key(|&i| {
+            (
+                !listed(lineage, &files[i]),
+                files[i].seq,
+                files[i].name.clone(),
+            )
+        });
+    if at.is_some() {
+        return Ok(at);
+    }
+    // Before every logfile here (a fetch still to come) or after them all.
+    Ok(None)
+}
+
+/// The logfiles a member went through from `files[cur]` to reach `pos` (after
+/// a kill, replay's mark may lie in a later logfile than its durable position):
+/// at every step exactly one child starting at or before `pos`. `None` when
+/// that is not so (two children: which one was taken is not known; or `pos`
+/// lies beyond the logfile reached).
+pub fn advance(pos: u64, cur: usize, files: &[LocalFile]) -> Option<Vec<usize>> {
+    let mut chain = Vec::new();
+    let mut at = cur;
+    loop {
+        let kids: Vec<usize> = (0..files.len())
+            .filter(|&i| is_child(&files[at], &files[i]) && files[i].start <= pos)
+            .collect();
+        match kids.as_slice() {
+            [] => return (pos <= files[at].end).then_some(chain),
+            [k] => {
+                if chain.contains(k) || *k == cur {
+                    return None;
+                }
+                chain.push(*k);
+                at = *k;
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// The logfiles of the history through `files[cur]`, for a member that becomes
+/// the writer: its ancestors (by links), itself, and its descendants as far as
+/// they are one chain (at every step one child, the first to start). Returns
+/// the indices to keep, in order, and the cuts: a logfile that holds more
+/// than its child's start (another history's records after a fork) is cut
+/// there. Every other logfile is another history's.
+pub fn chain(cur: usize, files: &[LocalFile]) -> (Vec<usize>, Vec<(usize, u64)>) {
+    let mut before = Vec::new();
+    let mut at = cur;
+    loop {
+        let parents: Vec<usize> = (0..files.len())
+            .filter(|&j| j != at && !before.contains(&j) && is_child(&files[j], &files[at]))
+            .collect();
+        match parents.as_slice() {
+            [p] => {
+                before.push(*p);
+                at = *p;
+            }
+            _ => break,
+        }
+    }
+    before.reverse();
+    let mut keep = before;
+    keep.push(cur);
+    at = cur;
+    loop {
+        let kids: Vec<usize> = (0..files.len())
+            .filter(|&i| !keep.contains(&i) && is_child(&files[at], &files[i]))
+            .collect();
+        let Some(first) = kids.iter().map(|&i| files[i].start).min() else {
+            break;
+        };
+        let at_first: Vec<usize> = kids
+            .into_iter()
+            .filter(|&i| files[i].start == first)
+            .collect();
+        match at_first.as_slice() {
+            [k] => {
+                keep.push(*k);
+                at = *k;
+            }
+            _ => break,
+        }
+    }
+    let cuts = keep
+        .windows(2)
+        .filter(|w| files[w[0]].end > files[w[1]].start)
+        .map(|w| (w[0], files[w[1]].start))
+        .collect();
+    (keep, cuts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mars_logfmt::FileHeader;
+
+    fn file(seq: u64, node: &str, start: u64, end: u64, parent: u64, created: u64) -> LocalFile {
+        let h = FileHeader {
+            file_seq: seq,
+            start_pos: start,
+            start_record_seq: 1,
+            created_ns: created,
+            resource_id: 7,
+            parent,
+        }
+        .encode();
+        LocalFile {
+            name: mars_logfmt::logfile_name(seq, node),
+            seq,
+            header: h,
+            start,
+            end,
+            parent,
+        }
+    }
+
+    fn child_of(p: &LocalFile, seq: u64, node: &str, start: u64, end: u64) -> LocalFile {
+        file(
+            seq,
+            node,
+            start,
+            end,
+            parent_link(&p.header, start),
+            seq * 1000 + start,
+        )
+    }
+
+    fn listed_all(files: &[&LocalFile]) -> Vec<Listed> {
+        files
+            .iter()
+            .map(|f| Listed {
+                name: f.name.clone(),
+                start: f.start,
+                end: f.end,
+            })
+            .collect()
+    }
+
+    /// The history: a writes log 5 to 300, b had it up to 200 and was
+    /// forced primary (log-6-b from 200). c, wherever it is in log-5-a, either
+    /// goes on into b's logfile at exactly 200 or reports the split brain.
+    #[test]
+    fn a_forced_failover_is_entered_only_at_its_fork_point() {
+        let a5 = file(5, "a", 100, 300, 0, 1);
+        let b6 = child_of(&a5, 6, "b", 200, 260);
+        let files = vec![a5.clone(), b6.clone()];
+        for lineage in [None, Some(listed_all(&[&a5, &b6]))] {
+            let l = lineage.as_deref();
+            // Behind the fork: apply up to it, not beyond.
+            assert_eq!(next(150, 0, &files, l), Next::Apply { until: 200 });
+            // At it: enter b's logfile.
+            assert_eq!(next(200, 0, &files, l), Next::Enter(1));
+            // Past it: a's orphaned records were applied.
+            assert!(matches!(next(250, 0, &files, l), Next::SplitBrain(_)));
+            assert!(matches!(next(300, 0, &files, l), Next::SplitBrain(_)));
+        }
+    }
+
+    /// The source's history tells the fork before its logfile arrived here.
+    #[test]
+    fn the_sources_list_shows_a_fork_before_the_logfile_arrives() {
+        let a5 = file(5, "a", 100, 300, 0, 1);
+        let b6 = child_of(&a5, 6, "b", 200, 260);
+        let files = vec![a5.clone()];
+        let mut b_copy = listed_all(&[&a5, &b6]);
+        b_copy[0].end = 200; // b's copy of log-5-a ends at the fork
+        assert!(matches!(
+            next(250, 0, &files, Some(&b_copy)),
+            Next::SplitBrain(_)
+        ));
+        // Behind the fork nothing is wrong yet: replay goes on in log-5-a up to
+        // where the source's copy ends, and waits there for b's logfile.
+        assert_eq!(
+            next(150, 0, &files, Some(&b_copy)),
+            Next::Apply { until: 200 }
+        );
+        assert_eq!(next(200, 0, &files, Some(&b_copy)), Next::Wait);
+        // A source that is merely behind (its copy ends before us) says nothing.
+        let behind = vec![Listed {
+            name: a5.name.clone(),
+            start: 100,
+            end: 180,
+        }];
+        assert_eq!(
+            next(250, 0, &files, Some(&behind)),
+            Next::Apply { until: 300 }
+        );
+    }
+
+    /// A writer behind forked from an earlier logfile (b had log 4 up to 150
+    /// and wrote log-5-b): c, already in a's log 5, is on another history.
+    #[test]
+    fn a_fork_from_an_earlier_logfile_is_a_split_brain() {
+        let a4 = file(4, "a", 0, 180, 0, 1);
+        let a5 = child_of(&a4, 5, "a", 180, 300);
+        let b5 = child_of(&a4, 5, "b", 150, 220);
+        let files = vec![a4.clone(), a5.clone(), b5.clone()];
+        let lineage = listed_all(&[&a4, &b5]);
+        let mut b_view = lineage.clone();
+        b_view[0].end = 150;
+        assert!(matches!(
+            next(190, 1, &files, Some(&b_view)),
+            Next::SplitBrain(_)
+        ));
+        // In log 4 behind 150: apply to 150, then b's logfile.
+        assert_eq!(
+            next(100, 0, &files, Some(&b_view)),
+            Next::Apply { until: 150 }
+        );
+        assert_eq!(next(150, 0, &files, Some(&b_view)), Next::Enter(2));
+        // Past 150 in log 4: split brain (b's child starts before us).
+        assert!(matches!(
+            next(170, 0, &files, Some(&b_view)),
+            Next::SplitBrain(_)
+        ));
+    }
+
+    /// Children outside the source's history (left from the old primary) are
+    /// not taken and do not stop replay.
+    #[test]
+    fn orphans_outside_the_sources_history_are_passed_over() {
+        let a5 = file(5, "a", 100, 300, 0, 1);
+        let a6 = child_of(&a5, 6, "a", 300, 400); // a's orphan, fetched before the failover
+        let b6 = child_of(&a5, 6, "b", 200, 260);
+        let b7 = child_of(&b6, 7, "b", 260, 500);
+        let files = vec![a5.clone(), a6, b6.clone(), b7.clone()];
+        let mut lineage = listed_all(&[&a5, &b6, &b7]);
+        lineage[0].end = 200;
+        assert_eq!(next(200, 0, &files, Some(&lineage)), Next::Enter(2));
+        assert_eq!(next(260, 2, &files, Some(&lineage)), Next::Enter(3));
+        assert_eq!(
+            next(300, 3, &files, Some(&lineage)),
+            Next::Apply { until: 500 }
+        );
+        // Without the source's list, the orphan child in log 5 ahead of 200 is a
+        // child like b's: replay stops at 200 and enters the first by sequence.
+        assert_eq!(next(150, 0, &files, None), Next::Apply { until: 200 });
+    }
+
+    /// Rotation: the writer's next logfile names the one before at its end.
+    #[test]
+    fn rotations_chain_and_wait_for_the_rest() {
+        let a1 = file(1, "a", 0, 100, 0, 1);
+        let a2 = child_of(&a1, 2, "a", 100, 100);
+        let files = vec![a1.clone(), a2.clone()];
+        assert_eq!(next(40, 0, &files, None), Next::Apply { until: 100 });
+        assert_eq!(next(100, 0, &files, None), Next::Enter(1));
+        assert_eq!(next(100, 1, &files, None), Next::Wait);
+        // Not fetched to its end yet: apply what is here, then wait.
+        let short = vec![
+            LocalFile {
+                end: 60,
+                ..a1.clone()
+            },
+            a2.clone(),
+        ];
+        assert_eq!(next(60, 0, &short, None), Next::Wait);
+    }
+
+    /// A logfile whose link names another header (a different logfile of the
+    /// same name from an earlier life of its writer) is no child.
+    #[test]
+    fn links_name_a_header_not_a_file_name() {
+        let old = file(5, "a", 100, 300, 0, 1);
+        let new = file(5, "a", 100, 300, 0, 2);
+        let child = child_of(&new, 6, "a", 300, 350);
+        assert!(is_child(&new, &child));
+        assert!(!is_child(&old, &child));
+        let files = vec![old, child];
+        assert_eq!(next(300, 0, &files, None), Next::Wait);
+    }
+
+    /// Format 1/2 logfiles follow by sequence, and forks behind us still stop replay.
+    #[test]
+    fn legacy_logfiles_follow_by_sequence() {
+        let a5 = file(5, "a", 100, 300, 0, 1);
+        let b6 = file(6, "b", 200, 260, 0, 2);
+        let files = vec![a5, b6];
+        assert_eq!(next(200, 0, &files, None), Next::Enter(1));
+        assert!(matches!(next(250, 0, &files, None), Next::SplitBrain(_)));
+    }
+
+    #[test]
+    fn advance_follows_one_chain_or_gives_up() {
+        let a1 = file(1, "a", 0, 100, 0, 1);
+        let a2 = child_of(&a1, 2, "a", 100, 250);
+        let a3 = child_of(&a2, 3, "a", 250, 300);
+        let files = vec![a1.clone(), a2.clone(), a3];
+        assert_eq!(advance(50, 0, &files), Some(vec![]));
+        assert_eq!(advance(120, 0, &files), Some(vec![1]));
+        assert_eq!(advance(280, 0, &files), Some(vec![1, 2]));
+        assert_eq!(advance(301, 0, &files), None);
+        let b2 = child_of(&a1, 2, "b", 80, 200);
+        let forked = vec![a1, a2, b2];
+        assert_eq!(advance(150, 0, &forked), None);
+    }
+
+    /// A member of b's history that also holds a's orphans becomes the writer:
+    /// the orphans go, log-5-a is cut at the fork.
+    #[test]
+    fn the_writers_chain_drops_another_historys_logfiles() {
+        let a4 = file(4, "a", 0, 100, 0, 1);
+        let a5 = child_of(&a4, 5, "a", 100, 300);
+        let a6 = child_of(&a5, 6, "a", 300, 400);
+        let b6 = child_of(&a5, 6, "b", 200, 260);
+        let b7 = child_of(&b6, 7, "b", 260, 270);
+        let files = vec![a4, a5, a6, b6, b7];
+        let (keep, cuts) = chain(3, &files);
+        assert_eq!(keep, vec![0, 1, 3, 4]);
+        assert_eq!(cuts, vec![(1, 200)]);
+        // In a5 before the fork: the first child (b's, at 200) is the chain.
+        let (keep, _) = chain(1, &files);
+        assert_eq!(keep, vec![0, 1, 3, 4]);
+    }
+
+    #[test]
+    fn locate_refuses_two_logfiles_holding_the_position() {
+        let a5 = file(5, "a", 100, 300, 0, 1);
+        let b6 = child_of(&a5, 6, "b", 200, 260);
+        let files = vec![a5, b6];
+        assert_eq!(locate(150, &files, None), Ok(Some(0)));
+        assert!(locate(250, &files, None).is_err());
+        // At 200 a5 holds records before it, b6 none: a5 (then the rules enter b6).
+        assert_eq!(locate(200, &files, None), Ok(Some(0)));
+        assert_eq!(locate(100, &files, None), Ok(Some(0)));
+        assert_eq!(locate(50, &files, None), Ok(None));
+    }
+}

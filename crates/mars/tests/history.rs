@@ -1,0 +1,133 @@
+//! One history per resource (issue 15): after a forced failover, no member
+//! mixes the old primary's orphaned writes with the new primary's. Three real
+//! marsd; alpha primary, beta and gamma up to date.
+
+mod common;
+use common::*;
+
+const MIB: u64 = 1 << 20;
+const BLOCK: usize = 4096;
+
+fn member<'a>(v: &'a serde_json::Value, node: &str) -> &'a serde_json::Value {
+    resource(v, "r0")
+        .and_then(|r| r["members"].as_array()?.iter().find(|m| m["node"] == node))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
+fn log_field(v: &serde_json::Value, node: &str, field: &str) -> u64 {
+    member(v, node)["log"][field].as_u64().unwrap_or(0)
+}
+
+/// Separate 4 KiB writes, each flushed, so that each is a record of its own.
+fn writes(n: &Node, blocks: &[u64], fill: u8) {
+    let mut c = n.nbd("r0");
+    for &b in blocks {
+        assert_eq!(c.write(b * BLOCK as u64, &[fill; BLOCK], false).unwrap(), 0);
+        assert_eq!(c.flush().unwrap(), 0);
+    }
+}
+
+fn setup() -> (Vec<Node>, Vec<std::path::PathBuf>) {
+    let nodes = start_cluster(&["alpha", "beta", "gamma"]);
+    let size = 8 * MIB;
+    let a = nodes[0].disk("a.img", size);
+    nodes[0].adm_ok(&["create-resource", "r0", a.to_str().unwrap()]);
+    let mut disks = vec![a];
+    for (i, n) in nodes[1..].iter().enumerate() {
+        n.wait_view("r0 known", |v| resource(v, "r0").is_some());
+        let d = n.disk(&format!("s{i}.img"), size);
+        n.adm_ok(&["join-resource", "r0", d.to_str().unwrap()]);
+        disks.push(d);
+    }
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    writes(&nodes[0], &[0, 1], 0x11);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    (nodes, disks)
+}
+
+/// beta stops fetching; alpha writes; then alpha dies and beta is forced
+/// primary and writes. Returns once beta has written.
+fn fork(nodes: &mut [Node], gamma_replays: bool) {
+    nodes[1].adm_ok(&["pause-fetch", "r0"]);
+    if !gamma_replays {
+        nodes[2].adm_ok(&["pause-replay", "r0"]);
+    }
+    // alpha's writes that beta never gets.
+    writes(&nodes[0], &[2, 3, 4, 5], 0xaa);
+    let written = log_field(&nodes[0].view_json(), "alpha", "written");
+    let field = if gamma_replays { "replayed" } else { "fetched" };
+    nodes[2].wait_view("gamma has alpha's last writes", |v| {
+        log_field(v, "gamma", field) >= written
+    });
+    nodes[0].kill9();
+    nodes[1].wait_view("alpha dead", |v| {
+        view_nodes(v)
+            .iter()
+            .any(|(n, alive)| n == "alpha" && !alive)
+    });
+    nodes[1].adm_ok(&["primary", "--force", "r0"]);
+    nodes[1].adm_ok(&["resume-fetch", "r0"]);
+    // beta's own writes: over some of alpha's blocks and beside them.
+    writes(&nodes[1], &[3, 6, 7], 0xbb);
+}
+
+/// The issue's case: gamma replayed alpha's writes past the point where beta
+/// took over. It must report the split brain (never `uptodate` with another
+/// disk than beta's), and `invalidate` makes it beta's image.
+#[test]
+fn a_member_past_the_fork_reports_split_brain_and_invalidate_repairs_it() {
+    let (mut nodes, disks) = setup();
+    fork(&mut nodes, true);
+    let beta_written = log_field(&nodes[1].view_json(), "beta", "written");
+    let v = nodes[2].wait_view("gamma reports the split brain", |v| {
+        let g = member(v, "gamma");
+        if g["disk"] == "uptodate" && log_field(v, "gamma", "replayed") >= beta_written {
+            // Up to date with beta's history: then the disks must be equal.
+            assert!(
+                read(&disks[2]) == read(&disks[1]),
+                "gamma shows uptodate at beta's position with another disk: {v:#}"
+            );
+        }
+        g["split_brain"] == true
+    });
+    assert_ne!(member(&v, "gamma")["disk"], "uptodate", "{v:#}");
+    nodes[2].adm_ok(&["invalidate", "r0"]);
+    nodes[1].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "90"]);
+    nodes[2].wait_view("gamma up to date without split brain", |v| {
+        member(v, "gamma")["disk"] == "uptodate"
+            && member(v, "gamma")["split_brain"] == false
+            && log_field(v, "gamma", "replayed") >= beta_written
+    });
+    assert!(read(&disks[2]) == read(&disks[1]), "gamma equals beta");
+    let g = read(&disks[2]);
+    assert!(
+        g[2 * BLOCK..3 * BLOCK].iter().all(|&b| b == 0),
+        "alpha's orphaned write is gone"
+    );
+    assert!(g[3 * BLOCK..4 * BLOCK].iter().all(|&b| b == 0xbb));
+}
+
+/// gamma fetched alpha's writes but had not replayed them: it applies alpha's
+/// log only up to the fork and goes on with beta's, with no split brain, and
+/// ends equal to beta.
+#[test]
+fn a_member_behind_the_fork_follows_the_new_primary_exactly() {
+    let (mut nodes, disks) = setup();
+    fork(&mut nodes, false);
+    let beta_written = log_field(&nodes[1].view_json(), "beta", "written");
+    nodes[2].adm_ok(&["resume-replay", "r0"]);
+    let v = nodes[2].wait_view("gamma replays beta's history", |v| {
+        assert_ne!(member(v, "gamma")["split_brain"], true, "{v:#}");
+        member(v, "gamma")["disk"] == "uptodate"
+            && log_field(v, "gamma", "replayed") >= beta_written
+    });
+    assert!(
+        read(&disks[2]) == read(&disks[1]),
+        "gamma differs from beta: {v:#}"
+    );
+    let g = read(&disks[2]);
+    assert!(
+        g[2 * BLOCK..3 * BLOCK].iter().all(|&b| b == 0),
+        "alpha's orphaned write not applied"
+    );
+}
