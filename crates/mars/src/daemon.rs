@@ -576,6 +576,7 @@ impl Daemon {
             } else if p.split_brain
                 || p.cut_off
                 || p.replay_error.is_some()
+                || p.history_unconfirmed
                 || p.replayed < primary_written
             {
                 "outdated"

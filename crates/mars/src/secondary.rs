@@ -108,6 +108,10 @@ pub struct Progress {
     pub sync_waits_for_source: bool,
     /// The last fetch round found no reachable member to fetch from.
     pub fetch_waits_for_source: bool,
+    /// What replay applied is not known yet to be the designated primary's
+    /// history: the source's list changed (or the primary did) since replay
+    /// last checked against it. Never `uptodate` then.
+    pub history_unconfirmed: bool,
 }
 
 /// Lag in seconds without comparing clocks of different nodes: remembers when
@@ -276,7 +280,10 @@ pub struct Secondary {
     pub fetch_avoid: Mutex<std::collections::HashMap<String, (std::time::Instant, Option<String>)>>,
     /// The logfiles of the history of the source fetched from last (its list):
     /// replay follows that history where another one's logfiles lie here too.
-    pub lineage: Mutex<Option<Vec<mars_logger::history::Listed>>>,
+    /// With the designated primary when it was listed: a list from before a
+    /// failover says nothing of the new primary's history.
+    #[allow(clippy::type_complexity)]
+    pub lineage: Mutex<Option<(Option<String>, Vec<mars_logger::history::Listed>)>>,
 }
 
 /// Of the members of `res` that `eligible` lets through, the one with a consistent
@@ -1048,7 +1055,19 @@ impl Secondary {
             return Ok(true);
         }
         let mut r = r;
-        r.set_lineage(self.lineage.lock().clone());
+        let designated = meta::designated_primary(&self.peer.store.lock(), &self.res);
+        let lineage = self.lineage.lock().clone();
+        match lineage {
+            // Listed before the primary changed: replay waits for the new
+            // primary's history (what it has may be the old primary's orphans).
+            Some((d, _)) if d != designated => {
+                self.progress.lock().history_unconfirmed = true;
+                *replayer = Some(r);
+                return Ok(true);
+            }
+            Some((_, l)) => r.set_lineage(Some(l)),
+            None => r.set_lineage(None),
+        }
         let (r, outcome) = tokio::task::spawn_blocking(move || {
             let mut r = r;
             let o = r.step(64 << 20);
@@ -1081,6 +1100,7 @@ impl Secondary {
             if p.consistent_from.is_some_and(|end| pos >= end) {
                 p.consistent_from = None;
             }
+            p.history_unconfirmed = halted.is_some();
         }
         *replayer = Some(r);
         if let Some(msg) = halted {
@@ -1540,16 +1560,31 @@ impl Secondary {
             }
         }
         self.progress.lock().cut_off = false;
-        *self.lineage.lock() = Some(
-            files
+        {
+            let designated = meta::designated_primary(&self.peer.store.lock(), &self.res);
+            let listed: Vec<mars_logger::history::Listed> = files
                 .iter()
                 .map(|f| mars_logger::history::Listed {
                     name: f.name.clone(),
                     start: f.start_pos,
                     end: f.start_pos + f.len.saturating_sub(mars_logfmt::FILE_HEADER_LEN as u64),
                 })
-                .collect(),
-        );
+                .collect();
+            let mut l = self.lineage.lock();
+            let same = l.as_ref().is_some_and(|(d, old)| {
+                *d == designated
+                    && old.len() == listed.len()
+                    && old
+                        .iter()
+                        .zip(&listed)
+                        .all(|(a, b)| a.name == b.name && a.start == b.start)
+            });
+            if !same {
+                // Until replay has looked at the new list.
+                self.progress.lock().history_unconfirmed = true;
+            }
+            *l = Some((designated, listed));
+        }
         // Checks of logfiles the source no longer lists (deleted) are dropped.
         {
             let listed: std::collections::HashSet<&str> =

@@ -92,7 +92,6 @@ fn a_member_past_the_fork_reports_split_brain_and_invalidate_repairs_it() {
     });
     assert_ne!(member(&v, "gamma")["disk"], "uptodate", "{v:#}");
     nodes[2].adm_ok(&["invalidate", "r0"]);
-    nodes[1].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "90"]);
     nodes[2].wait_view("gamma up to date without split brain", |v| {
         member(v, "gamma")["disk"] == "uptodate"
             && member(v, "gamma")["split_brain"] == false
@@ -115,6 +114,10 @@ fn a_member_behind_the_fork_follows_the_new_primary_exactly() {
     let (mut nodes, disks) = setup();
     fork(&mut nodes, false);
     let beta_written = log_field(&nodes[1].view_json(), "beta", "written");
+    // gamma knows of the failover (as an operator would check first).
+    nodes[2].wait_view("gamma knows beta is primary", |v| {
+        resource(v, "r0").is_some_and(|r| r["designated_primary"] == "beta")
+    });
     nodes[2].adm_ok(&["resume-replay", "r0"]);
     let v = nodes[2].wait_view("gamma replays beta's history", |v| {
         assert_ne!(member(v, "gamma")["split_brain"], true, "{v:#}");
