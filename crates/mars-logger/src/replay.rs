@@ -1224,6 +1224,7 @@ pub fn forget(dir: &Path) -> Result<(), LoggerError> {
 /// resumes there. Version files stay (the chain needs them). Returns the
 /// names deleted.
 pub fn delete_replayed(dir: &Path, upto: u64) -> Result<Vec<String>, LoggerError> {
+    let keep = read_state(dir)?.and_then(|s| s.file);
     let logs = list_logfiles(dir).map_err(|e| LoggerError::io(dir, e))?;
     let mut deleted = Vec::new();
     for entry in logs.iter().take(logs.len().saturating_sub(1)) {
@@ -1240,9 +1241,9 @@ pub fn delete_replayed(dir: &Path, upto: u64) -> Result<Vec<String>, LoggerError
             continue;
         };
         let end = h.start_pos + len.saturating_sub(FILE_HEADER_LEN as u64);
-        // Strictly before: the logfile ending at the durable position may be the
-        // one replay is in (named in `replayed`).
-        if end < upto {
+        // Not the logfile replay is in at its durable position (named in
+        // `replayed`): a restart resumes in it.
+        if end <= upto && keep.as_ref() != Some(&(entry.name(), h.start_pos)) {
             std::fs::remove_file(&entry.path).map_err(|e| LoggerError::io(&entry.path, e))?;
             deleted.push(entry.name());
         }
