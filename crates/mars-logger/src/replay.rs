@@ -176,12 +176,9 @@ pub enum Halt {
         pos: u64,
         reason: String,
     },
-    /// The logfile's version does not continue the history applied here.
-    SplitBrain {
-        file: String,
-        ours: String,
-        theirs: String,
-    },
+    /// The history applied here and the one this logfile (or the source's
+    /// list) continues part: see [`crate::history`].
+    SplitBrain { file: String, reason: String },
     /// Logfiles do not continue each other (a hole: a logfile is missing).
     Gap {
         expected_pos: u64,
@@ -197,12 +194,10 @@ impl std::fmt::Display for Halt {
                 f,
                 "corrupt record in {file} at log position {pos}: {reason}; not applied"
             ),
-            Halt::SplitBrain { file, ours, theirs } => {
-                write!(
-                    f,
-                    "split brain: version of {file} is {theirs} at its origin, {ours} here"
-                )
-            }
+            Halt::SplitBrain { file, reason } => write!(
+                f,
+                "split brain at {file}: {reason}; nothing of the other history was applied (`marsadm invalidate` of the resource here copies the disk anew)"
+            ),
             Halt::Gap {
                 expected_pos,
                 file,
@@ -222,6 +217,61 @@ pub struct StepOutcome {
     pub idle: bool,
 }
 
+/// A logfile replay entered (by name and start: a logfile's identity here)
+/// and the position it entered it at.
+#[derive(Clone, Debug)]
+struct Entered {
+    name: String,
+    start: u64,
+    at: u64,
+}
+
+impl Entered {
+    fn new(f: &LocalFile, at: u64) -> Entered {
+        Entered {
+            name: f.name.clone(),
+            start: f.start,
+            at,
+        }
+    }
+}
+
+/// The logfiles in `dir` as the history rules see them, ascending by sequence
+/// (ones still being created by fetch are left out), with their entries.
+fn local_files(dir: &Path) -> Result<(Vec<LogfileEntry>, Vec<LocalFile>), LoggerError> {
+    let mut entries = Vec::new();
+    let mut files = Vec::new();
+    for e in list_logfiles(dir).map_err(|err| LoggerError::io(dir, err))? {
+        let f = match File::open(&e.path) {
+            Ok(f) => f,
+            // Deleted meanwhile (a logfile replay has passed).
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(LoggerError::io(&e.path, err)),
+        };
+        let mut b = [0u8; FILE_HEADER_LEN];
+        if f.read_exact_at(&mut b, 0).is_err() {
+            continue;
+        }
+        let h = FileHeader::decode(&b).map_err(|err| {
+            LoggerError::Corrupt(format!("{}: bad file header: {err}", e.path.display()))
+        })?;
+        let len = f
+            .metadata()
+            .map_err(|err| LoggerError::io(&e.path, err))?
+            .len();
+        files.push(LocalFile {
+            name: e.name(),
+            seq: e.seq,
+            header: b,
+            start: h.start_pos,
+            end: h.start_pos + (len - FILE_HEADER_LEN as u64),
+            parent: h.parent,
+        });
+        entries.push(e);
+    }
+    Ok((entries, files))
+}
+
 pub struct Replayer {
     dir: PathBuf,
     node: String,
@@ -236,7 +286,7 @@ pub struct Replayer {
     /// The logfiles replay entered, with the position it entered each at (the
     /// last is the one it is in; older ones go once the durable position passes
     /// their successor's entry). Its name and start position identify a logfile.
-    path: Vec<(String, u64, u64)>,
+    path: Vec<Entered>,
     /// The logfiles of the fetch source's history, when known (`set_lineage`).
     lineage: Option<Vec<history::Listed>>,
     /// The durable limit: no record ending after it is applied before
@@ -376,7 +426,13 @@ impl Replayer {
             halted: None,
             last_version: None,
             path: file
-                .map(|(n, start)| vec![(n, start, durable)])
+                .map(|(name, start)| {
+                    vec![Entered {
+                        name,
+                        start,
+                        at: durable,
+                    }]
+                })
                 .unwrap_or_default(),
             lineage: None,
             limit,
@@ -402,8 +458,7 @@ impl Replayer {
                 if m.base == durable
                     && m.pos > durable
                     && m.pos <= limit
-                    && r.is_boundary(m.pos).unwrap_or(false)
-                    && r.follow_to(m.pos).unwrap_or(false) =>
+                    && r.resume_at_mark(m.pos).unwrap_or(false) =>
             {
                 r.pos = m.pos;
                 r.until = Some(m.until);
@@ -488,34 +543,43 @@ impl Replayer {
             .map_err(|e| LoggerError::io(&self.dir.join(HW_FILE), e))
     }
 
-    /// Whether `target` is the start of a local logfile or the end of a
-    /// complete record in one (found by walking record headers from a known
-    /// boundary: the durable position or the logfile's start).
-    fn is_boundary(&self, target: u64) -> Result<bool, LoggerError> {
-        let files = self.logfiles()?;
-        if files.iter().any(|(_, h)| h.start_pos == target) {
-            return Ok(true);
-        }
-        let Some((e, h)) = files.iter().rev().find(|(_, h)| h.start_pos < target) else {
+    /// Whether replay can resume at `target`, the high-water mark after a kill:
+    /// the logfiles from the durable position to it are one chain of links
+    /// with no choice on the way, and `target` is the start of the last of
+    /// them or the end of a complete record in it (found by walking record
+    /// headers from a known boundary). If so, that logfile becomes the one
+    /// replay is in, and the ones left on the way get their versions, as when
+    /// replay enters each next one.
+    fn resume_at_mark(&mut self, target: u64) -> Result<bool, LoggerError> {
+        let (entries, files) = local_files(&self.dir)?;
+        let cur = match self.path.last() {
+            Some(e) => files
+                .iter()
+                .position(|f| f.name == e.name && f.start == e.start),
+            None => history::locate(self.pos, &files, None).ok().flatten(),
+        };
+        let Some(cur) = cur else {
             return Ok(false);
         };
-        let mut pos = if (h.start_pos..target).contains(&self.pos) {
+        let Some(chain) = history::advance(target, cur, &files) else {
+            return Ok(false);
+        };
+        let last = chain.last().copied().unwrap_or(cur);
+        let (e, f) = (&entries[last], &files[last]);
+        let mut pos = if (f.start..target).contains(&self.pos) {
             self.pos
         } else {
-            h.start_pos
+            f.start
         };
-        let f = File::open(&e.path).map_err(|err| LoggerError::io(&e.path, err))?;
-        let len = f
-            .metadata()
-            .map_err(|err| LoggerError::io(&e.path, err))?
-            .len();
+        let file = File::open(&e.path).map_err(|err| LoggerError::io(&e.path, err))?;
+        let len = FILE_HEADER_LEN as u64 + (f.end - f.start);
         let mut hdr = [0u8; RECORD_HEADER_LEN];
         while pos < target {
-            let at = FILE_HEADER_LEN as u64 + (pos - h.start_pos);
+            let at = FILE_HEADER_LEN as u64 + (pos - f.start);
             if at + RECORD_HEADER_LEN as u64 > len {
                 return Ok(false);
             }
-            f.read_exact_at(&mut hdr, at)
+            file.read_exact_at(&mut hdr, at)
                 .map_err(|err| LoggerError::io(&e.path, err))?;
             let Ok((rh, _)) = RecordHeader::decode(&hdr) else {
                 return Ok(false);
@@ -525,38 +589,18 @@ impl Replayer {
             }
             pos += rh.total_len();
         }
-        Ok(pos == target)
-    }
-
-    /// Whether replay can say which logfiles it went through from the durable
-    /// position to `target` (the high-water mark after a kill): one chain of
-    /// links, with no choice on the way. Sets the logfile replay is in.
-    fn follow_to(&mut self, target: u64) -> Result<bool, LoggerError> {
-        let files = self.local_files()?;
-        let views: Vec<LocalFile> = files.iter().map(|(_, f)| f.clone()).collect();
-        let cur = match self.path.last() {
-            Some((n, start, _)) => views.iter().position(|f| &f.name == n && f.start == *start),
-            None => history::locate(self.pos, &views, None).ok().flatten(),
-        };
-        let Some(cur) = cur else {
+        if pos != target {
             return Ok(false);
-        };
-        let Some(chain) = history::advance(target, cur, &views) else {
-            return Ok(false);
-        };
-        if self.path.is_empty() {
-            self.path
-                .push((views[cur].name.clone(), views[cur].start, self.pos));
         }
-        // The logfiles left on the way get their versions, as when replay
-        // enters each next one.
+        if self.path.is_empty() {
+            self.path.push(Entered::new(&files[cur], self.pos));
+        }
         let mut from = cur;
         for i in chain {
-            if files[from].0.node != self.node {
-                self.version_of(&files[from].0, views[from].start, views[i].start)?;
+            if entries[from].node != self.node {
+                self.version_of(&entries[from], files[from].start, files[i].start)?;
             }
-            self.path
-                .push((views[i].name.clone(), views[i].start, views[i].start));
+            self.path.push(Entered::new(&files[i], files[i].start));
             from = i;
         }
         Ok(true)
@@ -564,14 +608,12 @@ impl Replayer {
 
     /// The stream position where the local logfiles end.
     fn local_end(&self) -> Result<u64, LoggerError> {
-        let mut end = 0;
-        for (e, h) in self.logfiles()? {
-            let len = std::fs::metadata(&e.path)
-                .map_err(|err| LoggerError::io(&e.path, err))?
-                .len();
-            end = end.max(h.start_pos + len.saturating_sub(FILE_HEADER_LEN as u64));
-        }
-        Ok(end)
+        Ok(local_files(&self.dir)?
+            .1
+            .iter()
+            .map(|f| f.end)
+            .max()
+            .unwrap_or(0))
     }
 
     /// Next stream position to apply.
@@ -631,13 +673,13 @@ impl Replayer {
             .max(self.inconsistent_until().unwrap_or(0));
         // The logfile holding the records before `pos`: the last one entered at or
         // before it. Those entered before it are behind for good.
-        let k = self.path.iter().rposition(|p| p.2 <= pos);
+        let k = self.path.iter().rposition(|e| e.at <= pos);
         if let Some(k) = k {
             self.path.drain(..k);
         }
         let file = k
             .and_then(|_| self.path.first())
-            .map(|(n, start, _)| (n.clone(), *start));
+            .map(|e| (e.name.clone(), e.start));
         write_state(&self.dir, pos, Some(limit), file)?;
         self.saved_at = std::time::Instant::now();
         self.persisted = pos;
@@ -701,52 +743,6 @@ impl Replayer {
         }
     }
 
-    /// The logfiles with their headers (ones still being created are left out).
-    fn logfiles(&self) -> Result<Vec<(LogfileEntry, FileHeader)>, LoggerError> {
-        let mut out = Vec::new();
-        for (e, f) in self.local_files()? {
-            let h = FileHeader::decode(&f.header).map_err(|err| {
-                LoggerError::Corrupt(format!("{}: bad file header: {err}", e.path.display()))
-            })?;
-            out.push((e, h));
-        }
-        Ok(out)
-    }
-
-    /// The local logfiles as the history rules see them, ascending by sequence.
-    fn local_files(&self) -> Result<Vec<(LogfileEntry, LocalFile)>, LoggerError> {
-        let mut out = Vec::new();
-        for e in list_logfiles(&self.dir).map_err(|err| LoggerError::io(&self.dir, err))? {
-            let f = match File::open(&e.path) {
-                Ok(f) => f,
-                // Deleted meanwhile (a logfile replay has passed).
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(err) => return Err(LoggerError::io(&e.path, err)),
-            };
-            let mut b = [0u8; FILE_HEADER_LEN];
-            if f.read_exact_at(&mut b, 0).is_err() {
-                continue; // still being created by fetch
-            }
-            let h = FileHeader::decode(&b).map_err(|err| {
-                LoggerError::Corrupt(format!("{}: bad file header: {err}", e.path.display()))
-            })?;
-            let len = f
-                .metadata()
-                .map_err(|err| LoggerError::io(&e.path, err))?
-                .len();
-            let lf = LocalFile {
-                name: e.name(),
-                seq: e.seq,
-                header: b,
-                start: h.start_pos,
-                end: h.start_pos + (len - FILE_HEADER_LEN as u64),
-                parent: h.parent,
-            };
-            out.push((e, lf));
-        }
-        Ok(out)
-    }
-
     /// The logfiles of the fetch source's history (its list), so that replay
     /// follows that history where logfiles of another one lie here too (left
     /// from before a failover). `None`: not known (replay follows the links).
@@ -756,33 +752,24 @@ impl Replayer {
 
     /// The logfile replay is in (index into `files`), found again by name and
     /// start, or located by position when replay has none yet.
-    fn current(
-        &mut self,
-        files: &[(LogfileEntry, LocalFile)],
-    ) -> Result<Option<usize>, LoggerError> {
-        let find = |name: &str, start: u64| {
-            files
-                .iter()
-                .position(|(_, f)| f.name == name && f.start == start)
-        };
-        if let Some((name, start, _)) = self.path.last() {
-            return match find(name, *start) {
+    fn current(&mut self, files: &[LocalFile]) -> Result<Option<usize>, LoggerError> {
+        if let Some(e) = self.path.last() {
+            return match files.iter().position(|f| f.name == e.name && f.start == e.start) {
                 Some(i) => Ok(Some(i)),
                 None => Err(LoggerError::Corrupt(format!(
-                    "logfile {name} that replay is in is gone from {}",
+                    "logfile {} that replay is in is gone from {} (removed by hand?); `marsadm invalidate` of the resource here copies the disk anew",
+                    e.name,
                     self.dir.display()
                 ))),
             };
         }
-        let views: Vec<LocalFile> = files.iter().map(|(_, f)| f.clone()).collect();
-        match history::locate(self.pos, &views, self.lineage.as_deref()) {
+        match history::locate(self.pos, files, self.lineage.as_deref()) {
             Ok(Some(i)) => {
-                self.path
-                    .push((views[i].name.clone(), views[i].start, self.pos));
+                self.path.push(Entered::new(&files[i], self.pos));
                 Ok(Some(i))
             }
             Ok(None) => {
-                if let Some(first) = views.first().filter(|f| f.start > self.pos) {
+                if let Some(first) = files.first().filter(|f| f.start > self.pos) {
                     return self.halt(Halt::Gap {
                         expected_pos: self.pos,
                         file: first.name.clone(),
@@ -791,14 +778,13 @@ impl Replayer {
                 }
                 Ok(None)
             }
-            Err(msg) => self.halt(Halt::SplitBrain {
-                file: views
+            Err(reason) => self.halt(Halt::SplitBrain {
+                file: files
                     .iter()
                     .find(|f| f.start < self.pos && self.pos <= f.end)
                     .map(|f| f.name.clone())
                     .unwrap_or_default(),
-                ours: format!("position {}", self.pos),
-                theirs: msg,
+                reason,
             }),
         }
     }
@@ -829,27 +815,25 @@ impl Replayer {
             return Err(LoggerError::Corrupt(h.to_string()));
         }
         while out.bytes < max_bytes {
-            let files = self.local_files()?;
+            let (entries, files) = local_files(&self.dir)?;
             let Some(ci) = self.current(&files)? else {
                 out.idle = true;
                 break;
             };
-            let views: Vec<LocalFile> = files.iter().map(|(_, f)| f.clone()).collect();
-            let until = match history::next(self.pos, ci, &views, self.lineage.as_deref()) {
+            let until = match history::next(self.pos, ci, &files, self.lineage.as_deref()) {
                 Next::Wait => {
                     out.idle = true;
                     break;
                 }
-                Next::SplitBrain(msg) => {
+                Next::SplitBrain(reason) => {
                     let h = Halt::SplitBrain {
-                        file: views[ci].name.clone(),
-                        ours: format!("{} up to position {}", views[ci].name, self.pos),
-                        theirs: msg,
+                        file: files[ci].name.clone(),
+                        reason,
                     };
                     return self.halt(h);
                 }
                 Next::Enter(i) => {
-                    if !self.enter(&files[ci].0, &views[ci], &files[i].0, &views[i])? {
+                    if !self.enter(&entries[ci], &files[ci], &entries[i], &files[i])? {
                         out.idle = true;
                         break;
                     }
@@ -857,10 +841,14 @@ impl Replayer {
                 }
                 Next::Apply { until } => until,
             };
-            let (entry, cur) = (&files[ci].0, &views[ci]);
+            let (entry, cur) = (&entries[ci], &files[ci]);
             let name = cur.name.clone();
             let f = File::open(&entry.path).map_err(|e| LoggerError::io(&entry.path, e))?;
-            let file_len = FILE_HEADER_LEN as u64 + (until - cur.start);
+            // Records are applied up to this file offset; the file may hold more
+            // (another history's records after a fork), which read-ahead may read
+            // but replay never applies.
+            let stop = FILE_HEADER_LEN as u64 + (until - cur.start);
+            let file_len = FILE_HEADER_LEN as u64 + (cur.end - cur.start);
             let mut at = FILE_HEADER_LEN as u64 + (self.pos - cur.start);
             if self.pos == cur.start && self.digest.as_ref().is_none_or(|(n, _, _)| *n != name) {
                 self.digest = Some((name.clone(), self.pos, VersionBuilder::new()));
@@ -875,14 +863,10 @@ impl Replayer {
                 ra: ReadAhead::new(1 << 20),
                 from_memory: 0,
             };
-            // The file may hold more than `until` (another history's records after
-            // a fork): read-ahead never looks past the file, records past `until`
-            // are never applied.
-            let real_len = FILE_HEADER_LEN as u64 + (cur.end - cur.start);
-            while out.bytes < max_bytes && at + RECORD_HEADER_LEN as u64 <= file_len {
+            while out.bytes < max_bytes && at + RECORD_HEADER_LEN as u64 <= stop {
                 let mut hdr = [0u8; RECORD_HEADER_LEN];
                 hdr.copy_from_slice(
-                    ra.get(&f, at, RECORD_HEADER_LEN, real_len)
+                    ra.get(&f, at, RECORD_HEADER_LEN, file_len)
                         .map_err(|e| LoggerError::io(&entry.path, e))?,
                 );
                 let (h, crc) = match RecordHeader::decode(&hdr) {
@@ -896,14 +880,15 @@ impl Replayer {
                     }
                 };
                 let total = h.total_len();
-                if at + total > file_len {
+                if at + total > stop {
                     if until < cur.end {
                         // A fork point (or the source's end of this logfile) inside a
                         // record: not the same records on both sides.
                         let h = Halt::SplitBrain {
                             file: name.clone(),
-                            ours: format!("{name} has a record across position {until}"),
-                            theirs: format!("the history followed here parts at {until}"),
+                            reason: format!(
+                                "the history followed parts at log position {until}, inside a record of {name}"
+                            ),
                         };
                         return self.halt(h);
                     }
@@ -914,7 +899,7 @@ impl Replayer {
                         &f,
                         at + RECORD_HEADER_LEN as u64,
                         h.payload_len() as usize,
-                        real_len,
+                        file_len,
                     )
                     .map_err(|e| LoggerError::io(&entry.path, e))?;
                 let checks = RecordHeader::verify(&hdr, crc, payload)
@@ -1014,14 +999,16 @@ impl Replayer {
             if let Some(theirs) = theirs.filter(|t| t.version != ours.version) {
                 let h = Halt::SplitBrain {
                     file: child.name.clone(),
-                    ours: format!("{} up to {}: {}", cur.name, self.pos, ours.version),
-                    theirs: format!("{}'s version of it: {}", child_entry.node, theirs.version),
+                    reason: format!(
+                        "the version of {} up to log position {} is {} here, {} at {}",
+                        cur.name, self.pos, ours.version, theirs.version, child_entry.node
+                    ),
                 };
                 return self.halt(h);
             }
             self.last_version = Some(ours);
         }
-        self.path.push((child.name.clone(), child.start, self.pos));
+        self.path.push(Entered::new(child, self.pos));
         self.digest = None;
         Ok(true)
     }
@@ -1152,40 +1139,17 @@ pub const ORPHAN_PREFIX: &str = "orphan-";
 /// of another history (fetched before a failover) are renamed `orphan-...`,
 /// and a logfile holding records after a fork is cut at the fork.
 fn keep_one_history(dir: &Path, pos: u64, file: Option<(String, u64)>) -> Result<(), LoggerError> {
-    let mut files = Vec::new();
-    for e in list_logfiles(dir).map_err(|err| LoggerError::io(dir, err))? {
-        let Some(b) = crate::recovery::read_header(&e.path)? else {
-            continue; // recovery removes or refuses it
-        };
-        let Ok(h) = FileHeader::decode(&b) else {
-            continue; // recovery refuses it, naming it
-        };
-        let len = std::fs::metadata(&e.path)
-            .map_err(|err| LoggerError::io(&e.path, err))?
-            .len();
-        files.push((
-            e.clone(),
-            LocalFile {
-                name: e.name(),
-                seq: e.seq,
-                header: b,
-                start: h.start_pos,
-                end: h.start_pos + (len - FILE_HEADER_LEN as u64),
-                parent: h.parent,
-            },
-        ));
-    }
-    let views: Vec<LocalFile> = files.iter().map(|(_, f)| f.clone()).collect();
+    let (entries, files) = local_files(dir)?;
     let cur = match file {
-        Some((n, start)) => views.iter().position(|f| f.name == n && f.start == start),
-        None => history::locate(pos, &views, None).ok().flatten(),
+        Some((n, start)) => files.iter().position(|f| f.name == n && f.start == start),
+        None => history::locate(pos, &files, None).ok().flatten(),
     };
     let Some(cur) = cur else {
         return Ok(());
     };
-    let (keep, cuts) = history::chain(cur, &views);
+    let (keep, cuts) = history::chain(cur, &files);
     let mut changed = false;
-    for (i, (e, _)) in files.iter().enumerate() {
+    for (i, e) in entries.iter().enumerate() {
         if !keep.contains(&i) {
             let to = dir.join(format!("{ORPHAN_PREFIX}{}", e.name()));
             tracing::warn!(logfile = %e.path.display(), "another history's logfile set aside as {}", to.display());
@@ -1194,7 +1158,7 @@ fn keep_one_history(dir: &Path, pos: u64, file: Option<(String, u64)>) -> Result
         }
     }
     for (i, at) in cuts {
-        let (e, f) = &files[i];
+        let (e, f) = (&entries[i], &files[i]);
         tracing::warn!(logfile = %e.path.display(), at, "cut at the fork: the records after it are another history's");
         let file = OpenOptions::new()
             .write(true)
