@@ -236,6 +236,24 @@ pub(crate) fn read_header(path: &Path) -> Result<Option<[u8; FILE_HEADER_LEN]>, 
     }
 }
 
+/// A logfile with a parent link must name the logfile before it (`prev`: its
+/// name and header) at its start: else the directory holds two histories.
+fn check_link(
+    prev: Option<&(String, [u8; FILE_HEADER_LEN])>,
+    entry: &LogfileEntry,
+    h: &FileHeader,
+) -> Result<(), LoggerError> {
+    match prev {
+        Some((name, b)) if h.parent != 0 && h.parent != mars_logfmt::parent_link(b, h.start_pos) => {
+            Err(LoggerError::Corrupt(format!(
+                "{}: does not continue {name} (its parent link names another logfile): the directory holds two histories, a split brain; `marsadm invalidate` of the resource on this node copies the disk anew",
+                entry.path.display()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Bring disk and logfiles to a clean state: every logfile finished and
 /// versioned, every record applied, the applied position persisted.
 pub(crate) fn recover(
@@ -275,14 +293,7 @@ pub(crate) fn recover(
                 let h = FileHeader::decode(&b).map_err(|e| {
                     LoggerError::Corrupt(format!("{}: bad file header: {e}", entry.path.display()))
                 })?;
-                if let (Some((prev_name, prev)), true) = (&last_header, h.parent != 0) {
-                    if h.parent != mars_logfmt::parent_link(prev, h.start_pos) {
-                        return Err(LoggerError::Corrupt(format!(
-                            "{}: does not continue {prev_name} (its parent link names another history): two histories in one directory (split brain)",
-                            entry.path.display()
-                        )));
-                    }
-                }
+                check_link(last_header.as_ref(), entry, &h)?;
                 last_header = Some((entry.name(), b));
                 expected_start = Some(v.end_pos);
                 end_pos = v.end_pos;
@@ -316,14 +327,7 @@ pub(crate) fn recover(
                 entry.seq
             )));
         }
-        if let (Some((prev_name, prev_header)), true) = (&last_header, header.parent != 0) {
-            if header.parent != mars_logfmt::parent_link(prev_header, header.start_pos) {
-                return Err(LoggerError::Corrupt(format!(
-                    "{}: does not continue {prev_name} (its parent link names another history): two histories in one directory (split brain)",
-                    entry.path.display()
-                )));
-            }
-        }
+        check_link(last_header.as_ref(), entry, &header)?;
         if let Some(exp) = expected_start {
             if header.start_pos != exp {
                 return Err(LoggerError::Corrupt(format!(

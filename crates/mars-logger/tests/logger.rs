@@ -521,3 +521,72 @@ fn deletion_for_space_keeps_no_spares() {
     assert!(mars_logger::list_spares(&cfg.dir).unwrap().is_empty());
     assert_eq!(list_logfiles(&cfg.dir).unwrap().len(), 1);
 }
+
+/// Every new logfile names the one before it at its start (rotation and
+/// reopen); a logfile whose link names another history is refused on open,
+/// and nothing is applied from it.
+#[test]
+fn logfiles_chain_by_parent_links_and_a_foreign_link_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path());
+    let rt = rt();
+    {
+        let logger = Logger::open(cfg.clone()).unwrap();
+        rt.block_on(async {
+            logger
+                .write(0, Bytes::from(vec![1u8; 4096]), true)
+                .await
+                .unwrap();
+            logger.rotate().await.unwrap().unwrap();
+            logger
+                .write(4096, Bytes::from(vec![2u8; 4096]), true)
+                .await
+                .unwrap();
+        });
+        logger.close();
+    }
+    // Reopened: a third logfile after the second.
+    Logger::open(cfg.clone()).unwrap().close();
+    let logs = list_logfiles(&cfg.dir).unwrap();
+    assert!(logs.len() >= 3, "{logs:?}");
+    let header = |p: &Path| {
+        let b = std::fs::read(p).unwrap();
+        let mut h = [0u8; 64];
+        h.copy_from_slice(&b[..64]);
+        (h, mars_logfmt::FileHeader::decode(&h).unwrap())
+    };
+    for w in logs.windows(2) {
+        let (pb, _) = header(&w[0].path);
+        let (_, h) = header(&w[1].path);
+        assert_eq!(
+            h.parent,
+            mars_logfmt::parent_link(&pb, h.start_pos),
+            "{} names {}",
+            w[1].name(),
+            w[0].name()
+        );
+    }
+    // The second logfile rewritten as a child of another logfile.
+    let (_, mut h) = header(&logs[1].path);
+    h.parent ^= 1;
+    let mut b = std::fs::read(&logs[1].path).unwrap();
+    b[..64].copy_from_slice(&h.encode());
+    std::fs::write(&logs[1].path, &b).unwrap();
+    std::fs::remove_file(cfg.dir.join("applied")).unwrap();
+    std::fs::write(&cfg.disk, vec![0u8; SIZE as usize]).unwrap();
+    match Logger::open(cfg.clone()) {
+        Ok(_) => panic!("opened a directory of two histories"),
+        Err(e) => {
+            let e = e.to_string();
+            assert!(
+                e.contains("two histories") && e.contains("invalidate"),
+                "{e}"
+            );
+        }
+    }
+    let disk = std::fs::read(&cfg.disk).unwrap();
+    assert!(
+        disk[4096..8192].iter().all(|&x| x == 0),
+        "nothing of the foreign logfile applied"
+    );
+}
