@@ -1432,10 +1432,11 @@ impl Secondary {
     }
 
     /// Whether the local file at `path` is a copy of the source's logfile `f`
-    /// (its header says the same start position). A logfile of the same name
-    /// from another history (its writer's life before a failover) is set aside
-    /// as `orphan-...` when replay never entered it (false: fetch it anew); one
-    /// replay is in or passed makes this member's history another one.
+    /// (its header says the same start position), asked before fetch appends to
+    /// it. A logfile of the same name from another history (its writer's life
+    /// before a failover) is set aside as `orphan-...` when replay never
+    /// entered it (false: fetch it anew); one replay is in or passed makes this
+    /// member's history another one.
     async fn same_logfile(
         &self,
         path: &std::path::Path,
@@ -1443,19 +1444,8 @@ impl Secondary {
         replay_pos: u64,
     ) -> Result<bool> {
         let p = path.to_path_buf();
-        let header = tokio::task::spawn_blocking(move || -> std::io::Result<Option<u64>> {
-            use std::os::unix::fs::FileExt;
-            let file = std::fs::File::open(&p)?;
-            let mut b = [0u8; mars_logfmt::FILE_HEADER_LEN];
-            match file.read_exact_at(&mut b, 0) {
-                Ok(()) => Ok(mars_logfmt::FileHeader::decode(&b)
-                    .ok()
-                    .map(|h| h.start_pos)),
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
-                Err(e) => Err(e),
-            }
-        })
-        .await??;
+        let header =
+            tokio::task::spawn_blocking(move || crate::daemon::logfile_start(&p).ok()).await?;
         match header {
             Some(start) if start == f.start_pos => Ok(true),
             Some(start) if replay_pos > start => {
@@ -1602,7 +1592,7 @@ impl Secondary {
             if local == 0 && i < first_needed {
                 continue;
             }
-            if local > 0 && !self.same_logfile(&path, &f, replay_pos).await? {
+            if local > 0 && local < f.len && !self.same_logfile(&path, &f, replay_pos).await? {
                 local = 0;
             }
             let out = Arc::new(
