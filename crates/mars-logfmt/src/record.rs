@@ -415,18 +415,22 @@ mod tests {
         }
     }
 
-    /// Format-2 headers (reserved bytes zero) still read, with no parent; a
-    /// format-2 header with reserved bytes set is refused.
-    #[test]
-    fn format_2_headers_read_with_unknown_parent() {
-        let h = FileHeader {
+    fn sample_header(parent: u64) -> FileHeader {
+        FileHeader {
             file_seq: 3,
             start_pos: 1000,
             start_record_seq: 17,
             created_ns: 5,
             resource_id: 0xfeed,
-            parent: 0,
-        };
+            parent,
+        }
+    }
+
+    /// Format-2 headers (reserved bytes zero) still read, with no parent; a
+    /// format-2 header with reserved bytes set is refused.
+    #[test]
+    fn format_2_headers_read_with_unknown_parent() {
+        let h = sample_header(0);
         let mut b = h.encode();
         b[8..10].copy_from_slice(&2u16.to_le_bytes());
         let crc = crc32c::crc32c(&b[..60]);
@@ -440,14 +444,7 @@ mod tests {
 
     #[test]
     fn file_header_round_trip_and_flip() {
-        let h = FileHeader {
-            file_seq: 3,
-            start_pos: 1000,
-            start_record_seq: 17,
-            created_ns: 5,
-            resource_id: 0xfeed,
-            parent: 0x1234_5678_9abc_def0,
-        };
+        let h = sample_header(0x1234_5678_9abc_def0);
         let mut b = h.encode();
         assert_eq!(FileHeader::decode(&b).unwrap(), h);
         assert_eq!(u16_at(&b, 8), FILE_FORMAT_VERSION);

@@ -8,12 +8,6 @@ use common::*;
 const MIB: u64 = 1 << 20;
 const BLOCK: usize = 4096;
 
-fn member<'a>(v: &'a serde_json::Value, node: &str) -> &'a serde_json::Value {
-    resource(v, "r0")
-        .and_then(|r| r["members"].as_array()?.iter().find(|m| m["node"] == node))
-        .unwrap_or(&serde_json::Value::Null)
-}
-
 fn log_field(v: &serde_json::Value, node: &str, field: &str) -> u64 {
     member(v, node)["log"][field].as_u64().unwrap_or(0)
 }
@@ -29,17 +23,7 @@ fn writes(n: &Node, blocks: &[u64], fill: u8) {
 
 fn setup() -> (Vec<Node>, Vec<std::path::PathBuf>) {
     let nodes = start_cluster(&["alpha", "beta", "gamma"]);
-    let size = 8 * MIB;
-    let a = nodes[0].disk("a.img", size);
-    nodes[0].adm_ok(&["create-resource", "r0", a.to_str().unwrap()]);
-    let mut disks = vec![a];
-    for (i, n) in nodes[1..].iter().enumerate() {
-        n.wait_view("r0 known", |v| resource(v, "r0").is_some());
-        let d = n.disk(&format!("s{i}.img"), size);
-        n.adm_ok(&["join-resource", "r0", d.to_str().unwrap()]);
-        disks.push(d);
-    }
-    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    let disks = replicate_r0(&nodes, 8 * MIB);
     writes(&nodes[0], &[0, 1], 0x11);
     nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
     (nodes, disks)

@@ -717,3 +717,26 @@ fn ip(args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// r0 of `size` bytes created on `nodes[0]` (disk `a.img`), joined by all the
+/// others (`s0.img`, ...), up to date. Returns the disks, primary first.
+pub fn replicate_r0(nodes: &[Node], size: u64) -> Vec<std::path::PathBuf> {
+    let a_disk = nodes[0].disk("a.img", size);
+    nodes[0].adm_ok(&["create-resource", "r0", a_disk.to_str().unwrap()]);
+    let mut disks = vec![a_disk];
+    for (i, n) in nodes[1..].iter().enumerate() {
+        n.wait_view("r0 known", |v| resource(v, "r0").is_some());
+        let d = n.disk(&format!("s{i}.img"), size);
+        n.adm_ok(&["join-resource", "r0", d.to_str().unwrap()]);
+        disks.push(d);
+    }
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    disks
+}
+
+/// The member `node` of r0 in a view (Null when absent).
+pub fn member<'a>(v: &'a serde_json::Value, node: &str) -> &'a serde_json::Value {
+    resource(v, "r0")
+        .and_then(|r| r["members"].as_array()?.iter().find(|m| m["node"] == node))
+        .unwrap_or(&serde_json::Value::Null)
+}
