@@ -273,6 +273,20 @@ pub(crate) fn recover(
             )));
         }
     }
+    // Every logfile names the one before it (format 3), checked before anything
+    // is applied: a directory of two histories is refused unchanged.
+    let mut headers = Vec::with_capacity(logs.len());
+    let mut prev: Option<(String, [u8; FILE_HEADER_LEN])> = None;
+    for entry in &logs {
+        let b = read_header(&entry.path)?;
+        if let Some(b) = b {
+            if let Ok(h) = FileHeader::decode(&b) {
+                check_link(prev.as_ref(), entry, &h)?;
+            }
+            prev = Some((entry.name(), b));
+        }
+        headers.push(b);
+    }
     let applied = read_applied(dir)?.map(|s| s.applied_pos);
     let mut last_version = None;
     let mut expected_start: Option<u64> = None;
@@ -288,12 +302,7 @@ pub(crate) fn recover(
         if let Some(v) = read_version(dir, entry.seq, node)? {
             // Finished and versioned earlier: records already applied, unless the
             // applied position says otherwise (then we scan it below).
-            let header = read_header(&entry.path)?;
-            if let (Some(b), true) = (header, applied_pos.is_some_and(|a| a >= v.end_pos)) {
-                let h = FileHeader::decode(&b).map_err(|e| {
-                    LoggerError::Corrupt(format!("{}: bad file header: {e}", entry.path.display()))
-                })?;
-                check_link(last_header.as_ref(), entry, &h)?;
+            if let (Some(b), true) = (headers[i], applied_pos.is_some_and(|a| a >= v.end_pos)) {
                 last_header = Some((entry.name(), b));
                 expected_start = Some(v.end_pos);
                 end_pos = v.end_pos;
@@ -327,7 +336,6 @@ pub(crate) fn recover(
                 entry.seq
             )));
         }
-        check_link(last_header.as_ref(), entry, &header)?;
         if let Some(exp) = expected_start {
             if header.start_pos != exp {
                 return Err(LoggerError::Corrupt(format!(

@@ -1142,7 +1142,11 @@ fn keep_one_history(dir: &Path, pos: u64, file: Option<(String, u64)>) -> Result
     let (entries, files) = local_files(dir)?;
     let cur = match file {
         Some((n, start)) => files.iter().position(|f| f.name == n && f.start == start),
-        None => history::locate(pos, &files, None).ok().flatten(),
+        None => history::locate(pos, &files, None).map_err(|e| {
+            LoggerError::Corrupt(format!(
+                "cannot become the writer: {e}; `marsadm invalidate` of the resource here copies the disk anew"
+            ))
+        })?,
     };
     let Some(cur) = cur else {
         return Ok(());
