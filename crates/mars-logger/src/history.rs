@@ -33,6 +33,14 @@ pub struct LocalFile {
     pub parent: u64,
 }
 
+impl LocalFile {
+    /// Whether this is the logfile of that name starting there (a name alone
+    /// may be another logfile's, of an earlier life of its writer).
+    pub fn is(&self, name: &str, start: u64) -> bool {
+        self.name == name && self.start == start
+    }
+}
+
 /// A logfile of the source's history: name, start and end positions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listed {
@@ -57,7 +65,7 @@ pub enum Next {
 
 /// Whether `f` continues `cur` (names it as parent at its start).
 pub fn is_child(cur: &LocalFile, f: &LocalFile) -> bool {
-    if f.name == cur.name && f.start == cur.start {
+    if f.is(&cur.name, cur.start) {
         return false;
     }
     if f.start < cur.start {
@@ -72,7 +80,7 @@ pub fn is_child(cur: &LocalFile, f: &LocalFile) -> bool {
 }
 
 fn listed(lineage: Option<&[Listed]>, f: &LocalFile) -> bool {
-    lineage.is_none_or(|l| l.iter().any(|x| x.name == f.name && x.start == f.start))
+    lineage.is_none_or(|l| l.iter().any(|x| f.is(&x.name, x.start)))
 }
 
 /// The next step of a member at `pos` inside `files[cur]`.
@@ -84,14 +92,14 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&[Listed]
     if let Some(l) = lineage {
         if let Some(x) = l
             .iter()
-            .find(|x| !(x.name == c.name && x.start == c.start) && x.start <= pos && pos < x.end)
+            .find(|x| !c.is(&x.name, x.start) && x.start <= pos && pos < x.end)
         {
             // Unless that logfile may continue ours right here (it does when its
             // link names our logfile; not here yet: wait for it).
             let ours_next = x.start == pos
                 && files
                     .iter()
-                    .filter(|f| f.name == x.name && f.start == x.start)
+                    .filter(|f| f.is(&x.name, x.start))
                     .all(|f| is_child(c, f));
             if !ours_next {
                 return Next::SplitBrain(format!(
@@ -127,10 +135,7 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&[Listed]
     // starts: its history goes on elsewhere there (that logfile may not be here
     // yet), so nothing beyond is applied. A source's last logfile may still grow.
     if let Some(l) = lineage {
-        if let Some(k) = l
-            .iter()
-            .position(|x| x.name == c.name && x.start == c.start)
-        {
+        if let Some(k) = l.iter().position(|x| c.is(&x.name, x.start)) {
             if k + 1 < l.len() {
                 stop = stop.min(l[k].end);
             }

@@ -553,9 +553,7 @@ impl Replayer {
     fn resume_at_mark(&mut self, target: u64) -> Result<bool, LoggerError> {
         let (entries, files) = local_files(&self.dir)?;
         let cur = match self.path.last() {
-            Some(e) => files
-                .iter()
-                .position(|f| f.name == e.name && f.start == e.start),
+            Some(e) => files.iter().position(|f| f.is(&e.name, e.start)),
             None => history::locate(self.pos, &files, None).ok().flatten(),
         };
         let Some(cur) = cur else {
@@ -754,7 +752,7 @@ impl Replayer {
     /// start, or located by position when replay has none yet.
     fn current(&mut self, files: &[LocalFile]) -> Result<Option<usize>, LoggerError> {
         if let Some(e) = self.path.last() {
-            return match files.iter().position(|f| f.name == e.name && f.start == e.start) {
+            return match files.iter().position(|f| f.is(&e.name, e.start)) {
                 Some(i) => Ok(Some(i)),
                 None => Err(LoggerError::Corrupt(format!(
                     "logfile {} that replay is in is gone from {} (removed by hand?); `marsadm invalidate` of the resource here copies the disk anew",
@@ -1141,7 +1139,7 @@ pub const ORPHAN_PREFIX: &str = "orphan-";
 fn keep_one_history(dir: &Path, pos: u64, file: Option<(String, u64)>) -> Result<(), LoggerError> {
     let (entries, files) = local_files(dir)?;
     let cur = match file {
-        Some((n, start)) => files.iter().position(|f| f.name == n && f.start == start),
+        Some((n, start)) => files.iter().position(|f| f.is(&n, start)),
         None => history::locate(pos, &files, None).map_err(|e| {
             LoggerError::Corrupt(format!(
                 "cannot become the writer: {e}; `marsadm invalidate` of the resource here copies the disk anew"
