@@ -49,6 +49,15 @@ pub struct Listed {
     pub end: u64,
 }
 
+/// The fetch source's history as it listed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lineage {
+    pub files: Vec<Listed>,
+    /// The source is the designated primary: its list is its whole history up
+    /// to where its log is durable, and no member has anything of it beyond.
+    pub from_primary: bool,
+}
+
 /// What replay does next.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Next {
@@ -61,6 +70,9 @@ pub enum Next {
     Wait,
     /// The member's history and another part here: stop, say why.
     SplitBrain(String),
+    /// The primary no longer has the log from the member's position on
+    /// (deleted there): only a full sync helps. The primary's first logfile.
+    CutOff { file: String, starts_at: u64 },
 }
 
 /// Whether `f` continues `cur` (names it as parent at its start).
@@ -79,18 +91,49 @@ pub fn is_child(cur: &LocalFile, f: &LocalFile) -> bool {
     }
 }
 
-fn listed(lineage: Option<&[Listed]>, f: &LocalFile) -> bool {
-    lineage.is_none_or(|l| l.iter().any(|x| f.is(&x.name, x.start)))
+fn listed(lineage: Option<&Lineage>, f: &LocalFile) -> bool {
+    lineage.is_none_or(|l| l.files.iter().any(|x| f.is(&x.name, x.start)))
+}
+
+/// Whether a list taken from a fetch source while `listed_under` was the
+/// designated primary may guide replay now that `designated` is: only while
+/// the primary is the same. After a failover what a member has may be the old
+/// primary's orphans; replay waits for a list taken under the new primary.
+pub fn list_usable(listed_under: Option<&str>, designated: Option<&str>) -> bool {
+    listed_under == designated
 }
 
 /// The next step of a member at `pos` inside `files[cur]`.
-pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&[Listed]>) -> Next {
+pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&Lineage>) -> Next {
     let Some(c) = files.get(cur) else {
         return Next::Wait;
     };
+    // Nothing of this logfile applied yet: a sibling the source lists (a
+    // logfile starting here that continues the same parent, or any first
+    // logfile at 0) is as good, and the source's history goes that way.
+    if pos == c.start && lineage.is_some() && !listed(lineage, c) {
+        let sibling = (0..files.len()).find(|&i| {
+            let f = &files[i];
+            !f.is(&c.name, c.start)
+                && f.start == pos
+                && listed(lineage, f)
+                && (pos == 0 || (f.parent != 0 && f.parent == c.parent))
+        });
+        if let Some(i) = sibling {
+            return Next::Enter(i);
+        }
+    }
     // The source's history holds other records at this position.
     if let Some(l) = lineage {
+        let primary_end = l.files.iter().map(|x| x.end).max().unwrap_or(0);
+        if l.from_primary && pos > primary_end {
+            return Next::SplitBrain(format!(
+                "this node applied {} up to log position {pos}, beyond the primary's log end {primary_end}: records the primary's history does not have",
+                c.name
+            ));
+        }
         if let Some(x) = l
+            .files
             .iter()
             .find(|x| !c.is(&x.name, x.start) && x.start <= pos && pos < x.end)
         {
@@ -112,6 +155,23 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&[Listed]
     let children: Vec<usize> = (0..files.len())
         .filter(|&i| is_child(c, &files[i]) && listed(lineage, &files[i]))
         .collect();
+    // The primary's whole history is listed: a member whose logfile it does not
+    // hold, and that has no child of it to go on with, is off that history.
+    if let Some(l) = lineage.filter(|l| l.from_primary) {
+        let follows = listed(lineage, c) || children.iter().any(|&i| files[i].start >= pos);
+        if !follows {
+            if let Some(first) = l.files.first().filter(|f| f.start > pos) {
+                return Next::CutOff {
+                    file: first.name.clone(),
+                    starts_at: first.start,
+                };
+            }
+            return Next::SplitBrain(format!(
+                "this node applied {} up to log position {pos}; the primary's history does not hold {}",
+                c.name, c.name
+            ));
+        }
+    }
     if let Some(&i) = children.iter().find(|&&i| files[i].start < pos) {
         let f = &files[i];
         return Next::SplitBrain(format!(
@@ -135,9 +195,9 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&[Listed]
     // starts: its history goes on elsewhere there (that logfile may not be here
     // yet), so nothing beyond is applied. A source's last logfile may still grow.
     if let Some(l) = lineage {
-        if let Some(k) = l.iter().position(|x| c.is(&x.name, x.start)) {
-            if k + 1 < l.len() {
-                stop = stop.min(l[k].end);
+        if let Some(k) = l.files.iter().position(|x| c.is(&x.name, x.start)) {
+            if k + 1 < l.files.len() {
+                stop = stop.min(l.files[k].end);
             }
         }
     }
@@ -157,7 +217,7 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&[Listed]
 pub fn locate(
     pos: u64,
     files: &[LocalFile],
-    lineage: Option<&[Listed]>,
+    lineage: Option<&Lineage>,
 ) -> Result<Option<usize>, String> {
     let inside: Vec<usize> = (0..files.len())
         .filter(|&i| files[i].start < pos && pos <= files[i].end)
@@ -215,13 +275,16 @@ pub fn advance(pos: u64, cur: usize, files: &[LocalFile]) -> Option<Vec<usize>> 
     }
 }
 
-/// The logfiles of the history through `files[cur]`, for a member that becomes
-/// the writer: its ancestors (by links), itself, and its descendants as far as
-/// they are one chain (at every step one child, the first to start). Returns
-/// the indices to keep, in order, and the cuts: a logfile that holds more
-/// than its child's start (another history's records after a fork) is cut
-/// there. Every other logfile is another history's.
-pub fn chain(cur: usize, files: &[LocalFile]) -> (Vec<usize>, Vec<(usize, u64)>) {
+/// The logfiles of the history a member at `pos` inside `files[cur]` has, for
+/// when it becomes the writer: its ancestors (by links), `cur`, and the
+/// descendants that continue what it applied as far as they are one chain (at
+/// every step one child, the first to start; in `cur` only children starting
+/// at or after `pos`: one that starts before is another history's, whose
+/// records the member did not apply). Returns the indices to keep, in order,
+/// and the cuts: a logfile that holds more than its child's start (another
+/// history's records after a fork) is cut there. Every other logfile is
+/// another history's.
+pub fn chain(cur: usize, pos: u64, files: &[LocalFile]) -> (Vec<usize>, Vec<(usize, u64)>) {
     let mut before = Vec::new();
     let mut at = cur;
     loop {
@@ -242,7 +305,9 @@ pub fn chain(cur: usize, files: &[LocalFile]) -> (Vec<usize>, Vec<(usize, u64)>)
     at = cur;
     loop {
         let kids: Vec<usize> = (0..files.len())
-            .filter(|&i| !keep.contains(&i) && is_child(&files[at], &files[i]))
+            .filter(|&i| {
+                !keep.contains(&i) && is_child(&files[at], &files[i]) && files[i].start >= pos
+            })
             .collect();
         let Some(first) = kids.iter().map(|&i| files[i].start).min() else {
             break;
@@ -303,6 +368,13 @@ mod tests {
         )
     }
 
+    fn source(files: Vec<Listed>) -> Lineage {
+        Lineage {
+            files,
+            from_primary: false,
+        }
+    }
+
     fn listed_all(files: &[&LocalFile]) -> Vec<Listed> {
         files
             .iter()
@@ -322,8 +394,8 @@ mod tests {
         let a5 = file(5, "a", 100, 300, 0, 1);
         let b6 = child_of(&a5, 6, "b", 200, 260);
         let files = vec![a5.clone(), b6.clone()];
-        for lineage in [None, Some(listed_all(&[&a5, &b6]))] {
-            let l = lineage.as_deref();
+        for lineage in [None, Some(source(listed_all(&[&a5, &b6])))] {
+            let l = lineage.as_ref();
             // Behind the fork: apply up to it, not beyond.
             assert_eq!(next(150, 0, &files, l), Next::Apply { until: 200 });
             // At it: enter b's logfile.
@@ -343,16 +415,19 @@ mod tests {
         let mut b_copy = listed_all(&[&a5, &b6]);
         b_copy[0].end = 200; // b's copy of log-5-a ends at the fork
         assert!(matches!(
-            next(250, 0, &files, Some(&b_copy)),
+            next(250, 0, &files, Some(&source(b_copy.clone()))),
             Next::SplitBrain(_)
         ));
         // Behind the fork nothing is wrong yet: replay goes on in log-5-a up to
         // where the source's copy ends, and waits there for b's logfile.
         assert_eq!(
-            next(150, 0, &files, Some(&b_copy)),
+            next(150, 0, &files, Some(&source(b_copy.clone()))),
             Next::Apply { until: 200 }
         );
-        assert_eq!(next(200, 0, &files, Some(&b_copy)), Next::Wait);
+        assert_eq!(
+            next(200, 0, &files, Some(&source(b_copy.clone()))),
+            Next::Wait
+        );
         // A source that is merely behind (its copy ends before us) says nothing.
         let behind = vec![Listed {
             name: a5.name.clone(),
@@ -360,7 +435,7 @@ mod tests {
             end: 180,
         }];
         assert_eq!(
-            next(250, 0, &files, Some(&behind)),
+            next(250, 0, &files, Some(&source(behind.clone()))),
             Next::Apply { until: 300 }
         );
     }
@@ -377,18 +452,21 @@ mod tests {
         let mut b_view = lineage.clone();
         b_view[0].end = 150;
         assert!(matches!(
-            next(190, 1, &files, Some(&b_view)),
+            next(190, 1, &files, Some(&source(b_view.clone()))),
             Next::SplitBrain(_)
         ));
         // In log 4 behind 150: apply to 150, then b's logfile.
         assert_eq!(
-            next(100, 0, &files, Some(&b_view)),
+            next(100, 0, &files, Some(&source(b_view.clone()))),
             Next::Apply { until: 150 }
         );
-        assert_eq!(next(150, 0, &files, Some(&b_view)), Next::Enter(2));
+        assert_eq!(
+            next(150, 0, &files, Some(&source(b_view.clone()))),
+            Next::Enter(2)
+        );
         // Past 150 in log 4: split brain (b's child starts before us).
         assert!(matches!(
-            next(170, 0, &files, Some(&b_view)),
+            next(170, 0, &files, Some(&source(b_view.clone()))),
             Next::SplitBrain(_)
         ));
     }
@@ -404,10 +482,16 @@ mod tests {
         let files = vec![a5.clone(), a6, b6.clone(), b7.clone()];
         let mut lineage = listed_all(&[&a5, &b6, &b7]);
         lineage[0].end = 200;
-        assert_eq!(next(200, 0, &files, Some(&lineage)), Next::Enter(2));
-        assert_eq!(next(260, 2, &files, Some(&lineage)), Next::Enter(3));
         assert_eq!(
-            next(300, 3, &files, Some(&lineage)),
+            next(200, 0, &files, Some(&source(lineage.clone()))),
+            Next::Enter(2)
+        );
+        assert_eq!(
+            next(260, 2, &files, Some(&source(lineage.clone()))),
+            Next::Enter(3)
+        );
+        assert_eq!(
+            next(300, 3, &files, Some(&source(lineage.clone()))),
             Next::Apply { until: 500 }
         );
         // Without the source's list, the orphan child in log 5 ahead of 200 is a
@@ -458,6 +542,61 @@ mod tests {
         assert!(matches!(next(250, 0, &files, None), Next::SplitBrain(_)));
     }
 
+    /// At a logfile's start nothing of it was applied: the source's sibling
+    /// (same parent, same place; or another first logfile at 0) is taken.
+    #[test]
+    fn a_sibling_the_source_lists_replaces_a_logfile_not_begun() {
+        let a1 = file(1, "a", 0, 0, 0, 1);
+        let b1 = file(1, "b", 0, 90, 0, 2);
+        let files = vec![a1.clone(), b1.clone()];
+        let l = source(listed_all(&[&b1]));
+        assert_eq!(next(0, 0, &files, Some(&l)), Next::Enter(1));
+        let a5 = file(5, "a", 0, 100, 0, 3);
+        let a6 = child_of(&a5, 6, "a", 100, 100);
+        let b6 = child_of(&a5, 6, "b", 100, 150);
+        let files = vec![a5.clone(), a6, b6.clone()];
+        let l = source(listed_all(&[&a5, &b6]));
+        assert_eq!(next(100, 1, &files, Some(&l)), Next::Enter(2));
+        // Once a record of it is applied, no more.
+        let a6_begun = child_of(&a5, 6, "a", 100, 120);
+        let files = vec![a5.clone(), a6_begun, b6];
+        assert!(matches!(
+            next(110, 1, &files, Some(&l)),
+            Next::SplitBrain(_)
+        ));
+    }
+
+    /// With the primary's whole list: a member on a logfile the primary does not
+    /// hold is off its history (or cut off, when the primary's log starts later).
+    #[test]
+    fn off_the_primarys_history_or_cut_off() {
+        let a5 = file(5, "a", 100, 300, 0, 1);
+        let c9 = file(9, "c", 500, 700, 0, 2);
+        let files = vec![a5.clone(), c9.clone()];
+        let primary = |l: Vec<Listed>| Lineage {
+            files: l,
+            from_primary: true,
+        };
+        assert_eq!(
+            next(250, 0, &files, Some(&primary(listed_all(&[&c9])))),
+            Next::CutOff {
+                file: c9.name.clone(),
+                starts_at: 500
+            }
+        );
+        let b4 = file(4, "b", 0, 400, 0, 3);
+        let b5 = child_of(&b4, 5, "b", 400, 800);
+        assert!(matches!(
+            next(250, 0, &files, Some(&primary(listed_all(&[&b4, &b5])))),
+            Next::SplitBrain(_)
+        ));
+        // Listed: on it.
+        assert_eq!(
+            next(250, 0, &files, Some(&primary(listed_all(&[&a5])))),
+            Next::Apply { until: 300 }
+        );
+    }
+
     #[test]
     fn advance_follows_one_chain_or_gives_up() {
         let a1 = file(1, "a", 0, 100, 0, 1);
@@ -483,12 +622,17 @@ mod tests {
         let b6 = child_of(&a5, 6, "b", 200, 260);
         let b7 = child_of(&b6, 7, "b", 260, 270);
         let files = vec![a4, a5, a6, b6, b7];
-        let (keep, cuts) = chain(3, &files);
+        let (keep, cuts) = chain(3, 230, &files);
         assert_eq!(keep, vec![0, 1, 3, 4]);
         assert_eq!(cuts, vec![(1, 200)]);
         // In a5 before the fork: the first child (b's, at 200) is the chain.
-        let (keep, _) = chain(1, &files);
+        let (keep, _) = chain(1, 150, &files);
         assert_eq!(keep, vec![0, 1, 3, 4]);
+        // In a5 past b's fork (a's orphans applied, b's logfiles fetched but no
+        // split brain seen yet): a's history is this member's, b's goes.
+        let (keep, cuts) = chain(1, 250, &files);
+        assert_eq!(keep, vec![0, 1, 2]);
+        assert!(cuts.is_empty());
     }
 
     #[test]

@@ -288,7 +288,7 @@ pub struct Replayer {
     /// their successor's entry). Its name and start position identify a logfile.
     path: Vec<Entered>,
     /// The logfiles of the fetch source's history, when known (`set_lineage`).
-    lineage: Option<Vec<history::Listed>>,
+    lineage: Option<history::Lineage>,
     /// The durable limit: no record ending after it is applied before
     /// `replayed` says a larger one.
     limit: u64,
@@ -744,7 +744,7 @@ impl Replayer {
     /// The logfiles of the fetch source's history (its list), so that replay
     /// follows that history where logfiles of another one lie here too (left
     /// from before a failover). `None`: not known (replay follows the links).
-    pub fn set_lineage(&mut self, lineage: Option<Vec<history::Listed>>) {
+    pub fn set_lineage(&mut self, lineage: Option<history::Lineage>) {
         self.lineage = lineage;
     }
 
@@ -761,7 +761,7 @@ impl Replayer {
                 ))),
             };
         }
-        match history::locate(self.pos, files, self.lineage.as_deref()) {
+        match history::locate(self.pos, files, self.lineage.as_ref()) {
             Ok(Some(i)) => {
                 self.path.push(Entered::new(&files[i], self.pos));
                 Ok(Some(i))
@@ -818,7 +818,7 @@ impl Replayer {
                 out.idle = true;
                 break;
             };
-            let until = match history::next(self.pos, ci, &files, self.lineage.as_deref()) {
+            let until = match history::next(self.pos, ci, &files, self.lineage.as_ref()) {
                 Next::Wait => {
                     out.idle = true;
                     break;
@@ -829,6 +829,13 @@ impl Replayer {
                         reason,
                     };
                     return self.halt(h);
+                }
+                Next::CutOff { file, starts_at } => {
+                    return self.halt(Halt::Gap {
+                        expected_pos: self.pos,
+                        file,
+                        starts_at,
+                    })
                 }
                 Next::Enter(i) => {
                     if !self.enter(&entries[ci], &files[ci], &entries[i], &files[i])? {
@@ -992,7 +999,8 @@ impl Replayer {
         if child.parent == 0 && child_entry.node != self.node && theirs.is_none() {
             return Ok(false);
         }
-        if cur_entry.node != self.node {
+        // Nothing of `cur` applied (a sibling taken instead): no version of it.
+        if cur_entry.node != self.node && self.pos > cur.start {
             let ours = self.version_of(cur_entry, cur.start, self.pos)?;
             if let Some(theirs) = theirs.filter(|t| t.version != ours.version) {
                 let h = Halt::SplitBrain {
@@ -1100,7 +1108,16 @@ pub fn demote(dir: &Path, node: &str, disk_path: &Path, size: u64) -> Result<u64
     }
     // An old mark must not move the position written here.
     remove_state_file(dir, HW_FILE)?;
-    write_state(dir, rec.end_pos, Some(rec.end_pos), None)?;
+    // The logfile replay is in: the writer's last (recovery checked that they
+    // are one chain), so that a restart never has to guess between it and a
+    // logfile of another history fetched later.
+    let file = local_files(dir)?
+        .1
+        .into_iter()
+        .rev()
+        .find(|f| f.end == rec.end_pos)
+        .map(|f| (f.name, f.start));
+    write_state(dir, rec.end_pos, Some(rec.end_pos), file)?;
     remove_state_file(dir, APPLIED_FILE)?;
     Ok(rec.end_pos)
 }
@@ -1147,17 +1164,32 @@ fn keep_one_history(dir: &Path, pos: u64, file: Option<(String, u64)>) -> Result
         })?,
     };
     let Some(cur) = cur else {
-        return Ok(());
-    };
-    let (keep, cuts) = history::chain(cur, &files);
-    let mut changed = false;
-    for (i, e) in entries.iter().enumerate() {
-        if !keep.contains(&i) {
-            let to = dir.join(format!("{ORPHAN_PREFIX}{}", e.name()));
-            tracing::warn!(logfile = %e.path.display(), "another history's logfile set aside as {}", to.display());
-            std::fs::rename(&e.path, &to).map_err(|err| LoggerError::io(&e.path, err))?;
-            changed = true;
+        if pos == 0 {
+            return Ok(()); // nothing written yet: no history to continue
         }
+        // Its first logfile would name no parent: members could not tell
+        // whether it continues their history.
+        return Err(LoggerError::BadState(format!(
+            "cannot become the writer: no logfile holding log position {pos} in {} yet (a full sync ended there and fetch has not brought the log since); wait until it has, or promote another member",
+            dir.display()
+        )));
+    };
+    let (keep, cuts) = history::chain(cur, pos, &files);
+    let mut changed = false;
+    // Also the logfiles without a whole header (a fetch cut inside it): no
+    // part of any history that can be told.
+    let listed = list_logfiles(dir).map_err(|err| LoggerError::io(dir, err))?;
+    let unreadable = listed.iter().filter(|e| !entries.contains(e));
+    let others = entries
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !keep.contains(i))
+        .map(|(_, e)| e);
+    for e in others.chain(unreadable) {
+        let to = dir.join(format!("{ORPHAN_PREFIX}{}", e.name()));
+        tracing::warn!(logfile = %e.path.display(), "another history's logfile set aside as {}", to.display());
+        std::fs::rename(&e.path, &to).map_err(|err| LoggerError::io(&e.path, err))?;
+        changed = true;
     }
     for (i, at) in cuts {
         let (e, f) = (&entries[i], &files[i]);

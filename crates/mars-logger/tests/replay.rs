@@ -5,7 +5,7 @@ use bytes::Bytes;
 use mars_logfmt::{scan_logfile, FileHeader, Kind, VersionBuilder};
 use mars_logger::disk::AlignedBuf;
 use mars_logger::fetched::FetchedChunks;
-use mars_logger::history::Listed;
+use mars_logger::history::{Lineage, Listed};
 use mars_logger::replay::{HwMark, Replayer, HW_FILE, HW_LEN};
 use mars_logger::{list_logfiles, Config, Logger};
 use rand::{Rng, SeedableRng};
@@ -370,7 +370,10 @@ fn another_logfile_of_the_same_number_mid_file_is_a_split_brain() {
                 });
             }
         }
-        l
+        Lineage {
+            files: l,
+            from_primary: true,
+        }
     };
     // The source lists the other logfile: its history has other records at
     // this position (the other logfile is no child of the one replay is in).

@@ -283,7 +283,7 @@ pub struct Secondary {
     /// With the designated primary when it was listed: a list from before a
     /// failover says nothing of the new primary's history.
     #[allow(clippy::type_complexity)]
-    pub lineage: Mutex<Option<(Option<String>, Vec<mars_logger::history::Listed>)>>,
+    pub lineage: Mutex<Option<(Option<String>, mars_logger::history::Lineage)>>,
 }
 
 /// Of the members of `res` that `eligible` lets through, the one with a consistent
@@ -1058,9 +1058,9 @@ impl Secondary {
         let designated = meta::designated_primary(&self.peer.store.lock(), &self.res);
         let lineage = self.lineage.lock().clone();
         match lineage {
-            // Listed before the primary changed: replay waits for the new
-            // primary's history (what it has may be the old primary's orphans).
-            Some((d, _)) if d != designated => {
+            Some((d, _))
+                if !mars_logger::history::list_usable(d.as_deref(), designated.as_deref()) =>
+            {
                 self.progress.lock().history_unconfirmed = true;
                 *replayer = Some(r);
                 return Ok(true);
@@ -1560,11 +1560,14 @@ impl Secondary {
                     end: f.start_pos + f.len.saturating_sub(mars_logfmt::FILE_HEADER_LEN as u64),
                 })
                 .collect();
+            let from_primary = designated.as_deref() == Some(primary);
             let mut l = self.lineage.lock();
             let same = l.as_ref().is_some_and(|(d, old)| {
                 *d == designated
-                    && old.len() == listed.len()
+                    && old.from_primary == from_primary
+                    && old.files.len() == listed.len()
                     && old
+                        .files
                         .iter()
                         .zip(&listed)
                         .all(|(a, b)| a.name == b.name && a.start == b.start)
@@ -1573,7 +1576,11 @@ impl Secondary {
                 // Until replay has looked at the new list.
                 self.progress.lock().history_unconfirmed = true;
             }
-            *l = Some((designated, listed));
+            let lineage = mars_logger::history::Lineage {
+                files: listed,
+                from_primary,
+            };
+            *l = Some((designated, lineage));
         }
         // Checks of logfiles the source no longer lists (deleted) are dropped.
         {
