@@ -75,6 +75,19 @@ pub enum Next {
     CutOff { file: String, starts_at: u64 },
 }
 
+/// A member at `pos` beyond the end of the primary's whole list, off the
+/// primary's logfiles, has records the primary's history does not have (no
+/// member has anything of the primary's log beyond where it is durable; a
+/// member on the primary's last logfile may be past the listed end, which
+/// grows while fetch goes on).
+fn beyond_the_primary(pos: u64, lineage: Option<&Lineage>) -> Option<String> {
+    let l = lineage.filter(|l| l.from_primary)?;
+    let end = l.files.iter().map(|x| x.end).max().unwrap_or(0);
+    (pos > end).then(|| {
+        format!("this node applied up to log position {pos}, beyond the primary's log end {end}: records the primary's history does not have")
+    })
+}
+
 /// Whether `f` continues `cur` (names it as parent at its start).
 pub fn is_child(cur: &LocalFile, f: &LocalFile) -> bool {
     if f.is(&cur.name, cur.start) {
@@ -125,13 +138,6 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&Lineage>
     }
     // The source's history holds other records at this position.
     if let Some(l) = lineage {
-        let primary_end = l.files.iter().map(|x| x.end).max().unwrap_or(0);
-        if l.from_primary && pos > primary_end {
-            return Next::SplitBrain(format!(
-                "this node applied {} up to log position {pos}, beyond the primary's log end {primary_end}: records the primary's history does not have",
-                c.name
-            ));
-        }
         if let Some(x) = l
             .files
             .iter()
@@ -160,6 +166,12 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&Lineage>
     if let Some(l) = lineage.filter(|l| l.from_primary) {
         let follows = listed(lineage, c) || children.iter().any(|&i| files[i].start >= pos);
         if !follows {
+            if l.files.iter().any(|x| x.start == pos) {
+                return Next::Wait; // it may be a child of ours, not fetched yet
+            }
+            if let Some(msg) = beyond_the_primary(pos, lineage) {
+                return Next::SplitBrain(msg);
+            }
             if let Some(first) = l.files.first().filter(|f| f.start > pos) {
                 return Next::CutOff {
                     file: first.name.clone(),
@@ -197,7 +209,14 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&Lineage>
     if let Some(l) = lineage {
         if let Some(k) = l.files.iter().position(|x| c.is(&x.name, x.start)) {
             if k + 1 < l.files.len() {
-                stop = stop.min(l.files[k].end);
+                let end = l.files[k].end;
+                if pos > end {
+                    return Next::SplitBrain(format!(
+                        "this node applied {} up to log position {pos}; the source's history leaves it at {end}",
+                        c.name
+                    ));
+                }
+                stop = stop.min(end);
             }
         }
     }
@@ -219,6 +238,9 @@ pub fn locate(
     files: &[LocalFile],
     lineage: Option<&Lineage>,
 ) -> Result<Option<usize>, String> {
+    if let Some(msg) = beyond_the_primary(pos, lineage) {
+        return Err(msg);
+    }
     let inside: Vec<usize> = (0..files.len())
         .filter(|&i| files[i].start < pos && pos <= files[i].end)
         .collect();
@@ -428,6 +450,12 @@ mod tests {
             next(200, 0, &files, Some(&source(b_copy.clone()))),
             Next::Wait
         );
+        // Past where the source's copy ends, with its next logfile listed: the
+        // source's history left log-5-a there.
+        assert!(matches!(
+            next(250, 0, &files, Some(&source(b_copy.clone()))),
+            Next::SplitBrain(_)
+        ));
         // A source that is merely behind (its copy ends before us) says nothing.
         let behind = vec![Listed {
             name: a5.name.clone(),
@@ -595,6 +623,32 @@ mod tests {
             next(250, 0, &files, Some(&primary(listed_all(&[&a5])))),
             Next::Apply { until: 300 }
         );
+    }
+
+    /// Ahead of the primary's end, with no logfile of its own at the position
+    /// (a full sync from a primary that then lost its role): stop.
+    #[test]
+    fn a_member_beyond_the_primarys_end_is_told_even_without_a_logfile() {
+        let b9 = file(9, "b", 100, 200, 0, 1);
+        let l = Lineage {
+            files: listed_all(&[&b9]),
+            from_primary: true,
+        };
+        assert!(locate(300, std::slice::from_ref(&b9), Some(&l)).is_err());
+        // On the primary's last logfile past its listed end: fetch went on
+        // after the list was taken, nothing wrong.
+        let longer = LocalFile {
+            end: 300,
+            ..b9.clone()
+        };
+        assert_eq!(
+            next(250, 0, std::slice::from_ref(&longer), Some(&l)),
+            Next::Apply { until: 300 }
+        );
+        // Off the primary's logfiles and past its end: records it does not have.
+        let c7 = file(7, "c", 100, 300, 0, 9);
+        assert!(matches!(next(300, 0, &[c7], Some(&l)), Next::SplitBrain(_)));
+        assert_eq!(locate(300, std::slice::from_ref(&b9), None), Ok(None));
     }
 
     #[test]

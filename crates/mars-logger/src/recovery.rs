@@ -299,10 +299,25 @@ pub(crate) fn recover(
     let mut last_header: Option<(String, [u8; FILE_HEADER_LEN])> = None;
     for (i, entry) in logs.iter().enumerate() {
         let is_last = i + 1 == logs.len();
+        // Finished and versioned earlier: records already applied, unless the
+        // applied position says otherwise (then we scan it below). Only a version
+        // of this very logfile as it is now: replay versions the part of a
+        // logfile it applied, and a copy may have grown since (fetched further
+        // after its history went on elsewhere and came back).
+        let whole = |v: &Version, b: &[u8; FILE_HEADER_LEN]| {
+            let len = fs::metadata(&entry.path).map(|m| m.len()).unwrap_or(0);
+            v.logfile == entry.name()
+                && FileHeader::decode(b).is_ok_and(|h| {
+                    h.start_pos == v.start_pos
+                        && h.start_pos + len.saturating_sub(FILE_HEADER_LEN as u64) == v.end_pos
+                })
+        };
         if let Some(v) = read_version(dir, entry.seq, node)? {
-            // Finished and versioned earlier: records already applied, unless the
-            // applied position says otherwise (then we scan it below).
-            if let (Some(b), true) = (headers[i], applied_pos.is_some_and(|a| a >= v.end_pos)) {
+            if let (Some(b), true) = (
+                headers[i],
+                applied_pos.is_some_and(|a| a >= v.end_pos)
+                    && headers[i].is_some_and(|b| whole(&v, &b)),
+            ) {
                 last_header = Some((entry.name(), b));
                 expected_start = Some(v.end_pos);
                 end_pos = v.end_pos;

@@ -82,6 +82,12 @@ struct ReplayedState {
     /// name and start position (absent in older files: found by position).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     file: Option<(String, u64)>,
+    /// The logfiles replay entered after `file`: name, start position, and
+    /// the position it entered each at. Written when replay enters one, so
+    /// that after a kill or a reboot replay goes the same way again (with
+    /// logfiles of two histories here, the way is not in the files alone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    entered: Vec<(String, u64, u64)>,
 }
 
 /// Length of the high-water mark, a line of ASCII:
@@ -404,7 +410,24 @@ impl Replayer {
         let disk = Disk::open(disk_path).map_err(|e| LoggerError::io(disk_path, e))?;
         let state = read_state(dir)?;
         let durable = state.as_ref().map(|s| s.pos).unwrap_or(start_pos);
-        let file = state.as_ref().and_then(|s| s.file.clone());
+        let path: Vec<Entered> = match &state {
+            Some(ReplayedState {
+                file: Some((name, start)),
+                entered,
+                ..
+            }) => std::iter::once(Entered {
+                name: name.clone(),
+                start: *start,
+                at: durable,
+            })
+            .chain(entered.iter().map(|(name, start, at)| Entered {
+                name: name.clone(),
+                start: *start,
+                at: *at,
+            }))
+            .collect(),
+            _ => Vec::new(),
+        };
         let limit = state.and_then(|s| s.limit).unwrap_or(durable).max(durable);
         let boot = boot_id.filter(|b| valid_boot_id(b)).map(str::to_string);
         if boot.is_none() {
@@ -425,15 +448,7 @@ impl Replayer {
             saved_at: std::time::Instant::now(),
             halted: None,
             last_version: None,
-            path: file
-                .map(|(name, start)| {
-                    vec![Entered {
-                        name,
-                        start,
-                        at: durable,
-                    }]
-                })
-                .unwrap_or_default(),
+            path,
             lineage: None,
             limit,
             window: PERSIST_WINDOW,
@@ -552,17 +567,26 @@ impl Replayer {
     /// replay enters each next one.
     fn resume_at_mark(&mut self, target: u64) -> Result<bool, LoggerError> {
         let (entries, files) = local_files(&self.dir)?;
-        let cur = match self.path.last() {
-            Some(e) => files.iter().position(|f| f.is(&e.name, e.start)),
-            None => history::locate(self.pos, &files, None).ok().flatten(),
+        // The way replay went is in `replayed` (this build); older state files
+        // name no logfiles: then only one chain of links without a choice will do.
+        let (last, legacy) = match self.path.iter().rposition(|e| e.at <= target) {
+            Some(k) => {
+                let e = &self.path[k];
+                let Some(i) = files.iter().position(|f| f.is(&e.name, e.start)) else {
+                    return Ok(false);
+                };
+                (i, None)
+            }
+            None => {
+                let Some(cur) = history::locate(self.pos, &files, None).ok().flatten() else {
+                    return Ok(false);
+                };
+                let Some(chain) = history::advance(target, cur, &files) else {
+                    return Ok(false);
+                };
+                (chain.last().copied().unwrap_or(cur), Some((cur, chain)))
+            }
         };
-        let Some(cur) = cur else {
-            return Ok(false);
-        };
-        let Some(chain) = history::advance(target, cur, &files) else {
-            return Ok(false);
-        };
-        let last = chain.last().copied().unwrap_or(cur);
         let (e, f) = (&entries[last], &files[last]);
         let mut pos = if (f.start..target).contains(&self.pos) {
             self.pos
@@ -590,16 +614,18 @@ impl Replayer {
         if pos != target {
             return Ok(false);
         }
-        if self.path.is_empty() {
+        if let Some((cur, chain)) = legacy {
+            // The logfiles left on the way get their versions, as when replay
+            // enters each next one.
             self.path.push(Entered::new(&files[cur], self.pos));
-        }
-        let mut from = cur;
-        for i in chain {
-            if entries[from].node != self.node {
-                self.version_of(&entries[from], files[from].start, files[i].start)?;
+            let mut from = cur;
+            for i in chain {
+                if entries[from].node != self.node {
+                    self.version_of(&entries[from], files[from].start, files[i].start)?;
+                }
+                self.path.push(Entered::new(&files[i], files[i].start));
+                from = i;
             }
-            self.path.push(Entered::new(&files[i], files[i].start));
-            from = i;
         }
         Ok(true)
     }
@@ -671,14 +697,10 @@ impl Replayer {
             .max(self.inconsistent_until().unwrap_or(0));
         // The logfile holding the records before `pos`: the last one entered at or
         // before it. Those entered before it are behind for good.
-        let k = self.path.iter().rposition(|e| e.at <= pos);
-        if let Some(k) = k {
+        if let Some(k) = self.path.iter().rposition(|e| e.at <= pos) {
             self.path.drain(..k);
         }
-        let file = k
-            .and_then(|_| self.path.first())
-            .map(|e| (e.name.clone(), e.start));
-        write_state(&self.dir, pos, Some(limit), file)?;
+        write_state(&self.dir, pos, Some(limit), &self.path)?;
         self.saved_at = std::time::Instant::now();
         self.persisted = pos;
         self.limit = limit;
@@ -751,9 +773,30 @@ impl Replayer {
     /// The logfile replay is in (index into `files`), found again by name and
     /// start, or located by position when replay has none yet.
     fn current(&mut self, files: &[LocalFile]) -> Result<Option<usize>, LoggerError> {
-        if let Some(e) = self.path.last() {
+        // The last logfile entered at or before the position (after a reboot
+        // replay may be behind where it had gone: it goes the same way again).
+        if let Some(e) = self.path.iter().rev().find(|e| e.at <= self.pos) {
             return match files.iter().position(|f| f.is(&e.name, e.start)) {
                 Some(i) => Ok(Some(i)),
+                // Where a full sync began, not fetched yet: wait for it, unless
+                // the primary's history does not hold it (the primary changed
+                // to another history since).
+                None if self.path.len() == 1 && e.at == self.pos => {
+                    let listed = self.lineage.as_ref().is_none_or(|l| {
+                        !l.from_primary || l.files.iter().any(|x| x.name == e.name && x.start == e.start)
+                    });
+                    if listed {
+                        return Ok(None);
+                    }
+                    let h = Halt::SplitBrain {
+                        file: e.name.clone(),
+                        reason: format!(
+                            "this node's history begins in {} at log position {} (a full sync), which the primary's history does not hold",
+                            e.name, e.at
+                        ),
+                    };
+                    self.halt(h)
+                }
                 None => Err(LoggerError::Corrupt(format!(
                     "logfile {} that replay is in is gone from {} (removed by hand?); `marsadm invalidate` of the resource here copies the disk anew",
                     e.name,
@@ -764,6 +807,7 @@ impl Replayer {
         match history::locate(self.pos, files, self.lineage.as_ref()) {
             Ok(Some(i)) => {
                 self.path.push(Entered::new(&files[i], self.pos));
+                self.save_path()?;
                 Ok(Some(i))
             }
             Ok(None) => {
@@ -818,11 +862,27 @@ impl Replayer {
                 out.idle = true;
                 break;
             };
-            let until = match history::next(self.pos, ci, &files, self.lineage.as_ref()) {
-                Next::Wait => {
+            // Where replay had gone on from this logfile before a restart.
+            let planned = self
+                .path
+                .iter()
+                .position(|e| e.at > self.pos)
+                .map(|k| self.path[k].clone());
+            if let Some(nx) = planned.as_ref().filter(|nx| nx.at == self.pos) {
+                let Some(i) = files.iter().position(|f| f.is(&nx.name, nx.start)) else {
+                    return Err(LoggerError::Corrupt(format!(
+                        "logfile {} that replay went on with before a restart is gone from {}; `marsadm invalidate` of the resource here copies the disk anew",
+                        nx.name,
+                        self.dir.display()
+                    )));
+                };
+                if !self.leave(&entries[ci], &files[ci], &entries[i], &files[i])? {
                     out.idle = true;
                     break;
                 }
+                continue;
+            }
+            let until = match history::next(self.pos, ci, &files, self.lineage.as_ref()) {
                 Next::SplitBrain(reason) => {
                     let h = Halt::SplitBrain {
                         file: files[ci].name.clone(),
@@ -837,15 +897,31 @@ impl Replayer {
                         starts_at,
                     })
                 }
+                // Going the way it went before a restart: up to where it left this
+                // logfile then.
+                _ if planned.is_some() => {
+                    let at = planned.as_ref().map_or(self.pos, |nx| nx.at);
+                    at.min(files[ci].end)
+                }
+                Next::Wait => {
+                    out.idle = true;
+                    break;
+                }
                 Next::Enter(i) => {
-                    if !self.enter(&entries[ci], &files[ci], &entries[i], &files[i])? {
+                    if !self.leave(&entries[ci], &files[ci], &entries[i], &files[i])? {
                         out.idle = true;
                         break;
                     }
+                    self.path.push(Entered::new(&files[i], self.pos));
+                    self.save_path()?;
                     continue;
                 }
                 Next::Apply { until } => until,
             };
+            if until <= self.pos {
+                out.idle = true;
+                break;
+            }
             let (entry, cur) = (&entries[ci], &files[ci]);
             let name = cur.name.clone();
             let f = File::open(&entry.path).map_err(|e| LoggerError::io(&entry.path, e))?;
@@ -987,7 +1063,7 @@ impl Replayer {
     /// has a version of `cur` up to the same position, both must be equal.
     /// Returns false to wait (a format-1/2 child whose writer's version of the
     /// logfile before it is not here yet: fetch brings it first).
-    fn enter(
+    fn leave(
         &mut self,
         cur_entry: &LogfileEntry,
         cur: &LocalFile,
@@ -1014,9 +1090,14 @@ impl Replayer {
             }
             self.last_version = Some(ours);
         }
-        self.path.push(Entered::new(child, self.pos));
         self.digest = None;
         Ok(true)
+    }
+
+    /// Write the way replay went (`replayed`: the durable position and limit as
+    /// they are, the logfiles entered since).
+    fn save_path(&self) -> Result<(), LoggerError> {
+        write_state(&self.dir, self.persisted, Some(self.limit), &self.path)
     }
 
     /// Our version of the part `[start, end)` of a logfile written by another
@@ -1064,13 +1145,18 @@ fn write_state(
     dir: &Path,
     pos: u64,
     limit: Option<u64>,
-    file: Option<(String, u64)>,
+    path: &[Entered],
 ) -> Result<(), LoggerError> {
     let body = serde_json::to_vec(&ReplayedState {
         format: 1,
         pos,
         limit,
-        file,
+        file: path.first().map(|e| (e.name.clone(), e.start)),
+        entered: path
+            .iter()
+            .skip(1)
+            .map(|e| (e.name.clone(), e.start, e.at))
+            .collect(),
     })
     .map_err(|e| LoggerError::BadState(e.to_string()))?;
     let path = dir.join(REPLAYED_FILE);
@@ -1111,13 +1197,15 @@ pub fn demote(dir: &Path, node: &str, disk_path: &Path, size: u64) -> Result<u64
     // The logfile replay is in: the writer's last (recovery checked that they
     // are one chain), so that a restart never has to guess between it and a
     // logfile of another history fetched later.
-    let file = local_files(dir)?
+    let path: Vec<Entered> = local_files(dir)?
         .1
-        .into_iter()
+        .iter()
         .rev()
         .find(|f| f.end == rec.end_pos)
-        .map(|f| (f.name, f.start));
-    write_state(dir, rec.end_pos, Some(rec.end_pos), file)?;
+        .map(|f| Entered::new(f, rec.end_pos))
+        .into_iter()
+        .collect();
+    write_state(dir, rec.end_pos, Some(rec.end_pos), &path)?;
     remove_state_file(dir, APPLIED_FILE)?;
     Ok(rec.end_pos)
 }
@@ -1139,7 +1227,19 @@ pub fn promote(dir: &Path, start_pos: Option<u64>) -> Result<u64, LoggerError> {
     let pos = state.as_ref().map(|s| s.pos).or(start_pos).ok_or_else(|| {
         LoggerError::BadState(format!("{}: nothing replayed here", dir.display()))
     })?;
-    keep_one_history(dir, pos, state.and_then(|s| s.file))?;
+    // How far replay applied: the high-water mark of a replay that was not
+    // persisted at its end (same boot), else the durable position.
+    let applied = std::fs::read(dir.join(HW_FILE))
+        .ok()
+        .and_then(|b| HwMark::decode(&b))
+        .filter(|m| m.base == pos && current_boot_id().as_deref() == Some(m.boot_id.as_str()))
+        .map_or(pos, |m| m.pos.max(pos));
+    // The last logfile replay entered (it holds `applied`), else found by position.
+    let entered = state.and_then(|s| match (s.file, s.entered.last()) {
+        (_, Some((name, start, _))) => Some((name.clone(), *start)),
+        (file, None) => file,
+    });
+    keep_one_history(dir, pos.max(applied), entered)?;
     write_applied(dir, pos)?;
     forget(dir)?;
     Ok(pos)
@@ -1207,6 +1307,19 @@ fn keep_one_history(dir: &Path, pos: u64, file: Option<(String, u64)>) -> Result
         crate::crashsafe::sync_dir(dir).map_err(|e| LoggerError::io(dir, e))?;
     }
     Ok(())
+}
+
+/// Where a full sync's history begins: at `pos` inside the source's logfile
+/// `file` (name, start position). Written once the sync has copied the disk,
+/// before replay opens, so that replay enters exactly that logfile (located
+/// by position it could take another history's of the same place).
+pub fn begin_at(dir: &Path, pos: u64, file: (String, u64)) -> Result<(), LoggerError> {
+    let path = [Entered {
+        name: file.0,
+        start: file.1,
+        at: pos,
+    }];
+    write_state(dir, pos, Some(pos), &path)
 }
 
 /// Remove replay's state (`replayed` and the high-water mark, the mark

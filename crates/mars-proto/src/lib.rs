@@ -204,6 +204,11 @@ pub struct LogFileInfo {
     pub len: u64,
     /// A later logfile exists: this one will not grow any more.
     pub finished: bool,
+    /// `created_ns` of its file header (0: not sent, an older peer): with the
+    /// name and start, tells a logfile from another of the same name written
+    /// in an earlier life of its writer.
+    #[serde(default)]
+    pub created_ns: u64,
 }
 
 /// A frame: a message, or raw data announced by the message before it.

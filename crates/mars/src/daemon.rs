@@ -2410,13 +2410,16 @@ pub(crate) fn local_log_end(dir: &Path) -> u64 {
 
 /// The log stream position where the logfile at `path` starts (from its header).
 pub(crate) fn logfile_start(path: &Path) -> Result<u64> {
+    Ok(logfile_header(path)?.start_pos)
+}
+
+/// The file header of the logfile at `path`.
+pub(crate) fn logfile_header(path: &Path) -> Result<mars_logfmt::FileHeader> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
     let mut h = [0u8; mars_logfmt::FILE_HEADER_LEN];
     f.read_exact_at(&mut h, 0)?;
-    Ok(mars_logfmt::FileHeader::decode(&h)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-        .start_pos)
+    mars_logfmt::FileHeader::decode(&h).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// Logfiles (with their start position and length) and version files of a resource directory.
@@ -2476,6 +2479,7 @@ fn list_for_fetch(
             start_pos: header.start_pos,
             len,
             finished: i + 1 < n,
+            created_ns: header.created_ns,
         });
     }
     let mut versions = Vec::new();

@@ -1432,7 +1432,7 @@ impl Secondary {
     }
 
     /// Whether the local file at `path` is a copy of the source's logfile `f`
-    /// (its header says the same start position), asked before fetch appends to
+    /// (its header says the same start position and creation time), asked before fetch appends to
     /// it. A logfile of the same name from another history (its writer's life
     /// before a failover) is set aside as `orphan-...` when replay never
     /// entered it (false: fetch it anew); one replay is in or passed makes this
@@ -1445,13 +1445,18 @@ impl Secondary {
     ) -> Result<bool> {
         let p = path.to_path_buf();
         let header =
-            tokio::task::spawn_blocking(move || crate::daemon::logfile_start(&p).ok()).await?;
-        match header {
-            Some(start) if start == f.start_pos => Ok(true),
-            Some(start) if replay_pos > start => {
+            tokio::task::spawn_blocking(move || crate::daemon::logfile_header(&p).ok()).await?;
+        // The creation time tells two logfiles of one name and start apart (0:
+        // an older source that does not send it).
+        let same = |h: &mars_logfmt::FileHeader| {
+            h.start_pos == f.start_pos && (f.created_ns == 0 || h.created_ns == f.created_ns)
+        };
+        match header.map(|h| (same(&h), h.start_pos)) {
+            Some((true, _)) => Ok(true),
+            Some((false, start)) if replay_pos > start => {
                 self.progress.lock().split_brain = true;
                 bail!(
-                    "split brain: the local {} (from log position {start}) is another history's than the source's (from {}), and replay applied it; `marsadm invalidate {}` copies the disk anew",
+                    "split brain: the local {} (from log position {start}) is another logfile than the source's of that name (from {}), and replay applied it; `marsadm invalidate {}` copies the disk anew",
                     f.name,
                     f.start_pos,
                     self.res
@@ -1520,11 +1525,13 @@ impl Secondary {
         let mut end = 0u64;
         let mut complete = !open;
         let mut throttle = Throttle::new(self.fetch_rate.clone());
-        // Files before the one that holds the replay position are not needed (a
-        // full sync began after them); that one and all later ones are.
+        // Files before the one that holds the records up to the replay position
+        // are not needed (a full sync began after them); that one (where a full
+        // sync's history begins, also when it ends exactly there) and all later
+        // ones are.
         let first_needed = files
             .iter()
-            .rposition(|f| f.start_pos <= replay_pos)
+            .rposition(|f| f.start_pos < replay_pos)
             .unwrap_or(0);
         if let Some(first) = files.first() {
             // What the local copies hold (fetched in order, so contiguous from replay_pos).

@@ -1,0 +1,934 @@
+//! History simulation (issue 15): members that change roles. Real loggers as
+//! writers, real replay with the history rules (`mars_logger::history`), real
+//! `promote` and `demote`; the fetch is the daemon's (`secondary.rs`: the
+//! source's logfiles from the local length on, up to what the source may
+//! offer, a local logfile of another history set aside, the source's list
+//! handed to replay with the primary it was taken under), with cuts.
+//!
+//! Per seed, 3 or 4 members and a random schedule of writes, flushes,
+//! rotations, fetches (from the primary or any other member), replay steps,
+//! kills of replay, planned handovers, forced failovers (the old primary
+//! stopped, or cut off and still writing: a real split brain), returns of old
+//! primaries as secondaries, and `invalidate`.
+//!
+//! Invariant, after every step: the disk of every replaying member (halted or
+//! not) is the image of a prefix of one history some primary wrote, at the
+//! member's replay position; every writer's device reads as its own history.
+//! At the end, after the cut-off primaries came back and the members in split
+//! brain were invalidated, every disk equals the primary's.
+//!
+//! `MARS_SIM_SEEDS=N` runs seeds `0..N` (default 200), `MARS_SIM_SEED=S` only
+//! seed `S`, `MARS_SIM_TRACE=1` prints every action.
+
+use bytes::Bytes;
+use mars_logfmt::{FileHeader, FILE_HEADER_LEN, RECORD_HEADER_LEN};
+use mars_logger::history::{list_usable, Lineage, Listed};
+use mars_logger::replay::{Halt, Replayer, ORPHAN_PREFIX};
+use mars_logger::{list_logfiles, Config, Logger};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const SIZE: u64 = 256 << 10;
+const NAMES: [&str; 4] = ["alpha", "beta", "gamma", "delta"];
+const BOOT: &str = "00000000-0000-4000-8000-000000000001";
+
+/// One write of some primary: `id` makes its bytes unique.
+#[derive(Clone, Debug)]
+struct Rec {
+    zero: bool,
+    id: u64,
+    offset: u64,
+    len: u64,
+}
+
+fn pattern(id: u64, len: u64) -> Vec<u8> {
+    let mut x = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A history: the records one writer's log holds, from position 0 (those it
+/// took over at its promotion first), and the position after each prefix.
+#[derive(Clone)]
+struct Hist {
+    recs: Vec<Rec>,
+    ends: Vec<u64>,
+}
+
+impl Hist {
+    fn image(&self, k: usize) -> Vec<u8> {
+        let mut img = vec![0u8; SIZE as usize];
+        for r in &self.recs[..k] {
+            let (o, l) = (r.offset as usize, r.len as usize);
+            if r.zero {
+                img[o..o + l].fill(0);
+            } else {
+                img[o..o + l].copy_from_slice(&pattern(r.id, r.len));
+            }
+        }
+        img
+    }
+}
+
+enum Role {
+    /// Writes the log; its history is `hists[hist]`.
+    Writer { logger: Logger, hist: usize },
+    /// Replays; `None` while killed (opened again at the next step).
+    Replayer(Option<Box<Replayer>>),
+}
+
+struct Member {
+    name: &'static str,
+    dir: PathBuf,
+    disk: PathBuf,
+    role: Role,
+    /// The source's list, with the designated primary it was taken under.
+    lineage: Option<(Option<String>, Lineage)>,
+    /// Where this member's history began (its last full sync).
+    start: u64,
+    /// Replay halted, or fetch refused: a split brain.
+    split: Option<String>,
+    /// A primary cut off from the others (it goes on taking writes).
+    isolated: bool,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    writes: u64,
+    fetches: u64,
+    steps: u64,
+    handovers: u64,
+    failovers: u64,
+    cut_off_writers: u64,
+    returns: u64,
+    split_brains: u64,
+    invalidates: u64,
+    orphans_set_aside: u64,
+    kills: u64,
+}
+
+impl Stats {
+    fn add(&mut self, o: &Stats) {
+        self.writes += o.writes;
+        self.fetches += o.fetches;
+        self.steps += o.steps;
+        self.handovers += o.handovers;
+        self.failovers += o.failovers;
+        self.cut_off_writers += o.cut_off_writers;
+        self.returns += o.returns;
+        self.split_brains += o.split_brains;
+        self.invalidates += o.invalidates;
+        self.orphans_set_aside += o.orphans_set_aside;
+        self.kills += o.kills;
+    }
+}
+
+struct Sim {
+    rng: StdRng,
+    _root: tempfile::TempDir,
+    rt: tokio::runtime::Runtime,
+    members: Vec<Member>,
+    /// The designated primary (index into `members`).
+    designated: usize,
+    hists: Vec<Hist>,
+    next_id: u64,
+    logfile_max: u64,
+    stats: Stats,
+    trace: bool,
+}
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+fn header_of(p: &Path) -> Option<FileHeader> {
+    let mut h = [0u8; FILE_HEADER_LEN];
+    File::open(p).ok()?.read_exact_at(&mut h, 0).ok()?;
+    FileHeader::decode(&h).ok()
+}
+
+fn start_of(p: &Path) -> Option<u64> {
+    header_of(p).map(|h| h.start_pos)
+}
+
+fn sim_tempdir() -> tempfile::TempDir {
+    let base = Some(PathBuf::from("/dev/shm"))
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    tempfile::Builder::new()
+        .prefix("mars-history-sim")
+        .tempdir_in(base)
+        .or_else(|_| tempfile::tempdir())
+        .unwrap()
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let root = sim_tempdir();
+        let n = rng.random_range(3..=4);
+        let logfile_max = rng.random_range(4u64 << 10..=64 << 10);
+        let mut sim = Sim {
+            rng,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            members: Vec::new(),
+            designated: 0,
+            hists: vec![Hist {
+                recs: Vec::new(),
+                ends: vec![0],
+            }],
+            next_id: 1,
+            logfile_max,
+            stats: Stats::default(),
+            trace: std::env::var_os("MARS_SIM_TRACE").is_some(),
+            _root: root,
+        };
+        for (i, name) in NAMES.iter().enumerate().take(n) {
+            let dir = sim._root.path().join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            let disk = sim._root.path().join(format!("{name}.img"));
+            File::create(&disk).unwrap().set_len(SIZE).unwrap();
+            sim.members.push(Member {
+                name,
+                dir,
+                disk,
+                role: Role::Replayer(None),
+                lineage: None,
+                start: 0,
+                split: None,
+                isolated: false,
+            });
+            if i == 0 {
+                let logger = sim.open_logger(0);
+                sim.members[0].role = Role::Writer { logger, hist: 0 };
+            }
+        }
+        sim
+    }
+
+    fn trace(&self, what: impl FnOnce() -> String) {
+        if self.trace {
+            eprintln!("{}", what());
+        }
+    }
+
+    fn open_logger(&self, m: usize) -> Logger {
+        let mb = &self.members[m];
+        let mut cfg = Config::new(mb.name, &mb.dir, &mb.disk, SIZE, 7);
+        cfg.logfile_max_bytes = self.logfile_max;
+        cfg.idle_sync = Duration::from_secs(3600);
+        cfg.persist_interval = Duration::from_millis(1);
+        Logger::open(cfg).unwrap()
+    }
+
+    fn open_replayer(&self, m: usize) -> Replayer {
+        let mb = &self.members[m];
+        Replayer::open_with_boot_id(&mb.dir, mb.name, &mb.disk, SIZE, mb.start, Some(BOOT)).unwrap()
+    }
+
+    fn writers(&self) -> Vec<usize> {
+        (0..self.members.len())
+            .filter(|&i| matches!(self.members[i].role, Role::Writer { .. }))
+            .collect()
+    }
+
+    fn replayers(&self) -> Vec<usize> {
+        (0..self.members.len())
+            .filter(|&i| matches!(self.members[i].role, Role::Replayer(_)))
+            .collect()
+    }
+
+    fn pick(&mut self, from: &[usize]) -> Option<usize> {
+        (!from.is_empty()).then(|| from[self.rng.random_range(0..from.len())])
+    }
+
+    // ---- writers ----
+
+    fn write(&mut self, w: usize) {
+        let len = match self.rng.random_range(0..4) {
+            0..3 => self.rng.random_range(1..=4096),
+            _ => self.rng.random_range(4097..=16384),
+        };
+        let offset = self.rng.random_range(0..=SIZE - len);
+        let zero = self.rng.random_bool(0.1);
+        let fua = self.rng.random_bool(0.2);
+        let id = self.next_id;
+        self.next_id += 1;
+        let Role::Writer { logger, hist } = &self.members[w].role else {
+            return;
+        };
+        let hist = *hist;
+        self.rt
+            .block_on(async {
+                if zero {
+                    logger.zero(offset, len, fua, false).await
+                } else {
+                    logger
+                        .write(offset, Bytes::from(pattern(id, len)), fua)
+                        .await
+                }
+            })
+            .unwrap();
+        let h = &mut self.hists[hist];
+        let end = h.ends.last().unwrap() + RECORD_HEADER_LEN as u64 + if zero { 0 } else { len };
+        h.recs.push(Rec {
+            zero,
+            id,
+            offset,
+            len,
+        });
+        h.ends.push(end);
+        assert_eq!(
+            logger.status().logged_pos,
+            end,
+            "log position of {}",
+            self.members[w].name
+        );
+        self.stats.writes += 1;
+        self.trace(|| format!("{} writes #{id} {offset}+{len} -> {end}", NAMES[w]));
+    }
+
+    fn writer_op(&mut self, w: usize) {
+        let Role::Writer { logger, .. } = &self.members[w].role else {
+            return;
+        };
+        match self.rng.random_range(0..10) {
+            0..7 => self.write(w),
+            7..9 => {
+                self.rt.block_on(logger.flush()).unwrap();
+            }
+            _ => {
+                let r = self.rt.block_on(logger.rotate()).unwrap();
+                self.trace(|| format!("{} rotates -> {r:?}", NAMES[w]));
+            }
+        }
+    }
+
+    // ---- fetch, as secondary.rs does it ----
+
+    /// The logfiles `s` offers: every one, the writer's current one only up to
+    /// what is durable.
+    fn offered(&self, s: usize) -> Vec<(PathBuf, String, u64, u64)> {
+        let src = &self.members[s];
+        let durable = match &src.role {
+            Role::Writer { logger, .. } => {
+                let st = logger.status();
+                Some((st.current_logfile, st.synced_pos))
+            }
+            Role::Replayer(_) => None,
+        };
+        let mut out = Vec::new();
+        for e in list_logfiles(&src.dir).unwrap() {
+            let Some(start) = start_of(&e.path) else {
+                continue;
+            };
+            let mut len = file_len(&e.path);
+            if let Some((cur, synced)) = &durable {
+                if *cur == e.name() {
+                    len = len.min(FILE_HEADER_LEN as u64 + synced.saturating_sub(start));
+                }
+            }
+            out.push((e.path.clone(), e.name(), start, len));
+        }
+        out
+    }
+
+    fn replay_pos(&self, m: usize) -> u64 {
+        match &self.members[m].role {
+            Role::Replayer(Some(r)) => r.position(),
+            _ => self.open_replayer(m).position(),
+        }
+    }
+
+    fn fetch(&mut self, m: usize, s: usize, cuts: bool) {
+        self.stats.fetches += 1;
+        let replay_pos = self.replay_pos(m);
+        let files = self.offered(s);
+        let src_dir = self.members[s].dir.clone();
+        let me = self.members[m].name;
+        // Versions of other nodes (the daemon sends all of the source's).
+        for e in std::fs::read_dir(&src_dir).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if name.starts_with("version-") && !name.ends_with(&format!("-{me}")) {
+                if let Ok(text) = std::fs::read(&p) {
+                    let dst = self.members[m].dir.join(&name);
+                    let tmp = self.members[m].dir.join(format!(".{name}.tmp"));
+                    std::fs::write(&tmp, &text).unwrap();
+                    std::fs::rename(&tmp, &dst).unwrap();
+                }
+            }
+        }
+        let designated = Some(NAMES[self.designated].to_string());
+        self.members[m].lineage = Some((
+            designated,
+            Lineage {
+                files: files
+                    .iter()
+                    .map(|(_, name, start, len)| Listed {
+                        name: name.clone(),
+                        start: *start,
+                        end: start + len.saturating_sub(FILE_HEADER_LEN as u64),
+                    })
+                    .collect(),
+                from_primary: s == self.designated,
+            },
+        ));
+        // The source no longer has the log from this member's position on (its
+        // oldest logfile starts after everything here): cut off, only a full
+        // sync helps (as `secondary.rs` says it).
+        let local_end = list_logfiles(&self.members[m].dir)
+            .unwrap()
+            .iter()
+            .filter_map(|e| Some(start_of(&e.path)? + file_len(&e.path) - FILE_HEADER_LEN as u64))
+            .max()
+            .unwrap_or(0)
+            .max(replay_pos);
+        if s == self.designated && files.first().is_some_and(|f| f.2 > local_end) {
+            self.trace(|| format!("{me} is cut off from {}", NAMES[s]));
+            self.members[m].split.get_or_insert("cut off".into());
+            return;
+        }
+        let first_needed = files.iter().rposition(|f| f.2 < replay_pos).unwrap_or(0);
+        for (i, (path, name, start, end)) in files.into_iter().enumerate() {
+            let dst = self.members[m].dir.join(&name);
+            let mut local = file_len(&dst);
+            if local == 0 && i < first_needed {
+                continue;
+            }
+            if local > 0 && local < end {
+                // The same logfile: start and creation time (as the source lists them).
+                let created = header_of(&path).map(|h| h.created_ns);
+                match header_of(&dst) {
+                    Some(h) if h.start_pos == start && Some(h.created_ns) == created => {}
+                    Some(h) if replay_pos > h.start_pos => {
+                        let why = format!("fetch: local {name} is another history's");
+                        self.trace(|| format!("{me}: {why}"));
+                        self.members[m].split.get_or_insert(why);
+                        return;
+                    }
+                    _ => {
+                        let to = self.members[m].dir.join(format!("{ORPHAN_PREFIX}{name}"));
+                        std::fs::rename(&dst, &to).unwrap();
+                        self.stats.orphans_set_aside += 1;
+                        local = 0;
+                    }
+                }
+            }
+            if local >= end {
+                continue;
+            }
+            let src = File::open(&path).unwrap();
+            let out = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .open(&dst)
+                .unwrap();
+            while local < end {
+                let left = end - local;
+                let mut n = match self.rng.random_range(0..3) {
+                    0 => self.rng.random_range(1..=4096),
+                    _ => left,
+                }
+                .min(left);
+                let cut = cuts && self.rng.random_bool(0.05);
+                if cut {
+                    n = self.rng.random_range(0..n);
+                }
+                let mut buf = vec![0u8; n as usize];
+                src.read_exact_at(&mut buf, local).unwrap();
+                out.write_all_at(&buf, local).unwrap();
+                local += n;
+                if cut {
+                    self.trace(|| format!("{me} fetch from {} cut in {name}", NAMES[s]));
+                    return;
+                }
+            }
+        }
+        self.trace(|| format!("{me} fetched from {}", NAMES[s]));
+    }
+
+    // ---- replay ----
+
+    fn step(&mut self, m: usize, budget: u64) -> bool {
+        if self.members[m].split.is_some() {
+            return false;
+        }
+        let designated = NAMES[self.designated];
+        let lineage = self.members[m].lineage.clone();
+        let list = match lineage {
+            Some((d, _)) if !list_usable(d.as_deref(), Some(designated)) => return false,
+            Some((_, l)) => Some(l),
+            None => None,
+        };
+        if matches!(self.members[m].role, Role::Replayer(None)) {
+            let r = self.open_replayer(m);
+            self.members[m].role = Role::Replayer(Some(Box::new(r)));
+        }
+        let Role::Replayer(Some(r)) = &mut self.members[m].role else {
+            return false;
+        };
+        r.set_lineage(list);
+        let before = r.position();
+        let out = r.step(budget);
+        let after = r.position();
+        // A split brain, or cut off from the primary's log (a gap): both need
+        // a full sync; nothing else may stop replay here.
+        let halted = r.halted().map(|h| {
+            (
+                h.to_string(),
+                matches!(h, Halt::SplitBrain { .. } | Halt::Gap { .. }),
+            )
+        });
+        self.stats.steps += 1;
+        let name = NAMES[m];
+        self.trace(|| format!("{name} step {before} -> {after}: {out:?}"));
+        if let Some((h, split)) = halted {
+            assert!(
+                split,
+                "{name}: replay halted, not as a split brain or gap: {h}"
+            );
+            self.stats.split_brains += 1;
+            self.members[m].split = Some(h);
+        } else if let Err(e) = out {
+            panic!("{name}: replay failed without a halt: {e}");
+        }
+        self.check(m);
+        after > before
+    }
+
+    fn kill(&mut self, m: usize) {
+        if let Role::Replayer(r) = &mut self.members[m].role {
+            if r.take().is_some() {
+                self.stats.kills += 1;
+                self.trace(|| format!("{} replay killed", NAMES[m]));
+            }
+        }
+    }
+
+    /// Replay of `m` opened again, as after a restart (its state persisted).
+    fn persist_and_close(&mut self, m: usize) {
+        if let Role::Replayer(r) = &mut self.members[m].role {
+            if let Some(mut r) = r.take() {
+                r.persist().unwrap();
+            }
+        }
+    }
+
+    // ---- the invariant ----
+
+    /// The disk of replaying member `m` is a prefix image of some history at its position.
+    fn check(&mut self, m: usize) {
+        let Role::Replayer(Some(r)) = &self.members[m].role else {
+            return;
+        };
+        if r.inconsistent_until().is_some() {
+            return; // reported as no image until replay passes it (after a reboot)
+        }
+        let pos = r.position();
+        let disk = std::fs::read(&self.members[m].disk).unwrap();
+        let ok = self
+            .hists
+            .iter()
+            .any(|h| h.ends.binary_search(&pos).is_ok_and(|k| h.image(k) == disk));
+        assert!(
+            ok,
+            "{}: disk at position {pos} is no prefix image of any history ({} histories; split: {:?})",
+            NAMES[m],
+            self.hists.len(),
+            self.members[m].split
+        );
+    }
+
+    fn check_writer(&self, w: usize) {
+        let Role::Writer { logger, hist } = &self.members[w].role else {
+            return;
+        };
+        let h = &self.hists[*hist];
+        let got = logger.read(0, SIZE).unwrap();
+        assert!(
+            got[..] == h.image(h.recs.len())[..],
+            "{}: the device is not its history's image",
+            NAMES[w]
+        );
+    }
+
+    // ---- roles ----
+
+    /// `m` becomes a writer with what it has: the history its disk then shows.
+    /// False when it refuses (it has no logfile at its position yet).
+    fn promote(&mut self, m: usize) -> bool {
+        self.persist_and_close(m);
+        let mb = &self.members[m];
+        if let Err(e) = mars_logger::replay::promote(&mb.dir, Some(mb.start)) {
+            let e = e.to_string();
+            assert!(
+                e.contains("cannot become the writer"),
+                "{}: promote: {e}",
+                NAMES[m]
+            );
+            self.trace(|| format!("{} refuses to promote: {e}", NAMES[m]));
+            return false;
+        }
+        if self.trace {
+            let mb = &self.members[m];
+            eprintln!(
+                "{} before its logger opens: replayed {:?}, {}",
+                mb.name,
+                std::fs::read_to_string(mb.dir.join("replayed")).ok(),
+                self.describe(m)
+            );
+        }
+        let logger = self.open_logger(m);
+        let end = logger.status().logged_pos;
+        let img = logger.read(0, SIZE).unwrap();
+        let base = self
+            .hists
+            .iter()
+            .find_map(|h| {
+                let k = h.ends.binary_search(&end).ok()?;
+                (h.image(k)[..] == img[..]).then(|| (h.recs[..k].to_vec(), h.ends[..=k].to_vec()))
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}: promoted at {end} with a device that is no prefix image of any history",
+                    NAMES[m]
+                )
+            });
+        self.hists.push(Hist {
+            recs: base.0,
+            ends: base.1,
+        });
+        let hist = self.hists.len() - 1;
+        let mb = &mut self.members[m];
+        mb.role = Role::Writer { logger, hist };
+        mb.lineage = None;
+        mb.split = None;
+        self.designated = m;
+        self.trace(|| format!("{} promoted at {end} (history {hist})", NAMES[m]));
+        true
+    }
+
+    /// Writer `w` gives up its role and replays from its end.
+    fn demote(&mut self, w: usize) {
+        let role = std::mem::replace(&mut self.members[w].role, Role::Replayer(None));
+        let Role::Writer { logger, .. } = role else {
+            self.members[w].role = role;
+            return;
+        };
+        logger.close();
+        let mb = &self.members[w];
+        let pos = mars_logger::replay::demote(&mb.dir, mb.name, &mb.disk, SIZE).unwrap();
+        let mb = &mut self.members[w];
+        mb.start = pos;
+        mb.isolated = false;
+        mb.lineage = None;
+        let r = self.open_replayer(w);
+        self.members[w].role = Role::Replayer(Some(Box::new(r)));
+        self.trace(|| format!("{} demoted at {pos}", NAMES[w]));
+        self.check(w);
+    }
+
+    /// Planned handover to `m`: the primary stops, `m` takes everything it wrote.
+    fn handover(&mut self, m: usize) {
+        let d = self.designated;
+        if self.members[d].isolated || self.members[m].split.is_some() {
+            return;
+        }
+        self.designated = m; // lists taken from now on are under the new primary
+        self.demote(d);
+        for _ in 0..1000 {
+            self.fetch(m, d, false);
+            let moved = self.step(m, u64::MAX);
+            if self.members[m].split.is_some() {
+                break;
+            }
+            let done = self.replay_pos(m) == self.replay_pos(d);
+            if done && !moved {
+                break;
+            }
+        }
+        if self.members[m].split.is_some()
+            || self.replay_pos(m) != self.replay_pos(d)
+            || !self.promote(m)
+        {
+            // Refused: the old primary takes its role back.
+            self.trace(|| format!("handover to {} refused", NAMES[m]));
+            self.designated = d;
+            assert!(self.promote(d), "the old primary takes its role back");
+            return;
+        }
+        self.stats.handovers += 1;
+    }
+
+    /// Forced failover to `m`: the primary stops, or is cut off and goes on.
+    fn failover(&mut self, m: usize) {
+        if self.members[m].split.is_some() {
+            return;
+        }
+        let d = self.designated;
+        let cut_off = self.rng.random_bool(0.5);
+        if cut_off {
+            self.members[d].isolated = true;
+        } else {
+            self.demote(d);
+        }
+        if !self.promote(m) {
+            // Refused: the old primary is back (or was never gone).
+            if cut_off {
+                self.members[d].isolated = false;
+            } else {
+                assert!(self.promote(d), "the old primary takes its role back");
+            }
+            return;
+        }
+        if cut_off {
+            self.stats.cut_off_writers += 1;
+        }
+        self.stats.failovers += 1;
+    }
+
+    /// `m` throws its disk away and copies the primary's (a full sync while the
+    /// primary is idle: its image at its durable end).
+    fn invalidate(&mut self, m: usize) {
+        let d = self.designated;
+        let Role::Writer { logger, hist } = &self.members[d].role else {
+            return;
+        };
+        self.rt.block_on(logger.flush()).unwrap();
+        let st = logger.status();
+        let end = st.synced_pos;
+        let h = &self.hists[*hist];
+        let k = h.ends.binary_search(&end).unwrap();
+        let img = h.image(k);
+        // The sync says where its history begins: the primary's logfile there
+        // (its current one: everything before `end` is durable, and it may
+        // start exactly at `end`).
+        let src = self.members[d].dir.join(&st.current_logfile);
+        let base = (st.current_logfile.clone(), start_of(&src).unwrap());
+        let mb = &mut self.members[m];
+        mb.role = Role::Replayer(None);
+        for e in std::fs::read_dir(&mb.dir).unwrap() {
+            std::fs::remove_file(e.unwrap().path()).unwrap();
+        }
+        std::fs::write(&mb.disk, &img).unwrap();
+        mars_logger::replay::begin_at(&mb.dir, end, base).unwrap();
+        mb.start = end;
+        mb.split = None;
+        mb.lineage = None;
+        self.stats.invalidates += 1;
+        self.trace(|| format!("{} invalidated at {end}", NAMES[m]));
+    }
+
+    // ---- the schedule ----
+
+    fn action(&mut self) {
+        let d = self.designated;
+        match self.rng.random_range(0..100) {
+            0..35 => {
+                // Mostly the designated primary; now and then a cut-off one.
+                let cut_off: Vec<usize> = self.writers().into_iter().filter(|&w| w != d).collect();
+                let w = if !cut_off.is_empty() && self.rng.random_bool(0.3) {
+                    self.pick(&cut_off).unwrap()
+                } else {
+                    d
+                };
+                self.writer_op(w);
+            }
+            35..60 => {
+                let reps = self.replayers();
+                let Some(m) = self.pick(&reps) else { return };
+                // From the primary, or from any other member it reaches.
+                let sources: Vec<usize> = (0..self.members.len())
+                    .filter(|&s| s != m && !self.members[s].isolated)
+                    .collect();
+                let s = if self.rng.random_bool(0.6) || sources.is_empty() {
+                    d
+                } else {
+                    self.pick(&sources).unwrap()
+                };
+                if s != m {
+                    self.fetch(m, s, true);
+                }
+            }
+            60..85 => {
+                let reps = self.replayers();
+                if let Some(m) = self.pick(&reps) {
+                    let budget = self.rng.random_range(1..=32768);
+                    self.step(m, budget);
+                }
+            }
+            85..89 => {
+                let reps = self.replayers();
+                if let Some(m) = self.pick(&reps) {
+                    self.kill(m);
+                }
+            }
+            89..92 => {
+                let reps = self.replayers();
+                if let Some(m) = self.pick(&reps) {
+                    self.handover(m);
+                }
+            }
+            92..95 => {
+                let reps = self.replayers();
+                if let Some(m) = self.pick(&reps) {
+                    self.failover(m);
+                }
+            }
+            95..98 => {
+                // A cut-off primary comes back and follows the designated one.
+                let back: Vec<usize> = self.writers().into_iter().filter(|&w| w != d).collect();
+                if let Some(w) = self.pick(&back) {
+                    self.demote(w);
+                    self.stats.returns += 1;
+                }
+            }
+            _ => {
+                let split: Vec<usize> = (0..self.members.len())
+                    .filter(|&i| self.members[i].split.is_some())
+                    .collect();
+                if let Some(m) = self.pick(&split) {
+                    self.invalidate(m);
+                }
+            }
+        }
+        for w in self.writers() {
+            if self.rng.random_bool(0.05) {
+                self.check_writer(w);
+            }
+        }
+    }
+
+    /// Heal everything and bring every member to the primary's image.
+    fn finish(&mut self) {
+        let d = self.designated;
+        for w in self.writers() {
+            if w != d {
+                self.demote(w);
+                self.stats.returns += 1;
+            }
+        }
+        if let Role::Writer { logger, .. } = &self.members[d].role {
+            self.rt.block_on(logger.flush()).unwrap();
+        }
+        self.check_writer(d);
+        for m in self.replayers() {
+            for round in 0.. {
+                assert!(
+                    round < 10_000,
+                    "{}: does not catch up: {}",
+                    NAMES[m],
+                    self.describe(m)
+                );
+                self.fetch(m, d, false);
+                let moved = self.step(m, u64::MAX);
+                if self.members[m].split.is_some() {
+                    self.invalidate(m);
+                    continue;
+                }
+                if !moved && self.replay_pos(m) == self.writer_end(d) {
+                    break;
+                }
+            }
+            let Role::Writer { logger, .. } = &self.members[d].role else {
+                unreachable!()
+            };
+            let want = logger.read(0, SIZE).unwrap();
+            let got = std::fs::read(&self.members[m].disk).unwrap();
+            assert!(
+                got[..] == want[..],
+                "{}: differs from the primary at the end",
+                NAMES[m]
+            );
+        }
+    }
+
+    /// What a member has, for failure messages.
+    fn describe(&self, m: usize) -> String {
+        let mb = &self.members[m];
+        let files: Vec<(String, Option<u64>, u64)> = list_logfiles(&mb.dir)
+            .unwrap()
+            .iter()
+            .map(|e| (e.name(), start_of(&e.path), file_len(&e.path)))
+            .collect();
+        format!(
+            "position {}, logfiles {files:?}, source's list {:?}, split {:?}",
+            self.replay_pos(m),
+            mb.lineage,
+            mb.split
+        )
+    }
+
+    fn writer_end(&self, w: usize) -> u64 {
+        match &self.members[w].role {
+            Role::Writer { logger, .. } => logger.status().synced_pos,
+            Role::Replayer(_) => 0,
+        }
+    }
+}
+
+fn run_seed(seed: u64) -> Stats {
+    let mut sim = Sim::new(seed);
+    let actions = sim.rng.random_range(100..=200);
+    for _ in 0..actions {
+        sim.action();
+    }
+    sim.finish();
+    std::mem::take(&mut sim.stats)
+}
+
+fn seeds() -> Vec<u64> {
+    if let Ok(s) = std::env::var("MARS_SIM_SEED") {
+        return vec![s.parse().expect("MARS_SIM_SEED is a number")];
+    }
+    let n = std::env::var("MARS_SIM_SEEDS")
+        .ok()
+        .map(|s| s.parse().expect("MARS_SIM_SEEDS is a number"))
+        .unwrap_or(200);
+    (0..n).collect()
+}
+
+#[test]
+#[ignore = "finds a failure still open at seed 90 (docs/DEVELOPMENT.md, issue 15): run with --ignored"]
+fn members_hold_one_history_across_failovers_handovers_and_cuts() {
+    let started = Instant::now();
+    let mut total = Stats::default();
+    let seeds = seeds();
+    for &seed in &seeds {
+        match std::panic::catch_unwind(|| run_seed(seed)) {
+            Ok(s) => total.add(&s),
+            Err(e) => {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                panic!("history simulation failed at seed {seed}; reproduce with MARS_SIM_SEED={seed}: {msg}");
+            }
+        }
+    }
+    eprintln!(
+        "{} seeds in {:.1?}: {total:?}",
+        seeds.len(),
+        started.elapsed()
+    );
+    assert!(
+        total.failovers > 0 && total.handovers > 0 && total.split_brains > 0,
+        "{total:?}"
+    );
+}
