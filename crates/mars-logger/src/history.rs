@@ -326,9 +326,14 @@ pub fn chain(cur: usize, pos: u64, files: &[LocalFile]) -> (Vec<usize>, Vec<(usi
     keep.push(cur);
     at = cur;
     loop {
+        // Only children this copy of their parent reaches: after a hole (a
+        // fetch that has not brought the parent's end yet) nothing continues.
         let kids: Vec<usize> = (0..files.len())
             .filter(|&i| {
-                !keep.contains(&i) && is_child(&files[at], &files[i]) && files[i].start >= pos
+                !keep.contains(&i)
+                    && is_child(&files[at], &files[i])
+                    && files[i].start >= pos
+                    && files[i].start <= files[at].end
             })
             .collect();
         let Some(first) = kids.iter().map(|&i| files[i].start).min() else {
@@ -687,6 +692,11 @@ mod tests {
         let (keep, cuts) = chain(1, 250, &files);
         assert_eq!(keep, vec![0, 1, 2]);
         assert!(cuts.is_empty());
+        // A copy of a5 fetched only up to 180 (a hole before 200): nothing after it.
+        let mut holed = files.clone();
+        holed[1].end = 180;
+        let (keep, _) = chain(1, 150, &holed);
+        assert_eq!(keep, vec![0, 1]);
     }
 
     #[test]

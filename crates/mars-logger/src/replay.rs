@@ -782,8 +782,14 @@ impl Replayer {
                 // the primary's history does not hold it (the primary changed
                 // to another history since).
                 None if self.path.len() == 1 && e.at == self.pos => {
+                    // Listed, and reaching the position (or the last logfile, growing).
                     let listed = self.lineage.as_ref().is_none_or(|l| {
-                        !l.from_primary || l.files.iter().any(|x| x.name == e.name && x.start == e.start)
+                        !l.from_primary
+                            || l.files.iter().enumerate().any(|(k, x)| {
+                                x.name == e.name
+                                    && x.start == e.start
+                                    && (x.end >= e.at || k + 1 == l.files.len())
+                            })
                     });
                     if listed {
                         return Ok(None);
@@ -1219,6 +1225,17 @@ pub fn demote(dir: &Path, node: &str, disk_path: &Path, size: u64) -> Result<u64
 /// `start_pos`: where replay starts when it never persisted a position (a
 /// finished full sync with nothing to replay after it).
 pub fn promote(dir: &Path, start_pos: Option<u64>) -> Result<u64, LoggerError> {
+    promote_with_boot_id(dir, start_pos, current_boot_id().as_deref())
+}
+
+/// [`promote`] as in the boot `boot_id` (the high-water mark counts only when
+/// it is this boot's): for tests.
+#[doc(hidden)]
+pub fn promote_with_boot_id(
+    dir: &Path,
+    start_pos: Option<u64>,
+    boot_id: Option<&str>,
+) -> Result<u64, LoggerError> {
     if let Some(a) = read_applied(dir)? {
         forget(dir)?;
         return Ok(a.applied_pos);
@@ -1228,18 +1245,21 @@ pub fn promote(dir: &Path, start_pos: Option<u64>) -> Result<u64, LoggerError> {
         LoggerError::BadState(format!("{}: nothing replayed here", dir.display()))
     })?;
     // How far replay applied: the high-water mark of a replay that was not
-    // persisted at its end (same boot), else the durable position.
+    // persisted at its end (same boot: the page cache holds the disk as it
+    // was), else the durable position. The history kept reaches at least that
+    // far; recovery applies it again from the durable position (the disk is
+    // synced only then).
     let applied = std::fs::read(dir.join(HW_FILE))
         .ok()
         .and_then(|b| HwMark::decode(&b))
-        .filter(|m| m.base == pos && current_boot_id().as_deref() == Some(m.boot_id.as_str()))
+        .filter(|m| m.base == pos && boot_id == Some(m.boot_id.as_str()))
         .map_or(pos, |m| m.pos.max(pos));
     // The last logfile replay entered (it holds `applied`), else found by position.
     let entered = state.and_then(|s| match (s.file, s.entered.last()) {
         (_, Some((name, start, _))) => Some((name.clone(), *start)),
         (file, None) => file,
     });
-    keep_one_history(dir, pos.max(applied), entered)?;
+    keep_one_history(dir, applied, entered)?;
     write_applied(dir, pos)?;
     forget(dir)?;
     Ok(pos)
@@ -1274,6 +1294,13 @@ fn keep_one_history(dir: &Path, pos: u64, file: Option<(String, u64)>) -> Result
             dir.display()
         )));
     };
+    if files[cur].end < pos {
+        // Where a full sync ended: its base logfile not fetched that far yet.
+        return Err(LoggerError::BadState(format!(
+            "cannot become the writer: {} holds the log only up to position {}, this node's disk is at {pos} (a full sync ended there and fetch has not brought the log since); wait until it has, or promote another member",
+            files[cur].name, files[cur].end
+        )));
+    }
     let (keep, cuts) = history::chain(cur, pos, &files);
     let mut changed = false;
     // Also the logfiles without a whole header (a fetch cut inside it): no
