@@ -30,7 +30,10 @@ use rand::{Rng, SeedableRng};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod simkit;
+use simkit::{file_len, pattern};
 
 const SIZE: u64 = 256 << 10;
 const NAMES: [&str; 4] = ["alpha", "beta", "gamma", "delta"];
@@ -43,18 +46,6 @@ struct Rec {
     id: u64,
     offset: u64,
     len: u64,
-}
-
-fn pattern(id: u64, len: u64) -> Vec<u8> {
-    let mut x = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// A history: the records one writer's log holds, from position 0 (those it
@@ -147,10 +138,6 @@ struct Sim {
     trace: bool,
 }
 
-fn file_len(p: &Path) -> u64 {
-    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
-}
-
 fn header_of(p: &Path) -> Option<FileHeader> {
     let mut h = [0u8; FILE_HEADER_LEN];
     File::open(p).ok()?.read_exact_at(&mut h, 0).ok()?;
@@ -161,21 +148,10 @@ fn start_of(p: &Path) -> Option<u64> {
     header_of(p).map(|h| h.start_pos)
 }
 
-fn sim_tempdir() -> tempfile::TempDir {
-    let base = Some(PathBuf::from("/dev/shm"))
-        .filter(|p| p.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
-    tempfile::Builder::new()
-        .prefix("mars-history-sim")
-        .tempdir_in(base)
-        .or_else(|_| tempfile::tempdir())
-        .unwrap()
-}
-
 impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = StdRng::seed_from_u64(seed);
-        let root = sim_tempdir();
+        let root = simkit::sim_tempdir("mars-history-sim");
         let n = rng.random_range(3..=4);
         let logfile_max = rng.random_range(4u64 << 10..=64 << 10);
         let mut sim = Sim {
@@ -894,40 +870,11 @@ fn run_seed(seed: u64) -> Stats {
     std::mem::take(&mut sim.stats)
 }
 
-fn seeds() -> Vec<u64> {
-    if let Ok(s) = std::env::var("MARS_SIM_SEED") {
-        return vec![s.parse().expect("MARS_SIM_SEED is a number")];
-    }
-    let n = std::env::var("MARS_SIM_SEEDS")
-        .ok()
-        .map(|s| s.parse().expect("MARS_SIM_SEEDS is a number"))
-        .unwrap_or(200);
-    (0..n).collect()
-}
-
 #[test]
 fn members_hold_one_history_across_failovers_handovers_and_cuts() {
-    let started = Instant::now();
     let mut total = Stats::default();
-    let seeds = seeds();
-    for &seed in &seeds {
-        match std::panic::catch_unwind(|| run_seed(seed)) {
-            Ok(s) => total.add(&s),
-            Err(e) => {
-                let msg = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                panic!("history simulation failed at seed {seed}; reproduce with MARS_SIM_SEED={seed}: {msg}");
-            }
-        }
-    }
-    eprintln!(
-        "{} seeds in {:.1?}: {total:?}",
-        seeds.len(),
-        started.elapsed()
-    );
+    simkit::for_each_seed(200, "history simulation", |seed| total.add(&run_seed(seed)));
+    eprintln!("{total:?}");
     assert!(
         total.failovers > 0 && total.handovers > 0 && total.split_brains > 0,
         "{total:?}"

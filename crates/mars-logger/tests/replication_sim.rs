@@ -48,6 +48,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+mod simkit;
+use simkit::{file_len, pattern};
+
 const SIZE: u64 = 1 << 20;
 const PRIMARY: &str = "alpha";
 const SECONDARY: &str = "beta";
@@ -66,19 +69,6 @@ struct Rec {
     id: u64,
     offset: u64,
     len: u64,
-}
-
-/// Content of write `id`: every byte depends on the write and its place.
-fn pattern(id: u64, len: u64) -> Vec<u8> {
-    let mut x = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 fn apply(img: &mut [u8], r: &Rec) {
@@ -211,18 +201,6 @@ struct Sim {
 /// The simulation's files live in `MARS_SIM_TMP`, else `/dev/shm` when there
 /// is one (tmpfs: fsyncs cost nothing, page-cache semantics are the same for
 /// process kills), else the usual temporary directory.
-fn sim_tempdir() -> tempfile::TempDir {
-    let base = std::env::var_os("MARS_SIM_TMP")
-        .map(PathBuf::from)
-        .or_else(|| Some(PathBuf::from("/dev/shm")).filter(|p| p.is_dir()))
-        .unwrap_or_else(std::env::temp_dir);
-    tempfile::Builder::new()
-        .prefix("mars-replication-sim")
-        .tempdir_in(base)
-        .or_else(|_| tempfile::tempdir())
-        .unwrap()
-}
-
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !f() {
@@ -249,10 +227,6 @@ fn open_replayer(dir: &Path, disk: &Path, boot: u64, window: u64, background: bo
     r
 }
 
-fn file_len(path: &Path) -> u64 {
-    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
-}
-
 impl Sim {
     /// The secondary's replayer, opened again in the current boot.
     fn open_replayer(&self) -> Replayer {
@@ -267,7 +241,7 @@ impl Sim {
 
     fn new(seed: u64, background: bool) -> Sim {
         let mut rng = StdRng::seed_from_u64(seed);
-        let root = sim_tempdir();
+        let root = simkit::sim_tempdir("mars-replication-sim");
         let adir = root.path().join("a");
         let bdir = root.path().join("b");
         std::fs::create_dir_all(&adir).unwrap();
@@ -878,41 +852,14 @@ fn run_seed(seed: u64, corrupt: bool, background: bool) -> Stats {
     std::mem::take(&mut sim.stats)
 }
 
-fn seeds() -> Vec<u64> {
-    if let Ok(s) = std::env::var("MARS_SIM_SEED") {
-        return vec![s.parse().expect("MARS_SIM_SEED is a number")];
-    }
-    let n = std::env::var("MARS_SIM_SEEDS")
-        .ok()
-        .map(|s| s.parse().expect("MARS_SIM_SEEDS is a number"))
-        .unwrap_or(64);
-    (0..n).collect()
-}
-
 fn run_all(corrupt: bool, background: bool) -> Stats {
-    let started = Instant::now();
     let mut total = Stats::default();
-    let seeds = seeds();
-    for &seed in &seeds {
-        match std::panic::catch_unwind(|| run_seed(seed, corrupt, background)) {
-            Ok(s) => total.add(&s),
-            Err(e) => {
-                let msg = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                panic!(
-                    "replication simulation failed at seed {seed} (corrupt: {corrupt}, background syncs: {background}); reproduce with MARS_SIM_SEED={seed}: {msg}"
-                );
-            }
-        }
-    }
-    eprintln!(
-        "{} seeds (corrupt: {corrupt}, background syncs: {background}) in {:.1?}: {total:?}",
-        seeds.len(),
-        started.elapsed()
-    );
+    let what =
+        format!("replication simulation (corrupt: {corrupt}, background syncs: {background})");
+    simkit::for_each_seed(64, &what, |seed| {
+        total.add(&run_seed(seed, corrupt, background))
+    });
+    eprintln!("{total:?}");
     total
 }
 

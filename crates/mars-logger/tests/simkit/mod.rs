@@ -1,0 +1,67 @@
+//! What the seeded simulations (`replication_sim.rs`, `history_sim.rs`) share:
+//! write contents, temporary directories on tmpfs, and the seed loop.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// Content of write `id`: every byte depends on the write and its place.
+pub fn pattern(id: u64, len: u64) -> Vec<u8> {
+    let mut x = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+pub fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// A temporary directory in `MARS_SIM_TMP`, else on /dev/shm where there is one.
+pub fn sim_tempdir(prefix: &str) -> tempfile::TempDir {
+    let base = std::env::var_os("MARS_SIM_TMP")
+        .map(PathBuf::from)
+        .or_else(|| Some(PathBuf::from("/dev/shm")).filter(|p| p.is_dir()))
+        .unwrap_or_else(std::env::temp_dir);
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(base)
+        .or_else(|_| tempfile::tempdir())
+        .unwrap()
+}
+
+/// The seeds to run: `MARS_SIM_SEED=S` only S, else `0..MARS_SIM_SEEDS`
+/// (`default` when unset).
+pub fn seeds(default: u64) -> Vec<u64> {
+    if let Ok(s) = std::env::var("MARS_SIM_SEED") {
+        return vec![s.parse().expect("MARS_SIM_SEED is a number")];
+    }
+    let n = std::env::var("MARS_SIM_SEEDS")
+        .ok()
+        .map(|s| s.parse().expect("MARS_SIM_SEEDS is a number"))
+        .unwrap_or(default);
+    (0..n).collect()
+}
+
+/// Run `run` for every seed; a failure names the seed (`what` says which
+/// simulation) and how to run it alone. Prints the count and the time.
+pub fn for_each_seed(default: u64, what: &str, mut run: impl FnMut(u64)) {
+    let started = std::time::Instant::now();
+    let seeds = seeds(default);
+    for &seed in &seeds {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(seed)));
+        if let Err(e) = r {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!("{what} failed at seed {seed}; reproduce with MARS_SIM_SEED={seed}: {msg}");
+        }
+    }
+    eprintln!("{what}: {} seeds in {:.1?}", seeds.len(), started.elapsed());
+}
