@@ -1078,7 +1078,11 @@ impl Replayer {
     ) -> Result<bool, LoggerError> {
         let theirs = read_version(&self.dir, cur.seq, &child_entry.node)?
             .filter(|v| v.logfile == cur.name && v.end_pos == self.pos);
-        if child.parent == 0 && child_entry.node != self.node && theirs.is_none() {
+        // A format-1/2 continuation is checked by versions only (a first
+        // logfile at 0, or a sibling taken at the start of a logfile not begun,
+        // follows nothing to check).
+        let legacy = child.parent == 0 && child.start > 0 && self.pos > cur.start;
+        if legacy && child_entry.node != self.node && theirs.is_none() {
             return Ok(false);
         }
         // Nothing of `cur` applied (a sibling taken instead): no version of it.
