@@ -155,6 +155,11 @@ pub enum Msg {
     SyncInfo {
         pos: u64,
         size: u64,
+        /// The source's logfile holding the records up to `pos` (name, start
+        /// position): where a full sync's history begins (since 2026-12-06;
+        /// absent from older peers and in answers to `LogStatus`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        logfile: Option<(String, u64)>,
     },
     /// Secondary: my block at `offset` has this blake3 digest; send yours if it differs.
     SyncBlock {

@@ -1860,11 +1860,14 @@ impl Daemon {
         match msg {
             Msg::SyncStart { res } => {
                 let (pos, size) = self.sync_position(&res, false).await?;
-                write_msg(s, &Msg::SyncInfo { pos, size }).await?;
+                let dir = node::resource_dir(&self.dir, &res);
+                let logfile = tokio::task::spawn_blocking(move || base_logfile(&dir, pos)).await?;
+                write_msg(s, &Msg::SyncInfo { pos, size, logfile }).await?;
             }
             Msg::SyncEnd { res } => {
                 let (pos, size) = self.sync_position(&res, true).await?;
-                write_msg(s, &Msg::SyncInfo { pos, size }).await?;
+                let logfile = None;
+                write_msg(s, &Msg::SyncInfo { pos, size, logfile }).await?;
             }
             Msg::LogStatus { res } => {
                 let l = self.primary_logger(&res).await?;
@@ -1874,6 +1877,7 @@ impl Daemon {
                     &Msg::SyncInfo {
                         pos: st.synced_pos,
                         size: l.size(),
+                        logfile: None,
                     },
                 )
                 .await?;
@@ -2392,6 +2396,22 @@ impl Daemon {
 fn durable_end_of(l: &Logger) -> (String, u64) {
     let status = l.status();
     (status.current_logfile, status.synced_pos)
+}
+
+/// The logfile in `dir` holding the records up to `pos` (the last starting
+/// before it; else one starting at it), by name and start position: where a
+/// full sync from this node at `pos` begins its history.
+fn base_logfile(dir: &Path, pos: u64) -> Option<(String, u64)> {
+    let logs: Vec<(String, u64)> = mars_logger::list_logfiles(dir)
+        .ok()?
+        .iter()
+        .filter_map(|e| Some((e.name(), logfile_start(&e.path).ok()?)))
+        .collect();
+    logs.iter()
+        .rev()
+        .find(|(_, start)| *start < pos)
+        .or_else(|| logs.iter().find(|(_, start)| *start == pos))
+        .cloned()
 }
 
 /// Where the logfiles in `dir` end in the log stream (0 without any).

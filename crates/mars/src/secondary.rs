@@ -67,6 +67,11 @@ struct SyncState {
     /// builds before it: then the designated primary).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     source: Option<String>,
+    /// The source's logfile holding the records up to `start_pos` (name,
+    /// start): where this history begins (absent in older files, and from
+    /// older sources: then replay finds it by position).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base: Option<(String, u64)>,
 }
 
 /// What the daemon shows about a secondary.
@@ -688,6 +693,7 @@ pub fn mark_synced(dir: &std::path::Path, pos: u64) -> Result<()> {
             end_pos: None,
             done: true,
             source: None,
+            base: None,
         },
     )
 }
@@ -1168,8 +1174,8 @@ impl Secondary {
             },
         )
         .await?;
-        let pos = match answer_from(source, read_msg(&mut s)).await? {
-            Msg::SyncInfo { pos, size } if size == self.size => pos,
+        let (pos, base) = match answer_from(source, read_msg(&mut s)).await? {
+            Msg::SyncInfo { pos, size, logfile } if size == self.size => (pos, logfile),
             Msg::SyncInfo { size, .. } => {
                 bail!(
                     "sync source {source} has size {size}, expected {}",
@@ -1195,6 +1201,7 @@ impl Secondary {
             }
             sync.next_offset = 0;
             sync.start_pos = pos;
+            sync.base = base;
             sync.source = Some(source.to_string());
             // A new sync: nothing replayed before counts (nor its high-water mark).
             mars_logger::replay::forget(&self.dir)?;
@@ -1394,6 +1401,10 @@ impl Secondary {
             other => bail!("unexpected answer to SyncEnd: {other:?}"),
         };
         sync.end_pos = Some(end);
+        // Replay begins in the source's logfile that held the start position.
+        if let Some(base) = sync.base.clone() {
+            mars_logger::replay::begin_at(&self.dir, sync.start_pos, base)?;
+        }
         sync.done = true;
         write_sync(&self.dir, sync)?;
         let mut p = self.progress.lock();
