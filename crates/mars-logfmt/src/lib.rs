@@ -19,7 +19,7 @@ mod scan;
 mod version;
 
 pub use arrival::{ArrivalCheck, ArrivalError};
-pub use names::{logfile_name, parse_logfile_name, version_file_name, LogfileName};
+pub use names::{logfile_name, parse_logfile_name, valid_name, version_file_name, LogfileName};
 pub use record::{
     parent_link, DecodeError, FileHeader, Kind, RecordHeader, FILE_FORMAT_VERSION, FILE_HEADER_LEN,
     FILE_MAGIC, FORMAT_VERSION, MAX_PAYLOAD, RECORD_HEADER_LEN, RECORD_MAGIC,

@@ -359,6 +359,41 @@ pub fn chain(cur: usize, pos: u64, files: &[LocalFile]) -> (Vec<usize>, Vec<(usi
     (keep, cuts)
 }
 
+/// How far a member at `pos` inside `files[cur]` may apply when the primary
+/// has not confirmed its history (None: no bound).
+///
+/// Records of a logfile that another node than the designated `primary`
+/// wrote are the old writer's history: after a failover its records beyond
+/// where the new primary took over are orphans, and only the primary's own
+/// list ([`Lineage::from_primary`]) or a local logfile continuing this one
+/// (its link names where the history went on) tells where that was. Without
+/// either, nothing more is applied (a list from another member, or from the
+/// primary before it writes, may hold the orphans). A logfile the primary
+/// wrote, or no primary known, needs no bound.
+pub fn unconfirmed_bound(
+    pos: u64,
+    cur: usize,
+    files: &[LocalFile],
+    primary: Option<&str>,
+    lineage: Option<&Lineage>,
+) -> Option<u64> {
+    if lineage.is_some_and(|l| l.from_primary) {
+        return None;
+    }
+    let primary = primary?;
+    let c = files.get(cur)?;
+    let writer = mars_logfmt::parse_logfile_name(&c.name).map(|n| n.node);
+    if writer.as_deref() == Some(primary) {
+        return None;
+    }
+    let child = files
+        .iter()
+        .filter(|f| is_child(c, f) && f.start >= pos)
+        .map(|f| f.start)
+        .min();
+    Some(child.unwrap_or(pos))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,6 +446,48 @@ mod tests {
                 end: f.end,
             })
             .collect()
+    }
+
+    /// A member that knows b is primary applies a's logfile only as far as b
+    /// confirmed it (its own list) or a logfile continuing it shows; without
+    /// either, not beyond where it is (the rest may be a's orphans).
+    #[test]
+    fn the_old_writers_log_waits_for_the_new_primarys_word() {
+        let a5 = file(5, "a", 100, 300, 0, 1);
+        let b6 = child_of(&a5, 6, "b", 200, 260);
+        let alone = vec![a5.clone()];
+        let both = vec![a5.clone(), b6.clone()];
+        let from_b = Lineage {
+            files: listed_all(&[&a5, &b6]),
+            from_primary: true,
+        };
+        let from_c = source(listed_all(&[&a5]));
+        // (files, pos, primary, lineage) -> bound
+        #[allow(clippy::type_complexity)]
+        let table: Vec<(
+            &[LocalFile],
+            u64,
+            Option<&str>,
+            Option<&Lineage>,
+            Option<u64>,
+        )> = vec![
+            (&alone, 150, Some("b"), None, Some(150)),
+            (&alone, 150, Some("b"), Some(&from_c), Some(150)),
+            (&alone, 150, Some("b"), Some(&from_b), None),
+            (&alone, 150, Some("a"), None, None),
+            (&alone, 150, None, None, None),
+            (&both, 150, Some("b"), None, Some(200)),
+            (&both, 150, Some("b"), Some(&from_c), Some(200)),
+            (&both, 250, Some("b"), None, Some(250)),
+        ];
+        for (files, pos, primary, l, want) in table {
+            assert_eq!(
+                unconfirmed_bound(pos, 0, files, primary, l),
+                want,
+                "{} files, {pos}, {primary:?}, {l:?}",
+                files.len()
+            );
+        }
     }
 
     /// The history: a writes log 5 to 300, b had it up to 200 and was

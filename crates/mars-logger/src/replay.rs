@@ -295,6 +295,8 @@ pub struct Replayer {
     path: Vec<Entered>,
     /// The logfiles of the fetch source's history, when known (`set_lineage`).
     lineage: Option<history::Lineage>,
+    /// The designated primary, when known (`set_primary`).
+    primary: Option<String>,
     /// The durable limit: no record ending after it is applied before
     /// `replayed` says a larger one.
     limit: u64,
@@ -450,6 +452,7 @@ impl Replayer {
             last_version: None,
             path,
             lineage: None,
+            primary: None,
             limit,
             window: PERSIST_WINDOW,
             until: None,
@@ -770,6 +773,13 @@ impl Replayer {
         self.lineage = lineage;
     }
 
+    /// The designated primary as this node knows it: records of a logfile
+    /// another node wrote are applied only as far as the primary confirmed
+    /// them ([`history::unconfirmed_bound`]).
+    pub fn set_primary(&mut self, primary: Option<String>) {
+        self.primary = primary;
+    }
+
     /// The logfile replay is in (index into `files`), found again by name and
     /// start, or located by position when replay has none yet.
     fn current(&mut self, files: &[LocalFile]) -> Result<Option<usize>, LoggerError> {
@@ -922,7 +932,19 @@ impl Replayer {
                     self.save_path()?;
                     continue;
                 }
-                Next::Apply { until } => until,
+                Next::Apply { until } => {
+                    let primary = self.primary.as_deref();
+                    match history::unconfirmed_bound(
+                        self.pos,
+                        ci,
+                        &files,
+                        primary,
+                        self.lineage.as_ref(),
+                    ) {
+                        Some(bound) => until.min(bound),
+                        None => until,
+                    }
+                }
             };
             if until <= self.pos {
                 out.idle = true;

@@ -85,6 +85,7 @@
 mod error;
 mod key;
 mod persist;
+pub mod schema;
 mod store;
 
 pub use error::MetaError;

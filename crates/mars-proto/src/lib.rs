@@ -185,6 +185,11 @@ pub enum Msg {
         /// it holds no logger, so what it lists is all it has.
         #[serde(default)]
         open: bool,
+        /// The member writes this log now (it runs the logger): its list is its
+        /// whole history up to where the log is durable. False from sources
+        /// older than this field.
+        #[serde(default)]
+        writes: bool,
     },
     /// Send up to `max` bytes of `file` from `offset`.
     Fetch {

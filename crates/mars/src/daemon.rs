@@ -9,18 +9,17 @@
 
 use crate::meta::{self, ActualEntry, MemberEntry, ResEntry};
 use crate::node::{self, NodeConfig, ResourceConfig};
-use crate::peer::{DataServer, Peer};
-use crate::secondary::{LagClock, Progress, Secondary};
+use crate::peer::Peer;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use mars_api::{
     ClusterView, LogView, MemberView, NodeView, PauseKind, PausedView, Request, ResourceView,
     Response, SyncView, View,
 };
-use mars_logger::disk::{AlignedBuf, DIRECT_ALIGN};
 use mars_logger::{Config as LoggerConfig, Logger, Status};
 use mars_nbd::{BoxFut, Export, Registry};
-use mars_proto::{read_msg, write_data, write_msg, LogFileInfo, Msg};
+use mars_proto::{read_msg, write_msg, Msg};
+use mars_replication::{policy, LagClock, Progress, Secondary, Served, ServedSecondary};
 use parking_lot::RwLock;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -185,6 +184,11 @@ pub struct Daemon {
     pub cfg: NodeConfig,
     pub exports: Arc<Exports>,
     pub peer: Arc<Peer>,
+    /// Answers replication messages (set as the peer's data server).
+    pub server: Arc<mars_replication::Server>,
+    /// What `server` serves: loggers and secondaries, kept up to date with
+    /// `State` (updated wherever one opens or closes).
+    served: Arc<Served>,
     state: tokio::sync::Mutex<State>,
 }
 
@@ -194,11 +198,20 @@ const HANDOVER_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Daemon {
     pub fn new(dir: &Path, cfg: NodeConfig, peer: Arc<Peer>) -> Result<Daemon> {
+        let served = Arc::new(Served::default());
+        let server = Arc::new(mars_replication::Server {
+            resources: node::resources_dir(dir),
+            me: cfg.node.clone(),
+            cluster: peer.clone(),
+            served: served.clone(),
+        });
         Ok(Daemon {
             dir: dir.to_path_buf(),
             cfg,
             exports: Arc::new(Exports::default()),
             peer,
+            server,
+            served,
             state: tokio::sync::Mutex::new(State::default()),
         })
     }
@@ -318,6 +331,7 @@ impl Daemon {
                 self.reconcile_secondary(&r, a, &me).await;
                 continue;
             }
+            self.served.set_secondary(&r.name, None);
             if let Some(h) = a.secondary.take() {
                 h.stop().await;
             }
@@ -325,6 +339,7 @@ impl Daemon {
                 // Resized: serve and log with the new size (clients reconnect).
                 tracing::info!(resource = %r.name, size = r.size, "reopening the log for the new size");
                 self.unexport(&r.name, a);
+                self.served.set_logger(&r.name, None);
                 if let Some(l) = a.logger.take() {
                     a.last_status = close_logger(l).await;
                 }
@@ -334,6 +349,7 @@ impl Daemon {
                 self.unexport(&r.name, a);
             }
             if !r.attached {
+                self.served.set_logger(&r.name, None);
                 if let Some(l) = a.logger.take() {
                     a.last_status = close_logger(l).await;
                 }
@@ -346,6 +362,7 @@ impl Daemon {
                     Ok(Ok(l)) => {
                         tracing::info!(resource = %r.name, logfile = %l.status().current_logfile, "disk attached, log recovered");
                         a.logger = Some(Arc::new(l));
+                        self.served.set_logger(&r.name, a.logger.clone());
                         a.error = None;
                         a.retry_at = None;
                     }
@@ -402,17 +419,18 @@ impl Daemon {
 
     /// Stop the secondary's work and make this directory a log writer's.
     async fn promote(&self, r: &ResourceConfig, a: &mut Actual) -> Result<()> {
+        self.served.set_secondary(&r.name, None);
         if let Some(h) = a.secondary.take() {
             h.stop().await;
         }
         let dir = node::resource_dir(&self.dir, &r.name);
         let pos = tokio::task::spawn_blocking(move || -> Result<u64> {
             // Only a finished sync is a base: an unfinished one is no image at all.
-            let Some(start) = crate::secondary::synced_start(&dir) else {
+            let Some(start) = mars_replication::synced_start(&dir) else {
                 bail!("this member's disk is inconsistent (its full sync has not finished); it cannot be primary");
             };
             let pos = mars_logger::replay::promote(&dir, Some(start))?;
-            crate::secondary::clear_sync(&dir)?;
+            mars_replication::clear_sync(&dir)?;
             Ok(pos)
         })
         .await??;
@@ -427,6 +445,7 @@ impl Daemon {
     /// Stop serving and writing, write everything back, and continue as a secondary.
     async fn demote(&self, r: &ResourceConfig, a: &mut Actual) -> Result<()> {
         self.unexport(&r.name, a);
+        self.served.set_logger(&r.name, None);
         if let Some(l) = a.logger.take() {
             a.last_status = close_logger(l).await;
         }
@@ -438,7 +457,7 @@ impl Daemon {
         );
         let pos = tokio::task::spawn_blocking(move || -> Result<u64> {
             let pos = mars_logger::replay::demote(&dir, &me, &disk, size)?;
-            crate::secondary::mark_synced(&dir, pos)?;
+            mars_replication::mark_synced(&dir, pos)?;
             Ok(pos)
         })
         .await??;
@@ -451,12 +470,14 @@ impl Daemon {
     async fn reconcile_secondary(&self, r: &ResourceConfig, a: &mut Actual, me: &str) {
         let want = r.attached;
         if a.secondary.as_ref().is_some_and(|h| h.size != r.size) {
+            self.served.set_secondary(&r.name, None);
             if let Some(h) = a.secondary.take() {
                 h.stop().await;
             }
         }
         match (&a.secondary, want) {
             (Some(_), false) => {
+                self.served.set_secondary(&r.name, None);
                 if let Some(h) = a.secondary.take() {
                     h.stop().await;
                 }
@@ -465,6 +486,10 @@ impl Daemon {
                 let progress = Arc::new(parking_lot::Mutex::new(Progress {
                     syncing: true,
                     sync_total: r.size,
+                    // Not `uptodate` before replay has checked its position
+                    // against the primary's own list (a demoted primary may
+                    // hold another history).
+                    history_unconfirmed: true,
                     ..Default::default()
                 }));
                 let stop = Arc::new(AtomicBool::new(false));
@@ -497,7 +522,7 @@ impl Daemon {
                     sync_rate: rates[1].clone(),
                     sync_digest: self.cfg.sync_digest,
                     fetched: Arc::new(mars_logger::fetched::FetchedChunks::new(
-                        crate::secondary::FETCHED_KEEP,
+                        mars_replication::FETCHED_KEEP,
                     )),
                     arrivals: Default::default(),
                     avoid_sources: Default::default(),
@@ -507,6 +532,14 @@ impl Daemon {
                 };
                 tracing::info!(resource = %r.name, "secondary: sync, fetch and replay");
                 let task = tokio::spawn(sec.run());
+                self.served.set_secondary(
+                    &r.name,
+                    Some(ServedSecondary {
+                        progress: progress.clone(),
+                        size: r.size,
+                        disk: r.disk.clone(),
+                    }),
+                );
                 a.secondary = Some(SecondaryHandle {
                     size: r.size,
                     progress,
@@ -539,7 +572,8 @@ impl Daemon {
         } else {
             a.lag.observe(written, Instant::now());
         }
-        let now = Self::actual_entry_of(a, written);
+        let designated = r.designated_primary.clone();
+        let now = Self::actual_entry_of(a, designated.as_deref(), written);
         if a.published.as_ref() != Some(&now) {
             a.published = Some(now.clone());
             self.peer
@@ -548,42 +582,19 @@ impl Daemon {
     }
 
     /// What this member reports about itself.
-    fn actual_entry_of(a: &Actual, primary_written: u64) -> ActualEntry {
+    /// What this member reports about itself, `designated` and its reported
+    /// `primary_written` as this node knows them.
+    fn actual_entry_of(a: &Actual, designated: Option<&str>, primary_written: u64) -> ActualEntry {
         let Some(h) = &a.secondary else {
             return actual_entry(a);
         };
         let p = h.progress.lock().clone();
         let lag = a.lag.lag(p.replayed, Instant::now());
         let paused = |i: usize| h.pauses[i].load(Ordering::Acquire);
-        // Not yet a consistent image, and nothing is making it one (DRBD's and
-        // MARS's Inconsistent): the copy paused or without a source to copy from, or
-        // replay towards the end of the copy paused or stopped.
-        let stalled = if p.syncing {
-            paused(0) || p.sync_waits_for_source
-        } else {
-            paused(2) || p.replay_error.is_some()
-        };
         ActualEntry {
             role: "secondary".into(),
-            // A consistent but old image (MARS's OutDated): behind the primary's
-            // log, or stopped behind it (replay halted on a corrupt record, a split
-            // brain, cut off by emergency mode). `uptodate` only once it has
-            // replayed what the primary wrote, as far as this node knows.
-            disk: if (p.syncing || p.consistent_from.is_some()) && stalled {
-                "inconsistent"
-            } else if p.syncing || p.consistent_from.is_some() {
-                "syncing"
-            } else if p.split_brain
-                || p.cut_off
-                || p.replay_error.is_some()
-                || p.history_unconfirmed
-                || p.replayed < primary_written
-            {
-                "outdated"
-            } else {
-                "uptodate"
-            }
-            .into(),
+            disk: policy::secondary_disk(&p, paused(0), paused(2), designated, primary_written)
+                .into(),
             written: primary_written,
             fetched: p.fetched,
             replayed: p.replayed,
@@ -648,10 +659,12 @@ impl Daemon {
     }
 
     async fn stop(&self, name: &str, mut a: Actual) {
+        self.served.set_secondary(name, None);
         if let Some(h) = a.secondary.take() {
             h.stop().await;
         }
         self.unexport(name, &mut a);
+        self.served.set_logger(name, None);
         if let Some(l) = a.logger.take() {
             close_logger(l).await;
         }
@@ -1006,7 +1019,7 @@ impl Daemon {
             Some(l) if persist => l.status().applied_pos,
             Some(l) => l.status().persisted_pos,
             // A secondary: what replay has durably applied (a restart resumes there).
-            None => match crate::secondary::persisted_replayed(&dir) {
+            None => match mars_replication::persisted_replayed(&dir) {
                 Some(p) => p,
                 None => {
                     self.member_entry(name)?;
@@ -1131,7 +1144,10 @@ impl Daemon {
         for (name, a) in st.actual.iter_mut().filter(|(_, a)| a.emergency) {
             let oldest = mars_logger::list_logfiles(&node::resource_dir(&self.dir, name))
                 .ok()
-                .and_then(|l| l.first().and_then(|e| logfile_start(&e.path).ok()))
+                .and_then(|l| {
+                    l.first()
+                        .and_then(|e| mars_replication::logdir::logfile_start(&e.path).ok())
+                })
                 .unwrap_or(0);
             let members = meta::resource(&store, name)
                 .map(|r| r.members)
@@ -1252,9 +1268,12 @@ impl Daemon {
         // secondary task picks the same way when it syncs.
         let source = match designated.clone().filter(|d| self.peer.is_alive(d)) {
             Some(p) => p,
-            None => crate::secondary::consistent_member(&self.peer.store.lock(), name, |m| {
-                m != me && Some(m) != designated.as_deref() && self.peer.is_alive(m)
-            })
+            None => {
+                let members = mars_replication::secondary::reports(&self.peer.store.lock(), name);
+                policy::consistent_member(&members, |m| {
+                    m != me && Some(m) != designated.as_deref() && self.peer.is_alive(m)
+                })
+            }
             .ok_or_else(|| {
                 anyhow::anyhow!("{name}: refused: no reachable primary or member with a consistent disk to sync from")
             })?,
@@ -1264,10 +1283,12 @@ impl Daemon {
         }
         let mut st = self.state.lock().await;
         let a = st.actual.entry(name.to_string()).or_default();
+        self.served.set_secondary(name, None);
         if let Some(h) = a.secondary.take() {
             h.stop().await;
         }
         self.unexport(name, a);
+        self.served.set_logger(name, None);
         if let Some(l) = a.logger.take() {
             close_logger(l).await;
         }
@@ -1281,7 +1302,7 @@ impl Daemon {
                     "sync",
                     mars_logger::replay::REPLAYED_FILE,
                     mars_logger::replay::HW_FILE,
-                    crate::secondary::LAG_CLOCK_FILE,
+                    mars_replication::LAG_CLOCK_FILE,
                 ]
                 .contains(&f.as_str());
                 if state || f.starts_with("log-") || f.starts_with("version-") {
@@ -1560,10 +1581,12 @@ impl Daemon {
                 bail!("cannot attach {name}: {e}");
             }
         };
+        let logger = Arc::new(logger);
+        self.served.set_logger(name, Some(logger.clone()));
         st.actual.insert(
             name.to_string(),
             Actual {
-                logger: Some(Arc::new(logger)),
+                logger: Some(logger),
                 ..Default::default()
             },
         );
@@ -1642,7 +1665,13 @@ impl Daemon {
                             })
                             .unwrap_or_default();
                         let reported: Option<ActualEntry> = if m == me {
-                            a.map(|a| Self::actual_entry_of(a, primary_written(&store, &name)))
+                            a.map(|a| {
+                                Self::actual_entry_of(
+                                    a,
+                                    designated.as_deref(),
+                                    primary_written(&store, &name),
+                                )
+                            })
                         } else {
                             meta::get(&store, &meta::actual_key(&name, m))
                         };
@@ -1800,770 +1829,4 @@ async fn close_logger(l: Arc<Logger>) -> Status {
     })
     .await
     .unwrap_or_default()
-}
-
-/// The replication messages a member answers: full sync reads from the primary's
-/// logger (newest data), logfile lists and chunks from the resource directory.
-impl DataServer for Daemon {
-    fn serve_data<'a>(
-        &'a self,
-        msg: Msg,
-        s: &'a mut tokio::net::TcpStream,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>> {
-        Box::pin(async move {
-            let mut msg = msg;
-            let res = loop {
-                // A stream of SyncBlock requests ends with the next message, read ahead.
-                match self.data_reply(msg, s).await {
-                    Ok(Some(next)) => msg = next,
-                    Ok(None) => break Ok(()),
-                    Err(e) => break Err(e),
-                }
-            };
-            match res {
-                Ok(()) => Ok(()),
-                Err(e) => {
-                    let reason = format!("{e:#}");
-                    let _ = write_msg(
-                        s,
-                        &Msg::Refused {
-                            reason: reason.clone(),
-                        },
-                    )
-                    .await;
-                    linger_close(s).await;
-                    Err(anyhow::anyhow!(reason))
-                }
-            }
-        })
-    }
-}
-
-const MAX_CHUNK: u32 = 8 << 20;
-/// Fetch answers read this many chunks ahead of the one asked for.
-const FETCH_READAHEAD_CHUNKS: usize = 4;
-
-impl Daemon {
-    async fn primary_logger(&self, res: &str) -> Result<Arc<Logger>> {
-        match self.logger_of(res).await {
-            Some(l) => Ok(l),
-            None => bail!(
-                "{} does not write the log of {res} (not its primary, or its disk is detached): a full sync is served by the primary",
-                self.me()
-            ),
-        }
-    }
-
-    /// Answer one replication message. A `SyncBlock` starts a stream of them, answered
-    /// by [`Daemon::serve_sync_blocks`]; the message after the stream is returned.
-    async fn data_reply(&self, msg: Msg, s: &mut tokio::net::TcpStream) -> Result<Option<Msg>> {
-        match msg {
-            Msg::SyncStart { res } => {
-                let (pos, size) = self.sync_position(&res, false).await?;
-                let dir = node::resource_dir(&self.dir, &res);
-                let logfile = tokio::task::spawn_blocking(move || base_logfile(&dir, pos)).await?;
-                write_msg(s, &Msg::SyncInfo { pos, size, logfile }).await?;
-            }
-            Msg::SyncEnd { res } => {
-                let (pos, size) = self.sync_position(&res, true).await?;
-                let logfile = None;
-                write_msg(s, &Msg::SyncInfo { pos, size, logfile }).await?;
-            }
-            Msg::LogStatus { res } => {
-                let l = self.primary_logger(&res).await?;
-                let st = l.status();
-                write_msg(
-                    s,
-                    &Msg::SyncInfo {
-                        pos: st.synced_pos,
-                        size: l.size(),
-                        logfile: None,
-                    },
-                )
-                .await?;
-            }
-            m @ Msg::SyncBlock { .. } => {
-                return match self.serve_sync_blocks(m, s).await? {
-                    Some(next @ (Msg::SyncEnd { .. } | Msg::SyncStart { .. })) => Ok(Some(next)),
-                    Some(other) => bail!("unexpected {other:?} after SyncBlock"),
-                    None => Ok(None),
-                };
-            }
-            Msg::LogList { res } => {
-                self.res_entry(&res)?;
-                let dir = node::resource_dir(&self.dir, &res);
-                // Asked before listing: a logfile that becomes current after this is
-                // clamped to nothing below, never to more than what is durable.
-                let durable_end = self.durable_end(&res).await;
-                let me = durable_end.is_none().then(|| self.me().to_string());
-                let (mut files, versions, held_back) =
-                    tokio::task::spawn_blocking(move || list_for_fetch(&dir, me.as_deref()))
-                        .await??;
-                // The primary's current logfile is offered only up to what is durable: a
-                // secondary never applies a write that a crash of the primary could undo.
-                // Every file is clamped so, not only the current one: a logfile that
-                // became current after `durable_end` was asked (a recycled one is longer
-                // than its log) is offered up to nothing; finished ones end before `synced`.
-                // A logfile that starts past `synced` (it became current after
-                // `durable_end` was asked) is left out: listed, it would end the one
-                // before at `synced` and make a gap. A clamped logfile will grow.
-                let open = durable_end.is_some() || held_back;
-                if let Some((_, synced)) = durable_end {
-                    files.retain(|f| f.start_pos <= synced);
-                    for f in files.iter_mut() {
-                        let durable = mars_logfmt::FILE_HEADER_LEN as u64
-                            + synced.saturating_sub(f.start_pos);
-                        if durable < f.len {
-                            f.len = durable;
-                            f.finished = false;
-                        }
-                    }
-                    if let Some(last) = files.last_mut() {
-                        last.finished = false;
-                    }
-                }
-                write_msg(
-                    s,
-                    &Msg::Logs {
-                        files,
-                        versions,
-                        open,
-                    },
-                )
-                .await?;
-            }
-            m @ Msg::Fetch { .. } => return self.serve_fetches(m, s).await,
-            other => bail!("unexpected message {other:?}"),
-        }
-        Ok(None)
-    }
-
-    /// Answer `Fetch` requests from `first` on, in order: each chunk is read (off the
-    /// runtime, into a buffer used again) as soon as its request arrives, up to
-    /// `FETCH_SERVE_AHEAD` at once, so that the device or page-cache read of the next
-    /// chunks overlaps sending this one. Returns the first other message (None at the
-    /// end of the stream). An error ends the answers where it happened: the chunks
-    /// asked for before it are sent first.
-    async fn serve_fetches(
-        &self,
-        first: Msg,
-        s: &mut tokio::net::TcpStream,
-    ) -> Result<Option<Msg>> {
-        let (mut rd, mut wr) = s.split();
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<FetchAnswer>(FETCH_SERVE_AHEAD);
-        let buffers: FetchBuffers = Arc::default();
-        let pool = buffers.clone();
-        let reader = async move {
-            let mut msg = first;
-            loop {
-                let Msg::Fetch {
-                    res,
-                    file,
-                    offset,
-                    max,
-                } = msg
-                else {
-                    return Ok::<_, anyhow::Error>(Some(msg));
-                };
-                let answer = match self.fetch_answer(&res, &file, offset, max, &pool).await {
-                    Ok(a) => a,
-                    Err(e) => FetchAnswer::Failed(e),
-                };
-                let failed = matches!(answer, FetchAnswer::Failed(_));
-                if tx.send(answer).await.is_err() || failed {
-                    return Ok(None); // the writing half reports what ended the stream
-                }
-                msg = match next_request(&mut rd).await? {
-                    Some(m) => m,
-                    None => return Ok(None),
-                };
-            }
-        };
-        let writer = async move {
-            while let Some(answer) = rx.recv().await {
-                let (file, offset, buf) = match answer {
-                    FetchAnswer::Failed(e) => return Err(e),
-                    FetchAnswer::Ready { file, offset, data } => (file, offset, data),
-                    FetchAnswer::Reading { file, offset, job } => (file, offset, job.await??),
-                };
-                write_msg(
-                    &mut wr,
-                    &Msg::Chunk {
-                        file,
-                        offset,
-                        len: buf.data().len() as u32,
-                    },
-                )
-                .await?;
-                write_data(&mut wr, buf.data()).await?;
-                let mut pool = buffers.lock();
-                if pool.len() < FETCH_SERVE_AHEAD + 2 {
-                    pool.push(buf);
-                }
-            }
-            Ok::<(), anyhow::Error>(())
-        };
-        let (next, ()) = tokio::try_join!(reader, writer)?;
-        Ok(next)
-    }
-
-    /// The answer to one `Fetch`: what of `file` from `offset` on (at most `max`
-    /// bytes) may be sent now, from the logger's memory or read from the file.
-    async fn fetch_answer(
-        &self,
-        res: &str,
-        file: &str,
-        offset: u64,
-        max: u32,
-        pool: &FetchBuffers,
-    ) -> Result<FetchAnswer> {
-        self.res_entry(res)?;
-        let Some(name) = mars_logfmt::parse_logfile_name(file) else {
-            bail!("bad logfile name {file:?}");
-        };
-        let path = node::resource_dir(&self.dir, res).join(file);
-        let mut max = max.min(MAX_CHUNK) as usize;
-        // Up to what is durable, as in `LogList`, in any file of a writing node.
-        let logger = self.logger_of(res).await;
-        let durable_end = logger.as_deref().map(durable_end_of);
-        if durable_end.is_none() && unrecovered_own(&path, self.me()) {
-            max = 0;
-        }
-        if let Some((_, synced)) = durable_end {
-            let start = logfile_start(&path)?;
-            let durable = mars_logfmt::FILE_HEADER_LEN as u64 + synced.saturating_sub(start);
-            max = max.min(durable.saturating_sub(offset) as usize);
-        }
-        let file = file.to_string();
-        let room = max.next_multiple_of(DIRECT_ALIGN);
-        let mut buf = pool
-            .lock()
-            .pop()
-            .filter(|b| b.capacity() >= room)
-            .unwrap_or_else(|| AlignedBuf::new(room));
-        // The log's tail from the writer's memory: no device read (the log is
-        // written with O_DIRECT, so it is not in the page cache).
-        if let Some(l) = &logger {
-            if name.node == self.me() && max > 0 {
-                if let Some(n) = l.read_recent(name.seq, offset, &mut buf.room()[..max]) {
-                    buf.set_len(n);
-                    return Ok(FetchAnswer::Ready {
-                        file,
-                        offset,
-                        data: buf,
-                    });
-                }
-            }
-        }
-        let job =
-            tokio::task::spawn_blocking(move || read_chunk(&path, name.seq, offset, max, buf));
-        Ok(FetchAnswer::Reading { file, offset, job })
-    }
-
-    /// Answer `SyncBlock` requests from `first` on: each block is read and hashed off
-    /// the runtime as soon as its request arrives (up to `SYNC_SERVE_AHEAD` at once,
-    /// so that both CPUs and the joiner's window stay busy), and answered in order.
-    /// Returns the first other message (None at the end of the stream).
-    async fn serve_sync_blocks(
-        &self,
-        first: Msg,
-        s: &mut tokio::net::TcpStream,
-    ) -> Result<Option<Msg>> {
-        type Answer = tokio::task::JoinHandle<std::io::Result<(u64, u32, Option<Vec<u8>>)>>;
-        let (mut rd, mut wr) = s.split();
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Answer>(SYNC_SERVE_AHEAD);
-        // Block buffers, used again: no allocation, zeroing or page faults per block.
-        let buffers: Arc<parking_lot::Mutex<Vec<Vec<u8>>>> = Arc::default();
-        let pool = buffers.clone();
-        let reader = async move {
-            let mut msg = first;
-            loop {
-                let Msg::SyncBlock {
-                    res,
-                    offset,
-                    len,
-                    digest,
-                } = msg
-                else {
-                    return Ok(Some(msg));
-                };
-                // Looked up for every block: a demote or detach during the sync
-                // ends the answers from this logger (on a secondary: a split
-                // brain, a halted replay).
-                let src = self.sync_source(&res).await?;
-                if len > MAX_CHUNK
-                    || offset
-                        .checked_add(len as u64)
-                        .is_none_or(|e| e > src.size())
-                {
-                    bail!("block {offset}+{len} is out of range");
-                }
-                let pool = pool.clone();
-                let answer = tokio::task::spawn_blocking(move || {
-                    sync_answer(&src, offset, len, &digest, &pool).map(|d| (offset, len, d))
-                });
-                if tx.send(answer).await.is_err() {
-                    return Ok(None); // the writing half failed; its error is the one to report
-                }
-                msg = match next_request(&mut rd).await? {
-                    Some(m) => m,
-                    None => return Ok(None),
-                };
-            }
-        };
-        let writer = async move {
-            while let Some(answer) = rx.recv().await {
-                match answer.await?? {
-                    (_, _, None) => write_msg(&mut wr, &Msg::Same).await?,
-                    (offset, len, Some(data)) => {
-                        write_msg(&mut wr, &Msg::BlockData { offset, len }).await?;
-                        write_data(&mut wr, &data).await?;
-                        buffers.lock().push(data);
-                    }
-                }
-            }
-            Ok::<(), anyhow::Error>(())
-        };
-        let (next, ()) = tokio::try_join!(reader, writer)?;
-        Ok(next)
-    }
-}
-
-/// Answers of a full sync queued on the serving side (blocks read and hashed at
-/// once: this many, plus the one being sent and the one just requested).
-const SYNC_SERVE_AHEAD: usize = 4;
-
-/// End a connection whose peer may still be sending requests (a fetcher keeps
-/// several in flight): send FIN, then read and drop what arrives until the peer
-/// closes too (at most `LINGER`). Closing with unread bytes in the receive buffer
-/// makes the kernel send a reset, and a reset throws away what the peer has not
-/// read yet: the answers before the error and the `Refused` that says why.
-async fn linger_close(s: &mut tokio::net::TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    if s.shutdown().await.is_err() {
-        return;
-    }
-    let mut sink = vec![0u8; 64 << 10];
-    let _ = tokio::time::timeout(LINGER, async {
-        while let Ok(n) = s.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await;
-}
-
-/// How long [`linger_close`] waits for the peer to close.
-const LINGER: Duration = Duration::from_secs(2);
-
-/// The next request of a stream of them; None when the peer closed the connection.
-async fn next_request<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) -> Result<Option<Msg>> {
-    match read_msg(rd).await {
-        Ok(m) => Ok(Some(m)),
-        Err(mars_proto::ProtoError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            Ok(None)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Fetch answers being read on the serving side at once (besides the one being sent).
-const FETCH_SERVE_AHEAD: usize = 4;
-
-/// Chunk buffers of one fetch stream, used again.
-type FetchBuffers = Arc<parking_lot::Mutex<Vec<AlignedBuf>>>;
-
-/// One `Fetch` answer, queued in request order.
-enum FetchAnswer {
-    /// From the logger's memory.
-    Ready {
-        file: String,
-        offset: u64,
-        data: AlignedBuf,
-    },
-    /// Being read from the file.
-    Reading {
-        file: String,
-        offset: u64,
-        job: tokio::task::JoinHandle<Result<AlignedBuf>>,
-    },
-    /// The request cannot be answered: the stream ends here.
-    Failed(anyhow::Error),
-}
-
-/// Read up to `max` bytes of the logfile at `path` (number `seq`) from `offset` into
-/// `buf` (a new one if it has less room): the buffer, holding what was read.
-///
-/// With O_DIRECT where the file system allows it and `offset` is aligned (every
-/// request but the first after a fetch resumed mid-block): a fetcher catching up
-/// reads logfiles the page cache no longer holds (the log is written with O_DIRECT),
-/// and reading them through it cost more CPU than anything else in a catch-up
-/// (new page-cache pages, then a copy out of them), and pushed the primary's own
-/// data out of the cache. A direct read sees what buffered writes left in the page
-/// cache (the kernel writes the range back first).
-fn read_chunk(
-    path: &Path,
-    seq: u64,
-    offset: u64,
-    max: usize,
-    mut buf: AlignedBuf,
-) -> Result<AlignedBuf> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
-    let room = max.next_multiple_of(DIRECT_ALIGN);
-    if buf.capacity() < room {
-        buf = AlignedBuf::new(room);
-    }
-    let direct = (offset.is_multiple_of(DIRECT_ALIGN as u64) && max > 0)
-        .then(|| mars_logger::disk::open_direct_read(path))
-        .flatten()
-        .map(|d| read_direct(&d, &mut buf.room()[..room], offset))
-        .transpose()?
-        .flatten();
-    let n = match direct {
-        Some(n) => n.min(max),
-        None => {
-            let into = &mut buf.room()[..max];
-            let mut n = 0;
-            while n < max {
-                let k = f.read_at(&mut into[n..], offset + n as u64)?;
-                if k == 0 {
-                    break;
-                }
-                n += k;
-            }
-            // The fetcher asks for the next chunks next: have the kernel read them
-            // ahead. Several chunks: the device reads them at once.
-            if n == max && n > 0 {
-                mars_logger::disk::start_readahead(
-                    &f,
-                    offset + n as u64,
-                    (max * FETCH_READAHEAD_CHUNKS) as u64,
-                );
-            }
-            n
-        }
-    };
-    // Checked after the read: a logfile deleted and recycled meanwhile has another
-    // header, written before any of its new records.
-    let mut h = [0u8; mars_logfmt::FILE_HEADER_LEN];
-    f.read_exact_at(&mut h, 0)?;
-    if mars_logfmt::FileHeader::decode(&h).map(|h| h.file_seq) != Ok(seq) {
-        bail!("logfile {} is gone (deleted)", path.display());
-    }
-    buf.set_len(n);
-    Ok(buf)
-}
-
-/// Read whole blocks of `f` (opened with O_DIRECT) from the aligned `offset` into
-/// `into`, until it is full or a read ends off a block boundary (the file's end):
-/// how many bytes. None when the file system refuses such reads (EINVAL).
-fn read_direct(f: &std::fs::File, into: &mut [u8], offset: u64) -> std::io::Result<Option<usize>> {
-    use std::os::unix::fs::FileExt;
-    let mut n = 0;
-    while n < into.len() {
-        match f.read_at(&mut into[n..], offset + n as u64) {
-            Ok(0) => break,
-            Ok(k) => {
-                n += k;
-                if !k.is_multiple_of(DIRECT_ALIGN) {
-                    break;
-                }
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && n == 0 => return Ok(None),
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(Some(n))
-}
-
-/// The answer to one `SyncBlock`: None when the block's digest is `digest`, else the
-/// block. Buffers come from and go back to `pool`.
-fn sync_answer(
-    src: &SyncSource,
-    offset: u64,
-    len: u32,
-    digest: &str,
-    pool: &parking_lot::Mutex<Vec<Vec<u8>>>,
-) -> std::io::Result<Option<Vec<u8>>> {
-    let mut buf = pool.lock().pop().unwrap_or_default();
-    buf.resize(len as usize, 0);
-    let r = src.read_into(offset, &mut buf);
-    if r.is_ok() && !crate::digest::matches(digest, &buf) {
-        return Ok(Some(buf));
-    }
-    pool.lock().push(buf);
-    r.map(|()| None)
-}
-
-/// Where a full sync's blocks come from on the serving side.
-enum SyncSource {
-    /// The primary: its logger reads the newest data (not yet written back too).
-    Primary(Arc<Logger>),
-    /// An up-to-date secondary: its disk, which replay moves forward only (records
-    /// after `replayed`, which the joiner replays again from its start position).
-    Secondary {
-        disk: std::fs::File,
-        size: u64,
-        replayed: u64,
-    },
-}
-
-impl SyncSource {
-    fn size(&self) -> u64 {
-        match self {
-            SyncSource::Primary(l) => l.size(),
-            SyncSource::Secondary { size, .. } => *size,
-        }
-    }
-
-    fn read_into(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        match self {
-            SyncSource::Primary(l) => l.read_into(offset, buf),
-            SyncSource::Secondary { disk, .. } => disk.read_exact_at(buf, offset),
-        }
-    }
-}
-
-impl Daemon {
-    /// What this node serves a full sync of `res` from: the log writer's logger, or
-    /// the disk of a secondary that is a consistent image and goes on replaying.
-    async fn sync_source(&self, res: &str) -> Result<SyncSource> {
-        if let Some(l) = self.logger_of(res).await {
-            return Ok(SyncSource::Primary(l));
-        }
-        let me = self.me().to_string();
-        let p = {
-            let st = self.state.lock().await;
-            st.actual
-                .get(res)
-                .and_then(|a| a.secondary.as_ref())
-                .map(|h| (h.progress.lock().clone(), h.size))
-        };
-        let Some((p, size)) = p else {
-            bail!("{me} neither writes nor replays {res} (its disk is detached?): a full sync is served by the primary or an up-to-date member");
-        };
-        if p.syncing
-            || !p.replay_opened
-            || p.consistent_from.is_some()
-            || p.split_brain
-            || p.cut_off
-            || p.replay_error.is_some()
-        {
-            bail!("{me}'s disk of {res} is no consistent image to copy now (syncing, starting, split brain, or replay stopped): a full sync is served by the primary or an up-to-date member");
-        }
-        let path = self.member_entry(res)?.disk;
-        let disk = std::fs::File::open(&path).with_context(|| format!("disk {path}"))?;
-        Ok(SyncSource::Secondary {
-            disk,
-            size,
-            replayed: p.replayed,
-        })
-    }
-
-    /// The log position a full sync of `res` served here starts from, or (`end`)
-    /// where its copy ended, and the device size.
-    async fn sync_position(&self, res: &str, end: bool) -> Result<(u64, u64)> {
-        Ok(match self.sync_source(res).await? {
-            SyncSource::Primary(l) => (l.status().logged_pos, l.size()),
-            // The disk holds every record before `replayed` and moves on only by
-            // replaying later ones: the joiner replays from there. Where the copy
-            // ended, the blocks read may hold any record this node has (replay
-            // reports its position after a step): the end of its log.
-            SyncSource::Secondary { size, replayed, .. } if !end => (replayed, size),
-            SyncSource::Secondary { size, replayed, .. } => {
-                let dir = node::resource_dir(&self.dir, res);
-                let held = tokio::task::spawn_blocking(move || local_log_end(&dir)).await?;
-                (held.max(replayed), size)
-            }
-        })
-    }
-
-    /// The current logfile of this node's logger for `res` and the durable log position.
-    async fn logger_of(&self, res: &str) -> Option<Arc<Logger>> {
-        let st = self.state.lock().await;
-        st.actual.get(res)?.logger.clone()
-    }
-
-    async fn durable_end(&self, res: &str) -> Option<(String, u64)> {
-        self.logger_of(res).await.as_deref().map(durable_end_of)
-    }
-}
-
-/// The logger's current logfile and how far its log is durable.
-fn durable_end_of(l: &Logger) -> (String, u64) {
-    let status = l.status();
-    (status.current_logfile, status.synced_pos)
-}
-
-/// The logfile in `dir` holding the records up to `pos` (the last starting
-/// before it; else one starting at it), by name and start position: where a
-/// full sync from this node at `pos` begins its history.
-fn base_logfile(dir: &Path, pos: u64) -> Option<(String, u64)> {
-    let logs: Vec<(String, u64)> = mars_logger::list_logfiles(dir)
-        .ok()?
-        .iter()
-        .filter_map(|e| Some((e.name(), logfile_start(&e.path).ok()?)))
-        .collect();
-    logs.iter()
-        .rev()
-        .find(|(_, start)| *start < pos)
-        .or_else(|| logs.iter().find(|(_, start)| *start == pos))
-        .cloned()
-}
-
-/// Where the logfiles in `dir` end in the log stream (0 without any).
-pub(crate) fn local_log_end(dir: &Path) -> u64 {
-    mars_logger::list_logfiles(dir)
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|e| {
-            let len = std::fs::metadata(&e.path).ok()?.len();
-            let start = logfile_start(&e.path).ok()?;
-            Some(start + len.saturating_sub(mars_logfmt::FILE_HEADER_LEN as u64))
-        })
-        .max()
-        .unwrap_or(0)
-}
-
-/// The log stream position where the logfile at `path` starts (from its header).
-pub(crate) fn logfile_start(path: &Path) -> Result<u64> {
-    Ok(logfile_header(path)?.start_pos)
-}
-
-/// The file header of the logfile at `path`.
-pub(crate) fn logfile_header(path: &Path) -> Result<mars_logfmt::FileHeader> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
-    let mut h = [0u8; mars_logfmt::FILE_HEADER_LEN];
-    f.read_exact_at(&mut h, 0)?;
-    mars_logfmt::FileHeader::decode(&h).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-}
-
-/// Logfiles (with their start position and length) and version files of a resource directory.
-/// (name, JSON) of each version file.
-type VersionFiles = Vec<(String, String)>;
-
-/// Whether the logfile at `path` was written by `me` and never finished (no version
-/// file: a crash, not recovered yet). Without a running logger such a file may hold
-/// a torn tail, or after its end the records of a recycled logfile's earlier use:
-/// nothing of it is offered to fetchers until recovery has cut and versioned it.
-fn unrecovered_own(path: &Path, me: &str) -> bool {
-    let Some(name) = path
-        .file_name()
-        .and_then(|n| mars_logfmt::parse_logfile_name(&n.to_string_lossy()))
-    else {
-        return false;
-    };
-    name.node == me
-        && path.parent().is_some_and(|d| {
-            !d.join(mars_logfmt::version_file_name(name.seq, me))
-                .exists()
-        })
-}
-
-/// `no_logger_me`: this node's name when it runs no logger for the resource (see
-/// [`unrecovered_own`]). The flag: such a logfile was held back (the list is not
-/// complete: more will be offered once recovery has run).
-fn list_for_fetch(
-    dir: &Path,
-    no_logger_me: Option<&str>,
-) -> Result<(Vec<LogFileInfo>, VersionFiles, bool)> {
-    use std::os::unix::fs::FileExt;
-    let logs = mars_logger::list_logfiles(dir)?;
-    let n = logs.len();
-    let mut files = Vec::new();
-    let mut held_back = false;
-    for (i, e) in logs.into_iter().enumerate() {
-        let f = std::fs::File::open(&e.path)?;
-        let mut len = f.metadata()?.len();
-        if no_logger_me.is_some_and(|me| unrecovered_own(&e.path, me)) {
-            held_back |= len > mars_logfmt::FILE_HEADER_LEN as u64;
-            len = len.min(mars_logfmt::FILE_HEADER_LEN as u64);
-        }
-        let mut h = [0u8; mars_logfmt::FILE_HEADER_LEN];
-        if f.read_exact_at(&mut h, 0).is_err() {
-            continue;
-        }
-        // A header of another logfile: this one was just recycled under a new name.
-        let Ok(header) = mars_logfmt::FileHeader::decode(&h)
-            .map_err(|_| ())
-            .and_then(|h| if h.file_seq == e.seq { Ok(h) } else { Err(()) })
-        else {
-            continue;
-        };
-        files.push(LogFileInfo {
-            name: e.name(),
-            start_pos: header.start_pos,
-            len,
-            finished: i + 1 < n,
-            created_ns: header.created_ns,
-        });
-    }
-    let mut versions = Vec::new();
-    for e in std::fs::read_dir(dir)?.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("version-") {
-            if let Ok(text) = std::fs::read_to_string(e.path()) {
-                versions.push((name, text));
-            }
-        }
-    }
-    Ok((files, versions, held_back))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Fetch answers read from a logfile hold exactly the file's bytes, whether read
-    /// with O_DIRECT (aligned offsets) or through the page cache (an unaligned one),
-    /// at the file's end, past it, and with a buffer too small for the request.
-    #[test]
-    fn fetch_reads_give_the_files_bytes_direct_or_buffered() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log-000000007-alpha");
-        let header = mars_logfmt::FileHeader {
-            file_seq: 7,
-            start_pos: 0,
-            start_record_seq: 1,
-            created_ns: 1,
-            resource_id: 1,
-            parent: 0,
-        };
-        let mut bytes = header.encode().to_vec();
-        bytes.extend((0..5 * DIRECT_ALIGN + 123).map(|i| (i * 31 % 251) as u8));
-        std::fs::write(&path, &bytes).unwrap();
-        assert!(
-            mars_logger::disk::open_direct_read(&path).is_some(),
-            "the test directory's file system refuses O_DIRECT: the direct path is untested"
-        );
-        let len = bytes.len();
-        let a = DIRECT_ALIGN;
-        for (offset, max) in [
-            (0, len),
-            (a, 2 * a),
-            (a, 2 * a + 7),
-            (2 * a, 1 << 20),
-            (len / a * a, 1000),
-            (a + 5, 3 * a),
-            (len, 100),
-            (len + a, 100),
-            (3 * a, 0),
-        ] {
-            for room in [1, 1 << 20] {
-                let got = read_chunk(&path, 7, offset as u64, max, AlignedBuf::new(room))
-                    .unwrap_or_else(|e| panic!("{offset}+{max}: {e:#}"));
-                let want = &bytes[offset.min(len)..(offset + max).min(len)];
-                assert!(got.data() == want, "{offset}+{max}, room {room}");
-            }
-        }
-        // Another logfile under that name (deleted and recycled): refused.
-        match read_chunk(&path, 8, 0, 100, AlignedBuf::new(100)) {
-            Err(e) => assert!(format!("{e:#}").contains("gone"), "{e:#}"),
-            Ok(b) => panic!("read {} bytes of another logfile", b.data().len()),
-        }
-    }
 }

@@ -7,9 +7,8 @@
 
 pub mod control;
 pub mod daemon;
-pub mod digest;
+pub use mars_replication::digest;
 pub mod dumplog;
 pub mod meta;
 pub mod node;
 pub mod peer;
-pub mod secondary;

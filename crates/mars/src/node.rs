@@ -106,13 +106,7 @@ pub struct ResourceConfig {
 
 /// Node and resource names: 1..=64 of `[A-Za-z0-9_.-]`, not starting with `.` or `-`.
 pub fn check_name(what: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with(['.', '-'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
-    if !ok {
+    if !mars_logfmt::valid_name(name) {
         bail!(
             "invalid {what} name {name:?}: use 1 to 64 letters, digits, '_', '.', '-' (not first)"
         );

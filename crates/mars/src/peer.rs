@@ -89,16 +89,26 @@ pub struct Peer {
     backoff: Mutex<HashMap<String, (Instant, Duration)>>,
     warned: Mutex<HashSet<SocketAddr>>,
     size_hint: std::sync::atomic::AtomicU32,
-    data: std::sync::OnceLock<Arc<dyn DataServer>>,
+    /// Serves the replication messages (sync, log list, fetch).
+    data: std::sync::OnceLock<Arc<mars_replication::Server>>,
 }
 
-/// Serves the replication messages (sync, log list, fetch) on a peer connection.
-pub trait DataServer: Send + Sync + 'static {
-    fn serve_data<'a>(
+/// What replication needs of the cluster: the store, who is alive, connections.
+impl mars_replication::Cluster for Peer {
+    fn store(&self) -> &Mutex<Store> {
+        &self.store
+    }
+
+    fn is_alive(&self, node: &str) -> bool {
+        Peer::is_alive(self, node)
+    }
+
+    fn connect<'a>(
         &'a self,
-        msg: Msg,
-        s: &'a mut TcpStream,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
+        node: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<TcpStream>> + Send + 'a>> {
+        Box::pin(Peer::connect(self, node))
+    }
 }
 
 pub struct PeerSetup {
@@ -166,7 +176,7 @@ impl Peer {
         Ok(peer)
     }
 
-    pub fn set_data_server(&self, d: Arc<dyn DataServer>) {
+    pub fn set_data_server(&self, d: Arc<mars_replication::Server>) {
         let _ = self.data.set(d);
     }
 

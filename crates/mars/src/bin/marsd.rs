@@ -114,7 +114,7 @@ fn run(dir: &Path) -> Result<()> {
             peer_tcp,
         )?;
         let daemon = Arc::new(Daemon::new(dir, cfg.clone(), peer.clone())?);
-        peer.set_data_server(daemon.clone());
+        peer.set_data_server(daemon.server.clone());
         let ctl = tokio::net::UnixListener::from_std(ctl)?;
         daemon.reconcile().await;
         tracing::info!(node = %cfg.node, cluster = %cfg.cluster_id, nbd = %cfg.nbd, listen = %cfg.listen, "marsd started");

@@ -22,9 +22,11 @@
 
 use bytes::Bytes;
 use mars_logfmt::{FileHeader, FILE_HEADER_LEN, RECORD_HEADER_LEN};
-use mars_logger::history::{list_usable, Lineage, Listed};
+use mars_logger::history::{list_usable, Lineage};
 use mars_logger::replay::{Halt, Replayer, ORPHAN_PREFIX};
 use mars_logger::{list_logfiles, Config, Logger};
+use mars_proto::LogFileInfo;
+use mars_replication::policy;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::fs::{File, OpenOptions};
@@ -131,6 +133,9 @@ struct Sim {
     members: Vec<Member>,
     /// The designated primary (index into `members`).
     designated: usize,
+    /// During a planned handover to the designated member: the old writer it
+    /// takes the log from (its list is the new primary's history).
+    handover_from: Option<usize>,
     hists: Vec<Hist>,
     next_id: u64,
     logfile_max: u64,
@@ -162,6 +167,7 @@ impl Sim {
                 .unwrap(),
             members: Vec::new(),
             designated: 0,
+            handover_from: None,
             hists: vec![Hist {
                 recs: Vec::new(),
                 ends: vec![0],
@@ -295,31 +301,14 @@ impl Sim {
 
     // ---- fetch, as secondary.rs does it ----
 
-    /// The logfiles `s` offers: every one, the writer's current one only up to
-    /// what is durable.
-    fn offered(&self, s: usize) -> Vec<(PathBuf, String, u64, u64)> {
+    /// The logfiles `s` offers (the daemon's list and durable clamp).
+    fn offered(&self, s: usize) -> Vec<LogFileInfo> {
         let src = &self.members[s];
-        let durable = match &src.role {
-            Role::Writer { logger, .. } => {
-                let st = logger.status();
-                Some((st.current_logfile, st.synced_pos))
-            }
+        let writer = match &src.role {
+            Role::Writer { logger, .. } => Some(logger),
             Role::Replayer(_) => None,
         };
-        let mut out = Vec::new();
-        for e in list_logfiles(&src.dir).unwrap() {
-            let Some(start) = start_of(&e.path) else {
-                continue;
-            };
-            let mut len = file_len(&e.path);
-            if let Some((cur, synced)) = &durable {
-                if *cur == e.name() {
-                    len = len.min(FILE_HEADER_LEN as u64 + synced.saturating_sub(start));
-                }
-            }
-            out.push((e.path.clone(), e.name(), start, len));
-        }
-        out
+        simkit::offered(&src.dir, writer)
     }
 
     fn replay_pos(&self, m: usize) -> u64 {
@@ -349,23 +338,15 @@ impl Sim {
             }
         }
         let designated = Some(NAMES[self.designated].to_string());
-        self.members[m].lineage = Some((
-            designated,
-            Lineage {
-                files: files
-                    .iter()
-                    .map(|(_, name, start, len)| Listed {
-                        name: name.clone(),
-                        start: *start,
-                        end: start + len.saturating_sub(FILE_HEADER_LEN as u64),
-                    })
-                    .collect(),
-                from_primary: s == self.designated,
-            },
-        ));
+        let from_primary = s == self.designated;
+        let writes = matches!(self.members[s].role, Role::Writer { .. });
+        let handover_from = self.handover_from.map(|h| NAMES[h]);
+        let authoritative =
+            policy::authoritative(NAMES[s], designated.as_deref(), writes, handover_from);
+        self.members[m].lineage = Some((designated, policy::lineage(&files, authoritative)));
         // The source no longer has the log from this member's position on (its
         // oldest logfile starts after everything here): cut off, only a full
-        // sync helps (as `secondary.rs` says it).
+        // sync helps (as `fetch.rs` says it).
         let local_end = list_logfiles(&self.members[m].dir)
             .unwrap()
             .iter()
@@ -373,30 +354,35 @@ impl Sim {
             .max()
             .unwrap_or(0)
             .max(replay_pos);
-        if s == self.designated && files.first().is_some_and(|f| f.2 > local_end) {
-            self.trace(|| format!("{me} is cut off from {}", NAMES[s]));
-            self.members[m].split.get_or_insert("cut off".into());
-            return;
+        match policy::gap(&files, local_end, from_primary) {
+            Some(policy::Gap::CutOff) => {
+                self.trace(|| format!("{me} is cut off from {}", NAMES[s]));
+                self.members[m].split.get_or_insert("cut off".into());
+                return;
+            }
+            Some(policy::Gap::NotHeld) => return,
+            None => {}
         }
-        let first_needed = files.iter().rposition(|f| f.2 < replay_pos).unwrap_or(0);
-        for (i, (path, name, start, end)) in files.into_iter().enumerate() {
+        let first_needed = policy::first_needed(&files, replay_pos);
+        for (i, f) in files.into_iter().enumerate() {
+            let (name, end) = (f.name.clone(), f.len);
+            let path = src_dir.join(&name);
             let dst = self.members[m].dir.join(&name);
             let mut local = file_len(&dst);
             if local == 0 && i < first_needed {
                 continue;
             }
             if local > 0 && local < end {
-                // The same logfile: start and creation time (as the source lists them).
-                let created = header_of(&path).map(|h| h.created_ns);
-                match header_of(&dst) {
-                    Some(h) if h.start_pos == start && Some(h.created_ns) == created => {}
-                    Some(h) if replay_pos > h.start_pos => {
+                let here = header_of(&dst).map(|h| (h.start_pos, h.created_ns));
+                match policy::local_copy(here, &f, replay_pos) {
+                    policy::LocalCopy::Same => {}
+                    policy::LocalCopy::SplitBrain { .. } => {
                         let why = format!("fetch: local {name} is another history's");
                         self.trace(|| format!("{me}: {why}"));
                         self.members[m].split.get_or_insert(why);
                         return;
                     }
-                    _ => {
+                    policy::LocalCopy::SetAside => {
                         let to = self.members[m].dir.join(format!("{ORPHAN_PREFIX}{name}"));
                         std::fs::rename(&dst, &to).unwrap();
                         self.stats.orphans_set_aside += 1;
@@ -459,6 +445,7 @@ impl Sim {
             return false;
         };
         r.set_lineage(list);
+        r.set_primary(Some(designated.to_string()));
         let before = r.position();
         let out = r.step(budget);
         let after = r.position();
@@ -628,6 +615,7 @@ impl Sim {
             return;
         }
         self.designated = m; // lists taken from now on are under the new primary
+        self.handover_from = Some(d);
         self.demote(d);
         for _ in 0..1000 {
             self.fetch(m, d, false);
@@ -640,6 +628,7 @@ impl Sim {
                 break;
             }
         }
+        self.handover_from = None;
         if self.members[m].split.is_some()
             || self.replay_pos(m) != self.replay_pos(d)
             || !self.promote(m)

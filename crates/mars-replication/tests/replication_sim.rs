@@ -38,7 +38,7 @@
 //! seed; `--nocapture` shows what the seeds exercised (kills, cuts, ...).
 
 use bytes::Bytes;
-use mars_logfmt::{scan_logfile, FileHeader, FILE_HEADER_LEN, RECORD_HEADER_LEN};
+use mars_logfmt::{scan_logfile, RECORD_HEADER_LEN};
 use mars_logger::replay::{Halt, Replayer, HW_FILE};
 use mars_logger::{list_logfiles, Config, Logger};
 use rand::rngs::StdRng;
@@ -207,12 +207,6 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(1));
     }
-}
-
-fn read_start_pos(path: &Path) -> u64 {
-    let mut h = [0u8; FILE_HEADER_LEN];
-    File::open(path).unwrap().read_exact_at(&mut h, 0).unwrap();
-    FileHeader::decode(&h).unwrap().start_pos
 }
 
 fn boot_id(n: u64) -> String {
@@ -430,32 +424,23 @@ impl Sim {
         }
     }
 
-    /// One fetch round as `secondary.rs` does it: logfiles in order, each from
-    /// its local length up to what is durable; a cut ends the round anywhere.
+    /// One fetch round as `fetch.rs` does it: the logfiles offered, in order,
+    /// each from its local length; a cut ends the round anywhere.
     fn fetch(&mut self, cuts: bool) {
         self.stats.fetch_rounds += 1;
         if !cuts || self.rng.random_bool(0.5) {
             self.copy_versions();
         }
-        let durable = self.logger.as_ref().map(|l| {
-            let st = l.status();
-            (st.current_logfile, st.synced_pos)
-        });
-        for e in list_logfiles(&self.cfg.dir).unwrap() {
-            let name = e.name();
-            let mut end = file_len(&e.path);
-            if let Some((current, synced)) = &durable {
-                if *current == name {
-                    let start = read_start_pos(&e.path);
-                    end = end.min(FILE_HEADER_LEN as u64 + synced.saturating_sub(start));
-                }
-            }
+        // What the primary offers (the daemon's list and durable clamp).
+        for f in simkit::offered(&self.cfg.dir, self.logger.as_ref()) {
+            let (name, end) = (f.name.clone(), f.len);
+            let e_path = self.cfg.dir.join(&name);
             let dst = self.bdir.join(&name);
             let mut local = file_len(&dst);
             if local >= end {
                 continue;
             }
-            let src = File::open(&e.path).unwrap();
+            let src = File::open(&e_path).unwrap();
             let out = OpenOptions::new()
                 .create(true)
                 .write(true)

@@ -2,7 +2,20 @@
 //! write contents, temporary directories on tmpfs, and the seed loop.
 #![allow(dead_code)]
 
+use mars_logger::Logger;
+use mars_proto::LogFileInfo;
+use mars_replication::{logdir, policy};
 use std::path::{Path, PathBuf};
+
+/// The logfiles a member offers, as the daemon lists them for a fetcher: its
+/// directory (`logdir::list_for_fetch`), and, when it writes the log, only
+/// what is durable (`policy::offer`, the durable clamp the daemon runs).
+pub fn offered(dir: &Path, writer: Option<&Logger>) -> Vec<LogFileInfo> {
+    // Asked before listing, as the daemon does.
+    let synced = writer.map(|l| l.status().synced_pos);
+    let (files, _, _) = logdir::list_for_fetch(dir, None).unwrap();
+    policy::offer(files, synced)
+}
 
 /// Content of write `id`: every byte depends on the write and its place.
 pub fn pattern(id: u64, len: u64) -> Vec<u8> {

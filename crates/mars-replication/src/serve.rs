@@ -1,0 +1,557 @@
+//! The source side of replication: what a member answers to a joining or
+//! fetching member (sync blocks from the primary's logger or an up-to-date
+//! secondary's disk, logfile lists and chunks from the resource directory).
+//!
+//! It never takes the daemon's state lock: what it serves is looked up in
+//! [`Served`], which the daemon updates as it opens and closes loggers and
+//! secondaries, under a lock held only for the lookup.
+
+use crate::logdir::*;
+use crate::meta;
+use crate::progress::Progress;
+use crate::{policy, Cluster};
+use anyhow::{bail, Context, Result};
+use mars_logger::disk::{AlignedBuf, DIRECT_ALIGN};
+use mars_logger::Logger;
+use mars_proto::{read_msg, write_data, write_msg, Msg};
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What this node serves of each resource: its logger (it writes the log) and
+/// its secondary (it replays), as the daemon last set them.
+#[derive(Default)]
+pub struct Served(RwLock<HashMap<String, ServedResource>>);
+
+#[derive(Clone, Default)]
+pub struct ServedResource {
+    pub logger: Option<Arc<Logger>>,
+    pub secondary: Option<ServedSecondary>,
+}
+
+#[derive(Clone)]
+pub struct ServedSecondary {
+    pub progress: Arc<Mutex<Progress>>,
+    /// The resource size the secondary runs with.
+    pub size: u64,
+    /// This member's disk (from its own configuration, never from a peer).
+    pub disk: PathBuf,
+}
+
+impl Served {
+    pub fn set_logger(&self, res: &str, l: Option<Arc<Logger>>) {
+        let mut m = self.0.write();
+        m.entry(res.to_string()).or_default().logger = l;
+        Self::drop_empty(&mut m, res);
+    }
+
+    pub fn set_secondary(&self, res: &str, s: Option<ServedSecondary>) {
+        let mut m = self.0.write();
+        m.entry(res.to_string()).or_default().secondary = s;
+        Self::drop_empty(&mut m, res);
+    }
+
+    pub fn remove(&self, res: &str) {
+        self.0.write().remove(res);
+    }
+
+    fn drop_empty(m: &mut HashMap<String, ServedResource>, res: &str) {
+        if m.get(res)
+            .is_some_and(|r| r.logger.is_none() && r.secondary.is_none())
+        {
+            m.remove(res);
+        }
+    }
+
+    pub fn get(&self, res: &str) -> ServedResource {
+        self.0.read().get(res).cloned().unwrap_or_default()
+    }
+
+    pub fn logger(&self, res: &str) -> Option<Arc<Logger>> {
+        self.0.read().get(res)?.logger.clone()
+    }
+}
+
+/// Answers replication messages for one node.
+pub struct Server {
+    /// The node's directory of resource directories.
+    pub resources: PathBuf,
+    pub me: String,
+    pub cluster: Arc<dyn Cluster>,
+    pub served: Arc<Served>,
+}
+
+impl Server {
+    /// Answer `msg` and the requests that follow it on `s`; on an error, send
+    /// `Refused` with the reason and close the connection gently.
+    pub async fn serve_data(&self, msg: Msg, s: &mut tokio::net::TcpStream) -> Result<()> {
+        let mut msg = msg;
+        let res = loop {
+            // A stream of SyncBlock requests ends with the next message, read ahead.
+            match self.data_reply(msg, s).await {
+                Ok(Some(next)) => msg = next,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        let Err(e) = res else {
+            return Ok(());
+        };
+        let reason = format!("{e:#}");
+        let _ = write_msg(
+            s,
+            &Msg::Refused {
+                reason: reason.clone(),
+            },
+        )
+        .await;
+        linger_close(s).await;
+        Err(anyhow::anyhow!(reason))
+    }
+
+    fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// The directory of `res`, once it is known to be a resource of the cluster
+    /// (its name checked before it becomes a path).
+    fn res_dir(&self, res: &str) -> Result<PathBuf> {
+        if !mars_logfmt::valid_name(res)
+            || meta::resource(&self.cluster.store().lock(), res).is_none()
+        {
+            bail!("unknown resource {res:?}");
+        }
+        Ok(self.resources.join(res))
+    }
+}
+
+const MAX_CHUNK: u32 = 8 << 20;
+
+impl Server {
+    async fn primary_logger(&self, res: &str) -> Result<Arc<Logger>> {
+        match self.served.logger(res) {
+            Some(l) => Ok(l),
+            None => bail!(
+                "{} does not write the log of {res} (not its primary, or its disk is detached): a full sync is served by the primary",
+                self.me()
+            ),
+        }
+    }
+
+    /// Answer one replication message. A `SyncBlock` starts a stream of them, answered
+    /// by [`Server::serve_sync_blocks`]; the message after the stream is returned.
+    async fn data_reply(&self, msg: Msg, s: &mut tokio::net::TcpStream) -> Result<Option<Msg>> {
+        match msg {
+            Msg::SyncStart { res } => {
+                let (pos, size) = self.sync_position(&res, false).await?;
+                let dir = self.res_dir(&res)?;
+                let logfile = tokio::task::spawn_blocking(move || base_logfile(&dir, pos)).await?;
+                write_msg(s, &Msg::SyncInfo { pos, size, logfile }).await?;
+            }
+            Msg::SyncEnd { res } => {
+                let (pos, size) = self.sync_position(&res, true).await?;
+                let logfile = None;
+                write_msg(s, &Msg::SyncInfo { pos, size, logfile }).await?;
+            }
+            Msg::LogStatus { res } => {
+                let l = self.primary_logger(&res).await?;
+                let st = l.status();
+                write_msg(
+                    s,
+                    &Msg::SyncInfo {
+                        pos: st.synced_pos,
+                        size: l.size(),
+                        logfile: None,
+                    },
+                )
+                .await?;
+            }
+            m @ Msg::SyncBlock { .. } => {
+                return match self.serve_sync_blocks(m, s).await? {
+                    Some(next @ (Msg::SyncEnd { .. } | Msg::SyncStart { .. })) => Ok(Some(next)),
+                    Some(other) => bail!("unexpected {other:?} after SyncBlock"),
+                    None => Ok(None),
+                };
+            }
+            Msg::LogList { res } => {
+                let dir = self.res_dir(&res)?;
+                // Asked before listing: a logfile that becomes current after this is
+                // clamped to nothing below, never to more than what is durable.
+                let durable_end = self.durable_end(&res);
+                let me = durable_end.is_none().then(|| self.me().to_string());
+                let (files, versions, held_back) =
+                    tokio::task::spawn_blocking(move || list_for_fetch(&dir, me.as_deref()))
+                        .await??;
+                // A writer offers what is durable only (see `policy::offer`); a
+                // clamped logfile will grow.
+                let open = durable_end.is_some() || held_back;
+                let files = policy::offer(files, durable_end.as_ref().map(|(_, synced)| *synced));
+                write_msg(
+                    s,
+                    &Msg::Logs {
+                        files,
+                        versions,
+                        open,
+                        writes: durable_end.is_some(),
+                    },
+                )
+                .await?;
+            }
+            m @ Msg::Fetch { .. } => return self.serve_fetches(m, s).await,
+            other => bail!("unexpected message {other:?}"),
+        }
+        Ok(None)
+    }
+
+    /// Answer `Fetch` requests from `first` on, in order: each chunk is read (off the
+    /// runtime, into a buffer used again) as soon as its request arrives, up to
+    /// `FETCH_SERVE_AHEAD` at once, so that the device or page-cache read of the next
+    /// chunks overlaps sending this one. Returns the first other message (None at the
+    /// end of the stream). An error ends the answers where it happened: the chunks
+    /// asked for before it are sent first.
+    async fn serve_fetches(
+        &self,
+        first: Msg,
+        s: &mut tokio::net::TcpStream,
+    ) -> Result<Option<Msg>> {
+        let (mut rd, mut wr) = s.split();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<FetchAnswer>(FETCH_SERVE_AHEAD);
+        let buffers: FetchBuffers = Arc::default();
+        let pool = buffers.clone();
+        let reader = async move {
+            let mut msg = first;
+            loop {
+                let Msg::Fetch {
+                    res,
+                    file,
+                    offset,
+                    max,
+                } = msg
+                else {
+                    return Ok::<_, anyhow::Error>(Some(msg));
+                };
+                let answer = match self.fetch_answer(&res, &file, offset, max, &pool).await {
+                    Ok(a) => a,
+                    Err(e) => FetchAnswer::Failed(e),
+                };
+                let failed = matches!(answer, FetchAnswer::Failed(_));
+                if tx.send(answer).await.is_err() || failed {
+                    return Ok(None); // the writing half reports what ended the stream
+                }
+                msg = match next_request(&mut rd).await? {
+                    Some(m) => m,
+                    None => return Ok(None),
+                };
+            }
+        };
+        let writer = async move {
+            while let Some(answer) = rx.recv().await {
+                let (file, offset, buf) = match answer {
+                    FetchAnswer::Failed(e) => return Err(e),
+                    FetchAnswer::Ready { file, offset, data } => (file, offset, data),
+                    FetchAnswer::Reading { file, offset, job } => (file, offset, job.await??),
+                };
+                write_msg(
+                    &mut wr,
+                    &Msg::Chunk {
+                        file,
+                        offset,
+                        len: buf.data().len() as u32,
+                    },
+                )
+                .await?;
+                write_data(&mut wr, buf.data()).await?;
+                let mut pool = buffers.lock();
+                if pool.len() < FETCH_SERVE_AHEAD + 2 {
+                    pool.push(buf);
+                }
+            }
+            Ok::<(), anyhow::Error>(())
+        };
+        let (next, ()) = tokio::try_join!(reader, writer)?;
+        Ok(next)
+    }
+
+    /// The answer to one `Fetch`: what of `file` from `offset` on (at most `max`
+    /// bytes) may be sent now, from the logger's memory or read from the file.
+    async fn fetch_answer(
+        &self,
+        res: &str,
+        file: &str,
+        offset: u64,
+        max: u32,
+        pool: &FetchBuffers,
+    ) -> Result<FetchAnswer> {
+        let res_dir = self.res_dir(res)?;
+        let Some(name) = mars_logfmt::parse_logfile_name(file) else {
+            bail!("bad logfile name {file:?}");
+        };
+        let path = res_dir.join(file);
+        let mut max = max.min(MAX_CHUNK) as usize;
+        // Up to what is durable, as in `LogList`, in any file of a writing node.
+        let logger = self.served.logger(res);
+        let durable_end = logger.as_deref().map(durable_end_of);
+        if durable_end.is_none() && unrecovered_own(&path, self.me()) {
+            max = 0;
+        }
+        if let Some((_, synced)) = durable_end {
+            let start = logfile_start(&path)?;
+            max = policy::chunk_limit(start, Some(synced), offset, max as u64) as usize;
+        }
+        let file = file.to_string();
+        let room = max.next_multiple_of(DIRECT_ALIGN);
+        let mut buf = pool
+            .lock()
+            .pop()
+            .filter(|b| b.capacity() >= room)
+            .unwrap_or_else(|| AlignedBuf::new(room));
+        // The log's tail from the writer's memory: no device read (the log is
+        // written with O_DIRECT, so it is not in the page cache).
+        if let Some(l) = &logger {
+            if name.node == self.me() && max > 0 {
+                if let Some(n) = l.read_recent(name.seq, offset, &mut buf.room()[..max]) {
+                    buf.set_len(n);
+                    return Ok(FetchAnswer::Ready {
+                        file,
+                        offset,
+                        data: buf,
+                    });
+                }
+            }
+        }
+        let job =
+            tokio::task::spawn_blocking(move || read_chunk(&path, name.seq, offset, max, buf));
+        Ok(FetchAnswer::Reading { file, offset, job })
+    }
+
+    /// Answer `SyncBlock` requests from `first` on: each block is read and hashed off
+    /// the runtime as soon as its request arrives (up to `SYNC_SERVE_AHEAD` at once,
+    /// so that both CPUs and the joiner's window stay busy), and answered in order.
+    /// Returns the first other message (None at the end of the stream).
+    async fn serve_sync_blocks(
+        &self,
+        first: Msg,
+        s: &mut tokio::net::TcpStream,
+    ) -> Result<Option<Msg>> {
+        type Answer = tokio::task::JoinHandle<std::io::Result<(u64, u32, Option<Vec<u8>>)>>;
+        let (mut rd, mut wr) = s.split();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Answer>(SYNC_SERVE_AHEAD);
+        // Block buffers, used again: no allocation, zeroing or page faults per block.
+        let buffers: Arc<parking_lot::Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let pool = buffers.clone();
+        let reader = async move {
+            let mut msg = first;
+            loop {
+                let Msg::SyncBlock {
+                    res,
+                    offset,
+                    len,
+                    digest,
+                } = msg
+                else {
+                    return Ok(Some(msg));
+                };
+                // Looked up for every block: a demote or detach during the sync
+                // ends the answers from this logger (on a secondary: a split
+                // brain, a halted replay).
+                let src = self.sync_source(&res).await?;
+                if len > MAX_CHUNK
+                    || offset
+                        .checked_add(len as u64)
+                        .is_none_or(|e| e > src.size())
+                {
+                    bail!("block {offset}+{len} is out of range");
+                }
+                let pool = pool.clone();
+                let answer = tokio::task::spawn_blocking(move || {
+                    sync_answer(&src, offset, len, &digest, &pool).map(|d| (offset, len, d))
+                });
+                if tx.send(answer).await.is_err() {
+                    return Ok(None); // the writing half failed; its error is the one to report
+                }
+                msg = match next_request(&mut rd).await? {
+                    Some(m) => m,
+                    None => return Ok(None),
+                };
+            }
+        };
+        let writer = async move {
+            while let Some(answer) = rx.recv().await {
+                match answer.await?? {
+                    (_, _, None) => write_msg(&mut wr, &Msg::Same).await?,
+                    (offset, len, Some(data)) => {
+                        write_msg(&mut wr, &Msg::BlockData { offset, len }).await?;
+                        write_data(&mut wr, &data).await?;
+                        buffers.lock().push(data);
+                    }
+                }
+            }
+            Ok::<(), anyhow::Error>(())
+        };
+        let (next, ()) = tokio::try_join!(reader, writer)?;
+        Ok(next)
+    }
+}
+
+/// Answers of a full sync queued on the serving side (blocks read and hashed at
+/// once: this many, plus the one being sent and the one just requested).
+const SYNC_SERVE_AHEAD: usize = 4;
+
+/// End a connection whose peer may still be sending requests (a fetcher keeps
+/// several in flight): send FIN, then read and drop what arrives until the peer
+/// closes too (at most `LINGER`). Closing with unread bytes in the receive buffer
+/// makes the kernel send a reset, and a reset throws away what the peer has not
+/// read yet: the answers before the error and the `Refused` that says why.
+async fn linger_close(s: &mut tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if s.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = vec![0u8; 64 << 10];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = s.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// How long [`linger_close`] waits for the peer to close.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// The next request of a stream of them; None when the peer closed the connection.
+async fn next_request<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) -> Result<Option<Msg>> {
+    match read_msg(rd).await {
+        Ok(m) => Ok(Some(m)),
+        Err(mars_proto::ProtoError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Fetch answers being read on the serving side at once (besides the one being sent).
+const FETCH_SERVE_AHEAD: usize = 4;
+
+/// Chunk buffers of one fetch stream, used again.
+type FetchBuffers = Arc<parking_lot::Mutex<Vec<AlignedBuf>>>;
+
+/// One `Fetch` answer, queued in request order.
+enum FetchAnswer {
+    /// From the logger's memory.
+    Ready {
+        file: String,
+        offset: u64,
+        data: AlignedBuf,
+    },
+    /// Being read from the file.
+    Reading {
+        file: String,
+        offset: u64,
+        job: tokio::task::JoinHandle<Result<AlignedBuf>>,
+    },
+    /// The request cannot be answered: the stream ends here.
+    Failed(anyhow::Error),
+}
+
+/// The answer to one `SyncBlock`: None when the block's digest is `digest`, else the
+/// block. Buffers come from and go back to `pool`.
+fn sync_answer(
+    src: &SyncSource,
+    offset: u64,
+    len: u32,
+    digest: &str,
+    pool: &parking_lot::Mutex<Vec<Vec<u8>>>,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = pool.lock().pop().unwrap_or_default();
+    buf.resize(len as usize, 0);
+    let r = src.read_into(offset, &mut buf);
+    if r.is_ok() && !crate::digest::matches(digest, &buf) {
+        return Ok(Some(buf));
+    }
+    pool.lock().push(buf);
+    r.map(|()| None)
+}
+
+/// Where a full sync's blocks come from on the serving side.
+enum SyncSource {
+    /// The primary: its logger reads the newest data (not yet written back too).
+    Primary(Arc<Logger>),
+    /// An up-to-date secondary: its disk, which replay moves forward only (records
+    /// after `replayed`, which the joiner replays again from its start position).
+    Secondary {
+        disk: std::fs::File,
+        size: u64,
+        replayed: u64,
+    },
+}
+
+impl SyncSource {
+    fn size(&self) -> u64 {
+        match self {
+            SyncSource::Primary(l) => l.size(),
+            SyncSource::Secondary { size, .. } => *size,
+        }
+    }
+
+    fn read_into(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match self {
+            SyncSource::Primary(l) => l.read_into(offset, buf),
+            SyncSource::Secondary { disk, .. } => disk.read_exact_at(buf, offset),
+        }
+    }
+}
+
+impl Server {
+    /// What this node serves a full sync of `res` from: the log writer's logger, or
+    /// the disk of a secondary that is a consistent image and goes on replaying.
+    async fn sync_source(&self, res: &str) -> Result<SyncSource> {
+        let served = self.served.get(res);
+        if let Some(l) = served.logger {
+            return Ok(SyncSource::Primary(l));
+        }
+        let me = self.me();
+        let Some(sec) = served.secondary else {
+            bail!("{me} neither writes nor replays {res} (its disk is detached?): a full sync is served by the primary or an up-to-date member");
+        };
+        let p = sec.progress.lock().clone();
+        if !policy::may_serve_disk(&p) {
+            bail!("{me}'s disk of {res} is no consistent image to copy now (syncing, starting, split brain, or replay stopped): a full sync is served by the primary or an up-to-date member");
+        }
+        let path = sec.disk;
+        let disk =
+            std::fs::File::open(&path).with_context(|| format!("disk {}", path.display()))?;
+        Ok(SyncSource::Secondary {
+            disk,
+            size: sec.size,
+            replayed: p.replayed,
+        })
+    }
+
+    /// The log position a full sync of `res` served here starts from, or (`end`)
+    /// where its copy ended, and the device size.
+    async fn sync_position(&self, res: &str, end: bool) -> Result<(u64, u64)> {
+        Ok(match self.sync_source(res).await? {
+            SyncSource::Primary(l) => (l.status().logged_pos, l.size()),
+            // The disk holds every record before `replayed` and moves on only by
+            // replaying later ones: the joiner replays from there. Where the copy
+            // ended, the blocks read may hold any record this node has (replay
+            // reports its position after a step): the end of its log.
+            SyncSource::Secondary { size, replayed, .. } if !end => (replayed, size),
+            SyncSource::Secondary { size, replayed, .. } => {
+                let dir = self.res_dir(res)?;
+                let held = tokio::task::spawn_blocking(move || local_log_end(&dir)).await?;
+                (held.max(replayed), size)
+            }
+        })
+    }
+
+    fn durable_end(&self, res: &str) -> Option<(String, u64)> {
+        self.served.logger(res).as_deref().map(durable_end_of)
+    }
+}
