@@ -652,6 +652,16 @@ impl Replayer {
         self.halted.as_ref()
     }
 
+    /// The logfile replay is in (the last one it entered at or before its
+    /// position), by name; None before it entered any.
+    pub fn logfile(&self) -> Option<&str> {
+        self.path
+            .iter()
+            .rev()
+            .find(|e| e.at <= self.pos)
+            .map(|e| e.name.as_str())
+    }
+
     /// [`Replayer::persist`] when the last one is at least `interval` ago. Each
     /// persist syncs the disk: a device flush, and the end of the page cache's
     /// absorbing of overwrites. A crash re-applies from the persisted position
@@ -924,6 +934,21 @@ impl Replayer {
                     break;
                 }
                 Next::Enter(i) => {
+                    // After a reboot the disk may hold records of this logfile
+                    // beyond the position (up to `inconsistent_until`): a history
+                    // that goes on elsewhere here forked below what the disk holds.
+                    if let Some(u) = self.inconsistent_until().filter(|&u| u > self.pos) {
+                        if files[ci].end > self.pos {
+                            let h = Halt::SplitBrain {
+                                file: files[ci].name.clone(),
+                                reason: format!(
+                                    "after a reboot the disk may hold records of {} up to log position {u}, but the history goes on in {} from {}",
+                                    files[ci].name, files[i].name, self.pos
+                                ),
+                            };
+                            return self.halt(h);
+                        }
+                    }
                     if !self.leave(&entries[ci], &files[ci], &entries[i], &files[i])? {
                         out.idle = true;
                         break;
@@ -1328,6 +1353,26 @@ fn keep_one_history(dir: &Path, pos: u64, file: Option<(String, u64)>) -> Result
         )));
     }
     let (keep, cuts) = history::chain(cur, pos, &files);
+    // Every kept logfile up to the position holds its records as far as the
+    // next one starts (a power loss can take the unsynced tail of a fetched
+    // logfile, even below what replay applied): the new writer's log has no
+    // hole that members behind it would need.
+    if let Some(at) = keep.iter().position(|&k| k == cur) {
+        for w in 0..=at {
+            let f = &files[keep[w]];
+            let needed = if w < at {
+                files[keep[w + 1]].start
+            } else {
+                pos
+            };
+            if f.end < needed {
+                return Err(LoggerError::BadState(format!(
+                    "cannot become the writer: {} holds the log only up to position {}, and this node's history needs it up to {needed} (its tail was lost, e.g. in a power loss: fetch brings it back); wait until fetch has, or promote another member",
+                    f.name, f.end
+                )));
+            }
+        }
+    }
     let mut changed = false;
     // Also the logfiles without a whole header (a fetch cut inside it): no
     // part of any history that can be told.

@@ -195,6 +195,19 @@ pub fn authoritative(
     (writes && designated == Some(source)) || handover_from == Some(source)
 }
 
+/// Whether replay, having checked its position against a list taken under
+/// the designated primary `designated`, confirms that this member holds that
+/// primary's history (it may then be `uptodate`): the list is the primary's
+/// own ([`authoritative`]), or replay is in a logfile the designated primary
+/// wrote (`writer`): it entered that logfile exactly at its start from the
+/// parent its link names, so what it applied is the primary's history, and
+/// any member's list of it will do (a member cut off from the primary only
+/// fetches through another). In another writer's logfile only the primary's
+/// own list tells where its history went on.
+pub fn confirms(authoritative: bool, designated: Option<&str>, writer: Option<&str>) -> bool {
+    authoritative || (designated.is_some() && writer == designated)
+}
+
 /// The source's list as replay follows it (`from_primary`: see [`authoritative`]).
 pub fn lineage(files: &[LogFileInfo], from_primary: bool) -> Lineage {
     Lineage {

@@ -438,13 +438,7 @@ impl Secondary {
         let mut r = r;
         let designated = meta::designated_primary(&self.peer.store().lock(), &self.res);
         let lineage = self.lineage.lock().clone();
-        // Confirmed only by the primary's own list (see `policy::authoritative`):
-        // another member's may lack the primary's logfiles that would show this
-        // member past a fork.
-        let confirmed = lineage
-            .as_ref()
-            .filter(|(_, l)| l.from_primary)
-            .and_then(|(d, _)| d.clone());
+        let lineage_for = lineage.as_ref().map(|(d, l)| (d.clone(), l.from_primary));
         match lineage {
             Some((d, _))
                 if !mars_logger::history::list_usable(d.as_deref(), designated.as_deref()) =>
@@ -489,6 +483,16 @@ impl Secondary {
             if p.consistent_from.is_some_and(|end| pos >= end) {
                 p.consistent_from = None;
             }
+            let confirmed = lineage_for.as_ref().and_then(|(d, from_primary)| {
+                let writer = r.logfile().and_then(mars_logfmt::parse_logfile_name);
+                policy::confirms(
+                    *from_primary,
+                    d.as_deref(),
+                    writer.map(|w| w.node).as_deref(),
+                )
+                .then(|| d.clone())
+                .flatten()
+            });
             p.history_unconfirmed = halted.is_some() || confirmed.is_none();
             p.confirmed_for = confirmed;
         }

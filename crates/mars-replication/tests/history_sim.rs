@@ -39,7 +39,10 @@ use simkit::{file_len, pattern};
 
 const SIZE: u64 = 256 << 10;
 const NAMES: [&str; 4] = ["alpha", "beta", "gamma", "delta"];
-const BOOT: &str = "00000000-0000-4000-8000-000000000001";
+/// The boot id of a member's `n`th boot.
+fn boot_id(n: u64) -> String {
+    format!("00000000-0000-4000-8000-{n:012}")
+}
 
 /// One write of some primary: `id` makes its bytes unique.
 #[derive(Clone, Debug)]
@@ -93,6 +96,8 @@ struct Member {
     split: Option<String>,
     /// A primary cut off from the others (it goes on taking writes).
     isolated: bool,
+    /// Boots of this member's machine (a reboot is a new boot id).
+    boot: u64,
 }
 
 #[derive(Debug, Default)]
@@ -108,6 +113,7 @@ struct Stats {
     invalidates: u64,
     orphans_set_aside: u64,
     kills: u64,
+    reboots: u64,
 }
 
 impl Stats {
@@ -123,6 +129,7 @@ impl Stats {
         self.invalidates += o.invalidates;
         self.orphans_set_aside += o.orphans_set_aside;
         self.kills += o.kills;
+        self.reboots += o.reboots;
     }
 }
 
@@ -192,6 +199,7 @@ impl Sim {
                 start: 0,
                 split: None,
                 isolated: false,
+                boot: 0,
             });
             if i == 0 {
                 let logger = sim.open_logger(0);
@@ -218,7 +226,9 @@ impl Sim {
 
     fn open_replayer(&self, m: usize) -> Replayer {
         let mb = &self.members[m];
-        Replayer::open_with_boot_id(&mb.dir, mb.name, &mb.disk, SIZE, mb.start, Some(BOOT)).unwrap()
+        let boot = boot_id(mb.boot);
+        Replayer::open_with_boot_id(&mb.dir, mb.name, &mb.disk, SIZE, mb.start, Some(&boot))
+            .unwrap()
     }
 
     fn writers(&self) -> Vec<usize> {
@@ -474,6 +484,54 @@ impl Sim {
         after > before
     }
 
+    /// Power loss and reboot of a replaying member: replay is gone; what
+    /// fetch wrote beyond what replay read may be gone too (the tail of a
+    /// fetched logfile); the high-water mark may be lost or torn. The disk
+    /// keeps every write (one of the outcomes of a power loss; the replication
+    /// simulation loses unsynced disk pages too). Replay's documented
+    /// assumption holds: the local copies survive as far as replay read them
+    /// (DEVELOPMENT.md: not so when fetch's writes of what replay read are
+    /// lost too).
+    fn reboot(&mut self, m: usize) {
+        let Role::Replayer(_) = self.members[m].role else {
+            return;
+        };
+        let read_up_to = self.replay_pos(m);
+        self.members[m].role = Role::Replayer(None);
+        self.members[m].boot += 1;
+        let dir = self.members[m].dir.clone();
+        let logs = list_logfiles(&dir).unwrap();
+        if let Some(e) = self
+            .pick(&(0..logs.len()).collect::<Vec<_>>())
+            .map(|i| &logs[i])
+        {
+            let len = file_len(&e.path);
+            let start = start_of(&e.path).unwrap_or(0);
+            let min = FILE_HEADER_LEN as u64 + read_up_to.saturating_sub(start);
+            if len > min && self.rng.random_bool(0.5) {
+                let to = self.rng.random_range(min..len);
+                let f = OpenOptions::new().write(true).open(&e.path).unwrap();
+                f.set_len(to).unwrap();
+                let name = e.name();
+                self.trace(|| format!("{} power loss cuts {name} to {to}", NAMES[m]));
+            }
+        }
+        let hw = dir.join(mars_logger::replay::HW_FILE);
+        match self.rng.random_range(0..3) {
+            0 => {}
+            1 => {
+                let _ = std::fs::remove_file(&hw);
+            }
+            _ => {
+                let b = std::fs::read(&hw).unwrap_or_default();
+                let n = self.rng.random_range(0..=b.len());
+                let _ = std::fs::write(&hw, &b[..n]);
+            }
+        }
+        self.stats.reboots += 1;
+        self.trace(|| format!("{} reboots", NAMES[m]));
+    }
+
     fn kill(&mut self, m: usize) {
         if let Role::Replayer(r) = &mut self.members[m].role {
             if r.take().is_some() {
@@ -535,11 +593,30 @@ impl Sim {
     /// `m` becomes a writer with what it has: the history its disk then shows.
     /// False when it refuses (it has no logfile at its position yet).
     fn promote(&mut self, m: usize) -> bool {
+        // As the daemon: a disk that is no image yet (after a reboot, until
+        // replay passes where it had been) cannot be primary.
+        if matches!(self.members[m].role, Role::Replayer(None)) {
+            let r = self.open_replayer(m);
+            self.members[m].role = Role::Replayer(Some(Box::new(r)));
+        }
+        if let Role::Replayer(Some(r)) = &self.members[m].role {
+            if let Some(until) = r.inconsistent_until() {
+                self.trace(|| {
+                    format!(
+                        "{} refuses to promote: inconsistent until {until}",
+                        NAMES[m]
+                    )
+                });
+                return false;
+            }
+        }
         self.persist_and_close(m);
         let mb = &self.members[m];
-        if let Err(e) =
-            mars_logger::replay::promote_with_boot_id(&mb.dir, Some(mb.start), Some(BOOT))
-        {
+        if let Err(e) = mars_logger::replay::promote_with_boot_id(
+            &mb.dir,
+            Some(mb.start),
+            Some(&boot_id(mb.boot)),
+        ) {
             let e = e.to_string();
             assert!(
                 e.contains("cannot become the writer"),
@@ -739,10 +816,16 @@ impl Sim {
                     self.step(m, budget);
                 }
             }
-            85..89 => {
+            85..88 => {
                 let reps = self.replayers();
                 if let Some(m) = self.pick(&reps) {
                     self.kill(m);
+                }
+            }
+            88 => {
+                let reps = self.replayers();
+                if let Some(m) = self.pick(&reps) {
+                    self.reboot(m);
                 }
             }
             89..92 => {

@@ -193,6 +193,9 @@ pub struct Daemon {
 }
 
 const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// At a start, how long a node that would serve a resource as primary asks
+/// the other members for that resource's metadata first.
+const STARTUP_PULL: Duration = Duration::from_secs(5);
 /// How long `primary RES` waits for a planned handover before returning.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -934,9 +937,29 @@ impl Daemon {
                 if p.split_brain && !force {
                     bail!("{name}: refused: this member is in split brain with the log; use `primary --force {name}` to make its data the primary's, or `invalidate {name}` to sync it again");
                 }
+                // A planned handover only to a member whose history replay has
+                // checked against the current primary's own list: one that just
+                // started (a former primary may hold another history) or that
+                // has not seen the primary's list since it changed may turn out
+                // to be in split brain after the old primary gave up its role,
+                // and then nobody is primary.
+                let confirmed = !p.history_unconfirmed && p.confirmed_for == current;
+                if !force && current.as_deref().is_some_and(|c| c != me) && !confirmed {
+                    bail!("{name}: refused: this member has not yet checked its history against the primary's log (it just started, its replay is paused, or the primary's log list changed a moment ago); try again in a moment (`marsadm wait-resource {name} uptodate` here waits until it has caught up and checked)");
+                }
             }
             let writer =
                 a.logger.is_some() || node::resource_dir(&self.dir, name).join("applied").exists();
+            let member_designated = current
+                .as_deref()
+                .filter(|c| *c != me && r.members.iter().any(|m| m == c));
+            if let Some(cur) = member_designated.filter(|_| writer && !force) {
+                // A former primary that has not given up its log yet (it was
+                // down or cut off when `cur` took over): its log may hold
+                // another history, and taking over with it would drop what
+                // `cur` wrote since.
+                bail!("{name}: refused: this node still holds the log it wrote as primary before {cur} took over; it becomes a secondary of {cur} first (`marsadm wait-resource {name} uptodate`), then a handover is possible; `primary --force {name}` makes its own data the primary's instead");
+            }
             if !writer {
                 if force {
                     a.force_promote = true;
@@ -1618,6 +1641,59 @@ impl Daemon {
     }
 
     /// For resources this node is not a member of, fetch their entries from a live member.
+    /// Before the first reconcile after a start: for each resource this node
+    /// would serve as primary by its own metadata, ask another member for
+    /// theirs (at most `STARTUP_PULL` in all). A node restarted after it
+    /// missed a failover (down or cut off while another member was forced
+    /// primary) would otherwise serve its old history until gossip told it
+    /// (found by the nemesis: a client could write to it, and those writes
+    /// were lost when it learned).
+    pub async fn catch_up_before_serving(&self) {
+        let me = self.me().to_string();
+        // The members first, then every other node known: what this node
+        // learned by gossip just before it was killed may not have been saved.
+        let todo: Vec<(String, Vec<String>)> = {
+            let store = self.peer.store.lock();
+            let nodes: Vec<String> = meta::nodes(&store).into_iter().map(|(n, _)| n).collect();
+            meta::resources(&store)
+                .into_iter()
+                .filter(|(name, _)| meta::designated_primary(&store, name).as_deref() == Some(&me))
+                .map(|(name, r)| {
+                    let mut ask: Vec<String> = r.members;
+                    ask.extend(
+                        nodes
+                            .iter()
+                            .filter(|n| !ask.contains(n))
+                            .cloned()
+                            .collect::<Vec<_>>(),
+                    );
+                    ask.retain(|m| *m != me);
+                    (name, ask)
+                })
+                .collect()
+        };
+        let deadline = Instant::now() + STARTUP_PULL;
+        for (name, members) in todo {
+            for m in members {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let prefix = meta::res_prefix(&name);
+                match tokio::time::timeout(left, self.peer.pull_from(&m, &prefix)).await {
+                    Ok(Ok(())) => {
+                        tracing::info!(resource = %name, member = %m, "metadata taken up before serving");
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(resource = %name, member = %m, "could not ask before serving: {e:#}")
+                    }
+                    Err(_) => {
+                        tracing::warn!(resource = %name, member = %m, "no answer before serving");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
     async fn pull_foreign(&self, only: Option<&str>) {
         let me = self.me().to_string();
         let res = meta::resources(&self.peer.store.lock());

@@ -129,3 +129,48 @@ fn a_member_behind_the_fork_follows_the_new_primary_exactly() {
         "alpha's orphaned write not applied"
     );
 }
+
+/// Found by the nemesis: alpha, killed while primary, missed beta's forced
+/// failover; restarted, it still held its own log, and a planned handover to
+/// it made alpha's history the primary's, dropping what beta wrote since.
+/// Now the handover is refused until alpha has become beta's secondary, or,
+/// once it has, alpha serves beta's image.
+#[test]
+fn a_former_primary_that_missed_a_failover_never_takes_over_with_its_own_log() {
+    let (mut nodes, _disks) = setup();
+    writes(&nodes[0], &[2, 3], 0xaa);
+    nodes[0].kill9();
+    nodes[1].wait_view("alpha dead", |v| {
+        view_nodes(v)
+            .iter()
+            .any(|(n, alive)| n == "alpha" && !alive)
+    });
+    nodes[1].adm_ok(&["primary", "--force", "r0"]);
+    writes(&nodes[1], &[3, 4], 0xbb);
+    let beta_image = nodes[1].nbd("r0").read(0, (8 * MIB) as u32).unwrap().1;
+    nodes[0].start();
+    let out = nodes[0].adm(&["primary", "r0"]);
+    if out.status.success() {
+        let got = nodes[0].nbd("r0").read(0, (8 * MIB) as u32).unwrap().1;
+        assert!(
+            got == beta_image,
+            "alpha took over with another image than beta's: {}\n{:#}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            nodes[0].view_json(),
+            nodes[0].log_text()
+        );
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("refused"),
+            "{err}\n{:#}\n{}",
+            nodes[0].view_json(),
+            nodes[0].log_text()
+        );
+        // Once alpha follows beta, the handover goes through with beta's image.
+        nodes[0].wait_view("alpha is beta's secondary", |v| {
+            resource(v, "r0").is_some_and(|r| r["designated_primary"] == "beta")
+                && member(v, "alpha")["role"] == "secondary"
+        });
+    }
+}

@@ -327,6 +327,22 @@ fn lineages_compare_by_names_and_starts() {
     assert_eq!((l.files[1].start, l.files[1].end), (100, 105));
 }
 
+#[test]
+fn a_member_is_confirmed_by_the_primarys_list_or_in_the_primarys_own_logfile() {
+    // (authoritative, designated, writer of the logfile replay is in) -> confirmed
+    let table = [
+        (true, Some("p"), Some("a"), true),
+        (false, Some("p"), Some("p"), true),
+        (false, Some("p"), Some("a"), false),
+        (false, Some("p"), None, false),
+        (false, None, None, false),
+        (true, None, None, true),
+    ];
+    for (auth, d, w, want) in table {
+        assert_eq!(confirms(auth, d, w), want, "{auth} {d:?} {w:?}");
+    }
+}
+
 // ---- the disk state ----
 
 #[test]

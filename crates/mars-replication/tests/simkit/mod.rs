@@ -47,8 +47,8 @@ pub fn sim_tempdir(prefix: &str) -> tempfile::TempDir {
         .unwrap()
 }
 
-/// The seeds to run: `MARS_SIM_SEED=S` only S, else `0..MARS_SIM_SEEDS`
-/// (`default` when unset).
+/// The seeds to run: `MARS_SIM_SEED=S` only S, else `MARS_SIM_SEEDS` of them
+/// (`default` when unset) from `MARS_SIM_FIRST` (0 when unset).
 pub fn seeds(default: u64) -> Vec<u64> {
     if let Ok(s) = std::env::var("MARS_SIM_SEED") {
         return vec![s.parse().expect("MARS_SIM_SEED is a number")];
@@ -57,7 +57,11 @@ pub fn seeds(default: u64) -> Vec<u64> {
         .ok()
         .map(|s| s.parse().expect("MARS_SIM_SEEDS is a number"))
         .unwrap_or(default);
-    (0..n).collect()
+    let first: u64 = std::env::var("MARS_SIM_FIRST")
+        .ok()
+        .map(|s| s.parse().expect("MARS_SIM_FIRST is a number"))
+        .unwrap_or(0);
+    (first..first + n).collect()
 }
 
 /// Run `run` for every seed; a failure names the seed (`what` says which

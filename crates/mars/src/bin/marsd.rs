@@ -116,6 +116,7 @@ fn run(dir: &Path) -> Result<()> {
         let daemon = Arc::new(Daemon::new(dir, cfg.clone(), peer.clone())?);
         peer.set_data_server(daemon.server.clone());
         let ctl = tokio::net::UnixListener::from_std(ctl)?;
+        daemon.catch_up_before_serving().await;
         daemon.reconcile().await;
         tracing::info!(node = %cfg.node, cluster = %cfg.cluster_id, nbd = %cfg.nbd, listen = %cfg.listen, "marsd started");
         let registry: Arc<dyn mars_nbd::Registry> = daemon.exports.clone();
