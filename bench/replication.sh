@@ -391,6 +391,15 @@ BENCH_BLOCKDEV="$(df --output=source "$W" | awk 'NR==2{print $1}')"
 BENCH_BLOCKDEV="$(basename "$BENCH_BLOCKDEV")"
 export BENCH_BLOCKDEV
 say "work dir $W ($FSTYPE, $(free_gib) GiB free), device size $SIZE_BYTES bytes, ${BENCH_RUNTIME}s per row"
+# The device's own sequential write speed, in this run (1 MiB direct writes, 512 MiB):
+# rows near it are bound by the device, rows far below it by our code or the CPU.
+dd_speed() {
+    dd if=/dev/zero of="$W/dd.test" bs=1M count=512 oflag=direct conv=fsync 2>&1 |
+        awk '/copied/{for(i=1;i<=NF;i++) if($i=="copied,") {print $(i+3), $(i+4)}}'
+    rm -f "$W/dd.test"
+}
+DD_START="$(dd_speed)"
+say "device: dd oflag=direct 1 MiB writes: $DD_START"
 
 adm alpha create-resource r0 "$W/disks/alpha-r0.img" >&2
 adm alpha wait-resource r0 primary --timeout 30 >&2
@@ -546,6 +555,7 @@ cmp -s "$W/disks/alpha-r1.img" "$W/disks/gamma-r1.img" && echo equal >"$W/res/cm
 phase_hwm sync
 fi
 LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"
+DD_END="$(dd_speed)"
 
 # ------------------------------------------------------------------ space used by the node directories
 for n in "${NODES[@]}"; do echo "$n $(du -sb "$W/$n" | awk '{print $1}')"; done >"$W/res/du"
@@ -558,7 +568,7 @@ MEM_TOTAL="$(awk '/^MemTotal:/{printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
 GIT_REV="$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$ROOT" && git diff --quiet HEAD 2>/dev/null || echo '+dirty')"
 
 REPORT="$(W="$W" CMDLINE="$CMDLINE" FIO_VER="$FIO_VER" CPU_MODEL="$CPU_MODEL" MEM_TOTAL="$MEM_TOTAL" \
-    FSTYPE="$FSTYPE" SIZE_BYTES="$SIZE_BYTES" RUNTIME="$BENCH_RUNTIME" REPEAT="$BENCH_REPEAT" \
+    FSTYPE="$FSTYPE" DD_START="$DD_START" DD_END="$DD_END" SIZE_BYTES="$SIZE_BYTES" RUNTIME="$BENCH_RUNTIME" REPEAT="$BENCH_REPEAT" \
     GIT_REV="$GIT_REV" KERNEL="$(uname -r)" DATE="$(date -u '+%Y-%m-%d %H:%M:%S UTC')" NCPU="$(nproc)" \
     LOAD_START="$LOAD_START" ONLY="$BENCH_ONLY" LOAD_END="$LOAD_END" ROWS="${ROW_NAMES[*]}" RATE80="$RATE80" \
     FIO_COMMON="$FIO_COMMON" HWM_RESET="$HWM_RESET" CATCHUP_BYTES="$CATCHUP_BYTES" CATCHUP_SETTLE="$BENCH_CATCHUP_SETTLE" \
@@ -581,6 +591,7 @@ def cpu_row(label, c):
     cpu_rows.append(f"| {label} | {m['alpha'] / w:.2f} | {m['beta'] / w:.2f} | {m['gamma'] / w:.2f} | {c['other_cpu'] / w:.2f} | {dev} |")
 
 table = []
+per_gib = {}
 ONLY_SYNC = e["ONLY"] == "sync"
 ONLY_CATCHUP = e["ONLY"] == "catchup"
 # 1. throughput
@@ -609,6 +620,15 @@ for row in ([] if ONLY_SYNC or ONLY_CATCHUP else rows):
             tgt, ver = "", ""
         table.append(f"| {label}, {cfg} secondar{'y' if cfg == 1 else 'ies'} ({unit}) | {v:,.1f}{runs_s} | {ratio * 100:.0f} % | {tgt} | {ver} |")
         cpu_row(f"{label}, {cfg} sec.", c)
+        # The primary's own CPU seconds per GiB written (median run's CPU, its bytes).
+        runs_j = [jl(f"tp-{cfg}-{row}-{r}.json")["jobs"][0] for r in range(1, REPEAT + 1)]
+        gib = statistics.median(j["write"]["io_bytes"] for j in runs_j) / 2**30
+        per_gib[(row, cfg)] = c["marsd_cpu"]["alpha"] / gib if gib > 0 else 0.0
+for row in ([] if ONLY_SYNC or ONLY_CATCHUP else rows):
+    label = "1 MiB seq write" if row == "seqwrite" else "4 KiB rand write"
+    a0, a2 = per_gib[(row, 0)], per_gib[(row, 2)]
+    r = a2 / a0 if a0 else 0
+    table.append(f"| primary's CPU per GiB written, {label}: 0 / 1 / 2 secondaries (CPU s/GiB) | {a0:.2f} / {per_gib[(row, 1)]:.2f} / {a2:.2f} | {r:.2f}x | <= 1.2x | {verdict(r <= 1.2)} |")
 
 # 2. catch-up
 for kind, label in (() if ONLY_SYNC else (("fetch", "catch-up after pause-fetch (fetch + replay)"), ("replay", "catch-up after pause-replay (replay only)"))):
@@ -682,6 +702,7 @@ out += hw_rows
 out.append("")
 out.append(f"- date: {e['DATE']}; mars commit {e['GIT_REV']}")
 out.append(f"- kernel: {e['KERNEL']}; CPU: {e['CPU_MODEL']}; memory: {e['MEM_TOTAL']}; load average at start {e['LOAD_START']}, at end {e['LOAD_END']}")
+out.append(f"- the device's own speed in this run (`dd if=/dev/zero bs=1M count=512 oflag=direct conv=fsync` in the work directory): {e['DD_START']} at the start, {e['DD_END']} at the end; a row near it is bound by the device, far below it by CPU or our code")
 out.append(f"- {e['FIO_VER']}; r0 and r1: {size_gib:g} GiB disk files per node (r0: `fallocate -l`), all on one {e['FSTYPE']} filesystem; default node settings for all three nodes")
 out.append(f"- command: `{e['CMDLINE'].strip()}`")
 if not ONLY_SYNC and not ONLY_CATCHUP:

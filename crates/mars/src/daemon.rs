@@ -767,7 +767,9 @@ impl Daemon {
                         .chain(fresh.as_ref().map(|(_, w)| *w))
                         .max();
                     if let Some(written) = written {
-                        for m in r.members.iter_mut() {
+                        // Not a primary's own: what it wrote is its own log (a
+                        // stale entry of another primary may be ahead of it).
+                        for m in r.members.iter_mut().filter(|m| m.role != "primary") {
                             m.log.written = m.log.written.max(written);
                             m.lag_bytes = m.log.written.saturating_sub(m.log.replayed);
                             // Behind what the primary wrote: not up to date, whatever
@@ -1789,9 +1791,17 @@ impl Daemon {
                         }
                     })
                     .collect();
+                // The designated primary when it serves; else any member that
+                // says it serves (after a forced failover the old primary's last
+                // entry may say so until it is known dead).
+                let serving = |m: &&MemberView| {
+                    m.role == "primary" && (m.node == me || self.peer.is_alive(&m.node))
+                };
                 let actual_primary = members
                     .iter()
-                    .find(|m| m.role == "primary" && (m.node == me || self.peer.is_alive(&m.node)))
+                    .filter(serving)
+                    .find(|m| designated.as_deref() == Some(m.node.as_str()))
+                    .or_else(|| members.iter().find(serving))
                     .map(|m| m.node.clone());
                 let device = actual_primary.as_deref().and_then(|p| {
                     if p == me {

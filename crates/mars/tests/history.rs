@@ -174,3 +174,25 @@ fn a_former_primary_that_missed_a_failover_never_takes_over_with_its_own_log() {
         });
     }
 }
+
+/// Found by the nemesis: right after a forced failover, while the old
+/// primary was not known dead yet, the view named the old primary as the
+/// one serving and raised the new primary's `written` to the old one's.
+#[test]
+fn the_view_names_the_new_primary_and_its_own_log_right_after_a_failover() {
+    let (mut nodes, _disks) = setup();
+    nodes[1].adm_ok(&["pause-fetch", "r0"]);
+    writes(&nodes[0], &[2, 3, 4], 0xaa);
+    let alpha_written = log_field(&nodes[0].view_json(), "alpha", "written");
+    nodes[0].kill9();
+    // At once, while alpha still counts as alive.
+    nodes[1].adm_ok(&["primary", "--force", "r0"]);
+    let v = nodes[1].view_json();
+    let r = resource(&v, "r0").expect("r0");
+    assert_eq!(r["actual_primary"], "beta", "{v:#}");
+    let beta = log_field(&v, "beta", "written");
+    assert!(
+        beta < alpha_written,
+        "beta's own log, not alpha's end: {v:#}"
+    );
+}
