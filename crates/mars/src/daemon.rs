@@ -1678,8 +1678,14 @@ impl Daemon {
         for (name, members) in todo {
             for m in members {
                 let left = deadline.saturating_duration_since(Instant::now());
-                let prefix = meta::res_prefix(&name);
-                match tokio::time::timeout(left, self.peer.pull_from(&m, &prefix)).await {
+                // The resource's entries and its members (cluster scope).
+                let (res_prefix, members_prefix) =
+                    (meta::res_prefix(&name), format!("c/d/member/{name}/"));
+                let pull = async {
+                    self.peer.pull_from(&m, &members_prefix).await?;
+                    self.peer.pull_from(&m, &res_prefix).await
+                };
+                match tokio::time::timeout(left, pull).await {
                     Ok(Ok(())) => {
                         tracing::info!(resource = %name, member = %m, "metadata taken up before serving");
                         break;
