@@ -945,7 +945,9 @@ fn run_seed(seed: u64) -> Stats {
 #[test]
 fn members_hold_one_history_across_failovers_handovers_and_cuts() {
     let mut total = Stats::default();
-    simkit::for_each_seed(200, "history simulation", |seed| total.add(&run_seed(seed)));
+    simkit::for_each_seed(2000, "history simulation", |seed| {
+        total.add(&run_seed(seed))
+    });
     eprintln!("{total:?}");
     assert!(
         total.failovers > 0 && total.handovers > 0 && total.split_brains > 0,

@@ -1678,11 +1678,11 @@ impl Daemon {
         for (name, members) in todo {
             for m in members {
                 let left = deadline.saturating_duration_since(Instant::now());
-                // The resource's entries and its members (cluster scope).
-                let (res_prefix, members_prefix) =
-                    (meta::res_prefix(&name), format!("c/d/member/{name}/"));
+                // The resource's entries, and the cluster's (its members are
+                // cluster entries; an exchange takes whole scopes only).
+                let res_prefix = meta::res_prefix(&name);
                 let pull = async {
-                    self.peer.pull_from(&m, &members_prefix).await?;
+                    self.peer.pull_from(&m, mars_meta::CLUSTER_PREFIX).await?;
                     self.peer.pull_from(&m, &res_prefix).await
                 };
                 match tokio::time::timeout(left, pull).await {

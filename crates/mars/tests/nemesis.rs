@@ -15,8 +15,8 @@
 //!   split brain are invalidated, and all disks are byte-identical to the
 //!   primary's history at its end.
 //!
-//! `NEMESIS_SEED=S` runs one seed, `NEMESIS_SEEDS=N` seeds 0..N (default 1),
-//! `NEMESIS_STEPS=K` steps each (default 40); `scripts/nemesis.sh` runs seeds
+//! `NEMESIS_SEED=S` runs one seed, `NEMESIS_SEEDS=N` seeds 0..N (default 4,
+//! about a minute), `NEMESIS_STEPS=K` steps each (default 60); `scripts/nemesis.sh` runs seeds
 //! for as long as asked. Every step goes to a history file (its path is
 //! printed first) so that a failure can be replayed from its seed.
 
@@ -721,9 +721,9 @@ fn env_u64(name: &str) -> Option<u64> {
 fn members_hold_one_history_under_a_nemesis() {
     let seeds: Vec<u64> = match env_u64("NEMESIS_SEED") {
         Some(s) => vec![s],
-        None => (0..env_u64("NEMESIS_SEEDS").unwrap_or(1)).collect(),
+        None => (0..env_u64("NEMESIS_SEEDS").unwrap_or(4)).collect(),
     };
-    let steps = env_u64("NEMESIS_STEPS").unwrap_or(40) as usize;
+    let steps = env_u64("NEMESIS_STEPS").unwrap_or(60) as usize;
     let started = Instant::now();
     let mut compared = 0;
     for seed in seeds {
