@@ -229,6 +229,26 @@ impl FetchedChunks {
         }
     }
 
+    /// Drop every chunk of logfile `name`: its local copy was set aside as
+    /// another history's (a logfile of the same name and start replay must not
+    /// take these bytes for).
+    pub fn forget(&self, name: &str) {
+        let mut inner = self.inner.lock();
+        let before = inner.chunks.len();
+        let mut freed = 0;
+        inner.chunks.retain(|c| {
+            let keep = c.name != name;
+            if !keep {
+                freed += c.data.capacity();
+            }
+            keep
+        });
+        inner.bytes -= freed;
+        if inner.chunks.len() != before {
+            self.room.notify_all();
+        }
+    }
+
     /// Fetchers waiting in [`FetchedChunks::wait_room`].
     pub fn room_waiters(&self) -> usize {
         self.inner.lock().waiting

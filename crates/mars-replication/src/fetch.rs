@@ -87,6 +87,8 @@ impl Secondary {
                 tracing::warn!(resource = %self.res, logfile = %f.name, "a local logfile of that name is another history's: set aside as {}", to.display());
                 std::fs::rename(path, &to)?;
                 self.arrivals.lock().remove(&f.name);
+                // Replay reads fetched chunks by name: none of the old file's.
+                self.fetched.forget(&f.name);
                 Ok(false)
             }
         }
@@ -145,7 +147,11 @@ impl Secondary {
         let mut complete = !open;
         let mut throttle = Throttle::new(self.fetch_rate.clone());
         let first_needed = policy::first_needed(&files, replay_pos);
-        let designated = meta::designated_primary(&self.peer.store().lock(), &self.res);
+        let (designated, epoch) = {
+            let store = self.peer.store().lock();
+            let d = meta::designated_primary(&store, &self.res);
+            (d, crate::secondary::designation(&store, &self.res))
+        };
         let from_primary = designated.as_deref() == Some(primary);
         let handover_from = self.prefer_source.lock().clone();
         let authoritative = policy::authoritative(
@@ -179,12 +185,12 @@ impl Secondary {
             let mut l = self.lineage.lock();
             let same = l
                 .as_ref()
-                .is_some_and(|(d, old)| *d == designated && policy::same_lineage(old, &lineage));
+                .is_some_and(|(d, old)| *d == epoch && policy::same_lineage(old, &lineage));
             if !same {
                 // Until replay has looked at the new list.
                 self.progress.lock().history_unconfirmed = true;
             }
-            *l = Some((designated, lineage));
+            *l = Some((epoch, lineage));
         }
         // Checks of logfiles the source no longer lists (deleted) are dropped.
         {

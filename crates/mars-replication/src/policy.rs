@@ -195,17 +195,17 @@ pub fn authoritative(
     (writes && designated == Some(source)) || handover_from == Some(source)
 }
 
-/// Whether replay, having checked its position against a list taken under
-/// the designated primary `designated`, confirms that this member holds that
-/// primary's history (it may then be `uptodate`): the list is the primary's
-/// own ([`authoritative`]), or replay is in a logfile the designated primary
-/// wrote (`writer`): it entered that logfile exactly at its start from the
-/// parent its link names, so what it applied is the primary's history, and
-/// any member's list of it will do (a member cut off from the primary only
-/// fetches through another). In another writer's logfile only the primary's
-/// own list tells where its history went on.
-pub fn confirms(authoritative: bool, designated: Option<&str>, writer: Option<&str>) -> bool {
-    authoritative || (designated.is_some() && writer == designated)
+/// The designated primary of a resource together with the stamp of its
+/// designation (`name#clock.node`): a list taken under one reign of a node is
+/// no guide after another (the same node designated again after a failover
+/// away and back may have another history than the one listed then).
+pub fn designation(name: &str, clock: u64, by: &str) -> String {
+    format!("{name}#{clock}.{by}")
+}
+
+/// The primary's name in a [`designation`].
+pub fn designated_name(designation: &str) -> &str {
+    designation.split('#').next().unwrap_or(designation)
 }
 
 /// The source's list as replay follows it (`from_primary`: see [`authoritative`]).

@@ -78,6 +78,13 @@ pub struct Secondary {
     pub lineage: Mutex<Option<(Option<String>, mars_logger::history::Lineage)>>,
 }
 
+/// The designated primary of `res` with its reign ([`policy::designation`]).
+pub fn designation(store: &mars_meta::Store, res: &str) -> Option<String> {
+    let e = store.entry(&meta::primary_key(res))?;
+    let name: String = serde_json::from_value(e.value.clone()?).ok()?;
+    Some(policy::designation(&name, e.stamp.clock, &e.stamp.node))
+}
+
 /// The members of `res` and what each reports of itself.
 pub fn reports(store: &mars_meta::Store, res: &str) -> Vec<(String, Option<meta::ActualEntry>)> {
     meta::resource(store, res)
@@ -439,10 +446,9 @@ impl Secondary {
         let designated = meta::designated_primary(&self.peer.store().lock(), &self.res);
         let lineage = self.lineage.lock().clone();
         let lineage_for = lineage.as_ref().map(|(d, l)| (d.clone(), l.from_primary));
+        let epoch = designation(&self.peer.store().lock(), &self.res);
         match lineage {
-            Some((d, _))
-                if !mars_logger::history::list_usable(d.as_deref(), designated.as_deref()) =>
-            {
+            Some((d, _)) if !mars_logger::history::list_usable(d.as_deref(), epoch.as_deref()) => {
                 self.progress.lock().history_unconfirmed = true;
                 *replayer = Some(r);
                 return Ok(true);
@@ -483,16 +489,14 @@ impl Secondary {
             if p.consistent_from.is_some_and(|end| pos >= end) {
                 p.consistent_from = None;
             }
-            let confirmed = lineage_for.as_ref().and_then(|(d, from_primary)| {
-                let writer = r.logfile().and_then(mars_logfmt::parse_logfile_name);
-                policy::confirms(
-                    *from_primary,
-                    d.as_deref(),
-                    writer.map(|w| w.node).as_deref(),
-                )
-                .then(|| d.clone())
-                .flatten()
-            });
+            // Confirmed only by the primary's own list (see `policy::authoritative`):
+            // another member's may lack the logfiles that show this member past a
+            // fork, or list an old logfile of the primary's name from another reign.
+            let confirmed = lineage_for
+                .as_ref()
+                .filter(|(_, from_primary)| *from_primary)
+                .and_then(|(d, _)| d.as_deref())
+                .map(|d| policy::designated_name(d).to_string());
             p.history_unconfirmed = halted.is_some() || confirmed.is_none();
             p.confirmed_for = confirmed;
         }

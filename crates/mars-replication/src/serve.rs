@@ -537,6 +537,13 @@ impl Server {
     /// where its copy ended, and the device size.
     async fn sync_position(&self, res: &str, end: bool) -> Result<(u64, u64)> {
         Ok(match self.sync_source(res).await? {
+            // Where the copy ended: everything it may hold made durable first,
+            // so that a crash of the primary cannot take back what the joiner
+            // copied (its writeback and fetch never go past what is durable).
+            SyncSource::Primary(l) if end => {
+                l.flush().await.map_err(|e| anyhow::anyhow!("flush: {e}"))?;
+                (l.status().synced_pos, l.size())
+            }
             SyncSource::Primary(l) => (l.status().logged_pos, l.size()),
             // The disk holds every record before `replayed` and moves on only by
             // replaying later ones: the joiner replays from there. Where the copy

@@ -140,6 +140,8 @@ struct Sim {
     members: Vec<Member>,
     /// The designated primary (index into `members`).
     designated: usize,
+    /// Designations so far: a list is taken under one (`policy::designation`).
+    reign: u64,
     /// During a planned handover to the designated member: the old writer it
     /// takes the log from (its list is the new primary's history).
     handover_from: Option<usize>,
@@ -174,6 +176,7 @@ impl Sim {
                 .unwrap(),
             members: Vec::new(),
             designated: 0,
+            reign: 0,
             handover_from: None,
             hists: vec![Hist {
                 recs: Vec::new(),
@@ -347,12 +350,12 @@ impl Sim {
                 }
             }
         }
-        let designated = Some(NAMES[self.designated].to_string());
+        let designated = Some(self.designation());
         let from_primary = s == self.designated;
         let writes = matches!(self.members[s].role, Role::Writer { .. });
         let handover_from = self.handover_from.map(|h| NAMES[h]);
-        let authoritative =
-            policy::authoritative(NAMES[s], designated.as_deref(), writes, handover_from);
+        let primary = Some(NAMES[self.designated]);
+        let authoritative = policy::authoritative(NAMES[s], primary, writes, handover_from);
         self.members[m].lineage = Some((designated, policy::lineage(&files, authoritative)));
         // The source no longer has the log from this member's position on (its
         // oldest logfile starts after everything here): cut off, only a full
@@ -443,7 +446,7 @@ impl Sim {
         let designated = NAMES[self.designated];
         let lineage = self.members[m].lineage.clone();
         let list = match lineage {
-            Some((d, _)) if !list_usable(d.as_deref(), Some(designated)) => return false,
+            Some((d, _)) if !list_usable(d.as_deref(), Some(&self.designation())) => return false,
             Some((_, l)) => Some(l),
             None => None,
         };
@@ -661,6 +664,7 @@ impl Sim {
         mb.lineage = None;
         mb.split = None;
         self.designated = m;
+        self.reign += 1;
         self.trace(|| format!("{} promoted at {end} (history {hist})", NAMES[m]));
         true
     }
@@ -692,6 +696,7 @@ impl Sim {
             return;
         }
         self.designated = m; // lists taken from now on are under the new primary
+        self.reign += 1;
         self.handover_from = Some(d);
         self.demote(d);
         for _ in 0..1000 {
@@ -713,6 +718,7 @@ impl Sim {
             // Refused: the old primary takes its role back.
             self.trace(|| format!("handover to {} refused", NAMES[m]));
             self.designated = d;
+            self.reign += 1;
             assert!(self.promote(d), "the old primary takes its role back");
             return;
         }
@@ -922,6 +928,11 @@ impl Sim {
             mb.lineage,
             mb.split
         )
+    }
+
+    /// The designated primary with its reign, as the daemon keys lists.
+    fn designation(&self) -> String {
+        policy::designation(NAMES[self.designated], self.reign, "sim")
     }
 
     fn writer_end(&self, w: usize) -> u64 {

@@ -302,6 +302,14 @@ impl Daemon {
             // A member whose directory is not a log writer's (no `applied`) is a secondary.
             let rdir = node::resource_dir(&self.dir, &r.name);
             let designated_me = r.designated_primary.as_deref() == Some(me.as_str());
+            if !designated_me {
+                // A handover or forced promotion to this node that another
+                // designation overtook: forgotten (a stale one would make a
+                // later planned `primary` promote at once, or keep fetching
+                // from a former primary as if its list were the history).
+                a.handover_from = None;
+                a.force_promote = false;
+            }
             let writer = a.logger.is_some() || rdir.join("applied").exists();
             let other_member_designated = r
                 .designated_primary
@@ -914,8 +922,17 @@ impl Daemon {
             }
         }
         let member = r.members.contains(&me);
-        if member && !self.member_entry(name)?.attached {
-            bail!("{name}: disk is detached here; run `marsadm up {name}` first");
+        if member {
+            let m = self.member_entry(name)?;
+            if !m.attached {
+                bail!("{name}: disk is detached here; run `marsadm up {name}` first");
+            }
+            // A planned handover waits for this member to fetch and replay the
+            // old primary's last writes: not while it does neither.
+            let other = current.as_deref().is_some_and(|c| c != me);
+            if !force && other && (m.pause_fetch || m.pause_replay || !m.connected) {
+                bail!("{name}: refused: fetch or replay is paused here (or the resource is disconnected), so the handover could never complete; run `marsadm resume-fetch {name}`, `resume-replay {name}` or `connect {name}` first");
+            }
         }
         if !member {
             if current.as_deref() != Some(me.as_str()) {

@@ -328,19 +328,11 @@ fn lineages_compare_by_names_and_starts() {
 }
 
 #[test]
-fn a_member_is_confirmed_by_the_primarys_list_or_in_the_primarys_own_logfile() {
-    // (authoritative, designated, writer of the logfile replay is in) -> confirmed
-    let table = [
-        (true, Some("p"), Some("a"), true),
-        (false, Some("p"), Some("p"), true),
-        (false, Some("p"), Some("a"), false),
-        (false, Some("p"), None, false),
-        (false, None, None, false),
-        (true, None, None, true),
-    ];
-    for (auth, d, w, want) in table {
-        assert_eq!(confirms(auth, d, w), want, "{auth} {d:?} {w:?}");
-    }
+fn a_designation_names_its_reign() {
+    let a = designation("alpha", 7, "beta");
+    assert_eq!(designated_name(&a), "alpha");
+    assert_ne!(a, designation("alpha", 9, "alpha"));
+    assert_eq!(designated_name("plain"), "plain");
 }
 
 // ---- the disk state ----
