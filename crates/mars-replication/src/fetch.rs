@@ -209,7 +209,14 @@ impl Secondary {
             if local == 0 && i < first_needed {
                 continue;
             }
-            if local > 0 && local < f.len && !self.same_logfile(&path, &f, replay_pos).await? {
+            // A local file of that name is compared with the listed one (start and
+            // creation time) before it is appended to, and also when it is complete
+            // but replay still needs it (i >= first_needed): a logfile of the same
+            // name and start from another history must never be taken for it.
+            if local > 0
+                && (local < f.len || i >= first_needed)
+                && !self.same_logfile(&path, &f, replay_pos).await?
+            {
                 local = 0;
             }
             let out = Arc::new(
@@ -287,7 +294,7 @@ impl Secondary {
                         break;
                     };
                     match answer_from(primary, read_msg(&mut s)).await? {
-                        Msg::Chunk { offset, len, .. } if offset == want => {
+                        Msg::Chunk { file, offset, len } if offset == want && file == f.name => {
                             if len > asked {
                                 bail!(
                                     "{primary} sent a chunk of {len} bytes where at most \
@@ -324,8 +331,10 @@ impl Secondary {
                             // Blocks reserved ahead of the writes (see `FETCH_PREALLOC`).
                             let reserve = (at + n > allocated).then(|| {
                                 let from = allocated.max(at);
+                                // Never more than a bounded step ahead: the listed
+                                // length comes from the peer.
                                 let to = if f.finished {
-                                    f.len
+                                    f.len.min(at + n + 8 * FETCH_PREALLOC)
                                 } else {
                                     at + n + FETCH_PREALLOC
                                 };

@@ -216,7 +216,9 @@ pub fn lineage(files: &[LogFileInfo], from_primary: bool) -> Lineage {
             .map(|f| Listed {
                 name: f.name.clone(),
                 start: f.start_pos,
-                end: f.start_pos + f.len.saturating_sub(FILE_HEADER_LEN as u64),
+                end: f
+                    .start_pos
+                    .saturating_add(f.len.saturating_sub(FILE_HEADER_LEN as u64)),
             })
             .collect(),
         from_primary,

@@ -445,6 +445,7 @@ impl Secondary {
         let mut r = r;
         let designated = meta::designated_primary(&self.peer.store().lock(), &self.res);
         let lineage = self.lineage.lock().clone();
+        let lineage_now = lineage.clone();
         let lineage_for = lineage.as_ref().map(|(d, l)| (d.clone(), l.from_primary));
         let epoch = designation(&self.peer.store().lock(), &self.res);
         match lineage {
@@ -476,6 +477,11 @@ impl Secondary {
         let pos = r.position();
         let mut halted = None;
         {
+            // The lineage lock first (the fetcher's order: lineage, then progress),
+            // held while the outcome is set: a list the fetcher takes meanwhile
+            // marks the member unconfirmed after this, never before.
+            let current_list = self.lineage.lock();
+            let list_changed = *current_list != lineage_now;
             let mut p = self.progress.lock();
             if let Some(h) = r.halted() {
                 // Set together, so that a view never shows one without the other.
@@ -497,7 +503,9 @@ impl Secondary {
                 .filter(|(_, from_primary)| *from_primary)
                 .and_then(|(d, _)| d.as_deref())
                 .map(|d| policy::designated_name(d).to_string());
-            p.history_unconfirmed = halted.is_some() || confirmed.is_none();
+            // A list the fetcher took meanwhile is not checked yet: it keeps the
+            // member unconfirmed until the next round looks at it.
+            p.history_unconfirmed = halted.is_some() || confirmed.is_none() || list_changed;
             p.confirmed_for = confirmed;
         }
         *replayer = Some(r);
