@@ -184,6 +184,19 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&Lineage>
             ));
         }
     }
+    // The primary's list no longer holds this logfile, and the local copy ends
+    // before its child starts (its tail was lost, e.g. in a power loss, and the
+    // primary deleted the logfile): nobody will send the rest (the last record
+    // here may be torn too); only a full sync helps (waiting would wait forever).
+    if lineage.is_some_and(|l| l.from_primary) {
+        let first_child = children.iter().map(|&i| &files[i]).min_by_key(|f| f.start);
+        if let Some(f) = first_child.filter(|f| !listed(lineage, c) && f.start > c.end) {
+            return Next::CutOff {
+                file: f.name.clone(),
+                starts_at: f.start,
+            };
+        }
+    }
     if let Some(&i) = children.iter().find(|&&i| files[i].start < pos) {
         let f = &files[i];
         return Next::SplitBrain(format!(
@@ -446,6 +459,31 @@ mod tests {
                 end: f.end,
             })
             .collect()
+    }
+
+    /// The primary no longer lists a's logfile, whose local copy lost its tail
+    /// before b's child starts: cut off (only a full sync helps), not a wait.
+    #[test]
+    fn a_lost_tail_the_primary_no_longer_lists_is_cut_off() {
+        let a5 = file(5, "a", 100, 300, 0, 1);
+        let b6 = child_of(&a5, 6, "b", 320, 400);
+        let files = vec![a5.clone(), b6.clone()];
+        let from_b = Lineage {
+            files: listed_all(&[&b6]),
+            from_primary: true,
+        };
+        assert_eq!(
+            next(300, 0, &files, Some(&from_b)),
+            Next::CutOff {
+                file: b6.name.clone(),
+                starts_at: 320
+            }
+        );
+        // Also before the local end (its last record may be torn).
+        assert!(matches!(
+            next(250, 0, &files, Some(&from_b)),
+            Next::CutOff { .. }
+        ));
     }
 
     /// A member that knows b is primary applies a's logfile only as far as b

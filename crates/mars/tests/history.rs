@@ -196,3 +196,18 @@ fn the_view_names_the_new_primary_and_its_own_log_right_after_a_failover() {
         "beta's own log, not alpha's end: {v:#}"
     );
 }
+
+/// Found by the nemesis (seed 13): a planned handover to a member whose fetch
+/// was paused hung for two minutes and moved the designation anyway, leaving
+/// no primary. Now it is refused up front and nothing changes.
+#[test]
+fn a_planned_handover_to_a_member_that_does_not_fetch_is_refused() {
+    let (nodes, _disks) = setup();
+    nodes[2].adm_ok(&["pause-fetch", "r0"]);
+    let err = nodes[2].adm_err(&["primary", "r0"]);
+    assert!(err.contains("paused"), "{err}");
+    let v = nodes[0].view_json();
+    let r = resource(&v, "r0").expect("r0");
+    assert_eq!(r["designated_primary"], "alpha", "{v:#}");
+    assert_eq!(r["actual_primary"], "alpha", "{v:#}");
+}
