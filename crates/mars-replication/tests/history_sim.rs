@@ -406,32 +406,20 @@ impl Sim {
             if local >= end {
                 continue;
             }
-            let src = File::open(&path).unwrap();
-            let out = OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(false)
-                .open(&dst)
-                .unwrap();
-            while local < end {
-                let left = end - local;
-                let mut n = match self.rng.random_range(0..3) {
-                    0 => self.rng.random_range(1..=4096),
-                    _ => left,
-                }
-                .min(left);
-                let cut = cuts && self.rng.random_bool(0.05);
-                if cut {
-                    n = self.rng.random_range(0..n);
-                }
-                let mut buf = vec![0u8; n as usize];
-                src.read_exact_at(&mut buf, local).unwrap();
-                out.write_all_at(&buf, local).unwrap();
-                local += n;
-                if cut {
-                    self.trace(|| format!("{me} fetch from {} cut in {name}", NAMES[s]));
-                    return;
-                }
+            let dst_path = self.members[m].dir.join(&name);
+            let cut = simkit::copy_chunks(
+                &mut self.rng,
+                &path,
+                &dst_path,
+                local,
+                end,
+                &[4096, 0, 0],
+                cuts,
+                |_, _, _| {},
+            );
+            if cut {
+                self.trace(|| format!("{me} fetch from {} cut in {name}", NAMES[s]));
+                return;
             }
         }
         self.trace(|| format!("{me} fetched from {}", NAMES[s]));

@@ -436,39 +436,28 @@ impl Sim {
             let (name, end) = (f.name.clone(), f.len);
             let e_path = self.cfg.dir.join(&name);
             let dst = self.bdir.join(&name);
-            let mut local = file_len(&dst);
+            let local = file_len(&dst);
             if local >= end {
                 continue;
             }
-            let src = File::open(&e_path).unwrap();
-            let out = OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(false)
-                .open(&dst)
-                .unwrap();
-            while local < end {
-                let left = end - local;
-                let mut n = match self.rng.random_range(0..4) {
-                    0 => self.rng.random_range(1..=100),
-                    1 => self.rng.random_range(1..=8192),
-                    2 => self.rng.random_range(1..=65536),
-                    _ => left,
-                }
-                .min(left);
-                let cut = cuts && self.rng.random_bool(0.05);
-                if cut {
-                    n = self.rng.random_range(0..n); // the link dies inside this chunk
-                }
-                let mut buf = vec![0u8; n as usize];
-                src.read_exact_at(&mut buf, local).unwrap();
-                out.write_all_at(&buf, local).unwrap();
-                self.trace(|| format!("fetch {name} {local}+{n} of {end} cut {cut}"));
-                local += n;
-                if cut {
-                    self.stats.cuts += 1;
-                    return;
-                }
+            let trace = self.trace;
+            let cut = simkit::copy_chunks(
+                &mut self.rng,
+                &e_path,
+                &dst,
+                local,
+                end,
+                &[100, 8192, 65536, 0],
+                cuts,
+                |at, n, cut| {
+                    if trace {
+                        eprintln!("fetch {name} {at}+{n} of {end} cut {cut}");
+                    }
+                },
+            );
+            if cut {
+                self.stats.cuts += 1;
+                return;
             }
         }
     }

@@ -5,6 +5,10 @@
 use mars_logger::Logger;
 use mars_proto::LogFileInfo;
 use mars_replication::{logdir, policy};
+use rand::rngs::StdRng;
+use rand::Rng;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// The logfiles a member offers, as the daemon lists them for a fetcher: its
@@ -81,4 +85,50 @@ pub fn for_each_seed(default: u64, what: &str, mut run: impl FnMut(u64)) {
         }
     }
     eprintln!("{what}: {} seeds in {:.1?}", seeds.len(), started.elapsed());
+}
+
+/// One fetch of a logfile over a link: copy `src` into `dst` from `local` up
+/// to `end` in chunks of random sizes (each picked from `sizes`: an upper
+/// bound, or 0 for the rest); with `cuts`, any chunk may be the last, cut
+/// inside (the link dies). `seen` hears of every chunk (offset, length, cut).
+/// Returns whether the copy was cut.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_chunks(
+    rng: &mut StdRng,
+    src: &Path,
+    dst: &Path,
+    mut local: u64,
+    end: u64,
+    sizes: &[u64],
+    cuts: bool,
+    mut seen: impl FnMut(u64, u64, bool),
+) -> bool {
+    let src = File::open(src).unwrap();
+    let out = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(dst)
+        .unwrap();
+    while local < end {
+        let left = end - local;
+        let mut n = match sizes[rng.random_range(0..sizes.len())] {
+            0 => left,
+            max => rng.random_range(1..=max),
+        }
+        .min(left);
+        let cut = cuts && rng.random_bool(0.05);
+        if cut {
+            n = rng.random_range(0..n); // the link dies inside this chunk
+        }
+        let mut buf = vec![0u8; n as usize];
+        src.read_exact_at(&mut buf, local).unwrap();
+        out.write_all_at(&buf, local).unwrap();
+        seen(local, n, cut);
+        local += n;
+        if cut {
+            return true;
+        }
+    }
+    false
 }
