@@ -16,7 +16,7 @@ end=$((SECONDS + budget))
 runs=0
 while ((SECONDS < end)); do
     NEMESIS_SEED=$seed NEMESIS_STEPS=$steps cargo test -p mars --test nemesis --quiet -- --nocapture 2>&1 |
-        grep -E "^nemesis seed|panicked|failed" || true
+        grep -E "^nemesis seed .* steps|panicked|seed [0-9]+ failed" || true
     if [[ ${PIPESTATUS[0]} -ne 0 ]]; then
         echo "nemesis: seed $seed failed (after $runs seeds passed)" >&2
         exit 1
