@@ -29,6 +29,17 @@ fn setup() -> (Vec<Node>, Vec<std::path::PathBuf>) {
     (nodes, disks)
 }
 
+/// alpha dies (SIGKILL); once beta knows it, beta is forced primary.
+fn fail_over_to_beta(nodes: &mut [Node]) {
+    nodes[0].kill9();
+    nodes[1].wait_view("alpha dead", |v| {
+        view_nodes(v)
+            .iter()
+            .any(|(n, alive)| n == "alpha" && !alive)
+    });
+    nodes[1].adm_ok(&["primary", "--force", "r0"]);
+}
+
 /// beta stops fetching; alpha writes; then alpha dies and beta is forced
 /// primary and writes. Returns once beta has written.
 fn fork(nodes: &mut [Node], gamma_replays: bool) {
@@ -43,13 +54,7 @@ fn fork(nodes: &mut [Node], gamma_replays: bool) {
     nodes[2].wait_view("gamma has alpha's last writes", |v| {
         log_field(v, "gamma", field) >= written
     });
-    nodes[0].kill9();
-    nodes[1].wait_view("alpha dead", |v| {
-        view_nodes(v)
-            .iter()
-            .any(|(n, alive)| n == "alpha" && !alive)
-    });
-    nodes[1].adm_ok(&["primary", "--force", "r0"]);
+    fail_over_to_beta(nodes);
     nodes[1].adm_ok(&["resume-fetch", "r0"]);
     // beta's own writes: over some of alpha's blocks and beside them.
     writes(&nodes[1], &[3, 6, 7], 0xbb);
@@ -139,13 +144,7 @@ fn a_member_behind_the_fork_follows_the_new_primary_exactly() {
 fn a_former_primary_that_missed_a_failover_never_takes_over_with_its_own_log() {
     let (mut nodes, _disks) = setup();
     writes(&nodes[0], &[2, 3], 0xaa);
-    nodes[0].kill9();
-    nodes[1].wait_view("alpha dead", |v| {
-        view_nodes(v)
-            .iter()
-            .any(|(n, alive)| n == "alpha" && !alive)
-    });
-    nodes[1].adm_ok(&["primary", "--force", "r0"]);
+    fail_over_to_beta(&mut nodes);
     writes(&nodes[1], &[3, 4], 0xbb);
     let beta_image = nodes[1].nbd("r0").read(0, (8 * MIB) as u32).unwrap().1;
     nodes[0].start();

@@ -89,7 +89,6 @@ struct Nemesis {
     disks: Vec<std::path::PathBuf>,
     history: std::fs::File,
     history_path: std::path::PathBuf,
-    next_fill: u64,
     stats: Stats,
 }
 
@@ -116,19 +115,6 @@ fn designated(v: &serde_json::Value) -> Option<String> {
     resource(v, "r0")?["designated_primary"]
         .as_str()
         .map(String::from)
-}
-
-/// A write's contents: every byte depends on the write number and its place.
-fn pattern(id: u64, len: usize) -> Vec<u8> {
-    let mut x = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 impl Nemesis {
@@ -161,7 +147,6 @@ impl Nemesis {
             disks,
             history,
             history_path,
-            next_fill: 1,
             stats: Stats::default(),
         }
     }
@@ -281,8 +266,7 @@ impl Nemesis {
             let off = self.rng.random_range(0..SIZE / BLOCK) * BLOCK;
             let len = BLOCK as usize * self.rng.random_range(1..=2);
             let len = len.min((SIZE - off) as usize);
-            let data = pattern(self.next_fill, len);
-            self.next_fill += 1;
+            let data: Vec<u8> = (0..len).map(|_| self.rng.random()).collect();
             let w = c.write(off, &data, false);
             let f = c.flush();
             if !matches!((&w, &f), (Ok(0), Ok(0))) {
@@ -516,17 +500,18 @@ impl Nemesis {
     // ---- the checks ----
 
     fn primary_image(&self, p: usize) -> Vec<u8> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(mut c) = NbdClient::connect(&self.nodes[p].nbd, "r0") {
-                if let Ok((0, data)) = c.read(0, SIZE as u32) {
-                    return data;
-                }
-            }
-            if Instant::now() > deadline {
-                self.fail(format!("{} does not serve r0", NAMES[p]));
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        let mut img = None;
+        let served = poll(Duration::from_secs(30), || {
+            img = NbdClient::connect(&self.nodes[p].nbd, "r0")
+                .ok()
+                .and_then(|mut c| c.read(0, SIZE as u32).ok())
+                .filter(|(err, _)| *err == 0)
+                .map(|(_, data)| data);
+            img.is_some()
+        });
+        match img {
+            Some(img) if served => img,
+            _ => self.fail(format!("{} does not serve r0", NAMES[p])),
         }
     }
 
@@ -553,26 +538,21 @@ impl Nemesis {
             if i == p || !self.reachable(i) {
                 continue;
             }
-            // Given a moment to catch up (more comparisons), never waited for.
-            let deadline = Instant::now() + Duration::from_millis(1500);
-            let v = loop {
-                let v = self.view(i);
-                let up = v.as_ref().is_some_and(|v| {
-                    designated(v).as_deref() == Some(NAMES[p])
-                        && member(v, NAMES[i])["disk"] == "uptodate"
-                });
-                // Not worth waiting for: split, or fetch or replay paused.
-                let stuck = v.as_ref().is_none_or(|v| {
+            // Given a moment to catch up (more comparisons); not uptodate after
+            // it, the member is not checked this step.
+            let mut v = None;
+            poll(Duration::from_millis(1500), || {
+                v = self.view(i);
+                v.as_ref().is_none_or(|v| {
                     let m = member(v, NAMES[i]);
-                    m["split_brain"] == true
+                    let up = designated(v).as_deref() == Some(NAMES[p]) && m["disk"] == "uptodate";
+                    // Not worth waiting for: split, or fetch or replay paused.
+                    let stuck = m["split_brain"] == true
                         || m["paused"]["fetch"] == true
-                        || m["paused"]["replay"] == true
-                });
-                if up || stuck || Instant::now() > deadline {
-                    break v;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            };
+                        || m["paused"]["replay"] == true;
+                    up || stuck
+                })
+            });
             let Some(v) = v else { continue };
             let m = member(&v, NAMES[i]);
             if designated(&v).as_deref() != Some(NAMES[p]) || m["disk"] != "uptodate" {
@@ -627,18 +607,15 @@ impl Nemesis {
             }
         }
         // Every node agrees on the primary (after the metadata settled).
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let ds: Vec<Option<String>> = (0..3)
+        let mut ds: Vec<Option<String>> = Vec::new();
+        let agree = poll(Duration::from_secs(60), || {
+            ds = (0..3)
                 .map(|i| self.view(i).and_then(|v| designated(&v)))
                 .collect();
-            if ds[0].is_some() && ds.iter().all(|d| *d == ds[0]) {
-                break;
-            }
-            if Instant::now() > deadline {
-                self.fail(format!("the nodes do not agree on the primary: {ds:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(100));
+            ds[0].is_some() && ds.iter().all(|d| *d == ds[0])
+        });
+        if !agree {
+            self.fail(format!("the nodes do not agree on the primary: {ds:?}"));
         }
         self.follow_designation(&[0, 1, 2]);
         let p = self.primary;
@@ -651,8 +628,7 @@ impl Nemesis {
         // The designated primary serves again (after a restart it recovers).
         self.check_primary_image(p, None);
         let end = self.model.end(self.model.cur);
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
+        let caught_up = poll(Duration::from_secs(180), || {
             let mut done = true;
             for i in 0..3 {
                 if i == p {
@@ -677,19 +653,16 @@ impl Nemesis {
                     done = false;
                 }
             }
-            if done {
-                break;
-            }
-            if Instant::now() > deadline {
-                let views: Vec<String> = (0..3)
-                    .map(|i| format!("{:#}", self.view(i).unwrap_or_default()))
-                    .collect();
-                self.fail(format!(
-                    "the members do not all reach the primary's end {end}:\n{}",
-                    views.join("\n")
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(200));
+            done
+        });
+        if !caught_up {
+            let views: Vec<String> = (0..3)
+                .map(|i| format!("{:#}", self.view(i).unwrap_or_default()))
+                .collect();
+            self.fail(format!(
+                "the members do not all reach the primary's end {end}:\n{}",
+                views.join("\n")
+            ));
         }
         let want = self.model.image(self.model.cur, end);
         for i in 0..3 {

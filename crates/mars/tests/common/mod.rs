@@ -26,17 +26,26 @@ pub fn require_tool(tool: &str, package: &str) {
 }
 
 /// Wait for `cond` with a deadline; panics with `what` on timeout.
-pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+pub fn wait_for(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    assert!(
+        poll(timeout, cond),
+        "timed out after {timeout:?} waiting for {what}"
+    );
+}
+
+/// Wait for `cond` with a deadline: whether it came true in time (for callers
+/// that report a timeout their own way).
+pub fn poll(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(1);
     while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(pause); // polling interval, not synchronisation
-        pause = (pause * 2).min(Duration::from_millis(50));
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
+    true
 }
 
 /// A port free now (TCP and UDP: marsd gossips on its listen port), not given to
