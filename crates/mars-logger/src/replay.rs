@@ -652,16 +652,6 @@ impl Replayer {
         self.halted.as_ref()
     }
 
-    /// The logfile replay is in (the last one it entered at or before its
-    /// position), by name; None before it entered any.
-    pub fn logfile(&self) -> Option<&str> {
-        self.path
-            .iter()
-            .rev()
-            .find(|e| e.at <= self.pos)
-            .map(|e| e.name.as_str())
-    }
-
     /// [`Replayer::persist`] when the last one is at least `interval` ago. Each
     /// persist syncs the disk: a device flush, and the end of the page cache's
     /// absorbing of overwrites. A crash re-applies from the persisted position

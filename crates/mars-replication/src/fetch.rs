@@ -188,7 +188,7 @@ impl Secondary {
                 .is_some_and(|(d, old)| *d == epoch && policy::same_lineage(old, &lineage));
             if !same {
                 // Until replay has looked at the new list.
-                self.progress.lock().history_unconfirmed = true;
+                self.progress.lock().confirmed_for = None;
             }
             *l = Some((epoch, lineage));
         }

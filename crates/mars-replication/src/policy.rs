@@ -326,7 +326,6 @@ pub fn secondary_disk(
     } else if p.split_brain
         || p.cut_off
         || p.replay_error.is_some()
-        || p.history_unconfirmed
         || p.confirmed_for.as_deref() != designated
         || p.replayed < primary_written
     {

@@ -41,14 +41,12 @@ pub struct Progress {
     pub sync_waits_for_source: bool,
     /// The last fetch round found no reachable member to fetch from.
     pub fetch_waits_for_source: bool,
-    /// What replay applied is not known yet to be the designated primary's
-    /// history: replay has not checked its position against the primary's
-    /// own list since the task started, or the list changed (or the primary
-    /// did) since. Never `uptodate` then.
-    pub history_unconfirmed: bool,
-    /// The designated primary whose own list replay checked its position
-    /// against last: a confirmation is for that primary only (the view may
-    /// already know of another one before replay looks again).
+    /// The designated primary whose own list replay last checked its
+    /// position against, with nothing changed since: a confirmation is for
+    /// that primary only (the view may already know of another one before
+    /// replay looks again). None: what replay applied is not known yet to be
+    /// the primary's history (the task just started, the list changed, the
+    /// list came from another member, or replay halted); never `uptodate`.
     pub confirmed_for: Option<String>,
 }
 

@@ -450,7 +450,7 @@ impl Secondary {
         let epoch = designation(&self.peer.store().lock(), &self.res);
         match lineage {
             Some((d, _)) if !mars_logger::history::list_usable(d.as_deref(), epoch.as_deref()) => {
-                self.progress.lock().history_unconfirmed = true;
+                self.progress.lock().confirmed_for = None;
                 *replayer = Some(r);
                 return Ok(true);
             }
@@ -505,8 +505,7 @@ impl Secondary {
                 .map(|d| policy::designated_name(d).to_string());
             // A list the fetcher took meanwhile is not checked yet: it keeps the
             // member unconfirmed until the next round looks at it.
-            p.history_unconfirmed = halted.is_some() || confirmed.is_none() || list_changed;
-            p.confirmed_for = confirmed;
+            p.confirmed_for = confirmed.filter(|_| halted.is_none() && !list_changed);
         }
         *replayer = Some(r);
         if let Some(msg) = halted {

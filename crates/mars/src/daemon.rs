@@ -342,16 +342,14 @@ impl Daemon {
                 self.reconcile_secondary(&r, a, &me).await;
                 continue;
             }
-            self.served.set_secondary(&r.name, None);
-            if let Some(h) = a.secondary.take() {
+            if let Some(h) = self.take_secondary(&r.name, a) {
                 h.stop().await;
             }
             if a.logger.as_ref().is_some_and(|l| l.size() != r.size) {
                 // Resized: serve and log with the new size (clients reconnect).
                 tracing::info!(resource = %r.name, size = r.size, "reopening the log for the new size");
                 self.unexport(&r.name, a);
-                self.served.set_logger(&r.name, None);
-                if let Some(l) = a.logger.take() {
+                if let Some(l) = self.take_logger(&r.name, a) {
                     a.last_status = close_logger(l).await;
                 }
             }
@@ -360,8 +358,7 @@ impl Daemon {
                 self.unexport(&r.name, a);
             }
             if !r.attached {
-                self.served.set_logger(&r.name, None);
-                if let Some(l) = a.logger.take() {
+                if let Some(l) = self.take_logger(&r.name, a) {
                     a.last_status = close_logger(l).await;
                 }
                 a.error = None;
@@ -430,8 +427,7 @@ impl Daemon {
 
     /// Stop the secondary's work and make this directory a log writer's.
     async fn promote(&self, r: &ResourceConfig, a: &mut Actual) -> Result<()> {
-        self.served.set_secondary(&r.name, None);
-        if let Some(h) = a.secondary.take() {
+        if let Some(h) = self.take_secondary(&r.name, a) {
             h.stop().await;
         }
         let dir = node::resource_dir(&self.dir, &r.name);
@@ -456,8 +452,7 @@ impl Daemon {
     /// Stop serving and writing, write everything back, and continue as a secondary.
     async fn demote(&self, r: &ResourceConfig, a: &mut Actual) -> Result<()> {
         self.unexport(&r.name, a);
-        self.served.set_logger(&r.name, None);
-        if let Some(l) = a.logger.take() {
+        if let Some(l) = self.take_logger(&r.name, a) {
             a.last_status = close_logger(l).await;
         }
         let (dir, me, disk, size) = (
@@ -481,15 +476,13 @@ impl Daemon {
     async fn reconcile_secondary(&self, r: &ResourceConfig, a: &mut Actual, me: &str) {
         let want = r.attached;
         if a.secondary.as_ref().is_some_and(|h| h.size != r.size) {
-            self.served.set_secondary(&r.name, None);
-            if let Some(h) = a.secondary.take() {
+            if let Some(h) = self.take_secondary(&r.name, a) {
                 h.stop().await;
             }
         }
         match (&a.secondary, want) {
             (Some(_), false) => {
-                self.served.set_secondary(&r.name, None);
-                if let Some(h) = a.secondary.take() {
+                if let Some(h) = self.take_secondary(&r.name, a) {
                     h.stop().await;
                 }
             }
@@ -497,10 +490,9 @@ impl Daemon {
                 let progress = Arc::new(parking_lot::Mutex::new(Progress {
                     syncing: true,
                     sync_total: r.size,
-                    // Not `uptodate` before replay has checked its position
-                    // against the primary's own list (a demoted primary may
-                    // hold another history).
-                    history_unconfirmed: true,
+                    // `confirmed_for: None`: not `uptodate` before replay has
+                    // checked its position against the primary's own list (a
+                    // demoted primary may hold another history).
                     ..Default::default()
                 }));
                 let stop = Arc::new(AtomicBool::new(false));
@@ -661,6 +653,19 @@ impl Daemon {
         }
     }
 
+    /// Take the logger out of `a`, and out of what the replication server
+    /// serves (always together: the server must not read a closed logger).
+    fn take_logger(&self, name: &str, a: &mut Actual) -> Option<Arc<Logger>> {
+        self.served.set_logger(name, None);
+        a.logger.take()
+    }
+
+    /// Take the secondary out of `a`, and out of what the server serves.
+    fn take_secondary(&self, name: &str, a: &mut Actual) -> Option<SecondaryHandle> {
+        self.served.set_secondary(name, None);
+        a.secondary.take()
+    }
+
     fn unexport(&self, name: &str, a: &mut Actual) {
         if let Some(e) = a.export.take() {
             e.open.store(false, Ordering::Release);
@@ -670,13 +675,11 @@ impl Daemon {
     }
 
     async fn stop(&self, name: &str, mut a: Actual) {
-        self.served.set_secondary(name, None);
-        if let Some(h) = a.secondary.take() {
+        if let Some(h) = self.take_secondary(name, &mut a) {
             h.stop().await;
         }
         self.unexport(name, &mut a);
-        self.served.set_logger(name, None);
-        if let Some(l) = a.logger.take() {
+        if let Some(l) = self.take_logger(name, &mut a) {
             close_logger(l).await;
         }
     }
@@ -962,7 +965,7 @@ impl Daemon {
                 // has not seen the primary's list since it changed may turn out
                 // to be in split brain after the old primary gave up its role,
                 // and then nobody is primary.
-                let confirmed = !p.history_unconfirmed && p.confirmed_for == current;
+                let confirmed = p.confirmed_for.is_some() && p.confirmed_for == current;
                 if !force && current.as_deref().is_some_and(|c| c != me) && !confirmed {
                     bail!("{name}: refused: this member has not yet checked its history against the primary's log (it just started, its replay is paused, or the primary's log list changed a moment ago); try again in a moment (`marsadm wait-resource {name} uptodate` here waits until it has caught up and checked)");
                 }
@@ -1325,13 +1328,11 @@ impl Daemon {
         }
         let mut st = self.state.lock().await;
         let a = st.actual.entry(name.to_string()).or_default();
-        self.served.set_secondary(name, None);
-        if let Some(h) = a.secondary.take() {
+        if let Some(h) = self.take_secondary(name, a) {
             h.stop().await;
         }
         self.unexport(name, a);
-        self.served.set_logger(name, None);
-        if let Some(l) = a.logger.take() {
+        if let Some(l) = self.take_logger(name, a) {
             close_logger(l).await;
         }
         let dir = node::resource_dir(&self.dir, name);

@@ -352,7 +352,7 @@ fn the_disk_state_shown() {
         (base.clone(), false, true, 100, "uptodate"),
         (
             Progress {
-                history_unconfirmed: true,
+                confirmed_for: None,
                 ..base.clone()
             },
             false,
@@ -475,9 +475,9 @@ proptest! {
             split_brain: flags[2],
             cut_off: flags[3],
             replay_error: flags[4].then(|| "x".to_string()),
-            history_unconfirmed: flags[5],
             sync_waits_for_source: flags[6],
-            confirmed_for: flags[9].then(|| "p".to_string()),
+            // flags[5]: the confirmation lost again (a new list, a halt).
+            confirmed_for: (flags[9] && !flags[5]).then(|| "p".to_string()),
             replayed,
             ..Default::default()
         };
