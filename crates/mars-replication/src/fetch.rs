@@ -66,11 +66,20 @@ impl Secondary {
         f: &mars_proto::LogFileInfo,
         replay_pos: u64,
     ) -> Result<bool> {
+        // Checked once per logfile and task: only fetch itself (setting a file
+        // aside) replaces a local logfile while the task runs.
+        let key = (f.name.clone(), f.start_pos, f.created_ns);
+        if self.same_checked.lock().contains(&key) {
+            return Ok(true);
+        }
         let p = path.to_path_buf();
         let header =
             tokio::task::spawn_blocking(move || crate::logdir::logfile_header(&p).ok()).await?;
         match policy::local_copy(header.map(|h| (h.start_pos, h.created_ns)), f, replay_pos) {
-            policy::LocalCopy::Same => Ok(true),
+            policy::LocalCopy::Same => {
+                self.same_checked.lock().insert(key);
+                Ok(true)
+            }
             policy::LocalCopy::SplitBrain { start } => {
                 self.progress.lock().split_brain = true;
                 bail!(

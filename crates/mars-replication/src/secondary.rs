@@ -76,6 +76,9 @@ pub struct Secondary {
     /// failover says nothing of the new primary's history.
     #[allow(clippy::type_complexity)]
     pub lineage: Mutex<Option<(Option<String>, mars_logger::history::Lineage)>>,
+    /// Local logfiles (name, start, creation time) fetch found to be the
+    /// source's logfile of that name (`same_logfile`).
+    pub same_checked: Mutex<std::collections::HashSet<(String, u64, u64)>>,
 }
 
 /// The designated primary of `res` with its reign ([`policy::designation`]).

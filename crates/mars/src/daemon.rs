@@ -532,6 +532,7 @@ impl Daemon {
                     fetch_avoid: Default::default(),
                     sync_unreachable: Default::default(),
                     lineage: Default::default(),
+                    same_checked: Default::default(),
                 };
                 tracing::info!(resource = %r.name, "secondary: sync, fetch and replay");
                 let task = tokio::spawn(sec.run());
