@@ -968,7 +968,7 @@ impl Daemon {
                 // and then nobody is primary.
                 let confirmed = p.confirmed_for.is_some() && p.confirmed_for == current;
                 if !force && current.as_deref().is_some_and(|c| c != me) && !confirmed {
-                    bail!("{name}: refused: this member has not yet checked its history against the primary's log (it just started, its replay is paused, or the primary's log list changed a moment ago); try again in a moment (`marsadm wait-resource {name} uptodate` here waits until it has caught up and checked)");
+                    bail!("{name}: refused: this member has not yet checked its history against the primary's log (it just started, it cannot reach the primary and fetches through another member, or the primary's log list changed a moment ago); try again once it reaches the primary (`marsadm wait-resource {name} uptodate` here waits until it has caught up and checked)");
                 }
             }
             let writer =
