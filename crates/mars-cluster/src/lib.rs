@@ -163,13 +163,24 @@ impl BroadcastHandler<NodeId> for MetaBroadcasts {
                 .is_some_and(|e| e.stamp == stamp);
             return Ok(current.then_some(BroadcastKey { key, stamp }));
         }
-        if self.store.lock().merge(&key, entry) {
-            self.changed.lock().push(key.clone());
-            Ok(Some(BroadcastKey { key, stamp }))
-        } else {
-            Ok(None)
+        match self.store.lock().try_merge(&key, entry) {
+            Ok(true) => {
+                self.changed.lock().push(key.clone());
+                Ok(Some(BroadcastKey { key, stamp }))
+            }
+            Ok(false) => Ok(None),
+            Err(why) => {
+                refused(&key, &stamp, &why);
+                Ok(None)
+            }
         }
     }
+}
+
+/// A remote entry the store would not take: logged with its writer and the reason.
+fn refused(key: &str, stamp: &mars_meta::Stamp, why: &mars_meta::Refusal) {
+    let shown: String = key.chars().take(80).collect();
+    tracing::warn!(key = %shown, writer = %stamp.node, clock = stamp.clock, "metadata entry refused: {why}");
 }
 
 #[derive(Default)]
@@ -326,9 +337,14 @@ impl Cluster {
         let mut changed = Vec::new();
         for w in entries {
             let (key, entry) = from_wire(w);
-            if self.store.lock().merge(&key, entry.clone()) {
-                self.broadcast(&key, &entry);
-                changed.push(key);
+            let merged = self.store.lock().try_merge(&key, entry.clone());
+            match merged {
+                Ok(true) => {
+                    self.broadcast(&key, &entry);
+                    changed.push(key);
+                }
+                Ok(false) => {}
+                Err(why) => refused(&key, &entry.stamp, &why),
             }
         }
         changed

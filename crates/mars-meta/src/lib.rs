@@ -94,7 +94,7 @@ pub use key::{
     MAX_KEY_LEN,
 };
 pub use persist::FORMAT_VERSION;
-pub use store::{bucket_of, Digest, Entry, Stamp, Store, BUCKETS, MAX_CLOCK};
+pub use store::{bucket_of, Digest, Entry, Refusal, Stamp, Store, BUCKETS, MAX_CLOCK, MAX_JUMP};
 
 #[cfg(test)]
 mod tests;

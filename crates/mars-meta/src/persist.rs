@@ -1,11 +1,11 @@
 //! The store file.
 //!
-//! Layout (format version 1), all integers little-endian:
+//! Layout (format version 2), all integers little-endian:
 //!
 //! | offset     | size | content                                        |
 //! |------------|------|------------------------------------------------|
 //! | 0          | 8    | magic `MARSMETA`                               |
-//! | 8          | 4    | format version (1)                             |
+//! | 8          | 4    | format version (2)                             |
 //! | 12         | 8    | body length `n`                                |
 //! | 20         | n    | body: JSON `{"clock": u64, "entries": [[key, entry], ...]}` |
 //! | 20 + n     | 4    | crc32c of bytes `0 .. 20 + n`                  |
@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 use crate::{Entry, MetaError, Store};
 
 /// Version of the file format written by [`Store::save`].
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: keys name resource incarnations and nodes with their ids
+/// (`c/d/res/<name>@<id>`, see `schema`); a store of version 1 is refused.
+pub const FORMAT_VERSION: u32 = 2;
 
 const MAGIC: &[u8; 8] = b"MARSMETA";
 const HEADER: usize = 20;

@@ -1,14 +1,30 @@
 //! The metadata keys marsd uses, and typed access to them.
 //!
+//! Names are not identities. A resource *incarnation* (one
+//! `create-resource`) and a node (one `create-cluster` or `join-cluster`)
+//! each draw a random 64-bit id, and every key that concerns them names the
+//! id beside the name (`<name>@<id as 16 hex digits>`, see [`ResRef`] and
+//! [`NodeRef`]). A tombstone is a deleted key, so it names the id too: the
+//! deletion of one incarnation of `r0` can never touch another incarnation
+//! of `r0`, whatever the clocks say, and a node that left cannot remove a
+//! new node of its name.
+//!
 //! | key | scope, kind | value |
 //! |---|---|---|
-//! | `c/d/node/<node>` | cluster, desired | [`NodeEntry`]: the node is in the cluster (tombstone: it left) |
+//! | `c/d/node/<node>@<id>` | cluster, desired | [`NodeEntry`]: the node is in the cluster (tombstone: it left) |
 //! | `c/d/cluster-id` | cluster, desired | cluster id this cluster adopted in a merge |
-//! | `c/d/res/<res>` | cluster, desired | [`ResEntry`]: the resource exists, its size |
-//! | `c/d/member/<res>/<node>` | cluster, desired | `true`: the node is a member (one key per member, so concurrent joins never overwrite each other) |
-//! | `r/<res>/d/primary` | resource, desired | designated primary (node name or null) |
-//! | `r/<res>/d/member/<node>` | resource, desired | [`MemberEntry`]: that member's switches and disk |
-//! | `r/<res>/a/<node>` | resource, actual | [`ActualEntry`]: what that member reports |
+//! | `c/d/res/<res>@<id>` | cluster, desired | [`ResEntry`]: the incarnation exists, its size (tombstone: deleted) |
+//! | `c/d/member/<res>@<id>/<node>` | cluster, desired | `true`: the node is a member (one key per member, so concurrent joins never overwrite each other) |
+//! | `r/<res>@<id>/d/primary` | resource, desired | designated primary (node name or null) |
+//! | `r/<res>@<id>/d/member/<node>` | resource, desired | [`MemberEntry`]: that member's switches and disk |
+//! | `r/<res>@<id>/a/<node>` | resource, actual | [`ActualEntry`]: what that member reports |
+//!
+//! A name resolves to its live incarnation. Two live incarnations of one
+//! name can only come from `create-resource` on both sides of a partition
+//! (a merge refuses live clashes, `create-resource` refuses a name it
+//! knows): then the one with the lower id owns the name everywhere
+//! ([`resources`]) and the other is reported as shadowed ([`shadowed`]) until
+//! the operator deletes one of them by `NAME@ID`.
 
 use crate::Store;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -112,26 +128,109 @@ pub struct ActualEntry {
 
 pub const CLUSTER_ID_KEY: &str = "c/d/cluster-id";
 
-pub fn node_key(node: &str) -> String {
-    format!("c/d/node/{node}")
+/// Names of resources and nodes: 1..=64 of `[A-Za-z0-9_.-]`, not starting
+/// with `.` or `-` (so never `@` or `/`, which keys use as separators).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
-pub fn res_key(res: &str) -> String {
-    format!("c/d/res/{res}")
+
+/// `<name>@<16 hex digits>` into (name, id); `None` unless well formed.
+fn parse_token(token: &str) -> Option<(String, u64)> {
+    let (name, id) = token.rsplit_once('@')?;
+    if !valid_name(name) || id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some((name.to_string(), u64::from_str_radix(id, 16).ok()?))
 }
-pub fn primary_key(res: &str) -> String {
-    format!("r/{res}/d/primary")
+
+/// One incarnation of a resource: its name and the id `create-resource` drew.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResRef {
+    pub name: String,
+    pub id: u64,
 }
-pub fn member_key(res: &str, node: &str) -> String {
-    format!("r/{res}/d/member/{node}")
+
+impl ResRef {
+    pub fn new(name: &str, id: u64) -> ResRef {
+        ResRef {
+            name: name.to_string(),
+            id,
+        }
+    }
+    /// `<name>@<id>`: how keys, the data protocol and `delete-resource NAME@ID` name it.
+    pub fn token(&self) -> String {
+        format!("{}@{:016x}", self.name, self.id)
+    }
+    /// The inverse of [`ResRef::token`]; `None` for anything else.
+    pub fn parse(token: &str) -> Option<ResRef> {
+        parse_token(token).map(|(name, id)| ResRef { name, id })
+    }
 }
-pub fn actual_key(res: &str, node: &str) -> String {
-    format!("r/{res}/a/{node}")
+
+impl std::fmt::Display for ResRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.token())
+    }
 }
-pub fn membership_key(res: &str, node: &str) -> String {
-    format!("c/d/member/{res}/{node}")
+
+/// One node: its name and the id it drew when it was made a node.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeRef {
+    pub name: String,
+    pub id: u64,
 }
-pub fn res_prefix(res: &str) -> String {
-    format!("r/{res}/")
+
+impl NodeRef {
+    pub fn new(name: &str, id: u64) -> NodeRef {
+        NodeRef {
+            name: name.to_string(),
+            id,
+        }
+    }
+    pub fn token(&self) -> String {
+        format!("{}@{:016x}", self.name, self.id)
+    }
+    pub fn parse(token: &str) -> Option<NodeRef> {
+        parse_token(token).map(|(name, id)| NodeRef { name, id })
+    }
+}
+
+pub fn node_key(node: &NodeRef) -> String {
+    format!("c/d/node/{}", node.token())
+}
+pub fn res_key(res: &ResRef) -> String {
+    format!("c/d/res/{}", res.token())
+}
+pub fn primary_key(res: &ResRef) -> String {
+    format!("r/{}/d/primary", res.token())
+}
+pub fn member_key(res: &ResRef, node: &str) -> String {
+    format!("r/{}/d/member/{node}", res.token())
+}
+pub fn actual_key(res: &ResRef, node: &str) -> String {
+    format!("r/{}/a/{node}", res.token())
+}
+pub fn membership_key(res: &ResRef, node: &str) -> String {
+    format!("c/d/member/{}/{node}", res.token())
+}
+pub fn res_prefix(res: &ResRef) -> String {
+    format!("r/{}/", res.token())
+}
+
+/// Every key that belongs to incarnation `res`, tombstones included: the
+/// resource scope and the cluster entries naming it.
+pub fn keys_of(store: &Store, res: &ResRef) -> Vec<String> {
+    let members = format!("c/d/member/{}/", res.token());
+    let scope = res_prefix(res);
+    std::iter::once(res_key(res))
+        .chain(store.range(&members).map(|(k, _)| k.to_string()))
+        .chain(store.range(&scope).map(|(k, _)| k.to_string()))
+        .collect()
 }
 
 pub fn get<T: DeserializeOwned>(store: &Store, key: &str) -> Option<T> {
@@ -144,45 +243,225 @@ pub fn to_value<T: Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
 }
 
+/// Live entries under `prefix` whose key ends in a `<name>@<id>` token, decoded:
+/// (name, id, value), in key order (so by name, then id).
+fn live_tokens<'a, T: DeserializeOwned>(
+    store: &'a Store,
+    prefix: &'a str,
+) -> impl Iterator<Item = (String, u64, T)> + 'a {
+    store.range(prefix).filter_map(move |(k, e)| {
+        let (name, id) = parse_token(k.strip_prefix(prefix)?)?;
+        let v: T = serde_json::from_value(e.value.clone()?).ok()?;
+        Some((name, id, v))
+    })
+}
+
+/// Keeps, per name, the entry with the lowest id (the owner of the name); by
+/// name. (Entries of one name are adjacent in key order, `<name>@` being
+/// their common prefix, but names are not in order: `r00@` sorts before
+/// `r0@`.)
+fn owners<T>(all: impl Iterator<Item = (String, u64, T)>) -> Vec<(String, u64, T)> {
+    let mut out: Vec<(String, u64, T)> = Vec::new();
+    for (name, id, v) in all {
+        match out.last_mut() {
+            Some(last) if last.0 == name => {
+                if id < last.1 {
+                    *last = (name, id, v);
+                }
+            }
+            _ => out.push((name, id, v)),
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 /// Live nodes of the cluster: (name, entry), by name.
 pub fn nodes(store: &Store) -> Vec<(String, NodeEntry)> {
+    owners(live_tokens::<NodeEntry>(store, "c/d/node/"))
+        .into_iter()
+        .map(|(name, _, e)| (name, e))
+        .collect()
+}
+
+/// The live node named `name`, with its id.
+pub fn node(store: &Store, name: &str) -> Option<(NodeRef, NodeEntry)> {
+    if !valid_name(name) {
+        return None;
+    }
+    let prefix = format!("c/d/node/{name}@");
     store
-        .range("c/d/node/")
+        .range(&prefix)
         .filter_map(|(k, e)| {
-            let name = k.strip_prefix("c/d/node/")?;
+            let r = NodeRef::parse(k.strip_prefix("c/d/node/")?)?;
             let v: NodeEntry = serde_json::from_value(e.value.clone()?).ok()?;
-            Some((name.to_string(), v))
+            Some((r, v))
+        })
+        .min_by_key(|(r, _)| r.id)
+}
+
+fn live_incarnations(store: &Store) -> impl Iterator<Item = (String, u64, ResEntry)> + '_ {
+    live_tokens::<ResEntry>(store, "c/d/res/").filter(|(_, id, e)| e.resource_id == *id)
+}
+
+/// Live resources, one per name (the owner of the name): (incarnation, entry
+/// with its members), by name.
+pub fn resources(store: &Store) -> Vec<(ResRef, ResEntry)> {
+    owners(live_incarnations(store))
+        .into_iter()
+        .map(|(name, id, e)| {
+            let r = ResRef { name, id };
+            let e = with_members(store, &r, e);
+            (r, e)
         })
         .collect()
 }
 
-/// Live resources: (name, entry with its members), by name.
-pub fn resources(store: &Store) -> Vec<(String, ResEntry)> {
-    let names: Vec<String> = store
-        .range("c/d/res/")
-        .filter(|(_, e)| e.value.is_some())
-        .filter_map(|(k, _)| k.strip_prefix("c/d/res/").map(str::to_string))
-        .collect();
-    names
-        .into_iter()
-        .filter_map(|n| resource(store, &n).map(|r| (n, r)))
+/// Live incarnations that share their name with another of lower id (see the
+/// module documentation).
+pub fn shadowed(store: &Store) -> Vec<(ResRef, ResEntry)> {
+    let all: Vec<(String, u64, ResEntry)> = live_incarnations(store).collect();
+    let own = owners(all.clone().into_iter());
+    all.into_iter()
+        .filter(|(n, id, _)| !own.iter().any(|(o, oid, _)| o == n && oid == id))
+        .map(|(name, id, e)| {
+            let r = ResRef { name, id };
+            let e = with_members(store, &r, e);
+            (r, e)
+        })
         .collect()
 }
 
-/// One live resource with its members (from the membership keys), if it exists.
-pub fn resource(store: &Store, res: &str) -> Option<ResEntry> {
-    let mut r: ResEntry = get(store, &res_key(res))?;
-    let prefix = format!("c/d/member/{res}/");
-    r.members = store
+fn with_members(store: &Store, res: &ResRef, mut e: ResEntry) -> ResEntry {
+    let prefix = format!("c/d/member/{}/", res.token());
+    e.members = store
         .range(&prefix)
         .filter(|(_, e)| e.value.is_some())
         .filter_map(|(k, _)| k.strip_prefix(prefix.as_str()).map(str::to_string))
         .collect();
-    Some(r)
+    e
 }
 
-pub fn designated_primary(store: &Store, res: &str) -> Option<String> {
+/// The live resource named `name` (or, for `NAME@ID`, that very incarnation
+/// while it lives), with its members.
+pub fn resource(store: &Store, name: &str) -> Option<(ResRef, ResEntry)> {
+    if let Some(r) = ResRef::parse(name) {
+        return incarnation(store, &r).map(|e| (r, e));
+    }
+    if !valid_name(name) {
+        return None;
+    }
+    let prefix = format!("c/d/res/{name}@");
+    store
+        .range(&prefix)
+        .filter_map(|(k, e)| {
+            let r = ResRef::parse(k.strip_prefix("c/d/res/")?)?;
+            let v: ResEntry = serde_json::from_value(e.value.clone()?).ok()?;
+            (v.resource_id == r.id).then_some((r, v))
+        })
+        .min_by_key(|(r, _)| r.id)
+        .map(|(r, e)| {
+            let e = with_members(store, &r, e);
+            (r, e)
+        })
+}
+
+/// Incarnation `res` with its members, while it lives.
+pub fn incarnation(store: &Store, res: &ResRef) -> Option<ResEntry> {
+    let e: ResEntry = get(store, &res_key(res))?;
+    (e.resource_id == res.id).then(|| with_members(store, res, e))
+}
+
+/// True once incarnation `res` was deleted (its entry is a tombstone).
+pub fn deleted(store: &Store, res: &ResRef) -> bool {
+    store.entry(&res_key(res)).is_some_and(|e| e.is_tombstone())
+}
+
+pub fn designated_primary(store: &Store, res: &ResRef) -> Option<String> {
     store
         .get(&primary_key(res))
         .and_then(|v| v.as_str().map(str::to_string))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn create(s: &mut Store, name: &str, id: u64, members: &[&str]) -> ResRef {
+        let r = ResRef::new(name, id);
+        s.set(&res_key(&r), json!({ "size": 1, "resource_id": id }));
+        for m in members {
+            s.set(&membership_key(&r, m), json!(true));
+        }
+        r
+    }
+
+    #[test]
+    fn tokens() {
+        let r = ResRef::new("r0", 0xab);
+        assert_eq!(r.token(), "r0@00000000000000ab");
+        assert_eq!(ResRef::parse(&r.token()), Some(r));
+        for bad in [
+            "r0",
+            "r0@",
+            "r0@ab",
+            "@00000000000000ab",
+            "r/0@00000000000000ab",
+            "r0@00000000000000ag",
+            "r0@000000000000000ab",
+            "-r@00000000000000ab",
+        ] {
+            assert_eq!(ResRef::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_resolve_to_their_live_incarnation() {
+        let mut s = Store::new("n1");
+        let old = create(&mut s, "r0", 5, &["a"]);
+        for k in keys_of(&s, &old) {
+            s.delete(&k, 1);
+        }
+        assert!(resource(&s, "r0").is_none());
+        assert!(deleted(&s, &old));
+        let new = create(&mut s, "r0", 9, &["b"]);
+        let other = create(&mut s, "r00", 1, &["c"]);
+        let (r, e) = resource(&s, "r0").unwrap();
+        assert_eq!((r, e.members), (new.clone(), vec!["b".to_string()]));
+        assert_eq!(resource(&s, &new.token()).unwrap().0, new);
+        assert!(resource(&s, &old.token()).is_none());
+        let all: Vec<ResRef> = resources(&s).into_iter().map(|(r, _)| r).collect();
+        assert_eq!(all, vec![new.clone(), other]);
+        // A second live incarnation of a name (made on both sides of a
+        // partition): the lower id owns the name, the other is shadowed.
+        let twin = create(&mut s, "r0", 7, &["c"]);
+        assert_eq!(resource(&s, "r0").unwrap().0, twin);
+        let shadow: Vec<ResRef> = shadowed(&s).into_iter().map(|(r, _)| r).collect();
+        assert_eq!(shadow, vec![new.clone()]);
+        assert_eq!(resource(&s, &new.token()).unwrap().0, new);
+        // An entry whose id disagrees with its key is no incarnation.
+        s.set(
+            "c/d/res/r1@0000000000000001",
+            json!({ "size": 1, "resource_id": 2 }),
+        );
+        assert!(resource(&s, "r1").is_none());
+    }
+
+    #[test]
+    fn a_node_that_left_is_not_its_successor() {
+        let mut s = Store::new("n1");
+        let old = NodeRef::new("b", 1);
+        s.set(&node_key(&old), json!({ "listen": "x:1", "nbd": "x:2" }));
+        s.delete(&node_key(&old), 1);
+        assert!(node(&s, "b").is_none());
+        let new = NodeRef::new("b", 2);
+        s.set(&node_key(&new), json!({ "listen": "y:1", "nbd": "y:2" }));
+        // The old node's tombstone, however new its stamp, is another key.
+        let mut t = s.entry(&node_key(&old)).unwrap().clone();
+        t.stamp.clock += 100;
+        s.merge(&node_key(&old), t);
+        assert_eq!(node(&s, "b").unwrap().0, new);
+        assert_eq!(nodes(&s).len(), 1);
+    }
 }

@@ -13,11 +13,29 @@ use crate::MetaError;
 /// Number of anti-entropy buckets per prefix.
 pub const BUCKETS: usize = 64;
 
-/// Highest Lamport clock accepted from remote input (merge, load). Entries
-/// above it are refused, so that a buggy or hostile peer cannot push the
-/// clock to `u64::MAX` and freeze every later write: below this bound there
-/// are always 2^62 local writes left.
+/// Highest Lamport clock accepted from another node (merge). Entries above
+/// it are refused, so that a buggy or hostile peer cannot push the clock
+/// near `u64::MAX`: below this bound there are always 2^62 (billions of
+/// billions of) local writes left.
 pub const MAX_CLOCK: u64 = 1 << 62;
+
+/// Largest step by which one remote entry may advance this store's clock.
+/// A correct cluster's clock grows by about one per round of writes (at 10,000
+/// writes a second, 2^48 lasts 890 years), so an entry this far ahead is
+/// the sign of a broken or hostile writer, and is refused rather than
+/// spending the clock's headroom.
+pub const MAX_JUMP: u64 = 1 << 48;
+
+/// Why a remote entry was refused by [`Store::try_merge`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("malformed key: {0}")]
+    Key(&'static str),
+    #[error("clock {clock} above the maximum {MAX_CLOCK}")]
+    ClockAboveMax { clock: u64 },
+    #[error("clock {clock} is more than {MAX_JUMP} ahead of this store's {local}")]
+    ClockJump { clock: u64, local: u64 },
+}
 
 /// A 128-bit digest.
 pub type Digest = [u8; 16];
@@ -161,21 +179,34 @@ impl Store {
     /// Merges a remote entry: keeps whichever of the stored and the given
     /// entry has the greater stamp, and advances the local clock to at least
     /// the entry's clock. Returns true if the store changed (the entry is
-    /// news and should be passed on).
-    ///
-    /// Never panics: a malformed key or a clock above [`MAX_CLOCK`] returns
-    /// false and changes nothing. Two different entries with equal stamps
-    /// (which correct nodes never produce) are ordered by their hash, so
-    /// every store still picks the same one. A live value's `deleted_ms` is
-    /// treated as 0.
-    pub fn merge(&mut self, key: &str, mut entry: Entry) -> bool {
-        if validate_key(key).is_err() || entry.stamp.clock > MAX_CLOCK {
-            return false;
+    /// news and should be passed on); false also for a refused entry (see
+    /// [`Store::try_merge`] for the reason).
+    pub fn merge(&mut self, key: &str, entry: Entry) -> bool {
+        self.try_merge(key, entry).unwrap_or(false)
+    }
+
+    /// [`Store::merge`] that says why it refused an entry. Never panics: a
+    /// malformed key, a clock above [`MAX_CLOCK`] or more than [`MAX_JUMP`]
+    /// ahead of this store's clock is refused and changes nothing. Two
+    /// different entries with equal stamps (which correct nodes never
+    /// produce) are ordered by their hash, so every store still picks the
+    /// same one. A live value's `deleted_ms` is treated as 0.
+    pub fn try_merge(&mut self, key: &str, mut entry: Entry) -> Result<bool, Refusal> {
+        validate_key(key).map_err(Refusal::Key)?;
+        let clock = entry.stamp.clock;
+        if clock > MAX_CLOCK {
+            return Err(Refusal::ClockAboveMax { clock });
+        }
+        if clock - self.clock.min(clock) > MAX_JUMP {
+            return Err(Refusal::ClockJump {
+                clock,
+                local: self.clock,
+            });
         }
         if entry.value.is_some() {
             entry.deleted_ms = 0;
         }
-        self.clock = self.clock.max(entry.stamp.clock);
+        self.clock = self.clock.max(clock);
         let hash = entry_hash(key, &entry);
         if let Some(old) = self.map.get(key) {
             let order = entry
@@ -183,11 +214,11 @@ impl Store {
                 .cmp(&old.entry.stamp)
                 .then_with(|| hash.cmp(&old.hash));
             if order != Ordering::Greater {
-                return false;
+                return Ok(false);
             }
         }
         self.put(key, entry, hash);
-        true
+        Ok(true)
     }
 
     /// The live value of `key`; `None` if absent or deleted.
@@ -319,23 +350,20 @@ impl Store {
     }
 
     /// Builds a store from decoded entries (used by load). Fails on a
-    /// malformed key, a clock above [`MAX_CLOCK`] or a duplicate key.
+    /// malformed key or a duplicate key. Any clock loads: remote clocks are
+    /// bounded when merged, and a store's own writes may take its clock
+    /// above [`MAX_CLOCK`] (a store that loads can always take another write
+    /// and be saved and loaded again).
     pub(crate) fn from_parts(
         node: &str,
         clock: u64,
         entries: Vec<(String, Entry)>,
     ) -> Result<Store, String> {
-        if clock > MAX_CLOCK {
-            return Err(format!("clock {clock} above the maximum {MAX_CLOCK}"));
-        }
         let mut store = Store::new(node);
         store.clock = clock;
         for (key, mut entry) in entries {
             if let Err(reason) = validate_key(&key) {
                 return Err(format!("entry {key:?}: {reason}"));
-            }
-            if entry.stamp.clock > MAX_CLOCK {
-                return Err(format!("entry {key:?}: clock above the maximum"));
             }
             if store.map.contains_key(&key) {
                 return Err(format!("entry {key:?} appears twice"));

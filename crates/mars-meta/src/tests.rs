@@ -443,7 +443,16 @@ fn malformed_keys_are_refused_and_change_nothing() {
     assert!(!s.merge("c/d/k", entry(MAX_CLOCK + 1, "z", Some(json!(0)), 0)));
     assert!(!s.merge("c/d/k", entry(u64::MAX, "z", None, 0)));
     assert_same(&before, &s);
-    assert!(s.merge("c/d/k", entry(MAX_CLOCK, "z", Some(json!(0)), 0)));
+    // so is a jump of more than MAX_JUMP over this store's clock
+    assert_eq!(
+        s.try_merge("c/d/k", entry(MAX_JUMP + 4, "z", Some(json!(0)), 0)),
+        Err(Refusal::ClockJump {
+            clock: MAX_JUMP + 4,
+            local: 3
+        })
+    );
+    assert_same(&before, &s);
+    assert!(s.merge("c/d/k", entry(MAX_JUMP, "z", Some(json!(0)), 0)));
     // the longest legal key works
     let longest = &long[..MAX_KEY_LEN];
     assert!(s.merge(longest, entry(1, "z", Some(json!(0)), 0)));
@@ -551,4 +560,70 @@ const GOLDEN_EMPTY: &str = "1a18c1a1014324145fdac51e8fdec3ba";
 
 fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The poisoned clock of issue 16: an entry at exactly the merge maximum,
+/// then local writes. The store must keep taking writes and keep loading.
+#[test]
+fn entry_at_the_maximum_clock_does_not_poison_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.store");
+    let mut s = Store::new("n1");
+    // walk up to the maximum in legal jumps
+    let mut c = 0;
+    while c < MAX_CLOCK {
+        c = (c + MAX_JUMP).min(MAX_CLOCK);
+        assert!(s.merge("c/d/k", entry(c, "z", Some(json!(c)), 0)));
+    }
+    assert_eq!(s.clock(), MAX_CLOCK);
+    for i in 0..3 {
+        let e = s.set("c/d/mine", json!(i));
+        assert!(e.stamp.clock > MAX_CLOCK);
+        s.save(&path).unwrap();
+        s = Store::load(&path, "n1").unwrap();
+    }
+    assert!(s.set("c/d/mine", json!(9)).stamp.clock > MAX_CLOCK + 3);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever remote clocks arrive (any u64) and however local writes,
+    /// saves and loads interleave: a store that loads takes another write
+    /// whose stamp exceeds every clock it holds, and saves and loads again.
+    #[test]
+    fn a_loaded_store_always_takes_another_write(
+        ops in proptest::collection::vec(
+            prop_oneof![
+                any::<u64>().prop_map(Some),
+                (0u64..1 << 50).prop_map(Some),
+                Just(None),
+            ],
+            1..40,
+        )
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.store");
+        let mut s = Store::new("n1");
+        for (i, op) in ops.into_iter().enumerate() {
+            match op {
+                Some(clock) => {
+                    let before = s.clock();
+                    let took = s.merge(&format!("c/d/k{}", i % 5), entry(clock, "z", Some(json!(i)), 0));
+                    prop_assert!(!took || (clock <= MAX_CLOCK && clock <= before.saturating_add(MAX_JUMP)));
+                }
+                None => {
+                    s.save(&path).unwrap();
+                    s = Store::load(&path, "n1").unwrap();
+                }
+            }
+            let highest = s.range("").map(|(_, e)| e.stamp.clock).max().unwrap_or(0);
+            let e = s.set("c/d/mine", json!(i));
+            prop_assert!(e.stamp.clock > highest);
+            prop_assert!(e.stamp.clock <= MAX_CLOCK + 64);
+        }
+        s.save(&path).unwrap();
+        let back = Store::load(&path, "n1").unwrap();
+        prop_assert!(back.clock() == s.clock());
+    }
 }

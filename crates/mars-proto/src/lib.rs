@@ -12,7 +12,8 @@
 //! frame closes the connection and never changes state.
 //!
 //! Version history: 1 = first protocol (2026-11); 2 = version format 2;
-//! 3 = log record format 2 (see [`PROTOCOL_VERSION`]).
+//! 3 = log record format 2; 4 = resource and node identities (see
+//! [`PROTOCOL_VERSION`]).
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -20,7 +21,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// 2: logfile versions of format 2 (a node of protocol 1 refuses them as inconsistent).
 /// 3: log records of format 2 (`durable_back`; a node of protocol 2 refuses them).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: metadata keys name resource incarnations and nodes by `NAME@ID`, data
+/// requests name the incarnation, `NodeInfo.id`.
+pub const PROTOCOL_VERSION: u16 = 4;
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"MRSP");
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Largest payload accepted (metadata only; data moves in later kinds).
@@ -70,6 +73,12 @@ pub struct NodeInfo {
     pub listen: String,
     /// NBD address.
     pub nbd: String,
+    /// The id this node drew when it was made a node (`create-cluster`,
+    /// `join-cluster`): with the name, its identity in the metadata (a node
+    /// that left and a new node of its name are different nodes). 0 from
+    /// tools that are no node.
+    #[serde(default)]
+    pub id: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -117,7 +117,7 @@ impl Secondary {
         write_msg(
             &mut s,
             &Msg::LogList {
-                res: self.res.clone(),
+                res: self.res.token(),
             },
         )
         .await?;
@@ -289,7 +289,7 @@ impl Secondary {
                         write_msg(
                             &mut s,
                             &Msg::Fetch {
-                                res: self.res.clone(),
+                                res: self.res.token(),
                                 file: f.name.clone(),
                                 offset: next,
                                 max: ask,

@@ -38,7 +38,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub struct Secondary {
-    pub res: String,
+    /// The incarnation replicated (its name: `res.name`).
+    pub res: meta::ResRef,
     pub dir: PathBuf,
     pub me: String,
     pub disk: PathBuf,
@@ -82,15 +83,18 @@ pub struct Secondary {
 }
 
 /// The designated primary of `res` with its reign ([`policy::designation`]).
-pub fn designation(store: &mars_meta::Store, res: &str) -> Option<String> {
+pub fn designation(store: &mars_meta::Store, res: &meta::ResRef) -> Option<String> {
     let e = store.entry(&meta::primary_key(res))?;
     let name: String = serde_json::from_value(e.value.clone()?).ok()?;
     Some(policy::designation(&name, e.stamp.clock, &e.stamp.node))
 }
 
 /// The members of `res` and what each reports of itself.
-pub fn reports(store: &mars_meta::Store, res: &str) -> Vec<(String, Option<meta::ActualEntry>)> {
-    meta::resource(store, res)
+pub fn reports(
+    store: &mars_meta::Store,
+    res: &meta::ResRef,
+) -> Vec<(String, Option<meta::ActualEntry>)> {
+    meta::incarnation(store, res)
         .map(|r| r.members)
         .unwrap_or_default()
         .into_iter()

@@ -115,12 +115,42 @@ impl Server {
         &self.me
     }
 
+    /// A request names a resource incarnation (`NAME@ID`, see
+    /// `mars_meta::schema::ResRef`): answered only for the incarnation that
+    /// owns the name here, and with the name from then on. A secondary of a
+    /// deleted incarnation never reads the logs or disk of a new one of the
+    /// same name.
+    fn resolve(&self, mut msg: Msg) -> Result<Msg> {
+        let res = match &mut msg {
+            Msg::SyncStart { res }
+            | Msg::SyncEnd { res }
+            | Msg::LogStatus { res }
+            | Msg::SyncBlock { res, .. }
+            | Msg::LogList { res }
+            | Msg::Fetch { res, .. } => res,
+            _ => return Ok(msg),
+        };
+        let Some(asked) = meta::ResRef::parse(res) else {
+            bail!("{res:?} names no resource incarnation (NAME@ID)");
+        };
+        let live = meta::resource(&self.cluster.store().lock(), &asked.name).map(|(r, _)| r);
+        match live {
+            Some(r) if r == asked => {
+                *res = asked.name;
+                Ok(msg)
+            }
+            Some(r) => bail!(
+                "{asked} is not the live incarnation of {} here ({r} is)",
+                asked.name
+            ),
+            None => bail!("unknown resource {asked}"),
+        }
+    }
+
     /// The directory of `res`, once it is known to be a resource of the cluster
     /// (its name checked before it becomes a path).
     fn res_dir(&self, res: &str) -> Result<PathBuf> {
-        if !mars_logfmt::valid_name(res)
-            || meta::resource(&self.cluster.store().lock(), res).is_none()
-        {
+        if !meta::valid_name(res) || meta::resource(&self.cluster.store().lock(), res).is_none() {
             bail!("unknown resource {res:?}");
         }
         Ok(self.resources.join(res))
@@ -143,7 +173,7 @@ impl Server {
     /// Answer one replication message. A `SyncBlock` starts a stream of them, answered
     /// by [`Server::serve_sync_blocks`]; the message after the stream is returned.
     async fn data_reply(&self, msg: Msg, s: &mut tokio::net::TcpStream) -> Result<Option<Msg>> {
-        match msg {
+        match self.resolve(msg)? {
             Msg::SyncStart { res } => {
                 let (pos, size) = self.sync_position(&res, false).await?;
                 let dir = self.res_dir(&res)?;
@@ -241,7 +271,7 @@ impl Server {
                     return Ok(None); // the writing half reports what ended the stream
                 }
                 msg = match next_request(&mut rd).await? {
-                    Some(m) => m,
+                    Some(m) => self.resolve(m)?,
                     None => return Ok(None),
                 };
             }
@@ -372,7 +402,7 @@ impl Server {
                     return Ok(None); // the writing half failed; its error is the one to report
                 }
                 msg = match next_request(&mut rd).await? {
-                    Some(m) => m,
+                    Some(m) => self.resolve(m)?,
                     None => return Ok(None),
                 };
             }

@@ -115,7 +115,7 @@ impl Secondary {
         write_msg(
             &mut s,
             &Msg::SyncStart {
-                res: self.res.clone(),
+                res: self.res.token(),
             },
         )
         .await?;
@@ -174,7 +174,7 @@ impl Secondary {
         let mut rd = IdleTimeout::new(rd);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, usize)>(SYNC_WINDOW);
         let mut sender = AbortOnDrop(tokio::spawn(send_sync_requests(SyncSender {
-            res: self.res.clone(),
+            res: self.res.token(),
             disk: disk.clone(),
             path: self.disk.clone(),
             size: self.size,
@@ -337,7 +337,7 @@ impl Secondary {
         write_msg(
             &mut wr,
             &Msg::SyncEnd {
-                res: self.res.clone(),
+                res: self.res.token(),
             },
         )
         .await?;

@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mars_cluster::{ae, from_wire, to_wire, Cluster, ClusterConfig, Effect, FocaTimer, NodeId};
-use mars_meta::{resource_prefix, scope_of, Scope, Stamp, Store, CLUSTER_PREFIX};
+use mars_meta::{resource_prefix, schema, scope_of, Scope, Stamp, Store, CLUSTER_PREFIX};
 use mars_proto::{encode_frame, Msg};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
@@ -255,7 +255,12 @@ fn node_addr(i: u32) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::new(127, a, b, c), 7000))
 }
 
-/// The value of `c/d/node/<name>`: marsd's `NodeEntry`.
+/// Node `i`'s key `c/d/node/<name>@<id>` (its id: `i + 1`).
+fn node_key(i: u32) -> String {
+    schema::node_key(&schema::NodeRef::new(&node_name(i), u64::from(i) + 1))
+}
+
+/// The value of `c/d/node/<name>@<id>`: marsd's `NodeEntry`.
 fn node_entry(i: u32) -> serde_json::Value {
     let addr = node_addr(i);
     let nbd = SocketAddr::new(addr.ip(), 10809);
@@ -313,7 +318,8 @@ impl Sim {
             for &m in &members {
                 nodes[m as usize].resources.push(r);
             }
-            let name = format!("vol{r}");
+            // The incarnation's token, as keys and scopes name it.
+            let name = schema::ResRef::new(&format!("vol{r}"), u64::from(r) + 1).token();
             res_by_name.insert(name.clone(), r);
             resources.push(Resource { name, members });
         }
@@ -495,7 +501,7 @@ impl Sim {
         let name = node_name(i);
         self.nodes[i as usize].started = true;
         self.running.push(i);
-        let (key, entry) = (format!("c/d/node/{name}"), node_entry(i));
+        let (key, entry) = (node_key(i), node_entry(i));
         let node = &mut self.nodes[i as usize];
         if node.cluster.store().lock().get(&key) != Some(&entry) {
             node.cluster.set(&key, entry);
@@ -511,7 +517,7 @@ impl Sim {
             if self.resources[r as usize].members[0] == i {
                 self.nodes[i as usize].cluster.set(
                     &format!("c/d/res/{res_name}"),
-                    json!({ "size": 1u64 << 30, "resource_id": r }),
+                    json!({ "size": 1u64 << 30, "resource_id": u64::from(r) + 1 }),
                 );
                 self.write_resource_entry(i, r, &format!("{prefix}d/primary"), json!(name));
             }
@@ -605,7 +611,7 @@ impl Sim {
             // The seed adds the joiner's node entry and sends every cluster-wide entry.
             self.nodes[to as usize]
                 .cluster
-                .set(&format!("c/d/node/{}", node_name(from)), node_entry(from));
+                .set(&node_key(from), node_entry(from));
             self.flush(to);
             let entries = {
                 let store = self.nodes[to as usize].cluster.store().lock();
@@ -702,10 +708,9 @@ impl Sim {
     /// Other nodes with a live `c/d/node/<name>` entry in node `i`'s store.
     fn known_nodes(&self, i: u32) -> Vec<u32> {
         let store = self.nodes[i as usize].cluster.store().lock();
-        store
-            .range("c/d/node/")
-            .filter(|(_, e)| e.value.is_some())
-            .filter_map(|(k, _)| self.by_name.get(k.strip_prefix("c/d/node/")?).copied())
+        schema::nodes(&store)
+            .into_iter()
+            .filter_map(|(name, _)| self.by_name.get(&name).copied())
             .filter(|&n| n != i)
             .collect()
     }

@@ -7,7 +7,7 @@
 //! closes transaction loggers (the *actual* state); it holds the state lock,
 //! so commands and the loop never interleave.
 
-use crate::meta::{self, ActualEntry, MemberEntry, ResEntry};
+use crate::meta::{self, ActualEntry, MemberEntry, ResEntry, ResRef};
 use crate::node::{self, NodeConfig, ResourceConfig};
 use crate::peer::Peer;
 use anyhow::{bail, Context, Result};
@@ -133,6 +133,8 @@ impl Registry for Exports {
 /// What this node actually runs for one resource.
 #[derive(Default)]
 struct Actual {
+    /// The incarnation it runs (0: not yet known).
+    id: u64,
     logger: Option<Arc<Logger>>,
     export: Option<Arc<LoggerExport>>,
     /// Why the last attempt to reach the desired state failed.
@@ -228,21 +230,21 @@ impl Daemon {
         let st = self.peer.store.lock();
         let me = self.me();
         let mut out = BTreeMap::new();
-        for (name, r) in meta::resources(&st) {
+        for (rr, r) in meta::resources(&st) {
             if !r.members.iter().any(|m| m == me) {
                 continue;
             }
-            let Some(m) = meta::get::<MemberEntry>(&st, &meta::member_key(&name, me)) else {
+            let Some(m) = meta::get::<MemberEntry>(&st, &meta::member_key(&rr, me)) else {
                 continue;
             };
             out.insert(
-                name.clone(),
+                rr.name.clone(),
                 ResourceConfig {
                     format: node::FORMAT,
-                    designated_primary: meta::designated_primary(&st, &name),
-                    name,
+                    designated_primary: meta::designated_primary(&st, &rr),
+                    name: rr.name,
                     size: r.size,
-                    resource_id: r.resource_id,
+                    resource_id: rr.id,
                     disk: PathBuf::from(m.disk),
                     members: r.members,
                     attached: m.attached,
@@ -283,12 +285,17 @@ impl Daemon {
     async fn reconcile_locked(&self, st: &mut State, retry_now: bool) {
         let me = self.me().to_string();
         let desired = self.desired();
-        // Resources that are no longer desired here: stop everything.
+        // Resources that are no longer desired here (or are another
+        // incarnation of the name now): stop everything.
         let gone: Vec<String> = st
             .actual
-            .keys()
-            .filter(|k| !desired.contains_key(*k))
-            .cloned()
+            .iter()
+            .filter(|(k, a)| {
+                desired
+                    .get(*k)
+                    .is_none_or(|r| a.id != 0 && a.id != r.resource_id)
+            })
+            .map(|(k, _)| k.clone())
             .collect();
         for name in gone {
             if let Some(a) = st.actual.remove(&name) {
@@ -297,10 +304,20 @@ impl Daemon {
         }
         self.remove_deleted_dirs(&desired);
         for r in desired.into_values() {
+            let rdir = node::resource_dir(&self.dir, &r.name);
+            if let Err(e) = self.own_dir(&rdir, &r.rref()) {
+                let a = st.actual.entry(r.name.clone()).or_default();
+                let msg = format!("{}: {e:#}", r.name);
+                if a.error.as_deref() != Some(msg.as_str()) {
+                    tracing::error!("{msg}");
+                }
+                a.error = Some(msg);
+                continue;
+            }
             let a = st.actual.entry(r.name.clone()).or_default();
+            a.id = r.resource_id;
             a.disk_size = mars_logger::disk::disk_size(&r.disk).unwrap_or(0);
             // A member whose directory is not a log writer's (no `applied`) is a secondary.
-            let rdir = node::resource_dir(&self.dir, &r.name);
             let designated_me = r.designated_primary.as_deref() == Some(me.as_str());
             if !designated_me {
                 // A handover or forced promotion to this node that another
@@ -402,7 +419,7 @@ impl Daemon {
             if a.published.as_ref() != Some(&now) {
                 a.published = Some(now.clone());
                 self.peer
-                    .set(&meta::actual_key(&r.name, &me), meta::to_value(&now));
+                    .set(&meta::actual_key(&r.rref(), &me), meta::to_value(&now));
             }
         }
     }
@@ -509,7 +526,7 @@ impl Daemon {
                     Arc::new(AtomicBool::new(r.pause_replay)),
                 ];
                 let sec = Secondary {
-                    res: r.name.clone(),
+                    res: r.rref(),
                     dir: node::resource_dir(&self.dir, &r.name),
                     me: me.to_string(),
                     disk: r.disk.clone(),
@@ -565,7 +582,7 @@ impl Daemon {
             h.rates[0].store(r.fetch_rate, Ordering::Release);
             h.rates[1].store(r.sync_rate, Ordering::Release);
         }
-        let written = primary_written(&self.peer.store.lock(), &r.name);
+        let written = primary_written(&self.peer.store.lock(), &r.rref());
         if let Some(h) = &a.secondary {
             let dir = node::resource_dir(&self.dir, &r.name);
             a.lag.load_once(&dir);
@@ -581,7 +598,7 @@ impl Daemon {
         if a.published.as_ref() != Some(&now) {
             a.published = Some(now.clone());
             self.peer
-                .set(&meta::actual_key(&r.name, me), meta::to_value(&now));
+                .set(&meta::actual_key(&r.rref(), me), meta::to_value(&now));
         }
     }
 
@@ -625,6 +642,24 @@ impl Daemon {
         }
     }
 
+    /// Make sure `rdir` is the directory of incarnation `res`: made (with its
+    /// incarnation file) when missing, adopted when it names none, refused
+    /// when it holds another incarnation that is not known to be deleted.
+    fn own_dir(&self, rdir: &Path, res: &ResRef) -> Result<()> {
+        match node::read_incarnation(rdir) {
+            Some(held) if held == *res => Ok(()),
+            Some(held) => bail!(
+                "{} holds the logs of {held}, not of {res} (a deleted incarnation whose deletion this node has not heard of yet?); it is left alone",
+                rdir.display()
+            ),
+            None => {
+                std::fs::create_dir_all(rdir)
+                    .with_context(|| format!("cannot create {}", rdir.display()))?;
+                node::write_incarnation(rdir, res)
+            }
+        }
+    }
+
     /// Remove local directories of resources deleted from the cluster.
     fn remove_deleted_dirs(&self, desired: &BTreeMap<String, ResourceConfig>) {
         let Ok(entries) = std::fs::read_dir(node::resources_dir(&self.dir)) else {
@@ -632,19 +667,18 @@ impl Daemon {
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if desired.contains_key(&name) {
+            // Only what the directory says it holds: a deletion of another
+            // incarnation of the name never removes it.
+            let Some(held) = node::read_incarnation(&e.path()) else {
+                continue;
+            };
+            if desired.get(&name).is_some_and(|r| r.resource_id == held.id) {
                 continue;
             }
-            let deleted = self
-                .peer
-                .store
-                .lock()
-                .entry(&meta::res_key(&name))
-                .is_some_and(|e| e.is_tombstone());
-            if deleted {
+            if meta::deleted(&self.peer.store.lock(), &held) {
                 match std::fs::remove_dir_all(e.path()) {
                     Ok(()) => {
-                        tracing::info!(resource = %name, "resource deleted: removed its logs and state here")
+                        tracing::info!(resource = %held, "resource deleted: removed its logs and state here")
                     }
                     Err(err) => {
                         tracing::warn!(resource = %name, "cannot remove {}: {err}", e.path().display())
@@ -700,7 +734,7 @@ impl Daemon {
     }
 
     fn device_uri_of(store: &mars_meta::Store, node: &str, name: &str) -> Option<String> {
-        let n: meta::NodeEntry = meta::get(store, &meta::node_key(node))?;
+        let (_, n) = meta::node(store, node)?;
         Some(format!("nbd://{}/{}", n.nbd, name))
     }
 
@@ -728,7 +762,8 @@ impl Daemon {
         }
     }
 
-    fn res_entry(&self, name: &str) -> Result<ResEntry> {
+    /// The live incarnation named `name` (or `NAME@ID`) and its entry.
+    fn res_entry(&self, name: &str) -> Result<(ResRef, ResEntry)> {
         match meta::resource(&self.peer.store.lock(), name) {
             Some(r) => Ok(r),
             None => bail!("unknown resource {name}"),
@@ -736,7 +771,7 @@ impl Daemon {
     }
 
     fn member_entry(&self, name: &str) -> Result<MemberEntry> {
-        let r = self.res_entry(name)?;
+        let (rr, r) = self.res_entry(name)?;
         if !r.members.iter().any(|m| m == self.me()) {
             bail!(
                 "{} is not a member of {name} (members: {})",
@@ -744,7 +779,7 @@ impl Daemon {
                 r.members.join(", ")
             );
         }
-        meta::get(&self.peer.store.lock(), &meta::member_key(name, self.me())).ok_or_else(|| {
+        meta::get(&self.peer.store.lock(), &meta::member_key(&rr, self.me())).ok_or_else(|| {
             anyhow::anyhow!("{name}: this member's settings are missing from the metadata")
         })
     }
@@ -828,11 +863,11 @@ impl Daemon {
                 )))
             }
             Request::Secondary { name } => {
-                self.res_entry(&name)?;
-                let current = meta::designated_primary(&self.peer.store.lock(), &name);
+                let (rr, _) = self.res_entry(&name)?;
+                let current = meta::designated_primary(&self.peer.store.lock(), &rr);
                 if current.as_deref() == Some(me.as_str()) {
                     self.peer
-                        .set(&meta::primary_key(&name), serde_json::Value::Null);
+                        .set(&meta::primary_key(&rr), serde_json::Value::Null);
                 }
                 self.reconcile().await;
                 Ok(Response::ok(format!(
@@ -918,8 +953,8 @@ impl Daemon {
     /// (failover: switch now with the data this node has).
     async fn become_primary(self: &Arc<Self>, name: &str, force: bool) -> Result<Response> {
         let me = self.me().to_string();
-        let r = self.res_entry(name)?;
-        let current = meta::designated_primary(&self.peer.store.lock(), name);
+        let (rr, r) = self.res_entry(name)?;
+        let current = meta::designated_primary(&self.peer.store.lock(), &rr);
         if let Some(cur) = current.as_deref().filter(|c| *c != me) {
             if !force && !self.peer.is_alive(cur) {
                 bail!("{name}: the current primary {cur} cannot be reached; use `primary --force {name}` to fail over (data it did not send is lost)");
@@ -941,7 +976,7 @@ impl Daemon {
         if !member {
             if current.as_deref() != Some(me.as_str()) {
                 self.peer.set(
-                    &meta::primary_key(name),
+                    &meta::primary_key(&rr),
                     serde_json::Value::String(me.clone()),
                 );
             }
@@ -989,7 +1024,7 @@ impl Daemon {
                 } else {
                     let from = match current.as_deref().filter(|c| *c != me) {
                         Some(c) => Some(c.to_string()),
-                        None => self.log_writer(name, &r.members),
+                        None => self.log_writer(&rr, &r.members),
                     };
                     match from {
                         Some(f) => a.handover_from = Some(f),
@@ -1000,7 +1035,7 @@ impl Daemon {
         }
         if current.as_deref() != Some(me.as_str()) {
             self.peer.set(
-                &meta::primary_key(name),
+                &meta::primary_key(&rr),
                 serde_json::Value::String(me.clone()),
             );
         }
@@ -1075,15 +1110,16 @@ impl Daemon {
         };
         let (upto, lagging) = {
             let st = self.peer.store.lock();
-            let members = meta::resource(&st, name)
-                .map(|r| r.members)
-                .unwrap_or_default();
+            let Some((rr, r)) = meta::resource(&st, name) else {
+                bail!("unknown resource {name}");
+            };
+            let members = r.members;
             let mut upto = u64::MAX;
             let mut lagging = Vec::new();
             for m in members.into_iter().filter(|m| *m != me) {
                 // Durably: a member that loses power resumes there, and needs the
                 // log from there on (its fetched copies are not synced).
-                let replayed = meta::get::<ActualEntry>(&st, &meta::actual_key(name, &m))
+                let replayed = meta::get::<ActualEntry>(&st, &meta::actual_key(&rr, &m))
                     .map(|a| a.replayed_durable.unwrap_or(a.replayed).min(a.replayed))
                     .unwrap_or(0);
                 upto = upto.min(replayed);
@@ -1195,11 +1231,11 @@ impl Daemon {
                         .and_then(|e| mars_replication::logdir::logfile_start(&e.path).ok())
                 })
                 .unwrap_or(0);
-            let members = meta::resource(&store, name)
-                .map(|r| r.members)
-                .unwrap_or_default();
-            let cut_off = members.iter().filter(|m| **m != self.me()).any(|m| {
-                meta::get::<ActualEntry>(&store, &meta::actual_key(name, m)).is_none_or(|e| {
+            let Some((rr, r)) = meta::resource(&store, name) else {
+                continue;
+            };
+            let cut_off = r.members.iter().filter(|m| **m != self.me()).any(|m| {
+                meta::get::<ActualEntry>(&store, &meta::actual_key(&rr, m)).is_none_or(|e| {
                     e.emergency
                         || matches!(e.disk.as_str(), "syncing" | "inconsistent")
                         || e.replayed < oldest
@@ -1221,24 +1257,17 @@ impl Daemon {
     /// member that is not the primary; `None` when it cannot be asked).
     async fn primary_written_now(&self, res: &str) -> Option<(String, u64)> {
         // Only members hear the primary: a non-member has no view of the replay anyway.
-        if !meta::resource(&self.peer.store.lock(), res)
-            .is_some_and(|r| r.members.iter().any(|m| m == self.me()))
-        {
+        let (rr, r) = meta::resource(&self.peer.store.lock(), res)?;
+        if !r.members.iter().any(|m| m == self.me()) {
             return None;
         }
-        let p = meta::designated_primary(&self.peer.store.lock(), res)?;
+        let p = meta::designated_primary(&self.peer.store.lock(), &rr)?;
         if p == self.me() || !self.peer.is_alive(&p) {
             return None;
         }
         let ask = async {
             let mut s = self.peer.connect(&p).await?;
-            write_msg(
-                &mut s,
-                &Msg::LogStatus {
-                    res: res.to_string(),
-                },
-            )
-            .await?;
+            write_msg(&mut s, &Msg::LogStatus { res: rr.token() }).await?;
             match read_msg(&mut s).await? {
                 Msg::SyncInfo { pos, .. } => Ok(pos),
                 other => bail!("unexpected answer to LogStatus: {other:?}"),
@@ -1256,13 +1285,13 @@ impl Daemon {
 
     /// `resize RES [BYTES]`: grow the device; every member's disk must hold it.
     async fn resize(self: &Arc<Self>, name: &str, bytes: Option<u64>) -> Result<Response> {
-        let r = self.res_entry(name)?;
+        let (rr, r) = self.res_entry(name)?;
         let sizes: Vec<(String, u64)> = {
             let store = self.peer.store.lock();
             r.members
                 .iter()
                 .map(|m| {
-                    let size = meta::get::<ActualEntry>(&store, &meta::actual_key(name, m))
+                    let size = meta::get::<ActualEntry>(&store, &meta::actual_key(&rr, m))
                         .map(|a| a.disk_size)
                         .unwrap_or(0);
                     (m.clone(), size)
@@ -1284,7 +1313,7 @@ impl Daemon {
             bail!("{name}: refused: member {m}'s disk holds only {s} bytes, {want} needed");
         }
         self.peer.set(
-            &meta::res_key(name),
+            &meta::res_key(&rr),
             meta::to_value(&ResEntry {
                 size: want,
                 resource_id: r.resource_id,
@@ -1306,7 +1335,8 @@ impl Daemon {
     async fn invalidate(self: &Arc<Self>, name: &str) -> Result<Response> {
         let me = self.me().to_string();
         let m = self.member_entry(name)?;
-        let designated = meta::designated_primary(&self.peer.store.lock(), name);
+        let (rr, _) = self.res_entry(name)?;
+        let designated = meta::designated_primary(&self.peer.store.lock(), &rr);
         if designated.as_deref() == Some(me.as_str()) {
             bail!("{name}: refused: {me} is the designated primary; make another member primary first");
         }
@@ -1315,7 +1345,7 @@ impl Daemon {
         let source = match designated.clone().filter(|d| self.peer.is_alive(d)) {
             Some(p) => p,
             None => {
-                let members = mars_replication::secondary::reports(&self.peer.store.lock(), name);
+                let members = mars_replication::secondary::reports(&self.peer.store.lock(), &rr);
                 policy::consistent_member(&members, |m| {
                     m != me && Some(m) != designated.as_deref() && self.peer.is_alive(m)
                 })
@@ -1368,7 +1398,7 @@ impl Daemon {
     }
 
     /// The reachable member that reports writing the log of `res` (a logger attached).
-    fn log_writer(&self, res: &str, members: &[String]) -> Option<String> {
+    fn log_writer(&self, res: &ResRef, members: &[String]) -> Option<String> {
         let store = self.peer.store.lock();
         members
             .iter()
@@ -1404,23 +1434,22 @@ impl Daemon {
     }
 
     async fn delete_resource(&self, name: &str) -> Result<Response> {
-        let r = self.res_entry(name)?;
-        self.peer.delete(&meta::res_key(name));
-        self.peer.delete(&meta::primary_key(name));
-        for m in &r.members {
-            self.peer.delete(&meta::membership_key(name, m));
-            self.peer.delete(&meta::member_key(name, m));
-            self.peer.delete(&meta::actual_key(name, m));
+        let (rr, _) = self.res_entry(name)?;
+        // Every entry of this incarnation, and no other's: its keys name its id.
+        let keys = meta::keys_of(&self.peer.store.lock(), &rr);
+        for k in keys.iter().rev() {
+            self.peer.delete(k);
         }
         self.reconcile().await;
         Ok(Response::ok(format!(
-            "resource {name} deleted (disks were left as they are)"
+            "resource {} deleted (disks were left as they are)",
+            rr.name
         )))
     }
 
     async fn join_resource(self: &Arc<Self>, name: &str, disk: &str) -> Result<Response> {
         let me = self.me().to_string();
-        let r = self.res_entry(name)?;
+        let (rr, r) = self.res_entry(name)?;
         if r.members.contains(&me) {
             bail!("{me} is already a member of {name}");
         }
@@ -1448,17 +1477,16 @@ impl Daemon {
                 rdir.display()
             );
         }
-        std::fs::create_dir_all(&rdir)
-            .with_context(|| format!("cannot create {}", rdir.display()))?;
+        self.own_dir(&rdir, &rr)?;
         let member = MemberEntry::up(&disk_path);
         self.peer
-            .set(&meta::member_key(name, &me), meta::to_value(&member));
+            .set(&meta::member_key(&rr, &me), meta::to_value(&member));
         self.peer.set(
-            &meta::membership_key(name, &me),
+            &meta::membership_key(&rr, &me),
             serde_json::Value::Bool(true),
         );
         // The primary learns of the new member before this command returns.
-        let primary = meta::designated_primary(&self.peer.store.lock(), name);
+        let primary = meta::designated_primary(&self.peer.store.lock(), &rr);
         if let Some(p) = primary.filter(|p| *p != me) {
             self.peer.ae_with(&p, "c/").await;
         }
@@ -1470,11 +1498,11 @@ impl Daemon {
 
     async fn leave_resource(self: &Arc<Self>, name: &str) -> Result<Response> {
         let me = self.me().to_string();
-        let mut r = self.res_entry(name)?;
+        let (rr, mut r) = self.res_entry(name)?;
         if !r.members.contains(&me) {
             bail!("{me} is not a member of {name}");
         }
-        let primary = meta::designated_primary(&self.peer.store.lock(), name);
+        let primary = meta::designated_primary(&self.peer.store.lock(), &rr);
         if primary.as_deref() == Some(me.as_str()) && r.members.len() > 1 {
             bail!("{me} is the primary of {name}; hand over first (`marsadm primary {name}` on another member)");
         }
@@ -1482,9 +1510,9 @@ impl Daemon {
         if r.members.is_empty() {
             return self.delete_resource(name).await;
         }
-        self.peer.delete(&meta::membership_key(name, &me));
-        self.peer.delete(&meta::member_key(name, &me));
-        self.peer.delete(&meta::actual_key(name, &me));
+        self.peer.delete(&meta::membership_key(&rr, &me));
+        self.peer.delete(&meta::member_key(&rr, &me));
+        self.peer.delete(&meta::actual_key(&rr, &me));
         self.reconcile().await;
         let rdir = node::resource_dir(&self.dir, name);
         let _ = std::fs::remove_dir_all(&rdir);
@@ -1495,18 +1523,25 @@ impl Daemon {
 
     async fn leave_cluster(self: &Arc<Self>) -> Result<Response> {
         let me = self.me().to_string();
-        let member_of: Vec<String> = meta::resources(&self.peer.store.lock())
-            .into_iter()
-            .filter(|(_, r)| r.members.contains(&me))
-            .map(|(n, _)| n)
-            .collect();
+        let member_of: Vec<String> = {
+            let store = self.peer.store.lock();
+            meta::resources(&store)
+                .into_iter()
+                .chain(meta::shadowed(&store))
+                .filter(|(_, r)| r.members.contains(&me))
+                .map(|(n, _)| n.name)
+                .collect()
+        };
         if !member_of.is_empty() {
             bail!(
                 "{me} is still a member of {}; leave or delete those resources first",
                 member_of.join(", ")
             );
         }
-        self.peer.delete(&meta::node_key(&me));
+        let mine = meta::node(&self.peer.store.lock(), &me).map(|(n, _)| n);
+        if let Some(n) = mine {
+            self.peer.delete(&meta::node_key(&n));
+        }
         // Make sure at least the live peers have the tombstone before this node goes quiet.
         let others: Vec<String> = meta::nodes(&self.peer.store.lock())
             .into_iter()
@@ -1549,9 +1584,10 @@ impl Daemon {
         f: impl FnOnce(&mut MemberEntry),
     ) -> Result<Response> {
         let mut m = self.member_entry(name)?;
+        let (rr, _) = self.res_entry(name)?;
         f(&mut m);
         self.peer
-            .set(&meta::member_key(name, self.me()), meta::to_value(&m));
+            .set(&meta::member_key(&rr, self.me()), meta::to_value(&m));
         let mut st = self.state.lock().await;
         self.reconcile_locked(&mut st, true).await;
         let serving = st.actual.get(name).is_some_and(|a| a.export.is_some());
@@ -1573,8 +1609,8 @@ impl Daemon {
 
     async fn create_resource(self: &Arc<Self>, name: &str, disk: &str) -> Result<Response> {
         node::check_name("resource", name)?;
-        if self.peer.store.lock().get(&meta::res_key(name)).is_some() {
-            bail!("resource {name} already exists");
+        if let Some((rr, _)) = meta::resource(&self.peer.store.lock(), name) {
+            bail!("resource {name} already exists ({rr})");
         }
         let disk_path = std::fs::canonicalize(disk).with_context(|| format!("disk {disk}"))?;
         let size = mars_logger::disk::disk_size(&disk_path)
@@ -1598,9 +1634,9 @@ impl Daemon {
         }
         let mut st = self.state.lock().await;
         // Attach first: a disk that cannot be attached refuses the command before any metadata changes.
-        std::fs::create_dir_all(&rdir)
-            .with_context(|| format!("cannot create {}", rdir.display()))?;
         let resource_id: u64 = rand::random();
+        let rr = ResRef::new(name, resource_id);
+        self.own_dir(&rdir, &rr)?;
         let cfg = ResourceConfig {
             format: node::FORMAT,
             name: name.to_string(),
@@ -1630,6 +1666,7 @@ impl Daemon {
         st.actual.insert(
             name.to_string(),
             Actual {
+                id: resource_id,
                 logger: Some(logger),
                 ..Default::default()
             },
@@ -1637,17 +1674,17 @@ impl Daemon {
         let me = self.me().to_string();
         let member = MemberEntry::up(&disk_path);
         self.peer
-            .set(&meta::member_key(name, &me), meta::to_value(&member));
+            .set(&meta::member_key(&rr, &me), meta::to_value(&member));
         self.peer.set(
-            &meta::primary_key(name),
+            &meta::primary_key(&rr),
             serde_json::Value::String(me.clone()),
         );
         self.peer.set(
-            &meta::membership_key(name, &me),
+            &meta::membership_key(&rr, &me),
             serde_json::Value::Bool(true),
         );
         self.peer.set(
-            &meta::res_key(name),
+            &meta::res_key(&rr),
             meta::to_value(&ResEntry {
                 size,
                 resource_id,
@@ -1673,12 +1710,12 @@ impl Daemon {
         let me = self.me().to_string();
         // The members first, then every other node known: what this node
         // learned by gossip just before it was killed may not have been saved.
-        let todo: Vec<(String, Vec<String>)> = {
+        let todo: Vec<(ResRef, Vec<String>)> = {
             let store = self.peer.store.lock();
             let nodes: Vec<String> = meta::nodes(&store).into_iter().map(|(n, _)| n).collect();
             meta::resources(&store)
                 .into_iter()
-                .filter(|(name, _)| meta::designated_primary(&store, name).as_deref() == Some(&me))
+                .filter(|(rr, _)| meta::designated_primary(&store, rr).as_deref() == Some(&me))
                 .map(|(name, r)| {
                     let mut ask: Vec<String> = r.members;
                     ask.extend(
@@ -1724,12 +1761,13 @@ impl Daemon {
     async fn pull_foreign(&self, only: Option<&str>) {
         let me = self.me().to_string();
         let res = meta::resources(&self.peer.store.lock());
-        for (name, r) in res {
+        for (rr, r) in res {
+            let name = &rr.name;
             if only.is_some_and(|o| o != name) || r.members.contains(&me) {
                 continue;
             }
             if let Some(m) = r.members.iter().find(|m| self.peer.is_alive(m)) {
-                if let Err(e) = self.peer.pull_from(m, &meta::res_prefix(&name)).await {
+                if let Err(e) = self.peer.pull_from(m, &meta::res_prefix(&rr)).await {
                     tracing::debug!(resource = %name, member = %m, "pull: {e:#}");
                 }
             }
@@ -1750,15 +1788,16 @@ impl Daemon {
             .collect();
         let resources = meta::resources(&store)
             .into_iter()
-            .filter(|(name, _)| only.is_none_or(|n| n == name))
-            .map(|(name, r)| {
-                let designated = meta::designated_primary(&store, &name);
+            .filter(|(rr, _)| only.is_none_or(|n| n == rr.name))
+            .map(|(rr, r)| {
+                let name = rr.name.clone();
+                let designated = meta::designated_primary(&store, &rr);
                 let a = st.actual.get(&name);
                 let members: Vec<MemberView> = r
                     .members
                     .iter()
                     .map(|m| {
-                        let d: Option<MemberEntry> = meta::get(&store, &meta::member_key(&name, m));
+                        let d: Option<MemberEntry> = meta::get(&store, &meta::member_key(&rr, m));
                         let paused = d
                             .as_ref()
                             .map(|d| PausedView {
@@ -1772,11 +1811,11 @@ impl Daemon {
                                 Self::actual_entry_of(
                                     a,
                                     designated.as_deref(),
-                                    primary_written(&store, &name),
+                                    primary_written(&store, &rr),
                                 )
                             })
                         } else {
-                            meta::get(&store, &meta::actual_key(&name, m))
+                            meta::get(&store, &meta::actual_key(&rr, m))
                         };
                         let rep = reported.unwrap_or_else(|| ActualEntry {
                             role: "secondary".into(),
@@ -1881,7 +1920,7 @@ fn free_bytes(dir: &Path) -> Option<u64> {
 }
 
 /// What the designated primary of `res` reports as durably written.
-fn primary_written(store: &mars_meta::Store, res: &str) -> u64 {
+fn primary_written(store: &mars_meta::Store, res: &ResRef) -> u64 {
     meta::designated_primary(store, res)
         .and_then(|p| meta::get::<ActualEntry>(store, &meta::actual_key(res, &p)))
         .map(|e| e.written)

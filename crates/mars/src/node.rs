@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 
 pub const NODE_FILE: &str = "node.json";
 pub const RESOURCES_DIR: &str = "resources";
-pub const FORMAT: u16 = 1;
+/// 2: `node_id`; the metadata names resources and nodes with their ids.
+pub const FORMAT: u16 = 2;
 
 fn default_logfile_bytes() -> u64 {
     256 << 20
@@ -43,6 +44,8 @@ pub struct NodeConfig {
     pub format: u16,
     pub cluster_id: String,
     pub node: String,
+    /// Drawn when this directory was made a node: the node's identity with its name.
+    pub node_id: u64,
     /// Peer traffic address.
     pub listen: String,
     /// Where this node serves its primary devices over NBD.
@@ -171,16 +174,23 @@ pub fn create_cluster(dir: &Path, node: &str, listen: &str, nbd: &str) -> Result
     write_node(
         dir,
         node,
+        nonzero_id(),
         listen,
         nbd,
         &format!("{:032x}", rand::random::<u128>()),
     )
 }
 
+/// A random id for a new node or resource incarnation (never 0, which means "none").
+pub fn nonzero_id() -> u64 {
+    rand::random::<u64>().max(1)
+}
+
 /// Write a new node directory's `node.json` (default settings).
 fn write_node(
     dir: &Path,
     node: &str,
+    node_id: u64,
     listen: &str,
     nbd: &str,
     cluster_id: &str,
@@ -191,6 +201,7 @@ fn write_node(
         format: FORMAT,
         cluster_id: cluster_id.to_string(),
         node: node.to_string(),
+        node_id,
         listen: listen.to_string(),
         nbd: nbd.to_string(),
         logfile_max_bytes: default_logfile_bytes(),
@@ -210,6 +221,7 @@ fn write_node(
 pub fn init_joined(
     dir: &Path,
     node: &str,
+    node_id: u64,
     listen: &str,
     nbd: &str,
     cluster_id: &str,
@@ -225,7 +237,7 @@ pub fn init_joined(
         .save(&dir.join("meta.store"))
         .map_err(|e| anyhow!("{e}"))?;
     // node.json last: a directory without it is not a node, whatever else it holds.
-    write_node(dir, node, listen, nbd, cluster_id)
+    write_node(dir, node, node_id, listen, nbd, cluster_id)
 }
 
 /// Check that DIR can become a new node (join-cluster, create-cluster).
@@ -251,4 +263,30 @@ pub fn update_cluster_id(node_file: &Path, id: &str, former: &[String]) -> Resul
     cfg.cluster_id = id.to_string();
     cfg.former_cluster_ids = former.to_vec();
     save_json(node_file, &cfg)
+}
+
+impl ResourceConfig {
+    /// The incarnation this configuration is of.
+    pub fn rref(&self) -> mars_meta::schema::ResRef {
+        mars_meta::schema::ResRef::new(&self.name, self.resource_id)
+    }
+}
+
+/// File in a resource's directory naming the incarnation it holds (`NAME@ID`).
+pub const INCARNATION_FILE: &str = "incarnation";
+
+/// Record which incarnation the directory `rdir` holds.
+pub fn write_incarnation(rdir: &Path, res: &mars_meta::schema::ResRef) -> Result<()> {
+    write_atomic(
+        &rdir.join(INCARNATION_FILE),
+        format!("{}\n", res.token()).as_bytes(),
+    )
+    .with_context(|| format!("cannot write {}", rdir.join(INCARNATION_FILE).display()))
+}
+
+/// The incarnation the directory `rdir` holds; None when it does not say (or
+/// says something unreadable).
+pub fn read_incarnation(rdir: &Path) -> Option<mars_meta::schema::ResRef> {
+    let text = std::fs::read_to_string(rdir.join(INCARNATION_FILE)).ok()?;
+    mars_meta::schema::ResRef::parse(text.trim())
 }

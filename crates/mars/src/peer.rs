@@ -165,8 +165,9 @@ impl Peer {
             listen: setup.me.listen.clone(),
             nbd: setup.me.nbd.clone(),
         });
-        if peer.store.lock().get(&meta::node_key(&setup.me.name)) != Some(&entry) {
-            peer.set(&meta::node_key(&setup.me.name), entry);
+        let key = meta::node_key(&meta::NodeRef::new(&setup.me.name, setup.me.id));
+        if peer.store.lock().get(&key) != Some(&entry) {
+            peer.set(&key, entry);
         }
         tokio::spawn(peer.clone().udp_loop());
         tokio::spawn(peer.clone().timer_loop(timer_rx));
@@ -247,12 +248,12 @@ impl Peer {
 
     pub fn members_of(&self, res: &str) -> Vec<String> {
         meta::resource(&self.store.lock(), res)
-            .map(|r| r.members)
+            .map(|(_, r)| r.members)
             .unwrap_or_default()
     }
 
     fn addr_of(&self, node: &str) -> Option<String> {
-        meta::get::<NodeEntry>(&self.store.lock(), &meta::node_key(node)).map(|n| n.listen)
+        meta::node(&self.store.lock(), node).map(|(_, n)| n.listen)
     }
 
     fn flush_effects(self: &Arc<Self>) {
@@ -338,7 +339,7 @@ impl Peer {
             names
                 .iter()
                 .filter_map(|n| {
-                    let e: NodeEntry = meta::get(&st, &meta::node_key(n))?;
+                    let (_, e) = meta::node(&st, n)?;
                     Some(NodeId {
                         name: n.clone(),
                         addr: e.listen.parse().ok()?,
@@ -779,13 +780,18 @@ impl Peer {
                 reason: format!("invalid node name {:?}", node.name),
             };
         }
-        if self.store.lock().get(&meta::node_key(&node.name)).is_some() {
+        if node.id == 0 {
+            return Msg::Refused {
+                reason: format!("{} has no node id (a tool of another version?)", node.name),
+            };
+        }
+        if meta::node(&self.store.lock(), &node.name).is_some() {
             return Msg::Refused {
                 reason: format!("a node named {} is already in the cluster", node.name),
             };
         }
         self.set(
-            &meta::node_key(&node.name),
+            &meta::node_key(&meta::NodeRef::new(&node.name, node.id)),
             meta::to_value(&NodeEntry {
                 listen: node.listen.clone(),
                 nbd: node.nbd.clone(),
@@ -820,15 +826,25 @@ impl Peer {
             let (k, e) = mars_cluster::from_wire(w.clone());
             theirs.merge(&k, e);
         }
+        // Names, not ids, decide a clash: two live resources of one name
+        // cannot both be served. Entries of other incarnations (tombstones
+        // of deleted ones among them) name their ids and touch nothing live.
+        let live_names = |st: &Store| -> Vec<String> {
+            meta::resources(st)
+                .into_iter()
+                .chain(meta::shadowed(st))
+                .map(|(r, _)| r.name)
+                .collect()
+        };
         let (our_res, our_nodes) = {
             let st = self.store.lock();
-            (meta::resources(&st), meta::nodes(&st))
+            (live_names(&st), meta::nodes(&st))
         };
-        let clash: Vec<String> = meta::resources(&theirs)
+        let mut clash: Vec<String> = live_names(&theirs)
             .into_iter()
-            .map(|(n, _)| n)
-            .filter(|n| our_res.iter().any(|(o, _)| o == n))
+            .filter(|n| our_res.contains(n))
             .collect();
+        clash.dedup();
         if !clash.is_empty() {
             return Msg::Refused {
                 reason: format!(

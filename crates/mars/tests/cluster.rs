@@ -139,6 +139,7 @@ fn peers_of_other_clusters_or_versions_are_refused() {
         name: "mallory".into(),
         listen: "127.0.0.1:1".into(),
         nbd: "127.0.0.1:2".into(),
+        id: 7,
     };
     rt.block_on(async {
         // Another cluster: the handshake is answered, but anti-entropy and pushes are refused.

@@ -1199,6 +1199,7 @@ fn fetch_answers_come_in_order_and_a_bad_request_ends_the_stream() {
             name: "fetcher".into(),
             listen: "127.0.0.1:1".into(),
             nbd: "127.0.0.1:2".into(),
+            id: 7,
         };
         let mut s = tokio::net::TcpStream::connect(&nodes[0].listen)
             .await

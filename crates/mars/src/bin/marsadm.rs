@@ -263,12 +263,13 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
                 name: node.clone(),
                 listen: listen.clone(),
                 nbd: nbd.clone(),
+                id: mars::node::nonzero_id(),
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let (cluster_id, entries) = rt.block_on(mars::peer::join(&peer, &me))?;
-            mars::node::init_joined(dir, &node, &listen, &nbd, &cluster_id, entries)?;
+            mars::node::init_joined(dir, &node, me.id, &listen, &nbd, &cluster_id, entries)?;
             println!(
                 "{node} joined cluster {cluster_id} through {peer}; start it with: marsd --dir {}",
                 dir.display()

@@ -106,7 +106,12 @@ fn run(dir: &Path) -> Result<()> {
         let peer = mars::peer::Peer::start(
             mars::peer::PeerSetup {
                 dir: dir.to_path_buf(),
-                me: mars_proto::NodeInfo { name: cfg.node.clone(), listen: cfg.listen.clone(), nbd: cfg.nbd.clone() },
+                me: mars_proto::NodeInfo {
+                    name: cfg.node.clone(),
+                    listen: cfg.listen.clone(),
+                    nbd: cfg.nbd.clone(),
+                    id: cfg.node_id,
+                },
                 cluster_id: cfg.cluster_id.clone(),
                 former_ids: cfg.former_cluster_ids.clone(),
                 udp,
