@@ -157,6 +157,10 @@ pub struct NodeView {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ResourceView {
     pub name: String,
+    /// `NAME@ID`: this incarnation of the name (a resource deleted and
+    /// created again under its name is another incarnation).
+    #[serde(default)]
+    pub incarnation: String,
     pub size: u64,
     pub designated_primary: Option<String>,
     pub actual_primary: Option<String>,

@@ -271,7 +271,9 @@ impl Server {
                     return Ok(None); // the writing half reports what ended the stream
                 }
                 msg = match next_request(&mut rd).await? {
-                    Some(m) => self.resolve(m)?,
+                    // The message after the stream is resolved where it is answered.
+                    Some(m @ Msg::Fetch { .. }) => self.resolve(m)?,
+                    Some(m) => m,
                     None => return Ok(None),
                 };
             }
@@ -402,7 +404,8 @@ impl Server {
                     return Ok(None); // the writing half failed; its error is the one to report
                 }
                 msg = match next_request(&mut rd).await? {
-                    Some(m) => self.resolve(m)?,
+                    Some(m @ Msg::SyncBlock { .. }) => self.resolve(m)?,
+                    Some(m) => m,
                     None => return Ok(None),
                 };
             }

@@ -192,9 +192,17 @@ pub struct Daemon {
     /// `State` (updated wherever one opens or closes).
     served: Arc<Served>,
     state: tokio::sync::Mutex<State>,
+    /// A logger found no space (or no descriptor) for a write: the control
+    /// loop runs the space policy at once instead of within 5 s.
+    space_wanted: Arc<tokio::sync::Notify>,
 }
 
 const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// How long a command waits for one node to confirm that it holds the
+/// command's metadata (read-your-writes), or to answer a question.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(3);
+/// How many nodes a command naming an unknown resource asks about it.
+const ASK_NODES: usize = 8;
 /// At a start, how long a node that would serve a resource as primary asks
 /// the other members for that resource's metadata first.
 const STARTUP_PULL: Duration = Duration::from_secs(5);
@@ -218,6 +226,7 @@ impl Daemon {
             server,
             served,
             state: tokio::sync::Mutex::new(State::default()),
+            space_wanted: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -273,6 +282,10 @@ impl Daemon {
         c.tail_cache_bytes = self.cfg.tail_cache_bytes;
         // Spares fill the room the space policy leaves to the log anyway.
         c.spare_bytes = self.cfg.log_keep_bytes;
+        let wanted = self.space_wanted.clone();
+        c.on_no_space = Some(mars_logger::SpaceHook(Arc::new(move || {
+            wanted.notify_one()
+        })));
         c
     }
 
@@ -749,6 +762,12 @@ impl Daemon {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = self.peer.changed.notified() => {}
+                _ = self.space_wanted.notified() => {
+                    // A log write waits for space (it is tried again meanwhile).
+                    tracing::warn!("a log found no space: running the space policy now");
+                    policy_at = Instant::now();
+                    self.apply_space_policy().await;
+                }
             }
             let mut st = self.state.lock().await;
             self.reconcile_locked(&mut st, false).await;
@@ -760,6 +779,69 @@ impl Daemon {
             Ok(r) => r,
             Err(e) => Response::err(format!("{e:#}")),
         }
+    }
+
+    /// Up to `ASK_NODES` other nodes alive now, at random.
+    fn some_alive_nodes(&self) -> Vec<String> {
+        use rand::seq::IndexedRandom;
+        let alive: Vec<String> = meta::nodes(&self.peer.store.lock())
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| *n != self.me() && self.peer.is_alive(n))
+            .collect();
+        alive
+            .choose_multiple(&mut rand::rng(), ASK_NODES)
+            .cloned()
+            .collect()
+    }
+
+    /// Bring this node's cluster entries up to those of the nodes it reaches
+    /// (a few at random, at once, each for at most `CONFIRM_TIMEOUT`): for a
+    /// command naming a resource this node has not heard of yet.
+    async fn ask_cluster(&self) {
+        let ask = self.some_alive_nodes();
+        let mut asks = tokio::task::JoinSet::new();
+        for n in ask {
+            let peer = self.peer.clone();
+            asks.spawn(async move {
+                let ae = peer.ae_with(&n, mars_meta::CLUSTER_PREFIX);
+                let _ = tokio::time::timeout(CONFIRM_TIMEOUT, ae).await;
+            });
+        }
+        asks.join_all().await;
+    }
+
+    /// Hand the current entries of `keys` to each of `nodes` and wait until
+    /// each has merged them (at once, each for at most `CONFIRM_TIMEOUT`), so
+    /// that a command's effect is visible there when it returns. Returns the
+    /// nodes that did not confirm, with the reason.
+    async fn confirm(&self, keys: &[String], nodes: &[String]) -> Vec<(String, String)> {
+        let wire: Vec<mars_proto::WireEntry> = {
+            let store = self.peer.store.lock();
+            keys.iter()
+                .filter_map(|k| store.entry(k).map(|e| mars_cluster::to_wire(k, e)))
+                .collect()
+        };
+        let mut pushes = tokio::task::JoinSet::new();
+        for n in nodes.iter().filter(|n| n.as_str() != self.me()).cloned() {
+            let (peer, wire) = (self.peer.clone(), wire.clone());
+            pushes.spawn(async move {
+                let why = if !peer.is_alive(&n) {
+                    Some("not reachable".to_string())
+                } else {
+                    match tokio::time::timeout(CONFIRM_TIMEOUT, peer.push_to(&n, wire)).await {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(format!("{e:#}")),
+                        Err(_) => Some("no answer".to_string()),
+                    }
+                };
+                why.map(|w| (n, w))
+            });
+        }
+        let mut missing: Vec<(String, String)> =
+            pushes.join_all().await.into_iter().flatten().collect();
+        missing.sort();
+        missing
     }
 
     /// The live incarnation named `name` (or `NAME@ID`) and its entry.
@@ -786,10 +868,25 @@ impl Daemon {
 
     async fn handle_inner(self: &Arc<Self>, req: Request) -> Result<Response> {
         let me = self.me().to_string();
+        if let Some(name) = named_resource(&req) {
+            // A resource created a moment ago elsewhere: ask before refusing.
+            if meta::resource(&self.peer.store.lock(), name).is_none() {
+                self.ask_cluster().await;
+            }
+        }
         match req {
             Request::View { name } => {
                 if let Some(n) = &name {
-                    self.res_entry(n)?;
+                    let (rr, r) = self.res_entry(n)?;
+                    // Judge on a membership at least as new as the primary's
+                    // (which every join and leave waits for, see `confirm`).
+                    let p = meta::designated_primary(&self.peer.store.lock(), &rr);
+                    if let Some(p) = p.filter(|p| *p != me && self.peer.is_alive(p)) {
+                        self.peer.ae_with(&p, mars_meta::CLUSTER_PREFIX).await;
+                        if r.members.contains(&me) {
+                            self.peer.ae_with(&p, &meta::res_prefix(&rr)).await;
+                        }
+                    }
                 }
                 self.pull_foreign(name.as_deref()).await;
                 let fresh = match &name {
@@ -863,16 +960,18 @@ impl Daemon {
                 )))
             }
             Request::Secondary { name } => {
-                let (rr, _) = self.res_entry(&name)?;
+                let (rr, r) = self.res_entry(&name)?;
                 let current = meta::designated_primary(&self.peer.store.lock(), &rr);
+                let mut missing = Vec::new();
                 if current.as_deref() == Some(me.as_str()) {
-                    self.peer
-                        .set(&meta::primary_key(&rr), serde_json::Value::Null);
+                    let key = meta::primary_key(&rr);
+                    self.peer.set(&key, serde_json::Value::Null);
+                    missing = self.confirm(&[key], &r.members).await;
                 }
                 self.reconcile().await;
-                Ok(Response::ok(format!(
-                    "{name}: secondary here, device not served by {me}"
-                )))
+                let resp =
+                    Response::ok(format!("{name}: secondary here, device not served by {me}"));
+                Ok(noting(resp, &missing))
             }
             Request::Up { name } => {
                 self.set_member(&name, |m| (m.attached, m.connected) = (true, true))
@@ -974,15 +1073,16 @@ impl Daemon {
             }
         }
         if !member {
+            let mut missing = Vec::new();
             if current.as_deref() != Some(me.as_str()) {
-                self.peer.set(
-                    &meta::primary_key(&rr),
-                    serde_json::Value::String(me.clone()),
-                );
+                let key = meta::primary_key(&rr);
+                self.peer.set(&key, serde_json::Value::String(me.clone()));
+                missing = self.confirm(&[key], &r.members).await;
             }
-            return Ok(Response::ok(format!(
+            let resp = Response::ok(format!(
                 "{name}: designated primary is now {me}; {me} is not a member yet, so no node serves the device until it joins"
-            )));
+            ));
+            return Ok(noting(resp, &missing));
         }
         {
             let mut st = self.state.lock().await;
@@ -1321,14 +1421,16 @@ impl Daemon {
             }),
         );
         tracing::info!(resource = %name, from = r.size, to = want, "resized");
+        let missing = self.confirm(&[meta::res_key(&rr)], &r.members).await;
         let mut st = self.state.lock().await;
         self.reconcile_locked(&mut st, true).await;
-        outcome(&st, name, || {
+        let resp = outcome(&st, name, || {
             format!(
                 "{name}: resized from {} to {want} bytes (new NBD connections see the new size)",
                 r.size
             )
-        })
+        })?;
+        Ok(noting(resp, &missing))
     }
 
     /// `invalidate RES`: throw away this secondary's log copies and replay state, sync again.
@@ -1434,17 +1536,26 @@ impl Daemon {
     }
 
     async fn delete_resource(&self, name: &str) -> Result<Response> {
-        let (rr, _) = self.res_entry(name)?;
+        let (rr, r) = self.res_entry(name)?;
         // Every entry of this incarnation, and no other's: its keys name its id.
         let keys = meta::keys_of(&self.peer.store.lock(), &rr);
         for k in keys.iter().rev() {
             self.peer.delete(k);
         }
+        // Members stop serving it before this returns (those that answer),
+        // and a few other nodes know, so that the name is free for a
+        // `create-resource` right after (which asks them).
+        let mut tell = r.members.clone();
+        tell.extend(self.some_alive_nodes());
+        tell.sort();
+        tell.dedup();
+        let missing = self.confirm(&keys, &tell).await;
         self.reconcile().await;
-        Ok(Response::ok(format!(
+        let resp = Response::ok(format!(
             "resource {} deleted (disks were left as they are)",
             rr.name
-        )))
+        ));
+        Ok(noting(resp, &missing))
     }
 
     async fn join_resource(self: &Arc<Self>, name: &str, disk: &str) -> Result<Response> {
@@ -1453,6 +1564,9 @@ impl Daemon {
         if r.members.contains(&me) {
             bail!("{me} is already a member of {name}");
         }
+        // A non-member has no resource entries yet (who is primary, what the
+        // members report): take them from a member first.
+        self.pull_resource(&rr, &r.members).await;
         let disk_path = std::fs::canonicalize(disk).with_context(|| format!("disk {disk}"))?;
         let size = mars_logger::disk::disk_size(&disk_path)
             .with_context(|| format!("disk {}", disk_path.display()))?;
@@ -1485,15 +1599,19 @@ impl Daemon {
             &meta::membership_key(&rr, &me),
             serde_json::Value::Bool(true),
         );
-        // The primary learns of the new member before this command returns.
+        // The primary records the new member before this command returns (so
+        // that `wait-resource` there waits for it), or this says it did not.
         let primary = meta::designated_primary(&self.peer.store.lock(), &rr);
-        if let Some(p) = primary.filter(|p| *p != me) {
-            self.peer.ae_with(&p, "c/").await;
-        }
+        let keys = [meta::membership_key(&rr, &me), meta::member_key(&rr, &me)];
+        let missing = match primary.filter(|p| *p != me) {
+            Some(p) => self.confirm(&keys, &[p]).await,
+            None => Vec::new(),
+        };
         self.reconcile().await;
-        Ok(Response::ok(format!(
+        let resp = Response::ok(format!(
             "{me} joined {name} as a secondary; a full sync runs (see `marsadm view {name}`)"
-        )))
+        ));
+        Ok(noting(resp, &missing))
     }
 
     async fn leave_resource(self: &Arc<Self>, name: &str) -> Result<Response> {
@@ -1510,15 +1628,20 @@ impl Daemon {
         if r.members.is_empty() {
             return self.delete_resource(name).await;
         }
-        self.peer.delete(&meta::membership_key(&rr, &me));
-        self.peer.delete(&meta::member_key(&rr, &me));
-        self.peer.delete(&meta::actual_key(&rr, &me));
+        let keys = [
+            meta::membership_key(&rr, &me),
+            meta::member_key(&rr, &me),
+            meta::actual_key(&rr, &me),
+        ];
+        for k in &keys {
+            self.peer.delete(k);
+        }
+        let missing = self.confirm(&keys, &r.members).await;
         self.reconcile().await;
         let rdir = node::resource_dir(&self.dir, name);
         let _ = std::fs::remove_dir_all(&rdir);
-        Ok(Response::ok(format!(
-            "{me} left {name} (its disk was left as it is)"
-        )))
+        let resp = Response::ok(format!("{me} left {name} (its disk was left as it is)"));
+        Ok(noting(resp, &missing))
     }
 
     async fn leave_cluster(self: &Arc<Self>) -> Result<Response> {
@@ -1584,14 +1707,15 @@ impl Daemon {
         f: impl FnOnce(&mut MemberEntry),
     ) -> Result<Response> {
         let mut m = self.member_entry(name)?;
-        let (rr, _) = self.res_entry(name)?;
+        let (rr, r) = self.res_entry(name)?;
         f(&mut m);
-        self.peer
-            .set(&meta::member_key(&rr, self.me()), meta::to_value(&m));
+        let key = meta::member_key(&rr, self.me());
+        self.peer.set(&key, meta::to_value(&m));
+        let missing = self.confirm(&[key], &r.members).await;
         let mut st = self.state.lock().await;
         self.reconcile_locked(&mut st, true).await;
         let serving = st.actual.get(name).is_some_and(|a| a.export.is_some());
-        outcome(&st, name, || {
+        let resp = outcome(&st, name, || {
             let disk = if m.attached { "attached" } else { "detached" };
             let conn = if m.connected {
                 "connected"
@@ -1604,11 +1728,16 @@ impl Daemon {
                 String::new()
             };
             format!("{name}: disk {disk}, {conn}{serving}")
-        })
+        })?;
+        Ok(noting(resp, &missing))
     }
 
     async fn create_resource(self: &Arc<Self>, name: &str, disk: &str) -> Result<Response> {
         node::check_name("resource", name)?;
+        if meta::resource(&self.peer.store.lock(), name).is_some() {
+            // Deleted a moment ago elsewhere? Ask before refusing.
+            self.ask_cluster().await;
+        }
         if let Some((rr, _)) = meta::resource(&self.peer.store.lock(), name) {
             bail!("resource {name} already exists ({rr})");
         }
@@ -1762,14 +1891,24 @@ impl Daemon {
         let me = self.me().to_string();
         let res = meta::resources(&self.peer.store.lock());
         for (rr, r) in res {
-            let name = &rr.name;
-            if only.is_some_and(|o| o != name) || r.members.contains(&me) {
+            if only.is_some_and(|o| o != rr.name) || r.members.contains(&me) {
                 continue;
             }
-            if let Some(m) = r.members.iter().find(|m| self.peer.is_alive(m)) {
-                if let Err(e) = self.peer.pull_from(m, &meta::res_prefix(&rr)).await {
-                    tracing::debug!(resource = %name, member = %m, "pull: {e:#}");
-                }
+            self.pull_resource(&rr, &r.members).await;
+        }
+    }
+
+    /// Take the entries of `rr` from the first of `members` that answers.
+    async fn pull_resource(&self, rr: &ResRef, members: &[String]) {
+        let prefix = meta::res_prefix(rr);
+        for m in members
+            .iter()
+            .filter(|m| *m != self.me() && self.peer.is_alive(m))
+        {
+            match tokio::time::timeout(CONFIRM_TIMEOUT, self.peer.pull_from(m, &prefix)).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => tracing::debug!(resource = %rr, member = %m, "pull: {e:#}"),
+                Err(_) => tracing::debug!(resource = %rr, member = %m, "pull: no answer"),
             }
         }
     }
@@ -1876,6 +2015,7 @@ impl Daemon {
                 });
                 ResourceView {
                     name,
+                    incarnation: rr.token(),
                     size: r.size,
                     designated_primary: designated,
                     actual_primary,
@@ -1979,4 +2119,52 @@ async fn close_logger(l: Arc<Logger>) -> Status {
     })
     .await
     .unwrap_or_default()
+}
+
+/// The resource a request names, for those that must know it (not
+/// `create-resource`, whose name is new).
+fn named_resource(req: &Request) -> Option<&str> {
+    match req {
+        Request::CreateResource { .. }
+        | Request::LeaveCluster
+        | Request::MergeCluster { .. }
+        | Request::DebugBlock { .. }
+        | Request::View { name: None } => None,
+        Request::View { name: Some(name) }
+        | Request::DeleteResource { name }
+        | Request::Primary { name, .. }
+        | Request::Secondary { name }
+        | Request::Up { name }
+        | Request::Down { name }
+        | Request::Attach { name }
+        | Request::Detach { name }
+        | Request::Connect { name }
+        | Request::Disconnect { name }
+        | Request::Pause { name, .. }
+        | Request::SetRate { name, .. }
+        | Request::LogRotate { name }
+        | Request::Invalidate { name }
+        | Request::Resize { name, .. }
+        | Request::LogDelete { name }
+        | Request::JoinResource { name, .. }
+        | Request::LeaveResource { name } => Some(name),
+    }
+}
+
+/// `resp` with a note naming the nodes that did not confirm the command's
+/// metadata (see `Daemon::confirm`): they learn it by gossip later.
+fn noting(mut resp: Response, missing: &[(String, String)]) -> Response {
+    if missing.is_empty() {
+        return resp;
+    }
+    let who: Vec<String> = missing
+        .iter()
+        .map(|(n, why)| format!("{n} ({why})"))
+        .collect();
+    let note = format!(
+        "; not yet recorded by {}: they learn it by gossip once they are reached",
+        who.join(", ")
+    );
+    resp.message = Some(resp.message.unwrap_or_default() + &note);
+    resp
 }

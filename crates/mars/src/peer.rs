@@ -64,6 +64,10 @@ fn tune_stream(s: &TcpStream, connecting: bool) {
     }
 }
 
+/// Peer connections served at once (marsd raises its descriptor limit far
+/// above this at start: `raise_fd_limit`).
+pub const MAX_PEER_CONNECTIONS: usize = 512;
+
 fn cluster_tag(id: &str) -> u32 {
     crc32c::crc32c(id.as_bytes())
 }
@@ -79,7 +83,12 @@ pub struct Peer {
     node_file: PathBuf,
     udp: UdpSocket,
     udp_send: std::net::UdpSocket,
-    alive: Mutex<HashSet<String>>,
+    /// Per node name, its identities (address, incarnation) the membership
+    /// protocol sees alive: a node that left and a new node of its name
+    /// (after a merge, both may be known for a while), or a node and its
+    /// restarted self, are told apart, so that one going down does not take
+    /// the other with it.
+    alive: Mutex<HashMap<String, HashSet<(SocketAddr, u32)>>>,
     /// Test hook (`marsadm debug-block`): peers this node neither sends to nor accepts.
     blocked: Mutex<HashSet<String>>,
     timers: mpsc::UnboundedSender<FocaTimer<NodeId>>,
@@ -150,7 +159,7 @@ impl Peer {
             node_file: setup.dir.join(crate::node::NODE_FILE),
             udp,
             udp_send,
-            alive: Mutex::new(HashSet::new()),
+            alive: Mutex::new(HashMap::new()),
             blocked: Mutex::new(HashSet::new()),
             timers,
             changed: Notify::new(),
@@ -190,7 +199,7 @@ impl Peer {
     }
 
     pub fn is_alive(&self, node: &str) -> bool {
-        node == self.me.name || self.alive.lock().contains(node)
+        node == self.me.name || self.alive.lock().contains_key(node)
     }
 
     pub fn block(&self, nodes: &[String], blocked: bool) {
@@ -289,12 +298,19 @@ impl Peer {
                 }
                 Effect::Up(id) => {
                     tracing::info!(node = %id.name, "node is up");
-                    self.alive.lock().insert(id.name);
+                    let who = (id.addr, id.bump);
+                    self.alive.lock().entry(id.name).or_default().insert(who);
                     self.changed.notify_waiters();
                 }
                 Effect::Down(id) => {
                     tracing::warn!(node = %id.name, "node is down");
-                    self.alive.lock().remove(&id.name);
+                    let mut alive = self.alive.lock();
+                    if let Some(addrs) = alive.get_mut(&id.name) {
+                        addrs.remove(&(id.addr, id.bump));
+                        if addrs.is_empty() {
+                            alive.remove(&id.name);
+                        }
+                    }
                     self.changed.notify_waiters();
                 }
             }
@@ -429,7 +445,7 @@ impl Peer {
         let mut tick = tokio::time::interval(AE_INTERVAL);
         loop {
             tick.tick().await;
-            let live: Vec<String> = self.alive.lock().iter().cloned().collect();
+            let live: Vec<String> = self.alive.lock().keys().cloned().collect();
             let known: Vec<String> = meta::nodes(&self.store.lock())
                 .into_iter()
                 .map(|(n, _)| n)
@@ -443,7 +459,7 @@ impl Peer {
                 .filter(|n| !live.contains(n))
                 .cloned()
                 .collect();
-            self.announce_to(&missing, 2);
+            self.announce_to(&missing, mars_cluster::repair_announces(missing.len()));
             // Retransmissions and suspicion timeouts follow the cluster's size.
             let size = known.len() as u32 + 1;
             if size != self.size_hint.swap(size, Ordering::AcqRel) {
@@ -612,11 +628,26 @@ impl Peer {
     }
 
     async fn tcp_loop(self: Arc<Self>, listener: TcpListener) {
+        // A cap on peer connections served at once: idle connections from
+        // anyone must not take every file descriptor of the process (a log
+        // rotation needs one).
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
+        let (mut refused, mut last_warned) = (0u64, None::<Instant>);
         loop {
             match listener.accept().await {
                 Ok((s, from)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        refused += 1;
+                        if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                            last_warned = Some(Instant::now());
+                            tracing::warn!(%from, refused, "refusing peer connections: {MAX_PEER_CONNECTIONS} already open");
+                        }
+                        drop(s);
+                        continue;
+                    };
                     let p = self.clone();
                     tokio::spawn(async move {
+                        let _slot = slot;
                         // No limit on the whole connection: a full sync streams for
                         // as long as the disk takes. Silent peers end by the idle
                         // timeout and the keepalive (`tune_stream`).

@@ -1189,6 +1189,10 @@ fn fetch_answers_come_in_order_and_a_bad_request_ends_the_stream() {
         .unwrap()
         .to_string();
     let res_dir = nodes[0].dir.join("resources").join("r0");
+    let r0 = resource(&nodes[0].view_json(), "r0").unwrap()["incarnation"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1205,7 +1209,7 @@ fn fetch_answers_come_in_order_and_a_bad_request_ends_the_stream() {
             .await
             .unwrap();
         client_handshake(&mut s, Some(&id), &me).await.unwrap();
-        write_msg(&mut s, &Msg::LogList { res: "r0".into() })
+        write_msg(&mut s, &Msg::LogList { res: r0.clone() })
             .await
             .unwrap();
         let files = match read_msg(&mut s).await.unwrap() {
@@ -1222,7 +1226,7 @@ fn fetch_answers_come_in_order_and_a_bad_request_ends_the_stream() {
         // logfile, and one more good one that must not be answered.
         let chunk = 2 * MIB as u32;
         let fetch = |file: &str, offset: u64| Msg::Fetch {
-            res: "r0".into(),
+            res: r0.clone(),
             file: file.into(),
             offset,
             max: chunk,
