@@ -30,7 +30,7 @@ mod recovery;
 pub mod replay;
 mod tail;
 
-pub use logger::{Config, Logger, LoggerError, Status};
+pub use logger::{transient, Config, Logger, LoggerError, SpaceHook, Status};
 pub use recovery::{
     drop_spares, list_logfiles, list_spares, spare_bytes, LogfileEntry, SPARE_PREFIX,
 };

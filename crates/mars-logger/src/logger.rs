@@ -90,6 +90,20 @@ pub struct Config {
     /// The last this many bytes of log are kept in memory for fetchers
     /// (`Logger::read_recent`; 0: none).
     pub tail_cache_bytes: u64,
+    /// Called (from the logger's threads, often) while a log write or rotation
+    /// finds no space or no file descriptor and is tried again: the owner frees
+    /// space at once (marsd runs its space policy). It must not block.
+    pub on_no_space: Option<SpaceHook>,
+}
+
+/// See [`Config::on_no_space`].
+#[derive(Clone)]
+pub struct SpaceHook(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for SpaceHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SpaceHook")
+    }
 }
 
 impl Config {
@@ -108,6 +122,7 @@ impl Config {
             direct_io: true,
             spare_bytes: 1 << 30,
             tail_cache_bytes: 64 << 20,
+            on_no_space: None,
         }
     }
 }
@@ -296,7 +311,56 @@ struct Shared {
     failed: Mutex<Option<String>>,
 }
 
+/// How long a log write that finds no space or no file descriptor (see
+/// [`transient`]) is tried again while the space policy frees some, before
+/// the error reaches the client.
+const TRANSIENT_RETRY_FOR: Duration = Duration::from_secs(20);
+
+/// Errors that pass: no space in the node directory's filesystem (or quota),
+/// no file descriptor left in the process or the system.
+pub fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EMFILE | libc::ENFILE)
+    )
+}
+
+/// Run a log write; while it fails with a [`transient`] error, ask for space
+/// (`Config::on_no_space`) and try again, for at most `TRANSIENT_RETRY_FOR`.
+/// Rewriting the same bytes at the same offset is harmless.
+fn retrying<T>(shared: &Shared, mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(2);
+    let mut warned = false;
+    loop {
+        match f() {
+            Err(e) if transient(&e) && start.elapsed() < TRANSIENT_RETRY_FOR => {
+                shared.no_space();
+                if !warned {
+                    warned = true;
+                    tracing::warn!(resource_dir = %shared.cfg.dir.display(), "log write: {e}; asking for space and trying again");
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            r => {
+                if warned && r.is_ok() {
+                    tracing::info!(resource_dir = %shared.cfg.dir.display(), waited = ?start.elapsed(), "log write went through after space was freed");
+                }
+                return r;
+            }
+        }
+    }
+}
+
 impl Shared {
+    /// Ask the owner of the logger to free space now (see `Config::on_no_space`).
+    fn no_space(&self) {
+        if let Some(h) = &self.cfg.on_no_space {
+            (h.0)();
+        }
+    }
+
     fn fail(&self, what: String) {
         tracing::error!(resource_dir = %self.cfg.dir.display(), "logger failed: {what}");
         let mut f = self.failed.lock();
@@ -368,20 +432,35 @@ impl Shared {
         if applied <= persisted {
             return Ok(persisted);
         }
-        let r = self
-            .disk
-            .sync()
-            .map_err(|e| format!("disk sync: {e}"))
-            .and_then(|()| write_applied(&self.cfg.dir, applied).map_err(|e| e.to_string()));
-        match r {
+        if let Err(e) = self.disk.sync() {
+            // The disk's page cache state is unknown after a failed sync.
+            let msg = format!("persisting applied position: disk sync: {e}");
+            self.fail(msg.clone());
+            return Err(io::Error::other(msg));
+        }
+        match write_applied(&self.cfg.dir, applied) {
             Ok(()) => {
                 self.persisted_pos.store(applied, Ordering::Release);
                 Ok(applied)
             }
             Err(e) => {
-                let msg = format!("persisting applied position: {e}");
-                self.fail(msg.clone());
-                Err(io::Error::other(msg))
+                // The old position stays on disk (replay from it is correct, only
+                // longer): tried again next time, the logger goes on. A full
+                // node directory or no file descriptor left passes.
+                let kind = match &e {
+                    LoggerError::Io { source, .. } => {
+                        if transient(source) {
+                            self.no_space();
+                        }
+                        source.kind()
+                    }
+                    _ => io::ErrorKind::Other,
+                };
+                tracing::warn!(resource_dir = %self.cfg.dir.display(), "persisting applied position (tried again later): {e}");
+                Err(io::Error::new(
+                    kind,
+                    format!("persisting applied position: {e}"),
+                ))
             }
         }
     }
@@ -495,6 +574,7 @@ impl Logger {
             None
         };
         let writer = Writer {
+            rotate_retry_at: None,
             shared: shared.clone(),
             file,
             file_cap,
@@ -947,6 +1027,8 @@ impl Drop for Logger {
 
 struct Writer {
     shared: Arc<Shared>,
+    /// A rotation failed for want of space or a descriptor: not again before then.
+    rotate_retry_at: Option<Instant>,
     file: Arc<File>,
     /// Length of the current logfile beyond which nothing was ever written: more than
     /// the log's end in a recycled logfile (records of its earlier use lie there).
@@ -1124,14 +1206,20 @@ fn io_loop(shared: Arc<Shared>, jobs: Receiver<IoJob>, done: Sender<IoDone>) {
     while let Ok(job) = jobs.recv() {
         let order = || shared.io_order.wait_for_earlier(job.id);
         let write = || {
-            write_layout(
-                &shared,
-                &job.file,
-                &job.direct,
-                &job.buf,
-                &job.layout,
-                order,
-            )
+            let mut refused = false;
+            let res = retrying(&shared, || {
+                let (r, rf) = write_layout(
+                    &shared,
+                    &job.file,
+                    &job.direct,
+                    &job.buf,
+                    &job.layout,
+                    order,
+                );
+                refused |= rf;
+                r
+            });
+            (res, refused)
         };
         // A panic must not leave the writer and the later jobs waiting for this job
         // forever: it becomes this job's error.
@@ -1567,16 +1655,33 @@ impl Writer {
             }
             return;
         }
-        if self.pos - self.file_start_pos >= self.shared.cfg.logfile_max_bytes {
-            if let Err(e) = self.rotate() {
-                // The old logfile may not be durable (or no new one exists): nothing of
-                // this batch is logged, and nothing more will be.
-                let msg = format!("log rotation: {e}");
-                self.shared.fail(msg.clone());
-                for op in batch.drain(..) {
-                    reply_err(op, &msg);
+        if self.pos - self.file_start_pos >= self.shared.cfg.logfile_max_bytes
+            && self.rotate_retry_at.is_none_or(|t| Instant::now() >= t)
+        {
+            match self.rotate() {
+                Ok(_) => self.rotate_retry_at = None,
+                // No new logfile for want of space or a descriptor, the old one
+                // durable and still current: the log goes on in it (longer than
+                // `logfile_max_bytes`), and rotation is tried again in a moment.
+                Err(LoggerError::Io { source, .. })
+                    if transient(&source) && self.shared.failed.lock().is_none() =>
+                {
+                    self.shared.no_space();
+                    if self.rotate_retry_at.is_none() {
+                        tracing::warn!(resource_dir = %self.shared.cfg.dir.display(), "log rotation: {source}; the current logfile goes on, tried again shortly");
+                    }
+                    self.rotate_retry_at = Some(Instant::now() + Duration::from_millis(200));
                 }
-                return;
+                Err(e) => {
+                    // The old logfile may not be durable (or no new one exists): nothing of
+                    // this batch is logged, and nothing more will be.
+                    let msg = format!("log rotation: {e}");
+                    self.shared.fail(msg.clone());
+                    for op in batch.drain(..) {
+                        reply_err(op, &msg);
+                    }
+                    return;
+                }
             }
         }
         let start_pos = self.pos;
@@ -1692,7 +1797,9 @@ impl Writer {
             let mut slices = record_slices(&entries);
             let pad = (self.padded_end(file_offset + len) - (file_offset + len)) as usize;
             slices.push(&ZEROS[..pad]);
-            let r = crate::disk::pwritev_all(&self.file, &slices, file_offset);
+            let r = retrying(&self.shared, || {
+                crate::disk::pwritev_all(&self.file, &slices, file_offset)
+            });
             if r.is_ok() && len >= START_WRITEBACK_MIN {
                 crate::disk::start_writeback(&self.file, file_offset, len);
             }
@@ -1946,14 +2053,21 @@ impl Writer {
             fill_bounce(&mut buf, entries, start, len, self.padded_end(start + len)),
         ) {
             (Some(direct), Some(layout)) => {
-                let (res, refused) =
-                    write_layout(&self.shared, &self.file, &direct, &buf, &layout, || {});
+                let mut refused = false;
+                let res = retrying(&self.shared, || {
+                    let (r, rf) =
+                        write_layout(&self.shared, &self.file, &direct, &buf, &layout, || {});
+                    refused |= rf;
+                    r
+                });
                 if refused {
                     self.direct = None;
                 }
                 res
             }
-            _ => crate::disk::pwritev_all(&self.file, &record_slices(entries), start),
+            _ => retrying(&self.shared, || {
+                crate::disk::pwritev_all(&self.file, &record_slices(entries), start)
+            }),
         };
         self.spare.push(buf);
         res
@@ -2063,8 +2177,14 @@ impl Writer {
         // Everything in the old file must be durable before the syncer moves on to the new one.
         self.sync_now()
             .map_err(|e| LoggerError::io(&self.entry.path, e))?;
-        self.cut_at_end()
-            .map_err(|e| LoggerError::io(&self.entry.path, e))?;
+        if let Err(e) = self.cut_at_end() {
+            // Its fdatasync may have failed: nothing may be acknowledged after it.
+            self.shared.fail(format!(
+                "cutting {} at its end: {e}",
+                self.entry.path.display()
+            ));
+            return Err(LoggerError::io(&self.entry.path, e));
+        }
         let shared = self.shared.clone();
         let cfg = &shared.cfg;
         let seq = self.entry.seq + 1;
@@ -2082,7 +2202,19 @@ impl Writer {
             cfg.resource_id,
             mars_logfmt::parent_link(&old_header, self.pos),
         )?;
-        self.switch_file(file, file_cap, path.clone())?;
+        if let Err(e) = self.switch_file(file, file_cap, path.clone()) {
+            // Not left behind: a retry creates it anew (it would find it and
+            // fail), and recovery would take it for the current logfile.
+            let removed =
+                std::fs::remove_file(&path).and_then(|()| crate::crashsafe::sync_dir(&cfg.dir));
+            if let Err(r) = removed {
+                self.shared.fail(format!(
+                    "removing the new logfile {} after: {e}: {r}",
+                    path.display()
+                ));
+            }
+            return Err(e);
+        }
         let new_entry = LogfileEntry {
             seq,
             node: cfg.node.clone(),
@@ -2259,7 +2391,9 @@ fn writeback_loop(shared: Arc<Shared>) {
             (batch, eof, wb.writer_done && (wb.queue.is_empty() || stuck))
         };
         if !batch.is_empty() {
-            if let Err(e) = apply_batch(&shared.disk, &batch) {
+            // A sparse disk file on a full filesystem: tried again (the same
+            // bytes at the same places) while space is freed.
+            if let Err(e) = retrying(&shared, || apply_batch(&shared.disk, &batch)) {
                 shared.fail(format!("writeback to {}: {e}", shared.cfg.disk.display()));
                 // Keep the records in memory (reads stay correct) and retry later;
                 // at shutdown, give up: they are in the log, and the next open
@@ -2360,7 +2494,7 @@ fn persist_loop(shared: Arc<Shared>, mut last_version: Option<Version>) {
             let Some(mut f) = next else { break };
             let cfg = &shared.cfg;
             let prev = last_version.as_ref();
-            let v = match f.digest.take() {
+            let mut v = match f.digest.take() {
                 Some(d) => store_version(
                     &cfg.dir,
                     &cfg.node,
@@ -2372,6 +2506,17 @@ fn persist_loop(shared: Arc<Shared>, mut last_version: Option<Version>) {
                 ),
                 None => finish_version(&cfg.dir, &cfg.node, &f.entry, f.start_pos, f.end_pos, prev),
             };
+            // No space or descriptor for the version file: ask for space and
+            // try again (from the logfile itself) rather than fail for good.
+            let since = Instant::now();
+            while let Err(LoggerError::Io { source, .. }) = &v {
+                if !transient(source) || since.elapsed() >= TRANSIENT_RETRY_FOR {
+                    break;
+                }
+                shared.no_space();
+                std::thread::sleep(Duration::from_millis(50));
+                v = finish_version(&cfg.dir, &cfg.node, &f.entry, f.start_pos, f.end_pos, prev);
+            }
             match v {
                 Ok(v) => last_version = Some(v),
                 Err(e) => shared.fail(format!("version of {}: {e}", f.entry.name())),

@@ -681,10 +681,16 @@ pub(crate) fn new_logfile(
         .create_new(true)
         .open(&path)
         .map_err(|e| LoggerError::io(&path, e))?;
-    f.write_all_at(&h, 0)
-        .map_err(|e| LoggerError::io(&path, e))?;
-    f.sync_all().map_err(|e| LoggerError::io(&path, e))?;
-    crate::crashsafe::sync_dir(dir).map_err(|e| LoggerError::io(dir, e))?;
+    let made = f
+        .write_all_at(&h, 0)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| LoggerError::io(&path, e))
+        .and_then(|()| crate::crashsafe::sync_dir(dir).map_err(|e| LoggerError::io(dir, e)));
+    if let Err(e) = made {
+        // Not left half made (no space for its header?): a later try creates it anew.
+        let _ = fs::remove_file(&path);
+        return Err(e);
+    }
     Ok((f, path, FILE_HEADER_LEN as u64))
 }
 

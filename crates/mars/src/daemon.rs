@@ -201,6 +201,10 @@ const RETRY_AFTER: Duration = Duration::from_secs(10);
 /// How long a command waits for one node to confirm that it holds the
 /// command's metadata (read-your-writes), or to answer a question.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bytes the node directory holds in reserve for a full filesystem
+/// (`keep_space_reserve`).
+const SPACE_RESERVE: u64 = 4 << 20;
+const SPACE_RESERVE_FILE: &str = "space-reserve";
 /// How many nodes a command naming an unknown resource asks about it.
 const ASK_NODES: usize = 8;
 /// At a start, how long a node that would serve a resource as primary asks
@@ -765,6 +769,7 @@ impl Daemon {
                 _ = self.space_wanted.notified() => {
                     // A log write waits for space (it is tried again meanwhile).
                     tracing::warn!("a log found no space: running the space policy now");
+                    self.release_space_reserve();
                     policy_at = Instant::now();
                     self.apply_space_policy().await;
                 }
@@ -869,6 +874,12 @@ impl Daemon {
     async fn handle_inner(self: &Arc<Self>, req: Request) -> Result<Response> {
         let me = self.me().to_string();
         if let Some(name) = named_resource(&req) {
+            // `NAME@ID` names one incarnation: only for deleting a shadowed
+            // one (everything else works on names, and directories are named
+            // by them).
+            if name.contains('@') && !matches!(req, Request::DeleteResource { .. }) {
+                bail!("{name}: an incarnation (NAME@ID) is accepted by delete-resource only; use the resource's name");
+            }
             // A resource created a moment ago elsewhere: ask before refusing.
             if meta::resource(&self.peer.store.lock(), name).is_none() {
                 self.ask_cluster().await;
@@ -1260,6 +1271,7 @@ impl Daemon {
     /// mode: delete what is written back here even if members have not replayed
     /// it (they will need `invalidate`), so that the primary keeps writing.
     async fn apply_space_policy(&self) {
+        self.keep_space_reserve();
         let names: Vec<String> = {
             let st = self.state.lock().await;
             st.actual
@@ -1272,6 +1284,11 @@ impl Daemon {
             let dir = node::resource_dir(&self.dir, &name);
             let used = log_bytes(&dir);
             let short = self.out_of_log_space(&dir, used);
+            if short {
+                // Room for the applied position, which must be persisted before
+                // any logfile can go.
+                self.release_space_reserve();
+            }
             if used > self.cfg.log_keep_bytes || short {
                 if let Err(e) = self.delete_logs(&name, short).await {
                     tracing::debug!(resource = %name, "space policy: {e:#}");
@@ -1345,6 +1362,44 @@ impl Daemon {
                 tracing::info!(resource = %name, "emergency mode over: every member is in sync again");
                 a.emergency = false;
             }
+        }
+    }
+
+    /// The node directory keeps `SPACE_RESERVE` bytes in a file of its own
+    /// while space is plentiful: when the filesystem fills up, it is given
+    /// back first, so that the applied position can be persisted and
+    /// replayed logfiles deleted (on a full filesystem even that small write
+    /// fails, and no logfile could ever go).
+    fn keep_space_reserve(&self) {
+        let path = self.dir.join(SPACE_RESERVE_FILE);
+        if path.exists()
+            || free_bytes(&self.dir)
+                .is_none_or(|f| f < self.cfg.emergency_free_bytes + 4 * SPACE_RESERVE)
+        {
+            return;
+        }
+        let made = std::fs::File::create(&path).and_then(|f| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid open descriptor; a range within i64.
+            let r = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, SPACE_RESERVE as i64) };
+            if r != 0 {
+                return Err(std::io::Error::from_raw_os_error(r));
+            }
+            f.sync_all()
+        });
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&path);
+            tracing::debug!("space reserve: {e}");
+        }
+    }
+
+    fn release_space_reserve(&self) {
+        let path = self.dir.join(SPACE_RESERVE_FILE);
+        if std::fs::remove_file(&path).is_ok() {
+            tracing::warn!(
+                bytes = SPACE_RESERVE,
+                "node directory short of space: its reserve given back"
+            );
         }
     }
 

@@ -83,12 +83,13 @@ pub struct Peer {
     node_file: PathBuf,
     udp: UdpSocket,
     udp_send: std::net::UdpSocket,
-    /// Per node name, its identities (address, incarnation) the membership
-    /// protocol sees alive: a node that left and a new node of its name
-    /// (after a merge, both may be known for a while), or a node and its
-    /// restarted self, are told apart, so that one going down does not take
-    /// the other with it.
-    alive: Mutex<HashMap<String, HashSet<(SocketAddr, u32)>>>,
+    /// Per node name, the addresses the membership protocol sees alive: a
+    /// node that left and a new node of its name (after a merge, both may be
+    /// known for a while) are told apart by address, so that one going down
+    /// does not take the other with it. (Not by incarnation: a restarted
+    /// node's new identity replaces the old one without an Up, and only the
+    /// new one goes Down.)
+    alive: Mutex<HashMap<String, HashSet<SocketAddr>>>,
     /// Test hook (`marsadm debug-block`): peers this node neither sends to nor accepts.
     blocked: Mutex<HashSet<String>>,
     timers: mpsc::UnboundedSender<FocaTimer<NodeId>>,
@@ -298,15 +299,18 @@ impl Peer {
                 }
                 Effect::Up(id) => {
                     tracing::info!(node = %id.name, "node is up");
-                    let who = (id.addr, id.bump);
-                    self.alive.lock().entry(id.name).or_default().insert(who);
+                    self.alive
+                        .lock()
+                        .entry(id.name)
+                        .or_default()
+                        .insert(id.addr);
                     self.changed.notify_waiters();
                 }
                 Effect::Down(id) => {
                     tracing::warn!(node = %id.name, "node is down");
                     let mut alive = self.alive.lock();
                     if let Some(addrs) = alive.get_mut(&id.name) {
-                        addrs.remove(&(id.addr, id.bump));
+                        addrs.remove(&id.addr);
                         if addrs.is_empty() {
                             alive.remove(&id.name);
                         }

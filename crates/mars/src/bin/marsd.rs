@@ -48,6 +48,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    raise_fd_limit();
     if let Err(e) = run(&args.dir) {
         eprintln!("marsd: {e:#}");
         std::process::exit(1);
@@ -145,4 +146,29 @@ fn run(dir: &Path) -> Result<()> {
     })?;
     // Blocking pool threads may still be parked; do not wait for them.
     std::process::exit(0);
+}
+
+/// Raise the soft limit on open files to the hard limit: a node serves many
+/// resources (logfiles, disks, syncers' files) and peers, and running out
+/// of descriptors must not be what stops a log.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-pointer for getrlimit, a valid in-pointer for setrlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let old = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::info!(from = old, to = lim.rlim_cur, "raised the open-file limit");
+            } else {
+                tracing::warn!(limit = old, "could not raise the open-file limit");
+            }
+        }
+    }
 }

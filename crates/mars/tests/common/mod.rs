@@ -86,6 +86,8 @@ pub struct Node {
     pub log: PathBuf,
     /// The network namespace marsd runs in (`Net`), None: the test's own.
     pub netns: Option<String>,
+    /// A command marsd is started under (e.g. `prlimit --nofile=...`).
+    pub wrapper: Vec<String>,
 }
 
 impl Node {
@@ -123,6 +125,7 @@ impl Node {
             listen,
             nbd,
             child: None,
+            wrapper: Vec::new(),
         }
     }
 
@@ -167,6 +170,11 @@ impl Node {
                 // `ip netns exec` enters the namespace and execs marsd (same pid).
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns, MARSD]);
+                c
+            }
+            None if !self.wrapper.is_empty() => {
+                let mut c = Command::new(&self.wrapper[0]);
+                c.args(&self.wrapper[1..]).arg(MARSD);
                 c
             }
             None => Command::new(MARSD),
