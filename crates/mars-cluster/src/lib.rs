@@ -28,7 +28,7 @@ use foca::{
     BroadcastHandler, Config, Foca, Identity, Invalidates, Notification, PostcardCodec, Runtime,
     Timer,
 };
-use mars_meta::{scope_of, Entry, Scope, Stamp, Store};
+use mars_meta::{schema, scope_of, Entry, Scope, Stamp, Store};
 use mars_proto::WireEntry;
 use parking_lot::Mutex;
 use rand10::rngs::StdRng;
@@ -210,7 +210,9 @@ impl Runtime<NodeId> for Collect {
 /// Settings of the membership protocol.
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
-    /// Expected cluster size (tunes how often updates are retransmitted and suspicion timeouts).
+    /// Expected cluster size (tunes how often updates are retransmitted and
+    /// suspicion timeouts). [`Cluster::new`] raises it to the number of nodes
+    /// its store already knows.
     pub size_hint: u32,
     /// SWIM probe period.
     pub probe_period: Duration,
@@ -229,13 +231,54 @@ fn foca_config(c: &ClusterConfig) -> Config {
     let mut cfg = Config::new_lan(NonZeroU32::new(c.size_hint.max(1)).unwrap_or(NonZeroU32::MIN));
     cfg.probe_period = c.probe_period;
     cfg.probe_rtt = c.probe_period / 2;
-    cfg.suspect_to_down_after = c.probe_period * 6;
+    // A probe whose ping or ack is lost is retried through this many other
+    // members before the target is suspected. At 5 % datagram loss a direct
+    // probe fails 1 time in 10 and each indirect one (4 datagrams) 1 in 5:
+    // with 3 helpers (foca's default) 1 probe in 1,500 ends in a suspicion,
+    // with 5 about 1 in 40,000. Every suspicion and its refutation is
+    // gossiped to the whole cluster, so their number per second grows with
+    // N: at 1,000 nodes they kept every node's backlog busy (18 datagrams/s
+    // per node instead of 4). Costs nothing while probes are answered.
+    cfg.num_indirect_probes = std::num::NonZeroUsize::new(5).unwrap_or(cfg.num_indirect_probes);
+    // foca's LAN rule (memberlist's): 4 probe periods per decade of cluster
+    // size, so that a refutation has the O(log N) rounds it needs to reach
+    // every suspecting node; never under 6 periods. A fixed 3 s let 5 %
+    // datagram loss turn suspicions into false Downs at 1,000 nodes (mars-sim).
+    let decades = f64::from(c.size_hint.max(1)).log10().max(1.0);
+    cfg.suspect_to_down_after = (c.probe_period * 6).max(c.probe_period.mul_f64(4.0 * decades));
     cfg.remove_down_after = Some(Duration::from_secs(3600));
     cfg
 }
 
+/// Nodes with a live `c/d/node/*` entry in this store (the node itself included once it wrote its own).
+pub fn nodes_in_store(store: &Store) -> u32 {
+    u32::try_from(schema::nodes(store).len()).unwrap_or(u32::MAX)
+}
+
+/// A batch of entries merged by other means ([`Cluster::merge_entries`]) is
+/// passed on by gossip only when it is at most this long. A larger batch is
+/// a bulk transfer (a join, a merge of two clusters, anti-entropy between
+/// stores that differ a lot, as during a cold start): anti-entropy spreads
+/// it too, and broadcasting it would queue every entry for
+/// `max_transmissions` sends on every node that merges it. That multiplied
+/// the bootstrap gossip of a 1,000-node cluster and kept millions of
+/// entries queued (mars-sim).
+pub const REBROADCAST_MAX: usize = 8;
+
+/// How many of the nodes it knows of (a `c/d/node/*` entry) but does not
+/// see alive a node should announce itself to in one anti-entropy round,
+/// when `missing` are. An announce is answered by a Feed of up to
+/// `max_packet_size` bytes: in steady state nothing is missing and this
+/// costs nothing; after a burst of joins a node repairs up to 8 missing
+/// pairs (both directions) per round instead of waiting for its probe
+/// round-robin (N probe periods) or the other node's.
+pub fn repair_announces(missing: usize) -> usize {
+    missing.min(8)
+}
+
 pub struct Cluster {
     foca: Foca<NodeId, PostcardCodec, StdRng, MetaBroadcasts>,
+    size_hint: u32,
     store: Arc<Mutex<Store>>,
     changed: Arc<Mutex<Vec<String>>>,
     rt: Collect,
@@ -248,15 +291,24 @@ impl Cluster {
             store: store.clone(),
             changed: changed.clone(),
         };
+        // Start tuned for the cluster the store already knows (a node that just
+        // joined has every node entry): foca's retransmission count set for 16
+        // nodes during a burst of joins leaves pairs that never hear of each other.
+        let size_hint = cfg.size_hint.max(nodes_in_store(&store.lock()));
+        let cfg = ClusterConfig {
+            size_hint,
+            ..cfg.clone()
+        };
         let foca = Foca::with_custom_broadcast(
             me,
-            foca_config(cfg),
+            foca_config(&cfg),
             StdRng::seed_from_u64(seed),
             PostcardCodec,
             handler,
         );
         Cluster {
             foca,
+            size_hint,
             store,
             changed,
             rt: Collect::default(),
@@ -332,19 +384,29 @@ impl Cluster {
     }
 
     /// Merge entries learned by other means (anti-entropy, push, join, merge).
-    /// Returns the keys that changed; changed cluster-wide ones are passed on.
+    /// Returns the keys that changed. Changed cluster-wide ones are passed on
+    /// by gossip when there are at most [`REBROADCAST_MAX`] of them (a bulk
+    /// transfer is left to anti-entropy).
     pub fn merge_entries(&mut self, entries: Vec<WireEntry>) -> Vec<String> {
         let mut changed = Vec::new();
+        let mut fresh = Vec::new();
         for w in entries {
             let (key, entry) = from_wire(w);
             let merged = self.store.lock().try_merge(&key, entry.clone());
             match merged {
                 Ok(true) => {
-                    self.broadcast(&key, &entry);
+                    if fresh.len() <= REBROADCAST_MAX {
+                        fresh.push((key.clone(), entry));
+                    }
                     changed.push(key);
                 }
                 Ok(false) => {}
                 Err(why) => refused(&key, &entry.stamp, &why),
+            }
+        }
+        if fresh.len() <= REBROADCAST_MAX {
+            for (key, entry) in fresh {
+                self.broadcast(&key, &entry);
             }
         }
         changed
@@ -370,14 +432,89 @@ impl Cluster {
 
     /// Retune for the cluster's size (retransmissions, suspicion timeout).
     pub fn set_size_hint(&mut self, cfg: &ClusterConfig) {
-        if let Err(e) = self.foca.set_config(foca_config(cfg)) {
-            tracing::debug!("gossip config: {e}");
+        match self.foca.set_config(foca_config(cfg)) {
+            Ok(()) => self.size_hint = cfg.size_hint,
+            Err(e) => tracing::debug!("gossip config: {e}"),
         }
+    }
+
+    /// The cluster size foca is tuned for.
+    pub fn size_hint(&self) -> u32 {
+        self.size_hint
     }
 
     /// Membership updates and metadata broadcasts still queued for
     /// retransmission: 0 once this node has passed on everything it learned.
     pub fn backlog(&self) -> usize {
         self.foca.updates_backlog() + self.foca.custom_broadcast_backlog()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cluster(name: &str, store: Store) -> Cluster {
+        let id = NodeId {
+            name: name.to_string(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            bump: 0,
+        };
+        Cluster::new(
+            id,
+            Arc::new(Mutex::new(store)),
+            &ClusterConfig::default(),
+            1,
+        )
+    }
+
+    fn wire(writer: &mut Store, key: &str) -> WireEntry {
+        let e = writer.set(key, json!(1));
+        to_wire(key, &e)
+    }
+
+    #[test]
+    fn small_merges_are_gossiped_bulk_merges_are_not() {
+        let mut c = cluster("a", Store::new("a"));
+        let mut other = Store::new("b");
+        c.merge_entries(vec![wire(&mut other, "c/d/sim/one")]);
+        assert_eq!(c.backlog(), 1, "a single repaired entry is passed on");
+        let bulk: Vec<WireEntry> = (0..REBROADCAST_MAX + 1)
+            .map(|i| wire(&mut other, &format!("c/d/sim/k{i}")))
+            .collect();
+        let changed = c.merge_entries(bulk);
+        assert_eq!(changed.len(), REBROADCAST_MAX + 1);
+        assert_eq!(c.backlog(), 1, "a bulk transfer is left to anti-entropy");
+    }
+
+    #[test]
+    fn suspicion_timeout_grows_with_the_cluster() {
+        let at = |n| {
+            foca_config(&ClusterConfig {
+                size_hint: n,
+                ..ClusterConfig::default()
+            })
+        };
+        assert_eq!(at(16).suspect_to_down_after, Duration::from_secs(3));
+        assert_eq!(at(1000).suspect_to_down_after, Duration::from_secs(6));
+        assert_eq!(at(10_000).suspect_to_down_after, Duration::from_secs(8));
+        assert_eq!(at(1000).max_transmissions.get(), 12);
+        assert_eq!(at(1000).num_indirect_probes.get(), 5);
+    }
+
+    #[test]
+    fn new_tunes_for_the_nodes_in_the_store() {
+        let mut store = Store::new("a");
+        for i in 0..100 {
+            let key = schema::node_key(&schema::NodeRef::new(&format!("n{i}"), i + 1));
+            store.set(
+                &key,
+                json!({ "listen": "127.0.0.1:7000", "nbd": "127.0.0.1:10809" }),
+            );
+        }
+        assert_eq!(nodes_in_store(&store), 100);
+        assert_eq!(cluster("a", store).size_hint(), 100);
+        assert_eq!(cluster("a", Store::new("a")).size_hint(), 16);
     }
 }

@@ -36,8 +36,9 @@ struct Args {
     /// Resources (default: nodes / 2).
     #[arg(long)]
     resources: Option<u32>,
-    /// Tune foca for this cluster size throughout (default: like marsd, follow the
-    /// number of nodes in the store).
+    /// Tune foca for at least this cluster size (more if a node's store knows more
+    /// nodes when it starts), and do not follow the store afterwards (default: like
+    /// marsd, follow the number of nodes in the store).
     #[arg(long)]
     size_hint: Option<u32>,
     /// Length of the steady-state window, virtual seconds.
