@@ -33,6 +33,64 @@ pub fn write_atomic(path: &Path, content: &[u8]) -> io::Result<()> {
     sync_dir(dir)
 }
 
+/// [`write_atomic`] that needs no new space once it has run: `content`
+/// goes into the temp file left by the previous call (overwritten in place),
+/// which is then swapped with `path` (`renameat2(RENAME_EXCHANGE)`), so the
+/// old content stays allocated as the next call's temp file. On a full
+/// filesystem the swap still works (the `applied` position must be
+/// persisted before any logfile can be deleted). Keep `content` the same
+/// length from call to call. Falls back to [`write_atomic`] where the
+/// filesystem cannot swap.
+pub fn write_swapping(path: &Path, content: &[u8]) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileExt;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&tmp)?;
+        f.write_all_at(content, 0)?;
+        f.set_len(content.len() as u64)?;
+        f.sync_all()?;
+    }
+    if !path.exists() {
+        fs::rename(&tmp, path)?;
+        return sync_dir(dir);
+    }
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path with a NUL byte"))
+    };
+    let (from, to) = (c(&tmp)?, c(path)?);
+    // SAFETY: two valid NUL-terminated paths relative to the current directory.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+            return write_atomic(path, content);
+        }
+        return Err(e);
+    }
+    sync_dir(dir)
+}
+
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }

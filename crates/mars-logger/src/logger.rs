@@ -332,10 +332,19 @@ fn retrying<T>(shared: &Shared, mut f: impl FnMut() -> io::Result<T>) -> io::Res
     let start = Instant::now();
     let mut pause = Duration::from_millis(2);
     let mut warned = false;
+    let mut persisted_at: Option<Instant> = None;
     loop {
         match f() {
             Err(e) if transient(&e) && start.elapsed() < TRANSIENT_RETRY_FOR => {
                 shared.no_space();
+                let full = matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT));
+                if full && persisted_at.is_none_or(|t| t.elapsed() >= Duration::from_millis(500)) {
+                    persisted_at = Some(Instant::now());
+                    // The hook gave back what its owner keeps in reserve: take
+                    // the moment to persist the applied position (a few bytes),
+                    // without which no logfile can be deleted.
+                    let _ = shared.persist();
+                }
                 if !warned {
                     warned = true;
                     tracing::warn!(resource_dir = %shared.cfg.dir.display(), "log write: {e}; asking for space and trying again");

@@ -73,9 +73,20 @@ pub(crate) fn write_applied(dir: &Path, applied_pos: u64) -> Result<(), LoggerEr
         format: 1,
         applied_pos,
     };
-    let body = serde_json::to_vec(&s).map_err(|e| LoggerError::BadState(e.to_string()))?;
-    write_atomic(&path, &body).map_err(|e| LoggerError::io(&path, e))
+    let mut body = serde_json::to_vec(&s).map_err(|e| LoggerError::BadState(e.to_string()))?;
+    // One length always (JSON allows the trailing blanks): the file is
+    // rewritten in place and swapped, never newly allocated (see
+    // `write_swapping`), so the position can be persisted on a full
+    // filesystem.
+    body.resize(APPLIED_LEN.max(body.len() + 1), b' ');
+    if let Some(last) = body.last_mut() {
+        *last = b'\n';
+    }
+    crate::crashsafe::write_swapping(&path, &body).map_err(|e| LoggerError::io(&path, e))
 }
+
+/// Length of the `applied` file (JSON padded with blanks, a newline last).
+const APPLIED_LEN: usize = 64;
 
 pub(crate) fn read_version(
     dir: &Path,

@@ -19,11 +19,14 @@ pub const BUCKETS: usize = 64;
 /// billions of) local writes left.
 pub const MAX_CLOCK: u64 = 1 << 62;
 
-/// Largest step by which one remote entry may advance this store's clock.
-/// A correct cluster's clock grows by about one per round of writes (at 10,000
-/// writes a second, 2^48 lasts 890 years), so an entry this far ahead is
-/// the sign of a broken or hostile writer, and is refused rather than
-/// spending the clock's headroom.
+/// How far remote entries may take this store's clock beyond its anchor:
+/// the clock of its own last write (or where it was loaded or made). A
+/// correct cluster's clock grows by about one per round of writes (at
+/// 10,000 writes a second, 2^48 lasts 890 years), so an entry this far
+/// ahead is the sign of a broken or hostile writer and is refused rather
+/// than spending the clock's headroom. Bounded from the anchor, not from
+/// the current clock: a batch of entries each 2^48 above the one before
+/// cannot walk the clock to the maximum (only one step per local write).
 pub const MAX_JUMP: u64 = 1 << 48;
 
 /// Why a remote entry was refused by [`Store::try_merge`].
@@ -33,7 +36,9 @@ pub enum Refusal {
     Key(&'static str),
     #[error("clock {clock} above the maximum {MAX_CLOCK}")]
     ClockAboveMax { clock: u64 },
-    #[error("clock {clock} is more than {MAX_JUMP} ahead of this store's {local}")]
+    #[error(
+        "clock {clock} is more than {MAX_JUMP} ahead of this store's own last write at {local}"
+    )]
     ClockJump { clock: u64, local: u64 },
 }
 
@@ -88,6 +93,9 @@ struct ScopeDigests {
 pub struct Store {
     node: String,
     clock: u64,
+    /// The clock of this store's own last write (or at load): remote entries
+    /// may be at most [`MAX_JUMP`] above it.
+    anchor: u64,
     map: BTreeMap<String, Slot>,
     /// Per scope prefix (`"c/"` or `"r/<res>/"`): XOR of the entry hashes of each
     /// bucket, maintained on every change.
@@ -101,6 +109,7 @@ impl Store {
         Store {
             node: node.to_string(),
             clock: 0,
+            anchor: 0,
             map: BTreeMap::new(),
             scopes: BTreeMap::new(),
         }
@@ -163,6 +172,7 @@ impl Store {
 
     fn write(&mut self, key: &str, value: Option<Value>, deleted_ms: u64) -> Entry {
         self.clock = self.clock.saturating_add(1);
+        self.anchor = self.clock;
         let entry = Entry {
             stamp: Stamp {
                 clock: self.clock,
@@ -197,10 +207,10 @@ impl Store {
         if clock > MAX_CLOCK {
             return Err(Refusal::ClockAboveMax { clock });
         }
-        if clock - self.clock.min(clock) > MAX_JUMP {
+        if clock - self.anchor.min(clock) > MAX_JUMP {
             return Err(Refusal::ClockJump {
                 clock,
-                local: self.clock,
+                local: self.anchor,
             });
         }
         if entry.value.is_some() {
@@ -361,6 +371,7 @@ impl Store {
     ) -> Result<Store, String> {
         let mut store = Store::new(node);
         store.clock = clock;
+        store.anchor = clock;
         for (key, mut entry) in entries {
             if let Err(reason) = validate_key(&key) {
                 return Err(format!("entry {key:?}: {reason}"));
@@ -375,6 +386,7 @@ impl Store {
             let hash = entry_hash(&key, &entry);
             store.put(&key, entry, hash);
         }
+        store.anchor = store.clock;
         Ok(store)
     }
 }

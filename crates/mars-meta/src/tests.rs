@@ -448,7 +448,7 @@ fn malformed_keys_are_refused_and_change_nothing() {
         s.try_merge("c/d/k", entry(MAX_JUMP + 4, "z", Some(json!(0)), 0)),
         Err(Refusal::ClockJump {
             clock: MAX_JUMP + 4,
-            local: 3
+            local: 1
         })
     );
     assert_same(&before, &s);
@@ -569,11 +569,15 @@ fn entry_at_the_maximum_clock_does_not_poison_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("meta.store");
     let mut s = Store::new("n1");
-    // walk up to the maximum in legal jumps
+    // walk up to the maximum in legal jumps: one per local write
     let mut c = 0;
     while c < MAX_CLOCK {
-        c = (c + MAX_JUMP).min(MAX_CLOCK);
+        c = (c + MAX_JUMP - 1).min(MAX_CLOCK);
         assert!(s.merge("c/d/k", entry(c, "z", Some(json!(c)), 0)));
+        if c < MAX_CLOCK {
+            s.set("c/d/step", json!(c));
+            c += 1;
+        }
     }
     assert_eq!(s.clock(), MAX_CLOCK);
     for i in 0..3 {
@@ -626,4 +630,24 @@ proptest! {
         let back = Store::load(&path, "n1").unwrap();
         prop_assert!(back.clock() == s.clock());
     }
+}
+
+/// A batch of entries each one step above the one before (red team, session
+/// 13): only the first step is taken; the next must wait for a local write.
+#[test]
+fn a_batch_cannot_walk_the_clock() {
+    let mut s = Store::new("n1");
+    s.set("c/d/mine", json!(0));
+    let mut took = 0;
+    for i in 1..=16u64 {
+        if s.merge("c/d/walk", entry(i * MAX_JUMP, "z", Some(json!(i)), 0)) {
+            took += 1;
+        }
+    }
+    assert_eq!(took, 1);
+    assert_eq!(s.clock(), MAX_JUMP);
+    // After a local write the anchor moved: one more step.
+    s.set("c/d/mine", json!(1));
+    assert!(s.merge("c/d/walk", entry(2 * MAX_JUMP, "z", Some(json!(2)), 0)));
+    assert!(!s.merge("c/d/walk", entry(3 * MAX_JUMP + 2, "z", Some(json!(3)), 0)));
 }

@@ -222,7 +222,7 @@ impl Daemon {
             cluster: peer.clone(),
             served: served.clone(),
         });
-        Ok(Daemon {
+        let d = Daemon {
             dir: dir.to_path_buf(),
             cfg,
             exports: Arc::new(Exports::default()),
@@ -231,7 +231,10 @@ impl Daemon {
             served,
             state: tokio::sync::Mutex::new(State::default()),
             space_wanted: Arc::new(tokio::sync::Notify::new()),
-        })
+        };
+        // Before any log writes: the room a full filesystem needs first.
+        d.keep_space_reserve();
+        Ok(d)
     }
 
     fn me(&self) -> &str {
@@ -287,8 +290,12 @@ impl Daemon {
         // Spares fill the room the space policy leaves to the log anyway.
         c.spare_bytes = self.cfg.log_keep_bytes;
         let wanted = self.space_wanted.clone();
+        let reserve = self.dir.join(SPACE_RESERVE_FILE);
         c.on_no_space = Some(mars_logger::SpaceHook(Arc::new(move || {
-            wanted.notify_one()
+            // At once, on the logger's thread: the logger persists its applied
+            // position into this room before it writes again.
+            let _ = std::fs::remove_file(&reserve);
+            wanted.notify_one();
         })));
         c
     }
@@ -758,6 +765,7 @@ impl Daemon {
     /// The periodic part of the control loop; also runs as soon as metadata changes.
     pub async fn run_loop(self: Arc<Self>) {
         let mut policy_at = Instant::now();
+        let mut space_warned: Option<Instant> = None;
         loop {
             if policy_at.elapsed() >= Duration::from_secs(5) {
                 policy_at = Instant::now();
@@ -768,7 +776,10 @@ impl Daemon {
                 _ = self.peer.changed.notified() => {}
                 _ = self.space_wanted.notified() => {
                     // A log write waits for space (it is tried again meanwhile).
-                    tracing::warn!("a log found no space: running the space policy now");
+                    if space_warned.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
+                        space_warned = Some(Instant::now());
+                        tracing::warn!("a log found no space: running the space policy now");
+                    }
                     self.release_space_reserve();
                     policy_at = Instant::now();
                     self.apply_space_policy().await;
@@ -1271,7 +1282,6 @@ impl Daemon {
     /// mode: delete what is written back here even if members have not replayed
     /// it (they will need `invalidate`), so that the primary keeps writing.
     async fn apply_space_policy(&self) {
-        self.keep_space_reserve();
         let names: Vec<String> = {
             let st = self.state.lock().await;
             st.actual
@@ -1336,6 +1346,8 @@ impl Daemon {
                 }
             }
         }
+        // After any deletion: the reserve back, for the next time.
+        self.keep_space_reserve();
         // Emergency mode ends when no member is cut off any more: every one has
         // replayed up to the oldest logfile left, or resynced.
         let mut st = self.state.lock().await;
@@ -1372,10 +1384,7 @@ impl Daemon {
     /// fails, and no logfile could ever go).
     fn keep_space_reserve(&self) {
         let path = self.dir.join(SPACE_RESERVE_FILE);
-        if path.exists()
-            || free_bytes(&self.dir)
-                .is_none_or(|f| f < self.cfg.emergency_free_bytes + 4 * SPACE_RESERVE)
-        {
+        if path.exists() || free_bytes(&self.dir).is_none_or(|f| f < 2 * SPACE_RESERVE) {
             return;
         }
         let made = std::fs::File::create(&path).and_then(|f| {

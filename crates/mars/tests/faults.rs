@@ -61,7 +61,7 @@ fn check_disk(n: &Node, acked: &[u8]) {
 /// log waits for the space policy and the operator instead of failing), and
 /// after SIGKILL and restart the device holds every acknowledged write.
 #[test]
-#[ignore = "unfinished (issue 16): on a full node directory the log's own retries take the space the policy frees before the applied position can be persisted, so no logfile can be deleted; see docs/DEVELOPMENT.md"]
+
 fn a_full_node_directory_delays_writes_and_loses_nothing() {
     require_tool("mount", "mount");
     let mut n = Node::create("alpha");

@@ -120,9 +120,10 @@ fn a_merge_never_deletes_a_live_resource_or_node_of_the_same_name() {
     }
 }
 
-/// One entry at the highest clock a store accepts (reached in legal steps),
-/// then local writes: the node restarts, and a single wild clock is refused
-/// with a logged reason.
+/// A single wild clock is refused with a logged reason; so is a batch that
+/// walks the clock up in legal steps (only its first step is taken); local
+/// writes go on and the node restarts. (A store at the very maximum still
+/// loads and takes writes: mars-meta's unit tests.)
 #[test]
 fn a_clock_at_the_maximum_does_not_stop_a_node_and_a_wild_one_is_refused() {
     let mut n = start_cluster(&["alpha"]);
@@ -131,7 +132,7 @@ fn a_clock_at_the_maximum_does_not_stop_a_node_and_a_wild_one_is_refused() {
     // One entry far ahead: refused, nothing changes.
     push(&n[0], vec![entry("c/d/wild", step * 4)]);
     assert!(n[0].log_text().contains("metadata entry refused"));
-    // Climb to the maximum in legal steps.
+    // Climb to the maximum in steps each within the limit of the one before.
     let mut climb = Vec::new();
     let mut c = 0;
     while c < max {
