@@ -161,6 +161,11 @@ pub struct ResourceView {
     /// created again under its name is another incarnation).
     #[serde(default)]
     pub incarnation: String,
+    /// Another live incarnation has this name (made on both sides of a
+    /// partition): what it is and how to resolve it. The owner of the name
+    /// is listed first; a shadowed incarnation's members go on serving it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clash: Option<String>,
     pub size: u64,
     pub designated_primary: Option<String>,
     pub actual_primary: Option<String>,

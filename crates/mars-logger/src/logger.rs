@@ -328,14 +328,28 @@ pub fn transient(e: &io::Error) -> bool {
 /// Run a log write; while it fails with a [`transient`] error, ask for space
 /// (`Config::on_no_space`) and try again, for at most `TRANSIENT_RETRY_FOR`.
 /// Rewriting the same bytes at the same offset is harmless.
-fn retrying<T>(shared: &Shared, mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+fn retrying<T>(shared: &Shared, f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    retrying_for(shared, TRANSIENT_RETRY_FOR, f)
+}
+
+/// How long writeback and version files wait for space: they hold no client
+/// (writers wait for memory once the writeback queue is full), and failing
+/// them fails the logger for good.
+const BACKGROUND_RETRY_FOR: Duration = Duration::from_secs(3600);
+
+/// [`retrying`] for at most `limit`.
+fn retrying_for<T>(
+    shared: &Shared,
+    limit: Duration,
+    mut f: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
     let start = Instant::now();
     let mut pause = Duration::from_millis(2);
     let mut warned = false;
     let mut persisted_at: Option<Instant> = None;
     loop {
         match f() {
-            Err(e) if transient(&e) && start.elapsed() < TRANSIENT_RETRY_FOR => {
+            Err(e) if transient(&e) && start.elapsed() < limit => {
                 shared.no_space();
                 let full = matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT));
                 if full && persisted_at.is_none_or(|t| t.elapsed() >= Duration::from_millis(500)) {
@@ -2402,7 +2416,9 @@ fn writeback_loop(shared: Arc<Shared>) {
         if !batch.is_empty() {
             // A sparse disk file on a full filesystem: tried again (the same
             // bytes at the same places) while space is freed.
-            if let Err(e) = retrying(&shared, || apply_batch(&shared.disk, &batch)) {
+            if let Err(e) = retrying_for(&shared, BACKGROUND_RETRY_FOR, || {
+                apply_batch(&shared.disk, &batch)
+            }) {
                 shared.fail(format!("writeback to {}: {e}", shared.cfg.disk.display()));
                 // Keep the records in memory (reads stay correct) and retry later;
                 // at shutdown, give up: they are in the log, and the next open
@@ -2519,11 +2535,11 @@ fn persist_loop(shared: Arc<Shared>, mut last_version: Option<Version>) {
             // try again (from the logfile itself) rather than fail for good.
             let since = Instant::now();
             while let Err(LoggerError::Io { source, .. }) = &v {
-                if !transient(source) || since.elapsed() >= TRANSIENT_RETRY_FOR {
+                if !transient(source) || since.elapsed() >= BACKGROUND_RETRY_FOR {
                     break;
                 }
                 shared.no_space();
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(100));
                 v = finish_version(&cfg.dir, &cfg.node, &f.entry, f.start_pos, f.end_pos, prev);
             }
             match v {

@@ -22,9 +22,12 @@
 //! A name resolves to its live incarnation. Two live incarnations of one
 //! name can only come from `create-resource` on both sides of a partition
 //! (a merge refuses live clashes, `create-resource` refuses a name it
-//! knows): then the one with the lower id owns the name everywhere
-//! ([`resources`]) and the other is reported as shadowed ([`shadowed`]) until
-//! the operator deletes one of them by `NAME@ID`.
+//! knows), or from a node back after the tombstones' retention with a
+//! long-deleted one. Then the one created last (then the higher id) owns the
+//! name for commands and views everywhere ([`resources`]); the other is
+//! shadowed ([`shadowed`]): views report the clash, its members go on
+//! serving it (a node holds one incarnation per name), until the operator
+//! deletes one of them by `NAME@ID`.
 
 use crate::Store;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -39,6 +42,10 @@ pub struct NodeEntry {
 pub struct ResEntry {
     pub size: u64,
     pub resource_id: u64,
+    /// The Lamport clock when `create-resource` made it: of two live
+    /// incarnations of one name, the later owns the name.
+    #[serde(default)]
+    pub created: u64,
     /// Derived from the `c/d/member/<res>/<node>` keys when read (see [`resource`]); not stored.
     #[serde(default, skip_serializing)]
     pub members: Vec<String>,
@@ -300,32 +307,87 @@ pub fn node(store: &Store, name: &str) -> Option<(NodeRef, NodeEntry)> {
         .min_by_key(|(r, _)| r.id)
 }
 
-fn live_incarnations(store: &Store) -> impl Iterator<Item = (String, u64, ResEntry)> + '_ {
-    live_tokens::<ResEntry>(store, "c/d/res/").filter(|(_, id, e)| e.resource_id == *id)
+fn live_incarnations(store: &Store) -> impl Iterator<Item = (ResRef, ResEntry)> + '_ {
+    live_tokens::<ResEntry>(store, "c/d/res/")
+        .filter(|(_, id, e)| e.resource_id == *id)
+        .map(|(name, id, e)| (ResRef { name, id }, e))
+}
+
+/// Which of two live incarnations of one name owns it: the one created
+/// last (a node back after the tombstones' retention with a long-deleted
+/// incarnation cannot take the name from a live one), then the higher id.
+fn owns(a: &(ResRef, ResEntry), b: &(ResRef, ResEntry)) -> bool {
+    (a.1.created, a.0.id) > (b.1.created, b.0.id)
+}
+
+/// All live incarnations, the owner of each name first, by name.
+fn by_name(store: &Store) -> Vec<Vec<(ResRef, ResEntry)>> {
+    let mut groups: std::collections::BTreeMap<String, Vec<(ResRef, ResEntry)>> =
+        std::collections::BTreeMap::new();
+    for (r, e) in live_incarnations(store) {
+        groups.entry(r.name.clone()).or_default().push((r, e));
+    }
+    groups
+        .into_values()
+        .map(|mut g| {
+            g.sort_by(|a, b| {
+                if owns(a, b) {
+                    std::cmp::Ordering::Less
+                } else {
+                    std::cmp::Ordering::Greater
+                }
+            });
+            g.into_iter()
+                .map(|(r, e)| {
+                    let e = with_members(store, &r, e);
+                    (r, e)
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Live resources, one per name (the owner of the name): (incarnation, entry
 /// with its members), by name.
 pub fn resources(store: &Store) -> Vec<(ResRef, ResEntry)> {
-    owners(live_incarnations(store))
+    by_name(store)
         .into_iter()
-        .map(|(name, id, e)| {
-            let r = ResRef { name, id };
-            let e = with_members(store, &r, e);
-            (r, e)
-        })
+        .filter_map(|g| g.into_iter().next())
         .collect()
 }
 
-/// Live incarnations that share their name with another of lower id (see the
-/// module documentation).
+/// Live incarnations that share their name with its owner (see the module
+/// documentation).
 pub fn shadowed(store: &Store) -> Vec<(ResRef, ResEntry)> {
-    let all: Vec<(String, u64, ResEntry)> = live_incarnations(store).collect();
-    let own = owners(all.clone().into_iter());
-    all.into_iter()
-        .filter(|(n, id, _)| !own.iter().any(|(o, oid, _)| o == n && oid == id))
-        .map(|(name, id, e)| {
-            let r = ResRef { name, id };
+    by_name(store)
+        .into_iter()
+        .flat_map(|g| g.into_iter().skip(1))
+        .collect()
+}
+
+/// Every live incarnation of `name`, its owner first.
+pub fn incarnations(store: &Store, name: &str) -> Vec<(ResRef, ResEntry)> {
+    if !valid_name(name) {
+        return Vec::new();
+    }
+    let prefix = format!("c/d/res/{name}@");
+    let mut g: Vec<(ResRef, ResEntry)> = store
+        .range(&prefix)
+        .filter_map(|(k, e)| {
+            let r = ResRef::parse(k.strip_prefix("c/d/res/")?)?;
+            let v: ResEntry = serde_json::from_value(e.value.clone()?).ok()?;
+            (v.resource_id == r.id).then_some((r, v))
+        })
+        .collect();
+    g.sort_by(|a, b| {
+        if owns(a, b) {
+            std::cmp::Ordering::Less
+        } else {
+            std::cmp::Ordering::Greater
+        }
+    });
+    g.into_iter()
+        .map(|(r, e)| {
             let e = with_members(store, &r, e);
             (r, e)
         })
@@ -348,22 +410,7 @@ pub fn resource(store: &Store, name: &str) -> Option<(ResRef, ResEntry)> {
     if let Some(r) = ResRef::parse(name) {
         return incarnation(store, &r).map(|e| (r, e));
     }
-    if !valid_name(name) {
-        return None;
-    }
-    let prefix = format!("c/d/res/{name}@");
-    store
-        .range(&prefix)
-        .filter_map(|(k, e)| {
-            let r = ResRef::parse(k.strip_prefix("c/d/res/")?)?;
-            let v: ResEntry = serde_json::from_value(e.value.clone()?).ok()?;
-            (v.resource_id == r.id).then_some((r, v))
-        })
-        .min_by_key(|(r, _)| r.id)
-        .map(|(r, e)| {
-            let e = with_members(store, &r, e);
-            (r, e)
-        })
+    incarnations(store, name).into_iter().next()
 }
 
 /// Incarnation `res` with its members, while it lives.
@@ -434,12 +481,22 @@ mod tests {
         let all: Vec<ResRef> = resources(&s).into_iter().map(|(r, _)| r).collect();
         assert_eq!(all, vec![new.clone(), other]);
         // A second live incarnation of a name (made on both sides of a
-        // partition): the lower id owns the name, the other is shadowed.
+        // partition, same creation clock): the higher id owns the name, the
+        // other is shadowed (and still found by its token).
         let twin = create(&mut s, "r0", 7, &["c"]);
-        assert_eq!(resource(&s, "r0").unwrap().0, twin);
+        assert_eq!(resource(&s, "r0").unwrap().0, new);
         let shadow: Vec<ResRef> = shadowed(&s).into_iter().map(|(r, _)| r).collect();
-        assert_eq!(shadow, vec![new.clone()]);
-        assert_eq!(resource(&s, &new.token()).unwrap().0, new);
+        assert_eq!(shadow, vec![twin.clone()]);
+        assert_eq!(resource(&s, &twin.token()).unwrap().0, twin);
+        assert_eq!(incarnations(&s, "r0").len(), 2);
+        // One created later owns the name, whatever its id: a long-deleted
+        // incarnation coming back cannot take it from a live one.
+        let later = ResRef::new("r0", 2);
+        s.set(
+            &res_key(&later),
+            json!({ "size": 1, "resource_id": 2, "created": 1000 }),
+        );
+        assert_eq!(resource(&s, "r0").unwrap().0, later);
         // An entry whose id disagrees with its key is no incarnation.
         s.set(
             "c/d/res/r1@0000000000000001",

@@ -221,6 +221,23 @@ pub fn list_for_fetch(
     Ok((files, versions, held_back))
 }
 
+/// File in a resource's directory naming the incarnation it holds.
+pub const INCARNATION_FILE: &str = "incarnation";
+
+/// Record which incarnation the directory `rdir` holds (`NAME@ID` and a newline).
+pub fn write_incarnation(rdir: &Path, res: &crate::meta::ResRef) -> Result<()> {
+    let path = rdir.join(INCARNATION_FILE);
+    mars_logger::crashsafe::write_atomic(&path, format!("{}\n", res.token()).as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The incarnation the directory `rdir` holds; None when it does not say (or
+/// says something unreadable).
+pub fn read_incarnation(rdir: &Path) -> Option<crate::meta::ResRef> {
+    let text = std::fs::read_to_string(rdir.join(INCARNATION_FILE)).ok()?;
+    crate::meta::ResRef::parse(text.trim())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

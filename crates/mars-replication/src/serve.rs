@@ -133,17 +133,18 @@ impl Server {
         let Some(asked) = meta::ResRef::parse(res) else {
             bail!("{res:?} names no resource incarnation (NAME@ID)");
         };
-        let live = meta::resource(&self.cluster.store().lock(), &asked.name).map(|(r, _)| r);
-        match live {
-            Some(r) if r == asked => {
+        // Live, and the one this node holds under its name (after a name
+        // clash, members of the shadowed incarnation serve it too).
+        let live = meta::incarnation(&self.cluster.store().lock(), &asked).is_some();
+        let held = crate::logdir::read_incarnation(&self.resources.join(&asked.name));
+        match (live, held) {
+            (true, Some(h)) if h == asked => {
                 *res = asked.name;
                 Ok(msg)
             }
-            Some(r) => bail!(
-                "{asked} is not the live incarnation of {} here ({r} is)",
-                asked.name
-            ),
-            None => bail!("unknown resource {asked}"),
+            (true, Some(h)) => bail!("{} holds {h} here, not {asked}", self.me()),
+            (true, None) => bail!("{} holds no copy of {asked}", self.me()),
+            (false, _) => bail!("unknown resource {asked} (deleted?)"),
         }
     }
 

@@ -205,8 +205,8 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(3);
 /// (`keep_space_reserve`).
 const SPACE_RESERVE: u64 = 4 << 20;
 const SPACE_RESERVE_FILE: &str = "space-reserve";
-/// How many nodes a command naming an unknown resource asks about it.
-const ASK_NODES: usize = 8;
+/// How many witnesses a resource name has (`Daemon::witnesses`).
+const WITNESSES: usize = 3;
 /// At a start, how long a node that would serve a resource as primary asks
 /// the other members for that resource's metadata first.
 const STARTUP_PULL: Duration = Duration::from_secs(5);
@@ -246,8 +246,20 @@ impl Daemon {
         let st = self.peer.store.lock();
         let me = self.me();
         let mut out = BTreeMap::new();
-        for (rr, r) in meta::resources(&st) {
+        // Every live incarnation this node is a member of, the owner of its
+        // name or not: a shadowed one (a name clash) goes on being served by
+        // its members until the operator deletes one. A node holds one
+        // incarnation per name: the one its directory holds, else the owner.
+        let mut all = meta::resources(&st);
+        all.extend(meta::shadowed(&st));
+        for (rr, r) in all {
             if !r.members.iter().any(|m| m == me) {
+                continue;
+            }
+            if out.contains_key(&rr.name)
+                && node::read_incarnation(&node::resource_dir(&self.dir, &rr.name)).as_ref()
+                    != Some(&rr)
+            {
                 continue;
             }
             let Some(m) = meta::get::<MemberEntry>(&st, &meta::member_key(&rr, me)) else {
@@ -797,31 +809,43 @@ impl Daemon {
         }
     }
 
-    /// Up to `ASK_NODES` other nodes alive now, at random.
-    fn some_alive_nodes(&self) -> Vec<String> {
-        use rand::seq::IndexedRandom;
-        let alive: Vec<String> = meta::nodes(&self.peer.store.lock())
+    /// The witnesses of resource name `name`: the `WITNESSES` live nodes
+    /// (this one included) that rank highest by a hash of the name and the
+    /// node (rendezvous hashing). `create-resource` and `delete-resource`
+    /// tell them, and a command that does not know a name (or must be sure
+    /// of it) asks them: with the same live nodes both sides pick the same
+    /// ones, so the asked set meets the told set, in a cluster of any size.
+    fn witnesses(&self, name: &str) -> Vec<String> {
+        let mut alive: Vec<(blake3::Hash, String)> = meta::nodes(&self.peer.store.lock())
             .into_iter()
             .map(|(n, _)| n)
-            .filter(|n| *n != self.me() && self.peer.is_alive(n))
+            .filter(|n| self.peer.is_alive(n))
+            .map(|n| {
+                let mut h = blake3::Hasher::new();
+                h.update(b"mars witness v1\0");
+                h.update(name.as_bytes());
+                h.update(b"\0");
+                h.update(n.as_bytes());
+                (h.finalize(), n)
+            })
             .collect();
-        alive
-            .choose_multiple(&mut rand::rng(), ASK_NODES)
-            .cloned()
-            .collect()
+        alive.sort_by(|a, b| b.0.as_bytes().cmp(a.0.as_bytes()));
+        alive.into_iter().take(WITNESSES).map(|(_, n)| n).collect()
     }
 
-    /// Bring this node's cluster entries up to those of the nodes it reaches
-    /// (a few at random, at once, each for at most `CONFIRM_TIMEOUT`): for a
-    /// command naming a resource this node has not heard of yet.
-    async fn ask_cluster(&self) {
-        let ask = self.some_alive_nodes();
+    /// Bring this node's cluster entries up to those of the witnesses of
+    /// `name` (at once, each for at most `CONFIRM_TIMEOUT`, whatever their
+    /// connection backoff): for a command naming a resource this node has not
+    /// heard of, or must be sure of.
+    async fn ask_cluster(&self, name: &str) {
         let mut asks = tokio::task::JoinSet::new();
-        for n in ask {
+        for n in self.witnesses(name).into_iter().filter(|n| n != self.me()) {
             let peer = self.peer.clone();
             asks.spawn(async move {
-                let ae = peer.ae_with(&n, mars_meta::CLUSTER_PREFIX);
-                let _ = tokio::time::timeout(CONFIRM_TIMEOUT, ae).await;
+                let ae = peer.ae_now(&n, mars_meta::CLUSTER_PREFIX);
+                if let Ok(Err(e)) = tokio::time::timeout(CONFIRM_TIMEOUT, ae).await {
+                    tracing::debug!(witness = %n, "asking: {e:#}");
+                }
             });
         }
         asks.join_all().await;
@@ -892,8 +916,10 @@ impl Daemon {
                 bail!("{name}: an incarnation (NAME@ID) is accepted by delete-resource only; use the resource's name");
             }
             // A resource created a moment ago elsewhere: ask before refusing.
-            if meta::resource(&self.peer.store.lock(), name).is_none() {
-                self.ask_cluster().await;
+            let plain = name.split('@').next().unwrap_or(name);
+            let sure = matches!(req, Request::JoinResource { .. });
+            if sure || meta::resource(&self.peer.store.lock(), name).is_none() {
+                self.ask_cluster(plain).await;
             }
         }
         match req {
@@ -904,9 +930,21 @@ impl Daemon {
                     // (which every join and leave waits for, see `confirm`).
                     let p = meta::designated_primary(&self.peer.store.lock(), &rr);
                     if let Some(p) = p.filter(|p| *p != me && self.peer.is_alive(p)) {
-                        self.peer.ae_with(&p, mars_meta::CLUSTER_PREFIX).await;
-                        if r.members.contains(&me) {
-                            self.peer.ae_with(&p, &meta::res_prefix(&rr)).await;
+                        let ask = async {
+                            self.peer.ae_now(&p, mars_meta::CLUSTER_PREFIX).await?;
+                            if r.members.contains(&me) {
+                                self.peer.ae_now(&p, &meta::res_prefix(&rr)).await?;
+                            }
+                            anyhow::Ok(())
+                        };
+                        match tokio::time::timeout(CONFIRM_TIMEOUT, ask).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                tracing::debug!(primary = %p, "view: asking the primary: {e:#}")
+                            }
+                            Err(_) => {
+                                tracing::debug!(primary = %p, "view: the primary did not answer")
+                            }
                         }
                     }
                 }
@@ -1481,6 +1519,7 @@ impl Daemon {
             meta::to_value(&ResEntry {
                 size: want,
                 resource_id: r.resource_id,
+                created: r.created,
                 members: Vec::new(),
             }),
         );
@@ -1606,11 +1645,12 @@ impl Daemon {
         for k in keys.iter().rev() {
             self.peer.delete(k);
         }
-        // Members stop serving it before this returns (those that answer),
-        // and a few other nodes know, so that the name is free for a
-        // `create-resource` right after (which asks them).
+        // Members hold the deletion before this returns (those that answer;
+        // each stops serving at its next control-loop step, at once on the
+        // news), and so do the name's witnesses, so that the name is free for
+        // a `create-resource` right after on any node (which asks them).
         let mut tell = r.members.clone();
-        tell.extend(self.some_alive_nodes());
+        tell.extend(self.witnesses(&rr.name));
         tell.sort();
         tell.dedup();
         let missing = self.confirm(&keys, &tell).await;
@@ -1649,6 +1689,7 @@ impl Daemon {
             );
         }
         let rdir = node::resource_dir(&self.dir, name);
+        self.clear_deleted_dir(&rdir);
         if rdir.exists() {
             bail!(
                 "{} exists (left over from an earlier membership?); remove it first",
@@ -1800,7 +1841,7 @@ impl Daemon {
         node::check_name("resource", name)?;
         if meta::resource(&self.peer.store.lock(), name).is_some() {
             // Deleted a moment ago elsewhere? Ask before refusing.
-            self.ask_cluster().await;
+            self.ask_cluster(name).await;
         }
         if let Some((rr, _)) = meta::resource(&self.peer.store.lock(), name) {
             bail!("resource {name} already exists ({rr})");
@@ -1822,6 +1863,7 @@ impl Daemon {
             );
         }
         let rdir = node::resource_dir(&self.dir, name);
+        self.clear_deleted_dir(&rdir);
         if rdir.exists() {
             bail!("{} exists but holds no resource (left over from an interrupted delete?); remove it first", rdir.display());
         }
@@ -1876,19 +1918,55 @@ impl Daemon {
             &meta::membership_key(&rr, &me),
             serde_json::Value::Bool(true),
         );
+        // A statement of its own: the store's lock must be released before `set`.
+        let created = self.peer.store.lock().clock() + 1;
         self.peer.set(
             &meta::res_key(&rr),
             meta::to_value(&ResEntry {
                 size,
                 resource_id,
+                created,
                 members: Vec::new(),
             }),
         );
         self.reconcile_locked(&mut st, true).await;
-        Ok(Response::ok(format!(
+        drop(st);
+        // The name's witnesses know before this returns (a command naming it
+        // on another node asks them), and a twin made at the same instant
+        // elsewhere is found and named.
+        let keys = [meta::res_key(&rr), meta::membership_key(&rr, &me)];
+        let missing = self.confirm(&keys, &self.witnesses(name)).await;
+        let twins: Vec<String> = meta::incarnations(&self.peer.store.lock(), name)
+            .into_iter()
+            .filter(|(t, _)| *t != rr)
+            .map(|(t, _)| t.token())
+            .collect();
+        let mut msg = format!(
             "resource {name} created ({size} bytes); serving {}",
             self.device_uri(name)
-        )))
+        );
+        if !twins.is_empty() {
+            msg.push_str(&format!("; WARNING: {name} was also created elsewhere at the same time ({}): `marsadm view {name}` shows both; delete one with `marsadm delete-resource NAME@ID`", twins.join(", ")));
+        }
+        Ok(noting(Response::ok(msg), &missing))
+    }
+
+    /// Before `create-resource` or `join-resource` under a name: a directory
+    /// that holds a deleted incarnation of it (this node left or the resource
+    /// was deleted a moment ago, and the control loop has not removed it yet)
+    /// goes now.
+    fn clear_deleted_dir(&self, rdir: &Path) {
+        let Some(held) = node::read_incarnation(rdir) else {
+            return;
+        };
+        if meta::deleted(&self.peer.store.lock(), &held) {
+            match std::fs::remove_dir_all(rdir) {
+                Ok(()) => {
+                    tracing::info!(resource = %held, "removed the directory of a deleted incarnation")
+                }
+                Err(e) => tracing::warn!(resource = %held, "cannot remove {}: {e}", rdir.display()),
+            }
+        }
     }
 
     /// For resources this node is not a member of, fetch their entries from a live member.
@@ -1989,11 +2067,25 @@ impl Daemon {
                 nbd: n.nbd,
             })
             .collect();
-        let resources = meta::resources(&store)
+        // The owner of each name, then incarnations a name clash shadows.
+        let mut all = meta::resources(&store);
+        all.extend(meta::shadowed(&store));
+        let resources = all
             .into_iter()
             .filter(|(rr, _)| only.is_none_or(|n| n == rr.name))
             .map(|(rr, r)| {
                 let name = rr.name.clone();
+                let twins: Vec<String> = meta::incarnations(&store, &name)
+                    .into_iter()
+                    .filter(|(t, _)| *t != rr)
+                    .map(|(t, e)| format!("{t} (members {})", e.members.join(", ")))
+                    .collect();
+                let clash = (!twins.is_empty()).then(|| {
+                    format!(
+                        "name clash: {name} also names {}; `marsadm delete-resource NAME@ID` deletes one",
+                        twins.join(", ")
+                    )
+                });
                 let designated = meta::designated_primary(&store, &rr);
                 let a = st.actual.get(&name);
                 let members: Vec<MemberView> = r
@@ -2080,6 +2172,7 @@ impl Daemon {
                 ResourceView {
                     name,
                     incarnation: rr.token(),
+                    clash,
                     size: r.size,
                     designated_primary: designated,
                     actual_primary,

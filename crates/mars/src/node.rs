@@ -272,21 +272,4 @@ impl ResourceConfig {
     }
 }
 
-/// File in a resource's directory naming the incarnation it holds (`NAME@ID`).
-pub const INCARNATION_FILE: &str = "incarnation";
-
-/// Record which incarnation the directory `rdir` holds.
-pub fn write_incarnation(rdir: &Path, res: &mars_meta::schema::ResRef) -> Result<()> {
-    write_atomic(
-        &rdir.join(INCARNATION_FILE),
-        format!("{}\n", res.token()).as_bytes(),
-    )
-    .with_context(|| format!("cannot write {}", rdir.join(INCARNATION_FILE).display()))
-}
-
-/// The incarnation the directory `rdir` holds; None when it does not say (or
-/// says something unreadable).
-pub fn read_incarnation(rdir: &Path) -> Option<mars_meta::schema::ResRef> {
-    let text = std::fs::read_to_string(rdir.join(INCARNATION_FILE)).ok()?;
-    mars_meta::schema::ResRef::parse(text.trim())
-}
+pub use mars_replication::logdir::{read_incarnation, write_incarnation, INCARNATION_FILE};

@@ -67,6 +67,28 @@ fn tune_stream(s: &TcpStream, connecting: bool) {
 /// Peer connections served at once (marsd raises its descriptor limit far
 /// above this at start: `raise_fd_limit`).
 pub const MAX_PEER_CONNECTIONS: usize = 512;
+/// Of those, from one address some node of the cluster listens on (several
+/// nodes may share one), and from any other address.
+pub const MAX_PER_NODE_IP: usize = 256;
+pub const MAX_PER_OTHER_IP: usize = 16;
+
+/// A connection counted against its address; released on drop.
+struct IpSlot(
+    Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    std::net::IpAddr,
+);
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.0.lock();
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
 
 fn cluster_tag(id: &str) -> u32 {
     crc32c::crc32c(id.as_bytes())
@@ -185,6 +207,13 @@ impl Peer {
         tokio::spawn(peer.clone().ae_loop());
         peer.announce_known();
         Ok(peer)
+    }
+
+    /// Whether some node of the cluster listens on `ip`.
+    fn known_ip(&self, ip: std::net::IpAddr) -> bool {
+        meta::nodes(&self.store.lock())
+            .iter()
+            .any(|(_, n)| n.listen.parse::<SocketAddr>().is_ok_and(|a| a.ip() == ip))
     }
 
     pub fn set_data_server(&self, d: Arc<mars_replication::Server>) {
@@ -478,7 +507,12 @@ impl Peer {
                 let p = self.clone();
                 tokio::spawn(async move { p.ae_with(&n, "c/").await });
             }
-            let resources = meta::resources(&self.store.lock());
+            let resources = {
+                let store = self.store.lock();
+                let mut all = meta::resources(&store);
+                all.extend(meta::shadowed(&store));
+                all
+            };
             for (res, r) in resources {
                 // Members repair among themselves; a non-member that wrote an entry of the
                 // resource (e.g. `primary` issued there) keeps offering it to a member.
@@ -615,6 +649,15 @@ impl Peer {
         self.note_result(node, r.is_ok());
     }
 
+    /// Anti-entropy with `node` now, whatever its connection backoff (a
+    /// command waits for the answer), and whether it was completed.
+    pub async fn ae_now(self: &Arc<Self>, node: &str, prefix: &str) -> Result<()> {
+        let first = ae::start(&self.store.lock(), prefix);
+        let r = self.converse(node, first).await.map(|_| ());
+        self.note_result(node, r.is_ok());
+        r
+    }
+
     pub async fn push_to(self: &Arc<Self>, node: &str, entries: Vec<WireEntry>) -> Result<()> {
         self.converse(node, Msg::Push { entries }).await.map(|_| ())
     }
@@ -636,11 +679,30 @@ impl Peer {
         // anyone must not take every file descriptor of the process (a log
         // rotation needs one).
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
+        let per_ip: Arc<Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
         let (mut refused, mut last_warned) = (0u64, None::<Instant>);
         loop {
             match listener.accept().await {
                 Ok((s, from)) => {
-                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    // One address may hold a share of the slots only: more for
+                    // an address some node of the cluster listens on.
+                    let known = self.known_ip(from.ip());
+                    let cap = if known {
+                        MAX_PER_NODE_IP
+                    } else {
+                        MAX_PER_OTHER_IP
+                    };
+                    let ip_slot = {
+                        let mut m = per_ip.lock();
+                        let n = m.entry(from.ip()).or_insert(0);
+                        (*n < cap).then(|| {
+                            *n += 1;
+                            IpSlot(per_ip.clone(), from.ip())
+                        })
+                    };
+                    let slot = ip_slot
+                        .and_then(|i| slots.clone().try_acquire_owned().ok().map(|s| (s, i)));
+                    let Some(slot) = slot else {
                         refused += 1;
                         if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                             last_warned = Some(Instant::now());
@@ -930,18 +992,26 @@ impl Peer {
             .map_err(|_| anyhow!("connect to {peer_addr} timed out"))?
             .with_context(|| format!("cannot reach {peer_addr}"))?;
         let ours = self.cluster_id();
-        let their_node = client_handshake(&mut s, Some(&ours), &self.me)
+        let exchange = async {
+            let their_node = client_handshake(&mut s, Some(&ours), &self.me)
+                .await
+                .map_err(|e| anyhow!("{peer_addr}: {e}"))?;
+            write_msg(
+                &mut s,
+                &Msg::Merge {
+                    cluster_id: ours.clone(),
+                    entries: self.cluster_entries(),
+                },
+            )
+            .await?;
+            anyhow::Ok((their_node, read_msg(&mut s).await?))
+        };
+        let (their_node, answer) = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
             .await
-            .map_err(|e| anyhow!("{peer_addr}: {e}"))?;
-        write_msg(
-            &mut s,
-            &Msg::Merge {
-                cluster_id: ours.clone(),
-                entries: self.cluster_entries(),
-            },
-        )
-        .await?;
-        match read_msg(&mut s).await? {
+            .map_err(|_| {
+                anyhow!("{peer_addr} did not answer the merge within {EXCHANGE_TIMEOUT:?}")
+            })??;
+        match answer {
             Msg::Merged { entries, .. } => {
                 self.merge(entries);
                 self.save();

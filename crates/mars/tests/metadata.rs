@@ -213,3 +213,57 @@ fn commands_see_the_effect_of_the_one_before_on_any_node() {
 fn v_written(v: &serde_json::Value) -> u64 {
     member(v, "alpha")["log"]["written"].as_u64().unwrap_or(0)
 }
+
+/// `create-resource r0` on both sides of a cut: after the heal both
+/// incarnations live on, each served by its member, and every view names the
+/// clash; deleting one by `NAME@ID` leaves the other alone.
+#[test]
+fn a_name_made_twice_in_a_partition_is_a_clash_both_served_until_one_goes() {
+    let n = start_cluster(&["alpha", "beta"]);
+    n[0].adm_ok(&["debug-block", "beta"]);
+    n[1].adm_ok(&["debug-block", "alpha"]);
+    let down = |who: &'static str| {
+        move |v: &serde_json::Value| view_nodes(v).iter().any(|(x, a)| x == who && !a)
+    };
+    n[0].wait_view("beta down", down("beta"));
+    n[1].wait_view("alpha down", down("alpha"));
+    for (i, fill) in [(0usize, 0xa1u8), (1, 0xb2)] {
+        let d = n[i].disk("r0.img", SIZE);
+        n[i].adm_ok(&["create-resource", "r0", d.to_str().unwrap()]);
+        nbd_write(&n[i], "r0", 0, fill);
+    }
+    n[0].adm_ok(&["debug-unblock", "beta"]);
+    n[1].adm_ok(&["debug-unblock", "alpha"]);
+    let clash = |v: &serde_json::Value| {
+        v["resources"]
+            .as_array()
+            .is_some_and(|rs| rs.iter().filter(|r| r["name"] == "r0" && r["clash"].is_string()).count() == 2)
+    };
+    let v = n[0].wait_view("the clash in alpha's view", clash);
+    n[1].wait_view("the clash in beta's view", clash);
+    // Each member goes on serving its own.
+    assert_eq!(nbd_read(&n[0], "r0", 0), vec![0xa1; 4096]);
+    assert_eq!(nbd_read(&n[1], "r0", 0), vec![0xb2; 4096]);
+    // Delete beta's, by its incarnation, on alpha.
+    let betas = v["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "r0" && r["members"][0]["node"] == "beta")
+        .unwrap()["incarnation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    n[0].adm_ok(&["delete-resource", &betas]);
+    for x in &n {
+        x.wait_view("one r0 left", |v| {
+            v["resources"].as_array().is_some_and(|rs| {
+                rs.len() == 1 && rs[0]["name"] == "r0" && rs[0]["clash"].is_null()
+            })
+        });
+    }
+    assert_eq!(nbd_read(&n[0], "r0", 0), vec![0xa1; 4096]);
+    wait_for("beta's copy removed", std::time::Duration::from_secs(30), || {
+        !n[1].dir.join("resources/r0").exists()
+    });
+}

@@ -516,6 +516,9 @@ fn render(v: &View) -> String {
             r.actual_primary.as_deref().unwrap_or("-"),
             r.device.as_deref().unwrap_or("-")
         );
+        if let Some(c) = &r.clash {
+            let _ = writeln!(out, "  {} {c}", r.incarnation);
+        }
         let _ = writeln!(
             out,
             "  {:<16} {:<9} {:<12} {:<10} {:>12} {:>12}  flags",
