@@ -7,14 +7,7 @@ use std::io::{self, Write};
 use std::path::Path;
 
 pub fn write_atomic(path: &Path, content: &[u8]) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let (dir, tmp) = dir_and_tmp(path)?;
     let written = OpenOptions::new()
         .write(true)
         .create(true)
@@ -44,14 +37,7 @@ pub fn write_atomic(path: &Path, content: &[u8]) -> io::Result<()> {
 pub fn write_swapping(path: &Path, content: &[u8]) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::FileExt;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let (dir, tmp) = dir_and_tmp(path)?;
     {
         let f = OpenOptions::new()
             .write(true)
@@ -89,6 +75,18 @@ pub fn write_swapping(path: &Path, content: &[u8]) -> io::Result<()> {
         return Err(e);
     }
     sync_dir(dir)
+}
+
+/// The directory of `path` and the temp file beside it (`.NAME.tmp`).
+fn dir_and_tmp(path: &Path) -> io::Result<(&Path, std::path::PathBuf)> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    Ok((dir, dir.join(format!(".{}.tmp", name.to_string_lossy()))))
 }
 
 pub fn sync_dir(dir: &Path) -> io::Result<()> {

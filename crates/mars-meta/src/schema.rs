@@ -137,14 +137,7 @@ pub const CLUSTER_ID_KEY: &str = "c/d/cluster-id";
 
 /// Names of resources and nodes: 1..=64 of `[A-Za-z0-9_.-]`, not starting
 /// with `.` or `-` (so never `@` or `/`, which keys use as separators).
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with(['.', '-'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
+pub use mars_logfmt::valid_name;
 
 /// `<name>@<16 hex digits>` into (name, id); `None` unless well formed.
 fn parse_token(token: &str) -> Option<(String, u64)> {
@@ -313,11 +306,12 @@ fn live_incarnations(store: &Store) -> impl Iterator<Item = (ResRef, ResEntry)> 
         .map(|(name, id, e)| (ResRef { name, id }, e))
 }
 
-/// Which of two live incarnations of one name owns it: the one created
-/// last (a node back after the tombstones' retention with a long-deleted
-/// incarnation cannot take the name from a live one), then the higher id.
-fn owns(a: &(ResRef, ResEntry), b: &(ResRef, ResEntry)) -> bool {
-    (a.1.created, a.0.id) > (b.1.created, b.0.id)
+/// Of live incarnations of one name, the one of highest rank owns it: the
+/// one created last (a node back after the tombstones' retention with a
+/// long-deleted incarnation cannot take the name from a live one), then
+/// the higher id.
+fn owner_rank(r: &ResRef, e: &ResEntry) -> (u64, u64) {
+    (e.created, r.id)
 }
 
 /// All live incarnations, the owner of each name first, by name.
@@ -327,22 +321,16 @@ fn by_name(store: &Store) -> Vec<Vec<(ResRef, ResEntry)>> {
     for (r, e) in live_incarnations(store) {
         groups.entry(r.name.clone()).or_default().push((r, e));
     }
-    groups
-        .into_values()
-        .map(|mut g| {
-            g.sort_by(|a, b| {
-                if owns(a, b) {
-                    std::cmp::Ordering::Less
-                } else {
-                    std::cmp::Ordering::Greater
-                }
-            });
-            g.into_iter()
-                .map(|(r, e)| {
-                    let e = with_members(store, &r, e);
-                    (r, e)
-                })
-                .collect()
+    groups.into_values().map(|g| ranked(store, g)).collect()
+}
+
+/// Incarnations of one name, the owner first (see [`owns`]), with members.
+fn ranked(store: &Store, mut g: Vec<(ResRef, ResEntry)>) -> Vec<(ResRef, ResEntry)> {
+    g.sort_by_key(|(r, e)| std::cmp::Reverse(owner_rank(r, e)));
+    g.into_iter()
+        .map(|(r, e)| {
+            let e = with_members(store, &r, e);
+            (r, e)
         })
         .collect()
 }
@@ -371,7 +359,7 @@ pub fn incarnations(store: &Store, name: &str) -> Vec<(ResRef, ResEntry)> {
         return Vec::new();
     }
     let prefix = format!("c/d/res/{name}@");
-    let mut g: Vec<(ResRef, ResEntry)> = store
+    let g: Vec<(ResRef, ResEntry)> = store
         .range(&prefix)
         .filter_map(|(k, e)| {
             let r = ResRef::parse(k.strip_prefix("c/d/res/")?)?;
@@ -379,19 +367,7 @@ pub fn incarnations(store: &Store, name: &str) -> Vec<(ResRef, ResEntry)> {
             (v.resource_id == r.id).then_some((r, v))
         })
         .collect();
-    g.sort_by(|a, b| {
-        if owns(a, b) {
-            std::cmp::Ordering::Less
-        } else {
-            std::cmp::Ordering::Greater
-        }
-    });
-    g.into_iter()
-        .map(|(r, e)| {
-            let e = with_members(store, &r, e);
-            (r, e)
-        })
-        .collect()
+    ranked(store, g)
 }
 
 fn with_members(store: &Store, res: &ResRef, mut e: ResEntry) -> ResEntry {
