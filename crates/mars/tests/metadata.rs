@@ -235,9 +235,12 @@ fn a_name_made_twice_in_a_partition_is_a_clash_both_served_until_one_goes() {
     n[0].adm_ok(&["debug-unblock", "beta"]);
     n[1].adm_ok(&["debug-unblock", "alpha"]);
     let clash = |v: &serde_json::Value| {
-        v["resources"]
-            .as_array()
-            .is_some_and(|rs| rs.iter().filter(|r| r["name"] == "r0" && r["clash"].is_string()).count() == 2)
+        v["resources"].as_array().is_some_and(|rs| {
+            rs.iter()
+                .filter(|r| r["name"] == "r0" && r["clash"].is_string())
+                .count()
+                == 2
+        })
     };
     let v = n[0].wait_view("the clash in alpha's view", clash);
     n[1].wait_view("the clash in beta's view", clash);
@@ -263,7 +266,9 @@ fn a_name_made_twice_in_a_partition_is_a_clash_both_served_until_one_goes() {
         });
     }
     assert_eq!(nbd_read(&n[0], "r0", 0), vec![0xa1; 4096]);
-    wait_for("beta's copy removed", std::time::Duration::from_secs(30), || {
-        !n[1].dir.join("resources/r0").exists()
-    });
+    wait_for(
+        "beta's copy removed",
+        std::time::Duration::from_secs(30),
+        || !n[1].dir.join("resources/r0").exists(),
+    );
 }
