@@ -39,10 +39,13 @@ pub fn write_swapping(path: &Path, content: &[u8]) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     let (dir, tmp) = dir_and_tmp(path)?;
     {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Not through a symlink someone left in the directory.
         let f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.write_all_at(content, 0)?;
         f.set_len(content.len() as u64)?;
@@ -50,7 +53,18 @@ pub fn write_swapping(path: &Path, content: &[u8]) -> io::Result<()> {
     }
     if !path.exists() {
         fs::rename(&tmp, path)?;
-        return sync_dir(dir);
+        sync_dir(dir)?;
+        // A temp file for the next call, made now while there is room (best
+        // effort: without it the next call allocates one).
+        let _ = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .and_then(|f| {
+                f.write_all_at(content, 0)?;
+                f.sync_all()
+            });
+        return Ok(());
     }
     let c = |p: &Path| {
         std::ffi::CString::new(p.as_os_str().as_bytes())

@@ -15,6 +15,7 @@
 //! | `c/d/cluster-id` | cluster, desired | cluster id this cluster adopted in a merge |
 //! | `c/d/res/<res>@<id>` | cluster, desired | [`ResEntry`]: the incarnation exists, its size (tombstone: deleted) |
 //! | `c/d/member/<res>@<id>/<node>` | cluster, desired | `true`: the node is a member (one key per member, so concurrent joins never overwrite each other) |
+//! | `c/d/size/<res>@<id>` | cluster, desired | the size after `resize` (overrides the entry's) |
 //! | `r/<res>@<id>/d/primary` | resource, desired | designated primary (node name or null) |
 //! | `r/<res>@<id>/d/member/<node>` | resource, desired | [`MemberEntry`]: that member's switches and disk |
 //! | `r/<res>@<id>/a/<node>` | resource, actual | [`ActualEntry`]: what that member reports |
@@ -218,6 +219,11 @@ pub fn actual_key(res: &ResRef, node: &str) -> String {
 pub fn membership_key(res: &ResRef, node: &str) -> String {
     format!("c/d/member/{}/{node}", res.token())
 }
+/// The size after `resize` (the incarnation's own key is written only by
+/// `create-resource`: a resize racing a delete cannot bring it back).
+pub fn size_key(res: &ResRef) -> String {
+    format!("c/d/size/{}", res.token())
+}
 pub fn res_prefix(res: &ResRef) -> String {
     format!("r/{}/", res.token())
 }
@@ -228,6 +234,7 @@ pub fn keys_of(store: &Store, res: &ResRef) -> Vec<String> {
     let members = format!("c/d/member/{}/", res.token());
     let scope = res_prefix(res);
     std::iter::once(res_key(res))
+        .chain(std::iter::once(size_key(res)))
         .chain(store.range(&members).map(|(k, _)| k.to_string()))
         .chain(store.range(&scope).map(|(k, _)| k.to_string()))
         .collect()
@@ -371,6 +378,9 @@ pub fn incarnations(store: &Store, name: &str) -> Vec<(ResRef, ResEntry)> {
 }
 
 fn with_members(store: &Store, res: &ResRef, mut e: ResEntry) -> ResEntry {
+    if let Some(size) = get::<u64>(store, &size_key(res)) {
+        e.size = size;
+    }
     let prefix = format!("c/d/member/{}/", res.token());
     e.members = store
         .range(&prefix)

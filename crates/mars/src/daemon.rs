@@ -1514,17 +1514,11 @@ impl Daemon {
         if let Some((m, s)) = sizes.iter().find(|(_, s)| *s < want) {
             bail!("{name}: refused: member {m}'s disk holds only {s} bytes, {want} needed");
         }
-        self.peer.set(
-            &meta::res_key(&rr),
-            meta::to_value(&ResEntry {
-                size: want,
-                resource_id: r.resource_id,
-                created: r.created,
-                members: Vec::new(),
-            }),
-        );
+        // Its own key, not the incarnation's: a resize racing a delete
+        // elsewhere cannot bring the incarnation back.
+        self.peer.set(&meta::size_key(&rr), serde_json::json!(want));
         tracing::info!(resource = %name, from = r.size, to = want, "resized");
-        let missing = self.confirm(&[meta::res_key(&rr)], &r.members).await;
+        let missing = self.confirm(&[meta::size_key(&rr)], &r.members).await;
         let mut st = self.state.lock().await;
         self.reconcile_locked(&mut st, true).await;
         let resp = outcome(&st, name, || {
@@ -1689,7 +1683,7 @@ impl Daemon {
             );
         }
         let rdir = node::resource_dir(&self.dir, name);
-        self.clear_deleted_dir(&rdir);
+        self.clear_deleted_dir(name).await?;
         if rdir.exists() {
             bail!(
                 "{} exists (left over from an earlier membership?); remove it first",
@@ -1863,11 +1857,16 @@ impl Daemon {
             );
         }
         let rdir = node::resource_dir(&self.dir, name);
-        self.clear_deleted_dir(&rdir);
+        self.clear_deleted_dir(name).await?;
         if rdir.exists() {
             bail!("{} exists but holds no resource (left over from an interrupted delete?); remove it first", rdir.display());
         }
         let mut st = self.state.lock().await;
+        if st.actual.contains_key(name) {
+            bail!(
+                "{name}: this node still runs an earlier incarnation of it; try again in a moment"
+            );
+        }
         // Attach first: a disk that cannot be attached refuses the command before any metadata changes.
         let resource_id: u64 = rand::random();
         let rr = ResRef::new(name, resource_id);
@@ -1955,18 +1954,32 @@ impl Daemon {
     /// that holds a deleted incarnation of it (this node left or the resource
     /// was deleted a moment ago, and the control loop has not removed it yet)
     /// goes now.
-    fn clear_deleted_dir(&self, rdir: &Path) {
-        let Some(held) = node::read_incarnation(rdir) else {
-            return;
+    /// First the control loop stops whatever still runs of a deleted
+    /// incarnation here (a logger must not go on writing into the directory or
+    /// onto the disk of the next one), under the state lock.
+    async fn clear_deleted_dir(&self, name: &str) -> Result<()> {
+        let rdir = node::resource_dir(&self.dir, name);
+        let Some(held) = node::read_incarnation(&rdir) else {
+            return Ok(());
         };
-        if meta::deleted(&self.peer.store.lock(), &held) {
-            match std::fs::remove_dir_all(rdir) {
-                Ok(()) => {
-                    tracing::info!(resource = %held, "removed the directory of a deleted incarnation")
-                }
-                Err(e) => tracing::warn!(resource = %held, "cannot remove {}: {e}", rdir.display()),
-            }
+        if !meta::deleted(&self.peer.store.lock(), &held) {
+            return Ok(());
         }
+        let mut st = self.state.lock().await;
+        self.reconcile_locked(&mut st, false).await;
+        if st
+            .actual
+            .get(name)
+            .is_some_and(|a| a.id == held.id || a.id == 0)
+        {
+            bail!("{name}: this node still runs {held}, which was deleted; try again in a moment");
+        }
+        if rdir.exists() {
+            std::fs::remove_dir_all(&rdir)
+                .with_context(|| format!("cannot remove {}", rdir.display()))?;
+            tracing::info!(resource = %held, "removed the directory of a deleted incarnation");
+        }
+        Ok(())
     }
 
     /// For resources this node is not a member of, fetch their entries from a live member.

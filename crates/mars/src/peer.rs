@@ -64,13 +64,26 @@ fn tune_stream(s: &TcpStream, connecting: bool) {
     }
 }
 
-/// Peer connections served at once (marsd raises its descriptor limit far
-/// above this at start: `raise_fd_limit`).
-pub const MAX_PEER_CONNECTIONS: usize = 512;
-/// Of those, from one address some node of the cluster listens on (several
-/// nodes may share one), and from any other address.
+/// Peer connections served at once from addresses nodes of the cluster
+/// listen on, and from all other addresses (marsd raises its descriptor
+/// limit far above their sum at start: `raise_fd_limit`).
+pub const MAX_NODE_CONNECTIONS: usize = 384;
+pub const MAX_OTHER_CONNECTIONS: usize = 128;
+/// Of those, from one address some node listens on (several nodes may
+/// share one), and from any other address (an IPv6 /64 counts as one).
 pub const MAX_PER_NODE_IP: usize = 256;
 pub const MAX_PER_OTHER_IP: usize = 16;
+
+/// The unit a per-address cap counts: an IPv4 address, an IPv6 /64.
+fn address_group(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        other => other,
+    }
+}
 
 /// A connection counted against its address; released on drop.
 struct IpSlot(
@@ -209,11 +222,12 @@ impl Peer {
         Ok(peer)
     }
 
-    /// Whether some node of the cluster listens on `ip`.
-    fn known_ip(&self, ip: std::net::IpAddr) -> bool {
+    /// The addresses nodes of the cluster listen on.
+    fn node_ips(&self) -> HashSet<std::net::IpAddr> {
         meta::nodes(&self.store.lock())
             .iter()
-            .any(|(_, n)| n.listen.parse::<SocketAddr>().is_ok_and(|a| a.ip() == ip))
+            .filter_map(|(_, n)| n.listen.parse::<SocketAddr>().ok().map(|a| a.ip()))
+            .collect()
     }
 
     pub fn set_data_server(&self, d: Arc<mars_replication::Server>) {
@@ -678,35 +692,46 @@ impl Peer {
         // A cap on peer connections served at once: idle connections from
         // anyone must not take every file descriptor of the process (a log
         // rotation needs one).
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
+        // Two pools: addresses some node listens on, and all others, so that
+        // strangers cannot take the slots nodes need (issue 17 authenticates
+        // the nodes themselves).
+        let node_slots = Arc::new(tokio::sync::Semaphore::new(MAX_NODE_CONNECTIONS));
+        let other_slots = Arc::new(tokio::sync::Semaphore::new(MAX_OTHER_CONNECTIONS));
         let per_ip: Arc<Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
         let (mut refused, mut last_warned) = (0u64, None::<Instant>);
+        let mut known: (Option<Instant>, HashSet<std::net::IpAddr>) = (None, HashSet::new());
         loop {
             match listener.accept().await {
                 Ok((s, from)) => {
-                    // One address may hold a share of the slots only: more for
-                    // an address some node of the cluster listens on.
-                    let known = self.known_ip(from.ip());
-                    let cap = if known {
-                        MAX_PER_NODE_IP
+                    if known
+                        .0
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+                    {
+                        known = (Some(Instant::now()), self.node_ips());
+                    }
+                    let is_node = known.1.contains(&from.ip());
+                    // One address (an IPv6 /64) holds a share of its pool only.
+                    let (cap, pool) = if is_node {
+                        (MAX_PER_NODE_IP, &node_slots)
                     } else {
-                        MAX_PER_OTHER_IP
+                        (MAX_PER_OTHER_IP, &other_slots)
                     };
+                    let who = address_group(from.ip());
                     let ip_slot = {
                         let mut m = per_ip.lock();
-                        let n = m.entry(from.ip()).or_insert(0);
+                        let n = m.entry(who).or_insert(0);
                         (*n < cap).then(|| {
                             *n += 1;
-                            IpSlot(per_ip.clone(), from.ip())
+                            IpSlot(per_ip.clone(), who)
                         })
                     };
-                    let slot = ip_slot
-                        .and_then(|i| slots.clone().try_acquire_owned().ok().map(|s| (s, i)));
+                    let slot =
+                        ip_slot.and_then(|i| pool.clone().try_acquire_owned().ok().map(|s| (s, i)));
                     let Some(slot) = slot else {
                         refused += 1;
                         if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                             last_warned = Some(Instant::now());
-                            tracing::warn!(%from, refused, "refusing peer connections: {MAX_PEER_CONNECTIONS} already open");
+                            tracing::warn!(%from, refused, "refusing peer connections: too many open from this address or in all");
                         }
                         drop(s);
                         continue;
