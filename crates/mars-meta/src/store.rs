@@ -1,8 +1,10 @@
 //! The store: entries, Lamport clock, incremental bucket digests.
 
+use std::borrow::Borrow;
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -73,12 +75,100 @@ impl Entry {
     }
 }
 
-#[derive(Clone, Debug)]
+/// One key and its entry, as a store holds it. Immutable once made, and
+/// shared ([`Arc`]) by every store of the process that holds the same key
+/// with the same entry (see [`intern`]): a process that holds many replicas
+/// of one cluster's metadata (the simulator holds one per simulated node)
+/// keeps each distinct entry once. A real node has one store, where this
+/// costs one hash-map lookup per change.
+#[derive(Debug)]
 struct Slot {
+    key: Box<str>,
     entry: Entry,
     /// `entry_hash(key, entry)`, cached so replacing the entry needs no rehash.
     hash: Digest,
     bucket: u16,
+}
+
+/// A store's element: a shared [`Slot`], ordered and looked up by its key
+/// (so the store's map is a set of pointers, one word per entry).
+#[derive(Clone, Debug)]
+struct Held(Arc<Slot>);
+
+impl Held {
+    fn key(&self) -> &str {
+        &self.0.key
+    }
+}
+
+impl PartialEq for Held {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+impl Eq for Held {}
+impl PartialOrd for Held {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Held {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.key().cmp(other.key())
+    }
+}
+impl Borrow<str> for Held {
+    fn borrow(&self) -> &str {
+        self.key()
+    }
+}
+
+/// The process-wide table of slots held by stores, by entry hash (which
+/// covers the key). Only memory is shared: a slot is reused only if its key
+/// and entry are equal to the new one, so what a store holds, and every
+/// answer it gives, is the same as with a slot of its own.
+struct Interner {
+    slots: HashMap<Digest, Arc<Slot>>,
+    /// Table size after the last sweep of slots no store holds any more.
+    swept: usize,
+}
+
+static INTERNER: Mutex<Option<Interner>> = Mutex::new(None);
+
+/// A shared slot for (key, entry, hash), made if no store holds an equal one.
+fn intern(key: &str, entry: Entry, hash: Digest) -> Arc<Slot> {
+    let mut guard = INTERNER.lock().unwrap_or_else(|e| e.into_inner());
+    let table = guard.get_or_insert_with(|| Interner {
+        slots: HashMap::new(),
+        swept: 0,
+    });
+    if let Some(slot) = table.slots.get(&hash) {
+        if *slot.key == *key && slot.entry == entry {
+            return Arc::clone(slot);
+        }
+        // A 128-bit hash collision: keep this entry to itself.
+        return Arc::new(Slot {
+            key: key.into(),
+            entry,
+            hash,
+            bucket: bucket_of(key),
+        });
+    }
+    // Drop the slots that only this table still holds once it has doubled
+    // since the last sweep: amortized O(1) per change, and never more than
+    // about twice the slots the stores hold.
+    if table.slots.len() >= 2 * table.swept.max(1024) {
+        table.slots.retain(|_, s| Arc::strong_count(s) > 1);
+        table.swept = table.slots.len();
+    }
+    let slot = Arc::new(Slot {
+        key: key.into(),
+        entry,
+        hash,
+        bucket: bucket_of(key),
+    });
+    table.slots.insert(hash, Arc::clone(&slot));
+    slot
 }
 
 #[derive(Clone, Debug)]
@@ -96,7 +186,8 @@ pub struct Store {
     /// The clock of this store's own last write (or at load): remote entries
     /// may be at most [`MAX_JUMP`] above it.
     anchor: u64,
-    map: BTreeMap<String, Slot>,
+    /// The entries, by key.
+    map: BTreeSet<Held>,
     /// Per scope prefix (`"c/"` or `"r/<res>/"`): XOR of the entry hashes of each
     /// bucket, maintained on every change.
     scopes: BTreeMap<String, ScopeDigests>,
@@ -110,7 +201,7 @@ impl Store {
             node: node.to_string(),
             clock: 0,
             anchor: 0,
-            map: BTreeMap::new(),
+            map: BTreeSet::new(),
             scopes: BTreeMap::new(),
         }
     }
@@ -165,7 +256,7 @@ impl Store {
     /// deleted.
     pub fn delete(&mut self, key: &str, now_ms: u64) -> Option<Entry> {
         match self.map.get(key) {
-            Some(slot) if !slot.entry.is_tombstone() => Some(self.write(key, None, now_ms)),
+            Some(Held(slot)) if !slot.entry.is_tombstone() => Some(self.write(key, None, now_ms)),
             _ => None,
         }
     }
@@ -218,7 +309,7 @@ impl Store {
         }
         self.clock = self.clock.max(clock);
         let hash = entry_hash(key, &entry);
-        if let Some(old) = self.map.get(key) {
+        if let Some(Held(old)) = self.map.get(key) {
             let order = entry
                 .stamp
                 .cmp(&old.entry.stamp)
@@ -233,12 +324,12 @@ impl Store {
 
     /// The live value of `key`; `None` if absent or deleted.
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.map.get(key).and_then(|s| s.entry.value.as_ref())
+        self.map.get(key).and_then(|s| s.0.entry.value.as_ref())
     }
 
     /// The entry of `key`, tombstones included.
     pub fn entry(&self, key: &str) -> Option<&Entry> {
-        self.map.get(key).map(|s| &s.entry)
+        self.map.get(key).map(|s| &s.0.entry)
     }
 
     /// Live and tombstone entries whose key starts with `prefix`, in key
@@ -250,8 +341,8 @@ impl Store {
     fn slots<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a str, &'a Slot)> {
         self.map
             .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-            .take_while(move |(k, _)| k.starts_with(prefix))
-            .map(|(k, s)| (k.as_str(), s))
+            .take_while(move |h| h.key().starts_with(prefix))
+            .map(|h| (h.key(), &*h.0))
     }
 
     /// Drops tombstones made more than `keep_ms` before `now_ms` (wall
@@ -263,11 +354,11 @@ impl Store {
     pub fn gc_tombstones(&mut self, now_ms: u64, keep_ms: u64) -> usize {
         let scopes = &mut self.scopes;
         let before = self.map.len();
-        self.map.retain(|key, slot| {
+        self.map.retain(|Held(slot)| {
             let old =
                 slot.entry.is_tombstone() && now_ms.saturating_sub(slot.entry.deleted_ms) > keep_ms;
             if old {
-                unaccount(scopes, key, slot);
+                unaccount(scopes, slot);
             }
             !old
         });
@@ -275,34 +366,21 @@ impl Store {
     }
 
     fn put(&mut self, key: &str, entry: Entry, hash: Digest) {
-        let bucket = bucket_of(key);
+        let slot = intern(key, entry, hash);
         let scope = scope_prefix(key).expect("key validated before put");
-        let digests = self
-            .scopes
-            .entry(scope.to_string())
-            .or_insert_with(|| ScopeDigests {
+        if !self.scopes.contains_key(scope) {
+            let empty = ScopeDigests {
                 count: 0,
                 buckets: [ZERO; BUCKETS],
-            });
-        let b = &mut digests.buckets[usize::from(bucket)];
+            };
+            self.scopes.insert(scope.to_string(), empty);
+        }
+        let digests = self.scopes.get_mut(scope).expect("inserted above");
+        let b = &mut digests.buckets[usize::from(slot.bucket)];
         xor_into(b, &hash);
-        match self.map.get_mut(key) {
-            Some(slot) => {
-                xor_into(b, &slot.hash);
-                slot.entry = entry;
-                slot.hash = hash;
-            }
-            None => {
-                digests.count += 1;
-                self.map.insert(
-                    key.to_string(),
-                    Slot {
-                        entry,
-                        hash,
-                        bucket,
-                    },
-                );
-            }
+        match self.map.replace(Held(slot)) {
+            Some(Held(old)) => xor_into(b, &old.hash),
+            None => digests.count += 1,
         }
     }
 
@@ -376,7 +454,7 @@ impl Store {
             if let Err(reason) = validate_key(&key) {
                 return Err(format!("entry {key:?}: {reason}"));
             }
-            if store.map.contains_key(&key) {
+            if store.map.contains(key.as_str()) {
                 return Err(format!("entry {key:?} appears twice"));
             }
             if entry.value.is_some() {
@@ -391,8 +469,8 @@ impl Store {
     }
 }
 
-fn unaccount(scopes: &mut BTreeMap<String, ScopeDigests>, key: &str, slot: &Slot) {
-    let Some(scope) = scope_prefix(key) else {
+fn unaccount(scopes: &mut BTreeMap<String, ScopeDigests>, slot: &Slot) {
+    let Some(scope) = scope_prefix(&slot.key) else {
         return;
     };
     if let Some(d) = scopes.get_mut(scope) {
@@ -497,4 +575,51 @@ fn digest_of_buckets(buckets: &[Digest; BUCKETS]) -> Digest {
         h.update(b);
     }
     truncate(h.finalize())
+}
+
+#[cfg(test)]
+mod sharing {
+    use super::*;
+    use serde_json::json;
+
+    fn held<'a>(s: &'a Store, key: &str) -> &'a Arc<Slot> {
+        &s.map.get(key).expect("key present").0
+    }
+
+    #[test]
+    fn equal_entries_are_held_once_and_stores_stay_independent() {
+        let mut a = Store::new("sharing-a");
+        let mut b = Store::new("sharing-b");
+        let e = a.set("c/d/sharing/x", json!({ "listen": "127.0.0.1:7000" }));
+        assert!(b.merge("c/d/sharing/x", e.clone()));
+        assert!(Arc::ptr_eq(
+            held(&a, "c/d/sharing/x"),
+            held(&b, "c/d/sharing/x")
+        ));
+        // A write on one store changes only that store.
+        b.set("c/d/sharing/x", json!(2));
+        assert_eq!(a.get("c/d/sharing/x"), e.value.as_ref());
+        assert_eq!(b.get("c/d/sharing/x"), Some(&json!(2)));
+        assert_eq!(a.bucket_digests("c/"), a.scan_buckets("c/").to_vec());
+        assert_eq!(b.bucket_digests("c/"), b.scan_buckets("c/").to_vec());
+        // A tombstone and its collection touch one store only.
+        b.delete("c/d/sharing/x", 1);
+        assert_eq!(b.gc_tombstones(10, 1), 1);
+        assert!(b.entry("c/d/sharing/x").is_none());
+        assert_eq!(a.entry("c/d/sharing/x"), Some(&e));
+        assert_eq!(b.digest("c/"), Store::new("sharing-c").digest("c/"));
+    }
+
+    #[test]
+    fn slots_no_store_holds_are_swept() {
+        for i in 0..5000 {
+            let mut s = Store::new("sharing-sweep");
+            s.set(&format!("c/d/sweep/{i}"), json!(i));
+        }
+        let table = INTERNER.lock().unwrap_or_else(|e| e.into_inner());
+        let left = table.as_ref().map_or(0, |t| t.slots.len());
+        // Without sweeping all 5,000 would be left (other tests, running in
+        // parallel, hold a few slots of their own).
+        assert!(left < 5000, "{left} slots left in the table");
+    }
 }
