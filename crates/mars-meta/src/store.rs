@@ -206,6 +206,14 @@ impl Store {
         }
     }
 
+    /// A bulk transfer the operator asked for (a `join-cluster` snapshot, a
+    /// `merge-cluster` of another cluster) brings clocks up to `clock`: take
+    /// them, up to [`MAX_CLOCK`], however far above this store's own writes
+    /// (a fresh store's anchor is 0).
+    pub fn trust_clock(&mut self, clock: u64) {
+        self.anchor = self.anchor.max(clock.min(MAX_CLOCK));
+    }
+
     pub fn node(&self) -> &str {
         &self.node
     }

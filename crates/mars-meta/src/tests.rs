@@ -651,3 +651,19 @@ fn a_batch_cannot_walk_the_clock() {
     assert!(s.merge("c/d/walk", entry(2 * MAX_JUMP, "z", Some(json!(2)), 0)));
     assert!(!s.merge("c/d/walk", entry(3 * MAX_JUMP + 2, "z", Some(json!(3)), 0)));
 }
+
+/// A join's snapshot of an old cluster (clocks beyond a fresh store's
+/// allowance) is taken whole once trusted (red team, session 13).
+#[test]
+fn a_trusted_bulk_transfer_takes_clocks_beyond_the_allowance() {
+    let mut s = Store::new("n1");
+    let far = MAX_JUMP * 4;
+    assert!(!s.merge("c/d/k", entry(far, "z", Some(json!(1)), 0)));
+    s.trust_clock(far);
+    assert!(s.merge("c/d/k", entry(far, "z", Some(json!(1)), 0)));
+    assert!(s.set("c/d/mine", json!(1)).stamp.clock > far);
+    // Never beyond the maximum.
+    let mut t = Store::new("n2");
+    t.trust_clock(u64::MAX);
+    assert!(!t.merge("c/d/k", entry(MAX_CLOCK + 1, "z", Some(json!(1)), 0)));
+}

@@ -229,6 +229,7 @@ pub fn init_joined(
 ) -> Result<NodeConfig> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut store = mars_meta::Store::new(node);
+    store.trust_clock(entries.iter().map(|w| w.clock).max().unwrap_or(0));
     for w in entries {
         let (k, e) = mars_cluster::from_wire(w);
         store.merge(&k, e);

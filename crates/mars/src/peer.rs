@@ -942,8 +942,9 @@ impl Peer {
         cluster_id: String,
         entries: Vec<WireEntry>,
     ) -> Msg {
-        let theirs = Store::new("_");
-        let mut theirs = theirs;
+        let mut theirs = Store::new("_");
+        let top = entries.iter().map(|w| w.clock).max().unwrap_or(0);
+        theirs.trust_clock(top);
         for w in &entries {
             let (k, e) = mars_cluster::from_wire(w.clone());
             theirs.merge(&k, e);
@@ -989,6 +990,7 @@ impl Peer {
             };
         }
         tracing::info!(peer = %from.name, into = %cluster_id, "merging this cluster into another");
+        self.store.lock().trust_clock(top);
         self.merge(entries);
         self.set(
             meta::CLUSTER_ID_KEY,
@@ -1038,6 +1040,8 @@ impl Peer {
             })??;
         match answer {
             Msg::Merged { entries, .. } => {
+                let top = entries.iter().map(|w| w.clock).max().unwrap_or(0);
+                self.store.lock().trust_clock(top);
                 self.merge(entries);
                 self.save();
                 self.announce_known();
