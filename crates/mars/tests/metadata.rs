@@ -4,18 +4,9 @@
 
 mod common;
 use common::*;
-use mars_proto::{client_handshake, read_msg, write_msg, Msg, NodeInfo, WireEntry};
+use mars_proto::{client_handshake, read_msg, write_msg, Msg, WireEntry};
 
 const SIZE: u64 = 4 << 20;
-
-fn intruder() -> NodeInfo {
-    NodeInfo {
-        name: "tool".into(),
-        listen: "127.0.0.1:1".into(),
-        nbd: "127.0.0.1:2".into(),
-        id: 7,
-    }
-}
 
 /// Push `entries` to `to` as a peer of its cluster would.
 fn push(to: &Node, entries: Vec<WireEntry>) {
@@ -29,7 +20,7 @@ fn push(to: &Node, entries: Vec<WireEntry>) {
         .unwrap();
     rt.block_on(async {
         let mut s = tokio::net::TcpStream::connect(&to.listen).await.unwrap();
-        client_handshake(&mut s, Some(&id), &intruder())
+        client_handshake(&mut s, Some(&id), &tool_node("tool"))
             .await
             .unwrap();
         write_msg(&mut s, &Msg::Push { entries }).await.unwrap();

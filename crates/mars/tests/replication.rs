@@ -1198,13 +1198,8 @@ fn fetch_answers_come_in_order_and_a_bad_request_ends_the_stream() {
         .build()
         .unwrap();
     rt.block_on(async {
-        use mars_proto::{client_handshake, read_data, read_msg, write_msg, Msg, NodeInfo};
-        let me = NodeInfo {
-            name: "fetcher".into(),
-            listen: "127.0.0.1:1".into(),
-            nbd: "127.0.0.1:2".into(),
-            id: 7,
-        };
+        use mars_proto::{client_handshake, read_data, read_msg, write_msg, Msg};
+        let me = tool_node("fetcher");
         let mut s = tokio::net::TcpStream::connect(&nodes[0].listen)
             .await
             .unwrap();

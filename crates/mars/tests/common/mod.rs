@@ -14,6 +14,17 @@ use std::time::{Duration, Instant};
 pub const MARSD: &str = env!("CARGO_BIN_EXE_marsd");
 pub const MARSADM: &str = env!("CARGO_BIN_EXE_marsadm");
 
+/// Who a test speaking the peer protocol itself says it is (no node: it
+/// listens nowhere).
+pub fn tool_node(name: &str) -> mars_proto::NodeInfo {
+    mars_proto::NodeInfo {
+        name: name.into(),
+        listen: "127.0.0.1:1".into(),
+        nbd: "127.0.0.1:2".into(),
+        id: 7,
+    }
+}
+
 /// Fail loudly when an external tool is missing.
 pub fn require_tool(tool: &str, package: &str) {
     let found = std::env::var_os("PATH")
