@@ -685,7 +685,7 @@ impl Daemon {
         match node::read_incarnation(rdir) {
             Some(held) if held == *res => Ok(()),
             Some(held) => bail!(
-                "{} holds the logs of {held}, not of {res} (a deleted incarnation whose deletion this node has not heard of yet?); it is left alone",
+                "{} holds the logs of {held}, not of {res}: it is removed once this node hears that {held} was deleted; if {held} exists nowhere any more, remove the directory by hand",
                 rdir.display()
             ),
             None => {
@@ -1952,11 +1952,10 @@ impl Daemon {
 
     /// Before `create-resource` or `join-resource` under a name: a directory
     /// that holds a deleted incarnation of it (this node left or the resource
-    /// was deleted a moment ago, and the control loop has not removed it yet)
-    /// goes now.
-    /// First the control loop stops whatever still runs of a deleted
-    /// incarnation here (a logger must not go on writing into the directory or
-    /// onto the disk of the next one), under the state lock.
+    /// was deleted a moment ago) goes now. A step of the control loop, under
+    /// the state lock, stops what still runs of it (a logger must not go on
+    /// writing into the directory or onto the disk of the next one) and
+    /// removes the directory (`remove_deleted_dirs`).
     async fn clear_deleted_dir(&self, name: &str) -> Result<()> {
         let rdir = node::resource_dir(&self.dir, name);
         let Some(held) = node::read_incarnation(&rdir) else {
@@ -1967,17 +1966,12 @@ impl Daemon {
         }
         let mut st = self.state.lock().await;
         self.reconcile_locked(&mut st, false).await;
-        if st
+        let running = st
             .actual
             .get(name)
-            .is_some_and(|a| a.id == held.id || a.id == 0)
-        {
-            bail!("{name}: this node still runs {held}, which was deleted; try again in a moment");
-        }
-        if rdir.exists() {
-            std::fs::remove_dir_all(&rdir)
-                .with_context(|| format!("cannot remove {}", rdir.display()))?;
-            tracing::info!(resource = %held, "removed the directory of a deleted incarnation");
+            .is_some_and(|a| a.id == held.id || a.id == 0);
+        if running || rdir.exists() {
+            bail!("{name}: this node still runs or holds {held}, which was deleted (marsd's log says why it could not be removed); try again in a moment");
         }
         Ok(())
     }

@@ -259,25 +259,21 @@ fn partitioned_groups_agree_on_one_winner_after_healing() {
     });
     let _ = winner;
     // Every node ends with the same winner (one of the two writes).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let seen: Vec<serde_json::Value> = nodes
+    let seen = || -> Vec<serde_json::Value> {
+        nodes
             .iter()
             .map(|n| {
                 resource(&n.view_json(), "r0")
                     .map(|r| r["designated_primary"].clone())
                     .unwrap_or_default()
             })
-            .collect();
-        if seen.iter().all(|s| *s == seen[0]) && (seen[0] == "beta" || seen[0] == "gamma") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nodes disagree after healing: {seen:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+            .collect()
+    };
+    let agreed = poll(std::time::Duration::from_secs(30), || {
+        let s = seen();
+        s.iter().all(|x| *x == s[0]) && (s[0] == "beta" || s[0] == "gamma")
+    });
+    assert!(agreed, "nodes disagree after healing: {:?}", seen());
 }
 
 #[test]
