@@ -351,6 +351,12 @@ pub fn resources(store: &Store) -> Vec<(ResRef, ResEntry)> {
         .collect()
 }
 
+/// Every live incarnation: per name, the owner first, then those a name
+/// clash shadows; by name.
+pub fn all_incarnations(store: &Store) -> Vec<(ResRef, ResEntry)> {
+    by_name(store).into_iter().flatten().collect()
+}
+
 /// Live incarnations that share their name with its owner (see the module
 /// documentation).
 pub fn shadowed(store: &Store) -> Vec<(ResRef, ResEntry)> {

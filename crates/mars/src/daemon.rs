@@ -250,9 +250,7 @@ impl Daemon {
         // name or not: a shadowed one (a name clash) goes on being served by
         // its members until the operator deletes one. A node holds one
         // incarnation per name: the one its directory holds, else the owner.
-        let mut all = meta::resources(&st);
-        all.extend(meta::shadowed(&st));
-        for (rr, r) in all {
+        for (rr, r) in meta::all_incarnations(&st) {
             if !r.members.iter().any(|m| m == me) {
                 continue;
             }
@@ -1747,9 +1745,8 @@ impl Daemon {
         let me = self.me().to_string();
         let member_of: Vec<String> = {
             let store = self.peer.store.lock();
-            meta::resources(&store)
+            meta::all_incarnations(&store)
                 .into_iter()
-                .chain(meta::shadowed(&store))
                 .filter(|(_, r)| r.members.contains(&me))
                 .map(|(n, _)| n.name)
                 .collect()
@@ -2075,9 +2072,7 @@ impl Daemon {
             })
             .collect();
         // The owner of each name, then incarnations a name clash shadows.
-        let mut all = meta::resources(&store);
-        all.extend(meta::shadowed(&store));
-        let resources = all
+        let resources = meta::all_incarnations(&store)
             .into_iter()
             .filter(|(rr, _)| only.is_none_or(|n| n == rr.name))
             .map(|(rr, r)| {

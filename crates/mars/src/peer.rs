@@ -521,12 +521,7 @@ impl Peer {
                 let p = self.clone();
                 tokio::spawn(async move { p.ae_with(&n, "c/").await });
             }
-            let resources = {
-                let store = self.store.lock();
-                let mut all = meta::resources(&store);
-                all.extend(meta::shadowed(&store));
-                all
-            };
+            let resources = meta::all_incarnations(&self.store.lock());
             for (res, r) in resources {
                 // Members repair among themselves; a non-member that wrote an entry of the
                 // resource (e.g. `primary` issued there) keeps offering it to a member.
@@ -953,9 +948,8 @@ impl Peer {
         // cannot both be served. Entries of other incarnations (tombstones
         // of deleted ones among them) name their ids and touch nothing live.
         let live_names = |st: &Store| -> Vec<String> {
-            meta::resources(st)
+            meta::all_incarnations(st)
                 .into_iter()
-                .chain(meta::shadowed(st))
                 .map(|(r, _)| r.name)
                 .collect()
         };
