@@ -1693,7 +1693,17 @@ impl Writer {
                     if self.rotate_retry_at.is_none() {
                         tracing::warn!(resource_dir = %self.shared.cfg.dir.display(), "log rotation: {source}; the current logfile goes on, tried again shortly");
                     }
-                    self.rotate_retry_at = Some(Instant::now() + Duration::from_millis(200));
+                    // Out of space: at the next batch already (the reserve the
+                    // hook gave back must go to a new logfile, not to more of
+                    // this one, or nothing can ever be deleted); out of
+                    // descriptors: in a moment.
+                    let full = matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT));
+                    let after = if full {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_millis(200)
+                    };
+                    self.rotate_retry_at = Some(Instant::now() + after);
                 }
                 Err(e) => {
                     // The old logfile may not be durable (or no new one exists): nothing of
