@@ -244,7 +244,14 @@ impl Secondary {
                     break;
                 };
                 match answer_from(source, read_msg(&mut rd)).await? {
-                    Msg::Same => answered.push_back((off + len as u64, None)),
+                    Msg::Same => {
+                        // A compared block read the disk on both sides: it counts
+                        // against the rate limit as a copied one does (as DRBD's
+                        // checksum resync does), or a rate would not protect the
+                        // device's load during a sync of mostly equal disks.
+                        answered.push_back((off + len as u64, None));
+                        throttle.spend(len as u64).await;
+                    }
                     Msg::BlockData { offset, len: n } if offset == off && n as usize == len => {
                         let mut block = buffers
                             .pop()

@@ -733,9 +733,14 @@ fn wait_identical(nodes: &[Node], disks: &[std::path::PathBuf], via: usize) {
     for d in &disks[1..] {
         assert!(
             read(d) == first,
-            "{} differs from {}",
+            "{} differs from {}; views:\n{}",
             d.display(),
-            disks[0].display()
+            disks[0].display(),
+            nodes
+                .iter()
+                .map(|n| format!("{:#}", n.view_json()))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
 }
@@ -1285,9 +1290,29 @@ fn members_join_and_leave_while_the_device_is_written() {
         let name = ["beta", "gamma"][i];
         n.wait_view("r0 known", |v| resource(v, "r0").is_some());
         let d = n.disk(&format!("s{i}.img"), size);
+        // Join cut off from every source, so that the rate limit is in place
+        // before the first block. 2 MiB/s: the sync of 32 MiB takes 16 s, and
+        // the writer goes on meanwhile.
+        let others: Vec<&str> = ["alpha", "beta", "gamma"]
+            .into_iter()
+            .filter(|o| *o != name)
+            .collect();
+        for o in &others {
+            n.adm_ok(&["debug-block", o]);
+        }
         n.adm_ok(&["join-resource", "r0", d.to_str().unwrap()]);
-        // 4 MiB/s: the sync takes seconds, and the writer goes on meanwhile.
-        n.adm_ok(&["set-rate", "r0", "--sync", &(4 * MIB).to_string()]);
+        n.adm_ok(&["set-rate", "r0", "--sync", &(2 * MIB).to_string()]);
+        for o in &others {
+            n.adm_ok(&["debug-unblock", o]);
+        }
+        // The join could not tell the primary (it said so): wait until it knows.
+        nodes[0].wait_view("the primary knows the new member", |v| {
+            resource(v, "r0").is_some_and(|r| {
+                r["members"]
+                    .as_array()
+                    .is_some_and(|ms| ms.iter().any(|m| m["node"] == name))
+            })
+        });
         n.wait_view("syncing", |v| member(v, name)["disk"] == "syncing");
         let during = written(&nodes[0]);
         wait_for(
