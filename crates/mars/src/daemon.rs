@@ -21,7 +21,7 @@ use mars_nbd::{BoxFut, Export, Registry};
 use mars_proto::{read_msg, write_msg, Msg};
 use mars_replication::{policy, LagClock, Progress, Secondary, Served, ServedSecondary};
 use parking_lot::RwLock;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -849,6 +849,41 @@ impl Daemon {
         asks.join_all().await;
     }
 
+    /// Bring this node's cluster entries and those of `rr` up to those of the
+    /// live ones of `nodes` (at once, each for at most `CONFIRM_TIMEOUT`).
+    /// Returns how many answered. A node restarted after a kill may have
+    /// lost what gossip told it before (metadata learned by gossip is saved
+    /// on a timer): a handover decided on its own view could miss that
+    /// other nodes are members (found by the nemesis, seed 2014).
+    async fn refresh_resource(&self, rr: &ResRef, nodes: &[String]) -> usize {
+        let mut asks = tokio::task::JoinSet::new();
+        let mut seen = HashSet::new();
+        for n in nodes
+            .iter()
+            .filter(|n| n.as_str() != self.me() && self.peer.is_alive(n))
+        {
+            if !seen.insert(n.clone()) {
+                continue;
+            }
+            let (peer, n, prefix) = (self.peer.clone(), n.clone(), meta::res_prefix(rr));
+            asks.spawn(async move {
+                let ae = async {
+                    peer.ae_now(&n, mars_meta::CLUSTER_PREFIX).await?;
+                    peer.ae_now(&n, &prefix).await
+                };
+                match tokio::time::timeout(CONFIRM_TIMEOUT, ae).await {
+                    Ok(Ok(())) => true,
+                    Ok(Err(e)) => {
+                        tracing::debug!(node = %n, "refresh: {e:#}");
+                        false
+                    }
+                    Err(_) => false,
+                }
+            });
+        }
+        asks.join_all().await.into_iter().filter(|ok| *ok).count()
+    }
+
     /// Hand the current entries of `keys` to each of `nodes` and wait until
     /// each has merged them (at once, each for at most `CONFIRM_TIMEOUT`), so
     /// that a command's effect is visible there when it returns. Returns the
@@ -1111,6 +1146,13 @@ impl Daemon {
     async fn become_primary(self: &Arc<Self>, name: &str, force: bool) -> Result<Response> {
         let me = self.me().to_string();
         let (rr, r) = self.res_entry(name)?;
+        // Decide on the cluster's metadata, not only on this node's: the
+        // designated primary and every member that answers.
+        let mut ask = r.members.clone();
+        ask.extend(meta::designated_primary(&self.peer.store.lock(), &rr));
+        ask.extend(self.witnesses(name));
+        let answered = self.refresh_resource(&rr, &ask).await;
+        let (rr, r) = self.res_entry(name)?;
         let current = meta::designated_primary(&self.peer.store.lock(), &rr);
         if let Some(cur) = current.as_deref().filter(|c| *c != me) {
             if !force && !self.peer.is_alive(cur) {
@@ -1175,6 +1217,12 @@ impl Daemon {
                 // another history, and taking over with it would drop what
                 // `cur` wrote since.
                 bail!("{name}: refused: this node still holds the log it wrote as primary before {cur} took over; it becomes a secondary of {cur} first (`marsadm wait-resource {name} uptodate`), then a handover is possible; `primary --force {name}` makes its own data the primary's instead");
+            }
+            let other = current.as_deref().filter(|c| *c != me);
+            if let Some(cur) = other.filter(|_| writer && !force && answered == 0) {
+                // `cur` is no member as far as this node knows, but nobody
+                // confirmed it: this node's membership may be stale.
+                bail!("{name}: refused: this node holds the log it wrote as primary, {cur} is designated, and no other node answered to confirm that {cur} is not a member that wrote since; try again once the cluster is reachable, or `primary --force {name}` to make this node's data the primary's");
             }
             if !writer {
                 if force {

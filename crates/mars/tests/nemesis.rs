@@ -639,7 +639,14 @@ impl Nemesis {
                     continue;
                 };
                 let m = member(&v, NAMES[i]);
-                if m["split_brain"] == true {
+                // The operator's step: a member in split brain, or one whose
+                // log nobody holds any more (it was away while the others
+                // were invalidated and dropped their old logs, as MARS asks
+                // too), is copied anew.
+                let needs_copy = m["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("no longer has the log"));
+                if m["split_brain"] == true || needs_copy {
                     let out = self.nodes[i].adm(&["invalidate", "r0"]);
                     let ok = out.status.success();
                     self.note(format!("finish: invalidate {}: {ok}", NAMES[i]));
