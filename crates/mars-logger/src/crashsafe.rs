@@ -7,13 +7,31 @@ use std::io::{self, Write};
 use std::path::Path;
 
 pub fn write_atomic(path: &Path, content: &[u8]) -> io::Result<()> {
+    write_atomic_mode(path, content, None)
+}
+
+/// [`write_atomic`] of a file only its owner may read (mode 0600, whatever
+/// the umask and whatever a stale temp file had): keys, tokens.
+pub fn write_private(path: &Path, content: &[u8]) -> io::Result<()> {
+    write_atomic_mode(path, content, Some(0o600))
+}
+
+fn write_atomic_mode(path: &Path, content: &[u8], mode: Option<u32>) -> io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let (dir, tmp) = dir_and_tmp(path)?;
-    let written = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
+    let mut opts = OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    if let Some(m) = mode {
+        // A temp file left by a crash keeps its mode on open: start anew.
+        let _ = fs::remove_file(&tmp);
+        opts.mode(m);
+    }
+    let written = opts
         .open(&tmp)
         .and_then(|mut f| {
+            if let Some(m) = mode {
+                f.set_permissions(fs::Permissions::from_mode(m))?;
+            }
             f.write_all(content)?;
             f.sync_all()
         })

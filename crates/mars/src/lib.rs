@@ -12,3 +12,4 @@ pub mod dumplog;
 pub mod meta;
 pub mod node;
 pub mod peer;
+pub mod tls;
