@@ -52,7 +52,8 @@ for ((i = 0; i < COUNT; i++)); do
     if [ "$i" -eq 0 ]; then
       adm 0 create-cluster --node "$name" --listen "$(listen 0)" --nbd "$(nbd 0)"
     else
-      adm "$i" join-cluster --node "$name" --listen "$(listen "$i")" --nbd "$(nbd "$i")" "$(listen 0)"
+      token=$(adm 0 invite)
+      adm "$i" join-cluster --node "$name" --listen "$(listen "$i")" --nbd "$(nbd "$i")" --token "$token" "$(listen 0)"
     fi
   fi
   [ -f "$DEMO_DIR/disk-$name.img" ] || truncate -s "$SIZE" "$DEMO_DIR/disk-$name.img"

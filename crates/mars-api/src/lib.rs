@@ -85,6 +85,13 @@ pub enum Request {
     LeaveCluster,
     MergeCluster {
         peer: String,
+        /// From `invite --merge` on the peer's cluster.
+        token: String,
+    },
+    /// A one-time token for joining a node (or, `merge`, merging a cluster).
+    Invite {
+        merge: bool,
+        ttl_secs: u64,
     },
     /// Test hook: drop all traffic to and from these nodes (partition tests).
     DebugBlock {

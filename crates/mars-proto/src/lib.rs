@@ -1,6 +1,7 @@
 //! The peer protocol between `marsd` nodes (TCP, on each node's `--listen` address).
 //!
-//! Every frame:
+//! Since protocol 5 every connection is TLS 1.3 first (see the `tls` module
+//! of the `mars` crate); frames travel inside it. Every frame:
 //!
 //! ```text
 //!  0 u32 magic "MRSP"     4 u16 protocol version    6 u16 kind (1 = JSON message)
@@ -12,8 +13,8 @@
 //! frame closes the connection and never changes state.
 //!
 //! Version history: 1 = first protocol (2026-11); 2 = version format 2;
-//! 3 = log record format 2; 4 = resource and node identities (see
-//! [`PROTOCOL_VERSION`]).
+//! 3 = log record format 2; 4 = resource and node identities; 5 = TLS
+//! links, tokens (see [`PROTOCOL_VERSION`]).
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -23,7 +24,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// 3: log records of format 2 (`durable_back`; a node of protocol 2 refuses them).
 /// 4: metadata keys name resource incarnations and nodes by `NAME@ID`, data
 /// requests name the incarnation, `NodeInfo.id`.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// 5: links are mutual TLS; `Join` carries a token and a public key,
+/// `Joined` the certificate, `MergeToken` before `Merge`.
+pub const PROTOCOL_VERSION: u16 = 5;
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"MRSP");
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Largest payload accepted (metadata only; data moves in later kinds).
@@ -98,12 +101,31 @@ pub enum Msg {
         reason: String,
     },
 
-    /// Make the sender a node of this cluster; answered by `Joined` or `Refused`.
-    Join,
-    /// The cluster id and all cluster-wide entries.
+    /// Make the sender a node of this cluster with the invitation token
+    /// `token_id`/`secret` (sent inside TLS to the server whose CA the token
+    /// pins, before any `Hello`); `public_key` (DER SubjectPublicKeyInfo) is
+    /// certified for `node`. Answered by `Joined` or `Refused`.
+    Join {
+        token_id: String,
+        secret: String,
+        node: NodeInfo,
+        public_key: Vec<u8>,
+    },
+    /// The cluster id, all cluster-wide entries, the joiner's certificate,
+    /// and the CA (certificate and key) that signed it.
     Joined {
         cluster_id: String,
         entries: Vec<WireEntry>,
+        cert: String,
+        ca_cert: String,
+        ca_key: String,
+    },
+    /// Redeem a merge token (`invite --merge`) before `Merge`; answered by
+    /// `Ok` or `Refused`.
+    MergeToken {
+        token_id: String,
+        secret: String,
+        node: NodeInfo,
     },
 
     /// Anti-entropy, step 1: the digest of everything under `prefix`.
@@ -324,9 +346,27 @@ pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Msg, ProtoError
 }
 
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoError> {
+    read_frame_max(r, MAX_PAYLOAD).await
+}
+
+/// [`read_msg`] of a frame of at most `max` payload bytes (checked before
+/// anything is allocated): what a peer not yet authenticated may send.
+pub async fn read_msg_max<R: AsyncRead + Unpin>(r: &mut R, max: u32) -> Result<Msg, ProtoError> {
+    match read_frame_max(r, max).await? {
+        Frame::Msg(m) => Ok(m),
+        Frame::Data(_) => Err(ProtoError::Unexpected(
+            "data frame where a message belongs".into(),
+        )),
+    }
+}
+
+async fn read_frame_max<R: AsyncRead + Unpin>(r: &mut R, max: u32) -> Result<Frame, ProtoError> {
     let mut h = [0u8; FRAME_HEADER_LEN];
     r.read_exact(&mut h).await?;
     let (kind, len, crc) = parse_frame_header_kind(&h)?;
+    if len > max {
+        return Err(ProtoError::TooLarge(len));
+    }
     let mut payload = vec![0u8; len as usize];
     r.read_exact(&mut payload).await?;
     if kind == KIND_DATA {

@@ -32,6 +32,9 @@ pub use state::{clear_sync, mark_synced, persisted_replayed, synced_start};
 use std::future::Future;
 use std::pin::Pin;
 
+/// A peer link: TLS over TCP, either side.
+pub type PeerStream = tokio_rustls::TlsStream<tokio::net::TcpStream>;
+
 /// What replication needs of the cluster.
 pub trait Cluster: Send + Sync + 'static {
     /// The metadata store (locked only for a lookup, never across an await).
@@ -42,5 +45,5 @@ pub trait Cluster: Send + Sync + 'static {
     fn connect<'a>(
         &'a self,
         node: &'a str,
-    ) -> Pin<Box<dyn Future<Output = anyhow::Result<tokio::net::TcpStream>> + Send + 'a>>;
+    ) -> Pin<Box<dyn Future<Output = anyhow::Result<PeerStream>> + Send + 'a>>;
 }

@@ -86,7 +86,7 @@ pub struct Server {
 impl Server {
     /// Answer `msg` and the requests that follow it on `s`; on an error, send
     /// `Refused` with the reason and close the connection gently.
-    pub async fn serve_data(&self, msg: Msg, s: &mut tokio::net::TcpStream) -> Result<()> {
+    pub async fn serve_data(&self, msg: Msg, s: &mut crate::PeerStream) -> Result<()> {
         let mut msg = msg;
         let res = loop {
             // A stream of SyncBlock requests ends with the next message, read ahead.
@@ -173,7 +173,7 @@ impl Server {
 
     /// Answer one replication message. A `SyncBlock` starts a stream of them, answered
     /// by [`Server::serve_sync_blocks`]; the message after the stream is returned.
-    async fn data_reply(&self, msg: Msg, s: &mut tokio::net::TcpStream) -> Result<Option<Msg>> {
+    async fn data_reply(&self, msg: Msg, s: &mut crate::PeerStream) -> Result<Option<Msg>> {
         match self.resolve(msg)? {
             Msg::SyncStart { res } => {
                 let (pos, size) = self.sync_position(&res, false).await?;
@@ -242,12 +242,8 @@ impl Server {
     /// chunks overlaps sending this one. Returns the first other message (None at the
     /// end of the stream). An error ends the answers where it happened: the chunks
     /// asked for before it are sent first.
-    async fn serve_fetches(
-        &self,
-        first: Msg,
-        s: &mut tokio::net::TcpStream,
-    ) -> Result<Option<Msg>> {
-        let (mut rd, mut wr) = s.split();
+    async fn serve_fetches(&self, first: Msg, s: &mut crate::PeerStream) -> Result<Option<Msg>> {
+        let (mut rd, mut wr) = tokio::io::split(&mut *s);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<FetchAnswer>(FETCH_SERVE_AHEAD);
         let buffers: FetchBuffers = Arc::default();
         let pool = buffers.clone();
@@ -366,10 +362,10 @@ impl Server {
     async fn serve_sync_blocks(
         &self,
         first: Msg,
-        s: &mut tokio::net::TcpStream,
+        s: &mut crate::PeerStream,
     ) -> Result<Option<Msg>> {
         type Answer = tokio::task::JoinHandle<std::io::Result<(u64, u32, Option<Vec<u8>>)>>;
-        let (mut rd, mut wr) = s.split();
+        let (mut rd, mut wr) = tokio::io::split(&mut *s);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Answer>(SYNC_SERVE_AHEAD);
         // Block buffers, used again: no allocation, zeroing or page faults per block.
         let buffers: Arc<parking_lot::Mutex<Vec<Vec<u8>>>> = Arc::default();
@@ -438,7 +434,7 @@ const SYNC_SERVE_AHEAD: usize = 4;
 /// closes too (at most `LINGER`). Closing with unread bytes in the receive buffer
 /// makes the kernel send a reset, and a reset throws away what the peer has not
 /// read yet: the answers before the error and the `Refused` that says why.
-async fn linger_close(s: &mut tokio::net::TcpStream) {
+async fn linger_close(s: &mut crate::PeerStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     if s.shutdown().await.is_err() {
         return;

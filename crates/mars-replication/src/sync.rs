@@ -29,7 +29,7 @@ struct SyncSender {
     path: PathBuf,
     size: u64,
     from: u64,
-    wr: tokio::net::tcp::OwnedWriteHalf,
+    wr: tokio::io::WriteHalf<crate::PeerStream>,
     /// Every request sent, in order, for the receiving half; its capacity is the window.
     tx: tokio::sync::mpsc::Sender<(u64, usize)>,
     stop: Arc<AtomicBool>,
@@ -41,7 +41,7 @@ struct SyncSender {
 /// `HASH_AHEAD` blocks at once) and ask the primary about it, at most `SYNC_WINDOW`
 /// blocks ahead of the answers taken. Stops asking when the sync is paused or
 /// stopped. Returns the write half for `SyncEnd`.
-async fn send_sync_requests(mut s: SyncSender) -> Result<tokio::net::tcp::OwnedWriteHalf> {
+async fn send_sync_requests(mut s: SyncSender) -> Result<tokio::io::WriteHalf<crate::PeerStream>> {
     type Hashed = tokio::task::JoinHandle<(Vec<u8>, std::io::Result<String>)>;
     let mut hashing: VecDeque<(u64, usize, Hashed)> = VecDeque::new();
     let mut spare: Vec<Vec<u8>> = Vec::new();
@@ -170,7 +170,7 @@ impl Secondary {
         // SYNC_WINDOW `SyncBlock` requests in flight; this task takes the answers in
         // order (the source answers in order on the one connection), writes what
         // differs and advances `next_offset` over the completed prefix only.
-        let (rd, wr) = s.into_inner().into_split();
+        let (rd, wr) = tokio::io::split(s.into_inner());
         let mut rd = IdleTimeout::new(rd);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, usize)>(SYNC_WINDOW);
         let mut sender = AbortOnDrop(tokio::spawn(send_sync_requests(SyncSender {

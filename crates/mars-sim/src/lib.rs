@@ -522,7 +522,20 @@ impl Sim {
             return;
         }
         let seed = self.running[self.rng.random_range(0..self.running.len())];
-        self.send_tcp(i, seed, Chan::Join, Msg::Join);
+        // Tokens and certificates are not modelled: the simulation is of
+        // the metadata the join carries.
+        let join = Msg::Join {
+            token_id: String::new(),
+            secret: String::new(),
+            node: mars_proto::NodeInfo {
+                name: format!("n{i}"),
+                listen: String::new(),
+                nbd: String::new(),
+                id: u64::from(i) + 1,
+            },
+            public_key: Vec::new(),
+        };
+        self.send_tcp(i, seed, Chan::Join, join);
     }
 
     /// What marsd does on start: write its node entry if the store lacks it,
@@ -649,7 +662,7 @@ impl Sim {
         if !self.nodes[to as usize].started {
             return; // connection refused
         }
-        if let Msg::Join = msg {
+        if let Msg::Join { .. } = msg {
             // The seed adds the joiner's node entry and sends every cluster-wide entry.
             self.nodes[to as usize]
                 .cluster
@@ -665,6 +678,9 @@ impl Sim {
             let reply = Msg::Joined {
                 cluster_id: "sim".to_string(),
                 entries,
+                cert: String::new(),
+                ca_cert: String::new(),
+                ca_key: String::new(),
             };
             self.send_tcp(to, from, Chan::Join, reply);
             return;
@@ -1250,7 +1266,6 @@ mod tests {
         };
         let entries: Vec<_> = store.range("").map(|(k, e)| to_wire(k, e)).collect();
         for msg in [
-            Msg::Join,
             Msg::InSync,
             Msg::Push {
                 entries: entries.clone(),
@@ -1258,6 +1273,9 @@ mod tests {
             Msg::Joined {
                 cluster_id: "sim".to_string(),
                 entries,
+                cert: String::new(),
+                ca_cert: String::new(),
+                ca_key: String::new(),
             },
             ae::start(&store, CLUSTER_PREFIX),
         ] {

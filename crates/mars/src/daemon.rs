@@ -1126,8 +1126,24 @@ impl Daemon {
             Request::JoinResource { name, disk } => self.join_resource(&name, &disk).await,
             Request::LeaveResource { name } => self.leave_resource(&name).await,
             Request::LeaveCluster => self.leave_cluster().await,
-            Request::MergeCluster { peer } => {
-                let node = self.peer.merge_cluster(&peer).await?;
+            Request::Invite { merge, ttl_secs } => {
+                let kind = if merge {
+                    crate::tls::InviteKind::Merge
+                } else {
+                    crate::tls::InviteKind::Join
+                };
+                let ttl_ms = ttl_secs.saturating_mul(1000);
+                let t = self.peer.tls.invites().create(
+                    kind,
+                    ttl_ms,
+                    crate::peer::now_ms(),
+                    &self.peer.tls.pin,
+                )?;
+                tracing::info!(kind = ?kind, token = %t.id, ttl_secs, "invitation made");
+                Ok(Response::ok(t.text()))
+            }
+            Request::MergeCluster { peer, token } => {
+                let node = self.peer.merge_cluster(&peer, &token).await?;
                 Ok(Response::ok(format!(
                     "merged the cluster of {node} ({peer}) into cluster {}",
                     self.peer.cluster_id()
@@ -1808,6 +1824,11 @@ impl Daemon {
         let mine = meta::node(&self.peer.store.lock(), &me).map(|(n, _)| n);
         if let Some(n) = mine {
             self.peer.delete(&meta::node_key(&n));
+            // Its certificate is refused from now on (the entry is kept for good).
+            self.peer.set(
+                &crate::tls::revoked_key(&n.token()),
+                serde_json::json!({ "at_ms": crate::peer::now_ms() }),
+            );
         }
         // Make sure at least the live peers have the tombstone before this node goes quiet.
         let others: Vec<String> = meta::nodes(&self.peer.store.lock())
@@ -2335,6 +2356,7 @@ fn named_resource(req: &Request) -> Option<&str> {
         Request::CreateResource { .. }
         | Request::LeaveCluster
         | Request::MergeCluster { .. }
+        | Request::Invite { .. }
         | Request::DebugBlock { .. }
         | Request::View { name: None } => None,
         Request::View { name: Some(name) }

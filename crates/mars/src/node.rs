@@ -171,14 +171,14 @@ pub fn create_cluster(dir: &Path, node: &str, listen: &str, nbd: &str) -> Result
             dir.display()
         );
     }
-    write_node(
+    let (id, cluster_id) = (nonzero_id(), format!("{:032x}", rand::random::<u128>()));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::tls::init_cluster(
         dir,
-        node,
-        nonzero_id(),
-        listen,
-        nbd,
-        &format!("{:032x}", rand::random::<u128>()),
-    )
+        &cluster_id,
+        &mars_meta::schema::NodeRef::new(node, id).token(),
+    )?;
+    write_node(dir, node, id, listen, nbd, &cluster_id)
 }
 
 /// A random id for a new node or resource incarnation (never 0, which means "none").
@@ -220,14 +220,12 @@ fn write_node(
 /// `marsadm join-cluster`: initialise DIR as a node of an existing cluster.
 pub fn init_joined(
     dir: &Path,
-    node: &str,
-    node_id: u64,
-    listen: &str,
-    nbd: &str,
-    cluster_id: &str,
-    entries: Vec<mars_proto::WireEntry>,
+    me: &mars_proto::NodeInfo,
+    j: crate::peer::JoinedCluster,
 ) -> Result<NodeConfig> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::tls::write_node_files(dir, &j.ca_cert, &j.ca_key, &j.cert, &j.key)?;
+    let (node, entries) = (me.name.as_str(), j.entries);
     let mut store = mars_meta::Store::new(node);
     store.trust_clock(entries.iter().map(|w| w.clock).max().unwrap_or(0));
     for w in entries {
@@ -238,7 +236,7 @@ pub fn init_joined(
         .save(&dir.join("meta.store"))
         .map_err(|e| anyhow!("{e}"))?;
     // node.json last: a directory without it is not a node, whatever else it holds.
-    write_node(dir, node, node_id, listen, nbd, cluster_id)
+    write_node(dir, node, me.id, &me.listen, &me.nbd, &j.cluster_id)
 }
 
 /// Check that DIR can become a new node (join-cluster, create-cluster).

@@ -6,18 +6,24 @@
 //! crc32c(cluster id), then foca's payload. Datagrams of another cluster or
 //! version are dropped (and logged once per sender).
 //!
-//! Peer connections are short: connect, handshake (`Hello` / `Welcome` or
-//! `Refused`), one exchange, close. An unreachable peer is retried with
-//! exponential backoff (0.5 s doubling to 30 s).
+//! Peer connections are short: connect, TLS 1.3 with both sides'
+//! certificates (the `tls` module), handshake (`Hello` / `Welcome` or
+//! `Refused`), one exchange, close. A connection without a client
+//! certificate may only redeem an invitation token (join, merge), in frames
+//! of a few KiB. An unreachable peer is retried with exponential backoff
+//! (0.5 s doubling to 30 s).
 
 use crate::meta::{self, NodeEntry};
+use crate::tls::{self, InviteKind, Tls, Token};
 use anyhow::{anyhow, bail, Context, Result};
 use mars_cluster::{ae, Cluster, ClusterConfig, Effect, FocaTimer, NodeId};
 use mars_meta::Store;
 use mars_proto::{
-    client_handshake, read_msg, write_msg, Msg, NodeInfo, WireEntry, PROTOCOL_VERSION,
+    client_handshake, read_msg, read_msg_max, write_msg, Msg, NodeInfo, WireEntry, PROTOCOL_VERSION,
 };
+use mars_replication::PeerStream;
 use parking_lot::{Mutex, RwLock};
+use rustls::pki_types::pem::PemObject;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,6 +40,9 @@ pub const AE_INTERVAL: Duration = Duration::from_secs(2);
 const TOMBSTONE_KEEP_MS: u64 = 30 * 24 * 3600 * 1000;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TLS handshake, and a peer's first message after it, may take:
+/// a connection that says nothing is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a served connection waits for the peer's next request.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A connection whose peer stops answering (a cut link drops packets silently: no
@@ -136,6 +145,8 @@ pub struct Peer {
     size_hint: std::sync::atomic::AtomicU32,
     /// Serves the replication messages (sync, log list, fetch).
     data: std::sync::OnceLock<Arc<mars_replication::Server>>,
+    /// Certificates, trusted CAs, invitations.
+    pub tls: Arc<Tls>,
 }
 
 /// What replication needs of the cluster: the store, who is alive, connections.
@@ -151,7 +162,7 @@ impl mars_replication::Cluster for Peer {
     fn connect<'a>(
         &'a self,
         node: &'a str,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<TcpStream>> + Send + 'a>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<PeerStream>> + Send + 'a>> {
         Box::pin(Peer::connect(self, node))
     }
 }
@@ -162,6 +173,7 @@ pub struct PeerSetup {
     pub cluster_id: String,
     pub former_ids: Vec<String>,
     pub udp: std::net::UdpSocket,
+    pub tls: Arc<Tls>,
 }
 
 impl Peer {
@@ -204,7 +216,15 @@ impl Peer {
             warned: Mutex::new(HashSet::new()),
             data: std::sync::OnceLock::new(),
             size_hint: std::sync::atomic::AtomicU32::new(ClusterConfig::default().size_hint),
+            tls: setup.tls.clone(),
         });
+        // This node's CA is trusted by the cluster (a merge brings it to the other side).
+        let ca_key = tls::ca_key_of(&setup.tls.pin);
+        let ca = serde_json::Value::String(setup.tls.ca_pem.clone());
+        if peer.store.lock().get(&ca_key) != Some(&ca) {
+            peer.set(&ca_key, ca);
+        }
+        peer.refresh_roots();
         // This node is in the cluster with its current addresses.
         let entry = meta::to_value(&NodeEntry {
             listen: setup.me.listen.clone(),
@@ -376,7 +396,53 @@ impl Peer {
                 self.adopt_cluster_id(&id);
             }
         }
+        if keys.iter().any(|k| k.starts_with(tls::CA_PREFIX)) {
+            self.refresh_roots();
+        }
         self.changed.notify_waiters();
+    }
+
+    /// Trust the CAs the metadata lists (this cluster's, and those of
+    /// clusters merged into it).
+    pub fn refresh_roots(&self) {
+        let pems: Vec<String> = self
+            .store
+            .lock()
+            .range(tls::CA_PREFIX)
+            .filter_map(|(_, e)| e.value.as_ref()?.as_str().map(str::to_string))
+            .collect();
+        if let Err(e) = self.tls.set_roots(pems) {
+            tracing::error!("a trusted CA in the metadata is damaged: {e:#}");
+        }
+    }
+
+    /// A certificate's identity may talk to this node: it is not revoked
+    /// (`leave-cluster`), and it is the node expected (`expect`, the node
+    /// this connection was opened to) with the id the metadata knows.
+    fn check_identity(&self, ident: &str, expect: Option<&str>) -> Result<meta::NodeRef> {
+        let r = meta::NodeRef::parse(ident)
+            .ok_or_else(|| anyhow!("certificate names no node ({ident})"))?;
+        let store = self.store.lock();
+        let left = store
+            .entry(&meta::node_key(&r))
+            .is_some_and(|e| e.value.is_none());
+        if left || store.get(&tls::revoked_key(ident)).is_some() {
+            bail!("{ident} left the cluster: its certificate is revoked");
+        }
+        if let Some(n) = expect {
+            if r.name != n {
+                bail!("the address of {n} answered with the certificate of {ident}");
+            }
+        }
+        if let Some((known, _)) = meta::node(&store, &r.name) {
+            if known.id != r.id && store.get(&meta::node_key(&r)).is_none() {
+                bail!(
+                    "{ident} is not the node {} of this cluster (a node of that name that left?)",
+                    known.token()
+                );
+            }
+        }
+        Ok(r)
     }
 
     /// Switch to another cluster id (after a merge), keeping the old one acceptable.
@@ -584,19 +650,38 @@ impl Peer {
         }
     }
 
-    /// Open a connection to `node` and complete the handshake.
-    pub(crate) async fn connect(&self, node: &str) -> Result<TcpStream> {
+    /// Open a connection to `node`, authenticate both sides, and complete
+    /// the handshake.
+    pub(crate) async fn connect(&self, node: &str) -> Result<PeerStream> {
         if self.is_blocked(node) {
             bail!("{node} is blocked (debug-block)");
         }
         let addr = self
             .addr_of(node)
             .ok_or_else(|| anyhow!("unknown node {node}"))?;
-        let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
             .await
             .map_err(|_| anyhow!("connect to {node} ({addr}) timed out"))?
             .with_context(|| format!("connect to {node} ({addr})"))?;
-        tune_stream(&s, true);
+        tune_stream(&tcp, true);
+        let connector = tokio_rustls::TlsConnector::from(self.tls.client());
+        let tls = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            connector.connect(tls::server_name(), tcp),
+        )
+        .await
+        .map_err(|_| anyhow!("TLS handshake with {node} ({addr}) timed out"))?
+        .with_context(|| format!("TLS handshake with {node} ({addr})"))?;
+        let ident = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| anyhow!("{node} ({addr}) showed no certificate"))
+            .and_then(|c| tls::identity(c))?;
+        self.check_identity(&ident, Some(node))
+            .with_context(|| format!("{node} ({addr})"))?;
+        let mut s = PeerStream::Client(tls);
         let id = self.cluster_id();
         tokio::time::timeout(
             EXCHANGE_TIMEOUT,
@@ -750,11 +835,38 @@ impl Peer {
         }
     }
 
-    async fn serve(self: &Arc<Self>, mut s: TcpStream) -> Result<()> {
-        tune_stream(&s, false);
-        let hello = tokio::time::timeout(EXCHANGE_TIMEOUT, read_msg(&mut s))
+    async fn serve(self: &Arc<Self>, tcp: TcpStream) -> Result<()> {
+        tune_stream(&tcp, false);
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.server());
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
             .await
-            .map_err(|_| anyhow!("no Hello within {EXCHANGE_TIMEOUT:?}"))?
+            .map_err(|_| anyhow!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))?
+            .context("TLS handshake")?;
+        let ident = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+            Some(c) => Some(tls::identity(c)?),
+            None => None,
+        };
+        let mut s = PeerStream::Server(tls);
+        let Some(ident) = ident else {
+            return self.serve_unauthenticated(s).await;
+        };
+        let cert_node = match self.check_identity(&ident, None) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(peer = %ident, "refusing peer: {e:#}");
+                let _ = write_msg(
+                    &mut s,
+                    &Msg::Refused {
+                        reason: format!("{e:#}"),
+                    },
+                )
+                .await;
+                return Err(e);
+            }
+        };
+        let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_msg(&mut s))
+            .await
+            .map_err(|_| anyhow!("no Hello within {HANDSHAKE_TIMEOUT:?}"))?
             .context("handshake")?;
         let Msg::Hello {
             version,
@@ -775,6 +887,16 @@ impl Peer {
             Some(format!(
                 "protocol version {version} not supported (this node speaks {PROTOCOL_VERSION}): run the same mars release on every node of the cluster"
             ))
+        } else if node.name != cert_node.name || node.id != cert_node.id {
+            Some(format!(
+                "the Hello names {}@{:016x}, the certificate {ident}",
+                node.name, node.id
+            ))
+        } else if cluster_id.as_deref().is_none_or(|id| !self.accepts_id(id)) {
+            Some(format!(
+                "{ident} belongs to another cluster ({})",
+                cluster_id.as_deref().unwrap_or("none")
+            ))
         } else if self.is_blocked(&node.name) {
             Some("blocked (debug-block)".to_string())
         } else {
@@ -791,12 +913,6 @@ impl Peer {
             .await;
             bail!("refused {}: {reason}", node.name);
         }
-        // Same cluster: anything. No cluster: only Join. Another cluster: only Merge.
-        let relation = match &cluster_id {
-            Some(id) if self.accepts_id(id) => Relation::Member,
-            None => Relation::Joiner,
-            Some(_) => Relation::Foreign,
-        };
         let ours = self.cluster_id();
         write_msg(
             &mut s,
@@ -822,23 +938,12 @@ impl Peer {
                 }
                 Err(e) => bail!("from {}: {e}", node.name),
             };
-            let reply = match (relation, msg) {
-                (Relation::Joiner, Msg::Join) => self.handle_join(&node),
-                (
-                    Relation::Foreign,
-                    Msg::Merge {
-                        cluster_id,
-                        entries,
-                    },
-                ) => self.handle_merge(&node, cluster_id, entries),
-                (
-                    Relation::Member,
-                    m @ (Msg::Digest { .. }
-                    | Msg::Buckets { .. }
-                    | Msg::Entries { .. }
-                    | Msg::Push { .. }
-                    | Msg::Pull { .. }),
-                ) => {
+            let reply = match msg {
+                m @ (Msg::Digest { .. }
+                | Msg::Buckets { .. }
+                | Msg::Entries { .. }
+                | Msg::Push { .. }
+                | Msg::Pull { .. }) => {
                     let (reply, merge) = ae::respond(&self.store.lock(), m);
                     self.merge(merge);
                     match reply {
@@ -846,15 +951,12 @@ impl Peer {
                         None => return Ok(()),
                     }
                 }
-                (
-                    Relation::Member,
-                    m @ (Msg::SyncStart { .. }
-                    | Msg::LogStatus { .. }
-                    | Msg::SyncEnd { .. }
-                    | Msg::SyncBlock { .. }
-                    | Msg::LogList { .. }
-                    | Msg::Fetch { .. }),
-                ) => {
+                m @ (Msg::SyncStart { .. }
+                | Msg::LogStatus { .. }
+                | Msg::SyncEnd { .. }
+                | Msg::SyncBlock { .. }
+                | Msg::LogList { .. }
+                | Msg::Fetch { .. }) => {
                     let Some(d) = self.data.get().cloned() else {
                         write_msg(
                             &mut s,
@@ -868,14 +970,8 @@ impl Peer {
                     d.serve_data(m, &mut s).await?;
                     continue;
                 }
-                (rel, m) => {
-                    let reason = match (rel, &cluster_id) {
-                        (Relation::Foreign, Some(id)) => format!(
-                            "peer {} belongs to cluster {id}, this node to cluster {ours}",
-                            node.name
-                        ),
-                        _ => format!("unexpected message {}", msg_name(&m)),
-                    };
+                m => {
+                    let reason = format!("unexpected message {}", msg_name(&m));
                     tracing::warn!(peer = %node.name, "refusing peer: {reason}");
                     write_msg(
                         &mut s,
@@ -891,22 +987,104 @@ impl Peer {
         }
     }
 
-    fn handle_join(self: &Arc<Self>, node: &NodeInfo) -> Msg {
-        if crate::node::check_name("node", &node.name).is_err() {
-            return Msg::Refused {
-                reason: format!("invalid node name {:?}", node.name),
-            };
+    /// A connection without a certificate: it may redeem one invitation
+    /// token (join, or merge), in frames of at most `PREAUTH_MAX_FRAME`
+    /// bytes, and learns nothing before the token is accepted.
+    async fn serve_unauthenticated(self: &Arc<Self>, mut s: PeerStream) -> Result<()> {
+        let first = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            read_msg_max(&mut s, tls::PREAUTH_MAX_FRAME),
+        )
+        .await
+        .map_err(|_| anyhow!("unauthenticated peer sent nothing within {HANDSHAKE_TIMEOUT:?}"))?
+        .context("unauthenticated peer")?;
+        let refuse = |reason: String| Msg::Refused { reason };
+        match first {
+            Msg::Join {
+                token_id,
+                secret,
+                node,
+                public_key,
+            } => {
+                let reply = match self.admit_joiner(&token_id, &secret, &node, &public_key) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(joiner = %node.name, "refusing a join: {e:#}");
+                        refuse(format!("{e:#}"))
+                    }
+                };
+                write_msg(&mut s, &reply).await?;
+                Ok(())
+            }
+            Msg::MergeToken {
+                token_id,
+                secret,
+                node,
+            } => {
+                let now = now_ms();
+                if let Err(e) =
+                    self.tls
+                        .invites()
+                        .redeem(&token_id, &secret, InviteKind::Merge, now)
+                {
+                    tracing::warn!(peer = %node.name, "refusing a merge: {e:#}");
+                    write_msg(&mut s, &refuse(format!("{e:#}"))).await?;
+                    return Ok(());
+                }
+                write_msg(&mut s, &Msg::Ok).await?;
+                let next = tokio::time::timeout(EXCHANGE_TIMEOUT, read_msg(&mut s))
+                    .await
+                    .map_err(|_| anyhow!("{} sent no Merge", node.name))??;
+                let Msg::Merge {
+                    cluster_id,
+                    entries,
+                } = next
+                else {
+                    bail!(
+                        "{} sent {} after its merge token",
+                        node.name,
+                        msg_name(&next)
+                    );
+                };
+                let reply = self.handle_merge(&node, cluster_id, entries);
+                write_msg(&mut s, &reply).await?;
+                Ok(())
+            }
+            other => {
+                let reason = "authenticate first: this node talks only to nodes of its cluster (a certificate), or to the holder of a token from `marsadm invite`".to_string();
+                let _ = write_msg(&mut s, &refuse(reason)).await;
+                bail!("unauthenticated peer sent {}: refused", msg_name(&other))
+            }
         }
+    }
+
+    /// Check a joiner, use up its token, record it, and certify its key.
+    fn admit_joiner(
+        self: &Arc<Self>,
+        token_id: &str,
+        secret: &str,
+        node: &NodeInfo,
+        public_key: &[u8],
+    ) -> Result<Msg> {
+        crate::node::check_name("node", &node.name)
+            .map_err(|_| anyhow!("invalid node name {:?}", node.name))?;
+        crate::node::check_addr("--listen", &node.listen)?;
+        crate::node::check_addr("--nbd", &node.nbd)?;
         if node.id == 0 {
-            return Msg::Refused {
-                reason: format!("{} has no node id (a tool of another version?)", node.name),
-            };
+            bail!("{} has no node id (a tool of another version?)", node.name);
         }
         if meta::node(&self.store.lock(), &node.name).is_some() {
-            return Msg::Refused {
-                reason: format!("a node named {} is already in the cluster", node.name),
-            };
+            bail!("a node named {} is already in the cluster", node.name);
         }
+        let token = meta::NodeRef::new(&node.name, node.id).token();
+        if self.store.lock().get(&tls::revoked_key(&token)).is_some() {
+            bail!("{token} left the cluster before; join with a new node id");
+        }
+        self.tls
+            .invites()
+            .redeem(token_id, secret, InviteKind::Join, now_ms())?;
+        let ca_key = self.tls.ca_key_pem()?;
+        let cert = tls::issue(&self.tls.ca_pem, &ca_key, &token, public_key)?;
         self.set(
             &meta::node_key(&meta::NodeRef::new(&node.name, node.id)),
             meta::to_value(&NodeEntry {
@@ -916,10 +1094,13 @@ impl Peer {
         );
         self.save();
         tracing::info!(node = %node.name, listen = %node.listen, "node joined the cluster");
-        Msg::Joined {
+        Ok(Msg::Joined {
             cluster_id: self.cluster_id(),
             entries: self.cluster_entries(),
-        }
+            cert,
+            ca_cert: self.tls.ca_pem.clone(),
+            ca_key,
+        })
     }
 
     fn cluster_entries(&self) -> Vec<WireEntry> {
@@ -1006,17 +1187,28 @@ impl Peer {
         }
     }
 
-    /// `merge-cluster PEER`: bring the peer's whole cluster into this one.
-    pub async fn merge_cluster(self: &Arc<Self>, peer_addr: &str) -> Result<String> {
-        let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer_addr))
-            .await
-            .map_err(|_| anyhow!("connect to {peer_addr} timed out"))?
-            .with_context(|| format!("cannot reach {peer_addr}"))?;
+    /// `merge-cluster --token TOKEN PEER`: bring the peer's whole cluster
+    /// into this one (the token is from `invite --merge` on the peer's side).
+    pub async fn merge_cluster(self: &Arc<Self>, peer_addr: &str, token: &str) -> Result<String> {
+        let token = Token::parse(token)?;
+        let mut s = pinned_connect(peer_addr, &token).await?;
+        let their_node = tls_peer_identity(&s)?;
         let ours = self.cluster_id();
         let exchange = async {
-            let their_node = client_handshake(&mut s, Some(&ours), &self.me)
-                .await
-                .map_err(|e| anyhow!("{peer_addr}: {e}"))?;
+            write_msg(
+                &mut s,
+                &Msg::MergeToken {
+                    token_id: token.id.clone(),
+                    secret: token.secret.clone(),
+                    node: self.me.clone(),
+                },
+            )
+            .await?;
+            match read_msg(&mut s).await? {
+                Msg::Ok => {}
+                Msg::Refused { reason } => bail!("{peer_addr} refused the merge: {reason}"),
+                other => bail!("{peer_addr} answered {}", msg_name(&other)),
+            }
             write_msg(
                 &mut s,
                 &Msg::Merge {
@@ -1037,6 +1229,7 @@ impl Peer {
                 let top = entries.iter().map(|w| w.clock).max().unwrap_or(0);
                 self.store.lock().trust_clock(top);
                 self.merge(entries);
+                self.refresh_roots();
                 self.save();
                 self.announce_known();
                 Ok(their_node)
@@ -1045,13 +1238,6 @@ impl Peer {
             other => bail!("{peer_addr} answered {}", msg_name(&other)),
         }
     }
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Relation {
-    Member,
-    Joiner,
-    Foreign,
 }
 
 fn msg_name(m: &Msg) -> String {
@@ -1074,16 +1260,64 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// `marsadm join-cluster`: ask a running peer to admit this node; returns the cluster id and entries.
-pub async fn join(peer_addr: &str, me: &NodeInfo) -> Result<(String, Vec<WireEntry>)> {
-    let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer_addr))
+/// What `join-cluster` receives: the cluster, and this node's TLS material.
+pub struct JoinedCluster {
+    pub cluster_id: String,
+    pub entries: Vec<WireEntry>,
+    pub cert: String,
+    pub key: String,
+    pub ca_cert: String,
+    pub ca_key: String,
+}
+
+/// TCP and TLS to `peer_addr`, trusting only the CA the token pins.
+async fn pinned_connect(peer_addr: &str, token: &Token) -> Result<PeerStream> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer_addr))
         .await
         .map_err(|_| anyhow!("connect to {peer_addr} timed out"))?
-        .with_context(|| format!("cannot reach peer {peer_addr}"))?;
-    client_handshake(&mut s, None, me)
-        .await
-        .map_err(|e| anyhow!("{peer_addr}: {e}"))?;
-    write_msg(&mut s, &Msg::Join).await?;
+        .with_context(|| format!("cannot reach {peer_addr}"))?;
+    let connector = tokio_rustls::TlsConnector::from(tls::pinned_client(&token.pin)?);
+    let s = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        connector.connect(tls::server_name(), tcp),
+    )
+    .await
+    .map_err(|_| anyhow!("TLS handshake with {peer_addr} timed out"))?
+    .with_context(|| format!("{peer_addr} is not a node of the cluster the token names"))?;
+    Ok(PeerStream::Client(s))
+}
+
+/// The node name the certificate of the other side of `s` names.
+fn tls_peer_identity(s: &PeerStream) -> Result<String> {
+    let c = match s {
+        PeerStream::Client(c) => c.get_ref().1.peer_certificates(),
+        PeerStream::Server(c) => c.get_ref().1.peer_certificates(),
+    };
+    let ident = tls::identity(
+        c.and_then(|c| c.first())
+            .ok_or_else(|| anyhow!("the peer showed no certificate"))?,
+    )?;
+    Ok(meta::NodeRef::parse(&ident)
+        .map(|r| r.name)
+        .unwrap_or(ident))
+}
+
+/// `marsadm join-cluster --token TOKEN PEER`: ask a running node to admit
+/// this node; returns the cluster and this node's certificate.
+pub async fn join(peer_addr: &str, me: &NodeInfo, token: &str) -> Result<JoinedCluster> {
+    let token = Token::parse(token)?;
+    let mut s = pinned_connect(peer_addr, &token).await?;
+    let (key, public_key) = tls::new_key()?;
+    write_msg(
+        &mut s,
+        &Msg::Join {
+            token_id: token.id.clone(),
+            secret: token.secret.clone(),
+            node: me.clone(),
+            public_key,
+        },
+    )
+    .await?;
     match tokio::time::timeout(EXCHANGE_TIMEOUT, read_msg(&mut s))
         .await
         .map_err(|_| anyhow!("{peer_addr} did not answer"))??
@@ -1091,7 +1325,31 @@ pub async fn join(peer_addr: &str, me: &NodeInfo) -> Result<(String, Vec<WireEnt
         Msg::Joined {
             cluster_id,
             entries,
-        } => Ok((cluster_id, entries)),
+            cert,
+            ca_cert,
+            ca_key,
+        } => {
+            let want = meta::NodeRef::new(&me.name, me.id).token();
+            let got = rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes())
+                .map_err(|e| anyhow!("{peer_addr} sent a damaged certificate: {e:?}"))
+                .and_then(|c| tls::identity(&c))?;
+            if got != want {
+                bail!("{peer_addr} certified {got}, not {want}");
+            }
+            let ca = rustls::pki_types::CertificateDer::from_pem_slice(ca_cert.as_bytes())
+                .map_err(|e| anyhow!("{peer_addr} sent a damaged CA: {e:?}"))?;
+            if tls::pin_of(&ca) != token.pin {
+                bail!("{peer_addr} sent another CA than the token names");
+            }
+            Ok(JoinedCluster {
+                cluster_id,
+                entries,
+                cert,
+                key,
+                ca_cert,
+                ca_key,
+            })
+        }
         Msg::Refused { reason } => bail!("{peer_addr} refused: {reason}"),
         other => bail!("{peer_addr} answered {}", msg_name(&other)),
     }

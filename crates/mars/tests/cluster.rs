@@ -101,14 +101,16 @@ fn clusters_merge_and_overlapping_names_are_refused() {
     let dc = c[0].disk("ra.img", 4 << 20);
     c[0].adm_ok(&["create-resource", "ra", dc.to_str().unwrap()]);
     let c_id = c[0].view_json()["cluster"]["id"].clone();
-    let err = a[0].adm_err(&["merge-cluster", &c[0].listen]);
+    let t = c[0].adm_ok(&["invite", "--merge"]);
+    let err = a[0].adm_err(&["merge-cluster", "--token", t.trim(), &c[0].listen]);
     assert!(err.contains("ra") && err.contains("both"), "{err}");
     assert_eq!(c[0].view_json()["cluster"]["id"], c_id);
     assert_eq!(view_nodes(&a[0].view_json()).len(), 2);
 
     // A and B merge into A's cluster.
     let a_id = a[0].view_json()["cluster"]["id"].clone();
-    a[0].adm_ok(&["merge-cluster", &b[0].listen]);
+    let t = b[0].adm_ok(&["invite", "--merge"]);
+    a[0].adm_ok(&["merge-cluster", "--token", t.trim(), &b[0].listen]);
     let names = ["alpha", "beta", "delta", "gamma"];
     for n in a.iter().chain(b.iter()) {
         n.wait_view("one merged cluster", |v| {
@@ -128,51 +130,25 @@ fn clusters_merge_and_overlapping_names_are_refused() {
 }
 
 #[test]
-fn peers_of_other_clusters_or_versions_are_refused() {
+fn peers_of_other_versions_or_names_are_refused() {
     let nodes = start_cluster(&["alpha"]);
+    // An insider: a node directory of this cluster (never started), with its certificate.
+    let tool = tool_member("tool", &nodes[0]);
     let before = nodes[0].view_json();
+    let me = tool.info();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let me = NodeInfo {
-        name: "mallory".into(),
-        listen: "127.0.0.1:1".into(),
-        nbd: "127.0.0.1:2".into(),
-        id: 7,
-    };
     rt.block_on(async {
-        // Another cluster: the handshake is answered, but anti-entropy and pushes are refused.
-        let mut s = tokio::net::TcpStream::connect(&nodes[0].listen)
-            .await
-            .unwrap();
-        client_handshake(&mut s, Some("some-other-cluster"), &me)
-            .await
-            .unwrap();
-        let push = Msg::Push {
-            entries: vec![mars_proto::WireEntry {
-                key: "c/d/node/mallory".into(),
-                clock: 1 << 40,
-                node: "mallory".into(),
-                value: Some(serde_json::json!({"listen": "127.0.0.1:1", "nbd": "127.0.0.1:2"})),
-                deleted_ms: 0,
-            }],
-        };
-        write_msg(&mut s, &push).await.unwrap();
-        match read_msg(&mut s).await.unwrap() {
-            Msg::Refused { reason } => assert!(reason.contains("cluster"), "{reason}"),
-            other => panic!("expected Refused, got {other:?}"),
-        }
         // Another protocol version: refused at the handshake.
-        let mut s = tokio::net::TcpStream::connect(&nodes[0].listen)
-            .await
-            .unwrap();
+        let mut s = tool.tls_connect(&nodes[0].listen).await.unwrap();
         let id = before["cluster"]["id"].as_str().unwrap().to_string();
         write_msg(
             &mut s,
             &Msg::Hello {
                 version: 99,
-                cluster_id: Some(id),
+                cluster_id: Some(id.clone()),
                 node: me.clone(),
             },
         )
@@ -182,6 +158,19 @@ fn peers_of_other_clusters_or_versions_are_refused() {
             Msg::Refused { reason } => assert!(reason.contains("version"), "{reason}"),
             other => panic!("expected Refused, got {other:?}"),
         }
+        // A Hello that claims another node than the certificate: refused.
+        let mut s = tool.tls_connect(&nodes[0].listen).await.unwrap();
+        let err = client_handshake(
+            &mut s,
+            Some(&id),
+            &NodeInfo {
+                name: "alpha".into(),
+                ..me.clone()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(format!("{err}").contains("certificate"), "{err}");
         // Garbage: the connection is closed, nothing else happens.
         use tokio::io::AsyncWriteExt;
         let mut s = tokio::net::TcpStream::connect(&nodes[0].listen)
@@ -194,16 +183,21 @@ fn peers_of_other_clusters_or_versions_are_refused() {
             read_msg(&mut s).await,
             Err(ProtoError::Io(_)) | Err(_)
         ));
-        // A join under a name already in the cluster is refused.
+        // A join under a name already in the cluster is refused (and does
+        // not use up the token).
+        let token = nodes[0].adm_ok(&["invite"]);
         let err = mars::peer::join(
             &nodes[0].listen,
             &NodeInfo {
                 name: "alpha".into(),
+                id: 99,
                 ..me.clone()
             },
+            token.trim(),
         )
         .await
-        .unwrap_err();
+        .err()
+        .expect("refused");
         assert!(
             format!("{err:#}").contains("already in the cluster"),
             "{err:#}"

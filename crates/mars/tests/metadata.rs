@@ -18,9 +18,11 @@ fn push(to: &Node, entries: Vec<WireEntry>) {
         .enable_all()
         .build()
         .unwrap();
+    // A node of the cluster (a directory made by invite + join-cluster).
+    let tool = tool_member(&format!("tool{}", rand::random::<u32>()), to);
     rt.block_on(async {
-        let mut s = tokio::net::TcpStream::connect(&to.listen).await.unwrap();
-        client_handshake(&mut s, Some(&id), &tool_node("tool"))
+        let mut s = tool.tls_connect(&to.listen).await.unwrap();
+        client_handshake(&mut s, Some(&id), &tool.info())
             .await
             .unwrap();
         write_msg(&mut s, &Msg::Push { entries }).await.unwrap();
@@ -77,7 +79,8 @@ fn a_merge_never_deletes_a_live_resource_or_node_of_the_same_name() {
     y[1].adm_ok(&["leave-cluster"]);
     y[0].wait_view("Y's beta gone", |v| view_nodes(v).len() == 1);
 
-    x[0].adm_ok(&["merge-cluster", &y[0].listen]);
+    let t = y[0].adm_ok(&["invite", "--merge"]);
+    x[0].adm_ok(&["merge-cluster", "--token", t.trim(), &y[0].listen]);
     // alpha holds Y's entries now; `up` converges it at once.
     x[0].adm_ok(&["up", "r0"]);
     for n in [&x[0], &x[1], &y[0]] {

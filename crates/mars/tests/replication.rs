@@ -1202,13 +1202,13 @@ fn fetch_answers_come_in_order_and_a_bad_request_ends_the_stream() {
         .enable_all()
         .build()
         .unwrap();
+    let tool = tool_member("fetcher", &nodes[0]);
     rt.block_on(async {
         use mars_proto::{client_handshake, read_data, read_msg, write_msg, Msg};
-        let me = tool_node("fetcher");
-        let mut s = tokio::net::TcpStream::connect(&nodes[0].listen)
+        let mut s = tool.tls_connect(&nodes[0].listen).await.unwrap();
+        client_handshake(&mut s, Some(&id), &tool.info())
             .await
             .unwrap();
-        client_handshake(&mut s, Some(&id), &me).await.unwrap();
         write_msg(&mut s, &Msg::LogList { res: r0.clone() })
             .await
             .unwrap();

@@ -43,13 +43,31 @@ enum Cmd {
         listen: String,
         #[arg(long, default_value = "127.0.0.1:10809")]
         nbd: String,
+        /// The one-time token `marsadm invite` printed on a node of the cluster
+        /// (required: it proves the invitation and names the cluster's CA).
+        #[arg(long)]
+        token: Option<String>,
         peer: String,
     },
-    /// Remove this node from its cluster.
+    /// Remove this node from its cluster (its certificate is revoked).
     LeaveCluster,
     /// Merge the peer's whole cluster into this one.
     MergeCluster {
+        /// The token `marsadm invite --merge` printed on a node of the peer's cluster.
+        #[arg(long)]
+        token: Option<String>,
         peer: String,
+    },
+    /// Print a one-time token that lets one new node join this cluster
+    /// (`join-cluster --token`), or with --merge one other cluster merge this
+    /// one into itself (`merge-cluster --token`).
+    Invite {
+        /// A token for `merge-cluster` instead of `join-cluster`.
+        #[arg(long)]
+        merge: bool,
+        /// Seconds until the token expires.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
     },
     /// Create RES on DISK; this node becomes its primary.
     CreateResource {
@@ -256,8 +274,12 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
             node,
             listen,
             nbd,
+            token,
             peer,
         } => {
+            let Some(token) = token else {
+                bail!("join-cluster needs --token TOKEN: run `marsadm invite` on a node of the cluster and pass what it prints");
+            };
             mars::node::check_new_node(dir, &node, &listen, &nbd)?;
             let me = mars_proto::NodeInfo {
                 name: node.clone(),
@@ -268,8 +290,9 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (cluster_id, entries) = rt.block_on(mars::peer::join(&peer, &me))?;
-            mars::node::init_joined(dir, &node, me.id, &listen, &nbd, &cluster_id, entries)?;
+            let j = rt.block_on(mars::peer::join(&peer, &me, &token))?;
+            let cluster_id = j.cluster_id.clone();
+            mars::node::init_joined(dir, &me, j)?;
             println!(
                 "{node} joined cluster {cluster_id} through {peer}; start it with: marsd --dir {}",
                 dir.display()
@@ -277,7 +300,24 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
             Ok(0)
         }
         Cmd::LeaveCluster => say(dir, Request::LeaveCluster),
-        Cmd::MergeCluster { peer } => say(dir, Request::MergeCluster { peer }),
+        Cmd::MergeCluster { peer, token } => {
+            let Some(token) = token else {
+                bail!("merge-cluster needs --token TOKEN: run `marsadm invite --merge` on a node of {peer}'s cluster and pass what it prints");
+            };
+            say(dir, Request::MergeCluster { peer, token })
+        }
+        Cmd::Invite { merge, ttl } => {
+            if ttl == 0 {
+                bail!("--ttl must be at least 1 second");
+            }
+            say(
+                dir,
+                Request::Invite {
+                    merge,
+                    ttl_secs: ttl,
+                },
+            )
+        }
         Cmd::DebugBlock { nodes } => say(
             dir,
             Request::DebugBlock {

@@ -82,6 +82,14 @@ fn bind_tcp(what: &str, addr: &str) -> Result<std::net::TcpListener> {
 fn run(dir: &Path) -> Result<()> {
     let cfg = node::load_node(dir)?;
     let _lock = lock_dir(dir)?;
+    let tls = std::sync::Arc::new(mars::tls::Tls::load(dir)?);
+    let want = mars_meta::schema::NodeRef::new(&cfg.node, cfg.node_id).token();
+    if tls.identity()? != want {
+        anyhow::bail!(
+            "the certificate in {} is not this node's ({want})",
+            mars::tls::tls_dir(dir).display()
+        );
+    }
     let nbd = bind_tcp("NBD", &cfg.nbd)?;
     let peer = bind_tcp("peer (--listen)", &cfg.listen)?;
     let udp =
@@ -116,6 +124,7 @@ fn run(dir: &Path) -> Result<()> {
                 cluster_id: cfg.cluster_id.clone(),
                 former_ids: cfg.former_cluster_ids.clone(),
                 udp,
+                tls,
             },
             peer_tcp,
         )?;

@@ -15,13 +15,44 @@ pub const MARSD: &str = env!("CARGO_BIN_EXE_marsd");
 pub const MARSADM: &str = env!("CARGO_BIN_EXE_marsadm");
 
 /// Who a test speaking the peer protocol itself says it is (no node: it
-/// listens nowhere).
+/// listens nowhere). An outsider: it has no certificate.
 pub fn tool_node(name: &str) -> mars_proto::NodeInfo {
     mars_proto::NodeInfo {
         name: name.into(),
         listen: "127.0.0.1:1".into(),
         nbd: "127.0.0.1:2".into(),
         id: 7,
+    }
+}
+
+/// An insider for tests that speak the peer protocol themselves: a node
+/// directory made by `invite` + `join-cluster` through `via` (marsd never
+/// started there), whose certificate makes it a node of the cluster.
+pub fn tool_member(name: &str, via: &Node) -> Node {
+    Node::join(name, via)
+}
+
+impl Node {
+    /// This node as the peer protocol names it (`Hello`).
+    pub fn info(&self) -> mars_proto::NodeInfo {
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&read(&self.dir.join("node.json"))).expect("node.json");
+        mars_proto::NodeInfo {
+            name: self.name.clone(),
+            listen: self.listen.clone(),
+            nbd: self.nbd.clone(),
+            id: cfg["node_id"].as_u64().expect("node_id"),
+        }
+    }
+
+    /// A TLS connection to `addr` with this node's certificate (no `Hello` yet).
+    pub async fn tls_connect(&self, addr: &str) -> std::io::Result<mars_replication::PeerStream> {
+        let tls = mars::tls::Tls::load(&self.dir).map_err(std::io::Error::other)?;
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let s = tokio_rustls::TlsConnector::from(tls.client())
+            .connect(mars::tls::server_name(), tcp)
+            .await?;
+        Ok(mars_replication::PeerStream::Client(s))
     }
 }
 
@@ -118,6 +149,12 @@ impl Node {
     }
 
     /// A node directory path and free ports; nothing initialised yet.
+    /// A fresh directory (nothing made in it yet), for tests that run
+    /// `create-cluster` or `join-cluster` themselves.
+    pub fn create_dir_only(name: &str) -> Node {
+        Node::fresh(name)
+    }
+
     fn fresh(name: &str) -> Node {
         let listen = format!("127.0.0.1:{}", free_port());
         let nbd = format!("127.0.0.1:{}", free_port());
@@ -218,6 +255,11 @@ impl Node {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The running marsd's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     pub fn kill9(&mut self) {
@@ -442,6 +484,7 @@ impl Node {
     fn join_as(node: Node, via: &Node) -> Node {
         let name = node.name.clone();
         let name = name.as_str();
+        let token = via.adm_ok(&["invite"]);
         node.adm_ok(&[
             "join-cluster",
             "--node",
@@ -450,6 +493,8 @@ impl Node {
             &node.listen,
             "--nbd",
             &node.nbd,
+            "--token",
+            token.trim(),
             &via.listen,
         ]);
         node

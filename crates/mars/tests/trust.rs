@@ -1,0 +1,320 @@
+//! Only the cluster talks to the cluster (issue 17): outsiders with no
+//! credential, with the cluster id, with the CA's pin or with a certificate
+//! of another CA learn nothing and change nothing; tokens are used once and
+//! expire; a node that left is refused; a flood of idle connections passes.
+
+mod common;
+use common::*;
+use mars_proto::{client_handshake, read_msg, write_msg, Msg, NodeInfo, WireEntry};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SIZE: u64 = 4 << 20;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Everything `s` sends until it closes (or 5 s pass).
+async fn drain<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    out
+}
+
+/// What an outsider would like to send once connected.
+fn requests(cluster_id: &str, res: &str, me: &NodeInfo) -> Vec<Msg> {
+    vec![
+        Msg::Hello {
+            version: mars_proto::PROTOCOL_VERSION,
+            cluster_id: Some(cluster_id.into()),
+            node: me.clone(),
+        },
+        Msg::Hello {
+            version: mars_proto::PROTOCOL_VERSION,
+            cluster_id: None,
+            node: me.clone(),
+        },
+        Msg::LogList { res: res.into() },
+        Msg::SyncStart { res: res.into() },
+        Msg::Push {
+            entries: vec![WireEntry {
+                key: "c/d/node/mallory@0000000000000007".into(),
+                clock: 1 << 40,
+                node: "mallory".into(),
+                value: Some(serde_json::json!({"listen": "127.0.0.1:1", "nbd": "127.0.0.1:2"})),
+                deleted_ms: 0,
+            }],
+        },
+        Msg::Merge {
+            cluster_id: "0123456789abcdef0123456789abcdef".into(),
+            entries: Vec::new(),
+        },
+    ]
+}
+
+#[test]
+fn outsiders_learn_nothing_and_change_nothing() {
+    let nodes = start_cluster(&["alpha", "beta"]);
+    let disk = nodes[0].disk("a.img", SIZE);
+    nodes[0].adm_ok(&["create-resource", "r0", disk.to_str().unwrap()]);
+    let before = nodes[0].view_json();
+    let id = before["cluster"]["id"].as_str().unwrap().to_string();
+    let r0 = resource(&before, "r0").unwrap()["incarnation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The CA's pin is in every token: the strongest outsider knows it.
+    let token = nodes[0].adm_ok(&["invite"]);
+    let pin = token.trim().rsplit('.').next().unwrap().to_string();
+    // Another cluster, with its own CA: a node certificate that is valid, but not here.
+    let foreign = Node::create("mallory");
+    let me = tool_node("mallory");
+    rt().block_on(async {
+        for m in requests(&id, &r0, &me) {
+            // 1. No credential, plain TCP: the peer port speaks TLS only.
+            let mut s = tokio::net::TcpStream::connect(&nodes[0].listen)
+                .await
+                .unwrap();
+            let _ = write_msg(&mut s, &m).await;
+            let got = drain(&mut s).await;
+            assert!(
+                !String::from_utf8_lossy(&got).contains(&id),
+                "plain TCP learned the cluster id"
+            );
+            // 2. TLS without a certificate (trusting the pinned CA): refused,
+            // and the answer holds no cluster id.
+            let tcp = tokio::net::TcpStream::connect(&nodes[0].listen)
+                .await
+                .unwrap();
+            let mut s = tokio_rustls::TlsConnector::from(mars::tls::pinned_client(&pin).unwrap())
+                .connect(mars::tls::server_name(), tcp)
+                .await
+                .unwrap();
+            write_msg(&mut s, &m).await.unwrap();
+            match read_msg(&mut s).await {
+                Ok(Msg::Refused { reason }) => {
+                    assert!(reason.contains("authenticate"), "{reason}");
+                    assert!(!reason.contains(&id), "{reason}");
+                }
+                Ok(other) => panic!("an outsider got {other:?}"),
+                Err(_) => {}
+            }
+            // 3. A certificate of another CA: no TLS session at all.
+            let r = foreign.tls_connect(&nodes[0].listen).await;
+            if let Ok(mut s) = r {
+                // TLS 1.3: the server may reject the client certificate after
+                // the client considers the handshake done.
+                let _ = write_msg(&mut s, &m).await;
+                let got = drain(&mut s).await;
+                assert!(
+                    !String::from_utf8_lossy(&got).contains(&id),
+                    "a foreign certificate learned the cluster id"
+                );
+            }
+        }
+        // A frame larger than a few KiB before authentication: dropped unread.
+        let tcp = tokio::net::TcpStream::connect(&nodes[0].listen)
+            .await
+            .unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(mars::tls::pinned_client(&pin).unwrap())
+            .connect(mars::tls::server_name(), tcp)
+            .await
+            .unwrap();
+        let mut header = Vec::new();
+        header.extend_from_slice(b"MRSP");
+        header.extend_from_slice(&mars_proto::PROTOCOL_VERSION.to_le_bytes());
+        header.extend_from_slice(&1u16.to_le_bytes());
+        header.extend_from_slice(&(8u32 << 20).to_le_bytes());
+        header.extend_from_slice(&0u32.to_le_bytes());
+        s.write_all(&header).await.unwrap();
+        s.flush().await.unwrap();
+        let got = drain(&mut s).await;
+        assert!(got.is_empty(), "answered an oversized frame: {got:?}");
+    });
+    let after = nodes[0].view_json();
+    assert_eq!(view_nodes(&after), view_nodes(&before), "no node added");
+    assert_eq!(after["cluster"]["id"], before["cluster"]["id"]);
+    assert!(resource(&after, "r0").is_some(), "r0 still there");
+    assert_eq!(
+        resource(&after, "r0").unwrap()["incarnation"],
+        resource(&before, "r0").unwrap()["incarnation"]
+    );
+    let log = nodes[0].log_text();
+    assert!(
+        log.contains("TLS handshake") || log.contains("unauthenticated"),
+        "{log}"
+    );
+}
+
+#[test]
+fn tokens_are_used_once_expire_and_pin_their_cluster() {
+    let nodes = start_cluster(&["alpha"]);
+    let join = |name: &str, token: Option<&str>, via: &Node| {
+        let n = Node::create_dir_only(name);
+        let mut args = vec![
+            "join-cluster".to_string(),
+            "--node".into(),
+            name.into(),
+            "--listen".into(),
+            n.listen.clone(),
+            "--nbd".into(),
+            n.nbd.clone(),
+        ];
+        if let Some(t) = token {
+            args.push("--token".into());
+            args.push(t.into());
+        }
+        args.push(via.listen.clone());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        (n.adm(&args), n)
+    };
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    // Without a token: refused, and the message says what to do.
+    let (out, _) = join("beta", None, &nodes[0]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("invite"), "{}", stderr(&out));
+    // A token works once.
+    let t = nodes[0].adm_ok(&["invite"]);
+    let t = t.trim();
+    let (out, beta) = join("beta", Some(t), &nodes[0]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(beta.dir.join("node.json").exists());
+    let (out, gamma) = join("gamma", Some(t), &nodes[0]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("used"), "{}", stderr(&out));
+    assert!(
+        !gamma.dir.join("node.json").exists(),
+        "nothing made of the refused node"
+    );
+    // A merge token does not join.
+    let m = nodes[0].adm_ok(&["invite", "--merge"]);
+    let (out, _) = join("gamma", Some(m.trim()), &nodes[0]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("merg"), "{}", stderr(&out));
+    // An expired token is refused.
+    let e = nodes[0].adm_ok(&["invite", "--ttl", "1"]);
+    let t0 = Instant::now();
+    wait_for("the token to expire", Duration::from_secs(5), || {
+        t0.elapsed() > Duration::from_millis(1200)
+    });
+    let (out, _) = join("gamma", Some(e.trim()), &nodes[0]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("expired"), "{}", stderr(&out));
+    // A token of this cluster shown to a node of another: the CA does not match.
+    let mut other = Node::create("omega");
+    other.start();
+    let t = nodes[0].adm_ok(&["invite"]);
+    let (out, _) = join("gamma", Some(t.trim()), &other);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not a node of the cluster the token names"),
+        "{}",
+        stderr(&out)
+    );
+    // A garbled token.
+    let (out, _) = join("gamma", Some("mars1.xyz"), &nodes[0]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not a mars token"),
+        "{}",
+        stderr(&out)
+    );
+    // Key files are the owner's only.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["ca.key", "node.key", "invites.json"] {
+        let mode = std::fs::metadata(nodes[0].dir.join("tls").join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{f} mode {mode:o}");
+    }
+}
+
+#[test]
+fn a_node_that_left_is_refused() {
+    let mut nodes = start_cluster(&["alpha", "beta", "gamma"]);
+    let id = nodes[0].view_json()["cluster"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let gamma = nodes[2].info();
+    nodes[2].adm_ok(&["leave-cluster"]);
+    nodes[2].kill9();
+    nodes[0].wait_view("gamma gone", |v| {
+        !view_nodes(v).iter().any(|(n, _)| n == "gamma")
+    });
+    rt().block_on(async {
+        // Its certificate still chains to the CA, but it is revoked.
+        if let Ok(mut s) = nodes[2].tls_connect(&nodes[0].listen).await {
+            let r = client_handshake(&mut s, Some(&id), &gamma).await;
+            r.expect_err("a node that left was let in");
+        }
+    });
+    wait_for("the refusal logged", Duration::from_secs(10), || {
+        nodes[0].log_text().contains("revoked")
+    });
+}
+
+/// Idle connections to the peer port are dropped after the handshake
+/// timeout; the device answers meanwhile, and memory comes back.
+#[test]
+fn a_flood_of_idle_connections_passes() {
+    let nodes = start_cluster(&["alpha"]);
+    let disk = nodes[0].disk("a.img", SIZE);
+    nodes[0].adm_ok(&["create-resource", "r0", disk.to_str().unwrap()]);
+    let pid = nodes[0].pid().unwrap();
+    let rss = || -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        s.lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    let base = rss();
+    let mut conns = Vec::new();
+    for _ in 0..300 {
+        if let Ok(s) = std::net::TcpStream::connect(&nodes[0].listen) {
+            conns.push(s);
+        }
+    }
+    // Half of them start a TLS handshake and stop.
+    for c in conns.iter_mut().step_by(2) {
+        use std::io::Write;
+        let _ = c.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00]);
+    }
+    let mut c = nodes[0].nbd("r0");
+    assert_eq!(c.write(0, &[7u8; 4096], true).unwrap(), 0);
+    assert_eq!(c.read(0, 4096).unwrap().1, vec![7u8; 4096]);
+    assert!(resource(&nodes[0].view_json(), "r0").is_some());
+    // The node drops them by itself (handshake timeout).
+    wait_for("idle connections dropped", Duration::from_secs(20), || {
+        use std::io::Read;
+        conns.iter_mut().all(|c| {
+            c.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+            let mut b = [0u8; 512];
+            loop {
+                match c.read(&mut b) {
+                    Ok(0) => return true,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        return !matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        )
+                    }
+                }
+            }
+        })
+    });
+    drop(conns);
+    wait_for(
+        "memory back near its baseline",
+        Duration::from_secs(20),
+        || rss() < base + 16 * 1024,
+    );
+}
