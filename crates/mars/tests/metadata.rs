@@ -18,11 +18,11 @@ fn push(to: &Node, entries: Vec<WireEntry>) {
         .enable_all()
         .build()
         .unwrap();
-    // A node of the cluster (a directory made by invite + join-cluster).
-    let tool = tool_member(&format!("tool{}", rand::random::<u32>()), to);
+    // As a node of the cluster: `to` itself, with its own certificate (a
+    // tool node would stay in the cluster as a dead node).
     rt.block_on(async {
-        let mut s = tool.tls_connect(&to.listen).await.unwrap();
-        client_handshake(&mut s, Some(&id), &tool.info())
+        let mut s = to.tls_connect(&to.listen).await.unwrap();
+        client_handshake(&mut s, Some(&id), &to.info())
             .await
             .unwrap();
         write_msg(&mut s, &Msg::Push { entries }).await.unwrap();
