@@ -81,6 +81,7 @@ fn bind_tcp(what: &str, addr: &str) -> Result<std::net::TcpListener> {
 
 fn run(dir: &Path) -> Result<()> {
     let cfg = node::load_node(dir)?;
+    let nbd_options = mars::nbd_tls::server_options(dir, &cfg)?;
     let _lock = lock_dir(dir)?;
     let nbd = bind_tcp("NBD", &cfg.nbd)?;
     let peer = bind_tcp("peer (--listen)", &cfg.listen)?;
@@ -125,9 +126,10 @@ fn run(dir: &Path) -> Result<()> {
         daemon.catch_up_before_serving().await;
         daemon.reconcile().await;
         tracing::info!(node = %cfg.node, cluster = %cfg.cluster_id, nbd = %cfg.nbd, listen = %cfg.listen, "marsd started");
+        tracing::info!("NBD: {}", mars::nbd_tls::describe(&cfg, &nbd_options));
         let registry: Arc<dyn mars_nbd::Registry> = daemon.exports.clone();
         tokio::spawn(async move {
-            if let Err(e) = mars_nbd::serve(nbd, registry).await {
+            if let Err(e) = mars_nbd::serve_with(nbd, registry, nbd_options).await {
                 tracing::error!("NBD server stopped: {e}");
             }
         });
