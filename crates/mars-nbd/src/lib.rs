@@ -32,7 +32,8 @@
 //! handshake counts against [`HANDSHAKE_TIMEOUT`].
 //!
 //! [`ServerOptions::allow`] ([`AllowList`]): connections from other addresses
-//! are closed at accept, before anything is sent, with a log line.
+//! are closed at accept, before anything is sent, with a log line (at most one
+//! a second, counting the others).
 //!
 //! Transmission after TLS is the same code as in plaintext, generic over the
 //! stream (the TLS stream is split with `tokio::io::split`; plain TCP with
@@ -252,6 +253,7 @@ pub async fn serve_with(
     options: ServerOptions,
 ) -> io::Result<()> {
     let tls = Arc::new(options.tls);
+    let mut refusals = RefusalLog::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(v) => v,
@@ -264,8 +266,8 @@ pub async fn serve_with(
         };
         if let Some(allow) = &options.allow {
             if !allow.allows(peer.ip()) {
-                tracing::warn!(%peer, "nbd: connection refused: address not on the allow-list (nbd_allow)");
                 drop(stream);
+                refusals.note(peer);
                 continue;
             }
         }
@@ -281,6 +283,35 @@ pub async fn serve_with(
                 Err(e) => tracing::warn!(%peer, error = %e, "nbd: connection ended with error"),
             }
         });
+    }
+}
+
+/// Logs connections refused by the allow-list: the first of each second with
+/// its address, and how many more there were, so that a flood does not flood
+/// the log.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, peer: std::net::SocketAddr) {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.unlogged += 1;
+            return;
+        }
+        self.last = Some(now);
+        let more = std::mem::take(&mut self.unlogged);
+        if more > 0 {
+            tracing::warn!(%peer, "nbd: connection refused: address not on the allow-list (nbd_allow); {more} more refused since the last such line");
+        } else {
+            tracing::warn!(%peer, "nbd: connection refused: address not on the allow-list (nbd_allow)");
+        }
     }
 }
 

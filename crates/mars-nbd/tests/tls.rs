@@ -301,6 +301,55 @@ async fn tls_then_export_name_honours_no_zeroes() {
     finish(h).await.unwrap();
 }
 
+/// Requests the client sends in the same flight as NBD_OPT_GO, inside TLS,
+/// are served (they are in the TLS stream's read buffer when transmission
+/// starts).
+#[tokio::test]
+async fn requests_pipelined_behind_go_inside_tls() {
+    let pki = pki();
+    let (reg, export) = MemRegistry::with("vol", MemExport::new(4 << 20));
+    let (mut s, h) = start_with(reg, Tls::Optional(acceptor(&pki, None)));
+    greet(&mut s).await;
+    let mut t = start_tls(s, &connector(&pki.ca, None)).await.unwrap();
+    let info = encode_info_request(b"vol", &[]);
+    let mut b = encode_option_header(NBD_OPT_GO, info.len() as u32).to_vec();
+    b.extend_from_slice(&info);
+    for c in 0..8u64 {
+        let r = Request {
+            flags: 0,
+            kind: mars_nbd::Command::from_u16(NBD_CMD_WRITE),
+            cookie: c,
+            offset: c * 4096,
+            length: 4096,
+        };
+        b.extend_from_slice(&encode_request(&r));
+        b.extend_from_slice(&[c as u8 + 1; 4096]);
+    }
+    t.write_all(&b).await.unwrap();
+    t.flush().await.unwrap();
+    let mut typ = reply(&mut t, NBD_OPT_GO).await.0;
+    while typ == NBD_REP_INFO {
+        typ = reply(&mut t, NBD_OPT_GO).await.0;
+    }
+    assert_eq!(typ, NBD_REP_ACK);
+    for _ in 0..8 {
+        let mut h = [0u8; SIMPLE_REPLY_LEN];
+        tokio::time::timeout(T, t.read_exact(&mut h))
+            .await
+            .expect("reply")
+            .unwrap();
+        assert_eq!(parse_simple_reply(&h).unwrap().0, 0);
+    }
+    let data = export.snapshot();
+    for c in 0..8usize {
+        assert!(data[c * 4096..(c + 1) * 4096]
+            .iter()
+            .all(|&x| x == c as u8 + 1));
+    }
+    exercise(&mut t, &export).await;
+    finish(h).await.unwrap();
+}
+
 #[tokio::test]
 async fn required_tls_refuses_everything_before_starttls() {
     let pki = pki();
