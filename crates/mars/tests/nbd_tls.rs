@@ -359,11 +359,11 @@ fn greeted_from(from: &str, to: &str) -> bool {
 }
 
 /// `nbd_allow`: an address not on the list is closed at accept (and logged),
-/// one on it is served.
+/// one on it is served. (TLS off here: an `nbds://` client is refused.)
 #[test]
 fn allow_list_closes_other_addresses() {
     tools();
-    let (n, _p) = node_with(|_| serde_json::json!({ "nbd_allow": ["127.0.0.1", "10.0.0.0/8"] }));
+    let (n, p) = node_with(|_| serde_json::json!({ "nbd_allow": ["127.0.0.1", "10.0.0.0/8"] }));
     assert!(
         n.log_text()
             .contains("NBD: TLS off, clients from 127.0.0.1, 10.0.0.0/8"),
@@ -372,6 +372,14 @@ fn allow_list_closes_other_addresses() {
     );
     assert!(greeted_from("127.0.0.1", &n.nbd));
     assert_eq!(nbdinfo_size(&n.uri("r0")), 16 * MIB);
+    // Without nbd_tls, STARTTLS is refused (ERR_POLICY) and a client that
+    // asked for TLS gives up rather than going on in plaintext.
+    let o = output(Command::new("nbdinfo").args(["--json", &nbds(&n, &p.anonymous)]));
+    assert!(
+        !o.status.success(),
+        "nbds:// without TLS was served: {}",
+        text(&o)
+    );
     assert!(!greeted_from("127.0.0.2", &n.nbd), "127.0.0.2 was greeted");
     wait_for("the refusal logged", Duration::from_secs(10), || {
         n.log_text().contains("not on the allow-list")
