@@ -8,12 +8,36 @@
 //! the 124 zero bytes are omitted when the client set `NO_ZEROES`), `GO`/`INFO`
 //! (reply `NBD_INFO_EXPORT`, `NBD_INFO_BLOCK_SIZE` = 1/4096/32 MiB, and
 //! `NBD_INFO_NAME` when asked; unknown export: `ERR_UNKNOWN`), `LIST` and `ABORT`
-//! (ACK, then close). Everything else (`STRUCTURED_REPLY`, `STARTTLS`, meta
-//! contexts, extended headers, ...) gets `ERR_UNSUP`: only simple replies are used.
+//! (ACK, then close), `STARTTLS` (see TLS below). Everything else
+//! (`STRUCTURED_REPLY`, meta contexts, extended headers, ...) gets `ERR_UNSUP`:
+//! only simple replies are used.
 //! Malformed payloads get `ERR_INVALID`; payloads over 64 KiB get `ERR_TOO_BIG` and
 //! the connection is closed without reading them. The handshake must complete
 //! within [`HANDSHAKE_TIMEOUT`]. The empty export name is not
 //! special: it is looked up in the [`Registry`] like any other name.
+//!
+//! # TLS and who may connect
+//! [`ServerOptions::tls`] ([`Tls`]): `Off` answers `NBD_OPT_STARTTLS` with
+//! `ERR_POLICY` (NOTLS); `Optional` answers it with `ACK`, runs the TLS
+//! handshake (rustls) and starts the option haggling again inside TLS, as the
+//! spec requires (no state is kept; the greeting and client flags are not
+//! repeated); a client that never asks stays in plaintext; `Required` is the
+//! spec's FORCEDTLS: before TLS, every option other than `STARTTLS` and `ABORT`
+//! gets `ERR_TLS_REQD`, and `EXPORT_NAME` (which cannot fail) closes the
+//! connection. Inside TLS a second `STARTTLS` gets `ERR_INVALID`, and
+//! `ERR_TLS_REQD` is never sent. `STARTTLS` with a payload gets `ERR_INVALID`;
+//! bytes the client sent behind `STARTTLS` before the `ACK` close the
+//! connection. A failed TLS handshake (e.g. a client certificate the
+//! configured client CA did not issue) closes the connection. The TLS
+//! handshake counts against [`HANDSHAKE_TIMEOUT`].
+//!
+//! [`ServerOptions::allow`] ([`AllowList`]): connections from other addresses
+//! are closed at accept, before anything is sent, with a log line (at most one
+//! a second, counting the others).
+//!
+//! Transmission after TLS is the same code as in plaintext, generic over the
+//! stream (the TLS stream is split with `tokio::io::split`; plain TCP with
+//! `into_split`).
 //!
 //! Transmission flags: `HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM |
 //! SEND_WRITE_ZEROES | CAN_MULTI_CONN`, plus `READ_ONLY` if [`Export::read_only`].
@@ -52,7 +76,9 @@
 //! [`serve`] sets `TCP_NODELAY` on accepted sockets; callers of
 //! [`serve_connection`] with their own TCP streams should do the same.
 
+pub mod allow;
 pub mod proto;
+pub mod tls;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -66,10 +92,13 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 
 use proto::*;
 
+pub use allow::AllowList;
 pub use proto::{Command, ProtoError, Request};
+pub use tls::{Tls, TlsAcceptor};
 
 pub type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -118,6 +147,18 @@ pub enum NbdError {
     PayloadTooLarge(u32),
     #[error("writer task failed: {0}")]
     Writer(String),
+    #[error("NBD_OPT_EXPORT_NAME before TLS, and this server requires TLS")]
+    TlsRequired,
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// What a server offers and to whom (the default: plaintext, everyone).
+#[derive(Clone, Default)]
+pub struct ServerOptions {
+    pub tls: Tls,
+    /// None: every address may connect.
+    pub allow: Option<AllowList>,
 }
 
 /// Largest READ/WRITE length accepted (also advertised as maximum block size).
@@ -196,11 +237,23 @@ fn is_transient_accept_error(e: &io::Error) -> bool {
 /// Accept connections forever (each connection its own task); returns only on
 /// listener error. Transient accept errors (aborted connections, fd exhaustion)
 /// are logged and retried. Connection errors are logged and end only that
-/// connection.
+/// connection. Plaintext, every address: [`serve_with`] for TLS and an
+/// allow-list.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Arc<dyn Registry>,
 ) -> io::Result<()> {
+    serve_with(listener, registry, ServerOptions::default()).await
+}
+
+/// [`serve`] with TLS and an allow-list of client addresses.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    registry: Arc<dyn Registry>,
+    options: ServerOptions,
+) -> io::Result<()> {
+    let tls = Arc::new(options.tls);
+    let mut refusals = RefusalLog::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(v) => v,
@@ -211,13 +264,21 @@ pub async fn serve(
             }
             Err(e) => return Err(e),
         };
+        if let Some(allow) = &options.allow {
+            if !allow.allows(peer.ip()) {
+                drop(stream);
+                refusals.note(peer);
+                continue;
+            }
+        }
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "nbd: cannot set TCP_NODELAY");
         }
         let registry = Arc::clone(&registry);
+        let tls = Arc::clone(&tls);
         tokio::spawn(async move {
             tracing::debug!(%peer, "nbd: connection accepted");
-            match serve_tcp(stream, registry).await {
+            match serve_tcp(stream, registry, &tls).await {
                 Ok(()) => tracing::debug!(%peer, "nbd: connection closed"),
                 Err(e) => tracing::warn!(%peer, error = %e, "nbd: connection ended with error"),
             }
@@ -225,46 +286,120 @@ pub async fn serve(
     }
 }
 
-/// Serve one already-accepted connection (handshake + transmission).
+/// Logs connections refused by the allow-list: the first of each second with
+/// its address, and how many more there were, so that a flood does not flood
+/// the log.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, peer: std::net::SocketAddr) {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.unlogged += 1;
+            return;
+        }
+        self.last = Some(now);
+        let more = std::mem::take(&mut self.unlogged);
+        if more > 0 {
+            tracing::warn!(%peer, "nbd: connection refused: address not on the allow-list (nbd_allow); {more} more refused since the last such line");
+        } else {
+            tracing::warn!(%peer, "nbd: connection refused: address not on the allow-list (nbd_allow)");
+        }
+    }
+}
+
+/// Serve one already-accepted connection (handshake + transmission), plaintext.
 pub async fn serve_connection<S>(stream: S, registry: Arc<dyn Registry>) -> Result<(), NbdError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut conn = BufReader::with_capacity(READ_BUF_CAP, stream);
-    let Some((name, export)) = handshake_with_timeout(&mut conn, &*registry).await? else {
-        return Ok(());
-    };
-    tracing::debug!(export = %name, "nbd: entering transmission");
-    // Requests the client pipelined behind the handshake may already be buffered.
+    serve_connection_with(stream, registry, &Tls::Off).await
+}
+
+/// [`serve_connection`] with TLS as `tls` says.
+pub async fn serve_connection_with<S>(
+    stream: S,
+    registry: Arc<dyn Registry>,
+    tls: &Tls,
+) -> Result<(), NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match negotiate_with_timeout(stream, &*registry, tls).await? {
+        Negotiated::Closed => Ok(()),
+        Negotiated::Plain(conn, name, export) => {
+            tracing::debug!(export = %name, "nbd: entering transmission");
+            // Requests the client pipelined behind the handshake may already be buffered.
+            let leftover = BytesMut::from(conn.buffer());
+            let (rd, wr) = tokio::io::split(conn.into_inner());
+            transmission(leftover, rd, wr, export).await
+        }
+        Negotiated::Tls(conn, name, export) => tls_transmission(*conn, name, export).await,
+    }
+}
+
+/// [`serve_connection`] for TCP: after a plaintext handshake the socket is split
+/// with `into_split` (no lock shared between the reader and the writer).
+async fn serve_tcp(
+    stream: TcpStream,
+    registry: Arc<dyn Registry>,
+    tls: &Tls,
+) -> Result<(), NbdError> {
+    match negotiate_with_timeout(stream, &*registry, tls).await? {
+        Negotiated::Closed => Ok(()),
+        Negotiated::Plain(conn, name, export) => {
+            tracing::debug!(export = %name, "nbd: entering transmission");
+            // Requests the client pipelined behind NBD_OPT_GO may already be buffered.
+            let leftover = BytesMut::from(conn.buffer());
+            let (r, w) = conn.into_inner().into_split();
+            transmission(leftover, r, w, export).await
+        }
+        Negotiated::Tls(conn, name, export) => tls_transmission(*conn, name, export).await,
+    }
+}
+
+/// Transmission inside TLS: the same loop as in plaintext, over the TLS
+/// stream's halves.
+async fn tls_transmission<S>(
+    conn: BufReader<TlsStream<S>>,
+    name: String,
+    export: Arc<dyn Export>,
+) -> Result<(), NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tracing::debug!(export = %name, "nbd: entering transmission (TLS)");
     let leftover = BytesMut::from(conn.buffer());
     let (rd, wr) = tokio::io::split(conn.into_inner());
     transmission(leftover, rd, wr, export).await
 }
 
-/// [`serve_connection`] for TCP: after the handshake the socket is split with
-/// `into_split` (no lock shared between the reader and the writer task).
-async fn serve_tcp(stream: TcpStream, registry: Arc<dyn Registry>) -> Result<(), NbdError> {
-    let mut conn = BufReader::with_capacity(READ_BUF_CAP, stream);
-    let Some((name, export)) = handshake_with_timeout(&mut conn, &*registry).await? else {
-        return Ok(());
-    };
-    tracing::debug!(export = %name, "nbd: entering transmission");
-    // Requests the client pipelined behind NBD_OPT_GO may already be buffered.
-    let leftover = BytesMut::from(conn.buffer());
-    let (r, w) = conn.into_inner().into_split();
-    transmission(leftover, r, w, export).await
-}
-
 // ======================================================================= handshake
 
-async fn handshake_with_timeout<S>(
-    conn: &mut BufReader<S>,
+/// The connection after the handshake: the export chosen in plaintext or
+/// inside TLS, or nothing (the client aborted or went away).
+enum Negotiated<S> {
+    Closed,
+    Plain(BufReader<S>, String, Arc<dyn Export>),
+    Tls(Box<BufReader<TlsStream<S>>>, String, Arc<dyn Export>),
+}
+
+async fn negotiate_with_timeout<S>(
+    stream: S,
     registry: &dyn Registry,
-) -> Result<Option<(String, Arc<dyn Export>)>, NbdError>
+    tls: &Tls,
+) -> Result<Negotiated<S>, NbdError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(conn, registry)).await {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(stream, registry, tls)).await {
         Ok(r) => r,
         Err(_) => Err(NbdError::Io(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -273,11 +408,73 @@ where
     }
 }
 
-/// Returns the chosen export, or None when the client aborted / went away.
-async fn handshake<S>(
-    conn: &mut BufReader<S>,
+/// Where the connection stands with TLS while options are haggled.
+#[derive(Clone, Copy)]
+enum TlsState<'a> {
+    /// Not offered: STARTTLS gets ERR_POLICY.
+    Off,
+    /// Offered; the client may go on in plaintext.
+    Offered(&'a TlsAcceptor),
+    /// Required and not yet started (FORCEDTLS).
+    Forced(&'a TlsAcceptor),
+    /// Inside TLS.
+    Active,
+}
+
+/// How one round of option haggling ended.
+enum Haggled<'a> {
+    Closed,
+    Export(String, Arc<dyn Export>),
+    /// STARTTLS was acknowledged: the TLS handshake comes next.
+    StartTls(&'a TlsAcceptor),
+}
+
+async fn negotiate<S>(
+    stream: S,
     registry: &dyn Registry,
-) -> Result<Option<(String, Arc<dyn Export>)>, NbdError>
+    tls: &Tls,
+) -> Result<Negotiated<S>, NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut conn = BufReader::with_capacity(READ_BUF_CAP, stream);
+    let no_zeroes = greet(&mut conn).await?;
+    let state = match tls {
+        Tls::Off => TlsState::Off,
+        Tls::Optional(a) => TlsState::Offered(a),
+        Tls::Required(a) => TlsState::Forced(a),
+    };
+    let acceptor = match haggle(&mut conn, registry, state, no_zeroes).await? {
+        Haggled::Closed => return Ok(Negotiated::Closed),
+        Haggled::Export(name, export) => return Ok(Negotiated::Plain(conn, name, export)),
+        Haggled::StartTls(acceptor) => acceptor,
+    };
+    // A client waits for the ACK before it starts TLS: anything already buffered
+    // was sent blind and would be taken for TLS records.
+    if !conn.buffer().is_empty() {
+        return Err(NbdError::Tls(
+            "client sent data behind NBD_OPT_STARTTLS before the reply".into(),
+        ));
+    }
+    let stream = acceptor
+        .accept(conn.into_inner())
+        .await
+        .map_err(|e| NbdError::Tls(format!("handshake failed: {e}")))?;
+    tracing::debug!(
+        version = ?stream.get_ref().1.protocol_version(),
+        "nbd: TLS established"
+    );
+    let mut conn = BufReader::with_capacity(READ_BUF_CAP, stream);
+    match haggle(&mut conn, registry, TlsState::Active, no_zeroes).await? {
+        Haggled::Closed => Ok(Negotiated::Closed),
+        Haggled::Export(name, export) => Ok(Negotiated::Tls(Box::new(conn), name, export)),
+        // haggle never acknowledges STARTTLS inside TLS.
+        Haggled::StartTls(_) => Err(NbdError::Tls("STARTTLS inside TLS".into())),
+    }
+}
+
+/// Send the greeting and read the client's flags: whether it set NO_ZEROES.
+async fn greet<S>(conn: &mut BufReader<S>) -> Result<bool, NbdError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -293,15 +490,27 @@ where
     if client_flags & NBD_FLAG_C_FIXED_NEWSTYLE == 0 || client_flags & !known != 0 {
         return Err(NbdError::ClientFlags(client_flags));
     }
-    let no_zeroes = client_flags & NBD_FLAG_C_NO_ZEROES != 0;
+    Ok(client_flags & NBD_FLAG_C_NO_ZEROES != 0)
+}
 
+/// Option haggling until the client chooses an export, aborts, goes away, or
+/// (outside TLS, when offered) starts TLS.
+async fn haggle<'a, S>(
+    conn: &mut BufReader<S>,
+    registry: &dyn Registry,
+    tls: TlsState<'a>,
+    no_zeroes: bool,
+) -> Result<Haggled<'a>, NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut out = Vec::with_capacity(256);
     loop {
         let mut hdr = [0u8; OPTION_HEADER_LEN];
         match conn.read_exact(&mut hdr).await {
             Ok(_) => {}
             // Client hung up between options: not an error worth reporting.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Haggled::Closed),
             Err(e) => return Err(e.into()),
         }
         let (option, len) = parse_option_header(&hdr)?;
@@ -322,6 +531,55 @@ where
         let mut payload = vec![0u8; len as usize];
         conn.read_exact(&mut payload).await?;
 
+        if option == NBD_OPT_STARTTLS {
+            match tls {
+                TlsState::Off => put_option_reply(
+                    &mut out,
+                    option,
+                    NBD_REP_ERR_POLICY,
+                    b"TLS is not enabled on this server",
+                ),
+                TlsState::Active => put_option_reply(
+                    &mut out,
+                    option,
+                    NBD_REP_ERR_INVALID,
+                    b"TLS is already active",
+                ),
+                TlsState::Offered(_) | TlsState::Forced(_) if !payload.is_empty() => {
+                    put_option_reply(
+                        &mut out,
+                        option,
+                        NBD_REP_ERR_INVALID,
+                        b"NBD_OPT_STARTTLS takes no data",
+                    )
+                }
+                TlsState::Offered(acceptor) | TlsState::Forced(acceptor) => {
+                    put_option_reply(&mut out, option, NBD_REP_ACK, &[]);
+                    conn.write_all(&out).await?;
+                    conn.flush().await?;
+                    return Ok(Haggled::StartTls(acceptor));
+                }
+            }
+            conn.write_all(&out).await?;
+            conn.flush().await?;
+            continue;
+        }
+        if matches!(tls, TlsState::Forced(_)) && option != NBD_OPT_ABORT {
+            if option == NBD_OPT_EXPORT_NAME {
+                // It cannot be answered with an error.
+                return Err(NbdError::TlsRequired);
+            }
+            put_option_reply(
+                &mut out,
+                option,
+                NBD_REP_ERR_TLS_REQD,
+                b"this server requires TLS (NBD_OPT_STARTTLS)",
+            );
+            conn.write_all(&out).await?;
+            conn.flush().await?;
+            continue;
+        }
+
         match option {
             NBD_OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&payload).into_owned();
@@ -339,7 +597,7 @@ where
                 }
                 conn.write_all(&out).await?;
                 conn.flush().await?;
-                return Ok(Some((name, export)));
+                return Ok(Haggled::Export(name, export));
             }
             NBD_OPT_ABORT => {
                 // Any payload is ignored, as the spec recommends.
@@ -348,7 +606,7 @@ where
                 let _ = conn.write_all(&out).await;
                 let _ = conn.flush().await;
                 let _ = conn.shutdown().await;
-                return Ok(None);
+                return Ok(Haggled::Closed);
             }
             NBD_OPT_LIST => {
                 if payload.is_empty() {
@@ -404,7 +662,7 @@ where
                         if option == NBD_OPT_GO {
                             conn.write_all(&out).await?;
                             conn.flush().await?;
-                            return Ok(Some((req.name, export)));
+                            return Ok(Haggled::Export(req.name, export));
                         }
                     }
                 },

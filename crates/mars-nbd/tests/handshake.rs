@@ -143,7 +143,6 @@ async fn unsupported_options_err_unsup() {
     hello(&mut s, FIXED).await;
     for opt in [
         NBD_OPT_STRUCTURED_REPLY,
-        NBD_OPT_STARTTLS,
         NBD_OPT_EXTENDED_HEADERS,
         NBD_OPT_LIST_META_CONTEXT,
         NBD_OPT_SET_META_CONTEXT,
@@ -162,6 +161,16 @@ async fn unsupported_options_err_unsup() {
         NBD_REP_ERR_UNSUP,
         "structured replies must be refused"
     );
+    // Without TLS configured, STARTTLS is refused by policy (NOTLS mode), and
+    // the session goes on in plaintext.
+    for payload in [&b""[..], b"x"] {
+        send_option(&mut s, NBD_OPT_STARTTLS, payload).await;
+        assert_eq!(read_opt_reply(&mut s).await.1, NBD_REP_ERR_POLICY);
+    }
+    send_option(&mut s, NBD_OPT_LIST, &[]).await;
+    assert_eq!(read_opt_reply(&mut s).await.1, NBD_REP_SERVER);
+    assert_eq!(read_opt_reply(&mut s).await.1, NBD_REP_SERVER);
+    assert_eq!(read_opt_reply(&mut s).await.1, NBD_REP_ACK);
     send_option(&mut s, NBD_OPT_ABORT, &[]).await;
     assert_eq!(read_opt_reply(&mut s).await.1, NBD_REP_ACK);
     expect_eof(&mut s).await;

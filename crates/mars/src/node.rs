@@ -78,6 +78,42 @@ pub struct NodeConfig {
     /// Cluster ids this node had before merges (peers still using them are accepted).
     #[serde(default)]
     pub former_cluster_ids: Vec<String>,
+    /// NBD over TLS (`NBD_OPT_STARTTLS`); absent: plaintext only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_tls: Option<NbdTls>,
+    /// Client addresses and CIDR prefixes allowed to connect to the NBD port;
+    /// empty (the default): every address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nbd_allow: Vec<String>,
+}
+
+/// `nbd_tls` in `node.json`. Paths are absolute or relative to the node
+/// directory; the files are read when marsd starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdTls {
+    #[serde(default)]
+    pub mode: NbdTlsMode,
+    /// PEM: this node's certificate, then any intermediates.
+    pub cert: PathBuf,
+    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1); not readable by others.
+    pub key: PathBuf,
+    /// PEM: CA certificates; when set, every client must present a
+    /// certificate one of them issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NbdTlsMode {
+    /// STARTTLS refused (`NBD_REP_ERR_POLICY`); the files are not read.
+    Off,
+    /// TLS when the client asks for it, plaintext otherwise.
+    #[default]
+    Optional,
+    /// Nothing but STARTTLS before TLS (the NBD spec's FORCEDTLS).
+    Required,
 }
 
 /// Desired state of one resource on this node, derived from the metadata
@@ -212,6 +248,8 @@ fn write_node(
         emergency_free_bytes: default_emergency_free_bytes(),
         tail_cache_bytes: default_tail_cache_bytes(),
         former_cluster_ids: Vec::new(),
+        nbd_tls: None,
+        nbd_allow: Vec::new(),
     };
     save_json(&dir.join(NODE_FILE), &cfg)?;
     Ok(cfg)
@@ -272,3 +310,54 @@ impl ResourceConfig {
 }
 
 pub use mars_replication::logdir::{read_incarnation, write_incarnation, INCARNATION_FILE};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: &str = r#"{"format":2,"cluster_id":"c","node":"alpha","node_id":7,
+        "listen":"127.0.0.1:7701","nbd":"127.0.0.1:10809"}"#;
+
+    #[test]
+    fn files_without_nbd_settings_load_and_stay_without_them() {
+        let cfg: NodeConfig = serde_json::from_str(OLD).unwrap();
+        assert_eq!(cfg.nbd_tls, None);
+        assert!(cfg.nbd_allow.is_empty());
+        let text = serde_json::to_string(&cfg).unwrap();
+        assert!(
+            !text.contains("nbd_tls") && !text.contains("nbd_allow"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn nbd_tls_mode_defaults_to_optional_and_round_trips() {
+        let mut v: serde_json::Value = serde_json::from_str(OLD).unwrap();
+        v["nbd_tls"] = serde_json::json!({"cert": "tls/cert.pem", "key": "/k.pem"});
+        v["nbd_allow"] = serde_json::json!(["10.0.0.0/8"]);
+        let cfg: NodeConfig = serde_json::from_value(v.clone()).unwrap();
+        let t = cfg.nbd_tls.clone().unwrap();
+        assert_eq!(t.mode, NbdTlsMode::Optional);
+        assert_eq!(t.cert, PathBuf::from("tls/cert.pem"));
+        assert_eq!(t.client_ca, None);
+        let again: NodeConfig =
+            serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(again, cfg);
+
+        for (bad, says) in [
+            (
+                serde_json::json!({"mode": "sometimes", "cert": "c", "key": "k"}),
+                "sometimes",
+            ),
+            (serde_json::json!({"cert": "c"}), "key"),
+            (
+                serde_json::json!({"cert": "c", "key": "k", "ca": "x"}),
+                "ca",
+            ),
+        ] {
+            v["nbd_tls"] = bad;
+            let e = serde_json::from_value::<NodeConfig>(v.clone()).unwrap_err();
+            assert!(e.to_string().contains(says), "{e}");
+        }
+    }
+}

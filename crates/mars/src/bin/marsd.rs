@@ -45,7 +45,11 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MARS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // rustls warns of every client (GnuTLS: qemu, libnbd) that sends an IP
+                // address as TLS SNI: harmless, and one line per NBD connection.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,rustls::msgs::handshake=error")
+                }),
         )
         .init();
     raise_fd_limit();
@@ -81,6 +85,7 @@ fn bind_tcp(what: &str, addr: &str) -> Result<std::net::TcpListener> {
 
 fn run(dir: &Path) -> Result<()> {
     let cfg = node::load_node(dir)?;
+    let nbd_options = mars::nbd_tls::server_options(dir, &cfg)?;
     let _lock = lock_dir(dir)?;
     let tls = std::sync::Arc::new(mars::tls::Tls::load(dir)?);
     let want = mars_meta::schema::NodeRef::new(&cfg.node, cfg.node_id).token();
@@ -134,9 +139,10 @@ fn run(dir: &Path) -> Result<()> {
         daemon.catch_up_before_serving().await;
         daemon.reconcile().await;
         tracing::info!(node = %cfg.node, cluster = %cfg.cluster_id, nbd = %cfg.nbd, listen = %cfg.listen, "marsd started");
+        tracing::info!("NBD: {}", mars::nbd_tls::describe(&cfg, &nbd_options));
         let registry: Arc<dyn mars_nbd::Registry> = daemon.exports.clone();
         tokio::spawn(async move {
-            if let Err(e) = mars_nbd::serve(nbd, registry).await {
+            if let Err(e) = mars_nbd::serve_with(nbd, registry, nbd_options).await {
                 tracing::error!("NBD server stopped: {e}");
             }
         });
