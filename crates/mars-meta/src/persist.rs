@@ -59,7 +59,7 @@ impl Store {
         out.extend_from_slice(&body);
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
-        mars_logger::crashsafe::write_atomic(path, &out).map_err(|source| MetaError::Io {
+        mars_logger::crashsafe::write_private(path, &out).map_err(|source| MetaError::Io {
             path: path.to_path_buf(),
             source,
         })

@@ -16,6 +16,8 @@
 //! 3 = log record format 2; 4 = resource and node identities; 5 = TLS
 //! links, tokens (see [`PROTOCOL_VERSION`]).
 
+pub mod gossip;
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
