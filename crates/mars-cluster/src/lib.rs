@@ -135,6 +135,7 @@ impl std::error::Error for BadBroadcast {}
 pub struct MetaBroadcasts {
     store: Arc<Mutex<Store>>,
     changed: Arc<Mutex<Vec<String>>>,
+    admission: Admission,
 }
 
 impl BroadcastHandler<NodeId> for MetaBroadcasts {
@@ -163,24 +164,107 @@ impl BroadcastHandler<NodeId> for MetaBroadcasts {
                 .is_some_and(|e| e.stamp == stamp);
             return Ok(current.then_some(BroadcastKey { key, stamp }));
         }
-        match self.store.lock().try_merge(&key, entry) {
-            Ok(true) => {
-                self.changed.lock().push(key.clone());
-                Ok(Some(BroadcastKey { key, stamp }))
-            }
-            Ok(false) => Ok(None),
-            Err(why) => {
-                refused(&key, &stamp, &why);
-                Ok(None)
-            }
+        let from = sender.map(|s| s.name.as_str()).unwrap_or("?");
+        if merge_remote(&mut self.store.lock(), self.admission, from, &key, entry) {
+            self.changed.lock().push(key.clone());
+            Ok(Some(BroadcastKey { key, stamp }))
+        } else {
+            Ok(None)
         }
     }
 }
 
-/// A remote entry the store would not take: logged with its writer and the reason.
-fn refused(key: &str, stamp: &mars_meta::Stamp, why: &mars_meta::Refusal) {
-    let shown: String = key.chars().take(80).collect();
-    tracing::warn!(key = %shown, writer = %stamp.node, clock = stamp.clock, "metadata entry refused: {why}");
+/// Which remote entries a store takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Only what `mars_meta::schema::admissible` admits (marsd).
+    Schema,
+    /// Any well-formed key (the simulator's own keys; tests).
+    AnyKey,
+}
+
+/// Merge one remote entry from peer `from` into `store`, if admitted: the
+/// one way remote entries enter a store (gossip, anti-entropy, push, join
+/// and merge snapshots). Whether the store changed; a refusal is logged
+/// (rate-limited) with the peer, the writer and the reason.
+pub fn merge_remote(
+    store: &mut Store,
+    admission: Admission,
+    from: &str,
+    key: &str,
+    entry: Entry,
+) -> bool {
+    if admission == Admission::Schema {
+        if let Err(why) = schema::admissible(key, &entry, store.entry(key), store.node()) {
+            if why == schema::Inadmissible::OwnEntry {
+                // Seen, though not taken: this node's next write of the key wins.
+                let _ = store.observe(entry.stamp.clock);
+            }
+            refused(from, key, &entry.stamp, &why);
+            return false;
+        }
+    }
+    let stamp = entry.stamp.clone();
+    match store.try_merge(key, entry) {
+        Ok(changed) => changed,
+        Err(why) => {
+            refused(from, key, &stamp, &why);
+            false
+        }
+    }
+}
+
+/// At most this many refusals are logged per [`REFUSAL_LOG_PERIOD`]; the
+/// rest are counted and the count logged once the period is over.
+const REFUSAL_LOG_BURST: u32 = 20;
+const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+struct RefusalLog {
+    since: Option<std::time::Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+static REFUSAL_LOG: Mutex<RefusalLog> = Mutex::new(RefusalLog {
+    since: None,
+    logged: 0,
+    suppressed: 0,
+});
+
+/// A remote entry the store would not take: logged with the peer it came
+/// from, its writer and the reason, at most [`REFUSAL_LOG_BURST`] lines per
+/// [`REFUSAL_LOG_PERIOD`] (a flood of bad entries must not fill the log).
+fn refused(from: &str, key: &str, stamp: &mars_meta::Stamp, why: &dyn std::fmt::Display) {
+    let mut log = REFUSAL_LOG.lock();
+    let now = std::time::Instant::now();
+    if log
+        .since
+        .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_PERIOD)
+    {
+        if log.suppressed > 0 {
+            tracing::warn!(
+                suppressed = log.suppressed,
+                "metadata entries refused and not logged in the last {REFUSAL_LOG_PERIOD:?}"
+            );
+        }
+        *log = RefusalLog {
+            since: Some(now),
+            logged: 0,
+            suppressed: 0,
+        };
+    }
+    if log.logged >= REFUSAL_LOG_BURST {
+        log.suppressed += 1;
+        return;
+    }
+    log.logged += 1;
+    drop(log);
+    let mut shown: String = key.chars().take(80).collect();
+    if shown.len() < key.len() {
+        shown.push_str("...");
+    }
+    let writer: String = stamp.node.chars().take(80).collect();
+    tracing::warn!(peer = %from, key = %shown, writer = %writer, clock = stamp.clock, "metadata entry refused: {why}");
 }
 
 #[derive(Default)]
@@ -216,6 +300,8 @@ pub struct ClusterConfig {
     pub size_hint: u32,
     /// SWIM probe period.
     pub probe_period: Duration,
+    /// Which remote entries the store takes (fixed at [`Cluster::new`]).
+    pub admission: Admission,
 }
 
 impl Default for ClusterConfig {
@@ -223,6 +309,7 @@ impl Default for ClusterConfig {
         ClusterConfig {
             size_hint: 16,
             probe_period: Duration::from_millis(500),
+            admission: Admission::Schema,
         }
     }
 }
@@ -281,6 +368,7 @@ pub struct Cluster {
     size_hint: u32,
     store: Arc<Mutex<Store>>,
     changed: Arc<Mutex<Vec<String>>>,
+    admission: Admission,
     rt: Collect,
 }
 
@@ -290,6 +378,7 @@ impl Cluster {
         let handler = MetaBroadcasts {
             store: store.clone(),
             changed: changed.clone(),
+            admission: cfg.admission,
         };
         // Start tuned for the cluster the store already knows (a node that just
         // joined has every node entry): foca's retransmission count set for 16
@@ -311,6 +400,7 @@ impl Cluster {
             size_hint,
             store,
             changed,
+            admission: cfg.admission,
             rt: Collect::default(),
         }
     }
@@ -388,20 +478,27 @@ impl Cluster {
     /// by gossip when there are at most [`REBROADCAST_MAX`] of them (a bulk
     /// transfer is left to anti-entropy).
     pub fn merge_entries(&mut self, entries: Vec<WireEntry>) -> Vec<String> {
+        self.merge_entries_from("a peer", entries)
+    }
+
+    /// [`Cluster::merge_entries`] from peer `from` (named in the log of refusals).
+    pub fn merge_entries_from(&mut self, from: &str, entries: Vec<WireEntry>) -> Vec<String> {
         let mut changed = Vec::new();
         let mut fresh = Vec::new();
         for w in entries {
             let (key, entry) = from_wire(w);
-            let merged = self.store.lock().try_merge(&key, entry.clone());
-            match merged {
-                Ok(true) => {
-                    if fresh.len() <= REBROADCAST_MAX {
-                        fresh.push((key.clone(), entry));
-                    }
-                    changed.push(key);
+            let merged = merge_remote(
+                &mut self.store.lock(),
+                self.admission,
+                from,
+                &key,
+                entry.clone(),
+            );
+            if merged {
+                if fresh.len() <= REBROADCAST_MAX {
+                    fresh.push((key.clone(), entry));
                 }
-                Ok(false) => {}
-                Err(why) => refused(&key, &entry.stamp, &why),
+                changed.push(key);
             }
         }
         if fresh.len() <= REBROADCAST_MAX {
@@ -461,12 +558,61 @@ mod tests {
             addr: SocketAddr::from(([127, 0, 0, 1], 7000)),
             bump: 0,
         };
-        Cluster::new(
-            id,
-            Arc::new(Mutex::new(store)),
-            &ClusterConfig::default(),
-            1,
-        )
+        let cfg = ClusterConfig {
+            admission: Admission::AnyKey,
+            ..ClusterConfig::default()
+        };
+        Cluster::new(id, Arc::new(Mutex::new(store)), &cfg, 1)
+    }
+
+    #[test]
+    fn a_daemons_cluster_takes_only_admissible_entries() {
+        let id = NodeId {
+            name: "beta".into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            bump: 0,
+        };
+        let store = Arc::new(Mutex::new(Store::new("beta")));
+        let mut c = Cluster::new(id, store.clone(), &ClusterConfig::default(), 1);
+        let r = schema::ResRef::new("r0", 1);
+        let mine = schema::member_key(&r, "beta");
+        c.set(
+            &mine,
+            json!({"disk": "/dev/mine", "attached": true, "connected": true}),
+        );
+        let before = store.lock().entry(&mine).cloned();
+        let mut tool = Store::new("tool");
+        // Stamped with this node's name, newer than what it wrote: not its own.
+        let forged_mine = WireEntry {
+            key: mine.clone(),
+            clock: 50,
+            node: "beta".into(),
+            value: Some(json!({"disk": "/tmp/victim", "attached": true, "connected": true})),
+            deleted_ms: 0,
+        };
+        let changed = c.merge_entries_from(
+            "tool",
+            vec![
+                wire(&mut tool, "c/d/sim/one"),
+                wire(&mut tool, "r/../resources/x/d/member/beta"),
+                wire(&mut tool, &schema::actual_key(&r, "gamma")),
+                forged_mine.clone(),
+            ],
+        );
+        assert!(changed.is_empty(), "{changed:?}");
+        assert_eq!(store.lock().entry(&mine).cloned(), before);
+        // Seen though refused: this node's next write wins over the forged entry.
+        let next = c.set(
+            &mine,
+            json!({"disk": "/dev/mine", "attached": false, "connected": true}),
+        );
+        assert!(next.stamp.clock > forged_mine.clock);
+        // An entry of a known shape from its owner is taken.
+        let mut gamma = Store::new("gamma");
+        let e = gamma.set(&schema::actual_key(&r, "gamma"), json!({"role": "secondary", "disk": "uptodate", "written": 0, "fetched": 0, "replayed": 0}));
+        let changed =
+            c.merge_entries_from("gamma", vec![to_wire(&schema::actual_key(&r, "gamma"), &e)]);
+        assert_eq!(changed.len(), 1);
     }
 
     fn wire(writer: &mut Store, key: &str) -> WireEntry {

@@ -82,6 +82,7 @@
 //! back, returning an empty store for a missing file and an error naming
 //! the file for a damaged one or one of another version.
 
+mod admission;
 mod error;
 mod key;
 mod persist;

@@ -136,6 +136,9 @@ pub struct ActualEntry {
 
 pub const CLUSTER_ID_KEY: &str = "c/d/cluster-id";
 
+/// Which remote entries a node takes at all (least privilege): see the module.
+pub use crate::admission::{admissible, parse_key, Inadmissible, KeyShape};
+
 /// Names of resources and nodes: 1..=64 of `[A-Za-z0-9_.-]`, not starting
 /// with `.` or `-` (so never `@` or `/`, which keys use as separators).
 pub use mars_logfmt::valid_name;

@@ -330,6 +330,24 @@ impl Store {
         Ok(true)
     }
 
+    /// A remote entry of clock `clock` that was not merged for a reason of
+    /// the caller's (see `schema::admissible`) still counts as seen: the
+    /// clock advances to it, within the bounds of [`Store::try_merge`], so
+    /// that this node's next write of that key wins over it everywhere.
+    pub fn observe(&mut self, clock: u64) -> Result<(), Refusal> {
+        if clock > MAX_CLOCK {
+            return Err(Refusal::ClockAboveMax { clock });
+        }
+        if clock - self.anchor.min(clock) > MAX_JUMP {
+            return Err(Refusal::ClockJump {
+                clock,
+                local: self.anchor,
+            });
+        }
+        self.clock = self.clock.max(clock);
+        Ok(())
+    }
+
     /// The live value of `key`; `None` if absent or deleted.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.map.get(key).and_then(|s| s.0.entry.value.as_ref())

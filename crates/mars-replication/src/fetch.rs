@@ -139,6 +139,8 @@ impl Secondary {
                     .unwrap_or(""),
             );
             match parsed {
+                // Names from a peer: exactly as this build writes them, or not at all.
+                Some(n) if mars_logfmt::version_file_name(n.seq, &n.node) != name => continue,
                 None => continue,
                 // This node's own history is never taken from another.
                 Some(n) if n.node == self.me => continue,
@@ -210,7 +212,10 @@ impl Secondary {
                 .retain(|name, _| listed.contains(name.as_str()));
         }
         for (i, f) in files.into_iter().enumerate() {
-            let Some(file_seq) = mars_logfmt::parse_logfile_name(&f.name).map(|n| n.seq) else {
+            let Some(file_seq) = mars_logfmt::parse_logfile_name(&f.name)
+                .filter(|n| mars_logfmt::logfile_name(n.seq, &n.node) == f.name)
+                .map(|n| n.seq)
+            else {
                 bail!("{primary} listed a bad logfile name {:?}", f.name);
             };
             let path = self.dir.join(&f.name);

@@ -120,6 +120,13 @@ impl Secondary {
         )
         .await?;
         let (pos, base) = match answer_from(source, read_msg(&mut s)).await? {
+            // The base logfile's name from a peer: checked before it is recorded.
+            Msg::SyncInfo {
+                logfile: Some((name, _)),
+                ..
+            } if mars_logfmt::parse_logfile_name(&name).is_none() => {
+                bail!("sync source {source} named a bad logfile {name:?}")
+            }
             Msg::SyncInfo { pos, size, logfile } if size == self.size => (pos, logfile),
             Msg::SyncInfo { size, .. } => {
                 bail!(

@@ -37,7 +37,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mars_cluster::{ae, from_wire, to_wire, Cluster, ClusterConfig, Effect, FocaTimer, NodeId};
+use mars_cluster::{
+    ae, from_wire, to_wire, Admission, Cluster, ClusterConfig, Effect, FocaTimer, NodeId,
+};
 use mars_meta::{resource_prefix, schema, scope_of, Scope, Stamp, Store, CLUSTER_PREFIX};
 use mars_proto::{Msg, FRAME_HEADER_LEN};
 use parking_lot::Mutex;
@@ -303,6 +305,7 @@ impl Sim {
         let ccfg = ClusterConfig {
             size_hint: cfg.size_hint.unwrap_or(ClusterConfig::default().size_hint),
             probe_period: Duration::from_millis(cfg.probe_period_ms),
+            admission: Admission::AnyKey,
         };
         let mut nodes = Vec::with_capacity(cfg.nodes as usize);
         let mut by_name = HashMap::with_capacity(cfg.nodes as usize);
@@ -380,6 +383,7 @@ impl Sim {
                 .size_hint
                 .unwrap_or(ClusterConfig::default().size_hint),
             probe_period: Duration::from_millis(self.cfg.probe_period_ms),
+            admission: Admission::AnyKey,
         }
     }
 
@@ -727,6 +731,7 @@ impl Sim {
             let ccfg = ClusterConfig {
                 size_hint: size,
                 probe_period: Duration::from_millis(self.cfg.probe_period_ms),
+                admission: Admission::AnyKey,
             };
             let node = &mut self.nodes[i as usize];
             node.cluster.set_size_hint(&ccfg);

@@ -195,6 +195,8 @@ pub struct Daemon {
     /// A logger found no space (or no descriptor) for a write: the control
     /// loop runs the space policy at once instead of within 5 s.
     space_wanted: Arc<tokio::sync::Notify>,
+    /// Incarnations this node is a member of without a local disk (logged once).
+    no_disk: parking_lot::Mutex<HashSet<ResRef>>,
 }
 
 const RETRY_AFTER: Duration = Duration::from_secs(10);
@@ -231,6 +233,7 @@ impl Daemon {
             served,
             state: tokio::sync::Mutex::new(State::default()),
             space_wanted: Arc::new(tokio::sync::Notify::new()),
+            no_disk: Default::default(),
         };
         // Before any log writes: the room a full filesystem needs first.
         d.keep_space_reserve();
@@ -241,37 +244,48 @@ impl Daemon {
         &self.cfg.node
     }
 
-    /// Desired state of the resources this node is a member of, from the metadata.
+    /// Desired state of the resources this node is a member of, from the
+    /// metadata, with this node's disk of each from its own directory
+    /// (`Daemon::local_disk`): a resource without one here is not desired.
     fn desired(&self) -> BTreeMap<String, ResourceConfig> {
-        let st = self.peer.store.lock();
         let me = self.me();
-        let mut out = BTreeMap::new();
         // Every live incarnation this node is a member of, the owner of its
         // name or not: a shadowed one (a name clash) goes on being served by
         // its members until the operator deletes one. A node holds one
         // incarnation per name: the one its directory holds, else the owner.
-        for (rr, r) in meta::all_incarnations(&st) {
-            if !r.members.iter().any(|m| m == me) {
+        let wanted: Vec<(ResRef, ResEntry, MemberEntry, bool, Option<String>)> = {
+            let st = self.peer.store.lock();
+            meta::all_incarnations(&st)
+                .into_iter()
+                .filter(|(_, r)| r.members.iter().any(|m| m == me))
+                .filter_map(|(rr, r)| {
+                    let key = meta::member_key(&rr, me);
+                    let m = meta::get::<MemberEntry>(&st, &key)?;
+                    let mine = st.entry(&key).is_some_and(|e| e.stamp.node == me);
+                    let primary = meta::designated_primary(&st, &rr);
+                    Some((rr, r, m, mine, primary))
+                })
+                .collect()
+        };
+        let mut out = BTreeMap::new();
+        for (rr, r, m, mine, designated_primary) in wanted {
+            let rdir = node::resource_dir(&self.dir, &rr.name);
+            let held = node::read_incarnation(&rdir);
+            if out.contains_key(&rr.name) && held.as_ref() != Some(&rr) {
                 continue;
             }
-            if out.contains_key(&rr.name)
-                && node::read_incarnation(&node::resource_dir(&self.dir, &rr.name)).as_ref()
-                    != Some(&rr)
-            {
-                continue;
-            }
-            let Some(m) = meta::get::<MemberEntry>(&st, &meta::member_key(&rr, me)) else {
+            let Some(disk) = self.local_disk(&rdir, held.as_ref(), &rr, &m, mine) else {
                 continue;
             };
             out.insert(
                 rr.name.clone(),
                 ResourceConfig {
                     format: node::FORMAT,
-                    designated_primary: meta::designated_primary(&st, &rr),
+                    designated_primary,
                     name: rr.name,
                     size: r.size,
                     resource_id: rr.id,
-                    disk: PathBuf::from(m.disk),
+                    disk,
                     members: r.members,
                     attached: m.attached,
                     connected: m.connected,
@@ -284,6 +298,54 @@ impl Daemon {
             );
         }
         out
+    }
+
+    /// The disk recorded in this node's directory for `rr`, for views.
+    fn recorded_disk(&self, rr: &ResRef) -> Option<String> {
+        let rdir = node::resource_dir(&self.dir, &rr.name);
+        if node::read_incarnation(&rdir).as_ref() != Some(rr) {
+            return None;
+        }
+        let disk = node::read_local_disk(&rdir).ok().flatten()?;
+        Some(disk.display().to_string())
+    }
+
+    /// This node's disk of incarnation `rr`: the one recorded in its
+    /// directory (`resources/RES/disk`, written by `create-resource` and
+    /// `join-resource`), never a path from the metadata. A directory of an
+    /// earlier build has none: then, once, the path in this node's own
+    /// member entry is taken, if this node wrote that entry, and recorded.
+    fn local_disk(
+        &self,
+        rdir: &Path,
+        held: Option<&ResRef>,
+        rr: &ResRef,
+        m: &MemberEntry,
+        mine: bool,
+    ) -> Option<PathBuf> {
+        let why = if held != Some(rr) {
+            format!("{} holds no copy of it", rdir.display())
+        } else {
+            match node::read_local_disk(rdir) {
+                Ok(Some(d)) => return Some(d),
+                Ok(None) if mine && Path::new(&m.disk).is_absolute() => {
+                    let disk = PathBuf::from(&m.disk);
+                    match node::write_local_disk(rdir, &disk) {
+                        Ok(()) => {
+                            tracing::info!(resource = %rr, disk = %disk.display(), "recorded this node's disk in {} (from its own member entry, written by an earlier build)", rdir.join(node::DISK_FILE).display());
+                            return Some(disk);
+                        }
+                        Err(e) => format!("{e:#}"),
+                    }
+                }
+                Ok(None) => format!("{} is missing", rdir.join(node::DISK_FILE).display()),
+                Err(e) => format!("{e:#}"),
+            }
+        };
+        if self.no_disk.lock().insert(rr.clone()) {
+            tracing::warn!(resource = %rr, "this node is a member of {rr} in the metadata but has no local disk of it ({why}): nothing is opened (a disk path is never taken from another node)");
+        }
+        None
     }
 
     fn logger_config(&self, r: &ResourceConfig) -> LoggerConfig {
@@ -1753,6 +1815,12 @@ impl Daemon {
             );
         }
         self.own_dir(&rdir, &rr)?;
+        // This node's disk is recorded here, and only here, before the
+        // metadata names the membership.
+        if let Err(e) = node::write_local_disk(&rdir, &disk_path) {
+            let _ = std::fs::remove_dir_all(&rdir);
+            return Err(e);
+        }
         let member = MemberEntry::up(&disk_path);
         self.peer
             .set(&meta::member_key(&rr, &me), meta::to_value(&member));
@@ -1937,6 +2005,12 @@ impl Daemon {
         let resource_id: u64 = rand::random();
         let rr = ResRef::new(name, resource_id);
         self.own_dir(&rdir, &rr)?;
+        // This node's disk is recorded here, and only here (the metadata's
+        // path is for display).
+        if let Err(e) = node::write_local_disk(&rdir, &disk_path) {
+            let _ = std::fs::remove_dir_all(&rdir);
+            return Err(e);
+        }
         let cfg = ResourceConfig {
             format: node::FORMAT,
             name: name.to_string(),
@@ -2215,7 +2289,13 @@ impl Daemon {
                             lag_seconds: rep.lag_ms as f64 / 1000.0,
                             emergency: rep.emergency,
                             lag_bytes: rep.written.saturating_sub(rep.replayed),
-                            disk_path: d.map(|d| d.disk).unwrap_or_default(),
+                            // This node's own from its directory (what it opens);
+                            // the others' as their member entries say (display only).
+                            disk_path: (m == me)
+                                .then(|| self.recorded_disk(&rr))
+                                .flatten()
+                                .or(d.map(|d| d.disk))
+                                .unwrap_or_default(),
                             logfile: rep.logfile.clone(),
                             error: rep.error.clone(),
                         }

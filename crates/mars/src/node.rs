@@ -6,6 +6,7 @@
 //! DIR/marsd.sock                    control socket
 //! DIR/meta.store                    cluster metadata (mars-meta Store: Lamport-stamped entries)
 //! DIR/resources/<res>/log-*, version-*, applied   transaction log (mars-logger)
+//! DIR/resources/<res>/incarnation, disk   the incarnation held, this node's disk of it
 //! ```
 //! Every JSON file is replaced crash-safely (write temp, fsync, rename, fsync dir).
 
@@ -268,7 +269,7 @@ pub fn init_joined(
     store.trust_clock(entries.iter().map(|w| w.clock).max().unwrap_or(0));
     for w in entries {
         let (k, e) = mars_cluster::from_wire(w);
-        store.merge(&k, e);
+        mars_cluster::merge_remote(&mut store, mars_cluster::Admission::Schema, "join", &k, e);
     }
     store
         .save(&dir.join("meta.store"))
@@ -310,6 +311,54 @@ impl ResourceConfig {
 }
 
 pub use mars_replication::logdir::{read_incarnation, write_incarnation, INCARNATION_FILE};
+
+/// In a resource directory: the path of this node's disk of the incarnation
+/// the directory holds. The one place marsd takes a disk path from: a disk
+/// path never comes from another node (the `disk` of a member entry in the
+/// metadata is shown, never opened).
+pub const DISK_FILE: &str = "disk";
+
+#[derive(Serialize, Deserialize)]
+struct LocalDisk {
+    format: u16,
+    disk: PathBuf,
+}
+
+/// Record `disk` as this node's disk of the resource in `rdir` (crash-safe).
+pub fn write_local_disk(rdir: &Path, disk: &Path) -> Result<()> {
+    if !disk.is_absolute() {
+        bail!("disk path {} is not absolute", disk.display());
+    }
+    save_json(
+        &rdir.join(DISK_FILE),
+        &LocalDisk {
+            format: 1,
+            disk: disk.to_path_buf(),
+        },
+    )
+}
+
+/// This node's disk of the resource in `rdir`: `Ok(None)` when the file is
+/// missing, an error when it is damaged.
+pub fn read_local_disk(rdir: &Path) -> Result<Option<PathBuf>> {
+    let path = rdir.join(DISK_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => bail!("cannot read {}: {e}", path.display()),
+    };
+    let d: LocalDisk =
+        serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
+    if d.format != 1 || !d.disk.is_absolute() {
+        bail!(
+            "{}: format {} or a relative path ({}) is not supported",
+            path.display(),
+            d.format,
+            d.disk.display()
+        );
+    }
+    Ok(Some(d.disk))
+}
 
 #[cfg(test)]
 mod tests {

@@ -708,7 +708,7 @@ impl Peer {
                     bail!("refused: {reason}");
                 }
                 let (n, merge) = ae::respond(&self.store.lock(), reply);
-                changed.extend(self.merge(merge));
+                changed.extend(self.merge(node, merge));
                 next = n;
             }
             anyhow::Ok(())
@@ -719,11 +719,12 @@ impl Peer {
         Ok(changed)
     }
 
-    fn merge(self: &Arc<Self>, entries: Vec<WireEntry>) -> Vec<String> {
+    /// Merge entries from peer `from` (only what `schema::admissible` admits).
+    fn merge(self: &Arc<Self>, from: &str, entries: Vec<WireEntry>) -> Vec<String> {
         if entries.is_empty() {
             return Vec::new();
         }
-        let changed = self.cluster.lock().merge_entries(entries);
+        let changed = self.cluster.lock().merge_entries_from(from, entries);
         if !changed.is_empty() {
             self.on_remote_change(&changed);
         }
@@ -945,7 +946,7 @@ impl Peer {
                 | Msg::Push { .. }
                 | Msg::Pull { .. }) => {
                     let (reply, merge) = ae::respond(&self.store.lock(), m);
-                    self.merge(merge);
+                    self.merge(&node.name, merge);
                     match reply {
                         Some(r) => r,
                         None => return Ok(()),
@@ -1166,7 +1167,7 @@ impl Peer {
         }
         tracing::info!(peer = %from.name, into = %cluster_id, "merging this cluster into another");
         self.store.lock().trust_clock(top);
-        self.merge(entries);
+        self.merge(&from.name, entries);
         self.set(
             meta::CLUSTER_ID_KEY,
             serde_json::Value::String(cluster_id.clone()),
@@ -1228,7 +1229,7 @@ impl Peer {
             Msg::Merged { entries, .. } => {
                 let top = entries.iter().map(|w| w.clock).max().unwrap_or(0);
                 self.store.lock().trust_clock(top);
-                self.merge(entries);
+                self.merge(peer_addr, entries);
                 self.refresh_roots();
                 self.save();
                 self.announce_known();

@@ -71,7 +71,10 @@ fn a_merge_never_deletes_a_live_resource_or_node_of_the_same_name() {
 
     let y = start_cluster(&["gamma", "beta"]);
     // Y's clock far ahead of X's (a long-lived cluster).
-    push(&y[0], vec![entry("c/d/clock-ahead", 1_000_000)]);
+    push(
+        &y[0],
+        vec![entry("c/d/size/ahead@0000000000000001", 1_000_000)],
+    );
     let d = y[0].disk("y0.img", SIZE);
     y[0].adm_ok(&["create-resource", "r0", d.to_str().unwrap()]);
     y[0].adm_ok(&["delete-resource", "r0"]);
@@ -124,14 +127,17 @@ fn a_clock_at_the_maximum_does_not_stop_a_node_and_a_wild_one_is_refused() {
     let max = mars_meta::MAX_CLOCK;
     let step = mars_meta::MAX_JUMP;
     // One entry far ahead: refused, nothing changes.
-    push(&n[0], vec![entry("c/d/wild", step * 4)]);
+    push(
+        &n[0],
+        vec![entry("c/d/size/wild@0000000000000001", step * 4)],
+    );
     assert!(n[0].log_text().contains("metadata entry refused"));
     // Climb to the maximum in steps each within the limit of the one before.
     let mut climb = Vec::new();
     let mut c = 0;
     while c < max {
         c = (c + step).min(max);
-        climb.push(entry("c/d/climb", c));
+        climb.push(entry("c/d/size/climb@0000000000000001", c));
     }
     push(&n[0], climb);
     let d = n[0].disk("r0.img", SIZE);

@@ -102,10 +102,7 @@ fn run(dir: &Path) -> Result<()> {
             anyhow::anyhow!("cannot listen on gossip (UDP) address {}: {e}", cfg.listen)
         })?;
     let sock_path = dir.join(mars_api::SOCKET_NAME);
-    let _ = std::fs::remove_file(&sock_path); // stale from a killed marsd; the lock proves nobody uses it
-    let ctl = std::os::unix::net::UnixListener::bind(&sock_path).map_err(|e| {
-        anyhow::anyhow!("cannot create control socket {}: {e}", sock_path.display())
-    })?;
+    let ctl = mars::control::bind(&sock_path)?;
     ctl.set_nonblocking(true)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
