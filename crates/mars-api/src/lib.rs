@@ -88,6 +88,10 @@ pub enum Request {
         /// From `invite --merge` on the peer's cluster.
         token: String,
     },
+    /// The gossip keyring, cluster-wide.
+    Keyring {
+        op: KeyringOp,
+    },
     /// A one-time token for joining a node (or, `merge`, merging a cluster).
     Invite {
         merge: bool,
@@ -239,4 +243,14 @@ pub struct PausedView {
     pub sync: bool,
     pub fetch: bool,
     pub replay: bool,
+}
+
+/// What `marsadm keyring` does (keys are 64 hex digits).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyringOp {
+    List,
+    Install { key: String },
+    Use { key: String },
+    Remove { key: String },
 }

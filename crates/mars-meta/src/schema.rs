@@ -137,7 +137,9 @@ pub struct ActualEntry {
 pub const CLUSTER_ID_KEY: &str = "c/d/cluster-id";
 
 /// Which remote entries a node takes at all (least privilege): see the module.
-pub use crate::admission::{admissible, parse_key, Inadmissible, KeyShape};
+pub use crate::admission::{
+    admissible, parse_key, Inadmissible, KeyShape, GOSSIP_KEY_PREFIX, GOSSIP_PRIMARY_KEY,
+};
 
 /// Names of resources and nodes: 1..=64 of `[A-Za-z0-9_.-]`, not starting
 /// with `.` or `-` (so never `@` or `/`, which keys use as separators).

@@ -1188,6 +1188,7 @@ impl Daemon {
             Request::JoinResource { name, disk } => self.join_resource(&name, &disk).await,
             Request::LeaveResource { name } => self.leave_resource(&name).await,
             Request::LeaveCluster => self.leave_cluster().await,
+            Request::Keyring { op } => self.keyring(op).await,
             Request::Invite { merge, ttl_secs } => {
                 let kind = if merge {
                     crate::tls::InviteKind::Merge
@@ -1873,6 +1874,84 @@ impl Daemon {
         Ok(noting(resp, &missing))
     }
 
+    /// `marsadm keyring`: the gossip keys of the cluster. Install, use and
+    /// remove are metadata changes, handed to every node at once (and by
+    /// anti-entropy to those away): install a new key, `use` it once every
+    /// node has it, then remove the old one.
+    async fn keyring(self: &Arc<Self>, op: mars_api::KeyringOp) -> Result<Response> {
+        use mars_api::KeyringOp;
+        use mars_proto::gossip::{key_id, parse_key};
+        let key_of = |k: &str| {
+            parse_key(k).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "not a gossip key: 64 hex digits, as `marsadm keyring generate` prints"
+                )
+            })
+        };
+        let ring = self.peer.keyring();
+        let entry = |id: u32| format!("{}{id:08x}", meta::GOSSIP_KEY_PREFIX);
+        let key = match &op {
+            KeyringOp::List => {
+                let lines: Vec<String> = ring
+                    .ids()
+                    .into_iter()
+                    .map(|id| {
+                        let used = if ring.primary() == Some(id) {
+                            "  in use"
+                        } else {
+                            ""
+                        };
+                        format!("{id:08x}{used}")
+                    })
+                    .collect();
+                return Ok(Response::ok(lines.join("\n")));
+            }
+            KeyringOp::Install { key } => {
+                let k = key_of(key)?;
+                let id = key_id(&k);
+                if ring.ids().contains(&id) {
+                    return Ok(Response::ok(format!("key {id:08x} is installed already")));
+                }
+                self.peer.set(
+                    &entry(id),
+                    serde_json::Value::String(mars_proto::gossip::key_text(&k)),
+                );
+                entry(id)
+            }
+            KeyringOp::Use { key } => {
+                let id = key_id(&key_of(key)?);
+                if !ring.ids().contains(&id) {
+                    bail!("key {id:08x} is not installed: `marsadm keyring install` it first (on any node), then use it");
+                }
+                self.peer.set(
+                    meta::GOSSIP_PRIMARY_KEY,
+                    serde_json::Value::String(format!("{id:08x}")),
+                );
+                meta::GOSSIP_PRIMARY_KEY.to_string()
+            }
+            KeyringOp::Remove { key } => {
+                let id = key_id(&key_of(key)?);
+                if ring.primary() == Some(id) {
+                    bail!("key {id:08x} is in use: `marsadm keyring use` another key first");
+                }
+                if !ring.ids().contains(&id) {
+                    bail!("key {id:08x} is not installed");
+                }
+                self.peer.delete(&entry(id));
+                entry(id)
+            }
+        };
+        let nodes: Vec<String> = meta::nodes(&self.peer.store.lock())
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let missing = self.confirm(&[key], &nodes).await;
+        Ok(noting(
+            Response::ok("keyring changed".to_string()),
+            &missing,
+        ))
+    }
+
     async fn leave_cluster(self: &Arc<Self>) -> Result<Response> {
         let me = self.me().to_string();
         let member_of: Vec<String> = {
@@ -2437,6 +2516,7 @@ fn named_resource(req: &Request) -> Option<&str> {
         | Request::LeaveCluster
         | Request::MergeCluster { .. }
         | Request::Invite { .. }
+        | Request::Keyring { .. }
         | Request::DebugBlock { .. }
         | Request::View { name: None } => None,
         Request::View { name: Some(name) }

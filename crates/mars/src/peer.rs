@@ -2,9 +2,10 @@
 //! protocol (TCP) on the node's `--listen` address, anti-entropy rounds, and
 //! the client calls `marsadm join-cluster` and `merge-cluster` use.
 //!
-//! Gossip datagram: `"MRSG"`, u16 protocol version, u16 reserved, u32
-//! crc32c(cluster id), then foca's payload. Datagrams of another cluster or
-//! version are dropped (and logged once per sender).
+//! Gossip datagrams are sealed with the cluster's gossip key
+//! (`mars_proto::gossip`: XChaCha20-Poly1305, a keyring in the metadata so
+//! the key can be rotated without downtime). Datagrams that do not open with
+//! a key of the ring are dropped (and logged once per sender).
 //!
 //! Peer connections are short: connect, TLS 1.3 with both sides'
 //! certificates (the `tls` module), handshake (`Hello` / `Welcome` or
@@ -18,6 +19,7 @@ use crate::tls::{self, InviteKind, Tls, Token};
 use anyhow::{anyhow, bail, Context, Result};
 use mars_cluster::{ae, Cluster, ClusterConfig, Effect, FocaTimer, NodeId};
 use mars_meta::Store;
+use mars_proto::gossip::Keyring;
 use mars_proto::{
     client_handshake, read_msg, read_msg_max, write_msg, Msg, NodeInfo, WireEntry, PROTOCOL_VERSION,
 };
@@ -33,8 +35,9 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Notify};
 
-const DGRAM_MAGIC: [u8; 4] = *b"MRSG";
-const DGRAM_HEADER: usize = 12;
+/// Senders of dropped datagrams remembered for logging once each (spoofed
+/// addresses must not grow it without end).
+const WARNED_MAX: usize = 1024;
 pub const AE_INTERVAL: Duration = Duration::from_secs(2);
 /// How long deletions (tombstones) are kept before they are dropped: 30 days.
 const TOMBSTONE_KEEP_MS: u64 = 30 * 24 * 3600 * 1000;
@@ -112,10 +115,6 @@ impl Drop for IpSlot {
     }
 }
 
-fn cluster_tag(id: &str) -> u32 {
-    crc32c::crc32c(id.as_bytes())
-}
-
 pub struct Peer {
     pub me: NodeInfo,
     cluster_id: RwLock<String>,
@@ -147,6 +146,8 @@ pub struct Peer {
     data: std::sync::OnceLock<Arc<mars_replication::Server>>,
     /// Certificates, trusted CAs, invitations.
     pub tls: Arc<Tls>,
+    /// The gossip keys (from the metadata).
+    keyring: RwLock<Arc<Keyring>>,
 }
 
 /// What replication needs of the cluster: the store, who is alive, connections.
@@ -217,7 +218,19 @@ impl Peer {
             data: std::sync::OnceLock::new(),
             size_hint: std::sync::atomic::AtomicU32::new(ClusterConfig::default().size_hint),
             tls: setup.tls.clone(),
+            keyring: RwLock::new(Arc::new(Keyring::default())),
         });
+        // The cluster's first node makes the first gossip key.
+        if peer.store.lock().get(meta::GOSSIP_PRIMARY_KEY).is_none() {
+            let key: [u8; mars_proto::gossip::KEY_LEN] = rand::random();
+            let id = format!("{:08x}", mars_proto::gossip::key_id(&key));
+            peer.set(
+                &format!("{}{id}", meta::GOSSIP_KEY_PREFIX),
+                serde_json::Value::String(mars_proto::gossip::key_text(&key)),
+            );
+            peer.set(meta::GOSSIP_PRIMARY_KEY, serde_json::Value::String(id));
+        }
+        peer.refresh_keyring();
         // This node's CA is trusted by the cluster (a merge brings it to the other side).
         let ca_key = tls::ca_key_of(&setup.tls.pin);
         let ca = serde_json::Value::String(setup.tls.ca_pem.clone());
@@ -302,6 +315,7 @@ impl Peer {
         } else {
             self.dirty.store(true, Ordering::Release);
         }
+        self.trust_changed(&[key]);
         self.changed.notify_waiters();
         self.flush_effects();
         if let Some(res) = key.strip_prefix("r/").and_then(|k| k.split('/').next()) {
@@ -343,12 +357,9 @@ impl Peer {
                     if self.is_blocked(&to.name) {
                         continue;
                     }
-                    let mut d = Vec::with_capacity(DGRAM_HEADER + data.len());
-                    d.extend_from_slice(&DGRAM_MAGIC);
-                    d.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-                    d.extend_from_slice(&0u16.to_le_bytes());
-                    d.extend_from_slice(&cluster_tag(&self.cluster_id()).to_le_bytes());
-                    d.extend_from_slice(&data);
+                    let Some(d) = self.keyring.read().seal(PROTOCOL_VERSION, &data) else {
+                        continue;
+                    };
                     if let Err(e) = self.udp_send.send_to(&d, to.addr) {
                         tracing::debug!(peer = %to.name, "gossip send: {e}");
                     }
@@ -396,10 +407,47 @@ impl Peer {
                 self.adopt_cluster_id(&id);
             }
         }
-        if keys.iter().any(|k| k.starts_with(tls::CA_PREFIX)) {
+        self.trust_changed(keys);
+        self.changed.notify_waiters();
+    }
+
+    /// Trusted CAs or gossip keys changed (here or elsewhere): use them.
+    fn trust_changed<K: AsRef<str>>(&self, keys: &[K]) {
+        if keys.iter().any(|k| k.as_ref().starts_with(tls::CA_PREFIX)) {
             self.refresh_roots();
         }
-        self.changed.notify_waiters();
+        if keys.iter().any(|k| {
+            k.as_ref().starts_with(meta::GOSSIP_KEY_PREFIX)
+                || k.as_ref() == meta::GOSSIP_PRIMARY_KEY
+        }) {
+            self.refresh_keyring();
+        }
+    }
+
+    /// Seal and open gossip with the keys the metadata lists.
+    pub fn refresh_keyring(&self) {
+        let ring = {
+            let store = self.store.lock();
+            let keys: Vec<[u8; mars_proto::gossip::KEY_LEN]> = store
+                .range(meta::GOSSIP_KEY_PREFIX)
+                .filter_map(|(_, e)| mars_proto::gossip::parse_key(e.value.as_ref()?.as_str()?))
+                .collect();
+            let primary = store
+                .get(meta::GOSSIP_PRIMARY_KEY)
+                .and_then(|v| v.as_str())
+                .and_then(|h| u32::from_str_radix(h, 16).ok());
+            (Keyring::new(keys, primary), primary.is_some())
+        };
+        let (ring, named) = ring;
+        if named && ring.primary().is_none() {
+            tracing::error!("the gossip key in use is not installed here: gossip is not sent until it is (`marsadm keyring list`)");
+        }
+        *self.keyring.write() = Arc::new(ring);
+    }
+
+    /// The gossip keys this node holds, and the one in use.
+    pub fn keyring(&self) -> Arc<Keyring> {
+        self.keyring.read().clone()
     }
 
     /// Trust the CAs the metadata lists (this cluster's, and those of
@@ -527,22 +575,21 @@ impl Peer {
                     continue;
                 }
             };
-            let d = &buf[..n];
-            let ok = n >= DGRAM_HEADER
-                && d[0..4] == DGRAM_MAGIC
-                && u16::from_le_bytes([d[4], d[5]]) == PROTOCOL_VERSION
-                && {
-                    let tag = u32::from_le_bytes([d[8], d[9], d[10], d[11]]);
-                    tag == cluster_tag(&self.cluster_id())
-                        || self.former_ids.read().iter().any(|f| cluster_tag(f) == tag)
-                };
-            if !ok {
-                if self.warned.lock().insert(from) {
-                    tracing::warn!(%from, "dropping gossip datagram: other cluster, other protocol version, or not mars");
+            let ring = self.keyring();
+            let payload = match ring.open(PROTOCOL_VERSION, &buf[..n]) {
+                Ok(p) => p,
+                Err(why) => {
+                    let mut w = self.warned.lock();
+                    if w.len() >= WARNED_MAX {
+                        w.clear();
+                    }
+                    if w.insert(from) {
+                        tracing::warn!(%from, ?why, "dropping gossip datagram: not sealed with a key of this cluster's keyring (another cluster, another version, a key not installed here, or forged)");
+                    }
+                    continue;
                 }
-                continue;
-            }
-            self.cluster.lock().handle_gossip(&d[DGRAM_HEADER..]);
+            };
+            self.cluster.lock().handle_gossip(&payload);
             self.flush_effects();
         }
     }

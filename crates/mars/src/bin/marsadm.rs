@@ -58,6 +58,11 @@ enum Cmd {
         token: Option<String>,
         peer: String,
     },
+    /// The cluster's gossip keys (`list`, `generate`, `install KEY`, `use KEY`,
+    /// `remove KEY`): rotate by installing a new key, using it, then removing
+    /// the old one.
+    #[command(subcommand)]
+    Keyring(KeyringCmd),
     /// Print a one-time token that lets one new node join this cluster
     /// (`join-cluster --token`), or with --merge one other cluster merge this
     /// one into itself (`merge-cluster --token`).
@@ -305,6 +310,20 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
                 bail!("merge-cluster needs --token TOKEN: run `marsadm invite --merge` on a node of {peer}'s cluster and pass what it prints");
             };
             say(dir, Request::MergeCluster { peer, token })
+        }
+        Cmd::Keyring(k) => {
+            let op = match k {
+                KeyringCmd::Generate => {
+                    let key: [u8; mars_proto::gossip::KEY_LEN] = rand::random();
+                    println!("{}", mars_proto::gossip::key_text(&key));
+                    return Ok(0);
+                }
+                KeyringCmd::List => mars_api::KeyringOp::List,
+                KeyringCmd::Install { key } => mars_api::KeyringOp::Install { key },
+                KeyringCmd::Use { key } => mars_api::KeyringOp::Use { key },
+                KeyringCmd::Remove { key } => mars_api::KeyringOp::Remove { key },
+            };
+            say(dir, Request::Keyring { op })
         }
         Cmd::Invite { merge, ttl } => {
             if ttl == 0 {
@@ -607,4 +626,18 @@ fn render(v: &View) -> String {
         }
     }
     out
+}
+
+#[derive(Subcommand)]
+enum KeyringCmd {
+    /// The installed keys (by id) and the one in use.
+    List,
+    /// Print a new random key (installs nothing).
+    Generate,
+    /// Install KEY on every node (gossip sealed with it is accepted).
+    Install { key: String },
+    /// Seal gossip with KEY from now on (install it first).
+    Use { key: String },
+    /// Remove KEY from every node (not the one in use).
+    Remove { key: String },
 }
