@@ -17,6 +17,7 @@
 //! links, tokens (see [`PROTOCOL_VERSION`]).
 
 pub mod gossip;
+pub mod token;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;

@@ -452,46 +452,7 @@ pub enum InviteKind {
     Merge,
 }
 
-/// A parsed token: `mars1.<id>.<secret>.<pin>`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Token {
-    pub id: String,
-    pub secret: String,
-    pub pin: String,
-}
-
-impl Token {
-    pub fn parse(s: &str) -> Result<Token> {
-        let bad = || {
-            anyhow!(
-                "not a mars token (expected mars1.<id>.<secret>.<pin>, as `marsadm invite` prints)"
-            )
-        };
-        let mut it = s.trim().split('.');
-        if it.next() != Some("mars1") {
-            return Err(bad());
-        }
-        let mut part = |len: usize| {
-            it.next()
-                .filter(|p| p.len() == len && p.bytes().all(|b| b.is_ascii_hexdigit()))
-                .map(str::to_ascii_lowercase)
-                .ok_or_else(bad)
-        };
-        let t = Token {
-            id: part(16)?,
-            secret: part(32)?,
-            pin: part(64)?,
-        };
-        if it.next().is_some() {
-            return Err(bad());
-        }
-        Ok(t)
-    }
-
-    pub fn text(&self) -> String {
-        format!("mars1.{}.{}.{}", self.id, self.secret, self.pin)
-    }
-}
+pub use mars_proto::token::Token;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Invite {
@@ -592,25 +553,6 @@ fn hex(b: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn token_round_trip_and_refusals() {
-        let t = Token {
-            id: "0123456789abcdef".into(),
-            secret: "00112233445566778899aabbccddeeff".into(),
-            pin: "a".repeat(64),
-        };
-        assert_eq!(Token::parse(&t.text()).unwrap(), t);
-        for bad in [
-            "",
-            "mars1",
-            "mars2.0123456789abcdef.00112233445566778899aabbccddeeff.aaaa",
-            &format!("{}.x", t.text()),
-            &t.text().replace("0123", "zz23"),
-        ] {
-            assert!(Token::parse(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn invites_are_used_once_expire_and_keep_their_kind() {
