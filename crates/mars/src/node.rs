@@ -210,11 +210,7 @@ pub fn create_cluster(dir: &Path, node: &str, listen: &str, nbd: &str) -> Result
     }
     let (id, cluster_id) = (nonzero_id(), format!("{:032x}", rand::random::<u128>()));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    crate::tls::init_cluster(
-        dir,
-        &cluster_id,
-        &mars_meta::schema::NodeRef::new(node, id).token(),
-    )?;
+    crate::tls::init_cluster(dir, &mars_meta::schema::NodeRef::new(node, id).token())?;
     write_node(dir, node, id, listen, nbd, &cluster_id)
 }
 

@@ -88,18 +88,15 @@ fn validity(years: i64) -> (time::OffsetDateTime, time::OffsetDateTime) {
     )
 }
 
-/// A new CA for cluster `cluster_id`: (certificate PEM, key PEM).
-pub fn new_ca(cluster_id: &str) -> Result<(String, String)> {
+/// A new CA for a cluster: (certificate PEM, key PEM).
+pub fn new_ca() -> Result<(String, String)> {
     let key = rcgen::KeyPair::generate()?;
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name = rcgen::DistinguishedName::new();
-    p.distinguished_name.push(
-        rcgen::DnType::CommonName,
-        format!(
-            "mars cluster CA {}",
-            &cluster_id[..cluster_id.len().min(16)]
-        ),
-    );
+    // Nothing of the cluster's id in it: any TLS client sees the chain
+    // before it is authenticated.
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "mars cluster CA".to_string());
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
     p.key_usages = vec![
         rcgen::KeyUsagePurpose::KeyCertSign,
@@ -199,8 +196,8 @@ pub fn write_node_files(
 }
 
 /// `create-cluster`: a CA and this node's certificate.
-pub fn init_cluster(node_dir: &Path, cluster_id: &str, token: &str) -> Result<()> {
-    let (ca, ca_key) = new_ca(cluster_id)?;
+pub fn init_cluster(node_dir: &Path, token: &str) -> Result<()> {
+    let (ca, ca_key) = new_ca()?;
     let (key, public) = new_key()?;
     let cert = issue(&ca, &ca_key, token, &public)?;
     write_node_files(node_dir, &ca, &ca_key, &cert, &key)
@@ -585,7 +582,7 @@ mod tests {
 
     #[test]
     fn issued_certificates_name_the_node_and_chain_to_the_ca() {
-        let (ca, ca_key) = new_ca("0123456789abcdef0123456789abcdef").unwrap();
+        let (ca, ca_key) = new_ca().unwrap();
         let (_key, public) = new_key().unwrap();
         let cert = issue(&ca, &ca_key, "alpha@00000000000000ab", &public).unwrap();
         let der = certs_of(&cert).unwrap();

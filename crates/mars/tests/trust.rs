@@ -103,6 +103,23 @@ fn outsiders_learn_nothing_and_change_nothing() {
                 Ok(other) => panic!("an outsider got {other:?}"),
                 Err(_) => {}
             }
+            // 2b. What the TLS handshake shows anyone (the chain) holds no
+            // cluster id either.
+            let tcp = tokio::net::TcpStream::connect(&nodes[0].listen)
+                .await
+                .unwrap();
+            let s = tokio_rustls::TlsConnector::from(mars::tls::pinned_client(&pin).unwrap())
+                .connect(mars::tls::server_name(), tcp)
+                .await
+                .unwrap();
+            for c in s.get_ref().1.peer_certificates().unwrap() {
+                let hex: String = c.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+                assert!(
+                    !hex.contains(&id[..16]),
+                    "the certificate chain names the cluster id"
+                );
+                assert!(!String::from_utf8_lossy(c.as_ref()).contains(&id[..16]));
+            }
             // 3. A certificate of another CA: no TLS session at all.
             let r = foreign.tls_connect(&nodes[0].listen).await;
             if let Ok(mut s) = r {
