@@ -145,7 +145,17 @@ pub enum Inadmissible {
     NotTheOwner { owner: String, writer: String },
     #[error("it would overwrite this node's own entry with one this node did not write")]
     OwnEntry,
+    #[error("a revocation is never withdrawn")]
+    Unrevoke,
+    #[error("the value is {0} bytes, more than this key holds")]
+    TooLarge(usize),
 }
+
+/// Largest serialised live value a remote entry may carry (a trusted CA's
+/// PEM: [`MAX_CA_VALUE`]): one entry must not make every node's store, and
+/// the join snapshot, grow without bound.
+pub const MAX_VALUE: usize = 4096;
+pub const MAX_CA_VALUE: usize = 16 << 10;
 
 fn decodes<T: DeserializeOwned>(v: &serde_json::Value) -> Result<T, Inadmissible> {
     serde_json::from_value(v.clone()).map_err(|e| Inadmissible::BadValue(e.to_string()))
@@ -217,16 +227,46 @@ pub fn admissible(
 ) -> Result<(), Inadmissible> {
     let shape = parse_key(key).ok_or(Inadmissible::UnknownKey)?;
     let Some(value) = &entry.value else {
+        // A revoked node stays revoked: deleting the entry would let its
+        // certificate in again.
+        if matches!(shape, KeyShape::Revoked(_)) {
+            return Err(Inadmissible::Unrevoke);
+        }
         // A deletion opens nothing and names nothing: any node may delete
         // (`delete-resource` deletes every key of an incarnation).
         return Ok(());
     };
+    let size = serde_json::to_vec(value)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    let max = if matches!(shape, KeyShape::Ca(_)) {
+        MAX_CA_VALUE
+    } else {
+        MAX_VALUE
+    };
+    if size > max {
+        return Err(Inadmissible::TooLarge(size));
+    }
     check_value(&shape, value)?;
     let owner = match &shape {
         KeyShape::Member(_, n) | KeyShape::Actual(_, n) => n,
+        // A node's address is written by the node itself; the node that
+        // admitted it writes the first record (nothing held yet: it
+        // replaces no value, nor the tombstone of a node that left), and
+        // any node may delete it (leave-cluster).
+        KeyShape::Node(n) => {
+            let replaces = held.is_some_and(|h| entry.stamp >= h.stamp && entry != h);
+            if entry.stamp.node != n.name && replaces {
+                return Err(Inadmissible::NotTheOwner {
+                    owner: n.name.clone(),
+                    writer: entry.stamp.node.clone(),
+                });
+            }
+            &n.name
+        }
         _ => return Ok(()),
     };
-    if entry.stamp.node != *owner {
+    if entry.stamp.node != *owner && !matches!(shape, KeyShape::Node(_)) {
         return Err(Inadmissible::NotTheOwner {
             owner: owner.clone(),
             writer: entry.stamp.node.clone(),
@@ -400,6 +440,58 @@ mod tests {
         let theirs = e(10, "gamma", Some(actual()));
         let k = actual_key(&r0(), "gamma");
         assert!(admissible(&k, &e(11, "gamma", Some(actual())), Some(&theirs), ME).is_ok());
+    }
+
+    #[test]
+    fn revocations_stay_node_addresses_are_their_own_and_values_are_bounded() {
+        let n = NodeRef::new("gamma", 7);
+        let rk = format!("c/d/revoked/{}", n.token());
+        assert_eq!(
+            admissible(
+                &rk,
+                &e(9, "gamma", None),
+                Some(&e(5, "alpha", Some(json!({})))),
+                ME
+            ),
+            Err(Inadmissible::Unrevoke)
+        );
+        assert!(admissible(&rk, &e(9, "alpha", Some(json!({"at_ms": 1}))), None, ME).is_ok());
+        let nk = node_key(&n);
+        let addr = |l: &str| json!({"listen": l, "nbd": "127.0.0.1:2"});
+        let first = e(5, "alpha", Some(addr("127.0.0.1:1")));
+        // The admitting node's first record, and its echo.
+        assert!(admissible(&nk, &first, None, ME).is_ok());
+        assert!(admissible(&nk, &first, Some(&first), ME).is_ok());
+        // Another node rewriting it, or bringing back a node that left.
+        let moved = e(6, "beta", Some(addr("10.9.9.9:1")));
+        assert!(matches!(
+            admissible(&nk, &moved, Some(&first), ME),
+            Err(Inadmissible::NotTheOwner { .. })
+        ));
+        assert!(matches!(
+            admissible(&nk, &moved, Some(&e(5, "alpha", None)), ME),
+            Err(Inadmissible::NotTheOwner { .. })
+        ));
+        // The node itself moves; anyone deletes.
+        assert!(admissible(
+            &nk,
+            &e(6, "gamma", Some(addr("127.0.0.1:3"))),
+            Some(&first),
+            ME
+        )
+        .is_ok());
+        assert!(admissible(&nk, &e(6, "beta", None), Some(&first), ME).is_ok());
+        // Huge values.
+        let big = json!({"listen": "127.0.0.1:1", "nbd": "x", "pad": "A".repeat(MAX_VALUE)});
+        assert!(matches!(
+            admissible(
+                &node_key(&NodeRef::new("junk", 1)),
+                &e(5, "junk", Some(big)),
+                None,
+                ME
+            ),
+            Err(Inadmissible::TooLarge(_))
+        ));
     }
 
     fn arb_name() -> impl Strategy<Value = String> {

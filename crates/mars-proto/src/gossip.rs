@@ -68,6 +68,14 @@ impl Keyring {
         Keyring { keys, primary }
     }
 
+    /// This ring sealing with `id` (if it holds that key).
+    pub fn with_primary(mut self, id: u32) -> Keyring {
+        if self.keys.contains_key(&id) {
+            self.primary = Some(id);
+        }
+        self
+    }
+
     pub fn primary(&self) -> Option<u32> {
         self.primary
     }
@@ -163,6 +171,13 @@ mod tests {
         assert_eq!(both.open(5, &bad), Err(Drop::Forged));
         assert_eq!(both.open(5, b"MRSG"), Err(Drop::NotMars));
         assert!(Keyring::default().seal(5, b"x").is_none());
+        let unheld = Keyring::new(vec![a, b], Some(0xdead_beef));
+        assert_eq!(unheld.primary(), None);
+        assert_eq!(unheld.with_primary(key_id(&a)).primary(), Some(key_id(&a)));
+        assert_eq!(
+            old.clone().with_primary(key_id(&b)).primary(),
+            Some(key_id(&a))
+        );
         assert!(!format!("{both:?}").contains("0101"));
     }
 

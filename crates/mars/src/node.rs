@@ -197,6 +197,35 @@ pub fn resource_dir(dir: &Path, name: &str) -> PathBuf {
     resources_dir(dir).join(name)
 }
 
+/// Create the node directory `dir` (if needed) and make it 0700 whatever
+/// the umask: it holds the disk records (`resources/RES/disk`, which marsd
+/// opens as root), the logs (every write to the devices) and `marsd.lock`;
+/// nobody else may read, replace or lock anything in it. Whether it was
+/// wider before.
+pub fn private_node_dir(dir: &Path) -> Result<bool> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 == 0 {
+        return Ok(false);
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make {} private (chmod 700)", dir.display()))?;
+    Ok(true)
+}
+
+/// Files and directories marsd and marsadm create are theirs alone (logs
+/// hold every write to the devices): umask 077 whatever the caller's.
+pub fn private_umask() {
+    // SAFETY: umask only sets the process's file mode creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
 /// `marsadm create-cluster`: initialise DIR as the first node of a new cluster.
 pub fn create_cluster(dir: &Path, node: &str, listen: &str, nbd: &str) -> Result<NodeConfig> {
     check_name("node", node)?;
@@ -209,7 +238,7 @@ pub fn create_cluster(dir: &Path, node: &str, listen: &str, nbd: &str) -> Result
         );
     }
     let (id, cluster_id) = (nonzero_id(), format!("{:032x}", rand::random::<u128>()));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    private_node_dir(dir)?;
     crate::tls::init_cluster(dir, &mars_meta::schema::NodeRef::new(node, id).token())?;
     write_node(dir, node, id, listen, nbd, &cluster_id)
 }
@@ -258,7 +287,7 @@ pub fn init_joined(
     me: &mars_proto::NodeInfo,
     j: crate::peer::JoinedCluster,
 ) -> Result<NodeConfig> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    private_node_dir(dir)?;
     crate::tls::write_node_files(dir, &j.ca_cert, &j.ca_key, &j.cert, &j.key)?;
     let (node, entries) = (me.name.as_str(), j.entries);
     let mut store = mars_meta::Store::new(node);

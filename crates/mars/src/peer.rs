@@ -86,6 +86,37 @@ pub const MAX_OTHER_CONNECTIONS: usize = 128;
 pub const MAX_PER_NODE_IP: usize = 256;
 pub const MAX_PER_OTHER_IP: usize = 16;
 
+/// Failed peer connections are logged at most [`CONN_LOG_BURST`] times per
+/// [`CONN_LOG_PERIOD`], then counted: anyone who reaches the port can fail
+/// a TLS handshake thousands of times a second, and each must not cost a
+/// line on disk.
+const CONN_LOG_BURST: u32 = 20;
+const CONN_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+struct ConnLog(Mutex<(Option<Instant>, u32, u64)>);
+
+static CONN_LOG: ConnLog = ConnLog(Mutex::new((None, 0, 0)));
+
+impl ConnLog {
+    /// Whether to log this one; `Some(n)`: yes, and `n` were suppressed
+    /// before it.
+    fn admit(&self) -> Option<u64> {
+        let mut g = self.0.lock();
+        let now = Instant::now();
+        let mut suppressed = 0;
+        if g.0.is_none_or(|t| now.duration_since(t) >= CONN_LOG_PERIOD) {
+            suppressed = g.2;
+            *g = (Some(now), 0, 0);
+        }
+        if g.1 >= CONN_LOG_BURST {
+            g.2 += 1;
+            return None;
+        }
+        g.1 += 1;
+        Some(suppressed)
+    }
+}
+
 /// The unit a per-address cap counts: an IPv4 address, an IPv6 /64.
 fn address_group(ip: std::net::IpAddr) -> std::net::IpAddr {
     match ip {
@@ -439,9 +470,33 @@ impl Peer {
             (Keyring::new(keys, primary), primary.is_some())
         };
         let (ring, named) = ring;
-        if named && ring.primary().is_none() {
-            tracing::error!("the gossip key in use is not installed here: gossip is not sent until it is (`marsadm keyring list`)");
+        if ring.ids().is_empty() && !self.keyring.read().ids().is_empty() {
+            // Every key deleted (no command does that: the key in use cannot
+            // be removed): keep the keys held so far rather than fall silent.
+            tracing::error!("the metadata lists no gossip key: keeping the keys held so far (`marsadm keyring install` one)");
+            return;
         }
+        let ring = if named && ring.primary().is_none() {
+            // A primary key this node does not hold (not arrived yet, or
+            // named by a member that holds it alone): keep sealing with the
+            // key used so far if it is still installed, else with any
+            // installed key, rather than falling silent (every node would
+            // see every other down, and replication would stop).
+            let before = self.keyring.read().primary();
+            let fallback = before
+                .filter(|p| ring.ids().contains(p))
+                .or_else(|| ring.ids().first().copied());
+            tracing::error!(
+                fallback = ?fallback.map(|id| format!("{id:08x}")),
+                "the gossip key in use is not installed here: gossip is sealed with the key used before until it is (`marsadm keyring list`)"
+            );
+            match fallback {
+                Some(id) => ring.with_primary(id),
+                None => ring,
+            }
+        } else {
+            ring
+        };
         *self.keyring.write() = Arc::new(ring);
     }
 
@@ -871,7 +926,12 @@ impl Peer {
                         // as long as the disk takes. Silent peers end by the idle
                         // timeout and the keepalive (`tune_stream`).
                         if let Err(e) = p.serve(s).await {
-                            tracing::info!(%from, "peer connection: {e:#}");
+                            if let Some(suppressed) = CONN_LOG.admit() {
+                                if suppressed > 0 {
+                                    tracing::info!(suppressed, "peer connection errors not logged in the last {CONN_LOG_PERIOD:?}");
+                                }
+                                tracing::info!(%from, "peer connection: {e:#}");
+                            }
                         }
                     });
                 }
@@ -1114,6 +1174,11 @@ impl Peer {
         node: &NodeInfo,
         public_key: &[u8],
     ) -> Result<Msg> {
+        // The token first: who holds none learns nothing of the cluster
+        // (not which node names or ids exist or left).
+        self.tls
+            .invites()
+            .check(token_id, secret, InviteKind::Join, now_ms())?;
         crate::node::check_name("node", &node.name)
             .map_err(|_| anyhow!("invalid node name {:?}", node.name))?;
         crate::node::check_addr("--listen", &node.listen)?;

@@ -505,6 +505,23 @@ impl Invites {
     /// Use up the invitation `id` if `secret` is its and it is of `kind` and
     /// not expired. A wrong secret does not use it up.
     pub fn redeem(&self, id: &str, secret: &str, kind: InviteKind, now_ms: u64) -> Result<()> {
+        self.check_or_redeem(id, secret, kind, now_ms, true)
+    }
+
+    /// Whether `redeem` would accept the token now, without using it up:
+    /// what is checked before anything else is told to its holder.
+    pub fn check(&self, id: &str, secret: &str, kind: InviteKind, now_ms: u64) -> Result<()> {
+        self.check_or_redeem(id, secret, kind, now_ms, false)
+    }
+
+    fn check_or_redeem(
+        &self,
+        id: &str,
+        secret: &str,
+        kind: InviteKind,
+        now_ms: u64,
+        redeem: bool,
+    ) -> Result<()> {
         let _g = INVITES_LOCK.lock();
         let mut v = self.load()?;
         let Some(i) = v.iter().position(|i| i.id == id) else {
@@ -530,6 +547,9 @@ impl Invites {
             v.remove(i);
             self.save(&v)?;
             bail!("the token has expired (`marsadm invite` prints a new one)");
+        }
+        if !redeem {
+            return Ok(());
         }
         v.remove(i);
         self.save(&v)
@@ -563,8 +583,11 @@ mod tests {
         assert!(inv
             .redeem(&t.id, &t.secret, InviteKind::Merge, 5001)
             .is_err());
+        assert!(inv.check(&t.id, "wrong", InviteKind::Join, 5001).is_err());
+        inv.check(&t.id, &t.secret, InviteKind::Join, 5001).unwrap();
         inv.redeem(&t.id, &t.secret, InviteKind::Join, 5001)
             .unwrap();
+        assert!(inv.check(&t.id, &t.secret, InviteKind::Join, 5002).is_err());
         assert!(inv
             .redeem(&t.id, &t.secret, InviteKind::Join, 5002)
             .is_err());

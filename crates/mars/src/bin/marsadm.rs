@@ -205,6 +205,7 @@ enum Cmd {
 }
 
 fn main() {
+    mars::node::private_umask();
     let args = Args::parse();
     match run(&args.dir, args.cmd) {
         Ok(code) => std::process::exit(code),

@@ -62,10 +62,12 @@ fn main() {
 /// Hold an exclusive lock on DIR/marsd.lock for the life of the process.
 fn lock_dir(dir: &Path) -> Result<std::fs::File> {
     let path = dir.join("marsd.lock");
+    use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
     // SAFETY: flock on an owned descriptor.
@@ -84,7 +86,14 @@ fn bind_tcp(what: &str, addr: &str) -> Result<std::net::TcpListener> {
 }
 
 fn run(dir: &Path) -> Result<()> {
+    node::private_umask();
     let cfg = node::load_node(dir)?;
+    if node::private_node_dir(dir)? {
+        tracing::warn!(
+            "{} was accessible by other users: made it 0700 (it holds the logs and the disk records)",
+            dir.display()
+        );
+    }
     let nbd_options = mars::nbd_tls::server_options(dir, &cfg)?;
     let _lock = lock_dir(dir)?;
     let tls = std::sync::Arc::new(mars::tls::Tls::load(dir)?);
