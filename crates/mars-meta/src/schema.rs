@@ -37,6 +37,10 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 pub struct NodeEntry {
     pub listen: String,
     pub nbd: String,
+    /// blake3 (hex) of the DER of the node's certificate: a peer link is
+    /// accepted only with exactly this certificate for this identity.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cert: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -273,6 +273,7 @@ impl Peer {
         let entry = meta::to_value(&NodeEntry {
             listen: setup.me.listen.clone(),
             nbd: setup.me.nbd.clone(),
+            cert: setup.tls.cert_pin.clone(),
         });
         let key = meta::node_key(&meta::NodeRef::new(&setup.me.name, setup.me.id));
         if peer.store.lock().get(&key) != Some(&entry) {
@@ -522,14 +523,21 @@ impl Peer {
     /// A certificate's identity may talk to this node: it is not revoked
     /// (`leave-cluster`), and it is the node expected (`expect`, the node
     /// this connection was opened to) with the id the metadata knows.
-    fn check_identity(&self, ident: &str, expect: Option<&str>) -> Result<meta::NodeRef> {
-        let r = meta::NodeRef::parse(ident)
+    /// The certificate `der` (chained to a trusted CA by rustls) may talk
+    /// to this node: the node it names is not revoked, is a live node of the
+    /// metadata whose entry names exactly this certificate (a certificate
+    /// minted with a CA key for a live node or a new one gets nowhere), and
+    /// is the node expected (`expect`, the node this connection was opened
+    /// to). Returns the identity.
+    fn check_identity(&self, der: &[u8], expect: Option<&str>) -> Result<(String, meta::NodeRef)> {
+        let ident = tls::identity(der)?;
+        let r = meta::NodeRef::parse(&ident)
             .ok_or_else(|| anyhow!("certificate names no node ({ident})"))?;
         let store = self.store.lock();
         let left = store
             .entry(&meta::node_key(&r))
             .is_some_and(|e| e.value.is_none());
-        if left || store.get(&tls::revoked_key(ident)).is_some() {
+        if left || store.get(&tls::revoked_key(&ident)).is_some() {
             bail!("{ident} left the cluster: its certificate is revoked");
         }
         if let Some(n) = expect {
@@ -537,15 +545,13 @@ impl Peer {
                 bail!("the address of {n} answered with the certificate of {ident}");
             }
         }
-        if let Some((known, _)) = meta::node(&store, &r.name) {
-            if known.id != r.id && store.get(&meta::node_key(&r)).is_none() {
-                bail!(
-                    "{ident} is not the node {} of this cluster (a node of that name that left?)",
-                    known.token()
-                );
-            }
+        let Some(entry) = meta::get::<NodeEntry>(&store, &meta::node_key(&r)) else {
+            bail!("{ident} is not a node of this cluster (or not yet known here)");
+        };
+        if entry.cert != tls::pin_of(der) {
+            bail!("the certificate of {ident} is not the one the cluster recorded for it");
         }
-        Ok(r)
+        Ok((ident, r))
     }
 
     /// Switch to another cluster id (after a merge), keeping the old one acceptable.
@@ -774,14 +780,13 @@ impl Peer {
         .await
         .map_err(|_| anyhow!("TLS handshake with {node} ({addr}) timed out"))?
         .with_context(|| format!("TLS handshake with {node} ({addr})"))?;
-        let ident = tls
+        let der = tls
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|c| c.first())
-            .ok_or_else(|| anyhow!("{node} ({addr}) showed no certificate"))
-            .and_then(|c| tls::identity(c))?;
-        self.check_identity(&ident, Some(node))
+            .ok_or_else(|| anyhow!("{node} ({addr}) showed no certificate"))?;
+        self.check_identity(der, Some(node))
             .with_context(|| format!("{node} ({addr})"))?;
         let mut s = PeerStream::Client(tls);
         let id = self.cluster_id();
@@ -950,18 +955,20 @@ impl Peer {
             .await
             .map_err(|_| anyhow!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))?
             .context("TLS handshake")?;
-        let ident = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-            Some(c) => Some(tls::identity(c)?),
-            None => None,
-        };
+        let checked = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| self.check_identity(c, None));
         let mut s = PeerStream::Server(tls);
-        let Some(ident) = ident else {
+        let Some(checked) = checked else {
             return self.serve_unauthenticated(s).await;
         };
-        let cert_node = match self.check_identity(&ident, None) {
+        let (ident, cert_node) = match checked {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(peer = %ident, "refusing peer: {e:#}");
+                tracing::warn!("refusing peer: {e:#}");
                 let _ = write_msg(
                     &mut s,
                     &Msg::Refused {
@@ -1198,11 +1205,14 @@ impl Peer {
             .redeem(token_id, secret, InviteKind::Join, now_ms())?;
         let ca_key = self.tls.ca_key_pem()?;
         let cert = tls::issue(&self.tls.ca_pem, &ca_key, &token, public_key)?;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes())
+            .map_err(|e| anyhow!("the certificate just made is damaged: {e:?}"))?;
         self.set(
             &meta::node_key(&meta::NodeRef::new(&node.name, node.id)),
             meta::to_value(&NodeEntry {
                 listen: node.listen.clone(),
                 nbd: node.nbd.clone(),
+                cert: tls::pin_of(&der),
             }),
         );
         self.save();

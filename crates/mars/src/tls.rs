@@ -210,6 +210,8 @@ pub struct Tls {
     /// Own CA certificate (PEM), sent in the chain so joiners can pin it.
     pub ca_pem: String,
     pub pin: String,
+    /// blake3 of this node's certificate (its node entry names it).
+    pub cert_pin: String,
     chain: Vec<CertificateDer<'static>>,
     key_pem: String,
     configs: RwLock<Configs>,
@@ -248,6 +250,7 @@ impl Tls {
             dir,
             provider,
             pin: pin_of(&ca[0]),
+            cert_pin: pin_of(&chain[0]),
             ca_pem,
             chain,
             key_pem,

@@ -13,6 +13,10 @@ const SIZE: u64 = 4 << 20;
 /// Push `entries` to `to` as node `tool` of its cluster (a directory made by
 /// invite + join-cluster) would.
 fn push(tool: &Node, to: &Node, entries: Vec<WireEntry>) {
+    // `to` admits the tool's certificate once it knows the tool's node entry.
+    to.wait_view("the tool node known", |v| {
+        view_nodes(v).iter().any(|(n, _)| *n == tool.name)
+    });
     let id = to.view_json()["cluster"]["id"]
         .as_str()
         .unwrap()

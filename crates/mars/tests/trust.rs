@@ -274,6 +274,45 @@ fn a_node_that_left_is_refused() {
     wait_for("the refusal logged", Duration::from_secs(10), || {
         nodes[0].log_text().contains("revoked")
     });
+    // It still holds the CA's key: certificates it mints itself, for a new
+    // identity or for a live node's, get nowhere either.
+    let tls_dir = nodes[2].dir.join("tls");
+    let read = |f: &str| std::fs::read_to_string(tls_dir.join(f)).unwrap();
+    let (ca, ca_key) = (read("ca.crt"), read("ca.key"));
+    let alpha = nodes[0].info();
+    let alpha_token = format!("alpha@{:016x}", alpha.id);
+    for (token, who) in [
+        ("mallory@00000000000000ee", "not a node of this cluster"),
+        (alpha_token.as_str(), "not the one the cluster recorded"),
+    ] {
+        let (key, public) = mars::tls::new_key().unwrap();
+        let cert = mars::tls::issue(&ca, &ca_key, token, &public).unwrap();
+        let forged = tempfile::tempdir().unwrap();
+        mars::tls::write_node_files(forged.path(), &ca, &ca_key, &cert, &key).unwrap();
+        let tls = mars::tls::Tls::load(forged.path()).unwrap();
+        let me = NodeInfo {
+            name: token.split('@').next().unwrap().into(),
+            id: u64::from_str_radix(token.split('@').nth(1).unwrap(), 16).unwrap(),
+            ..gamma.clone()
+        };
+        rt().block_on(async {
+            let tcp = tokio::net::TcpStream::connect(&nodes[1].listen)
+                .await
+                .unwrap();
+            if let Ok(s) = tokio_rustls::TlsConnector::from(tls.client())
+                .connect(mars::tls::server_name(), tcp)
+                .await
+            {
+                let mut s = mars_replication::PeerStream::Client(s);
+                client_handshake(&mut s, Some(&id), &me)
+                    .await
+                    .expect_err("a minted certificate was let in");
+            }
+        });
+        wait_for("the refusal logged", Duration::from_secs(10), || {
+            nodes[1].log_text().contains(who)
+        });
+    }
 }
 
 /// Idle connections to the peer port are dropped after the handshake
