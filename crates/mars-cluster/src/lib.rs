@@ -152,6 +152,13 @@ impl BroadcastHandler<NodeId> for MetaBroadcasts {
             return Err(BadBroadcast(format!("key {:?} is not cluster-wide", w.key)));
         }
         let (key, entry) = from_wire(w);
+        if self.admission == Admission::Schema && !schema::gossipable(&key) {
+            // Not taken from gossip (trust entries travel over authenticated
+            // links only); ignored, not an error, so that the rest of the
+            // datagram (membership) still counts.
+            tracing::debug!(key, "trust entry ignored in gossip");
+            return Ok(None);
+        }
         let stamp = entry.stamp.clone();
         if sender.is_none() {
             // Our own add_broadcast: the entry is already in the store; disseminate it
@@ -452,6 +459,9 @@ impl Cluster {
     /// Disseminate an entry that is already in the store (cluster-wide keys only).
     pub fn broadcast(&mut self, key: &str, entry: &Entry) {
         if !matches!(scope_of(key), Some(Scope::Cluster)) {
+            return;
+        }
+        if self.admission == Admission::Schema && !schema::gossipable(key) {
             return;
         }
         let data = serde_json::to_vec(&to_wire(key, entry)).unwrap_or_default();

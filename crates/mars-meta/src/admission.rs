@@ -85,6 +85,27 @@ impl KeyShape {
 pub const GOSSIP_KEY_PREFIX: &str = "c/d/gossip-key/";
 pub const GOSSIP_PRIMARY_KEY: &str = "c/d/gossip-primary";
 
+/// Whether `key` may travel by gossip (UDP, sealed with the gossip key):
+/// not what decides who is trusted (node entries with their certificates,
+/// CAs, revocations, the gossip keys themselves, the cluster id). Those go
+/// only over authenticated TCP (anti-entropy, push, join, merge), so the
+/// gossip key alone (a node that left still holds the old one until the
+/// rotation that follows its leaving) cannot make anyone trusted, or learn
+/// the new key.
+pub fn gossipable(key: &str) -> bool {
+    !matches!(
+        parse_key(key),
+        Some(
+            KeyShape::Node(_)
+                | KeyShape::Ca(_)
+                | KeyShape::Revoked(_)
+                | KeyShape::GossipKey(_)
+                | KeyShape::GossipPrimary
+                | KeyShape::ClusterId
+        )
+    )
+}
+
 /// `s` if it is exactly `len` lowercase hex digits.
 fn hex_of(s: &str, len: usize) -> Option<String> {
     (s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))

@@ -142,7 +142,8 @@ pub const CLUSTER_ID_KEY: &str = "c/d/cluster-id";
 
 /// Which remote entries a node takes at all (least privilege): see the module.
 pub use crate::admission::{
-    admissible, parse_key, Inadmissible, KeyShape, GOSSIP_KEY_PREFIX, GOSSIP_PRIMARY_KEY,
+    admissible, gossipable, parse_key, Inadmissible, KeyShape, GOSSIP_KEY_PREFIX,
+    GOSSIP_PRIMARY_KEY,
 };
 
 /// Names of resources and nodes: 1..=64 of `[A-Za-z0-9_.-]`, not starting

@@ -46,6 +46,9 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a TLS handshake, and a peer's first message after it, may take:
 /// a connection that says nothing is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a rotation of the gossip key, how long the old keys stay
+/// installed (nodes that were not reached get the new one meanwhile).
+const ROTATION_GRACE: Duration = Duration::from_secs(10);
 /// The longest a served connection waits for the peer's next request.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A connection whose peer stops answering (a cut link drops packets silently: no
@@ -179,6 +182,8 @@ pub struct Peer {
     pub tls: Arc<Tls>,
     /// The gossip keys (from the metadata).
     keyring: RwLock<Arc<Keyring>>,
+    /// A rotation of the gossip key after a revocation is under way here.
+    rotating: AtomicBool,
 }
 
 /// What replication needs of the cluster: the store, who is alive, connections.
@@ -250,6 +255,7 @@ impl Peer {
             size_hint: std::sync::atomic::AtomicU32::new(ClusterConfig::default().size_hint),
             tls: setup.tls.clone(),
             keyring: RwLock::new(Arc::new(Keyring::default())),
+            rotating: AtomicBool::new(false),
         });
         // The cluster's first node makes the first gossip key.
         if peer.store.lock().get(meta::GOSSIP_PRIMARY_KEY).is_none() {
@@ -427,7 +433,7 @@ impl Peer {
         }
     }
 
-    fn on_remote_change(&self, keys: &[String]) {
+    fn on_remote_change(self: &Arc<Self>, keys: &[String]) {
         self.dirty.store(true, Ordering::Release);
         if keys.iter().any(|k| k == meta::CLUSTER_ID_KEY) {
             let id = self
@@ -444,7 +450,13 @@ impl Peer {
     }
 
     /// Trusted CAs or gossip keys changed (here or elsewhere): use them.
-    fn trust_changed<K: AsRef<str>>(&self, keys: &[K]) {
+    fn trust_changed<K: AsRef<str>>(self: &Arc<Self>, keys: &[K]) {
+        if keys
+            .iter()
+            .any(|k| k.as_ref().starts_with(tls::REVOKED_PREFIX))
+        {
+            self.rotate_after_revocation();
+        }
         if keys.iter().any(|k| k.as_ref().starts_with(tls::CA_PREFIX)) {
             self.refresh_roots();
         }
@@ -454,6 +466,89 @@ impl Peer {
         }) {
             self.refresh_keyring();
         }
+    }
+
+    /// A node left (its revocation arrived): the node that left still holds
+    /// the gossip key, so the live node with the smallest name (not revoked)
+    /// makes a new key, hands it to every live node over the authenticated
+    /// links (keys never travel by gossip), uses it, and after
+    /// `ROTATION_GRACE` removes the old ones. A node that was away gets the
+    /// new key by anti-entropy.
+    fn rotate_after_revocation(self: &Arc<Self>) {
+        let me = self.me.name.clone();
+        let (live_nodes, revoked_me): (Vec<String>, bool) = {
+            let store = self.store.lock();
+            let mine = meta::NodeRef::new(&me, self.me.id).token();
+            (
+                meta::nodes(&store).into_iter().map(|(n, _)| n).collect(),
+                store.get(&tls::revoked_key(&mine)).is_some(),
+            )
+        };
+        if revoked_me {
+            return;
+        }
+        let smaller_alive = {
+            let alive = self.alive.lock();
+            live_nodes.iter().any(|n| *n < me && alive.contains_key(n))
+        };
+        if smaller_alive || self.rotating.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let p = self.clone();
+        tokio::spawn(async move {
+            let key: [u8; mars_proto::gossip::KEY_LEN] = rand::random();
+            let id = format!("{:08x}", mars_proto::gossip::key_id(&key));
+            let key_entry = format!("{}{id}", meta::GOSSIP_KEY_PREFIX);
+            tracing::info!(key = %id, "a node left: rotating the gossip key");
+            p.set(
+                &key_entry,
+                serde_json::Value::String(mars_proto::gossip::key_text(&key)),
+            );
+            let live: Vec<String> = p.alive.lock().keys().cloned().collect();
+            let mut pushes = tokio::task::JoinSet::new();
+            for n in live {
+                let (p, wire) = (p.clone(), p.wire_of(&key_entry));
+                pushes.spawn(async move {
+                    let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, p.push_to(&n, wire)).await;
+                });
+            }
+            pushes.join_all().await;
+            p.set(
+                meta::GOSSIP_PRIMARY_KEY,
+                serde_json::Value::String(id.clone()),
+            );
+            let live: Vec<String> = p.alive.lock().keys().cloned().collect();
+            let mut pushes = tokio::task::JoinSet::new();
+            for n in live {
+                let (p, wire) = (p.clone(), p.wire_of(meta::GOSSIP_PRIMARY_KEY));
+                pushes.spawn(async move {
+                    let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, p.push_to(&n, wire)).await;
+                });
+            }
+            pushes.join_all().await;
+            tokio::time::sleep(ROTATION_GRACE).await;
+            let old: Vec<String> = p
+                .store
+                .lock()
+                .range(meta::GOSSIP_KEY_PREFIX)
+                .filter(|(k, e)| *k != key_entry && e.value.is_some())
+                .map(|(k, _)| k.to_string())
+                .collect();
+            for k in old {
+                p.delete(&k);
+            }
+            tracing::info!(key = %id, "gossip key rotated; the old ones are removed");
+            p.rotating.store(false, Ordering::Release);
+        });
+    }
+
+    /// The entry of `key` as it goes on the wire (nothing if absent).
+    fn wire_of(&self, key: &str) -> Vec<WireEntry> {
+        self.store
+            .lock()
+            .entry(key)
+            .map(|e| vec![mars_cluster::to_wire(key, e)])
+            .unwrap_or_default()
     }
 
     /// Seal and open gossip with the keys the metadata lists.

@@ -259,6 +259,7 @@ fn a_node_that_left_is_refused() {
         .unwrap()
         .to_string();
     let gamma = nodes[2].info();
+    let key_before = nodes[0].adm_ok(&["keyring", "list"]);
     nodes[2].adm_ok(&["leave-cluster"]);
     nodes[2].kill9();
     nodes[0].wait_view("gamma gone", |v| {
@@ -313,6 +314,43 @@ fn a_node_that_left_is_refused() {
             nodes[1].log_text().contains(who)
         });
     }
+    // The gossip key it holds is replaced on the nodes that stay, and then
+    // removed: gossip sealed with it is dropped.
+    let old_id = key_before.split_whitespace().next().unwrap().to_string();
+    for n in &nodes[..2] {
+        wait_for(
+            "the gossip key rotated and the old one removed",
+            Duration::from_secs(40),
+            || {
+                let l = n.adm_ok(&["keyring", "list"]);
+                l.lines().count() == 1 && l.contains("in use") && !l.contains(&old_id)
+            },
+        );
+    }
+    let store = std::fs::read(nodes[2].dir.join("meta.store")).unwrap();
+    let text = String::from_utf8_lossy(&store);
+    let at = text
+        .find(&format!("c/d/gossip-key/{old_id}"))
+        .expect("the old key in the left node's store");
+    let old_key: String = text[at..]
+        .split("\"value\":\"")
+        .nth(1)
+        .unwrap()
+        .chars()
+        .take(64)
+        .collect();
+    let k = mars_proto::gossip::parse_key(&old_key).unwrap();
+    let ring = mars_proto::gossip::Keyring::new(vec![k], Some(mars_proto::gossip::key_id(&k)));
+    let dropped = |n: &Node| n.log_text().matches("dropping gossip datagram").count();
+    let before = dropped(&nodes[0]);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let d = ring
+        .seal(mars_proto::PROTOCOL_VERSION, b"whatever")
+        .unwrap();
+    udp.send_to(&d, &nodes[0].listen).unwrap();
+    wait_for("old-key gossip dropped", Duration::from_secs(10), || {
+        dropped(&nodes[0]) > before
+    });
 }
 
 /// Idle connections to the peer port are dropped after the handshake
