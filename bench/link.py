@@ -423,7 +423,7 @@ def report(results, dev0, dev1, started, load0, load1, builds):
              f" plaintext build: {BASE or 'none'}; {os.cpu_count()} CPUs; load average before {' '.join(load0)},"
              f" after {' '.join(load1)}.")
     o.append("")
-    o.append(f"Command: `BENCH_BASE={BASE} BENCH_REPEAT={REPEAT} BENCH_CATCHUP={CATCHUP // MIB}M"
+    o.append(f"Command: `{'BENCH_ONLY=' + ONLY + ' ' if ONLY else ''}BENCH_BASE={BASE} BENCH_REPEAT={REPEAT} BENCH_CATCHUP={CATCHUP // MIB}M"
              f" BENCH_SYNC={SYNC // MIB}M BENCH_TC_CATCHUP={TC_CATCHUP // MIB}M BENCH_RATE={RATE}"
              f" BENCH_COMPRESS={COMPRESS} bench/link.py`")
     o.append("")
