@@ -232,9 +232,36 @@ fn nbd_seeds() {
     put("nbd_handshake", "export_name_empty", &s);
 }
 
+/// Data frames (`data_frame`): room (u16 LE, in 16-byte units), a mode
+/// byte (low bit 0: a whole frame follows), then the frame.
+fn data_frame_seeds() {
+    use mars_proto::codec::Packer;
+    let text: Vec<u8> = (0..3000u32)
+        .map(|i| b"mars replicates block devices "[i as usize % 30])
+        .collect();
+    let mut p = Packer::new(1).unwrap();
+    let zstd = p.pack(&text);
+    assert!(zstd.compressed());
+    let room = ((text.len() / 16 + 1) as u16).to_le_bytes();
+    let mut seed = vec![room[0], room[1], 0];
+    seed.extend(p.frame_bytes(&zstd, &text));
+    put("data_frame", "zstd", &seed);
+    // The same payload behind the target's own header (mode bit 1).
+    let f = p.frame_bytes(&zstd, &text);
+    let mut seed = vec![room[0], room[1], 1];
+    seed.extend_from_slice(&f[16..]);
+    put("data_frame", "zstd_payload", &seed);
+    let small = [7u8; 40];
+    let raw = p.pack(&small);
+    let mut seed = vec![4, 0, 0];
+    seed.extend(p.frame_bytes(&raw, &small));
+    put("data_frame", "raw", &seed);
+}
+
 fn main() {
     log_seeds();
     nbd_seeds();
+    data_frame_seeds();
     println!(
         "seeds written to {}",
         Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -57,6 +57,13 @@ pub enum Request {
         fetch: Option<u64>,
         sync: Option<u64>,
     },
+    /// Compression of the resource's fetch and sync streams: `codec` is
+    /// `zstd` or `off`; `level` (zstd, 1..=19) defaults to 1.
+    SetCompression {
+        name: String,
+        codec: String,
+        level: Option<i32>,
+    },
     LogRotate {
         name: String,
     },
@@ -182,6 +189,24 @@ pub struct ResourceView {
     pub actual_primary: Option<String>,
     pub device: Option<String>,
     pub members: Vec<MemberView>,
+    /// Compression of fetch and sync streams: `off` or `zstd:LEVEL`
+    /// (extension; `marsadm set-compression`).
+    #[serde(default)]
+    pub compression: String,
+    /// The resource's data this node sent to fetching and syncing members
+    /// since it started (extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_sent: Option<LinkView>,
+}
+
+/// Data frames sent on peer links: bytes of data, bytes on the wire (less
+/// where compression paid off), frames and compressed frames.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkView {
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+    pub frames: u64,
+    pub compressed_frames: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

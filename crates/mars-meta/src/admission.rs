@@ -49,6 +49,8 @@ pub enum KeyShape {
     Member(ResRef, String),
     /// `r/<inc>/a/<node>`
     Actual(ResRef, String),
+    /// `r/<inc>/d/compression`
+    Compression(ResRef),
     /// `c/d/ca/<16 hex>`: a trusted CA certificate (PEM).
     Ca(String),
     /// `c/d/revoked/<node>@<id>`: a node that left; its certificate is refused.
@@ -72,6 +74,7 @@ impl KeyShape {
             KeyShape::Primary(r) => primary_key(r),
             KeyShape::Member(r, n) => member_key(r, n),
             KeyShape::Actual(r, n) => actual_key(r, n),
+            KeyShape::Compression(r) => compression_key(r),
             KeyShape::Ca(pin) => format!("c/d/ca/{pin}"),
             KeyShape::Revoked(n) => format!("c/d/revoked/{}", n.token()),
             KeyShape::GossipKey(id) => format!("{GOSSIP_KEY_PREFIX}{id}"),
@@ -148,6 +151,9 @@ pub fn parse_key(key: &str) -> Option<KeyShape> {
     if rest == "d/primary" {
         return Some(KeyShape::Primary(res));
     }
+    if rest == "d/compression" {
+        return Some(KeyShape::Compression(res));
+    }
     if let Some(node) = rest.strip_prefix("d/member/") {
         return Some(KeyShape::Member(res, node_name(node)?));
     }
@@ -223,6 +229,10 @@ fn check_value(shape: &KeyShape, v: &serde_json::Value) -> Result<(), Inadmissib
             _ => bad("a designated primary is a node name or null"),
         },
         KeyShape::Member(..) => decodes::<MemberEntry>(v).map(|_| ()),
+        KeyShape::Compression(_) => match decodes::<crate::schema::Compression>(v)? {
+            c if c.valid() => Ok(()),
+            _ => bad("zstd's level is 1..=19, and off has none"),
+        },
         KeyShape::Actual(..) => {
             let a: ActualEntry = decodes(v)?;
             match a.logfile.as_deref() {
@@ -359,6 +369,7 @@ mod tests {
                 actual_key(&r0(), "alpha"),
                 KeyShape::Actual(r0(), "alpha".into()),
             ),
+            (compression_key(&r0()), KeyShape::Compression(r0())),
         ] {
             assert_eq!(parse_key(&k), Some(shape.clone()), "{k}");
             assert_eq!(shape.key(), k);
@@ -414,6 +425,13 @@ mod tests {
         a.logfile = Some("log-1-../../victim".into());
         assert!(ok(&actual_key(&r0(), "alpha"), to_value(&a)).is_err());
         assert!(ok(&member_key(&r0(), "alpha"), json!({"disk": 1})).is_err());
+        let c = compression_key(&r0());
+        assert!(ok(&c, json!({"codec": "zstd", "level": 3})).is_ok());
+        assert!(ok(&c, json!({"codec": "off", "level": 0})).is_ok());
+        assert!(ok(&c, json!({"codec": "zstd", "level": 22})).is_err());
+        assert!(ok(&c, json!({"codec": "zstd", "level": 0})).is_err());
+        assert!(ok(&c, json!({"codec": "lz4", "level": 1})).is_err());
+        assert!(ok(&c, json!("zstd")).is_err());
     }
 
     #[test]

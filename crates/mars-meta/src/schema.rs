@@ -19,6 +19,7 @@
 //! | `r/<res>@<id>/d/primary` | resource, desired | designated primary (node name or null) |
 //! | `r/<res>@<id>/d/member/<node>` | resource, desired | [`MemberEntry`]: that member's switches and disk |
 //! | `r/<res>@<id>/a/<node>` | resource, actual | [`ActualEntry`]: what that member reports |
+//! | `r/<res>@<id>/d/compression` | resource, desired | [`Compression`]: the codec of fetch and sync streams (absent: off) |
 //!
 //! A name resolves to its live incarnation. Two live incarnations of one
 //! name can only come from `create-resource` on both sides of a partition
@@ -140,6 +141,46 @@ pub struct ActualEntry {
 
 pub const CLUSTER_ID_KEY: &str = "c/d/cluster-id";
 
+/// Compression of a resource's fetch and sync streams (`marsadm
+/// set-compression`): a member asks its sources for this codec, and a source
+/// compresses at `level` what gets smaller (see `mars_proto::codec`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compression {
+    pub codec: LinkCodec,
+    /// zstd's level, 1..=19 (0 with `off`).
+    #[serde(default)]
+    pub level: i32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkCodec {
+    #[default]
+    Off,
+    Zstd,
+}
+
+/// Levels of zstd a resource may set.
+pub const COMPRESSION_LEVELS: std::ops::RangeInclusive<i32> = 1..=19;
+
+impl Compression {
+    /// Whether `level` goes with `codec`.
+    pub fn valid(&self) -> bool {
+        match self.codec {
+            LinkCodec::Off => self.level == 0,
+            LinkCodec::Zstd => COMPRESSION_LEVELS.contains(&self.level),
+        }
+    }
+
+    /// As views show it: `off`, `zstd:1`.
+    pub fn show(&self) -> String {
+        match self.codec {
+            LinkCodec::Off => "off".into(),
+            LinkCodec::Zstd => format!("zstd:{}", self.level),
+        }
+    }
+}
+
 /// Which remote entries a node takes at all (least privilege): see the module.
 pub use crate::admission::{
     admissible, gossipable, parse_key, Inadmissible, KeyShape, GOSSIP_KEY_PREFIX,
@@ -233,6 +274,9 @@ pub fn membership_key(res: &ResRef, node: &str) -> String {
 /// `create-resource`: a resize racing a delete cannot bring it back).
 pub fn size_key(res: &ResRef) -> String {
     format!("c/d/size/{}", res.token())
+}
+pub fn compression_key(res: &ResRef) -> String {
+    format!("r/{}/d/compression", res.token())
 }
 pub fn res_prefix(res: &ResRef) -> String {
     format!("r/{}/", res.token())
@@ -424,6 +468,13 @@ pub fn incarnation(store: &Store, res: &ResRef) -> Option<ResEntry> {
 /// True once incarnation `res` was deleted (its entry is a tombstone).
 pub fn deleted(store: &Store, res: &ResRef) -> bool {
     store.entry(&res_key(res)).is_some_and(|e| e.is_tombstone())
+}
+
+/// The compression of `res`'s streams (off unless set).
+pub fn compression(store: &Store, res: &ResRef) -> Compression {
+    get::<Compression>(store, &compression_key(res))
+        .filter(Compression::valid)
+        .unwrap_or_default()
 }
 
 pub fn designated_primary(store: &Store, res: &ResRef) -> Option<String> {

@@ -4,7 +4,8 @@
 //! of the `mars` crate); frames travel inside it. Every frame:
 //!
 //! ```text
-//!  0 u32 magic "MRSP"     4 u16 protocol version    6 u16 kind (1 = JSON message)
+//!  0 u32 magic "MRSP"     4 u16 protocol version    6 u16 kind (1 = JSON message,
+//!                                                     2 = data, 3 = zstd data)
 //!  8 u32 payload length  12 u32 crc32c(payload)    16 payload
 //! ```
 //! (little-endian). A connection starts with [`Msg::Hello`] from the side that
@@ -14,10 +15,14 @@
 //!
 //! Version history: 1 = first protocol (2026-11); 2 = version format 2;
 //! 3 = log record format 2; 4 = resource and node identities; 5 = TLS
-//! links, tokens (see [`PROTOCOL_VERSION`]).
+//! links, tokens; 6 = compressed data frames (see [`PROTOCOL_VERSION`] and
+//! [`codec`]).
 
+pub mod codec;
 pub mod gossip;
 pub mod token;
+
+pub use codec::{Codec, Packed, Packer, Unpacker, KIND_ZSTD};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -29,7 +34,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// requests name the incarnation, `NodeInfo.id`.
 /// 5: links are mutual TLS; `Join` carries a token and a public key,
 /// `Joined` the certificate, `MergeToken` before `Merge`.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// 6: `Fetch` and `SyncBlock` say which codecs the requester `accept`s, and
+/// data frames of kind 3 carry zstd ([`codec`]).
+pub const PROTOCOL_VERSION: u16 = 6;
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"MRSP");
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Largest payload accepted (metadata only; data moves in later kinds).
@@ -52,6 +59,8 @@ pub enum ProtoError {
     TooLarge(u32),
     #[error("frame checksum mismatch")]
     BadChecksum,
+    #[error("bad compressed data frame: {0}")]
+    Compress(String),
     #[error("undecodable message: {0}")]
     Decode(String),
     #[error("refused by peer: {0}")]
@@ -201,6 +210,10 @@ pub enum Msg {
         offset: u64,
         len: u32,
         digest: String,
+        /// Codecs the requester accepts for the block's data frame (since
+        /// protocol 6; empty: raw only).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        accept: Vec<Codec>,
     },
     Same,
     /// The block follows as a data frame.
@@ -231,6 +244,10 @@ pub enum Msg {
         file: String,
         offset: u64,
         max: u32,
+        /// Codecs the requester accepts for the chunk's data frame (since
+        /// protocol 6; empty: raw only).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        accept: Vec<Codec>,
     },
     /// The chunk follows as a data frame of `len` bytes.
     Chunk {
@@ -302,7 +319,7 @@ pub fn parse_frame_header_kind(h: &[u8]) -> Result<(u16, u32, u32), ProtoError> 
         return Err(ProtoError::BadVersion(version));
     }
     let kind = u16::from_le_bytes([h[6], h[7]]);
-    if kind != KIND_JSON && kind != KIND_DATA {
+    if kind != KIND_JSON && kind != KIND_DATA && kind != KIND_ZSTD {
         return Err(ProtoError::BadKind(kind));
     }
     let len = u32_at(8);
@@ -372,6 +389,19 @@ async fn read_frame_max<R: AsyncRead + Unpin>(r: &mut R, max: u32) -> Result<Fra
     }
     let mut payload = vec![0u8; len as usize];
     r.read_exact(&mut payload).await?;
+    if kind == KIND_ZSTD {
+        // Bounded by the frame's limit: the announced length is checked
+        // against it before anything is allocated for the data.
+        codec::check_zstd_len(payload.len(), max as usize)?;
+        let announced = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+        if announced > max {
+            return Err(ProtoError::TooLarge(announced));
+        }
+        let mut out = vec![0u8; announced as usize];
+        let n = Unpacker::new().unpack(&payload, crc, &mut out)?;
+        out.truncate(n);
+        return Ok(Frame::Data(out));
+    }
     if kind == KIND_DATA {
         if crc32c::crc32c(&payload) != crc {
             return Err(ProtoError::BadChecksum);
@@ -390,6 +420,11 @@ pub async fn read_data_into<R: AsyncRead + Unpin>(
     let mut h = [0u8; FRAME_HEADER_LEN];
     r.read_exact(&mut h).await?;
     let (kind, len, crc) = parse_frame_header_kind(&h)?;
+    if kind == KIND_ZSTD {
+        return Err(ProtoError::Unexpected(
+            "a compressed data frame where raw data belongs".into(),
+        ));
+    }
     buf.resize(len as usize, 0);
     r.read_exact(buf).await?;
     if kind != KIND_DATA {
@@ -406,14 +441,36 @@ pub async fn read_data_into<R: AsyncRead + Unpin>(
 
 /// [`read_data`] into the front of `buf`, which does not move or grow (a buffer
 /// aligned for O_DIRECT): the payload's length. A larger frame is an error.
+/// Raw frames only (see [`read_data_packed`]).
 pub async fn read_data_into_slice<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut [u8],
+) -> Result<usize, ProtoError> {
+    read_data_packed(r, buf, None).await
+}
+
+/// [`read_data_into_slice`] of a raw frame, or (with an `unpacker`) of a
+/// compressed one (kind 3, see [`codec`]): the data's length, at most
+/// `buf.len()`, which also bounds what a compressed frame may hold.
+pub async fn read_data_packed<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+    unpacker: Option<&mut Unpacker>,
 ) -> Result<usize, ProtoError> {
     let mut h = [0u8; FRAME_HEADER_LEN];
     r.read_exact(&mut h).await?;
     let (kind, len, crc) = parse_frame_header_kind(&h)?;
     let len = len as usize;
+    if kind == KIND_ZSTD {
+        let Some(u) = unpacker else {
+            return Err(ProtoError::Unexpected(
+                "a compressed data frame, which this request did not accept".into(),
+            ));
+        };
+        codec::check_zstd_len(len, buf.len())?;
+        r.read_exact(u.scratch(len)).await?;
+        return u.unpack_scratch(len, crc, buf);
+    }
     if kind != KIND_DATA {
         let mut payload = vec![0u8; len];
         r.read_exact(&mut payload).await?;
@@ -454,6 +511,18 @@ pub async fn write_data<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> Result
     h.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
     w.write_all(&h).await?;
     w.write_all(data).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Send the data frame `p` whose body is `body` (see [`Packer::body`]).
+pub async fn write_packed<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    p: &Packed,
+    body: &[u8],
+) -> Result<(), ProtoError> {
+    w.write_all(p.head()).await?;
+    w.write_all(body).await?;
     w.flush().await?;
     Ok(())
 }
@@ -526,6 +595,90 @@ mod tests {
                 Err(ProtoError::BadChecksum)
             ));
         });
+    }
+
+    #[test]
+    fn compressed_and_raw_frames_on_one_stream() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let text: Vec<u8> = (0..300_000u32)
+                .map(|i| b"mars log "[i as usize % 9])
+                .collect();
+            let mut x = 88_172_645_463_325_252u64;
+            let random: Vec<u8> = (0..300_000u32)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let mut p = Packer::new(codec::DEFAULT_LEVEL).unwrap();
+            let mut wire = Vec::new();
+            let mut wire_lens = Vec::new();
+            for d in [&text, &random, &text] {
+                let packed = p.pack(d);
+                wire_lens.push((packed.compressed(), packed.wire_len()));
+                write_packed(&mut wire, &packed, p.body(&packed, d))
+                    .await
+                    .unwrap();
+            }
+            assert!(wire_lens[0].0 && wire_lens[0].1 < 10_000, "{wire_lens:?}");
+            assert!(!wire_lens[1].0, "{wire_lens:?}");
+            let mut r = &wire[..];
+            let mut u = Unpacker::new();
+            let mut buf = vec![0u8; 300_000];
+            for d in [&text, &random, &text] {
+                let n = read_data_packed(&mut r, &mut buf, Some(&mut u))
+                    .await
+                    .unwrap();
+                assert_eq!(&buf[..n], &d[..]);
+            }
+            // A reader that did not accept compression refuses a compressed frame.
+            let mut r = &wire[..];
+            assert!(matches!(
+                read_data_into_slice(&mut r, &mut buf).await,
+                Err(ProtoError::Unexpected(m)) if m.contains("compressed")
+            ));
+            // A reader with less room refuses it before reading its payload.
+            let mut r = &wire[..];
+            let mut small = vec![0u8; 1000];
+            assert!(matches!(
+                read_data_packed(&mut r, &mut small, Some(&mut u)).await,
+                Err(ProtoError::Compress(_))
+            ));
+            // The generic reader decodes it, within MAX_PAYLOAD.
+            let mut r = &wire[..];
+            match read_frame(&mut r).await.unwrap() {
+                Frame::Data(d) => assert_eq!(d, text),
+                other => panic!("{other:?}"),
+            }
+        });
+    }
+
+    #[test]
+    fn requests_without_codecs_look_as_before() {
+        let m = Msg::Fetch {
+            res: "r0@0000000000000001".into(),
+            file: "log-1-a".into(),
+            offset: 0,
+            max: 4096,
+            accept: vec![],
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(!json.contains("accept"), "{json}");
+        let m = Msg::Fetch {
+            res: "r0@0000000000000001".into(),
+            file: "log-1-a".into(),
+            offset: 0,
+            max: 4096,
+            accept: vec![Codec::Zstd],
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(json.contains(r#""accept":["zstd"]"#), "{json}");
+        assert_eq!(decode_frame(&encode_frame(&m)).unwrap(), m);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::secondary::Secondary;
 use anyhow::{anyhow, bail, Result};
 use mars_logfmt::ArrivalCheck;
 use mars_logger::disk::{open_direct, DIRECT_ALIGN};
-use mars_proto::{read_data_into_slice, read_msg, write_msg, Msg};
+use mars_proto::{read_data_packed, read_msg, write_msg, Msg, Unpacker};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,6 +114,10 @@ impl Secondary {
     ) -> Result<u64> {
         let mut s = IdleTimeout::new(self.peer.connect(primary).await?);
         self.progress.lock().fetch_waits_for_source = false; // it answers
+                                                             // The codecs this connection's chunks may come in (the resource's
+                                                             // setting now; a change applies from the next connection).
+        let accept = self.accept();
+        let mut unpacker = Unpacker::new();
         write_msg(
             &mut s,
             &Msg::LogList {
@@ -298,6 +302,7 @@ impl Secondary {
                                 file: f.name.clone(),
                                 offset: next,
                                 max: ask,
+                                accept: accept.clone(),
                             },
                         )
                         .await?;
@@ -318,9 +323,14 @@ impl Secondary {
                             // Chunk buffers come back from replay (or were not kept) and
                             // are used again: no allocation, zeroing or page faults per chunk.
                             let mut data = self.fetched.buffer(max as usize);
-                            let got =
-                                answer_from(primary, read_data_into_slice(&mut s, data.room()))
-                                    .await?;
+                            // At most the chunk announced: a compressed frame may not
+                            // hold more (nor take more memory than that to read).
+                            let room = &mut data.room()[..(len as usize).min(max as usize)];
+                            let got = answer_from(
+                                primary,
+                                read_data_packed(&mut s, room, Some(&mut unpacker)),
+                            )
+                            .await?;
                             if got != len as usize {
                                 bail!("{primary} announced {len} bytes and sent {got}");
                             }

@@ -26,7 +26,7 @@ pub mod sync;
 pub use mars_meta::schema as meta;
 pub use progress::{LagClock, Progress, LAG_CLOCK_FILE};
 pub use secondary::{Secondary, FETCHED_KEEP};
-pub use serve::{Served, ServedResource, ServedSecondary, Server};
+pub use serve::{LinkStats, Served, ServedResource, ServedSecondary, Server};
 pub use state::{clear_sync, mark_synced, persisted_replayed, synced_start};
 
 use std::future::Future;

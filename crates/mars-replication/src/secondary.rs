@@ -143,6 +143,16 @@ pub const FETCHED_KEEP: usize = 48 << 20;
 const REPLAY_PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Secondary {
+    /// The codecs this member asks its sources for: the resource's
+    /// compression setting (`marsadm set-compression`), read per connection.
+    pub(crate) fn accept(&self) -> Vec<mars_proto::Codec> {
+        let c = meta::compression(&self.peer.store().lock(), &self.res);
+        match c.codec {
+            meta::LinkCodec::Off => Vec::new(),
+            meta::LinkCodec::Zstd => vec![mars_proto::Codec::Zstd],
+        }
+    }
+
     /// The outcome of a transfer or replay round: its error (logged once while it
     /// repeats) goes to, or is cleared from, the `slot` of `view`. Returns whether
     /// the loop should wait before the next round.

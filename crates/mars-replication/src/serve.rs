@@ -13,7 +13,7 @@ use crate::{policy, Cluster};
 use anyhow::{bail, Context, Result};
 use mars_logger::disk::{AlignedBuf, DIRECT_ALIGN};
 use mars_logger::Logger;
-use mars_proto::{read_msg, write_data, write_msg, Msg};
+use mars_proto::{read_msg, write_msg, write_packed, Codec, Msg, Packed, Packer};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -21,9 +21,36 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// What this node serves of each resource: its logger (it writes the log) and
-/// its secondary (it replays), as the daemon last set them.
+/// its secondary (it replays), as the daemon last set them; and what it sent
+/// of each resource's data since it started.
 #[derive(Default)]
-pub struct Served(RwLock<HashMap<String, ServedResource>>);
+pub struct Served(
+    RwLock<HashMap<String, ServedResource>>,
+    Mutex<HashMap<String, LinkStats>>,
+);
+
+/// Data this node sent to fetching and syncing members (chunks and blocks,
+/// not messages), since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LinkStats {
+    /// Bytes of data sent, as stored.
+    pub raw_bytes: u64,
+    /// Bytes of data frames sent on the link (headers included): less than
+    /// `raw_bytes` where compression paid off.
+    pub wire_bytes: u64,
+    /// Data frames sent, and of those compressed.
+    pub frames: u64,
+    pub compressed_frames: u64,
+}
+
+impl LinkStats {
+    fn add(&mut self, p: &Packed) {
+        self.raw_bytes += p.raw_len() as u64;
+        self.wire_bytes += p.wire_len() as u64;
+        self.frames += 1;
+        self.compressed_frames += u64::from(p.compressed());
+    }
+}
 
 #[derive(Clone, Default)]
 pub struct ServedResource {
@@ -72,6 +99,89 @@ impl Served {
     pub fn logger(&self, res: &str) -> Option<Arc<Logger>> {
         self.0.read().get(res)?.logger.clone()
     }
+
+    /// What this node sent of `res`'s data since it started.
+    pub fn link_stats(&self, res: &str) -> LinkStats {
+        self.1.lock().get(res).copied().unwrap_or_default()
+    }
+
+    fn count(&self, res: &str, p: &Packed) {
+        let mut m = self.1.lock();
+        match m.get_mut(res) {
+            Some(st) => st.add(p),
+            None => {
+                let mut st = LinkStats::default();
+                st.add(p);
+                m.insert(res.to_string(), st);
+            }
+        }
+    }
+}
+
+/// zstd contexts of one stream, used again (one per answer being prepared).
+#[derive(Clone)]
+struct Packers {
+    level: i32,
+    pool: Arc<Mutex<Vec<Packer>>>,
+}
+
+impl Packers {
+    /// Packers for answers to a requester that accepts `accept`, at the
+    /// resource's level; None: data goes raw.
+    fn new(accept: &[Codec], level: i32) -> Option<Packers> {
+        accept.contains(&Codec::Zstd).then(|| Packers {
+            level,
+            pool: Arc::default(),
+        })
+    }
+
+    /// The frame of `data` (off the async runtime: compression takes time),
+    /// and the packer holding its body when it is compressed.
+    fn pack(this: Option<&Packers>, data: &[u8]) -> (Packed, Option<Packer>) {
+        let Some(ps) = this else {
+            return (Packed::raw(data), None);
+        };
+        let packer = ps
+            .pool
+            .lock()
+            .pop()
+            .map(Ok)
+            .unwrap_or_else(|| Packer::new(ps.level));
+        match packer {
+            Ok(mut p) => {
+                let packed = p.pack(data);
+                (packed, Some(p))
+            }
+            Err(e) => {
+                tracing::warn!("no zstd context, sending raw: {e}");
+                (Packed::raw(data), None)
+            }
+        }
+    }
+
+    fn give_back(this: Option<&Packers>, p: Option<Packer>) {
+        if let (Some(ps), Some(p)) = (this, p) {
+            let mut pool = ps.pool.lock();
+            if pool.len() < FETCH_SERVE_AHEAD + 2 {
+                pool.push(p);
+            }
+        }
+    }
+}
+
+/// Send one data frame prepared by [`Packers::pack`].
+async fn send_packed<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    packed: &Packed,
+    packer: Option<&Packer>,
+    data: &[u8],
+) -> Result<()> {
+    let body = match packer {
+        Some(p) => p.body(packed, data),
+        None => data,
+    };
+    write_packed(w, packed, body).await?;
+    Ok(())
 }
 
 /// Answers replication messages for one node.
@@ -113,6 +223,23 @@ impl Server {
 
     fn me(&self) -> &str {
         &self.me
+    }
+
+    /// How the answers of a stream of `res` requests that accept `accept` are
+    /// packed: at the level the resource's setting names, or the default
+    /// when this node knows none (the requester's setting is newer).
+    fn packers(&self, res: &str, accept: &[Codec]) -> Option<Packers> {
+        if accept.is_empty() {
+            return None;
+        }
+        let level = {
+            let store = self.cluster.store().lock();
+            meta::resource(&store, res)
+                .map(|(rr, _)| meta::compression(&store, &rr))
+                .filter(|c| c.codec == meta::LinkCodec::Zstd)
+                .map_or(mars_proto::codec::DEFAULT_LEVEL, |c| c.level)
+        };
+        Packers::new(accept, level)
     }
 
     /// A request names a resource incarnation (`NAME@ID`, see
@@ -247,6 +374,16 @@ impl Server {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<FetchAnswer>(FETCH_SERVE_AHEAD);
         let buffers: FetchBuffers = Arc::default();
         let pool = buffers.clone();
+        // Per stream: the codecs its first request accepts, the level set now.
+        let packers = match &first {
+            Msg::Fetch { res, accept, .. } => self.packers(res, accept),
+            _ => None,
+        };
+        let stream_res = match &first {
+            Msg::Fetch { res, .. } => res.clone(),
+            _ => String::new(),
+        };
+        let reader_packers = packers.clone();
         let reader = async move {
             let mut msg = first;
             loop {
@@ -255,11 +392,17 @@ impl Server {
                     file,
                     offset,
                     max,
+                    accept,
                 } = msg
                 else {
                     return Ok::<_, anyhow::Error>(Some(msg));
                 };
-                let answer = match self.fetch_answer(&res, &file, offset, max, &pool).await {
+                // Every request of a stream accepts the same codecs.
+                let packers = reader_packers.as_ref().filter(|_| !accept.is_empty());
+                let answer = match self
+                    .fetch_answer(&res, &file, offset, max, &pool, packers)
+                    .await
+                {
                     Ok(a) => a,
                     Err(e) => FetchAnswer::Failed(e),
                 };
@@ -275,11 +418,12 @@ impl Server {
                 };
             }
         };
+        let served = self.served.clone();
+        let counted = stream_res_name(&stream_res);
         let writer = async move {
             while let Some(answer) = rx.recv().await {
-                let (file, offset, buf) = match answer {
+                let (file, offset, (buf, packed, packer)) = match answer {
                     FetchAnswer::Failed(e) => return Err(e),
-                    FetchAnswer::Ready { file, offset, data } => (file, offset, data),
                     FetchAnswer::Reading { file, offset, job } => (file, offset, job.await??),
                 };
                 write_msg(
@@ -291,7 +435,9 @@ impl Server {
                     },
                 )
                 .await?;
-                write_data(&mut wr, buf.data()).await?;
+                send_packed(&mut wr, &packed, packer.as_ref(), buf.data()).await?;
+                served.count(&counted, &packed);
+                Packers::give_back(packers.as_ref(), packer);
                 let mut pool = buffers.lock();
                 if pool.len() < FETCH_SERVE_AHEAD + 2 {
                     pool.push(buf);
@@ -312,6 +458,7 @@ impl Server {
         offset: u64,
         max: u32,
         pool: &FetchBuffers,
+        packers: Option<&Packers>,
     ) -> Result<FetchAnswer> {
         let res_dir = self.res_dir(res)?;
         let Some(name) = mars_logfmt::parse_logfile_name(file) else {
@@ -336,22 +483,26 @@ impl Server {
             .pop()
             .filter(|b| b.capacity() >= room)
             .unwrap_or_else(|| AlignedBuf::new(room));
+        let packers = packers.cloned();
         // The log's tail from the writer's memory: no device read (the log is
         // written with O_DIRECT, so it is not in the page cache).
         if let Some(l) = &logger {
             if name.node == self.me() && max > 0 {
                 if let Some(n) = l.read_recent(name.seq, offset, &mut buf.room()[..max]) {
                     buf.set_len(n);
-                    return Ok(FetchAnswer::Ready {
-                        file,
-                        offset,
-                        data: buf,
+                    let job = tokio::task::spawn_blocking(move || {
+                        let (packed, packer) = Packers::pack(packers.as_ref(), buf.data());
+                        Ok((buf, packed, packer))
                     });
+                    return Ok(FetchAnswer::Reading { file, offset, job });
                 }
             }
         }
-        let job =
-            tokio::task::spawn_blocking(move || read_chunk(&path, name.seq, offset, max, buf));
+        let job = tokio::task::spawn_blocking(move || {
+            let buf = read_chunk(&path, name.seq, offset, max, buf)?;
+            let (packed, packer) = Packers::pack(packers.as_ref(), buf.data());
+            Ok((buf, packed, packer))
+        });
         Ok(FetchAnswer::Reading { file, offset, job })
     }
 
@@ -364,12 +515,18 @@ impl Server {
         first: Msg,
         s: &mut crate::PeerStream,
     ) -> Result<Option<Msg>> {
-        type Answer = tokio::task::JoinHandle<std::io::Result<(u64, u32, Option<Vec<u8>>)>>;
+        type Block = Option<(Vec<u8>, Packed, Option<Packer>)>;
+        type Answer = tokio::task::JoinHandle<std::io::Result<(u64, u32, Block)>>;
         let (mut rd, mut wr) = tokio::io::split(&mut *s);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Answer>(SYNC_SERVE_AHEAD);
         // Block buffers, used again: no allocation, zeroing or page faults per block.
         let buffers: Arc<parking_lot::Mutex<Vec<Vec<u8>>>> = Arc::default();
         let pool = buffers.clone();
+        let (packers, stream_res) = match &first {
+            Msg::SyncBlock { res, accept, .. } => (self.packers(res, accept), res.clone()),
+            _ => (None, String::new()),
+        };
+        let reader_packers = packers.clone();
         let reader = async move {
             let mut msg = first;
             loop {
@@ -378,10 +535,12 @@ impl Server {
                     offset,
                     len,
                     digest,
+                    accept,
                 } = msg
                 else {
                     return Ok(Some(msg));
                 };
+                let packers = reader_packers.clone().filter(|_| !accept.is_empty());
                 // Looked up for every block: a demote or detach during the sync
                 // ends the answers from this logger (on a secondary: a split
                 // brain, a halted replay).
@@ -395,7 +554,12 @@ impl Server {
                 }
                 let pool = pool.clone();
                 let answer = tokio::task::spawn_blocking(move || {
-                    sync_answer(&src, offset, len, &digest, &pool).map(|d| (offset, len, d))
+                    let block = sync_answer(&src, offset, len, &digest, &pool)?;
+                    let block = block.map(|data| {
+                        let (packed, packer) = Packers::pack(packers.as_ref(), &data);
+                        (data, packed, packer)
+                    });
+                    Ok((offset, len, block))
                 });
                 if tx.send(answer).await.is_err() {
                     return Ok(None); // the writing half failed; its error is the one to report
@@ -407,13 +571,17 @@ impl Server {
                 };
             }
         };
+        let served = self.served.clone();
+        let counted = stream_res_name(&stream_res);
         let writer = async move {
             while let Some(answer) = rx.recv().await {
                 match answer.await?? {
                     (_, _, None) => write_msg(&mut wr, &Msg::Same).await?,
-                    (offset, len, Some(data)) => {
+                    (offset, len, Some((data, packed, packer))) => {
                         write_msg(&mut wr, &Msg::BlockData { offset, len }).await?;
-                        write_data(&mut wr, &data).await?;
+                        send_packed(&mut wr, &packed, packer.as_ref(), &data).await?;
+                        served.count(&counted, &packed);
+                        Packers::give_back(packers.as_ref(), packer);
                         buffers.lock().push(data);
                     }
                 }
@@ -422,6 +590,15 @@ impl Server {
         };
         let (next, ()) = tokio::try_join!(reader, writer)?;
         Ok(next)
+    }
+}
+
+/// The resource name of a stream's first request (`NAME@ID`, or the name
+/// once resolved): what its bytes are counted under.
+fn stream_res_name(res: &str) -> String {
+    match meta::ResRef::parse(res) {
+        Some(r) => r.name,
+        None => res.to_string(),
     }
 }
 
@@ -470,19 +647,16 @@ const FETCH_SERVE_AHEAD: usize = 4;
 /// Chunk buffers of one fetch stream, used again.
 type FetchBuffers = Arc<parking_lot::Mutex<Vec<AlignedBuf>>>;
 
+/// A chunk read (from the logger's memory or the file) and packed.
+type PackedChunk = (AlignedBuf, Packed, Option<Packer>);
+
 /// One `Fetch` answer, queued in request order.
 enum FetchAnswer {
-    /// From the logger's memory.
-    Ready {
-        file: String,
-        offset: u64,
-        data: AlignedBuf,
-    },
-    /// Being read from the file.
+    /// Being read and packed.
     Reading {
         file: String,
         offset: u64,
-        job: tokio::task::JoinHandle<Result<AlignedBuf>>,
+        job: tokio::task::JoinHandle<Result<PackedChunk>>,
     },
     /// The request cannot be answered: the stream ends here.
     Failed(anyhow::Error),

@@ -7,7 +7,7 @@ use crate::secondary::Secondary;
 use crate::state::*;
 use anyhow::{anyhow, bail, Context, Result};
 use mars_logger::disk::{open_direct, AlignedBuf};
-use mars_proto::{read_data_into_slice, read_msg, write_msg, Msg};
+use mars_proto::{read_data_packed, read_msg, write_msg, Codec, Msg, Unpacker};
 use std::collections::VecDeque;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -35,6 +35,8 @@ struct SyncSender {
     stop: Arc<AtomicBool>,
     pause: Arc<AtomicBool>,
     digest: crate::digest::SyncDigest,
+    /// Codecs the answers may come in.
+    accept: Vec<Codec>,
 }
 
 /// Read and hash each local block from `from` on (off the async runtime, up to
@@ -83,6 +85,7 @@ async fn send_sync_requests(mut s: SyncSender) -> Result<tokio::io::WriteHalf<cr
                 offset: off,
                 len: len as u32,
                 digest,
+                accept: s.accept.clone(),
             },
         )
         .await?;
@@ -191,7 +194,9 @@ impl Secondary {
             stop: self.stop.clone(),
             pause: self.pause_sync.clone(),
             digest: self.sync_digest,
+            accept: self.accept(),
         })));
+        let mut unpacker = Unpacker::new();
         let halted =
             || self.stop.load(Ordering::Acquire) || self.pause_sync.load(Ordering::Acquire);
         let mut blocks = 0u64;
@@ -263,8 +268,15 @@ impl Secondary {
                         let mut block = buffers
                             .pop()
                             .unwrap_or_else(|| AlignedBuf::new(SYNC_BLOCK as usize));
-                        let got = answer_from(source, read_data_into_slice(&mut rd, block.room()))
-                            .await?;
+                        let got = answer_from(
+                            source,
+                            read_data_packed(
+                                &mut rd,
+                                &mut block.room()[..len],
+                                Some(&mut unpacker),
+                            ),
+                        )
+                        .await?;
                         if got != len {
                             bail!("{source} sent {got} bytes for a block of {len}");
                         }

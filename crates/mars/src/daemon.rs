@@ -987,6 +987,42 @@ impl Daemon {
         }
     }
 
+    /// `set-compression`: the resource's streams are fetched and synced with
+    /// `codec` from the next connection on (every member reads the setting
+    /// when it connects to its source).
+    async fn set_compression(
+        self: &Arc<Self>,
+        name: &str,
+        codec: &str,
+        level: Option<i32>,
+    ) -> Result<Response> {
+        let c = match (codec, level) {
+            ("off", None) => meta::Compression::default(),
+            ("off", Some(_)) => bail!("set-compression {name} off takes no level"),
+            ("zstd", l) => meta::Compression {
+                codec: meta::LinkCodec::Zstd,
+                level: l.unwrap_or(mars_proto::codec::DEFAULT_LEVEL),
+            },
+            (other, _) => bail!("set-compression {name}: unknown codec {other:?} (zstd or off)"),
+        };
+        if !c.valid() {
+            bail!(
+                "set-compression {name}: zstd's level is {}..={}",
+                meta::COMPRESSION_LEVELS.start(),
+                meta::COMPRESSION_LEVELS.end()
+            );
+        }
+        let (rr, r) = self.res_entry(name)?;
+        let key = meta::compression_key(&rr);
+        self.peer.set(&key, meta::to_value(&c));
+        let missing = self.confirm(&[key], &r.members).await;
+        let resp = Response::ok(format!(
+            "{name}: compression {} for fetch and sync (from each member's next connection)",
+            c.show()
+        ));
+        Ok(noting(resp, &missing))
+    }
+
     fn member_entry(&self, name: &str) -> Result<MemberEntry> {
         let (rr, r) = self.res_entry(name)?;
         if !r.members.iter().any(|m| m == self.me()) {
@@ -1113,6 +1149,9 @@ impl Daemon {
                     show(m.fetch_rate),
                     show(m.sync_rate)
                 )))
+            }
+            Request::SetCompression { name, codec, level } => {
+                self.set_compression(&name, &codec, level).await
             }
             Request::Secondary { name } => {
                 let (rr, r) = self.res_entry(&name)?;
@@ -2399,6 +2438,15 @@ impl Daemon {
                         Self::device_uri_of(&store, p, &name)
                     }
                 });
+                let link_sent = {
+                    let l = self.served.link_stats(&name);
+                    (l.frames > 0).then_some(mars_api::LinkView {
+                        raw_bytes: l.raw_bytes,
+                        wire_bytes: l.wire_bytes,
+                        frames: l.frames,
+                        compressed_frames: l.compressed_frames,
+                    })
+                };
                 ResourceView {
                     name,
                     incarnation: rr.token(),
@@ -2408,6 +2456,8 @@ impl Daemon {
                     actual_primary,
                     device,
                     members,
+                    compression: meta::compression(&store, &rr).show(),
+                    link_sent,
                 }
             })
             .collect();
@@ -2531,6 +2581,7 @@ fn named_resource(req: &Request) -> Option<&str> {
         | Request::Disconnect { name }
         | Request::Pause { name, .. }
         | Request::SetRate { name, .. }
+        | Request::SetCompression { name, .. }
         | Request::LogRotate { name }
         | Request::Invalidate { name }
         | Request::Resize { name, .. }

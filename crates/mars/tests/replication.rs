@@ -1230,6 +1230,7 @@ fn fetch_answers_come_in_order_and_a_bad_request_ends_the_stream() {
             file: file.into(),
             offset,
             max: chunk,
+            accept: vec![],
         };
         for m in [
             fetch(&f.name, 0),

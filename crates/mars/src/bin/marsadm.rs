@@ -149,6 +149,16 @@ enum Cmd {
         #[arg(long, value_parser = parse_bytes)]
         sync: Option<u64>,
     },
+    /// Compress the resource's fetch and sync streams with zstd (LEVEL
+    /// 1..=19, default 1), or not (`off`, the default): from each member's
+    /// next connection to its source.
+    SetCompression {
+        res: String,
+        #[arg(value_parser = ["zstd", "off"])]
+        codec: String,
+        #[arg(long)]
+        level: Option<i32>,
+    },
     /// Throw away this secondary's data and sync again.
     Invalidate {
         res: String,
@@ -368,6 +378,14 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
                 },
             )
         }
+        Cmd::SetCompression { res, codec, level } => say(
+            dir,
+            Request::SetCompression {
+                name: res,
+                codec,
+                level,
+            },
+        ),
         Cmd::Resize { res, bytes } => say(dir, Request::Resize { name: res, bytes }),
         Cmd::CreateResource { res, disk } => say(dir, Request::CreateResource { name: res, disk }),
         Cmd::DeleteResource { res } => say(dir, Request::DeleteResource { name: res }),
