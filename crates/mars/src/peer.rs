@@ -604,11 +604,17 @@ impl Peer {
     /// Trust the CAs the metadata lists (this cluster's, and those of
     /// clusters merged into it).
     pub fn refresh_roots(&self) {
+        // Only an entry whose key is its certificate's pin (a pasted-in
+        // certificate under another key is ignored).
         let pems: Vec<String> = self
             .store
             .lock()
             .range(tls::CA_PREFIX)
-            .filter_map(|(_, e)| e.value.as_ref()?.as_str().map(str::to_string))
+            .filter_map(|(k, e)| {
+                let pem = e.value.as_ref()?.as_str()?;
+                let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+                (tls::ca_key_of(&tls::pin_of(&der)) == k).then(|| pem.to_string())
+            })
             .collect();
         if let Err(e) = self.tls.set_roots(pems) {
             tracing::error!("a trusted CA in the metadata is damaged: {e:#}");
