@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use mars_proto::{client_handshake, read_msg, write_msg, Msg, WireEntry};
+use mars_proto::WireEntry;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -17,25 +17,7 @@ fn push(tool: &Node, to: &Node, entries: Vec<WireEntry>) {
     to.wait_view("the tool node known", |v| {
         view_nodes(v).iter().any(|(n, _)| *n == tool.name)
     });
-    let id = to.view_json()["cluster"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut s = tool.tls_connect(&to.listen).await.unwrap();
-        client_handshake(&mut s, Some(&id), &tool.info())
-            .await
-            .unwrap();
-        write_msg(&mut s, &Msg::Push { entries }).await.unwrap();
-        match read_msg(&mut s).await.unwrap() {
-            Msg::Ok => {}
-            other => panic!("push answered {other:?}"),
-        }
-    });
+    tool.push_as(to, entries);
 }
 
 fn wire(key: &str, writer: &str, value: serde_json::Value) -> WireEntry {

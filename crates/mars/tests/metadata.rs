@@ -4,33 +4,15 @@
 
 mod common;
 use common::*;
-use mars_proto::{client_handshake, read_msg, write_msg, Msg, WireEntry};
+use mars_proto::WireEntry;
 
 const SIZE: u64 = 4 << 20;
 
-/// Push `entries` to `to` as a peer of its cluster would.
+/// Push `entries` to `to` as a peer of its cluster would: as `to` itself,
+/// with its own certificate (a tool node would stay in the cluster as a dead
+/// node).
 fn push(to: &Node, entries: Vec<WireEntry>) {
-    let id = to.view_json()["cluster"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    // As a node of the cluster: `to` itself, with its own certificate (a
-    // tool node would stay in the cluster as a dead node).
-    rt.block_on(async {
-        let mut s = to.tls_connect(&to.listen).await.unwrap();
-        client_handshake(&mut s, Some(&id), &to.info())
-            .await
-            .unwrap();
-        write_msg(&mut s, &Msg::Push { entries }).await.unwrap();
-        match read_msg(&mut s).await.unwrap() {
-            Msg::Ok => {}
-            other => panic!("push answered {other:?}"),
-        }
-    });
+    to.push_as(to, entries);
 }
 
 fn entry(key: &str, clock: u64) -> WireEntry {

@@ -25,6 +25,16 @@ async fn drain<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
     out
 }
 
+/// TLS to `addr` without a certificate, trusting the CA `pin` names (as
+/// anyone who saw a token can).
+async fn pinned(addr: &str, pin: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(mars::tls::pinned_client(pin).unwrap())
+        .connect(mars::tls::server_name(), tcp)
+        .await
+        .unwrap()
+}
+
 /// What an outsider would like to send once connected.
 fn requests(cluster_id: &str, res: &str, me: &NodeInfo) -> Vec<Msg> {
     vec![
@@ -87,13 +97,7 @@ fn outsiders_learn_nothing_and_change_nothing() {
             );
             // 2. TLS without a certificate (trusting the pinned CA): refused,
             // and the answer holds no cluster id.
-            let tcp = tokio::net::TcpStream::connect(&nodes[0].listen)
-                .await
-                .unwrap();
-            let mut s = tokio_rustls::TlsConnector::from(mars::tls::pinned_client(&pin).unwrap())
-                .connect(mars::tls::server_name(), tcp)
-                .await
-                .unwrap();
+            let mut s = pinned(&nodes[0].listen, &pin).await;
             write_msg(&mut s, &m).await.unwrap();
             match read_msg(&mut s).await {
                 Ok(Msg::Refused { reason }) => {
@@ -105,13 +109,7 @@ fn outsiders_learn_nothing_and_change_nothing() {
             }
             // 2b. What the TLS handshake shows anyone (the chain) holds no
             // cluster id either.
-            let tcp = tokio::net::TcpStream::connect(&nodes[0].listen)
-                .await
-                .unwrap();
-            let s = tokio_rustls::TlsConnector::from(mars::tls::pinned_client(&pin).unwrap())
-                .connect(mars::tls::server_name(), tcp)
-                .await
-                .unwrap();
+            let s = pinned(&nodes[0].listen, &pin).await;
             for c in s.get_ref().1.peer_certificates().unwrap() {
                 let hex: String = c.as_ref().iter().map(|b| format!("{b:02x}")).collect();
                 assert!(
@@ -134,13 +132,7 @@ fn outsiders_learn_nothing_and_change_nothing() {
             }
         }
         // A frame larger than a few KiB before authentication: dropped unread.
-        let tcp = tokio::net::TcpStream::connect(&nodes[0].listen)
-            .await
-            .unwrap();
-        let mut s = tokio_rustls::TlsConnector::from(mars::tls::pinned_client(&pin).unwrap())
-            .connect(mars::tls::server_name(), tcp)
-            .await
-            .unwrap();
+        let mut s = pinned(&nodes[0].listen, &pin).await;
         let mut header = Vec::new();
         header.extend_from_slice(b"MRSP");
         header.extend_from_slice(&mars_proto::PROTOCOL_VERSION.to_le_bytes());

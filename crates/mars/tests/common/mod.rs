@@ -45,6 +45,33 @@ impl Node {
         }
     }
 
+    /// Push `entries` to `to` as this node (its certificate, its `Hello`),
+    /// as a peer of the cluster would; `to` must know this node already.
+    pub fn push_as(&self, to: &Node, entries: Vec<mars_proto::WireEntry>) {
+        use mars_proto::{client_handshake, read_msg, write_msg, Msg};
+        let id = to.view_json()["cluster"]["id"]
+            .as_str()
+            .expect("cluster id")
+            .to_string();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut s = self.tls_connect(&to.listen).await.expect("connect");
+            client_handshake(&mut s, Some(&id), &self.info())
+                .await
+                .expect("handshake");
+            write_msg(&mut s, &Msg::Push { entries })
+                .await
+                .expect("push");
+            match read_msg(&mut s).await.expect("answer") {
+                Msg::Ok => {}
+                other => panic!("push answered {other:?}"),
+            }
+        });
+    }
+
     /// A TLS connection to `addr` with this node's certificate (no `Hello` yet).
     pub async fn tls_connect(&self, addr: &str) -> std::io::Result<mars_replication::PeerStream> {
         let tls = mars::tls::Tls::load(&self.dir).map_err(std::io::Error::other)?;
