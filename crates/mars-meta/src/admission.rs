@@ -89,18 +89,18 @@ pub const GOSSIP_KEY_PREFIX: &str = "c/d/gossip-key/";
 pub const GOSSIP_PRIMARY_KEY: &str = "c/d/gossip-primary";
 
 /// Whether `key` may travel by gossip (UDP, sealed with the gossip key):
-/// not what decides who is trusted (node entries with their certificates,
-/// CAs, revocations, the gossip keys themselves, the cluster id). Those go
-/// only over authenticated TCP (anti-entropy, push, join, merge), so the
-/// gossip key alone (a node that left still holds the old one until the
-/// rotation that follows its leaving) cannot make anyone trusted, or learn
-/// the new key.
+/// not the CAs, revocations, the gossip keys themselves or the cluster id.
+/// Those go only over authenticated TCP (anti-entropy, push, join, merge),
+/// so the gossip key alone (a node that left still holds the old one until
+/// the rotation that follows its leaving) cannot add a CA, lift a
+/// revocation, or learn the new key. Node entries do travel by gossip: a
+/// node cut off from every node it knows must still learn of a new node to
+/// accept its certificate (docs/DEVELOPMENT.md: the window this leaves).
 pub fn gossipable(key: &str) -> bool {
     !matches!(
         parse_key(key),
         Some(
-            KeyShape::Node(_)
-                | KeyShape::Ca(_)
+            KeyShape::Ca(_)
                 | KeyShape::Revoked(_)
                 | KeyShape::GossipKey(_)
                 | KeyShape::GossipPrimary

@@ -112,7 +112,7 @@ impl Secondary {
         replay_pos: u64,
         wake: &tokio::sync::Notify,
     ) -> Result<u64> {
-        let mut s = IdleTimeout::new(self.peer.connect(primary).await?);
+        let mut s = IdleTimeout::new(self.connect_as_member(primary).await?);
         self.progress.lock().fetch_waits_for_source = false; // it answers
                                                              // The codecs this connection's chunks may come in (the resource's
                                                              // setting now; a change applies from the next connection).

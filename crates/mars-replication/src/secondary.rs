@@ -31,6 +31,7 @@ use anyhow::{anyhow, bail, Result};
 use mars_logfmt::ArrivalCheck;
 use mars_logger::fetched::FetchedChunks;
 use mars_logger::replay::Replayer;
+use mars_proto::{read_msg, write_msg, Msg, WireEntry};
 use parking_lot::Mutex;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -143,6 +144,31 @@ pub const FETCHED_KEEP: usize = 48 << 20;
 const REPLAY_PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Secondary {
+    /// A connection to `node` for this resource's data that first hands over
+    /// this member's membership entry: a source serves members only, and one
+    /// that has not heard of this member yet (it joined a moment ago, while
+    /// the primary was away) learns it here instead of refusing.
+    pub(crate) async fn connect_as_member(&self, node: &str) -> Result<crate::PeerStream> {
+        let mut s = self.peer.connect(node).await?;
+        let key = meta::membership_key(&self.res, &self.me);
+        let entry = self.peer.store().lock().entry(&key).map(|e| WireEntry {
+            key: key.clone(),
+            clock: e.stamp.clock,
+            node: e.stamp.node.clone(),
+            value: e.value.clone(),
+            deleted_ms: e.deleted_ms,
+        });
+        if let Some(e) = entry {
+            write_msg(&mut s, &Msg::Push { entries: vec![e] }).await?;
+            match read_msg(&mut s).await? {
+                Msg::Ok => {}
+                Msg::Refused { reason } => bail!("{node} refused this member's entry: {reason}"),
+                other => bail!("{node} answered a push with {other:?}"),
+            }
+        }
+        Ok(s)
+    }
+
     /// The codecs this member asks its sources for: the resource's
     /// compression setting (`marsadm set-compression`), read per connection.
     pub(crate) fn accept(&self) -> Vec<mars_proto::Codec> {

@@ -194,13 +194,15 @@ pub struct Server {
 }
 
 impl Server {
-    /// Answer `msg` and the requests that follow it on `s`; on an error, send
-    /// `Refused` with the reason and close the connection gently.
-    pub async fn serve_data(&self, msg: Msg, s: &mut crate::PeerStream) -> Result<()> {
+    /// Answer `msg` and the requests that follow it on `s`, from node `from`
+    /// (authenticated: its certificate); on an error, send `Refused` with the
+    /// reason and close the connection gently. Only members of a resource
+    /// are served its data.
+    pub async fn serve_data(&self, msg: Msg, s: &mut crate::PeerStream, from: &str) -> Result<()> {
         let mut msg = msg;
         let res = loop {
             // A stream of SyncBlock requests ends with the next message, read ahead.
-            match self.data_reply(msg, s).await {
+            match self.data_reply(msg, s, from).await {
                 Ok(Some(next)) => msg = next,
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
@@ -247,7 +249,7 @@ impl Server {
     /// owns the name here, and with the name from then on. A secondary of a
     /// deleted incarnation never reads the logs or disk of a new one of the
     /// same name.
-    fn resolve(&self, mut msg: Msg) -> Result<Msg> {
+    fn resolve(&self, mut msg: Msg, from: &str) -> Result<Msg> {
         let res = match &mut msg {
             Msg::SyncStart { res }
             | Msg::SyncEnd { res }
@@ -262,7 +264,14 @@ impl Server {
         };
         // Live, and the one this node holds under its name (after a name
         // clash, members of the shadowed incarnation serve it too).
-        let live = meta::incarnation(&self.cluster.store().lock(), &asked).is_some();
+        let entry = meta::incarnation(&self.cluster.store().lock(), &asked);
+        if entry
+            .as_ref()
+            .is_some_and(|e| !e.members.iter().any(|m| m == from))
+        {
+            bail!("{from} is no member of {asked}: its data is served to members only");
+        }
+        let live = entry.is_some();
         let held = crate::logdir::read_incarnation(&self.resources.join(&asked.name));
         match (live, held) {
             (true, Some(h)) if h == asked => {
@@ -300,8 +309,13 @@ impl Server {
 
     /// Answer one replication message. A `SyncBlock` starts a stream of them, answered
     /// by [`Server::serve_sync_blocks`]; the message after the stream is returned.
-    async fn data_reply(&self, msg: Msg, s: &mut crate::PeerStream) -> Result<Option<Msg>> {
-        match self.resolve(msg)? {
+    async fn data_reply(
+        &self,
+        msg: Msg,
+        s: &mut crate::PeerStream,
+        from: &str,
+    ) -> Result<Option<Msg>> {
+        match self.resolve(msg, from)? {
             Msg::SyncStart { res } => {
                 let (pos, size) = self.sync_position(&res, false).await?;
                 let dir = self.res_dir(&res)?;
@@ -327,7 +341,7 @@ impl Server {
                 .await?;
             }
             m @ Msg::SyncBlock { .. } => {
-                return match self.serve_sync_blocks(m, s).await? {
+                return match self.serve_sync_blocks(m, s, from).await? {
                     Some(next @ (Msg::SyncEnd { .. } | Msg::SyncStart { .. })) => Ok(Some(next)),
                     Some(other) => bail!("unexpected {other:?} after SyncBlock"),
                     None => Ok(None),
@@ -357,7 +371,7 @@ impl Server {
                 )
                 .await?;
             }
-            m @ Msg::Fetch { .. } => return self.serve_fetches(m, s).await,
+            m @ Msg::Fetch { .. } => return self.serve_fetches(m, s, from).await,
             other => bail!("unexpected message {other:?}"),
         }
         Ok(None)
@@ -369,7 +383,12 @@ impl Server {
     /// chunks overlaps sending this one. Returns the first other message (None at the
     /// end of the stream). An error ends the answers where it happened: the chunks
     /// asked for before it are sent first.
-    async fn serve_fetches(&self, first: Msg, s: &mut crate::PeerStream) -> Result<Option<Msg>> {
+    async fn serve_fetches(
+        &self,
+        first: Msg,
+        s: &mut crate::PeerStream,
+        from: &str,
+    ) -> Result<Option<Msg>> {
         let (mut rd, mut wr) = tokio::io::split(&mut *s);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<FetchAnswer>(FETCH_SERVE_AHEAD);
         let buffers: FetchBuffers = Arc::default();
@@ -412,7 +431,7 @@ impl Server {
                 }
                 msg = match next_request(&mut rd).await? {
                     // The message after the stream is resolved where it is answered.
-                    Some(m @ Msg::Fetch { .. }) => self.resolve(m)?,
+                    Some(m @ Msg::Fetch { .. }) => self.resolve(m, from)?,
                     Some(m) => m,
                     None => return Ok(None),
                 };
@@ -514,6 +533,7 @@ impl Server {
         &self,
         first: Msg,
         s: &mut crate::PeerStream,
+        from: &str,
     ) -> Result<Option<Msg>> {
         type Block = Option<(Vec<u8>, Packed, Option<Packer>)>;
         type Answer = tokio::task::JoinHandle<std::io::Result<(u64, u32, Block)>>;
@@ -565,7 +585,7 @@ impl Server {
                     return Ok(None); // the writing half failed; its error is the one to report
                 }
                 msg = match next_request(&mut rd).await? {
-                    Some(m @ Msg::SyncBlock { .. }) => self.resolve(m)?,
+                    Some(m @ Msg::SyncBlock { .. }) => self.resolve(m, from)?,
                     Some(m) => m,
                     None => return Ok(None),
                 };

@@ -103,8 +103,7 @@ const WRITE_AHEAD: usize = 4;
 impl Secondary {
     pub(crate) async fn full_sync(&self, source: &str, sync: &mut SyncState) -> Result<()> {
         let mut s = IdleTimeout::new(
-            self.peer
-                .connect(source)
+            self.connect_as_member(source)
                 .await
                 .map_err(|e| SourceUnreachable(format!("{e:#}")))?,
         );

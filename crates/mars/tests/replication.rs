@@ -1203,6 +1203,17 @@ fn fetch_answers_come_in_order_and_a_bad_request_ends_the_stream() {
         .build()
         .unwrap();
     let tool = tool_member("fetcher", &nodes[0]);
+    // Data is served to members only: the tool makes itself one.
+    tool.push_as(
+        &nodes[0],
+        vec![mars_proto::WireEntry {
+            key: format!("c/d/member/{r0}/fetcher"),
+            clock: 1 << 20,
+            node: "fetcher".into(),
+            value: Some(serde_json::json!(true)),
+            deleted_ms: 0,
+        }],
+    );
     rt.block_on(async {
         use mars_proto::{client_handshake, read_data, read_msg, write_msg, Msg};
         let mut s = tool.tls_connect(&nodes[0].listen).await.unwrap();
