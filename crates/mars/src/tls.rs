@@ -55,21 +55,9 @@ pub const REVOKED_PREFIX: &str = "c/d/revoked/";
 const NODE_CERT_YEARS: i64 = 10;
 const CA_YEARS: i64 = 30;
 
-/// ring, not aws-lc-rs: no C build with cmake, and its AES-GCM runs at
-/// several GB/s a core here. (Deprecated in rustls for lacking
-/// post-quantum key exchange; the links' keys are per-session.)
-/// AES-128-GCM first (then AES-256-GCM, ChaCha20-Poly1305): a full sync
-/// moves every byte of a disk through it, and 128-bit AES is the fastest of
-/// the three here with the same security margin for links.
-#[allow(deprecated)]
+/// The crypto provider of every TLS session (`mars_nbd::tls::provider`).
 pub fn provider() -> Arc<CryptoProvider> {
-    let mut p = rustls::crypto::ring::default_provider();
-    p.cipher_suites.sort_by_key(|s| match s.suite() {
-        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
-        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,
-        _ => 2,
-    });
-    Arc::new(p)
+    mars_nbd::tls::provider()
 }
 
 pub fn tls_dir(node_dir: &Path) -> PathBuf {
