@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
@@ -398,17 +398,15 @@ fn refused_start(n: &Node) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn marsd");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("marsd started with bad NBD settings");
-        }
-        std::thread::sleep(Duration::from_millis(20)); // polling, not synchronisation
+    let mut status = None;
+    let exited = poll(Duration::from_secs(30), || {
+        status = child.try_wait().expect("wait");
+        status.is_some()
+    });
+    let Some(status) = status.filter(|_| exited) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("marsd started with bad NBD settings");
     };
     let mut err = String::new();
     child

@@ -66,17 +66,25 @@ fn requests(cluster_id: &str, res: &str, me: &NodeInfo) -> Vec<Msg> {
     ]
 }
 
-#[test]
-fn outsiders_learn_nothing_and_change_nothing() {
-    let nodes = start_cluster(&["alpha", "beta"]);
+/// A cluster of `names` with r0 created on the first: the nodes, the
+/// cluster id, and r0's incarnation (`r0@<id>`).
+fn cluster_with_r0(names: &[&str]) -> (Vec<Node>, String, String) {
+    let nodes = start_cluster(names);
     let disk = nodes[0].disk("a.img", SIZE);
     nodes[0].adm_ok(&["create-resource", "r0", disk.to_str().unwrap()]);
-    let before = nodes[0].view_json();
-    let id = before["cluster"]["id"].as_str().unwrap().to_string();
-    let r0 = resource(&before, "r0").unwrap()["incarnation"]
+    let v = nodes[0].view_json();
+    let id = v["cluster"]["id"].as_str().unwrap().to_string();
+    let r0 = resource(&v, "r0").unwrap()["incarnation"]
         .as_str()
         .unwrap()
         .to_string();
+    (nodes, id, r0)
+}
+
+#[test]
+fn outsiders_learn_nothing_and_change_nothing() {
+    let (nodes, id, r0) = cluster_with_r0(&["alpha", "beta"]);
+    let before = nodes[0].view_json();
     // The CA's pin is in every token: the strongest outsider knows it.
     let token = nodes[0].adm_ok(&["invite"]);
     let pin = token.trim().rsplit('.').next().unwrap().to_string();
@@ -204,7 +212,8 @@ fn tokens_are_used_once_expire_and_pin_their_cluster() {
     let (out, _) = join("gamma", Some(m.trim()), &nodes[0]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("merg"), "{}", stderr(&out));
-    // An expired token is refused.
+    // An expired token is refused. (A wait on the clock: the token's
+    // lifetime must pass; nothing on a node is waited for here.)
     let e = nodes[0].adm_ok(&["invite", "--ttl", "1"]);
     let t0 = Instant::now();
     wait_for("the token to expire", Duration::from_secs(5), || {
@@ -349,9 +358,7 @@ fn a_node_that_left_is_refused() {
 /// timeout; the device answers meanwhile, and memory comes back.
 #[test]
 fn a_flood_of_idle_connections_passes() {
-    let nodes = start_cluster(&["alpha"]);
-    let disk = nodes[0].disk("a.img", SIZE);
-    nodes[0].adm_ok(&["create-resource", "r0", disk.to_str().unwrap()]);
+    let (nodes, _, _) = cluster_with_r0(&["alpha"]);
     let pid = nodes[0].pid().unwrap();
     let rss = || -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -507,15 +514,7 @@ fn gossip_is_sealed_and_its_key_rotates_without_downtime() {
 /// data (log list, fetch, sync).
 #[test]
 fn data_is_served_to_members_only() {
-    let nodes = start_cluster(&["alpha", "beta"]);
-    let disk = nodes[0].disk("a.img", SIZE);
-    nodes[0].adm_ok(&["create-resource", "r0", disk.to_str().unwrap()]);
-    let v = nodes[0].view_json();
-    let id = v["cluster"]["id"].as_str().unwrap().to_string();
-    let r0 = resource(&v, "r0").unwrap()["incarnation"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (nodes, id, r0) = cluster_with_r0(&["alpha", "beta"]);
     rt().block_on(async {
         for m in [
             Msg::LogList { res: r0.clone() },
