@@ -894,30 +894,30 @@ impl Daemon {
     }
 
     /// Bring this node's cluster entries up to those of the witnesses of
-    /// `name` (at once, each for at most `CONFIRM_TIMEOUT`, whatever their
-    /// connection backoff): for a command naming a resource this node has not
-    /// heard of, or must be sure of.
+    /// `name`: for a command naming a resource this node has not heard of,
+    /// or must be sure of.
     async fn ask_cluster(&self, name: &str) {
-        let mut asks = tokio::task::JoinSet::new();
-        for n in self.witnesses(name).into_iter().filter(|n| n != self.me()) {
-            let peer = self.peer.clone();
-            asks.spawn(async move {
-                let ae = peer.ae_now(&n, mars_meta::CLUSTER_PREFIX);
-                if let Ok(Err(e)) = tokio::time::timeout(CONFIRM_TIMEOUT, ae).await {
-                    tracing::debug!(witness = %n, "asking: {e:#}");
-                }
-            });
-        }
-        asks.join_all().await;
+        self.ask(
+            &self.witnesses(name),
+            &[mars_meta::CLUSTER_PREFIX.to_string()],
+        )
+        .await;
     }
 
     /// Bring this node's cluster entries and those of `rr` up to those of the
-    /// live ones of `nodes` (at once, each for at most `CONFIRM_TIMEOUT`).
-    /// Returns how many answered. A node restarted after a kill may have
-    /// lost what gossip told it before (metadata learned by gossip is saved
-    /// on a timer): a handover decided on its own view could miss that
-    /// other nodes are members (found by the nemesis, seed 2014).
+    /// live ones of `nodes`. A node restarted after a kill may have lost what
+    /// gossip told it before (metadata learned by gossip is saved on a
+    /// timer): a handover decided on its own view could miss that other
+    /// nodes are members (found by the nemesis, seed 2014).
     async fn refresh_resource(&self, rr: &ResRef, nodes: &[String]) -> usize {
+        let prefixes = [mars_meta::CLUSTER_PREFIX.to_string(), meta::res_prefix(rr)];
+        self.ask(nodes, &prefixes).await
+    }
+
+    /// Anti-entropy of `prefixes` with each live one of `nodes` (other than
+    /// this node) at once, each for at most `CONFIRM_TIMEOUT`, whatever their
+    /// connection backoff. Returns how many answered for every prefix.
+    async fn ask(&self, nodes: &[String], prefixes: &[String]) -> usize {
         let mut asks = tokio::task::JoinSet::new();
         let mut seen = HashSet::new();
         for n in nodes
@@ -927,16 +927,18 @@ impl Daemon {
             if !seen.insert(n.clone()) {
                 continue;
             }
-            let (peer, n, prefix) = (self.peer.clone(), n.clone(), meta::res_prefix(rr));
+            let (peer, n, prefixes) = (self.peer.clone(), n.clone(), prefixes.to_vec());
             asks.spawn(async move {
                 let ae = async {
-                    peer.ae_now(&n, mars_meta::CLUSTER_PREFIX).await?;
-                    peer.ae_now(&n, &prefix).await
+                    for p in &prefixes {
+                        peer.ae_now(&n, p).await?;
+                    }
+                    anyhow::Ok(())
                 };
                 match tokio::time::timeout(CONFIRM_TIMEOUT, ae).await {
                     Ok(Ok(())) => true,
                     Ok(Err(e)) => {
-                        tracing::debug!(node = %n, "refresh: {e:#}");
+                        tracing::debug!(node = %n, "asking: {e:#}");
                         false
                     }
                     Err(_) => false,
