@@ -504,28 +504,12 @@ impl Peer {
                 &key_entry,
                 serde_json::Value::String(mars_proto::gossip::key_text(&key)),
             );
-            let live: Vec<String> = p.alive.lock().keys().cloned().collect();
-            let mut pushes = tokio::task::JoinSet::new();
-            for n in live {
-                let (p, wire) = (p.clone(), p.wire_of(&key_entry));
-                pushes.spawn(async move {
-                    let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, p.push_to(&n, wire)).await;
-                });
-            }
-            pushes.join_all().await;
+            p.push_to_live(&key_entry).await;
             p.set(
                 meta::GOSSIP_PRIMARY_KEY,
                 serde_json::Value::String(id.clone()),
             );
-            let live: Vec<String> = p.alive.lock().keys().cloned().collect();
-            let mut pushes = tokio::task::JoinSet::new();
-            for n in live {
-                let (p, wire) = (p.clone(), p.wire_of(meta::GOSSIP_PRIMARY_KEY));
-                pushes.spawn(async move {
-                    let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, p.push_to(&n, wire)).await;
-                });
-            }
-            pushes.join_all().await;
+            p.push_to_live(meta::GOSSIP_PRIMARY_KEY).await;
             tokio::time::sleep(ROTATION_GRACE).await;
             let old: Vec<String> = p
                 .store
@@ -542,13 +526,26 @@ impl Peer {
         });
     }
 
-    /// The entry of `key` as it goes on the wire (nothing if absent).
-    fn wire_of(&self, key: &str) -> Vec<WireEntry> {
-        self.store
+    /// Push the entry of `key` to every live node at once, each for at most
+    /// `EXCHANGE_TIMEOUT` (those not reached get it by anti-entropy).
+    async fn push_to_live(self: &Arc<Self>, key: &str) {
+        let Some(wire) = self
+            .store
             .lock()
             .entry(key)
             .map(|e| vec![mars_cluster::to_wire(key, e)])
-            .unwrap_or_default()
+        else {
+            return;
+        };
+        let live: Vec<String> = self.alive.lock().keys().cloned().collect();
+        let mut pushes = tokio::task::JoinSet::new();
+        for n in live {
+            let (p, wire) = (self.clone(), wire.clone());
+            pushes.spawn(async move {
+                let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, p.push_to(&n, wire)).await;
+            });
+        }
+        pushes.join_all().await;
     }
 
     /// Seal and open gossip with the keys the metadata lists.
