@@ -302,20 +302,10 @@ impl Store {
     /// same one. A live value's `deleted_ms` is treated as 0.
     pub fn try_merge(&mut self, key: &str, mut entry: Entry) -> Result<bool, Refusal> {
         validate_key(key).map_err(Refusal::Key)?;
-        let clock = entry.stamp.clock;
-        if clock > MAX_CLOCK {
-            return Err(Refusal::ClockAboveMax { clock });
-        }
-        if clock - self.anchor.min(clock) > MAX_JUMP {
-            return Err(Refusal::ClockJump {
-                clock,
-                local: self.anchor,
-            });
-        }
+        self.observe(entry.stamp.clock)?;
         if entry.value.is_some() {
             entry.deleted_ms = 0;
         }
-        self.clock = self.clock.max(clock);
         let hash = entry_hash(key, &entry);
         if let Some(Held(old)) = self.map.get(key) {
             let order = entry
@@ -330,10 +320,12 @@ impl Store {
         Ok(true)
     }
 
-    /// A remote entry of clock `clock` that was not merged for a reason of
-    /// the caller's (see `schema::admissible`) still counts as seen: the
-    /// clock advances to it, within the bounds of [`Store::try_merge`], so
-    /// that this node's next write of that key wins over it everywhere.
+    /// A remote clock seen: refused above `MAX_CLOCK` or more than
+    /// `MAX_JUMP` beyond this store's own last write, else the clock
+    /// advances to it. [`Store::try_merge`] does this for every entry; a
+    /// remote entry not merged for a reason of the caller's (see
+    /// `schema::admissible`) still counts as seen through it, so that this
+    /// node's next write of that key wins over it everywhere.
     pub fn observe(&mut self, clock: u64) -> Result<(), Refusal> {
         if clock > MAX_CLOCK {
             return Err(Refusal::ClockAboveMax { clock });
