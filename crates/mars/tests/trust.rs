@@ -321,7 +321,7 @@ fn a_node_that_left_is_refused() {
     for n in &nodes[..2] {
         wait_for(
             "the gossip key rotated and the old one removed",
-            Duration::from_secs(40),
+            Duration::from_secs(120),
             || {
                 let l = n.adm_ok(&["keyring", "list"]);
                 l.lines().count() == 1 && l.contains("in use") && !l.contains(&old_id)
