@@ -27,7 +27,8 @@ rows of part A are skipped without it), BENCH_NEW (default
 $CARGO_TARGET_DIR/release or target/release), BENCH_DIR (work dir, default a
 new one under /var/tmp), BENCH_REPEAT (default 2), BENCH_CATCHUP (512M),
 BENCH_SYNC (512M), BENCH_TC_CATCHUP (192M), BENCH_RATE (100mbit),
-BENCH_COMPRESS (70), BENCH_ONLY (loopback|tc), BENCH_OUT (markdown, default
+BENCH_COMPRESS (70), BENCH_ONLY (loopback|tc), BENCH_PIN (1: alpha's marsd on
+CPU 0, beta's on CPU 1, as on two hosts), BENCH_OUT (markdown, default
 bench/link-results.md). Needs root for part B (ip netns, tc), fio with the nbd
 engine.
 """
@@ -51,6 +52,7 @@ REPEAT = int(os.environ.get("BENCH_REPEAT", "2"))
 RATE = os.environ.get("BENCH_RATE", "100mbit")
 COMPRESS = int(os.environ.get("BENCH_COMPRESS", "70"))
 ONLY = os.environ.get("BENCH_ONLY", "")
+PIN = os.environ.get("BENCH_PIN", "") not in ("", "0")
 OUT = os.environ.get("BENCH_OUT", os.path.join(ROOT, "bench", "link-results.md"))
 MIB = 1 << 20
 
@@ -123,6 +125,9 @@ class Cluster:
 
     def start_marsd(self, n):
         cmd = [f"{self.bins}/marsd", "--dir", f"{self.w}/{n}"]
+        if PIN:
+            # One core per node, as on two hosts: alpha on CPU 0, beta on CPU 1.
+            cmd = ["taskset", "-c", "0" if n == "alpha" else "1"] + cmd
         if self.ns[n]:
             cmd = ["ip", "netns", "exec", self.ns[n]] + cmd
         log = open(f"{self.w}/marsd-{n}.log", "w")
@@ -423,7 +428,7 @@ def report(results, dev0, dev1, started, load0, load1, builds):
              f" plaintext build: {BASE or 'none'}; {os.cpu_count()} CPUs; load average before {' '.join(load0)},"
              f" after {' '.join(load1)}.")
     o.append("")
-    o.append(f"Command: `{'BENCH_ONLY=' + ONLY + ' ' if ONLY else ''}BENCH_BASE={BASE} BENCH_REPEAT={REPEAT} BENCH_CATCHUP={CATCHUP // MIB}M"
+    o.append(f"Command: `{'BENCH_PIN=1 ' if PIN else ''}{'BENCH_ONLY=' + ONLY + ' ' if ONLY else ''}BENCH_BASE={BASE} BENCH_REPEAT={REPEAT} BENCH_CATCHUP={CATCHUP // MIB}M"
              f" BENCH_SYNC={SYNC // MIB}M BENCH_TC_CATCHUP={TC_CATCHUP // MIB}M BENCH_RATE={RATE}"
              f" BENCH_COMPRESS={COMPRESS} bench/link.py`")
     o.append("")

@@ -112,20 +112,39 @@ impl Secondary {
         replay_pos: u64,
         wake: &tokio::sync::Notify,
     ) -> Result<u64> {
-        let mut s = IdleTimeout::new(self.connect_as_member(primary).await?);
+        // The last round's connection to this source when it is fresh enough;
+        // one the source has closed meanwhile is replaced once.
+        let kept = self
+            .fetch_conn
+            .lock()
+            .take()
+            .filter(|c| c.source == primary && c.used.elapsed() < FETCH_CONN_KEEP);
+        let mut fresh = kept.is_none();
+        let mut s = match kept {
+            Some(c) => c.stream,
+            None => IdleTimeout::new(self.connect_as_member(primary).await?),
+        };
+        let listed = loop {
+            if fresh {
+                break self.list_logs(&mut s, primary).await?;
+            }
+            // A kept connection that was closed, reset, or does not answer
+            // within KEPT_ANSWER (a cut link drops packets silently) is
+            // replaced by a new one, which fails at once where the link is cut.
+            match tokio::time::timeout(KEPT_ANSWER, self.list_logs(&mut s, primary)).await {
+                Ok(Ok(m)) => break m,
+                Ok(Err(_)) | Err(_) => {
+                    fresh = true;
+                    s = IdleTimeout::new(self.connect_as_member(primary).await?);
+                }
+            }
+        };
         self.progress.lock().fetch_waits_for_source = false; // it answers
-                                                             // The codecs this connection's chunks may come in (the resource's
-                                                             // setting now; a change applies from the next connection).
+                                                             // The codecs this round's chunks may come in (the resource's
+                                                             // setting now; a change applies from the next round).
         let accept = self.accept();
         let mut unpacker = Unpacker::new();
-        write_msg(
-            &mut s,
-            &Msg::LogList {
-                res: self.res.token(),
-            },
-        )
-        .await?;
-        let (files, versions, open, writes) = match answer_from(primary, read_msg(&mut s)).await? {
+        let (files, versions, open, writes) = match listed {
             Msg::Logs {
                 files,
                 versions,
@@ -435,6 +454,41 @@ impl Secondary {
         }
         p.source = Some(primary.to_string());
         p.source_complete = complete;
+        drop(p);
+        // Every request of this round was answered: the next round may ask here.
+        *self.fetch_conn.lock() = Some(FetchConn {
+            source: primary.to_string(),
+            stream: s,
+            used: std::time::Instant::now(),
+        });
         Ok(fetched)
     }
+
+    /// Ask `source` on `s` for its logfiles of this resource.
+    async fn list_logs(&self, s: &mut IdleTimeout<crate::PeerStream>, source: &str) -> Result<Msg> {
+        write_msg(
+            s,
+            &Msg::LogList {
+                res: self.res.token(),
+            },
+        )
+        .await?;
+        answer_from(source, read_msg(s)).await
+    }
 }
+
+/// The connection of a fetch round that ended with every request answered,
+/// kept for the next round (see `Secondary::fetch_conn`).
+pub struct FetchConn {
+    source: String,
+    stream: IdleTimeout<crate::PeerStream>,
+    used: std::time::Instant,
+}
+
+/// A kept fetch connection is used again only this soon after its round: the
+/// source closes a connection that sends nothing for 30 s (an idle secondary
+/// asks ten times a second; a paused one starts anew).
+const FETCH_CONN_KEEP: Duration = Duration::from_secs(10);
+/// How long a kept connection may take to answer a logfile list (a listing of
+/// one directory) before it is given up for a new one.
+const KEPT_ANSWER: Duration = Duration::from_secs(3);

@@ -81,6 +81,11 @@ pub struct Secondary {
     /// Local logfiles (name, start, creation time) fetch found to be the
     /// source's logfile of that name (`same_logfile`).
     pub same_checked: Mutex<std::collections::HashSet<(String, u64, u64)>>,
+    /// The connection of the last fetch round that ended cleanly (every request
+    /// answered), to its source, and when: the next round asks on it instead of
+    /// opening another (a mutual TLS handshake ten times a second per idle
+    /// resource was most of an idle node's CPU).
+    pub fetch_conn: Mutex<Option<crate::fetch::FetchConn>>,
 }
 
 /// The designated primary of `res` with its reign ([`policy::designation`]).

@@ -646,6 +646,7 @@ impl Daemon {
                     sync_unreachable: Default::default(),
                     lineage: Default::default(),
                     same_checked: Default::default(),
+                    fetch_conn: Default::default(),
                 };
                 tracing::info!(resource = %r.name, "secondary: sync, fetch and replay");
                 let task = tokio::spawn(sec.run());

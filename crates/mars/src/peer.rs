@@ -1155,6 +1155,11 @@ impl Peer {
                 }
                 Err(e) => bail!("from {}: {e}", node.name),
             };
+            // A cut made while the connection was open (fetchers keep theirs
+            // between rounds) ends it at the next request, as a real cut would.
+            if self.is_blocked(&node.name) {
+                bail!("{} is blocked (debug-block)", node.name);
+            }
             let reply = match msg {
                 m @ (Msg::Digest { .. }
                 | Msg::Buckets { .. }
