@@ -252,8 +252,10 @@ impl NodeRef {
     }
 }
 
+/// Where node entries live: `c/d/node/NAME@ID`.
+pub const NODE_KEY_PREFIX: &str = "c/d/node/";
 pub fn node_key(node: &NodeRef) -> String {
-    format!("c/d/node/{}", node.token())
+    format!("{NODE_KEY_PREFIX}{}", node.token())
 }
 pub fn res_key(res: &ResRef) -> String {
     format!("c/d/res/{}", res.token())
@@ -339,7 +341,7 @@ fn owners<T>(all: impl Iterator<Item = (String, u64, T)>) -> Vec<(String, u64, T
 
 /// Live nodes of the cluster: (name, entry), by name.
 pub fn nodes(store: &Store) -> Vec<(String, NodeEntry)> {
-    owners(live_tokens::<NodeEntry>(store, "c/d/node/"))
+    owners(live_tokens::<NodeEntry>(store, NODE_KEY_PREFIX))
         .into_iter()
         .map(|(name, _, e)| (name, e))
         .collect()
@@ -354,7 +356,7 @@ pub fn node(store: &Store, name: &str) -> Option<(NodeRef, NodeEntry)> {
     store
         .range(&prefix)
         .filter_map(|(k, e)| {
-            let r = NodeRef::parse(k.strip_prefix("c/d/node/")?)?;
+            let r = NodeRef::parse(k.strip_prefix(NODE_KEY_PREFIX)?)?;
             let v: NodeEntry = serde_json::from_value(e.value.clone()?).ok()?;
             Some((r, v))
         })

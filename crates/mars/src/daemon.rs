@@ -1995,6 +1995,8 @@ impl Daemon {
     }
 
     async fn leave_cluster(self: &Arc<Self>) -> Result<Response> {
+        /// Live nodes a leaving node tells itself (the rest learn it from them).
+        const LEAVE_PUSHES: usize = 8;
         let me = self.me().to_string();
         let member_of: Vec<String> = {
             let store = self.peer.store.lock();
@@ -2012,21 +2014,21 @@ impl Daemon {
         }
         let mine = meta::node(&self.peer.store.lock(), &me).map(|(n, _)| n);
         if let Some(n) = mine {
-            self.peer.delete(&meta::node_key(&n));
             // Its certificate is refused from now on (the entry is kept for good).
+            let revoked = crate::tls::revoked_key(&n.token());
             self.peer.set(
-                &crate::tls::revoked_key(&n.token()),
+                &revoked,
                 serde_json::json!({ "at_ms": crate::peer::now_ms() }),
             );
-        }
-        // Make sure at least the live peers have the tombstone before this node goes quiet.
-        let others: Vec<String> = meta::nodes(&self.peer.store.lock())
-            .into_iter()
-            .map(|(n, _)| n)
-            .filter(|n| *n != me)
-            .collect();
-        for n in others.iter().filter(|n| self.peer.is_alive(n)).take(3) {
-            self.peer.ae_with(n, "c/").await;
+            let node_key = meta::node_key(&n);
+            self.peer.delete(&node_key);
+            // Both in one push, to several live nodes at once, before this node
+            // goes quiet: a node that has either refuses this one from then on
+            // (the deletion also goes by gossip), and the revocation, which
+            // gossip never carries, spreads from them by anti-entropy.
+            self.peer
+                .push_entries_to_live(&[&revoked, &node_key], LEAVE_PUSHES)
+                .await;
         }
         self.peer.cluster.lock().leave();
         self.peer.save();
@@ -2034,6 +2036,12 @@ impl Daemon {
         let left = self.dir.join("node.json.left");
         std::fs::rename(&node_file, &left)
             .with_context(|| format!("cannot rename {}", node_file.display()))?;
+        // Its keys (the CA's among them) go with it: a copy left behind could
+        // mint certificates.
+        let tls_dir = crate::tls::tls_dir(&self.dir);
+        if let Err(e) = std::fs::remove_dir_all(&tls_dir) {
+            tracing::warn!("cannot remove {}: {e}", tls_dir.display());
+        }
         tracing::info!("left the cluster; marsd stops");
         tokio::spawn(async {
             tokio::time::sleep(Duration::from_millis(300)).await;

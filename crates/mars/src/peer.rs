@@ -451,9 +451,19 @@ impl Peer {
 
     /// Trusted CAs or gossip keys changed (here or elsewhere): use them.
     fn trust_changed<K: AsRef<str>>(self: &Arc<Self>, keys: &[K]) {
+        // A revocation, or a node's entry deleted (it left: its revocation
+        // may come later, or from a node this one does not hear from).
+        let left = |k: &str| {
+            k.starts_with(meta::NODE_KEY_PREFIX)
+                && self
+                    .store
+                    .lock()
+                    .entry(k)
+                    .is_some_and(|e| e.value.is_none())
+        };
         if keys
             .iter()
-            .any(|k| k.as_ref().starts_with(tls::REVOKED_PREFIX))
+            .any(|k| k.as_ref().starts_with(tls::REVOKED_PREFIX) || left(k.as_ref()))
         {
             self.rotate_after_revocation();
         }
@@ -529,15 +539,25 @@ impl Peer {
     /// Push the entry of `key` to every live node at once, each for at most
     /// `EXCHANGE_TIMEOUT` (those not reached get it by anti-entropy).
     async fn push_to_live(self: &Arc<Self>, key: &str) {
-        let Some(wire) = self
-            .store
-            .lock()
-            .entry(key)
-            .map(|e| vec![mars_cluster::to_wire(key, e)])
-        else {
-            return;
+        self.push_entries_to_live(&[key], usize::MAX).await
+    }
+
+    /// Push the entries of `keys` in one message to at most `max` live nodes
+    /// (chosen at random) at once, each for at most `EXCHANGE_TIMEOUT`.
+    pub async fn push_entries_to_live(self: &Arc<Self>, keys: &[&str], max: usize) {
+        use rand::seq::SliceRandom;
+        let wire: Vec<WireEntry> = {
+            let store = self.store.lock();
+            keys.iter()
+                .filter_map(|k| store.entry(k).map(|e| mars_cluster::to_wire(k, e)))
+                .collect()
         };
-        let live: Vec<String> = self.alive.lock().keys().cloned().collect();
+        if wire.is_empty() {
+            return;
+        }
+        let mut live: Vec<String> = self.alive.lock().keys().cloned().collect();
+        live.shuffle(&mut rand::thread_rng());
+        live.truncate(max);
         let mut pushes = tokio::task::JoinSet::new();
         for n in live {
             let (p, wire) = (self.clone(), wire.clone());
@@ -643,15 +663,18 @@ impl Peer {
                 bail!("the address of {n} answered with the certificate of {ident}");
             }
         }
-        // A node this one has not heard of yet (it joined through a node
-        // this one cannot reach) is taken on its CA's word, and learned by
-        // anti-entropy; a known one must show the certificate its entry
-        // records. (docs/DEVELOPMENT.md: while every node holds the CA key,
-        // a node that left can still mint a certificate for a new identity.)
-        if let Some(entry) = meta::get::<NodeEntry>(&store, &meta::node_key(&r)) {
-            if entry.cert != tls::pin_of(der) {
-                bail!("the certificate of {ident} is not the one the cluster recorded for it");
-            }
+        // Only a node the cluster admitted: the node that invited it records
+        // its entry (with its certificate) before it hands the certificate
+        // out, and the entry reaches the others by gossip and anti-entropy. A
+        // certificate of the CA alone is not enough: every node holds the CA
+        // key, so one that left could mint one for a new name.
+        let Some(entry) = meta::get::<NodeEntry>(&store, &meta::node_key(&r)) else {
+            bail!(
+                "{ident} is not a node of this cluster here (no entry for it: it was never admitted, or its admission has not arrived yet)"
+            );
+        };
+        if entry.cert != tls::pin_of(der) {
+            bail!("the certificate of {ident} is not the one the cluster recorded for it");
         }
         Ok((ident, r))
     }

@@ -74,13 +74,22 @@ impl Node {
 
     /// A TLS connection to `addr` with this node's certificate (no `Hello` yet).
     pub async fn tls_connect(&self, addr: &str) -> std::io::Result<mars_replication::PeerStream> {
-        let tls = mars::tls::Tls::load(&self.dir).map_err(std::io::Error::other)?;
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
-        let s = tokio_rustls::TlsConnector::from(tls.client())
-            .connect(mars::tls::server_name(), tcp)
-            .await?;
-        Ok(mars_replication::PeerStream::Client(s))
+        tls_connect_with(&self.dir, addr).await
     }
+}
+
+/// A TLS connection to `addr` with the credentials of the node directory `dir`
+/// (or a copy of its `tls/`).
+pub async fn tls_connect_with(
+    dir: &Path,
+    addr: &str,
+) -> std::io::Result<mars_replication::PeerStream> {
+    let tls = mars::tls::Tls::load(dir).map_err(std::io::Error::other)?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let s = tokio_rustls::TlsConnector::from(tls.client())
+        .connect(mars::tls::server_name(), tcp)
+        .await?;
+    Ok(mars_replication::PeerStream::Client(s))
 }
 
 /// Fail loudly when an external tool is missing.
