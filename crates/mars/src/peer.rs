@@ -556,7 +556,7 @@ impl Peer {
             return;
         }
         let mut live: Vec<String> = self.alive.lock().keys().cloned().collect();
-        live.shuffle(&mut rand::thread_rng());
+        live.shuffle(&mut rand::rng());
         live.truncate(max);
         let mut pushes = tokio::task::JoinSet::new();
         for n in live {
