@@ -90,6 +90,13 @@ pub enum Request {
         name: String,
     },
     LeaveCluster,
+    /// Remove another node (one that is gone for good, or compromised):
+    /// revoke its certificate and delete its entry, from this node.
+    RemoveNode {
+        node: String,
+        /// Also while it is alive.
+        force: bool,
+    },
     MergeCluster {
         peer: String,
         /// From `invite --merge` on the peer's cluster.

@@ -1230,6 +1230,7 @@ impl Daemon {
             Request::JoinResource { name, disk } => self.join_resource(&name, &disk).await,
             Request::LeaveResource { name } => self.leave_resource(&name).await,
             Request::LeaveCluster => self.leave_cluster().await,
+            Request::RemoveNode { node, force } => self.remove_node(&node, force).await,
             Request::Keyring { op } => self.keyring(op).await,
             Request::Invite { merge, ttl_secs } => {
                 let kind = if merge {
@@ -1994,6 +1995,53 @@ impl Daemon {
         ))
     }
 
+    /// `leave-cluster --node NAME`: revoke another node's certificate and
+    /// delete its entry (a node gone for good, whose directory may still
+    /// hold its keys; or, with `force`, a live one that is compromised).
+    async fn remove_node(self: &Arc<Self>, name: &str, force: bool) -> Result<Response> {
+        if name == self.me() {
+            bail!("{name} is this node: run `marsadm leave-cluster` without --node");
+        }
+        let (n, member_of) = {
+            let store = self.peer.store.lock();
+            let Some((n, _)) = meta::node(&store, name) else {
+                bail!("no node named {name} in the cluster");
+            };
+            let member_of: Vec<String> = meta::all_incarnations(&store)
+                .into_iter()
+                .filter(|(_, r)| r.members.iter().any(|m| m == name))
+                .map(|(r, _)| r.name)
+                .collect();
+            (n, member_of)
+        };
+        if !member_of.is_empty() {
+            bail!(
+                "{name} is a member of {}: it must leave those resources first",
+                member_of.join(", ")
+            );
+        }
+        if self.peer.is_alive(name) && !force {
+            bail!(
+                "{name} is alive: run `marsadm leave-cluster` on it, or add --force to revoke it anyway (a compromised node)"
+            );
+        }
+        let revoked = crate::tls::revoked_key(&n.token());
+        self.peer.set(
+            &revoked,
+            serde_json::json!({ "at_ms": crate::peer::now_ms() }),
+        );
+        let node_key = meta::node_key(&n);
+        self.peer.delete(&node_key);
+        self.peer
+            .push_entries_to_live(&[&revoked, &node_key], usize::MAX)
+            .await;
+        tracing::info!(node = %n.token(), "node removed from the cluster; its certificate is revoked");
+        Ok(Response::ok(format!(
+            "{} removed from the cluster: its certificate is revoked",
+            n.token()
+        )))
+    }
+
     async fn leave_cluster(self: &Arc<Self>) -> Result<Response> {
         /// Live nodes a leaving node tells itself (the rest learn it from them).
         const LEAVE_PUSHES: usize = 8;
@@ -2575,6 +2623,7 @@ fn named_resource(req: &Request) -> Option<&str> {
     match req {
         Request::CreateResource { .. }
         | Request::LeaveCluster
+        | Request::RemoveNode { .. }
         | Request::MergeCluster { .. }
         | Request::Invite { .. }
         | Request::Keyring { .. }

@@ -370,6 +370,62 @@ fn a_node_that_left_is_refused() {
     });
 }
 
+/// A node that is gone for good is removed from another node
+/// (`leave-cluster --node`): its certificate is refused from then on, by
+/// every node, and the gossip key it knew is replaced.
+#[test]
+fn a_dead_node_is_removed_from_another() {
+    let mut nodes = start_cluster(&["alpha", "beta", "gamma"]);
+    let id = nodes[0].view_json()["cluster"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let gamma = nodes[2].info();
+    let key_before = nodes[0].adm_ok(&["keyring", "list"]);
+    let err = nodes[0].adm_err(&["leave-cluster", "--node", "gamma"]);
+    assert!(err.contains("gamma is alive"), "{err}");
+    let err = nodes[0].adm_err(&["leave-cluster", "--node", "alpha"]);
+    assert!(err.contains("is this node"), "{err}");
+    let err = nodes[0].adm_err(&["leave-cluster", "--node", "nosuch"]);
+    assert!(err.contains("no node named nosuch"), "{err}");
+    nodes[2].kill9();
+    nodes[0].wait_view("gamma down", |v| {
+        view_nodes(v)
+            .iter()
+            .any(|(n, alive)| n == "gamma" && !alive)
+    });
+    nodes[0].adm_ok(&["leave-cluster", "--node", "gamma"]);
+    for n in &nodes[..2] {
+        n.wait_view("gamma gone", |v| {
+            !view_nodes(v).iter().any(|(n, _)| n == "gamma")
+        });
+    }
+    // Its directory, keys and all, is refused by both.
+    for (i, n) in nodes[..2].iter().enumerate() {
+        rt().block_on(async {
+            if let Ok(mut s) = nodes[2].tls_connect(&n.listen).await {
+                client_handshake(&mut s, Some(&id), &gamma)
+                    .await
+                    .expect_err("a removed node was let in");
+            }
+        });
+        wait_for("the refusal logged", Duration::from_secs(10), || {
+            nodes[i].log_text().contains("gamma") && nodes[i].log_text().contains("revoked")
+        });
+    }
+    let old_id = key_before.split_whitespace().next().unwrap().to_string();
+    for n in &nodes[..2] {
+        wait_for(
+            "the gossip key rotated and the old one removed",
+            Duration::from_secs(120),
+            || {
+                let l = n.adm_ok(&["keyring", "list"]);
+                l.lines().count() == 1 && l.contains("in use") && !l.contains(&old_id)
+            },
+        );
+    }
+}
+
 /// Idle connections to the peer port are dropped after the handshake
 /// timeout; the device answers meanwhile, and memory comes back.
 #[test]

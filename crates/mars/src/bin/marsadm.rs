@@ -49,8 +49,16 @@ enum Cmd {
         token: Option<String>,
         peer: String,
     },
-    /// Remove this node from its cluster (its certificate is revoked).
-    LeaveCluster,
+    /// Remove this node from its cluster (its certificate is revoked); with
+    /// --node, remove another node that is gone for good (or compromised).
+    LeaveCluster {
+        /// The node to remove, from here (it must be no member of a resource).
+        #[arg(long)]
+        node: Option<String>,
+        /// With --node: also while it is alive (its links are refused at once).
+        #[arg(long, requires = "node")]
+        force: bool,
+    },
     /// Merge the peer's whole cluster into this one.
     MergeCluster {
         /// The token `marsadm invite --merge` printed on a node of the peer's cluster.
@@ -315,7 +323,11 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
             );
             Ok(0)
         }
-        Cmd::LeaveCluster => say(dir, Request::LeaveCluster),
+        Cmd::LeaveCluster { node: None, .. } => say(dir, Request::LeaveCluster),
+        Cmd::LeaveCluster {
+            node: Some(node),
+            force,
+        } => say(dir, Request::RemoveNode { node, force }),
         Cmd::MergeCluster { peer, token } => {
             let Some(token) = token else {
                 bail!("merge-cluster needs --token TOKEN: run `marsadm invite --merge` on a node of {peer}'s cluster and pass what it prints");
