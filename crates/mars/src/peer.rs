@@ -663,18 +663,24 @@ impl Peer {
                 bail!("the address of {n} answered with the certificate of {ident}");
             }
         }
-        // Only a node the cluster admitted: the node that invited it records
-        // its entry (with its certificate) before it hands the certificate
-        // out, and the entry reaches the others by gossip and anti-entropy. A
-        // certificate of the CA alone is not enough: every node holds the CA
-        // key, so one that left could mint one for a new name.
-        let Some(entry) = meta::get::<NodeEntry>(&store, &meta::node_key(&r)) else {
-            bail!(
-                "{ident} is not a node of this cluster here (no entry for it: it was never admitted, or its admission has not arrived yet)"
-            );
-        };
-        if entry.cert != tls::pin_of(der) {
-            bail!("the certificate of {ident} is not the one the cluster recorded for it");
+        // A node the cluster admitted: the node that invited it records its
+        // entry (with its certificate) before it hands the certificate out,
+        // and the entry reaches the others by gossip and anti-entropy. Until
+        // it has, the newcomer is let in only while the sealed gossip shows
+        // it alive (a broadcast can be missed, and a node cut off from the
+        // one that admitted it learns the entry from the newcomer itself).
+        // A certificate of the CA alone is not enough: every node holds the
+        // CA key, so one that left could mint one for a new name (and it
+        // loses the gossip key when it leaves).
+        match meta::get::<NodeEntry>(&store, &meta::node_key(&r)) {
+            Some(entry) if entry.cert != tls::pin_of(der) => {
+                bail!("the certificate of {ident} is not the one the cluster recorded for it")
+            }
+            Some(_) => {}
+            None if self.alive.lock().contains_key(&r.name) => {}
+            None => bail!(
+                "{ident} is not a node of this cluster here (no entry for it, and the gossip does not show it: it was never admitted, or its admission has not arrived yet)"
+            ),
         }
         Ok((ident, r))
     }
