@@ -407,7 +407,9 @@ impl Csum {
         let mut hb = vec![0u8; HEADER_LEN as usize];
         let file_len = file.metadata().map_err(ioerr(&path))?.len();
         if file_len < HEADER_LEN {
-            return Err(damaged(format!("{file_len} bytes, shorter than its header")));
+            return Err(damaged(format!(
+                "{file_len} bytes, shorter than its header"
+            )));
         }
         file.read_exact_at(&mut hb, 0).map_err(ioerr(&path))?;
         let h = Header::decode(&hb).map_err(damaged)?;
@@ -421,10 +423,7 @@ impl Csum {
         if disk_len < h.covered {
             return Err(CsumError::ChangedWhileDetached {
                 disk: disk.to_path_buf(),
-                what: format!(
-                    "it is {disk_len} bytes, its checksums cover {}",
-                    h.covered
-                ),
+                what: format!("it is {disk_len} bytes, its checksums cover {}", h.covered),
             });
         }
         if h.clean {
@@ -435,10 +434,7 @@ impl Csum {
             // beyond are computed; any other change of length, inode or time is
             // a write nobody here made.
             let what = if moved {
-                Some(format!(
-                    "another file now: inode {ino}, was {}",
-                    h.disk_ino
-                ))
+                Some(format!("another file now: inode {ino}, was {}", h.disk_ino))
             } else if len < h.disk_len {
                 Some(format!("it shrank from {} to {len} bytes", h.disk_len))
             } else if !grown && (sec, nsec) != (h.disk_mtime_sec, h.disk_mtime_nsec) {
@@ -473,8 +469,7 @@ impl Csum {
         }
         // Not closed cleanly from here on until the last handle goes: the
         // disk is about to be written.
-        c.write_header(false, (0, 0, 0, 0))
-            .map_err(ioerr(&path))?;
+        c.write_header(false, (0, 0, 0, 0)).map_err(ioerr(&path))?;
         c.sync().map_err(ioerr(&path))?;
         Ok(c)
     }
@@ -512,7 +507,8 @@ impl Csum {
         let n = entries(len);
         self.crcs.resize_with(n, || AtomicU32::new(0));
         let pages = n.div_ceil(PER_PAGE);
-        self.dirty.resize_with(pages.div_ceil(64), || AtomicU64::new(0));
+        self.dirty
+            .resize_with(pages.div_ceil(64), || AtomicU64::new(0));
         self.covered = len;
         let disk = File::open(&self.disk)?;
         compute_from_disk(&disk, &self.disk, from, len, |b, crc| self.set(b, crc))?;
@@ -684,7 +680,8 @@ impl Csum {
         }
         let last = (end - 1) / BLOCK;
         let last_end = ((last + 1) * BLOCK).min(self.covered);
-        if end < last_end && !(last == first && !offset.is_multiple_of(BLOCK)) {
+        // (Not the first block again: done above.)
+        if end < last_end && (last != first || offset.is_multiple_of(BLOCK)) {
             self.recompute(last, read)?;
         }
         Ok(())
@@ -713,13 +710,32 @@ impl Csum {
         Ok(())
     }
 
-    /// Set the checksums of the whole blocks from `offset` (block-aligned) on
-    /// (a full sync's block found equal: computed from what it read).
-    pub fn set_blocks(&self, offset: u64, crcs: &[u32]) {
+    /// Set the checksums of the blocks of `[offset, offset+len)` (block-aligned)
+    /// to `crcs`, [`block_crcs`] of what the disk holds there (a full sync's
+    /// block found equal: computed from what it read). A short last piece that
+    /// is not the whole of its block (the disk goes on) is left as it is.
+    pub fn set_blocks(&self, offset: u64, len: u64, crcs: &[u32]) {
         let first = offset / BLOCK;
         for (i, &c) in crcs.iter().enumerate() {
-            self.set(first + i as u64, c);
+            let b = first + i as u64;
+            let (bs, be) = (b * BLOCK, ((b + 1) * BLOCK).min(self.covered));
+            if (offset + len).min(be) - bs.min(offset + len) == be.saturating_sub(bs) {
+                self.set(b, c);
+            }
         }
+    }
+
+    /// What a kill leaves: the file marked not closed cleanly. Tests simulate
+    /// kills by dropping handles, which close cleanly.
+    #[doc(hidden)]
+    pub fn mark_unclean(dir: &Path) -> io::Result<()> {
+        let path = dir.join(FILE_NAME);
+        let f = OpenOptions::new().read(true).write(true).open(&path)?;
+        let mut hb = vec![0u8; HEADER_LEN as usize];
+        f.read_exact_at(&mut hb, 0)?;
+        let mut h = Header::decode(&hb).map_err(io::Error::other)?;
+        h.clean = false;
+        f.write_all_at(&h.encode(), 0)
     }
 
     fn recompute(
@@ -756,26 +772,22 @@ impl Csum {
         bad
     }
 
-    /// Check what a read found on the disk: `buf` holds the disk's bytes at
-    /// `offset`. Every block that `check(block_start,
-    /// block_end)` asks for is compared with its checksum (blocks only partly
-    /// in `buf` are read whole through `read`). A mismatch is read again
-    /// (a transient read error, or a write that raced the read: then again
-    /// once no write runs) and the fresh bytes replace those in `buf`; a block
-    /// that mismatches twice with no write in between is bad: counted, logged
-    /// once, and returned.
-    pub fn verify(
+    /// The blocks of a disk read (`buf` at `offset`) whose checksum differs,
+    /// among those `check(block_start, block_end)` asks for; blocks only
+    /// partly in `buf` are read whole through `read`. No second look: see
+    /// [`Csum::verify`].
+    pub fn suspects(
         &self,
         offset: u64,
-        buf: &mut [u8],
+        buf: &[u8],
         check: &dyn Fn(u64, u64) -> bool,
         read: &mut dyn FnMut(&mut [u8], u64) -> io::Result<()>,
-    ) -> io::Result<Result<(), BadBlocks>> {
+    ) -> io::Result<Vec<u64>> {
         let end = (offset + buf.len() as u64).min(self.covered);
-        if offset >= end {
-            return Ok(Ok(()));
-        }
         let mut suspects = Vec::new();
+        if offset >= end {
+            return Ok(suspects);
+        }
         let mut block = [0u8; BLOCK as usize];
         for b in offset / BLOCK..=(end - 1) / BLOCK {
             let (bs, be) = (b * BLOCK, ((b + 1) * BLOCK).min(self.covered));
@@ -793,10 +805,30 @@ impl Csum {
                 suspects.push(b);
             }
         }
+        Ok(suspects)
+    }
+
+    /// Check what a read found on the disk: `buf` holds the disk's bytes at
+    /// `offset`. Every block that `check(block_start,
+    /// block_end)` asks for is compared with its checksum (blocks only partly
+    /// in `buf` are read whole through `read`). A mismatch is read again
+    /// (a transient read error, or a write that raced the read: then again
+    /// once no write runs) and the fresh bytes replace those in `buf`; a block
+    /// that mismatches twice with no write in between is bad: counted, logged
+    /// once, and returned.
+    pub fn verify(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        check: &dyn Fn(u64, u64) -> bool,
+        read: &mut dyn FnMut(&mut [u8], u64) -> io::Result<()>,
+    ) -> io::Result<Result<(), BadBlocks>> {
+        let suspects = self.suspects(offset, buf, check, read)?;
         if suspects.is_empty() {
             return Ok(Ok(()));
         }
         let mut bad = Vec::new();
+        let mut block = [0u8; BLOCK as usize];
         for b in suspects {
             let (bs, be) = (b * BLOCK, ((b + 1) * BLOCK).min(self.covered));
             let n = (be - bs) as usize;
@@ -840,7 +872,11 @@ impl Csum {
         let new: Vec<u64> = {
             let mut r = registry().lock();
             let f = r.found.entry(self.path.clone()).or_default();
-            let new: Vec<u64> = blocks.iter().copied().filter(|b| f.bad.insert(*b)).collect();
+            let new: Vec<u64> = blocks
+                .iter()
+                .copied()
+                .filter(|b| f.bad.insert(*b))
+                .collect();
             f.count += new.len() as u64;
             new
         };

@@ -81,7 +81,11 @@ fn writes_whole_and_partial_blocks() {
     let len = 256 * 1024;
     let (_t, dir, disk) = setup(len);
     let c = open(&dir, &disk).unwrap();
-    let f = OpenOptions::new().read(true).write(true).open(&disk).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
     let mut read = reader(&disk);
     // (offset, buffer sizes): aligned, unaligned both ends, inside one block,
     // buffers that split blocks, the disk's end.
@@ -114,7 +118,8 @@ fn writes_whole_and_partial_blocks() {
         assert_matches_disk(&c, &disk);
     }
     // Writes beyond the covered disk change nothing (and do not fail).
-    c.written(len as u64 + 100, &[&[1u8; 10]], &mut read).unwrap();
+    c.written(len as u64 + 100, &[&[1u8; 10]], &mut read)
+        .unwrap();
     assert_matches_disk(&c, &disk);
 }
 
@@ -145,7 +150,11 @@ fn synced_tables_survive_a_kill() {
 fn a_bad_block_is_found_counted_once_and_good_again_when_rewritten() {
     let (_t, dir, disk) = setup(64 * 4096);
     let c = open(&dir, &disk).unwrap();
-    let f = OpenOptions::new().read(true).write(true).open(&disk).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
     // Flip one bit of block 9 behind the table's back.
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, 9 * 4096 + 77).unwrap();
@@ -164,10 +173,16 @@ fn a_bad_block_is_found_counted_once_and_good_again_when_rewritten() {
     // edge blocks whole.
     let mut buf = vec![0u8; 4096];
     read(&mut buf, 9 * 4096).unwrap();
-    assert!(c.verify(9 * 4096, &mut buf, &|_, _| false, &mut read).unwrap().is_ok());
+    assert!(c
+        .verify(9 * 4096, &mut buf, &|_, _| false, &mut read)
+        .unwrap()
+        .is_ok());
     let mut buf = vec![0u8; 100];
     read(&mut buf, 9 * 4096 + 4000).unwrap();
-    assert!(c.verify(9 * 4096 + 4000, &mut buf, &all, &mut read).unwrap().is_err());
+    assert!(c
+        .verify(9 * 4096 + 4000, &mut buf, &all, &mut read)
+        .unwrap()
+        .is_err());
     // Rewritten: good again; found bad again later counts again.
     let data = rng_bytes(9, 4096);
     f.write_all_at(&data, 9 * 4096).unwrap();
@@ -189,8 +204,15 @@ fn a_transient_mismatch_is_read_again() {
     let mut read = reader(&disk);
     let mut buf = good[..8 * 4096].to_vec();
     buf[4096 * 3 + 5] ^= 0xFF; // what a flaky first read returned
-    assert!(c.verify(0, &mut buf, &|_, _| true, &mut read).unwrap().is_ok());
-    assert_eq!(buf, good[..8 * 4096], "the good bytes read again replace the bad ones");
+    assert!(c
+        .verify(0, &mut buf, &|_, _| true, &mut read)
+        .unwrap()
+        .is_ok());
+    assert_eq!(
+        buf,
+        good[..8 * 4096],
+        "the good bytes read again replace the bad ones"
+    );
     assert_eq!(errors(&dir), 0);
 }
 
@@ -228,7 +250,8 @@ fn a_disk_that_grew_gets_the_new_blocks() {
     let (_t, dir, disk) = setup(10 * 4096 + 10);
     drop(open(&dir, &disk).unwrap());
     let f = OpenOptions::new().write(true).open(&disk).unwrap();
-    f.write_all_at(&rng_bytes(3, 20000), 10 * 4096 + 10).unwrap();
+    f.write_all_at(&rng_bytes(3, 20000), 10 * 4096 + 10)
+        .unwrap();
     drop(f);
     let c = open(&dir, &disk).unwrap();
     assert_matches_disk(&c, &disk);
