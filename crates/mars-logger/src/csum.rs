@@ -220,8 +220,9 @@ fn registry() -> &'static Mutex<Registry> {
     })
 }
 
-/// A handle of an open table; the last one dropped closes the file cleanly.
-pub struct CsumHandle(Arc<Csum>);
+/// A handle of an open table; the last one released (or dropped) closes the
+/// file cleanly.
+pub struct CsumHandle(Arc<Csum>, AtomicBool);
 
 impl std::ops::Deref for CsumHandle {
     type Target = Csum;
@@ -233,24 +234,38 @@ impl std::ops::Deref for CsumHandle {
 impl Clone for CsumHandle {
     fn clone(&self) -> Self {
         let mut r = registry().lock();
-        if let Some((_, n)) = r.open.get_mut(&self.0.path) {
-            *n += 1;
-        }
-        CsumHandle(self.0.clone())
+        let released = match r.open.get_mut(&self.0.path) {
+            Some((c, n)) if Arc::ptr_eq(c, &self.0) && !self.1.load(Ordering::Acquire) => {
+                *n += 1;
+                false
+            }
+            // A clone of a released handle holds the table, not the file.
+            _ => true,
+        };
+        CsumHandle(self.0.clone(), AtomicBool::new(released))
     }
 }
 
-impl Drop for CsumHandle {
-    fn drop(&mut self) {
+impl CsumHandle {
+    fn new(c: Arc<Csum>) -> CsumHandle {
+        CsumHandle(c, AtomicBool::new(false))
+    }
+
+    /// Give the file up now (the table stays readable through this handle):
+    /// a logger that closes while something still holds it.
+    pub fn release(&self) {
+        if self.1.swap(true, Ordering::AcqRel) {
+            return;
+        }
         // Under the registry's lock: an open of the same file waits until the
         // clean close is written.
         let mut r = registry().lock();
         let last = match r.open.get_mut(&self.0.path) {
-            Some((_, n)) => {
+            Some((c, n)) if Arc::ptr_eq(c, &self.0) => {
                 *n -= 1;
                 *n == 0
             }
-            None => false,
+            _ => false,
         };
         if last {
             r.open.remove(&self.0.path);
@@ -258,6 +273,12 @@ impl Drop for CsumHandle {
                 tracing::warn!(path = %self.0.path.display(), "block checksums: closing: {e} (the next start finds them not closed cleanly, which is fine)");
             }
         }
+    }
+}
+
+impl Drop for CsumHandle {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -275,11 +296,11 @@ pub fn open(dir: &Path, disk: &Path) -> Result<CsumHandle, CsumError> {
     let mut r = registry().lock();
     if let Some((c, n)) = r.open.get_mut(&path) {
         *n += 1;
-        return Ok(CsumHandle(c.clone()));
+        return Ok(CsumHandle::new(c.clone()));
     }
     let c = Arc::new(Csum::load_or_build(dir, disk)?);
     r.open.insert(path, (c.clone(), 1));
-    Ok(CsumHandle(c))
+    Ok(CsumHandle::new(c))
 }
 
 /// The open table of resource directory `dir`, if some part of this process has it open.
@@ -287,7 +308,7 @@ pub fn find(dir: &Path) -> Option<CsumHandle> {
     let mut r = registry().lock();
     let (c, n) = r.open.get_mut(&dir.join(FILE_NAME))?;
     *n += 1;
-    Some(CsumHandle(c.clone()))
+    Some(CsumHandle::new(c.clone()))
 }
 
 /// Remove the checksum file of `dir` so that the next open computes it from

@@ -1106,6 +1106,9 @@ impl Logger {
         for t in threads {
             let _ = t.join();
         }
+        // Nothing writes the disk any more: the checksum file is closed
+        // cleanly now, even while an NBD connection still holds this logger.
+        self.shared.csum.release();
     }
 }
 
