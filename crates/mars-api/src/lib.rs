@@ -35,6 +35,10 @@ pub enum Request {
     },
     Attach {
         name: String,
+        /// Throw the block checksums away first and compute them again from
+        /// the disk (a disk changed on purpose while detached).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        rebuild_checksums: bool,
     },
     Detach {
         name: String,
@@ -249,6 +253,13 @@ pub struct MemberView {
     /// Last error of this member, e.g. why its disk could not be attached (extension).
     #[serde(default)]
     pub error: Option<String>,
+    /// Blocks of this member's disk found not to match their block checksums
+    /// since its marsd started.
+    #[serde(default)]
+    pub checksum_errors: u64,
+    /// Blocks repaired since start (0: repair from a good member is not built yet).
+    #[serde(default)]
+    pub repaired: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,6 +21,7 @@
 //! storage (`fdatasync` of the logfile) before that acknowledgment.
 
 pub mod crashsafe;
+pub mod csum;
 pub mod disk;
 pub mod fetched;
 pub mod history;

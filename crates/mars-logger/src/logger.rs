@@ -34,6 +34,8 @@ pub enum LoggerError {
     Corrupt(String),
     #[error("bad state file: {0}")]
     BadState(String),
+    #[error("{0}")]
+    Csum(#[from] crate::csum::CsumError),
     #[error("disk {path} is {have} bytes, smaller than the resource size {need}")]
     DiskTooSmall { path: PathBuf, have: u64, need: u64 },
 }
@@ -263,6 +265,8 @@ struct SyncState {
 struct Shared {
     cfg: Config,
     disk: Disk,
+    /// The disk's block checksums: updated by writeback, checked by reads.
+    csum: crate::csum::CsumHandle,
     index: Mutex<Index>,
     /// Lock order: `sync` and `wb` are never held together; `failed` may be taken
     /// while holding either.
@@ -461,6 +465,19 @@ impl Shared {
             self.fail(msg.clone());
             return Err(io::Error::other(msg));
         }
+        // The checksums of what the disk holds, durable before the position
+        // (records after the old one are applied again after a crash,
+        // rewriting disk and checksums: tried again later).
+        if let Err(e) = self.csum.sync() {
+            if transient(&e) {
+                self.no_space();
+            }
+            tracing::warn!(resource_dir = %self.cfg.dir.display(), "persisting applied position (tried again later): block checksums: {e}");
+            return Err(io::Error::new(
+                e.kind(),
+                format!("persisting applied position: block checksums: {e}"),
+            ));
+        }
         match write_applied(&self.cfg.dir, applied) {
             Ok(()) => {
                 self.persisted_pos.store(applied, Ordering::Release);
@@ -526,7 +543,8 @@ impl Logger {
             });
         }
         let disk = Disk::open(&cfg.disk).map_err(|e| LoggerError::io(&cfg.disk, e))?;
-        let rec = recovery::recover(&cfg.dir, &cfg.node, &disk, cfg.size)?;
+        let csum = crate::csum::open(&cfg.dir, &cfg.disk)?;
+        let rec = recovery::recover(&cfg.dir, &cfg.node, &disk, cfg.size, &csum)?;
         let (file, path, file_cap) = new_logfile(
             &cfg.dir,
             &cfg.node,
@@ -544,6 +562,7 @@ impl Logger {
         let file = Arc::new(file);
         let shared = Arc::new(Shared {
             disk,
+            csum,
             index: Mutex::new(Index::new()),
             sync: Mutex::new(SyncState {
                 files: open_for_sync(&entry.path).map_err(|e| LoggerError::io(&entry.path, e))?,
@@ -904,6 +923,19 @@ impl Logger {
                 Ok(()) => {}
                 Err(e) => return Some(Err(e)),
             }
+            // Checked against the block checksums; a block only partly read
+            // is read whole from the page cache. Anything else (a mismatch, a
+            // block not cached) goes the blocking way, which looks again.
+            let disk = &self.shared.disk;
+            let mut read = |b: &mut [u8], o: u64| match disk.try_read_cached_at(b, o) {
+                Some(r) => r,
+                None => Err(io::ErrorKind::WouldBlock.into()),
+            };
+            let check = |bs: u64, be: u64| !covers(&pieces, bs, be);
+            match self.shared.csum.suspects(offset, &buf, &check, &mut read) {
+                Ok(s) if s.is_empty() => {}
+                _ => return None,
+            }
         }
         overlay(&mut buf, offset, &pieces);
         Some(Ok(Bytes::from(buf)))
@@ -943,9 +975,44 @@ impl Logger {
         let covered: u64 = pieces.iter().map(|(o, e)| e.end - o).sum();
         if covered < buf.len() as u64 {
             self.shared.disk.read_exact_at(buf, offset)?;
+            self.check_disk_read(offset, buf, pieces)?;
         }
         overlay(buf, offset, pieces);
         Ok(())
+    }
+
+    /// Check what a read found on the disk against the block checksums: the
+    /// blocks whose bytes come from the disk (not those the index's newer data
+    /// covers whole). A mismatch is read again; a block bad twice is an error
+    /// (EIO to an NBD client), never data.
+    fn check_disk_read(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        pieces: &[(u64, crate::index::Extent)],
+    ) -> io::Result<()> {
+        let disk = &self.shared.disk;
+        let check = |bs: u64, be: u64| !covers(pieces, bs, be);
+        match self
+            .shared
+            .csum
+            .verify(offset, buf, &check, &mut |b, o| disk.read_exact_at(b, o))?
+        {
+            Ok(()) => Ok(()),
+            Err(bad) => Err(self.bad_blocks(bad)),
+        }
+    }
+
+    /// The disk returned other data than was written for these blocks. The
+    /// place where a repair from a good member will go (issue 18); for now
+    /// the read fails.
+    fn bad_blocks(&self, bad: crate::csum::BadBlocks) -> io::Error {
+        bad.into()
+    }
+
+    /// Blocks of the disk found bad since start (by reads).
+    pub fn checksum_errors(&self) -> u64 {
+        crate::csum::errors(&self.shared.cfg.dir)
     }
 
     pub fn status(&self) -> Status {
@@ -1039,6 +1106,9 @@ impl Logger {
         for t in threads {
             let _ = t.join();
         }
+        // Nothing writes the disk any more: the checksum file is closed
+        // cleanly now, even while an NBD connection still holds this logger.
+        self.shared.csum.release();
     }
 }
 
@@ -2427,7 +2497,7 @@ fn writeback_loop(shared: Arc<Shared>) {
             // A sparse disk file on a full filesystem: tried again (the same
             // bytes at the same places) while space is freed.
             if let Err(e) = retrying_for(&shared, BACKGROUND_RETRY_FOR, || {
-                apply_batch(&shared.disk, &batch)
+                apply_batch(&shared.disk, &shared.csum, &batch)
             }) {
                 shared.fail(format!("writeback to {}: {e}", shared.cfg.disk.display()));
                 // Keep the records in memory (reads stay correct) and retry later;
@@ -2570,8 +2640,30 @@ fn persist_loop(shared: Arc<Shared>, mut last_version: Option<Version>) {
     }
 }
 
+/// Whether `pieces` (clipped and in order, from [`Index::lookup`]) cover all of
+/// `[start, end)`.
+fn covers(pieces: &[(u64, crate::index::Extent)], start: u64, end: u64) -> bool {
+    let first = pieces.partition_point(|(_, e)| e.end <= start);
+    let mut at = start;
+    for (off, e) in &pieces[first..] {
+        if *off > at {
+            return false;
+        }
+        at = at.max(e.end);
+        if at >= end {
+            return true;
+        }
+    }
+    false
+}
+
 /// Apply records in log order; runs of back-to-back writes go out as one `pwritev`.
-fn apply_batch(disk: &Disk, batch: &[WbEntry]) -> io::Result<()> {
+/// The block checksums follow each write (computed from the records' buffers,
+/// still in memory; a partial block read back from the page cache).
+fn apply_batch(disk: &Disk, csum: &crate::csum::Csum, batch: &[WbEntry]) -> io::Result<()> {
+    // Reads that race the batch look again instead of calling a block bad.
+    let _writing = csum.writing();
+    let mut read = |b: &mut [u8], o: u64| disk.read_exact_at(b, o);
     let mut i = 0;
     while i < batch.len() {
         let e = &batch[i];
@@ -2596,10 +2688,12 @@ fn apply_batch(disk: &Disk, batch: &[WbEntry]) -> io::Result<()> {
                 // device traffic of the log alone, where the page cache would absorb
                 // overwrites until the persister's sync.
                 disk.write_vectored_at(&bufs, e.offset)?;
+                csum.written(e.offset, &bufs, &mut read)?;
                 i = j;
             }
             (kind, _) => {
                 disk.zero_range(e.offset, e.len, *kind == Kind::Trim)?;
+                csum.zeroed(e.offset, e.len, &mut read)?;
                 i += 1;
             }
         }

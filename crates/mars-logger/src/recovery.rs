@@ -272,6 +272,7 @@ pub(crate) fn recover(
     node: &str,
     disk: &Disk,
     size: u64,
+    csum: &crate::csum::Csum,
 ) -> Result<Recovered, LoggerError> {
     let logs = list_logfiles(dir).map_err(|e| LoggerError::io(dir, e))?;
     for w in logs.windows(2) {
@@ -431,12 +432,21 @@ pub(crate) fn recover(
                 )));
             }
             let at = r.file_offset as usize + mars_logfmt::RECORD_HEADER_LEN;
+            // The record rewrites disk and checksums alike (a crash may have
+            // left either one newer than the other).
+            let mut read = |b: &mut [u8], o: u64| disk.read_exact_at(b, o);
             let res = match h.kind {
                 Kind::Write => {
-                    disk.write_vectored_at(&[&bytes[at..at + h.length as usize]], h.offset)
+                    let data = &bytes[at..at + h.length as usize];
+                    disk.write_vectored_at(&[data], h.offset)
+                        .and_then(|()| csum.written(h.offset, &[data], &mut read))
                 }
-                Kind::Trim => disk.zero_range(h.offset, h.length, true),
-                Kind::WriteZeroes => disk.zero_range(h.offset, h.length, false),
+                Kind::Trim => disk
+                    .zero_range(h.offset, h.length, true)
+                    .and_then(|()| csum.zeroed(h.offset, h.length, &mut read)),
+                Kind::WriteZeroes => disk
+                    .zero_range(h.offset, h.length, false)
+                    .and_then(|()| csum.zeroed(h.offset, h.length, &mut read)),
             };
             res.map_err(|e| LoggerError::Disk(e.to_string()))?;
         }
@@ -459,6 +469,10 @@ pub(crate) fn recover(
         next_record_seq = scan_file_next_seq(entry)?;
     }
     disk.sync().map_err(|e| LoggerError::Disk(e.to_string()))?;
+    // The checksums of what the disk now holds, durable before the position
+    // that says it holds it.
+    csum.sync()
+        .map_err(|e| LoggerError::Disk(format!("block checksums: {e}")))?;
     write_applied(dir, end_pos)?;
     let parent_of_next = match &last_header {
         Some((_, b)) if expected_start == Some(end_pos) => mars_logfmt::parent_link(b, end_pos),

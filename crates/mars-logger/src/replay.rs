@@ -282,6 +282,8 @@ pub struct Replayer {
     dir: PathBuf,
     node: String,
     disk: Disk,
+    /// The disk's block checksums, updated with every record applied.
+    csum: crate::csum::CsumHandle,
     size: u64,
     pos: u64,
     persisted: u64,
@@ -410,6 +412,7 @@ impl Replayer {
             });
         }
         let disk = Disk::open(disk_path).map_err(|e| LoggerError::io(disk_path, e))?;
+        let csum = crate::csum::open(dir, disk_path)?;
         let state = read_state(dir)?;
         let durable = state.as_ref().map(|s| s.pos).unwrap_or(start_pos);
         let path: Vec<Entered> = match &state {
@@ -444,6 +447,7 @@ impl Replayer {
             dir: dir.to_path_buf(),
             node: node.to_string(),
             disk,
+            csum,
             size,
             pos: durable,
             persisted: durable,
@@ -688,6 +692,10 @@ impl Replayer {
         self.disk
             .sync()
             .map_err(|e| LoggerError::Disk(e.to_string()))?;
+        // The checksums of what the disk holds, durable before the position.
+        self.csum
+            .sync()
+            .map_err(|e| LoggerError::Disk(format!("block checksums: {e}")))?;
         tracing::debug!(pos = self.pos, limit, took = ?t0.elapsed(), "replay: disk synced");
         self.record_durable(self.pos, limit)
     }
@@ -731,11 +739,14 @@ impl Replayer {
             .try_clone_file()
             .map_err(|e| LoggerError::Disk(e.to_string()))?;
         let pos = self.pos;
+        let csum = self.csum.clone();
         let spawned = std::thread::Builder::new()
             .name("mars-replay-sync".into())
             .spawn(move || {
                 let t0 = std::time::Instant::now();
-                let r = file.sync_data();
+                // The disk, then the checksums of what it holds (both before
+                // `replayed` moves to `pos`).
+                let r = file.sync_data().and_then(|()| csum.sync());
                 tracing::debug!(pos, took = ?t0.elapsed(), "replay: disk synced in the background");
                 r
             });
@@ -1063,11 +1074,25 @@ impl Replayer {
                 if self.pos + total > self.limit {
                     self.save(self.pos.saturating_add(self.window.max(total)))?;
                 }
+                // Disk, checksums, and the checksums written through to their
+                // file (page cache) before the mark: a kill keeps all three, so
+                // replay resuming at the mark finds them agreeing.
+                let (disk, csum) = (&self.disk, &self.csum);
+                let mut read = |b: &mut [u8], o: u64| disk.read_exact_at(b, o);
+                let writing = csum.writing();
                 let r = match h.kind {
-                    Kind::Write => self.disk.write_vectored_at(&[payload], h.offset),
-                    Kind::Trim => self.disk.zero_range(h.offset, h.length, true),
-                    Kind::WriteZeroes => self.disk.zero_range(h.offset, h.length, false),
-                };
+                    Kind::Write => disk
+                        .write_vectored_at(&[payload], h.offset)
+                        .and_then(|()| csum.written(h.offset, &[payload], &mut read)),
+                    Kind::Trim => disk
+                        .zero_range(h.offset, h.length, true)
+                        .and_then(|()| csum.zeroed(h.offset, h.length, &mut read)),
+                    Kind::WriteZeroes => disk
+                        .zero_range(h.offset, h.length, false)
+                        .and_then(|()| csum.zeroed(h.offset, h.length, &mut read)),
+                }
+                .and_then(|()| csum.write_through(h.offset, h.length));
+                drop(writing);
                 r.map_err(|e| LoggerError::Disk(e.to_string()))?;
                 match &mut self.digest {
                     Some((n, upto, b)) if *n == name && *upto == self.pos => {
@@ -1226,7 +1251,8 @@ fn remove_state_file(dir: &Path, name: &str) -> Result<(), LoggerError> {
 /// again.
 pub fn demote(dir: &Path, node: &str, disk_path: &Path, size: u64) -> Result<u64, LoggerError> {
     let disk = Disk::open(disk_path).map_err(|e| LoggerError::io(disk_path, e))?;
-    let rec = recover(dir, node, &disk, size)?;
+    let csum = crate::csum::open(dir, disk_path)?;
+    let rec = recover(dir, node, &disk, size, &csum)?;
     // A logfile of ours without records (opened at a start, never written) adds
     // nothing to the history but would collide with the new primary's next one.
     let logs = list_logfiles(dir).map_err(|e| LoggerError::io(dir, e))?;

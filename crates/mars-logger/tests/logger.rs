@@ -116,6 +116,8 @@ fn reopen_replays_log_onto_disk() {
     }
     // Pretend writeback never happened: zero the disk and forget the applied position.
     std::fs::write(&cfg.disk, vec![0u8; SIZE as usize]).unwrap();
+    // As a kill leaves it (a cleanly closed disk written behind its checksums' back is refused).
+    mars_logger::csum::Csum::mark_unclean(&cfg.dir).unwrap();
     std::fs::remove_file(cfg.dir.join("applied")).unwrap();
     for v in std::fs::read_dir(&cfg.dir).unwrap() {
         let p = v.unwrap().path();
@@ -574,6 +576,7 @@ fn logfiles_chain_by_parent_links_and_a_foreign_link_is_refused() {
     std::fs::write(&logs[1].path, &b).unwrap();
     std::fs::remove_file(cfg.dir.join("applied")).unwrap();
     std::fs::write(&cfg.disk, vec![0u8; SIZE as usize]).unwrap();
+    mars_logger::csum::Csum::mark_unclean(&cfg.dir).unwrap();
     match Logger::open(cfg.clone()) {
         Ok(_) => panic!("opened a directory of two histories"),
         Err(e) => {

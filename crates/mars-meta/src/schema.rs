@@ -137,6 +137,14 @@ pub struct ActualEntry {
     /// not `connected`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub isolated: bool,
+    /// Blocks of this member's disk found not to match their checksums
+    /// since its marsd started (issue 18).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub checksum_errors: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 pub const CLUSTER_ID_KEY: &str = "c/d/cluster-id";

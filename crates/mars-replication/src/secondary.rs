@@ -211,6 +211,12 @@ impl Secondary {
     }
 
     pub async fn run(self) {
+        // The disk's block checksums, held while the task runs (sync, replay
+        // and serving share them); a disk changed while detached, or a damaged
+        // checksum file, keeps the task here until the operator acts.
+        let Some(_csum) = self.open_checksums().await else {
+            return;
+        };
         let mut replayer: Option<Replayer> = None;
         if let Some(pos) = persisted_replayed(&self.dir) {
             let mut p = self.progress.lock();
@@ -266,6 +272,40 @@ impl Secondary {
             }
         };
         tokio::join!(transfer, replay);
+    }
+
+    /// Open the block checksums of the disk (built from it when there are
+    /// none); while that is refused, say why and try again every second.
+    /// None: stopped meanwhile.
+    async fn open_checksums(&self) -> Option<mars_logger::csum::CsumHandle> {
+        let mut said: Option<String> = None;
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return None;
+            }
+            let (dir, disk) = (self.dir.clone(), self.disk.clone());
+            let r = tokio::task::spawn_blocking(move || mars_logger::csum::open(&dir, &disk))
+                .await
+                .map_err(|e| anyhow!("{e}"))
+                .and_then(|r| r.map_err(anyhow::Error::from));
+            match r {
+                Ok(c) => {
+                    if said.is_some() {
+                        self.progress.lock().error = None;
+                    }
+                    return Some(c);
+                }
+                Err(e) => {
+                    let msg = format!("cannot attach {}: {e:#}", self.res.name);
+                    if said.as_deref() != Some(msg.as_str()) {
+                        tracing::error!(resource = %self.res, "{msg}");
+                    }
+                    self.progress.lock().error = Some(msg.clone());
+                    said = Some(msg);
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     /// The member to sync from: the designated primary when it is reachable, else

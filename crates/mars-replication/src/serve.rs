@@ -711,6 +711,8 @@ enum SyncSource {
         disk: std::fs::File,
         size: u64,
         replayed: u64,
+        /// Its block checksums: no block that mismatches is sent.
+        csum: mars_logger::csum::CsumHandle,
     },
 }
 
@@ -726,7 +728,15 @@ impl SyncSource {
         use std::os::unix::fs::FileExt;
         match self {
             SyncSource::Primary(l) => l.read_into(offset, buf),
-            SyncSource::Secondary { disk, .. } => disk.read_exact_at(buf, offset),
+            SyncSource::Secondary { disk, csum, .. } => {
+                disk.read_exact_at(buf, offset)?;
+                // Rot is never copied: the request fails, naming the blocks.
+                let mut read = |b: &mut [u8], o: u64| disk.read_exact_at(b, o);
+                match csum.verify(offset, buf, &|_, _| true, &mut read)? {
+                    Ok(()) => Ok(()),
+                    Err(bad) => Err(bad.into()),
+                }
+            }
         }
     }
 }
@@ -750,10 +760,14 @@ impl Server {
         let path = sec.disk;
         let disk =
             std::fs::File::open(&path).with_context(|| format!("disk {}", path.display()))?;
+        let Some(csum) = mars_logger::csum::find(&self.res_dir(res)?) else {
+            bail!("{me}'s block checksums of {res} are not loaded (yet): a full sync is served by the primary or an up-to-date member");
+        };
         Ok(SyncSource::Secondary {
             disk,
             size: sec.size,
             replayed: p.replayed,
+            csum,
         })
     }
 

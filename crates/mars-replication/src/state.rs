@@ -48,12 +48,16 @@ pub(crate) fn write_sync(dir: &std::path::Path, s: &SyncState) -> Result<()> {
 /// returned before the call are claimed.
 pub(crate) fn spawn_persist_sync(
     disk: &Arc<std::fs::File>,
+    csum: &mars_logger::csum::CsumHandle,
     dir: &std::path::Path,
     s: &SyncState,
 ) -> tokio::task::JoinHandle<Result<()>> {
-    let (disk, dir, s) = (disk.clone(), dir.to_path_buf(), s.clone());
+    let (disk, csum, dir, s) = (disk.clone(), csum.clone(), dir.to_path_buf(), s.clone());
     tokio::task::spawn_blocking(move || {
         disk.sync_data()?;
+        // The checksums of the blocks written (and found equal), durable
+        // before the position that claims them.
+        csum.sync()?;
         write_sync(&dir, &s)
     })
 }

@@ -31,7 +31,8 @@ struct SyncSender {
     from: u64,
     wr: tokio::io::WriteHalf<crate::PeerStream>,
     /// Every request sent, in order, for the receiving half; its capacity is the window.
-    tx: tokio::sync::mpsc::Sender<(u64, usize)>,
+    /// With the block checksums of what the local block held (set if it is equal).
+    tx: tokio::sync::mpsc::Sender<(u64, usize, Vec<u32>)>,
     stop: Arc<AtomicBool>,
     pause: Arc<AtomicBool>,
     digest: crate::digest::SyncDigest,
@@ -44,7 +45,7 @@ struct SyncSender {
 /// blocks ahead of the answers taken. Stops asking when the sync is paused or
 /// stopped. Returns the write half for `SyncEnd`.
 async fn send_sync_requests(mut s: SyncSender) -> Result<tokio::io::WriteHalf<crate::PeerStream>> {
-    type Hashed = tokio::task::JoinHandle<(Vec<u8>, std::io::Result<String>)>;
+    type Hashed = tokio::task::JoinHandle<(Vec<u8>, std::io::Result<(String, Vec<u32>)>)>;
     let mut hashing: VecDeque<(u64, usize, Hashed)> = VecDeque::new();
     let mut spare: Vec<Vec<u8>> = Vec::new();
     let mut next = s.from;
@@ -57,9 +58,14 @@ async fn send_sync_requests(mut s: SyncSender) -> Result<tokio::io::WriteHalf<cr
                 .unwrap_or_else(|| vec![0u8; SYNC_BLOCK as usize]);
             let (disk, off, alg) = (s.disk.clone(), next, s.digest);
             let task = tokio::task::spawn_blocking(move || {
-                let r = disk
-                    .read_exact_at(&mut buf[..len], off)
-                    .map(|()| alg.digest(&buf[..len]));
+                // The block checksums too, while the data is in the cache:
+                // an equal block keeps these.
+                let r = disk.read_exact_at(&mut buf[..len], off).map(|()| {
+                    (
+                        alg.digest(&buf[..len]),
+                        mars_logger::csum::block_crcs(&buf[..len]),
+                    )
+                });
                 (buf, r)
             });
             hashing.push_back((next, len, task));
@@ -76,7 +82,7 @@ async fn send_sync_requests(mut s: SyncSender) -> Result<tokio::io::WriteHalf<cr
         }
         let (buf, digest) = task.await?;
         spare.push(buf);
-        let digest =
+        let (digest, crcs) =
             digest.with_context(|| format!("reading block at {off} of {}", s.path.display()))?;
         write_msg(
             &mut s.wr,
@@ -89,7 +95,7 @@ async fn send_sync_requests(mut s: SyncSender) -> Result<tokio::io::WriteHalf<cr
             },
         )
         .await?;
-        permit.send((off, len));
+        permit.send((off, len, crcs));
     }
     Ok(s.wr)
 }
@@ -175,13 +181,18 @@ impl Secondary {
                 .open(&self.disk)
                 .with_context(|| format!("disk {}", self.disk.display()))?,
         );
+        // The block checksums follow every block written or found equal.
+        let csum = {
+            let (dir, path) = (self.dir.clone(), self.disk.clone());
+            tokio::task::spawn_blocking(move || mars_logger::csum::open(&dir, &path)).await??
+        };
         // Pipelined: a sender task reads and hashes the local blocks and keeps up to
         // SYNC_WINDOW `SyncBlock` requests in flight; this task takes the answers in
         // order (the source answers in order on the one connection), writes what
         // differs and advances `next_offset` over the completed prefix only.
         let (rd, wr) = tokio::io::split(s.into_inner());
         let mut rd = IdleTimeout::new(rd);
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, usize)>(SYNC_WINDOW);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, usize, Vec<u32>)>(SYNC_WINDOW);
         let mut sender = AbortOnDrop(tokio::spawn(send_sync_requests(SyncSender {
             res: self.res.token(),
             disk: disk.clone(),
@@ -244,7 +255,7 @@ impl Secondary {
                     moved = true;
                 }
                 // None: the sender asked for every block, or stopped (paused, or failed).
-                let Some((off, len)) = rx.recv().await else {
+                let Some((off, len, crcs)) = rx.recv().await else {
                     // Wait for the last writes.
                     while let Some((end, w)) = answered.pop_front() {
                         if let Some(h) = w {
@@ -256,6 +267,8 @@ impl Secondary {
                 };
                 match answer_from(source, read_msg(&mut rd)).await? {
                     Msg::Same => {
+                        // Equal: the checksums of what was read here are the block's.
+                        csum.set_blocks(off, len as u64, &crcs);
                         // A compared block read the disk on both sides: it counts
                         // against the rate limit as a copied one does (as DRBD's
                         // checksum resync does), or a rate would not protect the
@@ -279,9 +292,17 @@ impl Secondary {
                         if got != len {
                             bail!("{source} sent {got} bytes for a block of {len}");
                         }
-                        let (d, dd) = (disk.clone(), direct.clone());
+                        let (d, dd, cs) = (disk.clone(), direct.clone(), csum.clone());
                         let w = tokio::task::spawn_blocking(move || {
-                            let r = write_block(&d, dd.as_deref(), &block.room()[..len], off);
+                            let data = &block.room()[..len];
+                            let _writing = cs.writing();
+                            let r = write_block(&d, dd.as_deref(), data, off).and_then(|()| {
+                                // A short last block is read back whole (the
+                                // disk may be longer than the resource).
+                                cs.written(off, &[data], &mut |b, o| d.read_exact_at(b, o))
+                            });
+                            drop(_writing);
+                            drop(cs);
                             (block, r)
                         });
                         answered.push_back((off + len as u64, Some(w)));
@@ -310,7 +331,7 @@ impl Secondary {
                     if let Some(p) = persisting.take() {
                         p.await??;
                     }
-                    persisting = Some(spawn_persist_sync(&disk, &self.dir, sync));
+                    persisting = Some(spawn_persist_sync(&disk, &csum, &self.dir, sync));
                 }
             }
             if sync.next_offset < self.size && halted() {
@@ -348,7 +369,7 @@ impl Secondary {
             Err(e) => {
                 // Keep what was completed: a prefix of written blocks, made durable first.
                 drop(sender);
-                if let Err(p) = spawn_persist_sync(&disk, &self.dir, sync)
+                if let Err(p) = spawn_persist_sync(&disk, &csum, &self.dir, sync)
                     .await
                     .map_err(anyhow::Error::from)
                     .and_then(|r| r)
@@ -358,7 +379,7 @@ impl Secondary {
                 return Err(e);
             }
         };
-        spawn_persist_sync(&disk, &self.dir, sync).await??;
+        spawn_persist_sync(&disk, &csum, &self.dir, sync).await??;
         write_msg(
             &mut wr,
             &Msg::SyncEnd {

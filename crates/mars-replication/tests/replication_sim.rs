@@ -622,6 +622,9 @@ impl Sim {
                 p.copy_from_slice(s);
             }
         }
+        // A power loss, not a clean stop: the checksums say so (dropping the
+        // replayer closed them cleanly).
+        mars_logger::csum::Csum::mark_unclean(&self.bdir).unwrap();
         std::fs::write(&self.bdisk, &self.page).unwrap();
         self.synced.copy_from_slice(&self.page); // what survived is on the disk now
         let hw = self.bdir.join(HW_FILE);

@@ -135,6 +135,8 @@ impl Registry for Exports {
 struct Actual {
     /// The incarnation it runs (0: not yet known).
     id: u64,
+    /// The resource directory (where its block checksums are kept).
+    dir: PathBuf,
     logger: Option<Arc<Logger>>,
     export: Option<Arc<LoggerExport>>,
     /// Why the last attempt to reach the desired state failed.
@@ -412,6 +414,7 @@ impl Daemon {
             }
             let a = st.actual.entry(r.name.clone()).or_default();
             a.id = r.resource_id;
+            a.dir = rdir.clone();
             a.disk_size = mars_logger::disk::disk_size(&r.disk).unwrap_or(0);
             // A member whose directory is not a log writer's (no `applied`) is a secondary.
             let designated_me = r.designated_primary.as_deref() == Some(me.as_str());
@@ -736,6 +739,7 @@ impl Daemon {
             lag_ms: lag.as_millis() as u64 / 100 * 100,
             emergency: p.cut_off,
             disk_size: a.disk_size,
+            checksum_errors: mars_logger::csum::errors(&a.dir),
         }
     }
 
@@ -1178,7 +1182,24 @@ impl Daemon {
                 self.set_member(&name, |m| (m.attached, m.connected) = (false, false))
                     .await
             }
-            Request::Attach { name } => self.set_member(&name, |m| m.attached = true).await,
+            Request::Attach {
+                name,
+                rebuild_checksums,
+            } => {
+                if rebuild_checksums {
+                    self.member_entry(&name)?;
+                    let rdir = node::resource_dir(&self.dir, &name);
+                    // Refused while the checksums are in use; the next open
+                    // (the attach below, or the retry of one refused before)
+                    // computes them from the disk.
+                    let gone =
+                        tokio::task::spawn_blocking(move || mars_logger::csum::discard(&rdir))
+                            .await?
+                            .with_context(|| format!("{name}: rebuilding the block checksums"))?;
+                    tracing::info!(resource = %name, had_file = gone, "block checksums discarded: computed again from the disk at attach");
+                }
+                self.set_member(&name, |m| m.attached = true).await
+            }
             Request::Detach { name } => self.set_member(&name, |m| m.attached = false).await,
             Request::Connect { name } => self.set_member(&name, |m| m.connected = true).await,
             Request::Disconnect { name } => self.set_member(&name, |m| m.connected = false).await,
@@ -2475,6 +2496,8 @@ impl Daemon {
                                 .unwrap_or_default(),
                             logfile: rep.logfile.clone(),
                             error: rep.error.clone(),
+                            checksum_errors: rep.checksum_errors,
+                            repaired: 0,
                         }
                     })
                     .collect();
@@ -2597,6 +2620,7 @@ fn actual_entry(a: &Actual) -> ActualEntry {
         emergency: a.emergency,
         disk_size: a.disk_size,
         isolated: false,
+        checksum_errors: mars_logger::csum::errors(&a.dir),
     }
 }
 
@@ -2635,7 +2659,7 @@ fn named_resource(req: &Request) -> Option<&str> {
         | Request::Secondary { name }
         | Request::Up { name }
         | Request::Down { name }
-        | Request::Attach { name }
+        | Request::Attach { name, .. }
         | Request::Detach { name }
         | Request::Connect { name }
         | Request::Disconnect { name }

@@ -163,6 +163,11 @@ fn sigkill_rounds(
         n.log_text().contains("recycled=true"),
         "no kill landed in a recycled logfile"
     );
+    // The block checksums agree with the disk after all those kills (the
+    // reads above found no false mismatch either).
+    n.stop();
+    let stale = stale_checksums(&n.dir.join("resources/r0"), &disk);
+    assert!(stale.is_empty(), "stale checksums of blocks {stale:?}");
 }
 
 fn last_logfile(n: &Node) -> std::path::PathBuf {

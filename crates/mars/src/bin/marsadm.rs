@@ -120,6 +120,10 @@ enum Cmd {
     },
     Attach {
         res: String,
+        /// Compute the disk's block checksums again from the disk (after it
+        /// was changed on purpose while detached; refused while attached).
+        #[arg(long)]
+        rebuild_checksums: bool,
     },
     Detach {
         res: String,
@@ -405,7 +409,16 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
         Cmd::Secondary { res } => say(dir, Request::Secondary { name: res }),
         Cmd::Up { res } => say(dir, Request::Up { name: res }),
         Cmd::Down { res } => say(dir, Request::Down { name: res }),
-        Cmd::Attach { res } => say(dir, Request::Attach { name: res }),
+        Cmd::Attach {
+            res,
+            rebuild_checksums,
+        } => say(
+            dir,
+            Request::Attach {
+                name: res,
+                rebuild_checksums,
+            },
+        ),
         Cmd::Detach { res } => say(dir, Request::Detach { name: res }),
         Cmd::Connect { res } => say(dir, Request::Connect { name: res }),
         Cmd::Disconnect { res } => say(dir, Request::Disconnect { name: res }),
@@ -639,6 +652,9 @@ fn render(v: &View) -> String {
             }
             if m.lag_seconds > 0.0 {
                 flags.push(format!("lag {:.1}s", m.lag_seconds));
+            }
+            if m.checksum_errors > 0 {
+                flags.push(format!("CHECKSUM-ERRORS {}", m.checksum_errors));
             }
             if let Some(e) = &m.error {
                 flags.push(format!("error: {e}"));

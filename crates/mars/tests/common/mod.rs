@@ -849,3 +849,27 @@ pub fn member<'a>(v: &'a serde_json::Value, node: &str) -> &'a serde_json::Value
         .and_then(|r| r["members"].as_array()?.iter().find(|m| m["node"] == node))
         .unwrap_or(&serde_json::Value::Null)
 }
+
+/// Blocks whose checksum in `rdir/csum` (docs/FORMAT.md) is not that of the
+/// disk's bytes; marsd must have closed it (stopped or detached).
+pub fn stale_checksums(rdir: &Path, disk: &Path) -> Vec<u64> {
+    let c = read(&rdir.join("csum"));
+    let d = read(disk);
+    assert_eq!(&c[..8], b"MARSCSUM");
+    let covered = u64::from_le_bytes(c[16..24].try_into().unwrap());
+    assert_eq!(covered, d.len() as u64);
+    assert_eq!(
+        c[24] & 1,
+        1,
+        "closed cleanly (flags {:#x}): marsd stopped or detached",
+        c[24]
+    );
+    d.chunks(4096)
+        .enumerate()
+        .filter(|(i, chunk)| {
+            let at = 4096 + 4 * i;
+            u32::from_le_bytes(c[at..at + 4].try_into().unwrap()) != crc32c::crc32c(chunk)
+        })
+        .map(|(i, _)| i as u64)
+        .collect()
+}
