@@ -75,6 +75,10 @@ pub enum Request {
     Invalidate {
         name: String,
     },
+    /// Start a scrub of this node's copy now.
+    Scrub {
+        name: String,
+    },
     /// Grow the device to `bytes` (default: the smallest member disk).
     Resize {
         name: String,
@@ -260,6 +264,10 @@ pub struct MemberView {
     /// Blocks repaired since start (0: repair from a good member is not built yet).
     #[serde(default)]
     pub repaired: u64,
+    /// This node's own copy: the scrub running (bytes read of the total) and
+    /// the last one that ended (None for other members: extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrub: Option<ScrubView>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -296,4 +304,27 @@ pub enum KeyringOp {
     Install { key: String },
     Use { key: String },
     Remove { key: String },
+}
+
+/// A scrub of a member's copy (`marsadm scrub`), as its own node sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubView {
+    /// Bytes read so far and in all, while a pass runs.
+    pub running: Option<(u64, u64)>,
+    /// The last pass that ended.
+    pub last: Option<LastScrub>,
+}
+
+/// A scrub pass that ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastScrub {
+    /// When (ms since the epoch).
+    pub finished_ms: u64,
+    /// Bytes it read.
+    pub scanned: u64,
+    /// Blocks that did not match their checksums.
+    pub bad_blocks: u64,
+    /// It stopped before the end: `stopped` (the disk was closed) or `read-failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }

@@ -251,6 +251,16 @@ impl CsumHandle {
         CsumHandle(c, AtomicBool::new(false))
     }
 
+    /// Whether another handle than this one holds the file open (the disk's
+    /// logger, replay or sync): a scrub stops when it is the last user.
+    pub fn others_open(&self) -> bool {
+        let r = registry().lock();
+        match r.open.get(&self.0.path) {
+            Some((c, n)) if Arc::ptr_eq(c, &self.0) => *n > 1,
+            _ => false,
+        }
+    }
+
     /// Give the file up now (the table stays readable through this handle):
     /// a logger that closes while something still holds it.
     pub fn release(&self) {

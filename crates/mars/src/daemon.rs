@@ -199,6 +199,8 @@ pub struct Daemon {
     space_wanted: Arc<tokio::sync::Notify>,
     /// Incarnations this node is a member of without a local disk (logged once).
     no_disk: parking_lot::Mutex<HashSet<ResRef>>,
+    /// Scrubs of this node's copies.
+    scrubs: Arc<crate::scrub::Scrubs>,
 }
 
 const RETRY_AFTER: Duration = Duration::from_secs(10);
@@ -236,6 +238,7 @@ impl Daemon {
             state: tokio::sync::Mutex::new(State::default()),
             space_wanted: Arc::new(tokio::sync::Notify::new()),
             no_disk: Default::default(),
+            scrubs: Default::default(),
         };
         // Before any log writes: the room a full filesystem needs first.
         d.keep_space_reserve();
@@ -842,11 +845,16 @@ impl Daemon {
     /// The periodic part of the control loop; also runs as soon as metadata changes.
     pub async fn run_loop(self: Arc<Self>) {
         let mut policy_at = Instant::now();
+        let mut scrub_at = Instant::now();
         let mut space_warned: Option<Instant> = None;
         loop {
             if policy_at.elapsed() >= Duration::from_secs(5) {
                 policy_at = Instant::now();
                 self.apply_space_policy().await;
+            }
+            if scrub_at.elapsed() >= Duration::from_secs(60) {
+                scrub_at = Instant::now();
+                self.scrubs_due().await;
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -1132,6 +1140,7 @@ impl Daemon {
             Request::DeleteResource { name } => self.delete_resource(&name).await,
             Request::Primary { name, force } => self.become_primary(&name, force).await,
             Request::Invalidate { name } => self.invalidate(&name).await,
+            Request::Scrub { name } => self.scrub(&name).await,
             Request::Resize { name, bytes } => self.resize(&name, bytes).await,
             Request::SetRate { name, fetch, sync } => {
                 self.set_member(&name, |m| {
@@ -2063,6 +2072,45 @@ impl Daemon {
         )))
     }
 
+    /// `marsadm scrub RES`: a pass over this node's copy now.
+    async fn scrub(self: &Arc<Self>, name: &str) -> Result<Response> {
+        self.member_entry(name)?;
+        let dir = {
+            let st = self.state.lock().await;
+            st.actual.get(name).map(|a| a.dir.clone())
+        };
+        let Some(dir) = dir else {
+            bail!("{name}: disk is not attached here; run `marsadm up {name}` first");
+        };
+        let started = self
+            .scrubs
+            .start(&dir, self.cfg.scrub_rate_bytes)
+            .map_err(|e| anyhow::anyhow!("{name}: {e:#}"))?;
+        Ok(Response::ok(if started {
+            format!("{name}: scrub started; `marsadm view {name}` shows its progress and result")
+        } else {
+            format!("{name}: a scrub runs already")
+        }))
+    }
+
+    /// Start the background scrubs that are due (node setting
+    /// `scrub_interval_secs`).
+    async fn scrubs_due(self: &Arc<Self>) {
+        let dirs: Vec<PathBuf> = {
+            let st = self.state.lock().await;
+            st.actual.values().map(|a| a.dir.clone()).collect()
+        };
+        let interval = Duration::from_secs(self.cfg.scrub_interval_secs);
+        for d in dirs {
+            self.scrubs.due(
+                &d,
+                interval,
+                self.cfg.scrub_rate_bytes,
+                crate::peer::now_ms(),
+            );
+        }
+    }
+
     async fn leave_cluster(self: &Arc<Self>) -> Result<Response> {
         /// Live nodes a leaving node tells itself (the rest learn it from them).
         const LEAVE_PUSHES: usize = 8;
@@ -2498,6 +2546,9 @@ impl Daemon {
                             error: rep.error.clone(),
                             checksum_errors: rep.checksum_errors,
                             repaired: 0,
+                            scrub: a
+                                .filter(|_| m == me)
+                                .map(|a| scrub_view(self.scrubs.view(&a.dir))),
                         }
                     })
                     .collect();
@@ -2668,6 +2719,7 @@ fn named_resource(req: &Request) -> Option<&str> {
         | Request::SetCompression { name, .. }
         | Request::LogRotate { name }
         | Request::Invalidate { name }
+        | Request::Scrub { name }
         | Request::Resize { name, .. }
         | Request::LogDelete { name }
         | Request::JoinResource { name, .. }
@@ -2691,4 +2743,22 @@ fn noting(mut resp: Response, missing: &[(String, String)]) -> Response {
     );
     resp.message = Some(resp.message.unwrap_or_default() + &note);
     resp
+}
+
+fn scrub_view(v: crate::scrub::ScrubView) -> mars_api::ScrubView {
+    mars_api::ScrubView {
+        running: v.running,
+        last: v.last.map(|l| mars_api::LastScrub {
+            finished_ms: l.finished_ms,
+            scanned: l.scanned,
+            bad_blocks: l.bad_blocks,
+            error: l.error.map(|e| {
+                match e {
+                    crate::scrub::ErrorKind::Stopped => "stopped",
+                    crate::scrub::ErrorKind::ReadFailed => "read-failed",
+                }
+                .to_string()
+            }),
+        }),
+    }
 }

@@ -14,4 +14,5 @@ pub mod meta;
 pub mod nbd_tls;
 pub mod node;
 pub mod peer;
+pub mod scrub;
 pub mod tls;

@@ -40,6 +40,16 @@ fn default_emergency_free_bytes() -> u64 {
     256 << 20
 }
 
+/// 32 MiB/s: a 1 TiB copy in about 9 hours.
+fn default_scrub_rate() -> u64 {
+    32 << 20
+}
+
+/// A week, as Ceph's deep scrub and most ZFS schedules.
+fn default_scrub_interval() -> u64 {
+    7 * 24 * 3600
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeConfig {
     pub format: u16,
@@ -76,6 +86,13 @@ pub struct NodeConfig {
     /// How a full sync that this node joins compares blocks.
     #[serde(default)]
     pub sync_digest: crate::digest::SyncDigest,
+    /// Scrub (issue 18): the read rate of a pass over a copy's blocks, bytes
+    /// per second (0: no limit), and how old the last pass of a resource may
+    /// get before a background one starts (0: only `marsadm scrub`).
+    #[serde(default = "default_scrub_rate")]
+    pub scrub_rate_bytes: u64,
+    #[serde(default = "default_scrub_interval")]
+    pub scrub_interval_secs: u64,
     /// Cluster ids this node had before merges (peers still using them are accepted).
     #[serde(default)]
     pub former_cluster_ids: Vec<String>,
@@ -270,6 +287,8 @@ fn write_node(
         writeback_mem_bytes: default_mem_bytes(),
         log_keep_bytes: default_log_keep_bytes(),
         sync_digest: Default::default(),
+        scrub_rate_bytes: default_scrub_rate(),
+        scrub_interval_secs: default_scrub_interval(),
         log_space_bytes: 0,
         emergency_free_bytes: default_emergency_free_bytes(),
         tail_cache_bytes: default_tail_cache_bytes(),

@@ -175,6 +175,12 @@ enum Cmd {
     Invalidate {
         res: String,
     },
+    /// Check every block of this node's copy of RES against its block
+    /// checksums now (at the node's `scrub_rate_bytes`); `view` shows the
+    /// progress and the result.
+    Scrub {
+        res: String,
+    },
     /// Grow the device.
     Resize {
         res: String,
@@ -381,6 +387,7 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
         Cmd::JoinResource { res, disk } => say(dir, Request::JoinResource { name: res, disk }),
         Cmd::LeaveResource { res } => say(dir, Request::LeaveResource { name: res }),
         Cmd::Invalidate { res } => say(dir, Request::Invalidate { name: res }),
+        Cmd::Scrub { res } => say(dir, Request::Scrub { name: res }),
         Cmd::SetRate { res, fetch, sync } => {
             if fetch.is_none() && sync.is_none() {
                 bail!("set-rate {res}: give --fetch BYTES and/or --sync BYTES (per second; 0: unlimited)");
@@ -655,6 +662,14 @@ fn render(v: &View) -> String {
             }
             if m.checksum_errors > 0 {
                 flags.push(format!("CHECKSUM-ERRORS {}", m.checksum_errors));
+            }
+            if let Some(sc) = &m.scrub {
+                if let Some((done, total)) = sc.running {
+                    flags.push(format!("scrub {}/{}", human(done), human(total)));
+                }
+                if let Some(l) = sc.last.as_ref().filter(|l| l.bad_blocks > 0) {
+                    flags.push(format!("SCRUB-FOUND {} bad blocks", l.bad_blocks));
+                }
             }
             if let Some(e) = &m.error {
                 flags.push(format!("error: {e}"));
