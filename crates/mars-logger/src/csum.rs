@@ -350,6 +350,16 @@ pub fn errors(dir: &Path) -> u64 {
         .map_or(0, |f| f.count)
 }
 
+/// Blocks of the disk of resource directory `dir` found bad and not written
+/// since (a repair, or the client's own rewrite, takes a block off).
+pub fn unrepaired(dir: &Path) -> u64 {
+    registry()
+        .lock()
+        .found
+        .get(&dir.join(FILE_NAME))
+        .map_or(0, |f| f.bad.len() as u64)
+}
+
 /// Blocks whose checksum did not match what the disk held (a stable
 /// mismatch, read twice): the place a repair would start from.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -141,6 +141,10 @@ pub struct ActualEntry {
     /// since its marsd started (issue 18).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub checksum_errors: u64,
+    /// Of those, blocks not rewritten since: the disk is no good image while
+    /// there are any (views never show it `uptodate`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bad_blocks: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

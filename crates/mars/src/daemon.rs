@@ -743,6 +743,7 @@ impl Daemon {
             emergency: p.cut_off,
             disk_size: a.disk_size,
             checksum_errors: mars_logger::csum::errors(&a.dir),
+            bad_blocks: mars_logger::csum::unrepaired(&a.dir),
         }
     }
 
@@ -2511,7 +2512,13 @@ impl Daemon {
                         MemberView {
                             node: m.clone(),
                             role: rep.role.clone(),
-                            disk: rep.disk.clone(),
+                            // Blocks found bad and not repaired: not an
+                            // image of the primary, whatever else it says.
+                            disk: if rep.bad_blocks > 0 && rep.disk == "uptodate" {
+                                "inconsistent".into()
+                            } else {
+                                rep.disk.clone()
+                            },
                             // Wanted connected, reachable, and (a secondary) with a
                             // member it reaches to fetch or sync from.
                             connected: d.as_ref().is_some_and(|d| d.connected)
@@ -2672,6 +2679,7 @@ fn actual_entry(a: &Actual) -> ActualEntry {
         disk_size: a.disk_size,
         isolated: false,
         checksum_errors: mars_logger::csum::errors(&a.dir),
+        bad_blocks: mars_logger::csum::unrepaired(&a.dir),
     }
 }
 

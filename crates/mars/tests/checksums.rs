@@ -334,6 +334,12 @@ fn scrub_finds_rot_nobody_read() {
         let text = n.adm_ok(&["view", "r0"]);
         assert!(text.contains("SCRUB-FOUND"), "{text}");
     }
+    // A copy with blocks found bad and not repaired is never shown uptodate.
+    for n in &nodes {
+        nodes[0].wait_view("the rotten copies not uptodate", |v| {
+            member(v, &n.name)["disk"] == "inconsistent"
+        });
+    }
     // Good blocks still read right on the primary; the rotten one is an error.
     assert_eq!(c.read(98 * BLOCK, BLOCK as u32).unwrap().1, pattern(98, 3));
     assert_ne!(
