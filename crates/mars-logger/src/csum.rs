@@ -728,6 +728,32 @@ impl Csum {
         Ok(())
     }
 
+    /// Apply one log record of `kind` to `disk` and to these checksums: a
+    /// write of `payload` at `offset`, or `[offset, offset+len)` trimmed or
+    /// zeroed (recovery and replay, record by record).
+    pub fn apply_record(
+        &self,
+        disk: &crate::disk::Disk,
+        kind: mars_logfmt::Kind,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+    ) -> io::Result<()> {
+        use mars_logfmt::Kind;
+        let mut read = |b: &mut [u8], o: u64| disk.read_exact_at(b, o);
+        match kind {
+            Kind::Write => disk
+                .write_vectored_at(&[payload], offset)
+                .and_then(|()| self.written(offset, &[payload], &mut read)),
+            Kind::Trim => disk
+                .zero_range(offset, len, true)
+                .and_then(|()| self.zeroed(offset, len, &mut read)),
+            Kind::WriteZeroes => disk
+                .zero_range(offset, len, false)
+                .and_then(|()| self.zeroed(offset, len, &mut read)),
+        }
+    }
+
     /// `[offset, offset+len)` reads as zeroes now (trim, write-zeroes).
     pub fn zeroed(
         &self,

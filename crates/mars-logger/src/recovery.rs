@@ -434,21 +434,12 @@ pub(crate) fn recover(
             let at = r.file_offset as usize + mars_logfmt::RECORD_HEADER_LEN;
             // The record rewrites disk and checksums alike (a crash may have
             // left either one newer than the other).
-            let mut read = |b: &mut [u8], o: u64| disk.read_exact_at(b, o);
-            let res = match h.kind {
-                Kind::Write => {
-                    let data = &bytes[at..at + h.length as usize];
-                    disk.write_vectored_at(&[data], h.offset)
-                        .and_then(|()| csum.written(h.offset, &[data], &mut read))
-                }
-                Kind::Trim => disk
-                    .zero_range(h.offset, h.length, true)
-                    .and_then(|()| csum.zeroed(h.offset, h.length, &mut read)),
-                Kind::WriteZeroes => disk
-                    .zero_range(h.offset, h.length, false)
-                    .and_then(|()| csum.zeroed(h.offset, h.length, &mut read)),
+            let payload: &[u8] = match h.kind {
+                Kind::Write => &bytes[at..at + h.length as usize],
+                _ => &[],
             };
-            res.map_err(|e| LoggerError::Disk(e.to_string()))?;
+            csum.apply_record(disk, h.kind, h.offset, h.length, payload)
+                .map_err(|e| LoggerError::Disk(e.to_string()))?;
         }
         seq_from_skipped = None;
         let mut hb = [0u8; FILE_HEADER_LEN];

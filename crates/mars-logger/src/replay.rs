@@ -53,7 +53,7 @@ use crate::recovery::{
     store_version, write_applied, LogfileEntry, ReadAhead, APPLIED_FILE,
 };
 use mars_logfmt::{
-    FileHeader, Kind, RecordHeader, Version, VersionBuilder, FILE_HEADER_LEN, RECORD_HEADER_LEN,
+    FileHeader, RecordHeader, Version, VersionBuilder, FILE_HEADER_LEN, RECORD_HEADER_LEN,
 };
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
@@ -1077,21 +1077,11 @@ impl Replayer {
                 // Disk, checksums, and the checksums written through to their
                 // file (page cache) before the mark: a kill keeps all three, so
                 // replay resuming at the mark finds them agreeing.
-                let (disk, csum) = (&self.disk, &self.csum);
-                let mut read = |b: &mut [u8], o: u64| disk.read_exact_at(b, o);
+                let csum = &self.csum;
                 let writing = csum.writing();
-                let r = match h.kind {
-                    Kind::Write => disk
-                        .write_vectored_at(&[payload], h.offset)
-                        .and_then(|()| csum.written(h.offset, &[payload], &mut read)),
-                    Kind::Trim => disk
-                        .zero_range(h.offset, h.length, true)
-                        .and_then(|()| csum.zeroed(h.offset, h.length, &mut read)),
-                    Kind::WriteZeroes => disk
-                        .zero_range(h.offset, h.length, false)
-                        .and_then(|()| csum.zeroed(h.offset, h.length, &mut read)),
-                }
-                .and_then(|()| csum.write_through(h.offset, h.length));
+                let r = csum
+                    .apply_record(&self.disk, h.kind, h.offset, h.length, payload)
+                    .and_then(|()| csum.write_through(h.offset, h.length));
                 drop(writing);
                 r.map_err(|e| LoggerError::Disk(e.to_string()))?;
                 match &mut self.digest {

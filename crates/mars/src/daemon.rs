@@ -2026,6 +2026,25 @@ impl Daemon {
         ))
     }
 
+    /// Revoke node `n`'s certificate (the entry is kept for good; revoked
+    /// first, so that this node never rotates the gossip key for itself) and
+    /// delete its node entry; both in one push to at most `pushes` live nodes
+    /// at once: a node that has either refuses `n` from then on (the deletion
+    /// also goes by gossip), and the revocation, which gossip never carries,
+    /// spreads from them by anti-entropy.
+    async fn revoke(self: &Arc<Self>, n: &meta::NodeRef, pushes: usize) {
+        let revoked = crate::tls::revoked_key(&n.token());
+        self.peer.set(
+            &revoked,
+            serde_json::json!({ "at_ms": crate::peer::now_ms() }),
+        );
+        let node_key = meta::node_key(n);
+        self.peer.delete(&node_key);
+        self.peer
+            .push_entries_to_live(&[&revoked, &node_key], pushes)
+            .await;
+    }
+
     /// `leave-cluster --node NAME`: revoke another node's certificate and
     /// delete its entry (a node gone for good, whose directory may still
     /// hold its keys; or, with `force`, a live one that is compromised).
@@ -2056,16 +2075,7 @@ impl Daemon {
                 "{name} is alive: run `marsadm leave-cluster` on it, or add --force to revoke it anyway (a compromised node)"
             );
         }
-        let revoked = crate::tls::revoked_key(&n.token());
-        self.peer.set(
-            &revoked,
-            serde_json::json!({ "at_ms": crate::peer::now_ms() }),
-        );
-        let node_key = meta::node_key(&n);
-        self.peer.delete(&node_key);
-        self.peer
-            .push_entries_to_live(&[&revoked, &node_key], usize::MAX)
-            .await;
+        self.revoke(&n, usize::MAX).await;
         tracing::info!(node = %n.token(), "node removed from the cluster; its certificate is revoked");
         Ok(Response::ok(format!(
             "{} removed from the cluster: its certificate is revoked",
@@ -2132,21 +2142,7 @@ impl Daemon {
         }
         let mine = meta::node(&self.peer.store.lock(), &me).map(|(n, _)| n);
         if let Some(n) = mine {
-            // Its certificate is refused from now on (the entry is kept for good).
-            let revoked = crate::tls::revoked_key(&n.token());
-            self.peer.set(
-                &revoked,
-                serde_json::json!({ "at_ms": crate::peer::now_ms() }),
-            );
-            let node_key = meta::node_key(&n);
-            self.peer.delete(&node_key);
-            // Both in one push, to several live nodes at once, before this node
-            // goes quiet: a node that has either refuses this one from then on
-            // (the deletion also goes by gossip), and the revocation, which
-            // gossip never carries, spreads from them by anti-entropy.
-            self.peer
-                .push_entries_to_live(&[&revoked, &node_key], LEAVE_PUSHES)
-                .await;
+            self.revoke(&n, LEAVE_PUSHES).await;
         }
         self.peer.cluster.lock().leave();
         self.peer.save();
