@@ -604,3 +604,43 @@ fn data_is_served_to_members_only() {
         }
     });
 }
+
+/// Red team (session 15): the unknown-node exception in `check_identity`
+/// looks up the node *entry* by `NAME@ID` but asks the gossip's alive map by
+/// NAME alone. A copy of the CA key (every node holds it; a departed node's
+/// `tls/` dir) mints `beta@<any id>`: there is no entry for that token, and
+/// "beta" is alive, so the certificate is let in without the gossip key.
+#[test]
+fn a_minted_certificate_for_a_live_name_with_another_id_is_refused() {
+    let mut nodes = start_cluster(&["alpha", "beta", "gamma"]);
+    let id = nodes[0].view_json()["cluster"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let gamma = nodes[2].info();
+    let tls_dir = nodes[2].dir.join("tls");
+    let read = |f: &str| std::fs::read_to_string(tls_dir.join(f)).unwrap();
+    let (ca, ca_key) = (read("ca.crt"), read("ca.key"));
+    nodes[2].adm_ok(&["leave-cluster"]);
+    nodes[2].kill9();
+    nodes[0].wait_view("gamma gone", |v| {
+        !view_nodes(v).iter().any(|(n, _)| n == "gamma")
+    });
+    let token = "beta@00000000000000ee";
+    let (key, public) = mars::tls::new_key().unwrap();
+    let cert = mars::tls::issue(&ca, &ca_key, token, &public).unwrap();
+    let forged = tempfile::tempdir().unwrap();
+    mars::tls::write_node_files(forged.path(), &ca, &ca_key, &cert, &key).unwrap();
+    let me = NodeInfo {
+        name: "beta".into(),
+        id: 0xee,
+        ..gamma.clone()
+    };
+    rt().block_on(async {
+        if let Ok(mut s) = tls_connect_with(forged.path(), &nodes[0].listen).await {
+            client_handshake(&mut s, Some(&id), &me)
+                .await
+                .expect_err("a minted certificate naming a live node (another id) was let in");
+        }
+    });
+}

@@ -316,3 +316,41 @@ proptest! {
         prop_assert_eq!(Header::decode(&h.encode()), Ok(h));
     }
 }
+
+/// Red team (session 15): a partial-block write recomputes the block's
+/// checksum from the whole block read back from the disk, rot included: a
+/// block found bad (or rotten and not yet found) that a client rewrites only
+/// in part gets a checksum of the rotten bytes, leaves the bad list, and from
+/// then on reads return the rot with no error.
+#[test]
+fn a_partial_rewrite_does_not_bless_rot_elsewhere_in_its_block() {
+    let (_t, dir, disk) = setup(16 * 4096);
+    let c = open(&dir, &disk).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
+    // Rot at byte 77 of block 3, behind the table's back.
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 3 * 4096 + 77).unwrap();
+    f.write_all_at(&[b[0] ^ 0x10], 3 * 4096 + 77).unwrap();
+    let mut read = reader(&disk);
+    let all = |_: u64, _: u64| true;
+    let mut buf = vec![0u8; 4096];
+    read(&mut buf, 3 * 4096).unwrap();
+    assert!(c.verify(3 * 4096, &mut buf, &all, &mut read).unwrap().is_err());
+    assert_eq!(unrepaired(&dir), 1);
+    // A client writes 512 bytes elsewhere in that block (writeback: disk, then table).
+    let data = [0xabu8; 512];
+    f.write_all_at(&data, 3 * 4096 + 2048).unwrap();
+    c.written(3 * 4096 + 2048, &[&data], &mut read).unwrap();
+    // The rot at byte 77 is still there: a read of the block must still fail.
+    let mut buf = vec![0u8; 4096];
+    read(&mut buf, 3 * 4096).unwrap();
+    assert_eq!(buf[77], b[0] ^ 0x10, "the rot is still on the disk");
+    assert!(
+        c.verify(3 * 4096, &mut buf, &all, &mut read).unwrap().is_err(),
+        "a partial rewrite gave the rotten block a fresh checksum: its rot now reads as good data"
+    );
+}
