@@ -677,6 +677,13 @@ impl Peer {
                 bail!("the certificate of {ident} is not the one the cluster recorded for it")
             }
             Some(_) => {}
+            // The gossip knows nodes by name only: a live name recorded for
+            // another identity (a certificate minted for `NAME@<other id>`)
+            // is not this one.
+            None if meta::node(&store, &r.name).is_some() => bail!(
+                "{ident} is not a node of this cluster: the cluster records {} under another identity",
+                r.name
+            ),
             None if self.alive.lock().contains_key(&r.name) => {}
             None => bail!(
                 "{ident} is not a node of this cluster here (no entry for it, and the gossip does not show it: it was never admitted, or its admission has not arrived yet)"
