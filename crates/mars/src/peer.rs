@@ -1196,6 +1196,17 @@ impl Peer {
             if self.is_blocked(&node.name) {
                 bail!("{} is blocked (debug-block)", node.name);
             }
+            // A revocation (or the node's entry deleted) that arrived while
+            // the connection was open ends it too, not only the next handshake.
+            {
+                let store = self.store.lock();
+                let left = store
+                    .entry(&meta::node_key(&cert_node))
+                    .is_some_and(|e| e.value.is_none());
+                if left || store.get(&tls::revoked_key(&ident)).is_some() {
+                    bail!("{ident} left the cluster: its certificate is revoked (connection ended)");
+                }
+            }
             let reply = match msg {
                 m @ (Msg::Digest { .. }
                 | Msg::Buckets { .. }
