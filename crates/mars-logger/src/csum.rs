@@ -979,7 +979,21 @@ impl Csum {
     pub fn sync(&self) -> io::Result<()> {
         let _s = self.sync_lock.lock();
         self.flush()?;
-        self.file.sync_data()
+        if let Err(e) = self.file.sync_data() {
+            // The kernel may have dropped the pages it failed to write, and
+            // reports that once: a later sync of nothing would succeed and a
+            // position be persisted over a table that never reached the disk.
+            // Every page is written again at the next sync.
+            self.mark_all_dirty();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn mark_all_dirty(&self) {
+        for page in 0..self.crcs.len().div_ceil(PER_PAGE) {
+            self.dirty[page / 64].fetch_or(1 << (page % 64), Ordering::SeqCst);
+        }
     }
 }
 

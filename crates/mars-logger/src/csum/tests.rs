@@ -354,3 +354,16 @@ fn a_partial_rewrite_does_not_bless_rot_elsewhere_in_its_block() {
         "a partial rewrite gave the rotten block a fresh checksum: its rot now reads as good data"
     );
 }
+
+/// After a failed fdatasync every page of the table is written again (the
+/// marking covers exactly the table's pages: no write past its end).
+#[test]
+fn every_page_is_written_again_after_a_failed_sync() {
+    let (_t, dir, disk) = setup(3 * PER_PAGE * 4096 + 5 * 4096 + 100);
+    let c = open(&dir, &disk).unwrap();
+    c.mark_all_dirty();
+    c.sync().unwrap();
+    drop(c);
+    let c = open(&dir, &disk).unwrap();
+    assert_matches_disk(&c, &disk);
+}
