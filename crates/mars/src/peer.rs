@@ -1204,7 +1204,9 @@ impl Peer {
                     .entry(&meta::node_key(&cert_node))
                     .is_some_and(|e| e.value.is_none());
                 if left || store.get(&tls::revoked_key(&ident)).is_some() {
-                    bail!("{ident} left the cluster: its certificate is revoked (connection ended)");
+                    bail!(
+                        "{ident} left the cluster: its certificate is revoked (connection ended)"
+                    );
                 }
             }
             let reply = match msg {
