@@ -435,6 +435,10 @@ pub(crate) fn recover(
             // The record rewrites disk and checksums alike (a crash may have
             // left either one newer than the other).
             let mut read = |b: &mut [u8], o: u64| disk.read_exact_at(b, o);
+            // Announced like every other write of the disk: a reader sharing
+            // the table (a scrub, a sync served from it) that races this one
+            // looks again instead of calling the block bad.
+            let _writing = csum.writing();
             let res = match h.kind {
                 Kind::Write => {
                     let data = &bytes[at..at + h.length as usize];
