@@ -741,6 +741,7 @@ impl Csum {
     ) -> io::Result<()> {
         use mars_logfmt::Kind;
         let mut read = |b: &mut [u8], o: u64| disk.read_exact_at(b, o);
+        self.before_write(offset, len, &mut read)?;
         match kind {
             Kind::Write => disk
                 .write_vectored_at(&[payload], offset)
@@ -814,9 +815,66 @@ impl Csum {
         if bs >= be {
             return Ok(());
         }
+        // A block known bad keeps its checksum: computed from the block read
+        // back, it would take in the rot outside the part just written, and
+        // the rot would read as good data from then on. It stays bad (EIO)
+        // until a write of the whole block or a repair.
+        if self.is_bad(b) {
+            return Ok(());
+        }
         let mut buf = [0u8; BLOCK as usize];
         read(&mut buf[..(be - bs) as usize], bs)?;
         self.set(b, crc32c::crc32c(&buf[..(be - bs) as usize]));
+        Ok(())
+    }
+
+    fn is_bad(&self, b: u64) -> bool {
+        self.any_bad.load(Ordering::Relaxed)
+            && registry()
+                .lock()
+                .found
+                .get(&self.path)
+                .is_some_and(|f| f.bad.contains(&b))
+    }
+
+    /// Before a write of `[offset, offset+len)` to the disk: the blocks it
+    /// covers only in part are checked against their checksums (read whole:
+    /// usually from the page cache), and one that mismatches is found bad
+    /// now, so that the write does not recompute its rot into a valid
+    /// checksum (see `recompute`). Whole blocks need nothing: their new
+    /// checksum comes from the data written.
+    pub fn before_write(
+        &self,
+        offset: u64,
+        len: u64,
+        read: &mut dyn FnMut(&mut [u8], u64) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let end = (offset + len).min(self.covered);
+        if offset >= end {
+            return Ok(());
+        }
+        let (first, last) = (offset / BLOCK, (end - 1) / BLOCK);
+        let last_end = ((last + 1) * BLOCK).min(self.covered);
+        let mut edges = Vec::with_capacity(2);
+        if !offset.is_multiple_of(BLOCK) {
+            edges.push(first);
+        }
+        if end < last_end && !edges.contains(&last) {
+            edges.push(last);
+        }
+        let mut buf = [0u8; BLOCK as usize];
+        for b in edges {
+            let (bs, be) = (b * BLOCK, ((b + 1) * BLOCK).min(self.covered));
+            let n = (be - bs) as usize;
+            read(&mut buf[..n], bs)?;
+            if self.get(b) != Some(crc32c::crc32c(&buf[..n])) {
+                // Read again once (a transient error), then it is bad.
+                read(&mut buf[..n], bs)?;
+                if self.get(b) != Some(crc32c::crc32c(&buf[..n])) {
+                    self.found(&[b]);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -1005,7 +1063,21 @@ impl Csum {
     pub fn sync(&self) -> io::Result<()> {
         let _s = self.sync_lock.lock();
         self.flush()?;
-        self.file.sync_data()
+        if let Err(e) = self.file.sync_data() {
+            // The kernel may have dropped the pages it failed to write, and
+            // reports that once: a later sync of nothing would succeed and a
+            // position be persisted over a table that never reached the disk.
+            // Every page is written again at the next sync.
+            self.mark_all_dirty();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn mark_all_dirty(&self) {
+        for page in 0..self.crcs.len().div_ceil(PER_PAGE) {
+            self.dirty[page / 64].fetch_or(1 << (page % 64), Ordering::SeqCst);
+        }
     }
 }
 

@@ -2687,11 +2687,13 @@ fn apply_batch(disk: &Disk, csum: &crate::csum::Csum, batch: &[WbEntry]) -> io::
                 // more): it made every byte go to the device right away, twice the
                 // device traffic of the log alone, where the page cache would absorb
                 // overwrites until the persister's sync.
+                csum.before_write(e.offset, end - e.offset, &mut read)?;
                 disk.write_vectored_at(&bufs, e.offset)?;
                 csum.written(e.offset, &bufs, &mut read)?;
                 i = j;
             }
             (kind, _) => {
+                csum.before_write(e.offset, e.len, &mut read)?;
                 disk.zero_range(e.offset, e.len, *kind == Kind::Trim)?;
                 csum.zeroed(e.offset, e.len, &mut read)?;
                 i += 1;

@@ -434,6 +434,10 @@ pub(crate) fn recover(
             let at = r.file_offset as usize + mars_logfmt::RECORD_HEADER_LEN;
             // The record rewrites disk and checksums alike (a crash may have
             // left either one newer than the other).
+            // Announced like every other write of the disk: a reader sharing
+            // the table (a scrub, a sync served from it) that races this one
+            // looks again instead of calling the block bad.
+            let _writing = csum.writing();
             let payload: &[u8] = match h.kind {
                 Kind::Write => &bytes[at..at + h.length as usize],
                 _ => &[],

@@ -826,6 +826,10 @@ impl Daemon {
 
     /// Stop serving everything and write all logs back (daemon shutdown).
     pub async fn shutdown(&self) {
+        // Scrubs first: each holds a handle of its resource's checksum table,
+        // whose close is clean only when the last handle goes.
+        let scrubs = self.scrubs.clone();
+        let _ = tokio::task::spawn_blocking(move || scrubs.stop_all()).await;
         let mut st = self.state.lock().await;
         let all: Vec<(String, Actual)> = std::mem::take(&mut st.actual).into_iter().collect();
         for (name, a) in all {

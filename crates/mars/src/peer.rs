@@ -677,6 +677,13 @@ impl Peer {
                 bail!("the certificate of {ident} is not the one the cluster recorded for it")
             }
             Some(_) => {}
+            // The gossip knows nodes by name only: a live name recorded for
+            // another identity (a certificate minted for `NAME@<other id>`)
+            // is not this one.
+            None if meta::node(&store, &r.name).is_some() => bail!(
+                "{ident} is not a node of this cluster: the cluster records {} under another identity",
+                r.name
+            ),
             None if self.alive.lock().contains_key(&r.name) => {}
             None => bail!(
                 "{ident} is not a node of this cluster here (no entry for it, and the gossip does not show it: it was never admitted, or its admission has not arrived yet)"
@@ -1188,6 +1195,19 @@ impl Peer {
             // between rounds) ends it at the next request, as a real cut would.
             if self.is_blocked(&node.name) {
                 bail!("{} is blocked (debug-block)", node.name);
+            }
+            // A revocation (or the node's entry deleted) that arrived while
+            // the connection was open ends it too, not only the next handshake.
+            {
+                let store = self.store.lock();
+                let left = store
+                    .entry(&meta::node_key(&cert_node))
+                    .is_some_and(|e| e.value.is_none());
+                if left || store.get(&tls::revoked_key(&ident)).is_some() {
+                    bail!(
+                        "{ident} left the cluster: its certificate is revoked (connection ended)"
+                    );
+                }
             }
             let reply = match msg {
                 m @ (Msg::Digest { .. }

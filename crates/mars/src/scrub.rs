@@ -63,6 +63,7 @@ pub struct ScrubView {
 struct Slot {
     running: Option<(u64, u64)>,
     stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The scrubs of this node's resources.
@@ -88,7 +89,8 @@ impl Scrubs {
             slot.stop.clone()
         };
         let (me, dir) = (self.clone(), dir.to_path_buf());
-        std::thread::Builder::new()
+        let key = dir.clone();
+        let spawned = std::thread::Builder::new()
             .name("mars-scrub".into())
             .spawn(move || {
                 let last = pass(&handle, rate, &stop, |done, total| {
@@ -106,8 +108,40 @@ impl Scrubs {
                 if let Some(s) = me.0.lock().get_mut(&dir) {
                     s.running = None;
                 }
-            })?;
-        Ok(true)
+            });
+        let mut m = self.0.lock();
+        match spawned {
+            Ok(h) => {
+                if let Some(slot) = m.get_mut(&key) {
+                    slot.thread = Some(h);
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                if let Some(slot) = m.get_mut(&key) {
+                    slot.running = None;
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Stop every pass and wait for them to end (their handles of the
+    /// checksum tables gone, so that the last close of each is clean): the
+    /// daemon's shutdown, before its resources close.
+    pub fn stop_all(&self) {
+        let threads: Vec<_> = self
+            .0
+            .lock()
+            .values_mut()
+            .filter_map(|s| {
+                s.stop.store(true, Ordering::Release);
+                s.thread.take()
+            })
+            .collect();
+        for t in threads {
+            let _ = t.join();
+        }
     }
 
     pub fn view(&self, dir: &Path) -> ScrubView {
@@ -123,10 +157,15 @@ impl Scrubs {
         if interval.is_zero() || csum::find(dir).is_none() {
             return;
         }
-        let since = last(dir).map(|l| l.finished_ms).or_else(|| {
-            let m = std::fs::metadata(dir).ok()?.modified().ok()?;
-            Some(m.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64)
-        });
+        // A pass stopped early (a detach, the daemon's stop) is not a pass:
+        // the next one is due at once.
+        let since = last(dir)
+            .filter(|l| l.error != Some(ErrorKind::Stopped))
+            .map(|l| l.finished_ms)
+            .or_else(|| {
+                let m = std::fs::metadata(dir).ok()?.modified().ok()?;
+                Some(m.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64)
+            });
         if since.is_some_and(|t| now_ms.saturating_sub(t) >= interval.as_millis() as u64) {
             if let Ok(true) = self.start(dir, rate) {
                 tracing::info!(dir = %dir.display(), "background scrub started");
@@ -216,9 +255,12 @@ fn pass(
         // The rate limit: never ahead of `rate` bytes per second since the start.
         if rate > 0 {
             let due = Duration::from_secs_f64(offset as f64 / rate as f64);
-            let spent = started.elapsed();
-            if due > spent {
-                std::thread::sleep(due - spent); // pacing, not synchronisation
+            // (In slices: a stop, or the last other user gone, ends the pass
+            // at once, not after a long sleep.)
+            let until = started + due;
+            while Instant::now() < until && !stop.load(Ordering::Acquire) && handle.others_open() {
+                let left = until.saturating_duration_since(Instant::now());
+                std::thread::sleep(left.min(Duration::from_millis(50))); // pacing, not synchronisation
             }
         }
     }

@@ -348,3 +348,35 @@ fn scrub_finds_rot_nobody_read() {
         "a rotten block read as data"
     );
 }
+
+/// Red team (session 15): a scrub holds a handle of the checksum table, and
+/// neither a detach nor the daemon's shutdown stops it (nothing sets its stop
+/// flag; it notices it is the last user only between chunks, after its rate
+/// sleep). `process::exit` after `shutdown` leaves the file not closed
+/// cleanly, so the next start skips the check that refuses a disk changed
+/// while the node was stopped.
+#[test]
+fn a_clean_stop_during_a_scrub_closes_the_checksums_cleanly() {
+    let mut nodes = start_cluster(&["alpha"]);
+    let n = &mut nodes[0];
+    n.stop();
+    let cfg_path = n.dir.join("node.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["scrub_rate_bytes"] = serde_json::json!(64 * 1024);
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    n.start();
+    let disk = n.disk("a.img", 8 * MIB);
+    n.adm_ok(&["create-resource", "r0", disk.to_str().unwrap()]);
+    n.adm_ok(&["wait-resource", "r0", "primary", "--timeout", "20"]);
+    let out = n.adm_ok(&["scrub", "r0"]);
+    assert!(out.contains("scrub started"), "{out}");
+    std::thread::sleep(Duration::from_secs(1));
+    n.stop();
+    let rdir = n.dir.join("resources/r0");
+    let h = mars_logger::csum::Header::decode(&std::fs::read(rdir.join("csum")).unwrap()).unwrap();
+    assert!(
+        h.clean,
+        "marsd stopped cleanly during a scrub, yet its checksum file is not closed cleanly"
+    );
+}

@@ -604,3 +604,97 @@ fn data_is_served_to_members_only() {
         }
     });
 }
+
+/// Red team (session 15): the unknown-node exception in `check_identity`
+/// looks up the node *entry* by `NAME@ID` but asks the gossip's alive map by
+/// NAME alone. A copy of the CA key (every node holds it; a departed node's
+/// `tls/` dir) mints `beta@<any id>`: there is no entry for that token, and
+/// "beta" is alive, so the certificate is let in without the gossip key.
+#[test]
+fn a_minted_certificate_for_a_live_name_with_another_id_is_refused() {
+    let mut nodes = start_cluster(&["alpha", "beta", "gamma"]);
+    let id = nodes[0].view_json()["cluster"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let gamma = nodes[2].info();
+    let tls_dir = nodes[2].dir.join("tls");
+    let read = |f: &str| std::fs::read_to_string(tls_dir.join(f)).unwrap();
+    let (ca, ca_key) = (read("ca.crt"), read("ca.key"));
+    nodes[2].adm_ok(&["leave-cluster"]);
+    nodes[2].kill9();
+    nodes[0].wait_view("gamma gone", |v| {
+        !view_nodes(v).iter().any(|(n, _)| n == "gamma")
+    });
+    let token = "beta@00000000000000ee";
+    let (key, public) = mars::tls::new_key().unwrap();
+    let cert = mars::tls::issue(&ca, &ca_key, token, &public).unwrap();
+    let forged = tempfile::tempdir().unwrap();
+    mars::tls::write_node_files(forged.path(), &ca, &ca_key, &cert, &key).unwrap();
+    let me = NodeInfo {
+        name: "beta".into(),
+        id: 0xee,
+        ..gamma.clone()
+    };
+    rt().block_on(async {
+        if let Ok(mut s) = tls_connect_with(forged.path(), &nodes[0].listen).await {
+            client_handshake(&mut s, Some(&id), &me)
+                .await
+                .expect_err("a minted certificate naming a live node (another id) was let in");
+        }
+    });
+}
+
+/// Red team (session 15): revocation is checked at the handshake only. A
+/// node removed with `leave-cluster --node NAME --force` (compromised) keeps
+/// every connection it opened before: each request on one is still served,
+/// so it goes on reading the metadata (the gossip key that replaces the one
+/// it knew included) and could push entries (a node entry for a certificate
+/// it mints). Here the "compromised" gamma holds one connection to alpha.
+#[test]
+fn a_connection_opened_before_a_revocation_is_not_served_after_it() {
+    let nodes = start_cluster(&["alpha", "beta", "gamma"]);
+    let id = nodes[0].view_json()["cluster"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let gamma = nodes[2].info();
+    let kept = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(nodes[2].dir.join("tls"))
+        .arg(kept.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let keys = kept.path().to_path_buf();
+    rt().block_on(async {
+        let mut s = tls_connect_with(&keys, &nodes[0].listen).await.unwrap();
+        client_handshake(&mut s, Some(&id), &gamma).await.unwrap();
+        let pull = Msg::Pull { prefix: "c/".into() };
+        write_msg(&mut s, &pull).await.unwrap();
+        read_msg(&mut s).await.expect("served before the revocation");
+        nodes[0].adm_ok(&["leave-cluster", "--node", "gamma", "--force"]);
+        nodes[0].wait_view("gamma gone", |v| {
+            !view_nodes(v).iter().any(|(n, _)| n == "gamma")
+        });
+        // A fresh connection with these keys is refused now ...
+        if let Ok(mut f) = tls_connect_with(&keys, &nodes[0].listen).await {
+            client_handshake(&mut f, Some(&id), &gamma)
+                .await
+                .expect_err("a revoked node was let in");
+        }
+        // ... and the one opened before must not be served either.
+        let served = match write_msg(&mut s, &pull).await {
+            Err(_) => false,
+            Ok(()) => matches!(
+                tokio::time::timeout(Duration::from_secs(5), read_msg(&mut s)).await,
+                Ok(Ok(m)) if !matches!(m, Msg::Refused { .. })
+            ),
+        };
+        assert!(
+            !served,
+            "a connection of a revoked node opened before its revocation is still served (metadata pulled)"
+        );
+    });
+}

@@ -316,3 +316,114 @@ proptest! {
         prop_assert_eq!(Header::decode(&h.encode()), Ok(h));
     }
 }
+
+/// Red team (session 15): a partial-block write recomputes the block's
+/// checksum from the whole block read back from the disk, rot included: a
+/// block found bad (or rotten and not yet found) that a client rewrites only
+/// in part gets a checksum of the rotten bytes, leaves the bad list, and from
+/// then on reads return the rot with no error.
+#[test]
+fn a_partial_rewrite_does_not_bless_rot_elsewhere_in_its_block() {
+    let (_t, dir, disk) = setup(16 * 4096);
+    let c = open(&dir, &disk).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
+    // Rot at byte 77 of block 3, behind the table's back.
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 3 * 4096 + 77).unwrap();
+    f.write_all_at(&[b[0] ^ 0x10], 3 * 4096 + 77).unwrap();
+    let mut read = reader(&disk);
+    let all = |_: u64, _: u64| true;
+    let mut buf = vec![0u8; 4096];
+    read(&mut buf, 3 * 4096).unwrap();
+    assert!(c
+        .verify(3 * 4096, &mut buf, &all, &mut read)
+        .unwrap()
+        .is_err());
+    assert_eq!(unrepaired(&dir), 1);
+    // A client writes 512 bytes elsewhere in that block (writeback: disk, then table).
+    let data = [0xabu8; 512];
+    f.write_all_at(&data, 3 * 4096 + 2048).unwrap();
+    c.written(3 * 4096 + 2048, &[&data], &mut read).unwrap();
+    // The rot at byte 77 is still there: a read of the block must still fail.
+    let mut buf = vec![0u8; 4096];
+    read(&mut buf, 3 * 4096).unwrap();
+    assert_eq!(buf[77], b[0] ^ 0x10, "the rot is still on the disk");
+    assert!(
+        c.verify(3 * 4096, &mut buf, &all, &mut read)
+            .unwrap()
+            .is_err(),
+        "a partial rewrite gave the rotten block a fresh checksum: its rot now reads as good data"
+    );
+}
+
+/// After a failed fdatasync every page of the table is written again (the
+/// marking covers exactly the table's pages: no write past its end).
+#[test]
+fn every_page_is_written_again_after_a_failed_sync() {
+    let (_t, dir, disk) = setup(3 * PER_PAGE * 4096 + 5 * 4096 + 100);
+    let c = open(&dir, &disk).unwrap();
+    c.mark_all_dirty();
+    c.sync().unwrap();
+    drop(c);
+    let c = open(&dir, &disk).unwrap();
+    assert_matches_disk(&c, &disk);
+}
+
+/// Rot nobody has read yet, in a block a client rewrites only in part: the
+/// check before the write (`before_write`, as writeback, recovery and replay
+/// call it) finds it, so the partial rewrite does not give it a valid
+/// checksum; a write of the whole block then makes it good again.
+#[test]
+fn rot_not_yet_found_is_found_before_a_partial_rewrite() {
+    let (_t, dir, disk) = setup(16 * 4096);
+    let c = open(&dir, &disk).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 5 * 4096 + 9).unwrap();
+    f.write_all_at(&[b[0] ^ 0x01], 5 * 4096 + 9).unwrap();
+    let mut read = reader(&disk);
+    let all = |_: u64, _: u64| true;
+    let data = [0x5au8; 512];
+    c.before_write(5 * 4096 + 1024, 512, &mut read).unwrap();
+    assert_eq!(unrepaired(&dir), 1, "found before the write");
+    f.write_all_at(&data, 5 * 4096 + 1024).unwrap();
+    c.written(5 * 4096 + 1024, &[&data], &mut read).unwrap();
+    let mut buf = vec![0u8; 4096];
+    read(&mut buf, 5 * 4096).unwrap();
+    assert!(c
+        .verify(5 * 4096, &mut buf, &all, &mut read)
+        .unwrap()
+        .is_err());
+    // A whole-block write replaces the rot: good again.
+    let whole = [0x33u8; 4096];
+    c.before_write(5 * 4096, 4096, &mut read).unwrap();
+    f.write_all_at(&whole, 5 * 4096).unwrap();
+    c.written(5 * 4096, &[&whole], &mut read).unwrap();
+    assert_eq!(unrepaired(&dir), 0);
+    let mut buf = vec![0u8; 4096];
+    read(&mut buf, 5 * 4096).unwrap();
+    assert!(c
+        .verify(5 * 4096, &mut buf, &all, &mut read)
+        .unwrap()
+        .is_ok());
+    // A clean block partly rewritten stays good (no false error).
+    c.before_write(7 * 4096 + 100, 200, &mut read).unwrap();
+    f.write_all_at(&[1u8; 200], 7 * 4096 + 100).unwrap();
+    c.written(7 * 4096 + 100, &[&[1u8; 200]], &mut read)
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    read(&mut buf, 7 * 4096).unwrap();
+    assert!(c
+        .verify(7 * 4096, &mut buf, &all, &mut read)
+        .unwrap()
+        .is_ok());
+    assert_eq!(unrepaired(&dir), 0);
+}
