@@ -741,7 +741,11 @@ impl Csum {
     ) -> io::Result<()> {
         use mars_logfmt::Kind;
         let mut read = |b: &mut [u8], o: u64| disk.read_exact_at(b, o);
-        self.before_write(offset, len, &mut read)?;
+        // No `before_write` here: recovery and replay apply records again
+        // after a crash, where disk and table may legitimately disagree for
+        // the blocks those records write (the record puts both right), and a
+        // check would call them bad. A block already known bad keeps its
+        // checksum all the same (`recompute`).
         match kind {
             Kind::Write => disk
                 .write_vectored_at(&[payload], offset)
@@ -837,7 +841,8 @@ impl Csum {
                 .is_some_and(|f| f.bad.contains(&b))
     }
 
-    /// Before a write of `[offset, offset+len)` to the disk: the blocks it
+    /// Before a write of `[offset, offset+len)` to the disk, where disk and
+    /// table agree but for damage (the primary's writeback): the blocks it
     /// covers only in part are checked against their checksums (read whole:
     /// usually from the page cache), and one that mismatches is found bad
     /// now, so that the write does not recompute its rot into a valid

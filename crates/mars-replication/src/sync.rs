@@ -167,6 +167,11 @@ impl Secondary {
             mars_logger::replay::forget(&self.dir)?;
             write_sync(&self.dir, sync)?;
         }
+        // Resumed on a block boundary: a sync that ended its copy at an old
+        // size (not a multiple of 4 KiB) and resumes after a resize would
+        // otherwise hand the checksums of blocks read from an odd offset to
+        // the wrong blocks.
+        sync.next_offset -= sync.next_offset % mars_logger::csum::BLOCK;
         {
             let mut p = self.progress.lock();
             p.syncing = true;
