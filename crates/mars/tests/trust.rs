@@ -255,10 +255,7 @@ fn tokens_are_used_once_expire_and_pin_their_cluster() {
 #[test]
 fn a_node_that_left_is_refused() {
     let mut nodes = start_cluster(&["alpha", "beta", "gamma"]);
-    let id = nodes[0].view_json()["cluster"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = cluster_id(&nodes[0]);
     let gamma = nodes[2].info();
     let key_before = nodes[0].adm_ok(&["keyring", "list"]);
     // Copies of its keys, as an intruder on its host may have kept them.
@@ -333,17 +330,7 @@ fn a_node_that_left_is_refused() {
     }
     // The gossip key it holds is replaced on the nodes that stay, and then
     // removed: gossip sealed with it is dropped.
-    let old_id = key_before.split_whitespace().next().unwrap().to_string();
-    for n in &nodes[..2] {
-        wait_for(
-            "the gossip key rotated and the old one removed",
-            Duration::from_secs(120),
-            || {
-                let l = n.adm_ok(&["keyring", "list"]);
-                l.lines().count() == 1 && l.contains("in use") && !l.contains(&old_id)
-            },
-        );
-    }
+    wait_rotated(&nodes[..2], &key_before);
     let store = std::fs::read(nodes[2].dir.join("meta.store")).unwrap();
     let text = String::from_utf8_lossy(&store);
     let at = text
@@ -370,16 +357,34 @@ fn a_node_that_left_is_refused() {
     });
 }
 
+/// The cluster id `n` shows.
+fn cluster_id(n: &Node) -> String {
+    n.view_json()["cluster"]["id"].as_str().unwrap().to_string()
+}
+
+/// Wait until every one of `nodes` uses a new gossip key and has removed the
+/// one `keyring list` showed as `before`.
+fn wait_rotated(nodes: &[Node], before: &str) {
+    let old_id = before.split_whitespace().next().unwrap().to_string();
+    for n in nodes {
+        wait_for(
+            "the gossip key rotated and the old one removed",
+            Duration::from_secs(120),
+            || {
+                let l = n.adm_ok(&["keyring", "list"]);
+                l.lines().count() == 1 && l.contains("in use") && !l.contains(&old_id)
+            },
+        );
+    }
+}
+
 /// A node that is gone for good is removed from another node
 /// (`leave-cluster --node`): its certificate is refused from then on, by
 /// every node, and the gossip key it knew is replaced.
 #[test]
 fn a_dead_node_is_removed_from_another() {
     let mut nodes = start_cluster(&["alpha", "beta", "gamma"]);
-    let id = nodes[0].view_json()["cluster"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = cluster_id(&nodes[0]);
     let gamma = nodes[2].info();
     let key_before = nodes[0].adm_ok(&["keyring", "list"]);
     let err = nodes[0].adm_err(&["leave-cluster", "--node", "gamma"]);
@@ -413,17 +418,7 @@ fn a_dead_node_is_removed_from_another() {
             nodes[i].log_text().contains("gamma") && nodes[i].log_text().contains("revoked")
         });
     }
-    let old_id = key_before.split_whitespace().next().unwrap().to_string();
-    for n in &nodes[..2] {
-        wait_for(
-            "the gossip key rotated and the old one removed",
-            Duration::from_secs(120),
-            || {
-                let l = n.adm_ok(&["keyring", "list"]);
-                l.lines().count() == 1 && l.contains("in use") && !l.contains(&old_id)
-            },
-        );
-    }
+    wait_rotated(&nodes[..2], &key_before);
 }
 
 /// Idle connections to the peer port are dropped after the handshake
@@ -613,10 +608,7 @@ fn data_is_served_to_members_only() {
 #[test]
 fn a_minted_certificate_for_a_live_name_with_another_id_is_refused() {
     let mut nodes = start_cluster(&["alpha", "beta", "gamma"]);
-    let id = nodes[0].view_json()["cluster"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = cluster_id(&nodes[0]);
     let gamma = nodes[2].info();
     let tls_dir = nodes[2].dir.join("tls");
     let read = |f: &str| std::fs::read_to_string(tls_dir.join(f)).unwrap();
@@ -654,10 +646,7 @@ fn a_minted_certificate_for_a_live_name_with_another_id_is_refused() {
 #[test]
 fn a_connection_opened_before_a_revocation_is_not_served_after_it() {
     let nodes = start_cluster(&["alpha", "beta", "gamma"]);
-    let id = nodes[0].view_json()["cluster"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = cluster_id(&nodes[0]);
     let gamma = nodes[2].info();
     let kept = tempfile::tempdir().unwrap();
     let status = std::process::Command::new("cp")
