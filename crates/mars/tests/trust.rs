@@ -331,6 +331,7 @@ fn a_node_that_left_is_refused() {
     // The gossip key it holds is replaced on the nodes that stay, and then
     // removed: gossip sealed with it is dropped.
     wait_rotated(&nodes[..2], &key_before);
+    let old_id = key_before.split_whitespace().next().unwrap();
     let store = std::fs::read(nodes[2].dir.join("meta.store")).unwrap();
     let text = String::from_utf8_lossy(&store);
     let at = text
