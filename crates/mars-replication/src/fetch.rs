@@ -114,11 +114,11 @@ impl Secondary {
     ) -> Result<u64> {
         // The last round's connection to this source when it is fresh enough;
         // one the source has closed meanwhile is replaced once.
-        let kept = self
-            .fetch_conn
-            .lock()
-            .take()
-            .filter(|c| c.source == primary && c.used.elapsed() < FETCH_CONN_KEEP);
+        let kept = self.fetch_conn.lock().take().filter(|c| {
+            c.source == primary
+                && c.used.elapsed() < FETCH_CONN_KEEP
+                && !self.peer.is_blocked(primary)
+        });
         let mut fresh = kept.is_none();
         let mut s = match kept {
             Some(c) => c.stream,

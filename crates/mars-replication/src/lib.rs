@@ -41,6 +41,11 @@ pub trait Cluster: Send + Sync + 'static {
     fn store(&self) -> &parking_lot::Mutex<mars_meta::Store>;
     /// Whether `node` is alive in the cluster's view.
     fn is_alive(&self, node: &str) -> bool;
+    /// Whether links to `node` are cut on purpose (`marsadm debug-block`):
+    /// a kept connection to it is not used again either.
+    fn is_blocked(&self, _node: &str) -> bool {
+        false
+    }
     /// A connection to `node`, handshake done.
     fn connect<'a>(
         &'a self,

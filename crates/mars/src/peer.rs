@@ -196,6 +196,10 @@ impl mars_replication::Cluster for Peer {
         Peer::is_alive(self, node)
     }
 
+    fn is_blocked(&self, node: &str) -> bool {
+        Peer::is_blocked(self, node)
+    }
+
     fn connect<'a>(
         &'a self,
         node: &'a str,
