@@ -371,7 +371,10 @@ fn a_clean_stop_during_a_scrub_closes_the_checksums_cleanly() {
     n.adm_ok(&["wait-resource", "r0", "primary", "--timeout", "20"]);
     let out = n.adm_ok(&["scrub", "r0"]);
     assert!(out.contains("scrub started"), "{out}");
-    std::thread::sleep(Duration::from_secs(1));
+    // Stopped while the pass runs (at 64 KiB/s it takes two minutes).
+    n.wait_view("the scrub running", |v| {
+        !member(v, "alpha")["scrub"]["running"].is_null()
+    });
     n.stop();
     let rdir = n.dir.join("resources/r0");
     let h = mars_logger::csum::Header::decode(&std::fs::read(rdir.join("csum")).unwrap()).unwrap();
