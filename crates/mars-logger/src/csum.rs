@@ -860,15 +860,15 @@ impl Csum {
         }
         let (first, last) = (offset / BLOCK, (end - 1) / BLOCK);
         let last_end = ((last + 1) * BLOCK).min(self.covered);
-        let mut edges = Vec::with_capacity(2);
-        if !offset.is_multiple_of(BLOCK) {
-            edges.push(first);
-        }
-        if end < last_end && !edges.contains(&last) {
-            edges.push(last);
+        // The first and last block when written only in part (no allocation:
+        // this runs for every write the primary's writeback applies).
+        let head = (!offset.is_multiple_of(BLOCK)).then_some(first);
+        let tail = (end < last_end && head != Some(last)).then_some(last);
+        if head.is_none() && tail.is_none() {
+            return Ok(());
         }
         let mut buf = [0u8; BLOCK as usize];
-        for b in edges {
+        for b in head.into_iter().chain(tail) {
             let (bs, be) = (b * BLOCK, ((b + 1) * BLOCK).min(self.covered));
             let n = (be - bs) as usize;
             read(&mut buf[..n], bs)?;
