@@ -307,7 +307,7 @@ pub enum KeyringOp {
 }
 
 /// A scrub of a member's copy (`marsadm scrub`), as its own node sees it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScrubView {
     /// Bytes read so far and in all, while a pass runs.
     pub running: Option<(u64, u64)>,
@@ -316,7 +316,7 @@ pub struct ScrubView {
 }
 
 /// A scrub pass that ended.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastScrub {
     /// When (ms since the epoch).
     pub finished_ms: u64,
@@ -324,7 +324,17 @@ pub struct LastScrub {
     pub scanned: u64,
     /// Blocks that did not match their checksums.
     pub bad_blocks: u64,
-    /// It stopped before the end: `stopped` (the disk was closed) or `read-failed`.
+    /// It stopped before the end (the message is in the node's log).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub error: Option<ScrubError>,
+}
+
+/// Why a scrub pass stopped before the end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScrubError {
+    /// The disk was closed (detach, role change, shutdown).
+    Stopped,
+    /// A read of the disk failed.
+    ReadFailed,
 }

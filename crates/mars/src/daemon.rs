@@ -2555,7 +2555,7 @@ impl Daemon {
                             repaired: 0,
                             scrub: a
                                 .filter(|_| m == me)
-                                .map(|a| scrub_view(self.scrubs.view(&a.dir))),
+                                .map(|a| self.scrubs.view(&a.dir)),
                         }
                     })
                     .collect();
@@ -2751,22 +2751,4 @@ fn noting(mut resp: Response, missing: &[(String, String)]) -> Response {
     );
     resp.message = Some(resp.message.unwrap_or_default() + &note);
     resp
-}
-
-fn scrub_view(v: crate::scrub::ScrubView) -> mars_api::ScrubView {
-    mars_api::ScrubView {
-        running: v.running,
-        last: v.last.map(|l| mars_api::LastScrub {
-            finished_ms: l.finished_ms,
-            scanned: l.scanned,
-            bad_blocks: l.bad_blocks,
-            error: l.error.map(|e| {
-                match e {
-                    crate::scrub::ErrorKind::Stopped => "stopped",
-                    crate::scrub::ErrorKind::ReadFailed => "read-failed",
-                }
-                .to_string()
-            }),
-        }),
-    }
 }

@@ -16,7 +16,6 @@ use anyhow::{bail, Result};
 use mars_logger::csum::{self, CsumHandle, BLOCK};
 use mars_logger::disk::{AlignedBuf, DIRECT_ALIGN};
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -29,35 +28,9 @@ pub const LAST_FILE: &str = "scrub.json";
 /// Bytes read at once.
 const CHUNK: usize = 1 << 20;
 
-/// The last finished pass of a resource here.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LastScrub {
-    /// When it ended (ms since the epoch).
-    pub finished_ms: u64,
-    /// Bytes it read.
-    pub scanned: u64,
-    /// Blocks it found not to match their checksums.
-    pub bad_blocks: u64,
-    /// It stopped early (the disk went away, or a read failed).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<ErrorKind>,
-}
-
-/// Why a pass stopped early (the message is in the log).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ErrorKind {
-    Stopped,
-    ReadFailed,
-}
-
-/// What `view` shows of a resource's scrub here.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ScrubView {
-    /// A pass runs: bytes read of `total`.
-    pub running: Option<(u64, u64)>,
-    pub last: Option<LastScrub>,
-}
+// What a pass found, as kept in `scrub.json` and shown in the view: the
+// view's own types (`mars_api`), one shape for both.
+pub use mars_api::{LastScrub, ScrubError as ErrorKind, ScrubView};
 
 #[derive(Default)]
 struct Slot {
