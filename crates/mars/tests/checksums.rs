@@ -102,11 +102,19 @@ fn a_flipped_bit_is_an_error_never_data_and_is_never_copied() {
     nodes[2].wait_view("r0 known", |v| resource(v, "r0").is_some());
     let g_disk = nodes[2].disk("g.img", size);
     nodes[2].adm_ok(&["join-resource", "r0", g_disk.to_str().unwrap()]);
-    let v = nodes[2].wait_view("gamma's sync from beta refused", |v| {
+    // alpha must first be seen down (the failure detector), then beta asked:
+    // longer than a view wait's 30 s on a loaded machine.
+    let refused = |v: &serde_json::Value| {
         member(v, "gamma")["error"]
             .as_str()
             .is_some_and(|e| e.contains("beta") && e.contains("block checksum mismatch"))
-    });
+    };
+    wait_for(
+        "gamma's sync from beta refused",
+        Duration::from_secs(90),
+        || refused(&nodes[2].view_json()),
+    );
+    let v = nodes[2].wait_view("gamma's sync from beta refused", refused);
     assert!(member(&v, "gamma")["disk"] != "uptodate", "{v:#}");
     nodes[1].wait_view("beta counts it", |v| checksum_errors(v, "beta") == 1);
     // Nothing of block 9 (nor after it: blocks are copied in order) reached gamma.
