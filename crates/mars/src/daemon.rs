@@ -163,8 +163,8 @@ struct SecondaryHandle {
     /// The resource size it runs with (restarted when it changes).
     size: u64,
     progress: Arc<parking_lot::Mutex<Progress>>,
-    /// Fetch and sync rate limits (bytes/s, 0: none).
-    rates: [Arc<AtomicU64>; 2],
+    /// Fetch and sync rate limits (bytes/s, 0: none), and the replay delay (ms).
+    rates: [Arc<AtomicU64>; 3],
     prefer_source: Arc<parking_lot::Mutex<Option<String>>>,
     stop: Arc<AtomicBool>,
     pauses: [Arc<AtomicBool>; 3],
@@ -310,6 +310,7 @@ impl Daemon {
                     pause_replay: m.pause_replay,
                     fetch_rate: m.fetch_rate,
                     sync_rate: m.sync_rate,
+                    replay_delay_ms: m.replay_delay_ms,
                 },
             );
         }
@@ -635,6 +636,7 @@ impl Daemon {
                 let rates = [
                     Arc::new(AtomicU64::new(r.fetch_rate)),
                     Arc::new(AtomicU64::new(r.sync_rate)),
+                    Arc::new(AtomicU64::new(r.replay_delay_ms)),
                 ];
                 // As desired from the start: the task runs at once, and a member restarted
                 // with replay paused replayed a step before the flags below were set.
@@ -660,6 +662,7 @@ impl Daemon {
                     prefer_source: prefer_source.clone(),
                     fetch_rate: rates[0].clone(),
                     sync_rate: rates[1].clone(),
+                    replay_delay_ms: rates[2].clone(),
                     sync_digest: self.cfg.sync_digest,
                     fetched: Arc::new(mars_logger::fetched::FetchedChunks::new(
                         mars_replication::FETCHED_KEEP,
@@ -703,6 +706,7 @@ impl Daemon {
             h.pauses[2].store(r.pause_replay, Ordering::Release);
             h.rates[0].store(r.fetch_rate, Ordering::Release);
             h.rates[1].store(r.sync_rate, Ordering::Release);
+            h.rates[2].store(r.replay_delay_ms, Ordering::Release);
         }
         let written = primary_written(&self.peer.store.lock(), &r.rref());
         if let Some(h) = &a.secondary {
@@ -1212,6 +1216,22 @@ impl Daemon {
                     show(m.fetch_rate),
                     show(m.sync_rate)
                 )))
+            }
+            Request::SetDelay { name, ms } => {
+                let rr = self.res_entry(&name)?.0;
+                let primary = meta::designated_primary(&self.peer.store.lock(), &rr);
+                if ms > 0 && primary.as_deref() == Some(self.me()) {
+                    bail!("{name}: this node is its primary; a delay applies to a secondary's replay (run set-delay on the secondary)");
+                }
+                self.set_member(&name, |m| m.replay_delay_ms = ms).await?;
+                Ok(Response::ok(if ms == 0 {
+                    format!("{name}: no replay delay: replay catches up")
+                } else {
+                    format!(
+                        "{name}: replay kept {} behind the primary's writes (fetch goes on)",
+                        mars_api::show_duration_ms(ms)
+                    )
+                }))
             }
             Request::SetCompression { name, codec, level } => {
                 self.set_compression(&name, &codec, level).await
@@ -2353,6 +2373,7 @@ impl Daemon {
             pause_replay: false,
             fetch_rate: 0,
             sync_rate: 0,
+            replay_delay_ms: 0,
         };
         let lcfg = self.logger_config(&cfg);
         let logger = match tokio::task::spawn_blocking(move || Logger::open(lcfg)).await? {
@@ -2565,6 +2586,7 @@ impl Daemon {
                     .iter()
                     .map(|m| {
                         let d: Option<MemberEntry> = meta::get(&store, &meta::member_key(&rr, m));
+                        let delay_ms = d.as_ref().map_or(0, |d| d.replay_delay_ms);
                         let paused = d
                             .as_ref()
                             .map(|d| PausedView {
@@ -2634,6 +2656,7 @@ impl Daemon {
                             checksum_errors: rep.checksum_errors,
                             repaired: rep.repaired,
                             bad_blocks: rep.bad_blocks,
+                            replay_delay_seconds: delay_ms as f64 / 1000.0,
                             scrub: a
                                 .filter(|_| m == me)
                                 .map(|a| self.scrubs.view(&a.dir)),
@@ -2808,6 +2831,7 @@ fn named_resource(req: &Request) -> Option<&str> {
         | Request::Disconnect { name }
         | Request::Pause { name, .. }
         | Request::SetRate { name, .. }
+        | Request::SetDelay { name, .. }
         | Request::SetCompression { name, .. }
         | Request::LogRotate { name }
         | Request::Invalidate { name }

@@ -159,6 +159,8 @@ pub struct ResourceConfig {
     pub fetch_rate: u64,
     #[serde(default)]
     pub sync_rate: u64,
+    #[serde(default)]
+    pub replay_delay_ms: u64,
 }
 
 /// Node and resource names: 1..=64 of `[A-Za-z0-9_.-]`, not starting with `.` or `-`.

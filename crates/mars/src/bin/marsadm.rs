@@ -206,6 +206,15 @@ enum Cmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Keep this secondary's replay DURATION behind the primary's writes (a
+    /// delayed replica: an undo window). Fetch goes on, so nothing is lost;
+    /// `view` shows the delay. DURATION: `30s`, `10m`, `2h`, `1h30m`; `0`
+    /// ends the delay and replay catches up.
+    SetDelay {
+        res: String,
+        #[arg(value_parser = mars_api::parse_duration_ms)]
+        duration: u64,
+    },
     /// Pause the verify of RES this node runs.
     PauseVerify {
         res: String,
@@ -432,6 +441,13 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
             restart,
             no_wait,
         } => verify(dir, res, repair, rate, restart, no_wait),
+        Cmd::SetDelay { res, duration } => say(
+            dir,
+            Request::SetDelay {
+                name: res,
+                ms: duration,
+            },
+        ),
         Cmd::PauseVerify { res } => say(
             dir,
             Request::VerifyControl {
@@ -823,6 +839,15 @@ fn render(v: &View) -> String {
             }
             if m.checksum_errors > 0 {
                 flags.push(format!("CHECKSUM-ERRORS {}", m.checksum_errors));
+            }
+            if m.repaired > 0 {
+                flags.push(format!("repaired {}", m.repaired));
+            }
+            if m.replay_delay_seconds > 0.0 {
+                flags.push(format!(
+                    "delay {}",
+                    mars_api::show_duration_ms((m.replay_delay_seconds * 1000.0) as u64)
+                ));
             }
             if let Some(sc) = &m.scrub {
                 if let Some((done, total)) = sc.running {
