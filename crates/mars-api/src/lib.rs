@@ -447,7 +447,7 @@ fn is_zero_f64(x: &f64) -> bool {
 
 /// A duration in ms as `set-delay` takes it: `90s`, `10m`, `2h`, `1h30m`.
 pub fn show_duration_ms(ms: u64) -> String {
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let s = ms / 1000;
