@@ -5,11 +5,13 @@
 //! - [`control`]: the control socket `marsadm` talks to.
 //! - [`nbd_tls`]: the NBD server's TLS and client-address settings.
 //! - [`dumplog`]: `marsadm dump-log`, the incident tool for logfiles.
+//! - [`manpage`]: man pages from the clap definitions.
 
 pub mod control;
 pub mod daemon;
 pub use mars_replication::digest;
 pub mod dumplog;
+pub mod manpage;
 pub mod meta;
 pub mod nbd_tls;
 pub mod node;
