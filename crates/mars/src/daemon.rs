@@ -201,6 +201,10 @@ pub struct Daemon {
     no_disk: parking_lot::Mutex<HashSet<ResRef>>,
     /// Scrubs of this node's copies.
     scrubs: Arc<crate::scrub::Scrubs>,
+    /// Beats after every round of `run_loop` (the systemd watchdog's proof of life).
+    pub alive: Arc<crate::systemd::Heartbeat>,
+    /// The node setting `primary_units`.
+    units: crate::systemd::PrimaryUnits,
 }
 
 const RETRY_AFTER: Duration = Duration::from_secs(10);
@@ -221,6 +225,7 @@ const HANDOVER_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Daemon {
     pub fn new(dir: &Path, cfg: NodeConfig, peer: Arc<Peer>) -> Result<Daemon> {
+        let units = crate::systemd::PrimaryUnits::new(cfg.primary_units.clone())?;
         let served = Arc::new(Served::default());
         let server = Arc::new(mars_replication::Server {
             resources: node::resources_dir(dir),
@@ -239,6 +244,8 @@ impl Daemon {
             space_wanted: Arc::new(tokio::sync::Notify::new()),
             no_disk: Default::default(),
             scrubs: Default::default(),
+            alive: Default::default(),
+            units,
         };
         // Before any log writes: the room a full filesystem needs first.
         d.keep_space_reserve();
@@ -474,7 +481,7 @@ impl Daemon {
             }
             let want_export = r.attached && r.designated_primary.as_deref() == Some(me.as_str());
             if (!want_export || a.logger.is_none()) && a.export.is_some() {
-                self.unexport(&r.name, a);
+                self.stop_serving(&r.name, a).await;
             }
             if !r.attached {
                 if let Some(l) = self.take_logger(&r.name, a) {
@@ -514,6 +521,7 @@ impl Daemon {
                     self.exports.map.write().insert(r.name.clone(), e.clone());
                     a.export = Some(e);
                     tracing::info!(resource = %r.name, device = %self.device_uri(&r.name), "serving device");
+                    self.units.serving(&r.name);
                 }
             }
             // Report what this member actually does (pushed to the other members).
@@ -570,7 +578,7 @@ impl Daemon {
 
     /// Stop serving and writing, write everything back, and continue as a secondary.
     async fn demote(&self, r: &ResourceConfig, a: &mut Actual) -> Result<()> {
-        self.unexport(&r.name, a);
+        self.stop_serving(&r.name, a).await;
         if let Some(l) = self.take_logger(&r.name, a) {
             a.last_status = close_logger(l).await;
         }
@@ -806,6 +814,15 @@ impl Daemon {
         a.secondary.take()
     }
 
+    /// `unexport` for good: the resource's primary unit (if any) is stopped
+    /// first, while the device still answers.
+    async fn stop_serving(&self, name: &str, a: &mut Actual) {
+        if a.export.is_some() {
+            self.units.stopping(name).await;
+        }
+        self.unexport(name, a);
+    }
+
     fn unexport(&self, name: &str, a: &mut Actual) {
         if let Some(e) = a.export.take() {
             e.open.store(false, Ordering::Release);
@@ -818,7 +835,7 @@ impl Daemon {
         if let Some(h) = self.take_secondary(name, &mut a) {
             h.stop().await;
         }
-        self.unexport(name, &mut a);
+        self.stop_serving(name, &mut a).await;
         if let Some(l) = self.take_logger(name, &mut a) {
             close_logger(l).await;
         }
@@ -877,6 +894,8 @@ impl Daemon {
             }
             let mut st = self.state.lock().await;
             self.reconcile_locked(&mut st, false).await;
+            drop(st);
+            self.alive.beat();
         }
     }
 
@@ -1764,7 +1783,7 @@ impl Daemon {
         if let Some(h) = self.take_secondary(name, a) {
             h.stop().await;
         }
-        self.unexport(name, a);
+        self.stop_serving(name, a).await;
         if let Some(l) = self.take_logger(name, a) {
             close_logger(l).await;
         }

@@ -6,6 +6,7 @@
 //! - [`nbd_tls`]: the NBD server's TLS and client-address settings.
 //! - [`dumplog`]: `marsadm dump-log`, the incident tool for logfiles.
 //! - [`manpage`]: man pages from the clap definitions.
+//! - [`systemd`]: readiness, watchdog and per-resource units.
 
 pub mod control;
 pub mod daemon;
@@ -17,4 +18,5 @@ pub mod nbd_tls;
 pub mod node;
 pub mod peer;
 pub mod scrub;
+pub mod systemd;
 pub mod tls;
