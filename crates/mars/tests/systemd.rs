@@ -396,3 +396,43 @@ fn unit_files_pass_systemd_analyze_verify() {
         out.status
     );
 }
+
+/// scripts/install.sh into a staging root: binaries, units pointing at the
+/// PREFIX's binaries, man pages, completions.
+#[test]
+fn install_script_puts_everything_in_place() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let bin_dir = Path::new(MARSD).parent().expect("binary dir");
+    let out = Command::new(repo().join("scripts/install.sh"))
+        .env("PREFIX", "/opt/mars")
+        .env("DESTDIR", root.path())
+        .env("MARS_BIN_DIR", bin_dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/install.sh");
+    assert!(
+        out.status.success(),
+        "install.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = root.path();
+    for f in [
+        "opt/mars/bin/marsd",
+        "opt/mars/bin/marsadm",
+        "opt/mars/share/man/man1/marsadm.1",
+        "opt/mars/share/man/man8/marsd.8",
+        "opt/mars/share/bash-completion/completions/marsadm",
+        "opt/mars/share/zsh/site-functions/_marsadm",
+        "opt/mars/share/fish/vendor_completions.d/marsadm.fish",
+        "etc/systemd/system/mars-resource@.service",
+        "etc/mars/resource.d",
+    ] {
+        assert!(r.join(f).exists(), "{f} not installed");
+    }
+    let unit = std::fs::read_to_string(r.join("etc/systemd/system/marsd.service"))
+        .expect("marsd.service installed");
+    assert!(
+        unit.contains("\nExecStart=/opt/mars/bin/marsd --dir /var/lib/mars\n"),
+        "ExecStart not rewritten for PREFIX:\n{unit}"
+    );
+}
