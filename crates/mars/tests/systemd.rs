@@ -87,6 +87,13 @@ fn ready_only_once_it_serves_then_watchdog_and_stopping() {
     nodes[0].stop();
     // Frozen: its kernel accepts alpha's connections, nothing answers.
     nodes[1].signal(libc::SIGSTOP);
+    let beta = nodes[1].pid().expect("beta runs");
+    wait_for("beta stopped", Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{beta}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+            .unwrap_or(false)
+    });
 
     let alpha = &nodes[0];
     let sock_path = alpha.path("notify.sock");
