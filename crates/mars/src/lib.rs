@@ -20,3 +20,4 @@ pub mod peer;
 pub mod scrub;
 pub mod systemd;
 pub mod tls;
+pub mod verify;
