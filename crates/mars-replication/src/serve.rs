@@ -351,7 +351,7 @@ impl Server {
             | Msg::FrozenRead { .. }
             | Msg::FrozenRepair { .. }
             | Msg::FrozenCorrect { .. }
-            | Msg::Thaw { .. }) => self.serve_frozen(m, s).await?,
+            | Msg::Thaw { .. }) => self.serve_frozen(m, s, from).await?,
             m @ Msg::SyncBlock { .. } => {
                 return match self.serve_sync_blocks(m, s, from).await? {
                     Some(next @ (Msg::SyncEnd { .. } | Msg::SyncStart { .. })) => Ok(Some(next)),

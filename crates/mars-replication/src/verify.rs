@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Largest range digested in one request (the answer: 8 bytes per block).
-pub const MAX_DIGEST: u64 = 256 << 20;
+pub const MAX_DIGEST: u64 = 64 << 20;
 /// Largest range read or repaired in one request.
 pub const MAX_REPAIR: u32 = 8 << 20;
 /// The chunk a verify freezes the copies for.
@@ -293,7 +293,23 @@ impl LocalCopy {
         }
     }
 
-    pub fn repair(&self, at: u64, offset: u64, data: &[u8]) -> io::Result<()> {
+    /// Write good blocks of the frozen moment. Unless `trusted` (asked by
+    /// this node's operator or by the resource's primary, which decides
+    /// the data anyway), only blocks whose checksum in this copy's own table
+    /// is that of the data are accepted: another member can restore what
+    /// this copy's table says was written, never write anything else.
+    pub fn repair(&self, at: u64, offset: u64, data: &[u8], trusted: bool) -> io::Result<()> {
+        if !trusted {
+            let want = self
+                .csum()
+                .table(offset / BLOCK, data.len().div_ceil(BLOCK as usize));
+            if csum::block_crcs(data) != want {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "repair data disagrees with this copy's block checksums: only the primary may rewrite such blocks",
+                ));
+            }
+        }
         match self {
             LocalCopy::Primary(l) => l.frozen_repair(at, offset, data),
             LocalCopy::Replica { gate, disk, csum } => {
@@ -309,8 +325,25 @@ impl LocalCopy {
         }
     }
 
-    /// The table is wrong at `block`, the disk right: correct the table.
+    /// The table is wrong at `block`, the disk right: correct the table to
+    /// `crc`, which must be that of what the disk holds there now.
     pub fn correct(&self, at: u64, block: u64, crc: u32) -> io::Result<()> {
+        let covered = self.csum().covered();
+        if block.checked_mul(BLOCK).is_none_or(|o| o >= covered) {
+            return Err(io::Error::other(format!(
+                "block {block} is beyond the disk"
+            )));
+        }
+        let len = BLOCK.min(covered - block * BLOCK);
+        let d = self.digest(at, block * BLOCK, len)?;
+        if d.data.first() != Some(&crc) {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "block {block} does not hold data of that checksum: the table is not corrected"
+                ),
+            ));
+        }
         match self {
             LocalCopy::Primary(l) => {
                 let p = l.frozen_position()?;
@@ -321,11 +354,6 @@ impl LocalCopy {
             LocalCopy::Replica { gate, .. } => gate.check(at)?,
         }
         let c = self.csum();
-        if block * BLOCK >= c.covered() {
-            return Err(io::Error::other(format!(
-                "block {block} is beyond the disk"
-            )));
-        }
         c.correct(block, crc);
         c.sync()
     }
@@ -431,7 +459,12 @@ impl Server {
     }
 
     /// Answer a freeze message (see `Msg::Freeze` and the ones after it).
-    pub(crate) async fn serve_frozen(&self, msg: Msg, s: &mut PeerStream) -> Result<()> {
+    pub(crate) async fn serve_frozen(
+        &self,
+        msg: Msg,
+        s: &mut PeerStream,
+        from: &str,
+    ) -> Result<()> {
         match msg {
             Msg::Freeze {
                 res,
@@ -478,7 +511,16 @@ impl Server {
                     bail!("repair data of {} bytes, {len} announced", data.len());
                 }
                 let copy = self.local_copy(&res)?;
-                tokio::task::spawn_blocking(move || copy.repair(at, offset, &data)).await??;
+                // The primary decides the data; any other member may only
+                // restore what this copy's checksums say (`LocalCopy::repair`).
+                let trusted = {
+                    let store = self.cluster.store().lock();
+                    meta::resource(&store, &res)
+                        .and_then(|(rr, _)| meta::designated_primary(&store, &rr))
+                        .is_some_and(|p| p == from)
+                };
+                tokio::task::spawn_blocking(move || copy.repair(at, offset, &data, trusted))
+                    .await??;
                 write_msg(s, &Msg::Ok).await?;
             }
             Msg::FrozenCorrect {
@@ -647,7 +689,10 @@ impl Copy {
         match self {
             Copy::Local(c) => {
                 let c = c.clone();
-                Ok(tokio::task::spawn_blocking(move || c.repair(at, offset, &data)).await??)
+                Ok(
+                    tokio::task::spawn_blocking(move || c.repair(at, offset, &data, true))
+                        .await??,
+                )
             }
             Copy::Remote(s) => {
                 let res = res.to_string();

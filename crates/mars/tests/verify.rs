@@ -169,7 +169,7 @@ fn verify_finds_rot_in_every_member_and_repairs_it() {
 /// repaired from a member; a block rotten on every member is EIO.
 #[test]
 fn a_read_of_rot_is_repaired_from_a_member_and_eio_only_without_a_good_copy() {
-    let nodes = start_cluster(&["alpha", "beta"]);
+    let mut nodes = start_cluster(&["alpha", "beta"]);
     let size = 4 * MIB;
     let disks = replicate_r0(&nodes, size);
     let mut c = nodes[0].nbd("r0");
@@ -219,12 +219,29 @@ fn a_read_of_rot_is_repaired_from_a_member_and_eio_only_without_a_good_copy() {
     let (code, out) = verify(&nodes[0], &["--restart"]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("no good copy of 1 block(s)"), "{out}");
+    // The list of bad blocks outlives a restart: alpha is not shown
+    // uptodate after it either.
+    drop(c);
+    nodes[0].kill9();
+    nodes[0].start();
+    let v = nodes[0].wait_view("alpha's copy still inconsistent after a restart", |v| {
+        member(v, "alpha")["disk"] == "inconsistent"
+    });
+    assert_eq!(member(&v, "alpha")["bad_blocks"], 1, "{v:#}");
+    nodes[0].wait_view("alpha serves r0 again", |v| {
+        resource(v, "r0").is_some_and(|r| r["device"].is_string())
+    });
+    let mut c = nodes[0].nbd("r0");
+    assert_eq!(c.read(20 * BLOCK, BLOCK as u32).unwrap().0, 5);
     // The client writes the block anew: good again.
     assert_eq!(c.write(20 * BLOCK, &pattern(20, 4), true).unwrap(), 0);
     assert_eq!(
         c.read(20 * BLOCK, BLOCK as u32).unwrap(),
         (0, pattern(20, 4))
     );
+    nodes[0].wait_view("alpha's copy good again", |v| {
+        member(v, "alpha")["disk"] == "uptodate" && member(v, "alpha")["bad_blocks"] == 0
+    });
 }
 
 /// While a client keeps writing, verify compares every copy at consistent
@@ -273,4 +290,116 @@ fn verify_under_a_write_load_finds_no_false_difference() {
         n.stop();
     }
     assert_all_equal(&disks);
+}
+
+/// Red team: the repair messages are a way to write another member's disk.
+/// A member that is not the primary (here gamma's credentials, used by a
+/// tool) may restore only what the target copy's own checksums say was
+/// written: other data, and a checksum that is not of the block's data,
+/// are refused, and alpha's disk is unchanged.
+#[test]
+fn a_member_cannot_write_other_data_into_another_copy() {
+    use mars_proto::{client_handshake, read_msg, write_data, write_msg, Msg};
+    let nodes = start_cluster(&["alpha", "beta", "gamma"]);
+    let disks = replicate_r0(&nodes, 4 * MIB);
+    let mut c = nodes[0].nbd("r0");
+    fill(&mut c, 16, 5);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    nodes[0].wait_view("alpha wrote everything back", written_back);
+    let before = read(&disks[0]);
+    let v = nodes[0].view_json();
+    let id = v["cluster"]["id"].as_str().unwrap().to_string();
+    let inc = resource(&v, "r0").unwrap()["incarnation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answers = rt.block_on(async {
+        let mut out = Vec::new();
+        for attempt in 0..2 {
+            let mut s = nodes[2].tls_connect(&nodes[0].listen).await.unwrap();
+            client_handshake(&mut s, Some(&id), &nodes[2].info())
+                .await
+                .unwrap();
+            let res = inc.clone();
+            write_msg(
+                &mut s,
+                &Msg::Freeze {
+                    res,
+                    at: 0,
+                    offset: 0,
+                    len: 0,
+                },
+            )
+            .await
+            .unwrap();
+            let at = match read_msg(&mut s).await.unwrap() {
+                Msg::Frozen { pos, .. } => pos,
+                other => panic!("freeze answered {other:?}"),
+            };
+            // Frozen where alpha stands now.
+            let res = inc.clone();
+            write_msg(
+                &mut s,
+                &Msg::Freeze {
+                    res,
+                    at,
+                    offset: 0,
+                    len: 0,
+                },
+            )
+            .await
+            .unwrap();
+            assert!(
+                matches!(read_msg(&mut s).await.unwrap(), Msg::Frozen { pos, .. } if pos == at)
+            );
+            let res = inc.clone();
+            if attempt == 0 {
+                let evil = vec![0xEEu8; BLOCK as usize];
+                let len = evil.len() as u32;
+                write_msg(
+                    &mut s,
+                    &Msg::FrozenRepair {
+                        res,
+                        at,
+                        offset: 2 * BLOCK,
+                        len,
+                    },
+                )
+                .await
+                .unwrap();
+                write_data(&mut s, &evil).await.unwrap();
+            } else {
+                write_msg(
+                    &mut s,
+                    &Msg::FrozenCorrect {
+                        res,
+                        at,
+                        block: 3,
+                        crc: 0x1234_5678,
+                    },
+                )
+                .await
+                .unwrap();
+            }
+            out.push(read_msg(&mut s).await.unwrap());
+        }
+        out
+    });
+    for a in &answers {
+        match a {
+            Msg::Refused { reason } => assert!(
+                reason.contains("only the primary may rewrite") || reason.contains("not corrected"),
+                "{reason}"
+            ),
+            other => panic!("a member's rewrite answered {other:?}"),
+        }
+    }
+    assert!(read(&disks[0]) == before, "alpha's disk unchanged");
+    assert_eq!(c.read(3 * BLOCK, BLOCK as u32).unwrap(), (0, pattern(3, 5)));
+    let (code, out) = verify(&nodes[0], &["--restart"]);
+    assert_eq!(code, 0, "{out}");
 }
