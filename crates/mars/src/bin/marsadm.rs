@@ -315,7 +315,8 @@ enum Cmd {
     ///
     /// Resolves a split brain on the losing side, and emergency mode: the
     /// node's log copies and replay state are dropped and a full sync from
-    /// the primary starts.
+    /// the primary (while it is away: a member with a consistent disk)
+    /// starts. Refused on the designated primary.
     Invalidate {
         /// Resource name.
         res: String,
