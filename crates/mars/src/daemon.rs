@@ -203,6 +203,10 @@ pub struct Daemon {
     scrubs: Arc<crate::scrub::Scrubs>,
     /// Verifies this node coordinates, and repairs of its copies' bad blocks.
     verifies: Arc<crate::verify::Verifies>,
+    /// Beats after every round of `run_loop` (the systemd watchdog's proof of life).
+    pub alive: Arc<crate::systemd::Heartbeat>,
+    /// The node setting `primary_units`.
+    units: crate::systemd::PrimaryUnits,
 }
 
 const RETRY_AFTER: Duration = Duration::from_secs(10);
@@ -223,6 +227,7 @@ const HANDOVER_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Daemon {
     pub fn new(dir: &Path, cfg: NodeConfig, peer: Arc<Peer>) -> Result<Daemon> {
+        let units = crate::systemd::PrimaryUnits::new(cfg.primary_units.clone())?;
         let served = Arc::new(Served::default());
         let server = Arc::new(mars_replication::Server {
             resources: node::resources_dir(dir),
@@ -242,6 +247,8 @@ impl Daemon {
             no_disk: Default::default(),
             scrubs: Default::default(),
             verifies: Default::default(),
+            alive: Default::default(),
+            units,
         };
         // Before any log writes: the room a full filesystem needs first.
         d.keep_space_reserve();
@@ -491,7 +498,7 @@ impl Daemon {
             }
             let want_export = r.attached && r.designated_primary.as_deref() == Some(me.as_str());
             if (!want_export || a.logger.is_none()) && a.export.is_some() {
-                self.unexport(&r.name, a);
+                self.stop_serving(&r.name, a).await;
             }
             if !r.attached {
                 if let Some(l) = self.take_logger(&r.name, a) {
@@ -531,6 +538,7 @@ impl Daemon {
                     self.exports.map.write().insert(r.name.clone(), e.clone());
                     a.export = Some(e);
                     tracing::info!(resource = %r.name, device = %self.device_uri(&r.name), "serving device");
+                    self.units.serving(&r.name);
                 }
             }
             // Report what this member actually does (pushed to the other members).
@@ -587,7 +595,7 @@ impl Daemon {
 
     /// Stop serving and writing, write everything back, and continue as a secondary.
     async fn demote(&self, r: &ResourceConfig, a: &mut Actual) -> Result<()> {
-        self.unexport(&r.name, a);
+        self.stop_serving(&r.name, a).await;
         if let Some(l) = self.take_logger(&r.name, a) {
             a.last_status = close_logger(l).await;
         }
@@ -830,6 +838,15 @@ impl Daemon {
         a.secondary.take()
     }
 
+    /// `unexport` for good: the resource's primary unit (if any) is stopped
+    /// first, while the device still answers.
+    async fn stop_serving(&self, name: &str, a: &mut Actual) {
+        if a.export.is_some() {
+            self.units.stopping(name).await;
+        }
+        self.unexport(name, a);
+    }
+
     fn unexport(&self, name: &str, a: &mut Actual) {
         if let Some(e) = a.export.take() {
             e.open.store(false, Ordering::Release);
@@ -842,7 +859,7 @@ impl Daemon {
         if let Some(h) = self.take_secondary(name, &mut a) {
             h.stop().await;
         }
-        self.unexport(name, &mut a);
+        self.stop_serving(name, &mut a).await;
         if let Some(l) = self.take_logger(name, &mut a) {
             close_logger(l).await;
         }
@@ -914,6 +931,8 @@ impl Daemon {
             }
             let mut st = self.state.lock().await;
             self.reconcile_locked(&mut st, false).await;
+            drop(st);
+            self.alive.beat();
         }
     }
 
@@ -1826,7 +1845,7 @@ impl Daemon {
         if let Some(h) = self.take_secondary(name, a) {
             h.stop().await;
         }
-        self.unexport(name, a);
+        self.stop_serving(name, a).await;
         if let Some(l) = self.take_logger(name, a) {
             close_logger(l).await;
         }

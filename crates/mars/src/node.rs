@@ -13,6 +13,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use mars_logger::crashsafe::write_atomic;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
@@ -103,6 +104,11 @@ pub struct NodeConfig {
     /// empty (the default): every address.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nbd_allow: Vec<String>,
+    /// Per resource, a systemd unit that marsd starts (`systemctl start`)
+    /// where this node serves the resource's device, and stops before it
+    /// stops serving it (`crate::systemd::PrimaryUnits`); empty: none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub primary_units: BTreeMap<String, String>,
 }
 
 /// `nbd_tls` in `node.json`. Paths are absolute or relative to the node
@@ -297,6 +303,7 @@ fn write_node(
         former_cluster_ids: Vec::new(),
         nbd_tls: None,
         nbd_allow: Vec::new(),
+        primary_units: BTreeMap::new(),
     };
     save_json(&dir.join(NODE_FILE), &cfg)?;
     Ok(cfg)
