@@ -357,12 +357,15 @@ enum Cmd {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Keep this secondary's replay DURATION behind the primary's writes (a
-    /// delayed replica: an undo window). Fetch goes on, so nothing is lost;
-    /// `view` shows the delay. DURATION: `30s`, `10m`, `2h`, `1h30m`; `0`
-    /// ends the delay and replay catches up.
+    /// Keep this secondary's replay DURATION behind the primary's writes.
+    ///
+    /// A delayed replica: an undo window. Fetch goes on, so nothing is
+    /// lost; `view` shows the delay. Refused on the primary. `0` ends the
+    /// delay and replay catches up.
     SetDelay {
+        /// Resource name.
         res: String,
+        /// How far behind: `30s`, `10m`, `2h`, `1h30m`, `500ms`, or `0`.
         #[arg(value_parser = mars_api::parse_duration_ms)]
         duration: u64,
     },
