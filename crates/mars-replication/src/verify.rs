@@ -494,9 +494,13 @@ pub fn judge(first: u64, sides: &[&RangeDigest], primary: usize) -> Vec<Fix> {
             Some(p.data[i])
         } else {
             let cands: Vec<usize> = (0..sides.len()).filter(|&s| consistent(s)).collect();
+            // The primary's table names the block (its disk rotted); else a
+            // copy that holds the primary's data (its table rotted: the
+            // data is confirmed by another copy); only then any other.
             cands
                 .iter()
                 .find(|&&s| sides[s].data[i] == p.table[i])
+                .or_else(|| cands.iter().find(|&&s| sides[s].data[i] == p.data[i]))
                 .or(cands.first())
                 .map(|&s| sides[s].data[i])
         };
@@ -531,7 +535,7 @@ pub fn judge(first: u64, sides: &[&RangeDigest], primary: usize) -> Vec<Fix> {
 
 impl Server {
     /// `from` is the designated primary of `res`: it decides the data.
-    fn from_primary(&self, res: &str, from: &str) -> bool {
+    fn sent_by_primary(&self, res: &str, from: &str) -> bool {
         let store = self.cluster.store().lock();
         meta::resource(&store, res)
             .and_then(|(rr, _)| meta::designated_primary(&store, &rr))
@@ -598,7 +602,7 @@ impl Server {
                 let copy = self.local_copy(&res)?;
                 // The primary decides the data; any other member may only
                 // restore what this copy's checksums say (`LocalCopy::repair`).
-                let trusted = self.from_primary(&res, from);
+                let trusted = self.sent_by_primary(&res, from);
                 tokio::task::spawn_blocking(move || copy.repair(at, offset, &data, trusted))
                     .await??;
                 write_msg(s, &Msg::Ok).await?;
@@ -610,7 +614,7 @@ impl Server {
                 crc,
             } => {
                 let copy = self.local_copy(&res)?;
-                let trusted = self.from_primary(&res, from);
+                let trusted = self.sent_by_primary(&res, from);
                 tokio::task::spawn_blocking(move || copy.correct(at, block, crc, trusted))
                     .await??;
                 write_msg(s, &Msg::Ok).await?;
@@ -1379,6 +1383,34 @@ mod tests {
                 to: 1,
                 from: 0
             }]
+        );
+    }
+
+    /// The primary's table entry rotted (its data is good), and one
+    /// secondary holds another block that agrees with its own table (a
+    /// copy restored from elsewhere and its checksums rebuilt, say): the
+    /// copy that confirms the primary's data is the good one. The first
+    /// self-consistent copy was taken, and its block copied over the
+    /// primary's and the good secondary's.
+    #[test]
+    fn a_primary_with_a_rotten_table_keeps_the_data_another_copy_confirms() {
+        let p = side(&[9], &[7]);
+        let odd = side(&[5], &[5]);
+        let good = side(&[9], &[9]);
+        assert_eq!(
+            judge(0, &[&p, &odd, &good], 0),
+            vec![
+                Fix::Correct {
+                    block: 0,
+                    side: 0,
+                    crc: 9
+                },
+                Fix::Copy {
+                    block: 0,
+                    to: 1,
+                    from: 0
+                }
+            ]
         );
     }
 
