@@ -112,6 +112,11 @@ impl Logger {
             Some((h, until)) => h == applied && !wb.applying && Instant::now() < until,
             None => false,
         } || wb.pin.is_some_and(|(p, _)| p == applied && !wb.applying);
+        if wb.writer_done {
+            // Closed (a demotion or a stop): the disk may belong to a
+            // secondary's replay already, which no freeze here holds.
+            return Err(closed());
+        }
         if !frozen || applied != at {
             return Err(io::Error::other(format!(
                 "writeback is not frozen at log position {at} (the freeze's lease ran out?)"
@@ -187,6 +192,25 @@ mod tests {
 
     fn applied(l: &Logger) -> u64 {
         l.shared.applied_pos.load(Ordering::Acquire)
+    }
+
+    /// A logger closed while frozen (a demotion during a verify: its disk
+    /// goes to the secondary's replay, which this freeze does not hold)
+    /// takes no repair any more.
+    #[test]
+    fn a_closed_logger_takes_no_repair() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(dir.path(), 1 << 20);
+        let at = applied(&l);
+        assert_eq!(
+            l.freeze(at, Duration::from_secs(5)).unwrap(),
+            Frozen::At(at)
+        );
+        l.close();
+        assert!(l.frozen_repair(at, 0, &[7u8; 4096]).is_err());
+        assert!(std::fs::read(dir.path().join("disk.img")).unwrap()[..4096]
+            .iter()
+            .all(|&b| b == 0));
     }
 
     /// A repair writes blocks of the frozen moment T. Whatever happens to the
