@@ -504,7 +504,9 @@ impl Secondary {
             // resumed.
             None => self.open_replayer(sync.start_pos).await?,
         };
-        if self.pause_replay.load(Ordering::Acquire) {
+        let paused = self.pause_replay.load(Ordering::Acquire);
+        self.gate.set_paused(paused);
+        if paused {
             // Paused: what was applied is made durable (the disk synced, the position
             // persisted), so that the logfiles before it may go while replay waits.
             let (r, persisted) = if r.position() > r.persisted_position() {
