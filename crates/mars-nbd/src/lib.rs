@@ -78,6 +78,7 @@
 
 pub mod allow;
 pub mod proto;
+pub mod stats;
 pub mod tls;
 
 use std::collections::VecDeque;
@@ -87,7 +88,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Wake, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
@@ -98,6 +99,7 @@ use proto::*;
 
 pub use allow::AllowList;
 pub use proto::{Command, ProtoError, Request};
+pub use stats::DeviceStats;
 pub use tls::{Tls, TlsAcceptor};
 
 pub type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -122,6 +124,11 @@ pub trait Export: Send + Sync + 'static {
     /// (their futures are polled once when started, then again when woken).
     fn begin_batch(&self) {}
     fn end_batch(&self) {}
+    /// Where the connections serving this export count their requests
+    /// (`None`: not counted, no clock read per request).
+    fn stats(&self) -> Option<Arc<DeviceStats>> {
+        None
+    }
 }
 
 /// Name -> export lookup, consulted at handshake time (export names = resource names).
@@ -735,6 +742,11 @@ struct InFlight {
     work: Work,
     /// Payload bytes this request holds in the connection's budget.
     budget: usize,
+    /// When it was handed to the export (only when the export counts requests).
+    started: Option<Instant>,
+    /// Its command (`stats::COMMANDS` index) and length, for the statistics.
+    cmd: u8,
+    len: u32,
 }
 
 struct Slot {
@@ -938,6 +950,18 @@ struct Conn<R, W> {
     need_flush: bool,
     /// Scratch for completions found in one round.
     finished: Vec<(InFlight, Done)>,
+    /// The export's request statistics, if it keeps them.
+    stats: Option<Arc<DeviceStats>>,
+}
+
+impl<R, W> Drop for Conn<R, W> {
+    fn drop(&mut self) {
+        // Requests still running in the export are no longer this
+        // connection's: they leave the in-flight count with it.
+        if let Some(s) = &self.stats {
+            s.abandoned(self.requests.running);
+        }
+    }
 }
 
 impl<R, W> Conn<R, W>
@@ -960,6 +984,9 @@ where
             Done::Read(Err(e), _) | Done::Other(Err(e)) => (errno_for(&e), None),
             Done::Other(Ok(())) => (0, None),
         };
+        if let (Some(s), Some(t)) = (&self.stats, req.started) {
+            s.finished(usize::from(req.cmd), req.len, t.elapsed(), error != 0, true);
+        }
         if error == NBD_ESHUTDOWN && self.end.is_none() {
             // The export is gone: answer what is in flight, read nothing more.
             self.end = Some(End::Clean);
@@ -1088,12 +1115,19 @@ where
 
     fn start_request(&mut self, req: Request, payload_len: usize, data: Option<Bytes>) {
         let cookie = req.cookie;
+        let cmd = stats::command_index(req.kind);
         if let Err(errno) = validate(&req, self.size, self.read_only) {
             tracing::debug!(?req, errno, "nbd: rejecting request");
+            if let Some(s) = &self.stats {
+                s.finished(cmd, 0, Duration::ZERO, true, false);
+            }
             self.out.push(cookie, errno, None, 0);
             return;
         }
         if req.length == 0 && req.kind != Command::Flush {
+            if let Some(s) = &self.stats {
+                s.finished(cmd, 0, Duration::ZERO, false, false);
+            }
             self.out.push(cookie, 0, None, 0);
             return;
         }
@@ -1107,10 +1141,18 @@ where
             _ => Work::Other(self.export.write_zeroes(off, len, fua)),
         };
         self.budget_used += payload_len;
+        let started = self.stats.as_ref().map(|s| {
+            s.started();
+            Instant::now()
+        });
         let r = InFlight {
             cookie,
             work,
             budget: payload_len,
+            started,
+            // `COMMANDS` has 6 entries.
+            cmd: cmd as u8,
+            len,
         };
         if let Some((r, done)) = self.requests.start(r) {
             self.finish(r, done);
@@ -1209,7 +1251,11 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let stats = export.stats();
+    // Counts this connection for as long as it runs.
+    let _counted = stats.clone().map(stats::ConnectionGuard::new);
     let mut conn = Conn {
+        stats,
         rd,
         size: export.size(),
         read_only: export.read_only(),
