@@ -103,6 +103,10 @@ pub struct NodeConfig {
     /// empty (the default): every address.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nbd_allow: Vec<String>,
+    /// Where to serve Prometheus metrics (`HOST:PORT`, page `/metrics`);
+    /// absent: not served. `marsd --metrics` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
 
 /// `nbd_tls` in `node.json`. Paths are absolute or relative to the node
@@ -295,6 +299,7 @@ fn write_node(
         former_cluster_ids: Vec::new(),
         nbd_tls: None,
         nbd_allow: Vec::new(),
+        metrics: None,
     };
     save_json(&dir.join(NODE_FILE), &cfg)?;
     Ok(cfg)

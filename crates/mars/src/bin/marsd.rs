@@ -18,6 +18,11 @@ struct Args {
     /// Node directory (default: $MARS_DIR, then /mars).
     #[arg(long, env = "MARS_DIR", default_value = "/mars")]
     dir: PathBuf,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (overrides the
+    /// node setting `metrics` in node.json; `off`: not served). Default: the
+    /// setting, else off. Anyone who reaches the address can read them.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
 }
 
 /// Keep freed heap memory in the process for the next request's buffers instead of
@@ -53,7 +58,7 @@ fn main() {
         )
         .init();
     raise_fd_limit();
-    if let Err(e) = run(&args.dir) {
+    if let Err(e) = run(&args.dir, args.metrics.as_deref()) {
         eprintln!("marsd: {e:#}");
         std::process::exit(1);
     }
@@ -85,9 +90,14 @@ fn bind_tcp(what: &str, addr: &str) -> Result<std::net::TcpListener> {
     Ok(l)
 }
 
-fn run(dir: &Path) -> Result<()> {
+fn run(dir: &Path, metrics_flag: Option<&str>) -> Result<()> {
     node::private_umask();
     let cfg = node::load_node(dir)?;
+    let metrics_addr = match metrics_flag {
+        Some("off") => None,
+        Some(a) => Some(a.to_string()),
+        None => cfg.metrics.clone(),
+    };
     if node::private_node_dir(dir)? {
         tracing::warn!(
             "{} was accessible by other users: made it 0700 (it holds the logs and the disk records)",
@@ -105,6 +115,10 @@ fn run(dir: &Path) -> Result<()> {
         );
     }
     let nbd = bind_tcp("NBD", &cfg.nbd)?;
+    let metrics = metrics_addr
+        .as_deref()
+        .map(|a| bind_tcp("metrics (--metrics)", a))
+        .transpose()?;
     let peer = bind_tcp("peer (--listen)", &cfg.listen)?;
     let udp =
         std::net::UdpSocket::bind(node::check_addr("--listen", &cfg.listen)?).map_err(|e| {
@@ -153,6 +167,12 @@ fn run(dir: &Path) -> Result<()> {
             }
         });
         tokio::spawn(mars::control::serve(ctl, daemon.clone()));
+        if let (Some(l), Some(addr)) = (metrics, &metrics_addr) {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            let source = mars::metrics::Source::new(daemon.clone());
+            tokio::spawn(mars::metrics::serve(l, source.render()));
+            tracing::info!("metrics: http://{addr}/metrics");
+        }
         tokio::spawn(daemon.clone().run_loop());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
