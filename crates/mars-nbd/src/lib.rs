@@ -1133,6 +1133,11 @@ where
         }
         let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
         let (off, len) = (req.offset, req.length);
+        // Before the export is called: a read it answers inline runs in the call.
+        let started = self.stats.as_ref().map(|s| {
+            s.started();
+            Instant::now()
+        });
         let work = match req.kind {
             Command::Read => Work::Read(self.export.read(off, len), len),
             Command::Write => Work::Other(self.export.write(off, data.unwrap_or_default(), fua)),
@@ -1141,10 +1146,6 @@ where
             _ => Work::Other(self.export.write_zeroes(off, len, fua)),
         };
         self.budget_used += payload_len;
-        let started = self.stats.as_ref().map(|s| {
-            s.started();
-            Instant::now()
-        });
         let r = InFlight {
             cookie,
             work,
@@ -1440,6 +1441,118 @@ mod tests {
         for c in 0..n as usize {
             assert!(data[c * 512..(c + 1) * 512].iter().all(|&b| b == c as u8));
         }
+    }
+
+    /// The same, counting its requests.
+    struct CountedExport(GatedExport, Arc<DeviceStats>);
+
+    impl Export for CountedExport {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read(&self, offset: u64, len: u32) -> BoxFut<io::Result<Bytes>> {
+            self.0.read(offset, len)
+        }
+        fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFut<io::Result<()>> {
+            self.0.write(offset, data, fua)
+        }
+        fn flush(&self) -> BoxFut<io::Result<()>> {
+            self.0.flush()
+        }
+        fn trim(&self, o: u64, l: u32, f: bool) -> BoxFut<io::Result<()>> {
+            self.0.trim(o, l, f)
+        }
+        fn write_zeroes(&self, o: u64, l: u32, f: bool) -> BoxFut<io::Result<()>> {
+            self.0.write_zeroes(o, l, f)
+        }
+        fn stats(&self) -> Option<Arc<DeviceStats>> {
+            Some(self.1.clone())
+        }
+    }
+
+    /// Requests are counted by command when answered (refused ones as errors),
+    /// in flight while the export runs them, and a connection that goes away
+    /// with requests running takes them out of the in-flight count.
+    #[tokio::test]
+    async fn requests_are_counted_by_command_and_in_flight_until_answered() {
+        let stats = Arc::new(DeviceStats::new());
+        let export = Arc::new(CountedExport(
+            GatedExport {
+                data: Mutex::new(vec![0u8; 1 << 20]),
+                gate: Mutex::new(Vec::new()),
+                started: AtomicUsize::new(0),
+            },
+            stats.clone(),
+        ));
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (sr, sw) = tokio::io::split(server);
+        let server = tokio::spawn(transmission(BytesMut::new(), sr, sw, export.clone()));
+        let (mut cr, mut cw) = tokio::io::split(client);
+        for c in 0..3u64 {
+            cw.write_all(&req(NBD_CMD_WRITE, c, c * 4096, 4096))
+                .await
+                .unwrap();
+            cw.write_all(&[7u8; 4096]).await.unwrap();
+        }
+        cw.write_all(&req(NBD_CMD_READ, 10, 0, 8192)).await.unwrap();
+        cw.write_all(&req(NBD_CMD_READ, 11, 1 << 20, 512))
+            .await
+            .unwrap();
+        cw.write_all(&req(NBD_CMD_FLUSH, 12, 0, 0)).await.unwrap();
+        cw.write_all(&req(99, 13, 0, 0)).await.unwrap();
+        cw.write_all(&req(NBD_CMD_TRIM, 14, 0, 0)).await.unwrap();
+        // Read, refused read, flush, unknown command, empty trim: answered.
+        let mut errors = std::collections::HashMap::new();
+        for _ in 0..5 {
+            let mut h = [0u8; SIMPLE_REPLY_LEN];
+            cr.read_exact(&mut h).await.unwrap();
+            let (err, cookie) = parse_simple_reply(&h).unwrap();
+            if cookie == 10 {
+                let mut d = vec![0u8; 8192];
+                cr.read_exact(&mut d).await.unwrap();
+            }
+            errors.insert(cookie, err);
+        }
+        assert_eq!(errors[&10], 0);
+        assert_ne!(errors[&11], 0);
+        assert_ne!(errors[&13], 0);
+        let snap = stats.snapshot();
+        let by = |name: &str| {
+            snap.commands
+                .iter()
+                .find(|c| c.command == name)
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!((snap.in_flight, snap.connections), (3, 1));
+        assert_eq!(
+            (by("read").requests, by("read").errors, by("read").bytes),
+            (2, 1, 8192)
+        );
+        assert_eq!((by("flush").requests, by("flush").errors), (1, 0));
+        assert_eq!((by("other").requests, by("other").errors), (1, 1));
+        assert_eq!((by("trim").requests, by("trim").bytes), (1, 0));
+        assert_eq!(by("write").requests, 0);
+        // Two writes finish; the third is still running when the connection goes.
+        let gates: Vec<_> = lock(&export.0.gate).drain(..).collect();
+        assert_eq!(gates.len(), 3);
+        let mut gates = gates.into_iter();
+        for tx in gates.by_ref().take(2) {
+            tx.send(()).unwrap();
+        }
+        for _ in 0..2 {
+            assert_eq!(read_reply(&mut cr).await.0, 0);
+        }
+        let snap = stats.snapshot();
+        assert_eq!(snap.in_flight, 1);
+        let w = snap.commands.iter().find(|c| c.command == "write").unwrap();
+        assert_eq!((w.requests, w.errors, w.bytes), (2, 0, 8192));
+        assert_eq!(w.buckets.iter().map(|b| b.1).sum::<u64>(), 2);
+        server.abort();
+        assert!(server.await.unwrap_err().is_cancelled());
+        let snap = stats.snapshot();
+        assert_eq!((snap.in_flight, snap.connections), (0, 0));
+        drop(gates);
     }
 
     /// An export that holds writes until `end_batch` and completes them there, on the

@@ -203,6 +203,25 @@ impl Drop for ConnectionGuard {
 mod tests {
     use super::*;
 
+    /// What the statistics cost a request, single-threaded (the clock reads
+    /// included): `cargo test --release -p mars-nbd cost_per_request --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn cost_per_request() {
+        let s = DeviceStats::new();
+        let n = 10_000_000u32;
+        let t = std::time::Instant::now();
+        for i in 0..n {
+            s.started();
+            let start = std::time::Instant::now();
+            s.finished((i % 2) as usize, 4096, start.elapsed(), false, true);
+        }
+        let per = t.elapsed() / n;
+        eprintln!("{per:?} per request");
+        assert_eq!(s.snapshot().commands[1].requests, u64::from(n / 2));
+    }
+
     #[test]
     fn bounds_agree() {
         for (s, ns) in LATENCY_BOUNDS.iter().zip(BOUNDS_NS) {
