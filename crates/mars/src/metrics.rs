@@ -886,7 +886,7 @@ impl prometheus_client::collector::Collector for Snapshot {
         if !self.devices.is_empty() {
             let mut m = e.encode_descriptor(
                 "mars_nbd_request_duration",
-                "Time from an NBD request's arrival to its answer, by command.",
+                "Time from an NBD request's start (its payload received, the export called) to its reply being queued, by command.",
                 Some(&Unit::Seconds),
                 MetricType::Histogram,
             )?;

@@ -395,3 +395,36 @@ fn without_a_view_the_node_metrics_are_still_shown() {
     assert!(text.contains("mars_metrics_view_age_seconds NaN"), "{text}");
     assert!(!text.contains("mars_member_"), "{text}");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Whatever a client sends, the answer is one HTTP reply (or none when
+    /// it sent nothing), never a panic; only a well-formed GET or HEAD of
+    /// /metrics gets the page.
+    #[test]
+    fn any_bytes_get_one_reply_and_no_panic(
+        junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+        tail in proptest::sample::select(vec![&b""[..], b"\r\n\r\n", b"\n\n"]),
+        prefix in proptest::sample::select(vec![&b""[..], b"GET /metrics HTTP/1.1\r\n", b"GET /metrics"]),
+    ) {
+        let mut req = prefix.to_vec();
+        req.extend(&junk);
+        req.extend(tail);
+        let _ = parse_request(&req);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let reply = rt.block_on(exchange(page("m 1\n"), &req, true));
+        proptest::prop_assert!(
+            reply.is_empty() && req.is_empty() || reply.starts_with("HTTP/1.1 "),
+            "{:?}",
+            reply
+        );
+        if reply.starts_with("HTTP/1.1 200") {
+            proptest::prop_assert!(req.starts_with(b"GET /metrics") || req.starts_with(b"HEAD /metrics"));
+        }
+    }
+}
