@@ -79,6 +79,24 @@ pub enum Request {
     Scrub {
         name: String,
     },
+    /// Compare every member's copy with the primary's (this node
+    /// coordinates; it must be a member): started, or the one running
+    /// joined. `restart`: from the first block, not where an interrupted
+    /// one stopped. `rate`: bytes per second compared (0: no limit).
+    Verify {
+        name: String,
+        #[serde(default)]
+        repair: bool,
+        #[serde(default)]
+        rate: Option<u64>,
+        #[serde(default)]
+        restart: bool,
+    },
+    /// Pause, resume or stop the verify this node runs.
+    VerifyControl {
+        name: String,
+        op: VerifyOp,
+    },
     /// Grow the device to `bytes` (default: the smallest member disk).
     Resize {
         name: String,
@@ -212,6 +230,76 @@ pub struct ResourceView {
     /// since it started (extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_sent: Option<LinkView>,
+    /// The verify this node runs or ran last (`marsadm verify`; extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyView>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyOp {
+    Pause,
+    Resume,
+    Stop,
+}
+
+/// A verify, as the node that coordinates it sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyView {
+    /// Bytes compared so far and in all, while one runs.
+    pub running: Option<(u64, u64)>,
+    #[serde(default)]
+    pub paused: bool,
+    /// It repairs what it finds.
+    #[serde(default)]
+    pub repair: bool,
+    /// Bytes per second compared so far.
+    #[serde(default)]
+    pub rate: u64,
+    /// The last one that ended.
+    pub last: Option<LastVerify>,
+}
+
+/// A verify that ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastVerify {
+    /// When it started and ended (ms since the epoch).
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    /// Bytes compared, of `total`.
+    pub compared: u64,
+    pub total: u64,
+    pub repair: bool,
+    /// Every copy agreed (or, with repair, was repaired) and none failed.
+    pub clean: bool,
+    /// Members whose copy differed in some block.
+    pub members: Vec<MemberVerify>,
+    /// Blocks no copy held good (as ranges), and how many.
+    #[serde(default)]
+    pub lost_blocks: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<String>,
+    /// Members that could not be compared: (node, why).
+    #[serde(default)]
+    pub failed: Vec<(String, String)>,
+    /// Why it ended before the end (stopped, the primary unreachable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Where the next `verify` goes on from (it ended before the end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_at: Option<u64>,
+}
+
+/// One member's result in a verify.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberVerify {
+    pub node: String,
+    /// Blocks whose data or checksum differed from the good copy.
+    pub differing_blocks: u64,
+    /// Those blocks as byte ranges.
+    pub ranges: String,
+    /// Of them, repaired.
+    pub repaired: u64,
 }
 
 /// Data frames sent on peer links: bytes of data, bytes on the wire (less
@@ -261,9 +349,14 @@ pub struct MemberView {
     /// since its marsd started.
     #[serde(default)]
     pub checksum_errors: u64,
-    /// Blocks repaired since start (0: repair from a good member is not built yet).
+    /// Blocks of this member's disk repaired from a good copy (or whose
+    /// checksum was corrected) since its marsd started.
     #[serde(default)]
     pub repaired: u64,
+    /// Blocks of this member's disk known bad and not repaired (then its
+    /// disk is never shown `uptodate`; extension).
+    #[serde(default)]
+    pub bad_blocks: u64,
     /// This node's own copy: the scrub running (bytes read of the total) and
     /// the last one that ended (None for other members: extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -17,7 +17,7 @@
 //! size, inode and modification time, so that a disk written by someone else
 //! while detached is found at the next open.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
@@ -198,16 +198,9 @@ pub struct Csum {
     failed: AtomicBool,
 }
 
-/// Found since start, per resource directory (survives a reopen).
-#[derive(Default)]
-struct Found {
-    count: u64,
-    bad: BTreeSet<u64>,
-}
-
 struct Registry {
     open: HashMap<PathBuf, (Arc<Csum>, usize)>,
-    found: HashMap<PathBuf, Found>,
+    found: HashMap<PathBuf, bad::Found>,
 }
 
 fn registry() -> &'static Mutex<Registry> {
@@ -309,6 +302,7 @@ pub fn open(dir: &Path, disk: &Path) -> Result<CsumHandle, CsumError> {
         return Ok(CsumHandle::new(c.clone()));
     }
     let c = Arc::new(Csum::load_or_build(dir, disk)?);
+    c.load_found(&mut r);
     r.open.insert(path, (c.clone(), 1));
     Ok(CsumHandle::new(c))
 }
@@ -325,12 +319,17 @@ pub fn find(dir: &Path) -> Option<CsumHandle> {
 /// the disk (`attach --rebuild-checksums`). Refused while it is open.
 pub fn discard(dir: &Path) -> io::Result<bool> {
     let path = dir.join(FILE_NAME);
-    let r = registry().lock();
+    let mut r = registry().lock();
     if r.open.contains_key(&path) {
         return Err(io::Error::other(
             "the block checksums are in use (the disk is attached and running): detach first",
         ));
     }
+    // Computed anew from the disk: nothing is known bad in it any more.
+    if let Some(f) = r.found.get_mut(&path) {
+        f.bad.clear();
+    }
+    bad::forget(dir)?;
     match std::fs::remove_file(&path) {
         Ok(()) => {
             crate::crashsafe::sync_dir(dir)?;
@@ -339,25 +338,6 @@ pub fn discard(dir: &Path) -> io::Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
     }
-}
-
-/// Bad blocks found in the disk of resource directory `dir` since this process started.
-pub fn errors(dir: &Path) -> u64 {
-    registry()
-        .lock()
-        .found
-        .get(&dir.join(FILE_NAME))
-        .map_or(0, |f| f.count)
-}
-
-/// Blocks of the disk of resource directory `dir` found bad and not written
-/// since (a repair, or the client's own rewrite, takes a block off).
-pub fn unrepaired(dir: &Path) -> u64 {
-    registry()
-        .lock()
-        .found
-        .get(&dir.join(FILE_NAME))
-        .map_or(0, |f| f.bad.len() as u64)
 }
 
 /// Blocks whose checksum did not match what the disk held (a stable
@@ -562,6 +542,8 @@ impl Csum {
         let tmp = dir.join(TMP_NAME);
         let n = entries(len);
         let crcs: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+        // A list of bad blocks was of the table computed before.
+        bad::forget(dir).map_err(ioerr(&dir.join(BAD_FILE)))?;
         let f = File::open(disk).map_err(ioerr(disk))?;
         tracing::info!(disk = %disk.display(), bytes = len, "computing block checksums of the disk (read once)");
         let t0 = Instant::now();
@@ -630,6 +612,17 @@ impl Csum {
         &self.disk
     }
 
+    /// The stored checksums of blocks `first..first+n` (those beyond the
+    /// table left out).
+    pub fn table(&self, first: u64, n: usize) -> Vec<u32> {
+        let from = (first as usize).min(self.crcs.len());
+        let to = from.saturating_add(n).min(self.crcs.len());
+        self.crcs[from..to]
+            .iter()
+            .map(|c| c.load(Ordering::Acquire))
+            .collect()
+    }
+
     /// The stored checksum of block `b` (None beyond the table).
     pub fn get(&self, b: u64) -> Option<u32> {
         self.crcs.get(b as usize).map(|c| c.load(Ordering::Acquire))
@@ -642,13 +635,8 @@ impl Csum {
         slot.store(crc, Ordering::SeqCst);
         let page = b as usize / PER_PAGE;
         self.dirty[page / 64].fetch_or(1 << (page % 64), Ordering::SeqCst);
-        if self.any_bad.load(Ordering::Relaxed) {
-            // A rewritten block is good again (until found bad anew).
-            let mut r = registry().lock();
-            if let Some(f) = r.found.get_mut(&self.path) {
-                f.bad.remove(&b);
-            }
-        }
+        // A rewritten block is good again (until found bad anew).
+        self.unmark(b);
     }
 
     /// Announce a write to the disk: reads that raced it retry instead of
@@ -832,15 +820,6 @@ impl Csum {
         Ok(())
     }
 
-    fn is_bad(&self, b: u64) -> bool {
-        self.any_bad.load(Ordering::Relaxed)
-            && registry()
-                .lock()
-                .found
-                .get(&self.path)
-                .is_some_and(|f| f.bad.contains(&b))
-    }
-
     /// Before a write of `[offset, offset+len)` to the disk, where disk and
     /// table agree but for damage (the primary's writeback): the blocks it
     /// covers only in part are checked against their checksums (read whole:
@@ -996,25 +975,6 @@ impl Csum {
         }))
     }
 
-    /// Count and log blocks found bad (each once until rewritten).
-    fn found(&self, blocks: &[u64]) {
-        self.any_bad.store(true, Ordering::Relaxed);
-        let new: Vec<u64> = {
-            let mut r = registry().lock();
-            let f = r.found.entry(self.path.clone()).or_default();
-            let new: Vec<u64> = blocks
-                .iter()
-                .copied()
-                .filter(|b| f.bad.insert(*b))
-                .collect();
-            f.count += new.len() as u64;
-            new
-        };
-        if !new.is_empty() {
-            tracing::error!(disk = %self.disk.display(), resource_dir = %self.dir.display(), "block checksum mismatch (the disk returned other data than was written): {}", ranges(&new));
-        }
-    }
-
     /// Write the table's entries for `[offset, offset+len)` to the file now
     /// (page cache, not synced): replay does this before its high-water mark,
     /// so that a kill keeps them as it keeps the disk's writes.
@@ -1149,6 +1109,9 @@ fn compute_from_disk(
     }
     Ok(())
 }
+
+mod bad;
+pub use bad::{bad_list, errors, repaired, unrepaired, BAD_FILE};
 
 #[cfg(test)]
 mod tests;

@@ -24,6 +24,7 @@ pub mod crashsafe;
 pub mod csum;
 pub mod disk;
 pub mod fetched;
+pub mod freeze;
 pub mod history;
 pub mod index;
 mod logger;
@@ -31,7 +32,7 @@ mod recovery;
 pub mod replay;
 mod tail;
 
-pub use logger::{transient, Config, Logger, LoggerError, SpaceHook, Status};
+pub use logger::{transient, Config, Logger, LoggerError, RepairHook, SpaceHook, Status};
 pub use recovery::{
     drop_spares, list_logfiles, list_spares, spare_bytes, LogfileEntry, SPARE_PREFIX,
 };

@@ -96,6 +96,24 @@ pub struct Config {
     /// finds no space or no file descriptor and is tried again: the owner frees
     /// space at once (marsd runs its space policy). It must not block.
     pub on_no_space: Option<SpaceHook>,
+    /// Called (blocking, from the reading thread) with blocks of the disk a
+    /// read found bad: repair them from a good copy (the owner freezes this
+    /// logger and another member's copy at one log position and copies the
+    /// blocks over); returns the blocks repaired. The read then looks again.
+    pub repair: Option<RepairHook>,
+}
+
+/// See [`Config::repair`].
+#[derive(Clone)]
+pub struct RepairHook(pub Arc<RepairFn>);
+
+/// Repairs blocks of the disk; returns those it repaired.
+pub type RepairFn = dyn Fn(&[u64]) -> io::Result<Vec<u64>> + Send + Sync;
+
+impl std::fmt::Debug for RepairHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RepairHook")
+    }
 }
 
 /// See [`Config::on_no_space`].
@@ -125,6 +143,7 @@ impl Config {
             spare_bytes: 1 << 30,
             tail_cache_bytes: 64 << 20,
             on_no_space: None,
+            repair: None,
         }
     }
 }
@@ -240,6 +259,22 @@ struct WbState {
     synced_pos: u64,
     writer_done: bool,
     writeback_done: bool,
+    /// A freeze (`Logger::freeze`): writeback applies no record ending after
+    /// this position until the lease runs out or the freeze is released.
+    hold: Option<(u64, Instant)>,
+    /// Writeback is applying a batch it took (the disk is not at `applied_pos`).
+    applying: bool,
+}
+
+impl WbState {
+    /// The position writeback may apply records up to now (a lease that ran
+    /// out, or a writer that is done, holds nothing).
+    fn hold_limit(&self) -> u64 {
+        match self.hold {
+            Some((at, until)) if !self.writer_done && Instant::now() < until => at,
+            _ => u64::MAX,
+        }
+    }
 }
 
 /// What the syncer needs to know about the log, and who waits for it to be durable.
@@ -279,6 +314,8 @@ struct Shared {
     mem_cv: Condvar,
     /// The persister waits here for applied records or the end of writeback.
     persist_cv: Condvar,
+    /// Freezes wait here for writeback to reach, or stop at, their position.
+    hold_cv: Condvar,
     logged_pos: AtomicU64,
     /// Log bytes written with O_DIRECT (statistics).
     direct_bytes: AtomicU64,
@@ -579,6 +616,7 @@ impl Logger {
                 ..Default::default()
             }),
             wb_cv: Condvar::new(),
+            hold_cv: Condvar::new(),
             mem_cv: Condvar::new(),
             persist_cv: Condvar::new(),
             logged_pos: AtomicU64::new(rec.end_pos),
@@ -993,21 +1031,42 @@ impl Logger {
     ) -> io::Result<()> {
         let disk = &self.shared.disk;
         let check = |bs: u64, be: u64| !covers(pieces, bs, be);
+        let bad = match self
+            .shared
+            .csum
+            .verify(offset, buf, &check, &mut |b, o| disk.read_exact_at(b, o))?
+        {
+            Ok(()) => return Ok(()),
+            Err(bad) => bad,
+        };
+        // The disk returned other data than was written for these blocks:
+        // repaired from a good copy, the read looks again; else EIO.
+        if !self.repair(&bad) {
+            return Err(bad.into());
+        }
+        disk.read_exact_at(buf, offset)?;
         match self
             .shared
             .csum
             .verify(offset, buf, &check, &mut |b, o| disk.read_exact_at(b, o))?
         {
             Ok(()) => Ok(()),
-            Err(bad) => Err(self.bad_blocks(bad)),
+            Err(bad) => Err(bad.into()),
         }
     }
 
-    /// The disk returned other data than was written for these blocks. The
-    /// place where a repair from a good member will go (issue 18); for now
-    /// the read fails.
-    fn bad_blocks(&self, bad: crate::csum::BadBlocks) -> io::Error {
-        bad.into()
+    /// Repair `bad` through the owner's hook: whether all of it was.
+    fn repair(&self, bad: &crate::csum::BadBlocks) -> bool {
+        let Some(hook) = &self.shared.cfg.repair else {
+            return false;
+        };
+        match (hook.0)(&bad.blocks) {
+            Ok(done) => bad.blocks.iter().all(|b| done.contains(b)),
+            Err(e) => {
+                tracing::warn!(disk = %bad.disk.display(), "repair of {} from a good copy failed: {e}", crate::csum::ranges(&bad.blocks));
+                false
+            }
+        }
     }
 
     /// Blocks of the disk found bad since start (by reads).
@@ -2455,23 +2514,37 @@ fn writeback_loop(shared: Arc<Shared>) {
     loop {
         let (batch, eof, done) = {
             let mut wb = shared.wb.lock();
+            let mut hold;
             loop {
+                hold = wb.hold_limit();
                 let ready = wb
                     .queue
                     .front()
-                    .is_some_and(|e| e.end_pos() <= wb.synced_pos);
+                    .is_some_and(|e| e.end_pos() <= wb.synced_pos && e.end_pos() <= hold);
                 // Once the writer is done (its last sync behind it), records still
                 // unsynced never will be (the logger failed): stop at them.
                 if ready || wb.writer_done {
                     break;
                 }
-                shared.wb_cv.wait(&mut wb);
+                match wb.hold {
+                    // Held: look again when the lease runs out.
+                    Some((_, until)) => {
+                        let wait = until.saturating_duration_since(Instant::now());
+                        shared
+                            .wb_cv
+                            .wait_for(&mut wb, wait.max(Duration::from_millis(1)));
+                    }
+                    None => shared.wb_cv.wait(&mut wb),
+                }
             }
             let mut batch = Vec::new();
             let mut eof = None;
             let mut bytes = 0;
             while let Some(item) = wb.queue.front() {
-                if item.end_pos() > wb.synced_pos || bytes >= WRITEBACK_BATCH_BYTES {
+                if item.end_pos() > wb.synced_pos
+                    || item.end_pos() > hold
+                    || bytes >= WRITEBACK_BATCH_BYTES
+                {
                     break;
                 }
                 match wb.queue.pop_front() {
@@ -2491,6 +2564,7 @@ fn writeback_loop(shared: Arc<Shared>) {
                 .queue
                 .front()
                 .is_some_and(|e| e.end_pos() > wb.synced_pos);
+            wb.applying = !batch.is_empty();
             (batch, eof, wb.writer_done && (wb.queue.is_empty() || stuck))
         };
         if !batch.is_empty() {
@@ -2504,6 +2578,8 @@ fn writeback_loop(shared: Arc<Shared>) {
                 // at shutdown, give up: they are in the log, and the next open
                 // applies them again (the applied position stays before them).
                 let mut wb = shared.wb.lock();
+                wb.applying = false;
+                shared.hold_cv.notify_all();
                 if wb.writer_done {
                     wb.writeback_done = true;
                     shared.persist_cv.notify_all();
@@ -2534,8 +2610,10 @@ fn writeback_loop(shared: Arc<Shared>) {
             }
             let mut wb = shared.wb.lock();
             wb.mem_used -= freed;
+            wb.applying = false;
             shared.mem_cv.notify_all();
             shared.persist_cv.notify_all();
+            shared.hold_cv.notify_all();
         }
         if let Some(mut f) = eof {
             f.digest = Some(std::mem::take(&mut digest));
@@ -2702,6 +2780,8 @@ fn apply_batch(disk: &Disk, csum: &crate::csum::Csum, batch: &[WbEntry]) -> io::
     }
     Ok(())
 }
+
+mod freeze;
 
 #[cfg(test)]
 mod tests {

@@ -320,6 +320,8 @@ pub struct Replayer {
     versions_inline: u64,
     /// Disk syncs may run in the background (`set_background_sync`).
     background: bool,
+    /// A freeze (`set_stop_at`): no record ending after this position is applied.
+    stop_at: Option<u64>,
     /// The background sync running: the position it makes durable, its thread.
     bg_sync: Option<(u64, std::thread::JoinHandle<std::io::Result<()>>)>,
 }
@@ -466,6 +468,7 @@ impl Replayer {
             digest: None,
             versions_inline: 0,
             background: false,
+            stop_at: None,
             bg_sync: None,
         };
         let this_boot = mark
@@ -723,6 +726,12 @@ impl Replayer {
     /// `replayed` becomes the position it started at and the limit moves a window
     /// past that. Started halfway through the window, a sync usually ends before
     /// replay reaches the limit, so replay does not stop for it.
+    /// Freeze replay at log position `at` (see [`crate::freeze`]): records
+    /// ending after it wait until `set_stop_at(None)`.
+    pub fn set_stop_at(&mut self, at: Option<u64>) {
+        self.stop_at = at;
+    }
+
     pub fn set_background_sync(&mut self, on: bool) {
         self.background = on;
     }
@@ -1064,6 +1073,10 @@ impl Replayer {
                         pos: self.pos,
                         reason,
                     });
+                }
+                // Frozen: this record waits (the step ends as if idle).
+                if self.stop_at.is_some_and(|s| self.pos + total > s) {
+                    break;
                 }
                 // Never apply a record past the durable limit: a reboot must
                 // know how far the disk may be ahead of `replayed`.

@@ -145,6 +145,10 @@ pub struct ActualEntry {
     /// there are any (views never show it `uptodate`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub bad_blocks: u64,
+    /// Blocks repaired from a good copy (or whose checksum was corrected)
+    /// since the node's marsd started.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub repaired: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

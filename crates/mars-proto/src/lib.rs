@@ -255,6 +255,53 @@ pub enum Msg {
         offset: u64,
         len: u32,
     },
+
+    // Verify and repair (since 2026-12-07; older peers refuse them as
+    // unexpected). See `mars_logger::freeze`.
+    /// Freeze this member's copy of `res` at log position `at` (the
+    /// primary's writeback, a secondary's replay), then digest `len` bytes of
+    /// its disk from `offset` (none when `len` is 0). Answered by `Frozen`.
+    Freeze {
+        res: String,
+        at: u64,
+        offset: u64,
+        len: u64,
+    },
+    /// Held at `pos`. When `pos` is the position asked for and a digest was
+    /// asked for, a data frame with it follows (`RangeDigest::encode`);
+    /// when `pos` is past it, nothing follows (freeze all copies at `pos`).
+    Frozen {
+        pos: u64,
+        digest: bool,
+    },
+    /// Send `len` bytes of the disk from `offset`, frozen at `at`: answered
+    /// by `BlockData` and a data frame.
+    FrozenRead {
+        res: String,
+        at: u64,
+        offset: u64,
+        len: u32,
+    },
+    /// A data frame of `len` bytes follows: good blocks of the moment `at`
+    /// (from another copy) to write at `offset` of the frozen disk. `Ok`.
+    FrozenRepair {
+        res: String,
+        at: u64,
+        offset: u64,
+        len: u32,
+    },
+    /// The checksum table, not the disk, is wrong at `block`: set it to
+    /// `crc` (the copy is frozen at `at`). `Ok`.
+    FrozenCorrect {
+        res: String,
+        at: u64,
+        block: u64,
+        crc: u32,
+    },
+    /// End this member's freeze of `res`. `Ok`.
+    Thaw {
+        res: String,
+    },
 }
 
 /// One logfile as listed by `Logs`.

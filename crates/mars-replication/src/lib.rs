@@ -22,6 +22,7 @@ pub mod secondary;
 pub mod serve;
 pub mod state;
 pub mod sync;
+pub mod verify;
 
 pub use mars_meta::schema as meta;
 pub use progress::{LagClock, Progress, LAG_CLOCK_FILE};

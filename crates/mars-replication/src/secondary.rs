@@ -31,7 +31,6 @@ use anyhow::{anyhow, bail, Result};
 use mars_logfmt::ArrivalCheck;
 use mars_logger::fetched::FetchedChunks;
 use mars_logger::replay::Replayer;
-use mars_proto::{read_msg, write_msg, Msg, WireEntry};
 use parking_lot::Mutex;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,6 +85,8 @@ pub struct Secondary {
     /// opening another (a mutual TLS handshake ten times a second per idle
     /// resource was most of an idle node's CPU).
     pub fetch_conn: Mutex<Option<crate::fetch::FetchConn>>,
+    /// Replay as a freeze (verify, repair) holds it.
+    pub gate: Arc<crate::verify::ReplayGate>,
 }
 
 /// The designated primary of `res` with its reign ([`policy::designation`]).
@@ -154,24 +155,7 @@ impl Secondary {
     /// that has not heard of this member yet (it joined a moment ago, while
     /// the primary was away) learns it here instead of refusing.
     pub(crate) async fn connect_as_member(&self, node: &str) -> Result<crate::PeerStream> {
-        let mut s = self.peer.connect(node).await?;
-        let key = meta::membership_key(&self.res, &self.me);
-        let entry = self.peer.store().lock().entry(&key).map(|e| WireEntry {
-            key: key.clone(),
-            clock: e.stamp.clock,
-            node: e.stamp.node.clone(),
-            value: e.value.clone(),
-            deleted_ms: e.deleted_ms,
-        });
-        if let Some(e) = entry {
-            write_msg(&mut s, &Msg::Push { entries: vec![e] }).await?;
-            match read_msg(&mut s).await? {
-                Msg::Ok => {}
-                Msg::Refused { reason } => bail!("{node} refused this member's entry: {reason}"),
-                other => bail!("{node} answered a push with {other:?}"),
-            }
-        }
-        Ok(s)
+        crate::verify::connect_as_member(&*self.peer, &self.res, &self.me, node).await
     }
 
     /// The codecs this member asks its sources for: the resource's
@@ -263,10 +247,12 @@ impl Secondary {
                 if idle {
                     tokio::select! {
                         _ = wake.notified() => {}
+                        _ = self.gate.wake.notified() => {}
                         _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                     }
                 }
             }
+            self.gate.set_position(None);
             if let Some(mut r) = replayer.take() {
                 let _ = tokio::task::spawn_blocking(move || r.persist()).await;
             }
@@ -546,6 +532,9 @@ impl Secondary {
             None => r.set_lineage(None),
         }
         r.set_primary(designated.clone());
+        // A freeze (verify, repair) may hold replay at a position.
+        let (step, stop) = self.gate.begin_step();
+        r.set_stop_at(stop);
         let (r, outcome) = tokio::task::spawn_blocking(move || {
             let mut r = r;
             let o = r.step(64 << 20);
@@ -556,6 +545,7 @@ impl Secondary {
             (r, o.and_then(|o| p.map(|_| o)))
         })
         .await?;
+        step.done(r.position());
         tracing::debug!(
             resource = %self.res,
             replayed = r.position(),
@@ -634,6 +624,7 @@ impl Secondary {
         p.replayed = r.position();
         p.replayed_durable = r.persisted_position();
         p.replay_opened = true;
+        self.gate.set_position(Some(r.position()));
         if p.consistent_from.is_some_and(|end| r.position() >= end) {
             p.consistent_from = None;
         }

@@ -65,6 +65,8 @@ pub struct ServedSecondary {
     pub size: u64,
     /// This member's disk (from its own configuration, never from a peer).
     pub disk: PathBuf,
+    /// Its replay, as a freeze (verify, repair) holds it.
+    pub gate: Arc<crate::verify::ReplayGate>,
 }
 
 impl Served {
@@ -256,7 +258,12 @@ impl Server {
             | Msg::LogStatus { res }
             | Msg::SyncBlock { res, .. }
             | Msg::LogList { res }
-            | Msg::Fetch { res, .. } => res,
+            | Msg::Fetch { res, .. }
+            | Msg::Freeze { res, .. }
+            | Msg::FrozenRead { res, .. }
+            | Msg::FrozenRepair { res, .. }
+            | Msg::FrozenCorrect { res, .. }
+            | Msg::Thaw { res } => res,
             _ => return Ok(msg),
         };
         let Some(asked) = meta::ResRef::parse(res) else {
@@ -286,7 +293,7 @@ impl Server {
 
     /// The directory of `res`, once it is known to be a resource of the cluster
     /// (its name checked before it becomes a path).
-    fn res_dir(&self, res: &str) -> Result<PathBuf> {
+    pub(crate) fn res_dir(&self, res: &str) -> Result<PathBuf> {
         if !meta::valid_name(res) || meta::resource(&self.cluster.store().lock(), res).is_none() {
             bail!("unknown resource {res:?}");
         }
@@ -340,6 +347,11 @@ impl Server {
                 )
                 .await?;
             }
+            m @ (Msg::Freeze { .. }
+            | Msg::FrozenRead { .. }
+            | Msg::FrozenRepair { .. }
+            | Msg::FrozenCorrect { .. }
+            | Msg::Thaw { .. }) => self.serve_frozen(m, s, from).await?,
             m @ Msg::SyncBlock { .. } => {
                 return match self.serve_sync_blocks(m, s, from).await? {
                     Some(next @ (Msg::SyncEnd { .. } | Msg::SyncStart { .. })) => Ok(Some(next)),

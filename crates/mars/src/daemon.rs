@@ -229,6 +229,8 @@ pub struct Daemon {
     no_disk: parking_lot::Mutex<HashSet<ResRef>>,
     /// Scrubs of this node's copies.
     scrubs: Arc<crate::scrub::Scrubs>,
+    /// Verifies this node coordinates, and repairs of its copies' bad blocks.
+    verifies: Arc<crate::verify::Verifies>,
 }
 
 const RETRY_AFTER: Duration = Duration::from_secs(10);
@@ -267,6 +269,7 @@ impl Daemon {
             space_wanted: Arc::new(tokio::sync::Notify::new()),
             no_disk: Default::default(),
             scrubs: Default::default(),
+            verifies: Default::default(),
         };
         // Before any log writes: the room a full filesystem needs first.
         d.keep_space_reserve();
@@ -275,6 +278,14 @@ impl Daemon {
 
     fn me(&self) -> &str {
         &self.cfg.node
+    }
+
+    fn verify_ctx(&self) -> crate::verify::Ctx {
+        crate::verify::Ctx {
+            peer: self.peer.clone(),
+            served: self.served.clone(),
+            me: self.me().to_string(),
+        }
     }
 
     /// Desired state of the resources this node is a member of, from the
@@ -402,6 +413,11 @@ impl Daemon {
             let _ = std::fs::remove_file(&reserve);
             wanted.notify_one();
         })));
+        // Blocks a read finds bad are repaired from a good member first.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let dir = node::resource_dir(&self.dir, &r.name);
+            c.repair = Some(self.verify_ctx().read_repair_hook(&r.name, &dir));
+        }
         c
     }
 
@@ -656,7 +672,9 @@ impl Daemon {
                     Arc::new(AtomicBool::new(r.pause_fetch || !r.connected)),
                     Arc::new(AtomicBool::new(r.pause_replay)),
                 ];
+                let gate = Arc::new(mars_replication::verify::ReplayGate::default());
                 let sec = Secondary {
+                    gate: gate.clone(),
                     res: r.rref(),
                     dir: node::resource_dir(&self.dir, &r.name),
                     me: me.to_string(),
@@ -691,6 +709,7 @@ impl Daemon {
                         progress: progress.clone(),
                         size: r.size,
                         disk: r.disk.clone(),
+                        gate,
                     }),
                 );
                 a.secondary = Some(SecondaryHandle {
@@ -773,6 +792,7 @@ impl Daemon {
             disk_size: a.disk_size,
             checksum_errors: mars_logger::csum::errors(&a.dir),
             bad_blocks: mars_logger::csum::unrepaired(&a.dir),
+            repaired: mars_logger::csum::repaired(&a.dir),
         }
     }
 
@@ -859,6 +879,7 @@ impl Daemon {
         // whose close is clean only when the last handle goes.
         let scrubs = self.scrubs.clone();
         let _ = tokio::task::spawn_blocking(move || scrubs.stop_all()).await;
+        self.verifies.stop_all().await;
         let mut st = self.state.lock().await;
         let all: Vec<(String, Actual)> = std::mem::take(&mut st.actual).into_iter().collect();
         for (name, a) in all {
@@ -880,6 +901,7 @@ impl Daemon {
     pub async fn run_loop(self: Arc<Self>) {
         let mut policy_at = Instant::now();
         let mut scrub_at = Instant::now();
+        let mut repair_at = Instant::now();
         let mut space_warned: Option<Instant> = None;
         loop {
             if policy_at.elapsed() >= Duration::from_secs(5) {
@@ -889,6 +911,17 @@ impl Daemon {
             if scrub_at.elapsed() >= Duration::from_secs(60) {
                 scrub_at = Instant::now();
                 self.scrubs_due().await;
+            }
+            if repair_at.elapsed() >= Duration::from_secs(5) {
+                repair_at = Instant::now();
+                let copies: Vec<(String, PathBuf)> = {
+                    let st = self.state.lock().await;
+                    st.actual
+                        .iter()
+                        .map(|(n, a)| (n.clone(), a.dir.clone()))
+                        .collect()
+                };
+                self.verifies.repairs_due(&self.verify_ctx(), &copies);
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -1148,6 +1181,15 @@ impl Daemon {
             Request::Primary { name, force } => self.become_primary(&name, force).await,
             Request::Invalidate { name } => self.invalidate(&name).await,
             Request::Scrub { name } => self.scrub(&name).await,
+            Request::Verify {
+                name,
+                repair,
+                rate,
+                restart,
+            } => self.verify(&name, repair, rate, restart).await,
+            Request::VerifyControl { name, op } => {
+                Ok(Response::ok(self.verifies.control(&name, op)?))
+            }
             Request::Resize { name, bytes } => self.resize(&name, bytes).await,
             Request::SetRate { name, fetch, sync } => {
                 self.set_member(&name, |m| {
@@ -2110,6 +2152,44 @@ impl Daemon {
         }))
     }
 
+    /// `marsadm verify RES`: compare every member's copy with the primary's
+    /// from this node (started, or the one running joined).
+    async fn verify(
+        self: &Arc<Self>,
+        name: &str,
+        repair: bool,
+        rate: Option<u64>,
+        restart: bool,
+    ) -> Result<Response> {
+        self.member_entry(name)?;
+        if self.verifies.running(name) {
+            return Ok(Response::ok(format!("{name}: a verify runs already")));
+        }
+        let dir = {
+            let st = self.state.lock().await;
+            st.actual.get(name).map(|a| a.dir.clone())
+        };
+        let Some(dir) = dir else {
+            bail!("{name}: disk is not attached here; run `marsadm up {name}` first");
+        };
+        let co = self.verify_ctx().coordinator(name, &dir, repair)?;
+        co.rate
+            .store(rate.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+        let from = if restart {
+            0
+        } else {
+            crate::verify::last(&dir)
+                .and_then(|l| l.resume_at)
+                .unwrap_or(0)
+        };
+        self.verifies.start(name, co, from);
+        Ok(Response::ok(if from > 0 {
+            format!("{name}: verify goes on from byte {from} (where the last one stopped; --restart starts anew)")
+        } else {
+            format!("{name}: verify started")
+        }))
+    }
+
     /// Start the background scrubs that are due (node setting
     /// `scrub_interval_secs`).
     async fn scrubs_due(self: &Arc<Self>) {
@@ -2573,7 +2653,8 @@ impl Daemon {
                             logfile: rep.logfile.clone(),
                             error: rep.error.clone(),
                             checksum_errors: rep.checksum_errors,
-                            repaired: 0,
+                            repaired: rep.repaired,
+                            bad_blocks: rep.bad_blocks,
                             scrub: a
                                 .filter(|_| m == me)
                                 .map(|a| self.scrubs.view(&a.dir)),
@@ -2608,6 +2689,7 @@ impl Daemon {
                         compressed_frames: l.compressed_frames,
                     })
                 };
+                let verify = self.verifies.view(&name, a.map(|a| a.dir.as_path()));
                 ResourceView {
                     name,
                     incarnation: rr.token(),
@@ -2619,6 +2701,7 @@ impl Daemon {
                     members,
                     compression: meta::compression(&store, &rr).show(),
                     link_sent,
+                    verify,
                 }
             })
             .collect();
@@ -2733,6 +2816,7 @@ fn actual_entry(a: &Actual) -> ActualEntry {
         isolated: false,
         checksum_errors: mars_logger::csum::errors(&a.dir),
         bad_blocks: mars_logger::csum::unrepaired(&a.dir),
+        repaired: mars_logger::csum::repaired(&a.dir),
     }
 }
 
@@ -2781,6 +2865,8 @@ fn named_resource(req: &Request) -> Option<&str> {
         | Request::LogRotate { name }
         | Request::Invalidate { name }
         | Request::Scrub { name }
+        | Request::Verify { name, .. }
+        | Request::VerifyControl { name, .. }
         | Request::Resize { name, .. }
         | Request::LogDelete { name }
         | Request::JoinResource { name, .. }

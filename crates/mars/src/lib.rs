@@ -18,3 +18,4 @@ pub mod node;
 pub mod peer;
 pub mod scrub;
 pub mod tls;
+pub mod verify;

@@ -1267,7 +1267,12 @@ impl Peer {
                 | Msg::SyncEnd { .. }
                 | Msg::SyncBlock { .. }
                 | Msg::LogList { .. }
-                | Msg::Fetch { .. }) => {
+                | Msg::Fetch { .. }
+                | Msg::Freeze { .. }
+                | Msg::FrozenRead { .. }
+                | Msg::FrozenRepair { .. }
+                | Msg::FrozenCorrect { .. }
+                | Msg::Thaw { .. }) => {
                     let Some(d) = self.data.get().cloned() else {
                         write_msg(
                             &mut s,

@@ -181,6 +181,43 @@ enum Cmd {
     Scrub {
         res: String,
     },
+    /// Compare every member's copy of RES with the primary's, block by
+    /// block, while the device is in use (each copy frozen at one log
+    /// position per chunk; digests move, not data), and check each copy
+    /// against its own block checksums. Prints each member and block range
+    /// that differs. Exit status 0 when all copies agree (with --repair:
+    /// when everything found was repaired), 2 when some differ or could not
+    /// be compared, 1 on an error. Run it on a member; an interrupted verify
+    /// goes on where it stopped.
+    Verify {
+        res: String,
+        /// Rewrite the bad blocks (and wrong checksums) of each copy from a
+        /// good copy.
+        #[arg(long)]
+        repair: bool,
+        /// Compare at most this many bytes per second (K, M, G suffixes; 0:
+        /// no limit, the default).
+        #[arg(long, value_parser = parse_bytes)]
+        rate: Option<u64>,
+        /// Start from the first block, not where an interrupted verify stopped.
+        #[arg(long)]
+        restart: bool,
+        /// Start it and return; `marsadm view RES` shows its progress and result.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Pause the verify of RES this node runs.
+    PauseVerify {
+        res: String,
+    },
+    /// Resume the paused verify of RES.
+    ResumeVerify {
+        res: String,
+    },
+    /// Stop the verify of RES (the next `verify RES` goes on from there).
+    StopVerify {
+        res: String,
+    },
     /// Grow the device.
     Resize {
         res: String,
@@ -388,6 +425,34 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
         Cmd::LeaveResource { res } => say(dir, Request::LeaveResource { name: res }),
         Cmd::Invalidate { res } => say(dir, Request::Invalidate { name: res }),
         Cmd::Scrub { res } => say(dir, Request::Scrub { name: res }),
+        Cmd::Verify {
+            res,
+            repair,
+            rate,
+            restart,
+            no_wait,
+        } => verify(dir, res, repair, rate, restart, no_wait),
+        Cmd::PauseVerify { res } => say(
+            dir,
+            Request::VerifyControl {
+                name: res,
+                op: mars_api::VerifyOp::Pause,
+            },
+        ),
+        Cmd::ResumeVerify { res } => say(
+            dir,
+            Request::VerifyControl {
+                name: res,
+                op: mars_api::VerifyOp::Resume,
+            },
+        ),
+        Cmd::StopVerify { res } => say(
+            dir,
+            Request::VerifyControl {
+                name: res,
+                op: mars_api::VerifyOp::Stop,
+            },
+        ),
         Cmd::SetRate { res, fetch, sync } => {
             if fetch.is_none() && sync.is_none() {
                 bail!("set-rate {res}: give --fetch BYTES and/or --sync BYTES (per second; 0: unlimited)");
@@ -534,6 +599,102 @@ fn wait(timeout_s: f64, what: &str, mut check: impl FnMut() -> Result<bool>) -> 
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `marsadm verify`: start (or join) the verify, show its progress on
+/// stderr, print its result; 0 when all copies agree, 2 when not.
+fn verify(
+    dir: &Path,
+    res: String,
+    repair: bool,
+    rate: Option<u64>,
+    restart: bool,
+    no_wait: bool,
+) -> Result<i32> {
+    let since = mars::peer::now_ms();
+    let req = Request::Verify {
+        name: res.clone(),
+        repair,
+        rate,
+        restart,
+    };
+    let resp = send(dir, req)?;
+    if let Some(m) = resp.message {
+        eprintln!("{m}");
+    }
+    if no_wait {
+        return Ok(0);
+    }
+    let tty = std::io::stderr().is_terminal();
+    let mut last_line = Instant::now() - Duration::from_secs(60);
+    let last = loop {
+        let v = get_view(dir, Some(res.clone()))?;
+        let r = v
+            .resources
+            .iter()
+            .find(|r| r.name == res)
+            .ok_or_else(|| anyhow::anyhow!("unknown resource {res}"))?;
+        let Some(vv) = r.verify.as_ref() else {
+            bail!("{res}: no verify runs on this node");
+        };
+        match (vv.running, vv.last.as_ref()) {
+            (Some((done, total)), _) => {
+                let line = format!(
+                    "{res} verify {:5.1}% {} of {} {}/s{}",
+                    done as f64 * 100.0 / total.max(1) as f64,
+                    human(done),
+                    human(total),
+                    human(vv.rate),
+                    if vv.paused { " (paused)" } else { "" }
+                );
+                if tty {
+                    eprint!("\r\x1b[2K{line}");
+                } else if last_line.elapsed() >= Duration::from_secs(10) {
+                    eprintln!("{line}");
+                    last_line = Instant::now();
+                }
+            }
+            (None, Some(l)) if l.finished_ms + 1000 >= since => break l.clone(),
+            (None, _) => {}
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if tty {
+        eprintln!();
+    }
+    for m in &last.members {
+        println!(
+            "{}: {} block(s) differ: {}{}",
+            m.node,
+            m.differing_blocks,
+            m.ranges,
+            if last.repair {
+                format!(" ({} repaired)", m.repaired)
+            } else {
+                String::new()
+            }
+        );
+    }
+    if let Some(l) = &last.lost {
+        println!("no good copy of {} block(s): {l}", last.lost_blocks);
+    }
+    for (node, why) in &last.failed {
+        println!("{node}: not compared: {why}");
+    }
+    if let Some(e) = &last.error {
+        println!("verify ended early: {e}");
+    }
+    println!(
+        "{res}: {} of {} compared; {}",
+        human(last.compared),
+        human(last.total),
+        if last.clean {
+            "all copies agree"
+        } else {
+            "copies differ"
+        }
+    );
+    Ok(if last.clean { 0 } else { 2 })
 }
 
 /// One line on stderr, redrawn in place: sync progress with rate and ETA, or replay lag.
