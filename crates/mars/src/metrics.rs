@@ -846,6 +846,109 @@ impl prometheus_client::collector::Collector for Snapshot {
             ),
             &mc(&|m| m.checksum_errors),
         )?;
+        counters(
+            e,
+            fam(
+                "mars_member_repaired_blocks",
+                None,
+                "Blocks of the member's disk repaired from a good copy (or whose checksum was corrected) since its marsd started.",
+            ),
+            &mc(&|m| m.repaired),
+        )?;
+        gauges(
+            e,
+            fam(
+                "mars_member_bad_blocks",
+                None,
+                "Blocks of the member's disk known bad and not repaired (its disk is then not shown uptodate).",
+            ),
+            &mg(&|_, m| m.bad_blocks as f64),
+        )?;
+        // Scrubs of this node's own copies, and the verify this node coordinates.
+        let scrubs: Vec<(Labels, &mars_api::ScrubView)> = members
+            .iter()
+            .filter_map(|(r, m)| Some((ml(r, m), m.scrub.as_ref()?)))
+            .collect();
+        let scrub_rows = |f: &dyn Fn(&mars_api::ScrubView) -> Option<f64>| {
+            scrubs
+                .iter()
+                .filter_map(|(l, s)| Some((l.clone(), f(s)?)))
+                .collect::<Vec<_>>()
+        };
+        gauges(
+            e,
+            fam(
+                "mars_member_scrub_running",
+                None,
+                "1 while a scrub of this node's copy runs.",
+            ),
+            &scrub_rows(&|s| Some(flag(s.running.is_some()))),
+        )?;
+        gauges(
+            e,
+            fam(
+                "mars_member_scrub_last_end",
+                Some(Unit::Other("timestamp_seconds".into())),
+                "When the last scrub of this node's copy ended (seconds since the epoch).",
+            ),
+            &scrub_rows(&|s| Some(s.last?.finished_ms as f64 / 1000.0)),
+        )?;
+        gauges(
+            e,
+            fam(
+                "mars_member_scrub_last_bad_blocks",
+                None,
+                "Blocks the last scrub of this node's copy found not matching their checksums.",
+            ),
+            &scrub_rows(&|s| Some(s.last?.bad_blocks as f64)),
+        )?;
+        let verifies: Vec<(Labels, &mars_api::VerifyView)> = view
+            .resources
+            .iter()
+            .filter_map(|r| Some((res(r), r.verify.as_ref()?)))
+            .collect();
+        let verify_rows = |f: &dyn Fn(&mars_api::VerifyView) -> Option<f64>| {
+            verifies
+                .iter()
+                .filter_map(|(l, v)| Some((l.clone(), f(v)?)))
+                .collect::<Vec<_>>()
+        };
+        gauges(
+            e,
+            fam(
+                "mars_resource_verify_running",
+                None,
+                "1 while a verify this node coordinates runs (marsadm verify).",
+            ),
+            &verify_rows(&|v| Some(flag(v.running.is_some()))),
+        )?;
+        gauges(
+            e,
+            fam(
+                "mars_resource_verify_last_end",
+                Some(Unit::Other("timestamp_seconds".into())),
+                "When the last verify this node coordinated ended (seconds since the epoch).",
+            ),
+            &verify_rows(&|v| Some(v.last.as_ref()?.finished_ms as f64 / 1000.0)),
+        )?;
+        gauges(
+            e,
+            fam(
+                "mars_resource_verify_last_clean",
+                None,
+                "1 when every copy agreed in the last verify (or was repaired) and none failed.",
+            ),
+            &verify_rows(&|v| Some(flag(v.last.as_ref()?.clean))),
+        )?;
+        gauges(
+            e,
+            fam(
+                "mars_resource_verify_last_lost_blocks",
+                None,
+                "Blocks no copy held good in the last verify.",
+            ),
+            &verify_rows(&|v| Some(v.last.as_ref()?.lost_blocks as f64)),
+        )?;
         // NBD devices served here.
         let dl = |n: &str, c: &str| -> Labels {
             vec![("resource", n.to_string()), ("command", c.to_string())]

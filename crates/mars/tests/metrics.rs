@@ -249,7 +249,29 @@ fn metrics_follow_a_replicated_write_load() {
         "beta did not catch up:\nalpha:\n{}\nbeta:\n{}",
         last.0, last.1
     );
+    // A verify (issue 18) of the replicated copies: clean, and shown.
+    nodes[0].adm_ok(&["verify", "r0"]);
     let (a2, b1) = (Metrics::scrape(&ma), Metrics::scrape(&mb));
+    let res = [("resource", "r0")];
+    assert_eq!(
+        a2.get("mars_resource_verify_last_clean", &res),
+        1.0,
+        "{}",
+        a2.1
+    );
+    assert_eq!(
+        a2.get("mars_resource_verify_running", &res),
+        0.0,
+        "{}",
+        a2.1
+    );
+    assert!(a2.get("mars_resource_verify_last_end_timestamp_seconds", &res) > 1.6e9);
+    assert_eq!(
+        a2.get("mars_member_bad_blocks", &r0("beta")),
+        0.0,
+        "{}",
+        a2.1
+    );
     assert!(
         b1.get("mars_member_log_fetched_bytes_total", &r0("beta"))
             >= b0.get("mars_member_log_fetched_bytes_total", &r0("beta")) + LOAD

@@ -238,6 +238,17 @@ fn snapshot() -> Snapshot {
         eta_seconds: Some(18),
     });
     beta.checksum_errors = 3;
+    beta.repaired = 2;
+    beta.bad_blocks = 1;
+    beta.scrub = Some(mars_api::ScrubView {
+        running: None,
+        last: Some(mars_api::LastScrub {
+            finished_ms: 1_700_000_000_500,
+            scanned: 1 << 20,
+            bad_blocks: 1,
+            error: None,
+        }),
+    });
     let view = View {
         node: "alpha".into(),
         cluster: ClusterView {
@@ -262,6 +273,16 @@ fn snapshot() -> Snapshot {
             actual_primary: Some("alpha".into()),
             device: Some("nbd://x/r0".into()),
             members: vec![member("alpha", "primary", "uptodate", 4096, 4096), beta],
+            verify: Some(mars_api::VerifyView {
+                running: Some((5, 10)),
+                last: Some(mars_api::LastVerify {
+                    finished_ms: 1_700_000_001_000,
+                    clean: false,
+                    lost_blocks: 4,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         }],
     };
@@ -314,6 +335,31 @@ fn the_exposition_names_units_and_values_follow_the_view() {
         ),
         ("mars_member_checksum_errors_total", &rm, 3.0),
         ("mars_member_connected", &rm, 1.0),
+        ("mars_member_repaired_blocks_total", &rm, 2.0),
+        ("mars_member_bad_blocks", &rm, 1.0),
+        ("mars_member_scrub_running", &rm, 0.0),
+        (
+            "mars_member_scrub_last_end_timestamp_seconds",
+            &rm,
+            1_700_000_000.5,
+        ),
+        ("mars_member_scrub_last_bad_blocks", &rm, 1.0),
+        ("mars_resource_verify_running", &[("resource", "r0")], 1.0),
+        (
+            "mars_resource_verify_last_end_timestamp_seconds",
+            &[("resource", "r0")],
+            1_700_000_001.0,
+        ),
+        (
+            "mars_resource_verify_last_clean",
+            &[("resource", "r0")],
+            0.0,
+        ),
+        (
+            "mars_resource_verify_last_lost_blocks",
+            &[("resource", "r0")],
+            4.0,
+        ),
         ("mars_member_split_brain", &rm, 0.0),
         ("mars_member_emergency", &rm, 0.0),
         (
