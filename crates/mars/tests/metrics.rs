@@ -424,6 +424,14 @@ fn dechunk(head_and_body: &str) -> String {
 
 /// A Prometheus query against `addr`: the result vector.
 fn prom_query(addr: &str, query: &str) -> Vec<serde_json::Value> {
+    prom_answer(addr, query)["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A Prometheus query against `addr`: the whole answer (Null when none).
+fn prom_answer(addr: &str, query: &str) -> serde_json::Value {
     let q: String = query
         .bytes()
         .map(|b| match b {
@@ -433,18 +441,17 @@ fn prom_query(addr: &str, query: &str) -> Vec<serde_json::Value> {
         .collect();
     let mut s = match std::net::TcpStream::connect(addr) {
         Ok(s) => s,
-        Err(_) => return Vec::new(),
+        Err(_) => return serde_json::Value::Null,
     };
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let req =
         format!("GET /api/v1/query?query={q} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     if s.write_all(req.as_bytes()).is_err() {
-        return Vec::new();
+        return serde_json::Value::Null;
     }
     let mut reply = String::new();
     let _ = s.read_to_string(&mut reply);
-    let v: serde_json::Value = serde_json::from_str(&dechunk(&reply)).unwrap_or_default();
-    v["data"]["result"].as_array().cloned().unwrap_or_default()
+    serde_json::from_str(&dechunk(&reply)).unwrap_or_default()
 }
 
 /// Prometheus itself (Debian's `prometheus`, the server) scrapes a marsd,
@@ -504,9 +511,37 @@ fn prometheus_scrapes_marsd() {
             // Every rule evaluated (the split-brain rule's expression now has a result).
             !prom_query(&web, "max by (resource, member) (mars_member_split_brain)").is_empty()
         });
+    // Every query of the dashboard is one Prometheus takes (with its
+    // variables filled in as Grafana would).
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(contrib("grafana/mars-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut bad = Vec::new();
+    let mut queries = 0;
+    for panel in dash["panels"].as_array().into_iter().flatten() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let Some(expr) = t["expr"].as_str() else {
+                continue;
+            };
+            let q = expr
+                .replace("$resource", ".*")
+                .replace("$instance", ".*")
+                .replace("$__rate_interval", "1m");
+            let a = prom_answer(&web, &q);
+            queries += 1;
+            if a["status"] != "success" {
+                bad.push(format!("{}: {q}: {a}", panel["title"]));
+            }
+        }
+    }
     let _ = prom.kill();
     let _ = prom.wait();
     let log = std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default();
     assert!(ok && rules_ok, "prometheus did not get the metrics:\n{log}");
+    assert!(
+        queries > 20 && bad.is_empty(),
+        "{queries} queries; refused: {bad:#?}"
+    );
     assert!(!log.contains("level=error"), "{log}");
 }
