@@ -92,6 +92,11 @@ pub enum Request {
         #[serde(default)]
         restart: bool,
     },
+    /// Keep this secondary's replay `ms` behind the primary's writes (0: none).
+    SetDelay {
+        name: String,
+        ms: u64,
+    },
     /// Pause, resume or stop the verify this node runs.
     VerifyControl {
         name: String,
@@ -353,6 +358,10 @@ pub struct MemberView {
     /// checksum was corrected) since its marsd started.
     #[serde(default)]
     pub repaired: u64,
+    /// Its replay is kept this many seconds behind the primary's writes
+    /// (`marsadm set-delay`; extension).
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub replay_delay_seconds: f64,
     /// Blocks of this member's disk known bad and not repaired (then its
     /// disk is never shown `uptodate`; extension).
     #[serde(default)]
@@ -430,4 +439,100 @@ pub enum ScrubError {
     Stopped,
     /// A read of the disk failed.
     ReadFailed,
+}
+
+fn is_zero_f64(x: &f64) -> bool {
+    *x == 0.0
+}
+
+/// A duration in ms as `set-delay` takes it: `90s`, `10m`, `2h`, `1h30m`.
+pub fn show_duration_ms(ms: u64) -> String {
+    if !ms.is_multiple_of(1000) {
+        return format!("{ms}ms");
+    }
+    let s = ms / 1000;
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out += &format!("{h}h");
+    }
+    if m > 0 {
+        out += &format!("{m}m");
+    }
+    if s > 0 || out.is_empty() {
+        out += &format!("{s}s");
+    }
+    out
+}
+
+/// Parse `30s`, `10m`, `2h`, `1h30m`, `500ms`, `0` (a bare number: seconds) into ms.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("an empty duration".into());
+    }
+    if let Ok(n) = t.parse::<u64>() {
+        return n
+            .checked_mul(1000)
+            .ok_or_else(|| format!("{s:?} is too long"));
+    }
+    let mut total: u64 = 0;
+    let mut num = String::new();
+    let mut chars = t.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let unit = if c == 'm' && chars.peek() == Some(&'s') {
+            chars.next();
+            1
+        } else {
+            match c {
+                's' => 1000,
+                'm' => 60_000,
+                'h' => 3_600_000,
+                'd' => 86_400_000,
+                _ => return Err(format!("unknown unit {c:?} in {s:?}: use ms, s, m, h or d")),
+            }
+        };
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("not a duration: {s:?} (like 30s, 10m, 2h)"))?;
+        num.clear();
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(|| format!("{s:?} is too long"))?;
+    }
+    if !num.is_empty() {
+        return Err(format!(
+            "{s:?}: a number without a unit at the end (like 30s, 10m, 2h)"
+        ));
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_show() {
+        assert_eq!(parse_duration_ms("0"), Ok(0));
+        assert_eq!(parse_duration_ms("30s"), Ok(30_000));
+        assert_eq!(parse_duration_ms("10m"), Ok(600_000));
+        assert_eq!(parse_duration_ms("2h"), Ok(7_200_000));
+        assert_eq!(parse_duration_ms("1h30m"), Ok(5_400_000));
+        assert_eq!(parse_duration_ms("500ms"), Ok(500));
+        assert_eq!(parse_duration_ms("5"), Ok(5_000));
+        assert!(parse_duration_ms("5x").is_err());
+        assert!(parse_duration_ms("h").is_err());
+        assert!(parse_duration_ms("10m5").is_err());
+        assert!(parse_duration_ms("99999999999999999999h").is_err());
+        assert_eq!(show_duration_ms(5_400_000), "1h30m");
+        assert_eq!(show_duration_ms(5_000), "5s");
+        assert_eq!(show_duration_ms(0), "0s");
+        assert_eq!(show_duration_ms(1500), "1500ms");
+    }
 }

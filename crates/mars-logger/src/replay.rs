@@ -322,6 +322,9 @@ pub struct Replayer {
     background: bool,
     /// A freeze (`set_stop_at`): no record ending after this position is applied.
     stop_at: Option<u64>,
+    /// A delayed replica (`set_delay`): no record logged less than this
+    /// long ago is applied.
+    delay: Option<std::time::Duration>,
     /// The background sync running: the position it makes durable, its thread.
     bg_sync: Option<(u64, std::thread::JoinHandle<std::io::Result<()>>)>,
 }
@@ -469,6 +472,7 @@ impl Replayer {
             versions_inline: 0,
             background: false,
             stop_at: None,
+            delay: None,
             bg_sync: None,
         };
         let this_boot = mark
@@ -730,6 +734,13 @@ impl Replayer {
     /// ending after it wait until `set_stop_at(None)`.
     pub fn set_stop_at(&mut self, at: Option<u64>) {
         self.stop_at = at;
+    }
+
+    /// Keep replay `delay` behind the primary's writes (by the records'
+    /// log time; `marsadm set-delay`): a record waits until it was logged
+    /// that long ago. None or zero: no delay.
+    pub fn set_delay(&mut self, delay: Option<std::time::Duration>) {
+        self.delay = delay.filter(|d| !d.is_zero());
     }
 
     pub fn set_background_sync(&mut self, on: bool) {
@@ -1074,9 +1085,18 @@ impl Replayer {
                         reason,
                     });
                 }
-                // Frozen: this record waits (the step ends as if idle).
+                // Frozen, or too recent for a delayed replica: this record
+                // waits (the step ends as if idle).
                 if self.stop_at.is_some_and(|s| self.pos + total > s) {
                     break;
+                }
+                if let Some(d) = self.delay {
+                    let now_ns = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |t| t.as_nanos() as u64);
+                    if now_ns < h.stamp_ns.saturating_add(d.as_nanos() as u64) {
+                        break;
+                    }
                 }
                 // Never apply a record past the durable limit: a reboot must
                 // know how far the disk may be ahead of `replayed`.

@@ -74,6 +74,10 @@ pub struct MemberEntry {
     /// Full-sync rate limit in bytes per second of transferred blocks (0: none).
     #[serde(default)]
     pub sync_rate: u64,
+    /// A delayed replica: replay stays this far behind the primary's writes
+    /// (`marsadm set-delay`; 0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub replay_delay_ms: u64,
 }
 
 impl MemberEntry {
@@ -88,6 +92,7 @@ impl MemberEntry {
             pause_replay: false,
             fetch_rate: 0,
             sync_rate: 0,
+            replay_delay_ms: 0,
         }
     }
 }

@@ -55,6 +55,8 @@ pub struct Secondary {
     /// Rate limits, bytes per second (0: none).
     pub fetch_rate: Arc<std::sync::atomic::AtomicU64>,
     pub sync_rate: Arc<std::sync::atomic::AtomicU64>,
+    /// How far replay stays behind the primary's writes, ms (0: none).
+    pub replay_delay_ms: Arc<std::sync::atomic::AtomicU64>,
     /// How this node's full syncs compare blocks.
     pub sync_digest: crate::digest::SyncDigest,
     /// Fetched chunks kept for replay (new with every secondary task).
@@ -535,6 +537,9 @@ impl Secondary {
         // A freeze (verify, repair) may hold replay at a position.
         let (step, stop) = self.gate.begin_step();
         r.set_stop_at(stop);
+        r.set_delay(Some(Duration::from_millis(
+            self.replay_delay_ms.load(Ordering::Acquire),
+        )));
         let (r, outcome) = tokio::task::spawn_blocking(move || {
             let mut r = r;
             let o = r.step(64 << 20);

@@ -191,8 +191,8 @@ struct SecondaryHandle {
     /// The resource size it runs with (restarted when it changes).
     size: u64,
     progress: Arc<parking_lot::Mutex<Progress>>,
-    /// Fetch and sync rate limits (bytes/s, 0: none).
-    rates: [Arc<AtomicU64>; 2],
+    /// Fetch and sync rate limits (bytes/s, 0: none), and the replay delay (ms).
+    rates: [Arc<AtomicU64>; 3],
     prefer_source: Arc<parking_lot::Mutex<Option<String>>>,
     stop: Arc<AtomicBool>,
     pauses: [Arc<AtomicBool>; 3],
@@ -231,6 +231,10 @@ pub struct Daemon {
     scrubs: Arc<crate::scrub::Scrubs>,
     /// Verifies this node coordinates, and repairs of its copies' bad blocks.
     verifies: Arc<crate::verify::Verifies>,
+    /// Beats after every round of `run_loop` (the systemd watchdog's proof of life).
+    pub alive: Arc<crate::systemd::Heartbeat>,
+    /// The node setting `primary_units`.
+    units: crate::systemd::PrimaryUnits,
 }
 
 const RETRY_AFTER: Duration = Duration::from_secs(10);
@@ -251,6 +255,7 @@ const HANDOVER_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Daemon {
     pub fn new(dir: &Path, cfg: NodeConfig, peer: Arc<Peer>) -> Result<Daemon> {
+        let units = crate::systemd::PrimaryUnits::new(cfg.primary_units.clone())?;
         let served = Arc::new(Served::default());
         let server = Arc::new(mars_replication::Server {
             resources: node::resources_dir(dir),
@@ -270,6 +275,8 @@ impl Daemon {
             no_disk: Default::default(),
             scrubs: Default::default(),
             verifies: Default::default(),
+            alive: Default::default(),
+            units,
         };
         // Before any log writes: the room a full filesystem needs first.
         d.keep_space_reserve();
@@ -338,6 +345,7 @@ impl Daemon {
                     pause_replay: m.pause_replay,
                     fetch_rate: m.fetch_rate,
                     sync_rate: m.sync_rate,
+                    replay_delay_ms: m.replay_delay_ms,
                 },
             );
         }
@@ -518,7 +526,7 @@ impl Daemon {
             }
             let want_export = r.attached && r.designated_primary.as_deref() == Some(me.as_str());
             if (!want_export || a.logger.is_none()) && a.export.is_some() {
-                self.unexport(&r.name, a);
+                self.stop_serving(&r.name, a).await;
             }
             if !r.attached {
                 if let Some(l) = self.take_logger(&r.name, a) {
@@ -559,6 +567,7 @@ impl Daemon {
                     self.exports.map.write().insert(r.name.clone(), e.clone());
                     a.export = Some(e);
                     tracing::info!(resource = %r.name, device = %self.device_uri(&r.name), "serving device");
+                    self.units.serving(&r.name);
                 }
             }
             // Report what this member actually does (pushed to the other members).
@@ -615,7 +624,7 @@ impl Daemon {
 
     /// Stop serving and writing, write everything back, and continue as a secondary.
     async fn demote(&self, r: &ResourceConfig, a: &mut Actual) -> Result<()> {
-        self.unexport(&r.name, a);
+        self.stop_serving(&r.name, a).await;
         if let Some(l) = self.take_logger(&r.name, a) {
             a.last_status = close_logger(l).await;
         }
@@ -664,6 +673,7 @@ impl Daemon {
                 let rates = [
                     Arc::new(AtomicU64::new(r.fetch_rate)),
                     Arc::new(AtomicU64::new(r.sync_rate)),
+                    Arc::new(AtomicU64::new(r.replay_delay_ms)),
                 ];
                 // As desired from the start: the task runs at once, and a member restarted
                 // with replay paused replayed a step before the flags below were set.
@@ -689,6 +699,7 @@ impl Daemon {
                     prefer_source: prefer_source.clone(),
                     fetch_rate: rates[0].clone(),
                     sync_rate: rates[1].clone(),
+                    replay_delay_ms: rates[2].clone(),
                     sync_digest: self.cfg.sync_digest,
                     fetched: Arc::new(mars_logger::fetched::FetchedChunks::new(
                         mars_replication::FETCHED_KEEP,
@@ -732,6 +743,7 @@ impl Daemon {
             h.pauses[2].store(r.pause_replay, Ordering::Release);
             h.rates[0].store(r.fetch_rate, Ordering::Release);
             h.rates[1].store(r.sync_rate, Ordering::Release);
+            h.rates[2].store(r.replay_delay_ms, Ordering::Release);
         }
         let written = primary_written(&self.peer.store.lock(), &r.rref());
         if let Some(h) = &a.secondary {
@@ -855,6 +867,15 @@ impl Daemon {
         a.secondary.take()
     }
 
+    /// `unexport` for good: the resource's primary unit (if any) is stopped
+    /// first, while the device still answers.
+    async fn stop_serving(&self, name: &str, a: &mut Actual) {
+        if a.export.is_some() {
+            self.units.stopping(name).await;
+        }
+        self.unexport(name, a);
+    }
+
     fn unexport(&self, name: &str, a: &mut Actual) {
         if let Some(e) = a.export.take() {
             e.open.store(false, Ordering::Release);
@@ -867,7 +888,7 @@ impl Daemon {
         if let Some(h) = self.take_secondary(name, &mut a) {
             h.stop().await;
         }
-        self.unexport(name, &mut a);
+        self.stop_serving(name, &mut a).await;
         if let Some(l) = self.take_logger(name, &mut a) {
             close_logger(l).await;
         }
@@ -939,6 +960,8 @@ impl Daemon {
             }
             let mut st = self.state.lock().await;
             self.reconcile_locked(&mut st, false).await;
+            drop(st);
+            self.alive.beat();
         }
     }
 
@@ -1214,6 +1237,22 @@ impl Daemon {
                     show(m.fetch_rate),
                     show(m.sync_rate)
                 )))
+            }
+            Request::SetDelay { name, ms } => {
+                let rr = self.res_entry(&name)?.0;
+                let primary = meta::designated_primary(&self.peer.store.lock(), &rr);
+                if ms > 0 && primary.as_deref() == Some(self.me()) {
+                    bail!("{name}: this node is its primary; a delay applies to a secondary's replay (run set-delay on the secondary)");
+                }
+                self.set_member(&name, |m| m.replay_delay_ms = ms).await?;
+                Ok(Response::ok(if ms == 0 {
+                    format!("{name}: no replay delay: replay catches up")
+                } else {
+                    format!(
+                        "{name}: replay kept {} behind the primary's writes (fetch goes on)",
+                        mars_api::show_duration_ms(ms)
+                    )
+                }))
             }
             Request::SetCompression { name, codec, level } => {
                 self.set_compression(&name, &codec, level).await
@@ -1808,7 +1847,7 @@ impl Daemon {
         if let Some(h) = self.take_secondary(name, a) {
             h.stop().await;
         }
-        self.unexport(name, a);
+        self.stop_serving(name, a).await;
         if let Some(l) = self.take_logger(name, a) {
             close_logger(l).await;
         }
@@ -2355,6 +2394,7 @@ impl Daemon {
             pause_replay: false,
             fetch_rate: 0,
             sync_rate: 0,
+            replay_delay_ms: 0,
         };
         let lcfg = self.logger_config(&cfg);
         let logger = match tokio::task::spawn_blocking(move || Logger::open(lcfg)).await? {
@@ -2586,6 +2626,7 @@ impl Daemon {
                     .iter()
                     .map(|m| {
                         let d: Option<MemberEntry> = meta::get(&store, &meta::member_key(&rr, m));
+                        let delay_ms = d.as_ref().map_or(0, |d| d.replay_delay_ms);
                         let paused = d
                             .as_ref()
                             .map(|d| PausedView {
@@ -2655,6 +2696,7 @@ impl Daemon {
                             checksum_errors: rep.checksum_errors,
                             repaired: rep.repaired,
                             bad_blocks: rep.bad_blocks,
+                            replay_delay_seconds: delay_ms as f64 / 1000.0,
                             scrub: a
                                 .filter(|_| m == me)
                                 .map(|a| self.scrubs.view(&a.dir)),
@@ -2861,6 +2903,7 @@ fn named_resource(req: &Request) -> Option<&str> {
         | Request::Disconnect { name }
         | Request::Pause { name, .. }
         | Request::SetRate { name, .. }
+        | Request::SetDelay { name, .. }
         | Request::SetCompression { name, .. }
         | Request::LogRotate { name }
         | Request::Invalidate { name }

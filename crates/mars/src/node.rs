@@ -13,6 +13,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use mars_logger::crashsafe::write_atomic;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
@@ -107,6 +108,11 @@ pub struct NodeConfig {
     /// absent: not served. `marsd --metrics` overrides it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
+    /// Per resource, a systemd unit that marsd starts (`systemctl start`)
+    /// where this node serves the resource's device, and stops before it
+    /// stops serving it (`crate::systemd::PrimaryUnits`); empty: none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub primary_units: BTreeMap<String, String>,
 }
 
 /// `nbd_tls` in `node.json`. Paths are absolute or relative to the node
@@ -163,6 +169,8 @@ pub struct ResourceConfig {
     pub fetch_rate: u64,
     #[serde(default)]
     pub sync_rate: u64,
+    #[serde(default)]
+    pub replay_delay_ms: u64,
 }
 
 /// Node and resource names: 1..=64 of `[A-Za-z0-9_.-]`, not starting with `.` or `-`.
@@ -300,6 +308,7 @@ fn write_node(
         nbd_tls: None,
         nbd_allow: Vec::new(),
         metrics: None,
+        primary_units: BTreeMap::new(),
     };
     save_json(&dir.join(NODE_FILE), &cfg)?;
     Ok(cfg)

@@ -12,7 +12,14 @@ use std::time::{Duration, Instant};
 #[command(
     name = "marsadm",
     version,
-    about = "administer mars nodes and replicated resources"
+    about = "administer mars nodes and replicated resources",
+    long_about = "Administer mars nodes and replicated resources.\n\n\
+        marsadm works on the node directory DIR (--dir, else $MARS_DIR, else /mars). \
+        create-cluster and join-cluster initialise DIR; dump-log, completions and \
+        keyring generate work without a daemon; every other command talks to the \
+        node's running marsd through the control socket inside DIR and fails with a \
+        clear message when it is not running. A refused command changes nothing.",
+    after_long_help = EXIT_STATUS_HELP
 )]
 struct Args {
     /// Node directory (default: $MARS_DIR, then /mars).
@@ -22,35 +29,86 @@ struct Args {
     cmd: Cmd,
 }
 
+/// What `marsadm --help` (long form) and the man page say about exit codes.
+const EXIT_STATUS_HELP: &str = "Exit status:
+  0  success (wait-cluster, wait-resource: the condition was reached)
+  1  the command failed or was refused, marsd is not running, or a wait timed out; one line on stderr says why
+  2  the command line is wrong (clap's usage error), verify found copies that differ (or could not compare them), or dump-log found damage in the logfile";
+
+/// The man page's sections after COMMANDS.
+const MAN_SECTIONS: &[mars::manpage::Section] = &[
+    mars::manpage::Section {
+        heading: "EXIT STATUS",
+        text: "0: success; for wait-cluster and wait-resource, the condition was reached.
+
+1: the command failed or was refused (unknown resource, not a member, refused because it would lose data, peer unreachable, ...), marsd is not running, or a wait timed out. One line on stderr says why. A refused command changes nothing.
+
+2: the command line is wrong (unknown command or option, missing argument; the usage is printed); verify found copies that differ, or could not compare some (with --repair: not everything found was repaired); or dump-log found damage in the logfile (its last line says where).",
+    },
+    mars::manpage::Section {
+        heading: "ENVIRONMENT",
+        text: "MARS_DIR: the node directory when --dir is not given (default /mars).",
+    },
+    mars::manpage::Section {
+        heading: "FILES",
+        text: "DIR/node.json: the node's identity and settings.
+
+DIR/marsd.sock: the control socket of the running marsd (mode 0600; root and marsd's own user only).
+
+DIR/resources/RES/: a resource's logfiles and replication state.",
+    },
+    mars::manpage::Section {
+        heading: "SEE ALSO",
+        text: "marsd(8); the command contract (shared/spec/marsadm.md) and README.md of the mars sources.",
+    },
+];
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Initialise DIR as the first node of a new cluster.
+    ///
+    /// Creates the node directory with a new cluster id, this node's identity
+    /// and the cluster's certificate authority. Start the node afterwards with
+    /// `marsd --dir DIR`. Refused if DIR is already a node directory.
     CreateCluster {
+        /// This node's name (unique in the cluster).
         #[arg(long)]
         node: String,
-        /// Address for peer traffic (HOST:PORT).
+        /// Address for peer traffic (HOST:PORT; TCP for data, UDP for gossip).
         #[arg(long)]
         listen: String,
-        /// Where this node serves its primary devices over NBD.
+        /// Where this node serves its primary devices over NBD (HOST:PORT).
         #[arg(long, default_value = "127.0.0.1:10809")]
         nbd: String,
     },
     /// Initialise DIR as a new node of the cluster PEER belongs to.
+    ///
+    /// Asks the running node at PEER to admit this one (with the token from
+    /// `marsadm invite` there), and writes the node directory with the
+    /// cluster's metadata and this node's certificate. Start the node
+    /// afterwards with `marsd --dir DIR`.
     JoinCluster {
+        /// This node's name (unique in the cluster).
         #[arg(long)]
         node: String,
+        /// Address for peer traffic (HOST:PORT; TCP for data, UDP for gossip).
         #[arg(long)]
         listen: String,
+        /// Where this node serves its primary devices over NBD (HOST:PORT).
         #[arg(long, default_value = "127.0.0.1:10809")]
         nbd: String,
         /// The one-time token `marsadm invite` printed on a node of the cluster
         /// (required: it proves the invitation and names the cluster's CA).
         #[arg(long)]
         token: Option<String>,
+        /// Peer address (HOST:PORT, its --listen) of a running node of the cluster.
         peer: String,
     },
-    /// Remove this node from its cluster (its certificate is revoked); with
-    /// --node, remove another node that is gone for good (or compromised).
+    /// Remove this node (with --node: another node) from the cluster.
+    ///
+    /// Its certificate is revoked. With --node, remove another node that is
+    /// gone for good (or compromised). Refused while the node is a member of
+    /// a resource (leave-resource first).
     LeaveCluster {
         /// The node to remove, from here (it must be no member of a resource).
         #[arg(long)]
@@ -60,20 +118,29 @@ enum Cmd {
         force: bool,
     },
     /// Merge the peer's whole cluster into this one.
+    ///
+    /// Every node and resource of the peer's cluster becomes part of this
+    /// one. Refused if a resource name exists in both clusters.
     MergeCluster {
         /// The token `marsadm invite --merge` printed on a node of the peer's cluster.
         #[arg(long)]
         token: Option<String>,
+        /// Peer address (HOST:PORT) of a running node of the other cluster.
         peer: String,
     },
-    /// The cluster's gossip keys (`list`, `generate`, `install KEY`, `use KEY`,
-    /// `remove KEY`): rotate by installing a new key, using it, then removing
-    /// the old one.
+    /// Manage the cluster's gossip keys (list, generate, install, use, remove).
+    ///
+    /// Gossip datagrams are sealed with the key in use. Rotate by installing
+    /// a new key (`keyring generate` prints one), using it, then removing the
+    /// old one.
     #[command(subcommand)]
     Keyring(KeyringCmd),
-    /// Print a one-time token that lets one new node join this cluster
-    /// (`join-cluster --token`), or with --merge one other cluster merge this
-    /// one into itself (`merge-cluster --token`).
+    /// Print a one-time token for join-cluster (with --merge: merge-cluster).
+    ///
+    /// The token lets one new node join this cluster (`join-cluster
+    /// --token`), or with --merge one other cluster merge this one into
+    /// itself (`merge-cluster --token`). It is used once and expires after
+    /// --ttl seconds.
     Invite {
         /// A token for `merge-cluster` instead of `join-cluster`.
         #[arg(long)]
@@ -83,113 +150,197 @@ enum Cmd {
         ttl: u64,
     },
     /// Create RES on DISK; this node becomes its primary.
+    ///
+    /// The resource is sized as DISK (a file or block device); this node
+    /// becomes its first member and primary and serves it as NBD export RES
+    /// at its --nbd address.
     CreateResource {
+        /// Resource name (also the NBD export name).
         res: String,
+        /// This node's disk for RES: a file or a block device.
         disk: String,
     },
     /// Make this node a secondary of RES.
+    ///
+    /// DISK must be at least the resource's size. A full sync from another
+    /// member starts; after it the node fetches and replays the primary's log.
     JoinResource {
+        /// Resource name.
         res: String,
+        /// This node's disk for RES: a file or a block device (overwritten).
         disk: String,
     },
     /// Stop being a member of RES.
+    ///
+    /// Refused for the primary unless it is the last member. The disk is left
+    /// as it is.
     LeaveResource {
+        /// Resource name.
         res: String,
     },
     /// Remove RES (its disks are left as they are).
+    ///
+    /// The resource is removed on all members; its devices stop being served.
     DeleteResource {
+        /// Resource name.
         res: String,
     },
     /// Become primary of RES (planned handover; --force: failover).
+    ///
+    /// Without --force: waits until this node has all the data the current
+    /// primary wrote, then switches; no data is lost. Refused if the current
+    /// primary cannot be reached. With --force: become primary now with the
+    /// data this node has (what it had not fetched is lost; a former primary
+    /// that comes back shows a split brain).
     Primary {
+        /// Failover: do not wait for the current primary.
         #[arg(long)]
         force: bool,
+        /// Resource name.
         res: String,
     },
     /// Give up the primary role of RES here.
+    ///
+    /// The device stops being served; the resource has no primary until
+    /// `primary RES` on a member.
     Secondary {
+        /// Resource name.
         res: String,
     },
     /// Attach disk and connect.
     Up {
+        /// Resource name.
         res: String,
     },
     /// Disconnect and detach disk (writes everything back first).
     Down {
+        /// Resource name.
         res: String,
     },
+    /// Attach this node's disk of RES (one half of `up`).
+    ///
+    /// The log is recovered and, on the primary, the device is served again.
     Attach {
+        /// Resource name.
         res: String,
         /// Compute the disk's block checksums again from the disk (after it
         /// was changed on purpose while detached; refused while attached).
         #[arg(long)]
         rebuild_checksums: bool,
     },
+    /// Detach this node's disk of RES (one half of `down`).
+    ///
+    /// The log is written back to the disk first; the device is no longer
+    /// served here.
     Detach {
+        /// Resource name.
         res: String,
     },
+    /// Connect RES to the other members (one half of `up`).
     Connect {
+        /// Resource name.
         res: String,
     },
+    /// Disconnect RES from the other members (one half of `down`).
+    ///
+    /// On a secondary, log transfer stops (as with pause-fetch) until
+    /// `connect`; a primary goes on serving and logging.
     Disconnect {
+        /// Resource name.
         res: String,
     },
+    /// Pause the full sync of RES on this node.
     PauseSync {
+        /// Resource name.
         res: String,
     },
+    /// Resume the full sync of RES on this node.
     ResumeSync {
+        /// Resource name.
         res: String,
     },
+    /// Pause log transfer (fetch) of RES to this node.
     PauseFetch {
+        /// Resource name.
         res: String,
     },
+    /// Resume log transfer (fetch) of RES to this node.
     ResumeFetch {
+        /// Resource name.
         res: String,
     },
+    /// Pause applying RES's log to this node's disk (replay).
+    ///
+    /// Fetch goes on: the log keeps arriving, the disk stays at a consistent
+    /// older image.
     PauseReplay {
+        /// Resource name.
         res: String,
     },
+    /// Resume applying RES's log to this node's disk (replay).
     ResumeReplay {
+        /// Resource name.
         res: String,
     },
-    /// Limit this member's fetch and full-sync rates (bytes per second; K, M, G
-    /// suffixes are powers of 1024; 0: unlimited).
+    /// Limit this member's fetch and full-sync rates.
+    ///
+    /// Bytes per second; K, M, G suffixes are powers of 1024; 0: unlimited.
+    /// Give --fetch, --sync or both.
     SetRate {
+        /// Resource name.
         res: String,
+        /// Fetch (log transfer) rate limit, bytes per second.
         #[arg(long, value_parser = parse_bytes)]
         fetch: Option<u64>,
+        /// Full-sync rate limit, bytes per second.
         #[arg(long, value_parser = parse_bytes)]
         sync: Option<u64>,
     },
-    /// Compress the resource's fetch and sync streams with zstd (LEVEL
-    /// 1..=19, default 1), or not (`off`, the default): from each member's
-    /// next connection to its source.
+    /// Compress RES's fetch and sync streams with zstd, or not (off).
+    ///
+    /// zstd at --level 1..=19 (default 1), or `off` (the default). Applies
+    /// from each member's next connection to its source; data that does not
+    /// compress is sent raw.
     SetCompression {
+        /// Resource name.
         res: String,
+        /// `zstd` or `off`.
         #[arg(value_parser = ["zstd", "off"])]
         codec: String,
+        /// zstd level, 1..=19 (default 1).
         #[arg(long)]
         level: Option<i32>,
     },
     /// Throw away this secondary's data and sync again.
+    ///
+    /// Resolves a split brain on the losing side, and emergency mode: the
+    /// node's log copies and replay state are dropped and a full sync from
+    /// the primary (while it is away: a member with a consistent disk)
+    /// starts. Refused on the designated primary.
     Invalidate {
+        /// Resource name.
         res: String,
     },
-    /// Check every block of this node's copy of RES against its block
-    /// checksums now (at the node's `scrub_rate_bytes`); `view` shows the
-    /// progress and the result.
+    /// Check this node's copy of RES against its block checksums now.
+    ///
+    /// Reads every block at the node's `scrub_rate_bytes`; `view` shows the
+    /// progress and the result (a background scrub also runs every
+    /// `scrub_interval_secs`).
     Scrub {
+        /// Resource name.
         res: String,
     },
-    /// Compare every member's copy of RES with the primary's, block by
-    /// block, while the device is in use (each copy frozen at one log
-    /// position per chunk; digests move, not data), and check each copy
+    /// Compare every member's copy of RES with the primary's (--repair: fix them).
+    ///
+    /// Block by block, while the device is in use (each copy frozen at one
+    /// log position per chunk; digests move, not data), and each copy
     /// against its own block checksums. Prints each member and block range
     /// that differs. Exit status 0 when all copies agree (with --repair:
     /// when everything found was repaired), 2 when some differ or could not
     /// be compared, 1 on an error. Run it on a member; an interrupted verify
     /// goes on where it stopped.
     Verify {
+        /// Resource name.
         res: String,
         /// Rewrite the bad blocks (and wrong checksums) of each copy from a
         /// good copy.
@@ -206,67 +357,119 @@ enum Cmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Keep this secondary's replay DURATION behind the primary's writes.
+    ///
+    /// A delayed replica: an undo window. Fetch goes on, so nothing is
+    /// lost; `view` shows the delay. Refused on the primary. `0` ends the
+    /// delay and replay catches up.
+    SetDelay {
+        /// Resource name.
+        res: String,
+        /// How far behind: `30s`, `10m`, `2h`, `1h30m`, `500ms`, or `0`.
+        #[arg(value_parser = mars_api::parse_duration_ms)]
+        duration: u64,
+    },
     /// Pause the verify of RES this node runs.
     PauseVerify {
+        /// Resource name.
         res: String,
     },
     /// Resume the paused verify of RES.
     ResumeVerify {
+        /// Resource name.
         res: String,
     },
     /// Stop the verify of RES (the next `verify RES` goes on from there).
     StopVerify {
+        /// Resource name.
         res: String,
     },
     /// Grow the device.
+    ///
+    /// To BYTES, or without it to the smallest member disk. Every member's
+    /// disk must be large enough; shrinking is refused. NBD clients see the
+    /// new size on their next connection.
     Resize {
+        /// Resource name.
         res: String,
+        /// New size in bytes (K, M, G, T suffixes: powers of 1024).
         #[arg(value_parser = parse_bytes)]
         bytes: Option<u64>,
     },
     /// Start a new logfile now.
     LogRotate {
+        /// Resource name.
         res: String,
     },
     /// Delete logfiles every member has applied.
     LogDelete {
+        /// Resource name.
         res: String,
     },
     /// Show status (human table, or --json).
+    ///
+    /// Every resource (or only RES), every member with its role, disk state,
+    /// connection, sync progress and lag. --json prints one JSON object, the
+    /// format that scripts and monitoring rely on (see the command contract).
     View {
+        /// Only this resource.
         res: Option<String>,
+        /// One JSON object instead of the table.
         #[arg(long)]
         json: bool,
     },
     /// Wait until every node of the cluster is reachable.
+    ///
+    /// Exit 0 when reached, 1 on timeout.
     WaitCluster {
+        /// Give up after this many seconds.
         #[arg(long, default_value_t = 60.0)]
         timeout: f64,
     },
     /// Wait until RES reaches CONDITION: uptodate, primary or synced.
+    ///
+    /// uptodate: every member has replayed everything the primary wrote and
+    /// no sync is running; primary: this node serves RES; synced: no sync
+    /// runs on any member. Exit 0 when reached, 1 on timeout. On a terminal,
+    /// a progress bar shows the slowest sync or the lag.
     WaitResource {
+        /// Resource name.
         res: String,
+        /// uptodate, primary or synced.
         condition: String,
+        /// Give up after this many seconds.
         #[arg(long, default_value_t = 60.0)]
         timeout: f64,
     },
     /// Test hook: drop all peer traffic to and from these nodes (simulates a network cut).
     #[command(hide = true)]
-    DebugBlock {
-        nodes: Vec<String>,
-    },
+    DebugBlock { nodes: Vec<String> },
     /// Test hook: undo debug-block.
     #[command(hide = true)]
-    DebugUnblock {
-        nodes: Vec<String>,
-    },
+    DebugUnblock { nodes: Vec<String> },
     /// Print every record of a logfile and where it is damaged (works without marsd).
+    ///
+    /// Exit 2 when the logfile is damaged (the last line says where).
     DumpLog {
+        /// A logfile (DIR/resources/RES/log-...).
         file: PathBuf,
         /// Also print the first bytes of each record's data.
         #[arg(long)]
         data: bool,
     },
+    /// Print a shell completion script for SHELL (works without marsd).
+    ///
+    /// bash: `marsadm completions bash > /etc/bash_completion.d/marsadm`;
+    /// zsh: write it as `_marsadm` into a directory of $fpath;
+    /// fish: `marsadm completions fish > ~/.config/fish/completions/marsadm.fish`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page marsadm(1), generated from these definitions
+    /// (scripts/gen-man.sh writes man/marsadm.1 with it).
+    #[command(hide = true)]
+    Man,
 }
 
 fn main() {
@@ -432,6 +635,13 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
             restart,
             no_wait,
         } => verify(dir, res, repair, rate, restart, no_wait),
+        Cmd::SetDelay { res, duration } => say(
+            dir,
+            Request::SetDelay {
+                name: res,
+                ms: duration,
+            },
+        ),
         Cmd::PauseVerify { res } => say(
             dir,
             Request::VerifyControl {
@@ -557,6 +767,19 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
                 b.finish();
             }
             out
+        }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Args::command(), "marsadm", &mut out);
+            std::io::Write::write_all(&mut std::io::stdout().lock(), &out)?;
+            Ok(0)
+        }
+        Cmd::Man => {
+            use clap::CommandFactory;
+            let page = mars::manpage::render(Args::command(), "1", MAN_SECTIONS)?;
+            std::io::Write::write_all(&mut std::io::stdout().lock(), &page)?;
+            Ok(0)
         }
         Cmd::DumpLog { file, data } => {
             let (text, damaged) = mars::dumplog::dump(&file, data)?;
@@ -824,6 +1047,15 @@ fn render(v: &View) -> String {
             if m.checksum_errors > 0 {
                 flags.push(format!("CHECKSUM-ERRORS {}", m.checksum_errors));
             }
+            if m.repaired > 0 {
+                flags.push(format!("repaired {}", m.repaired));
+            }
+            if m.replay_delay_seconds > 0.0 {
+                flags.push(format!(
+                    "delay {}",
+                    mars_api::show_duration_ms((m.replay_delay_seconds * 1000.0) as u64)
+                ));
+            }
             if let Some(sc) = &m.scrub {
                 if let Some((done, total)) = sc.running {
                     flags.push(format!("scrub {}/{}", human(done), human(total)));
@@ -855,12 +1087,55 @@ fn render(v: &View) -> String {
 enum KeyringCmd {
     /// The installed keys (by id) and the one in use.
     List,
-    /// Print a new random key (installs nothing).
+    /// Print a new random key (installs nothing; works without marsd).
     Generate,
     /// Install KEY on every node (gossip sealed with it is accepted).
-    Install { key: String },
+    Install {
+        /// The key (64 hex digits, as `keyring generate` printed it).
+        key: String,
+    },
     /// Seal gossip with KEY from now on (install it first).
-    Use { key: String },
+    Use {
+        /// The key (64 hex digits, as `keyring generate` printed it).
+        key: String,
+    },
     /// Remove KEY from every node (not the one in use).
-    Remove { key: String },
+    Remove {
+        /// The key (64 hex digits, as `keyring generate` printed it).
+        key: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every visible command (nested ones too) has a one-line about, and
+    /// every visible argument a help text.
+    fn check_help(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+            if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                missing.push(format!("{path} {}", arg.get_id()));
+            }
+        }
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let p = format!("{path} {}", sub.get_name());
+            match sub.get_about() {
+                Some(a) if !a.to_string().trim().is_empty() && !a.to_string().contains('\n') => {}
+                _ => missing.push(format!("{p}: about")),
+            }
+            check_help(sub, &p, missing);
+        }
+    }
+
+    #[test]
+    fn every_command_and_option_has_help() {
+        let mut cmd = Args::command();
+        cmd.build();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        check_help(&cmd, "marsadm", &mut missing);
+        assert!(missing.is_empty(), "no help text for: {missing:#?}");
+    }
 }

@@ -4,6 +4,8 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use mars::daemon::Daemon;
 use mars::node;
+use mars::systemd;
+use sd_notify::NotifyState;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,7 +14,21 @@ use std::sync::Arc;
 #[command(
     name = "marsd",
     version,
-    about = "mars node daemon: replicated block devices served over NBD"
+    about = "mars node daemon: replicated block devices served over NBD",
+    long_about = "mars node daemon: replicated block devices served over NBD.\n\n\
+        Runs one node of a mars cluster in the foreground, on the node directory DIR \
+        that `marsadm create-cluster` or `marsadm join-cluster` initialised: it \
+        replicates the node's resources with the other nodes (peer traffic and gossip \
+        on the node's listen address) and serves the resources it is primary of as NBD \
+        exports (on its NBD address). marsadm talks to it through the control socket \
+        DIR/marsd.sock. Logs go to stderr (MARS_LOG sets the filter, e.g. \
+        MARS_LOG=debug). SIGTERM or SIGINT stops it cleanly: every log is written back \
+        first.\n\n\
+        Under systemd (Type=notify) it reports READY=1 once the node directory is \
+        loaded and the peer, control and NBD listeners serve, STATUS= lines, \
+        STOPPING=1 at shutdown, and with WatchdogSec= pings the watchdog while its \
+        control loop runs.",
+    after_long_help = EXIT_STATUS_HELP
 )]
 struct Args {
     /// Node directory (default: $MARS_DIR, then /mars).
@@ -23,7 +39,53 @@ struct Args {
     /// setting, else off. Anyone who reaches the address can read them.
     #[arg(long, value_name = "HOST:PORT")]
     metrics: Option<String>,
+    /// Print the man page marsd(8), generated from these definitions, and exit
+    /// (scripts/gen-man.sh writes man/marsd.8 with it).
+    #[arg(long, hide = true)]
+    man: bool,
 }
+
+/// What `marsd --help` (long form) and the man page say about exit codes.
+const EXIT_STATUS_HELP: &str = "Exit status:
+  0  stopped cleanly by SIGTERM or SIGINT
+  1  refused to start (DIR is not an initialised node directory, a port is taken, another marsd runs on DIR, a setting is wrong) or a fatal error; one line on stderr says why
+  2  the command line is wrong";
+
+/// The man page's sections after OPTIONS.
+const MAN_SECTIONS: &[mars::manpage::Section] = &[
+    mars::manpage::Section {
+        heading: "EXIT STATUS",
+        text: "0: stopped cleanly by SIGTERM or SIGINT (every log written back).
+
+1: refused to start, with a one-line reason on stderr: DIR is not an initialised node directory, a port is taken, another marsd runs on DIR, or a setting in DIR/node.json is wrong; or a fatal error.
+
+2: the command line is wrong.
+
+Killed by a signal (SIGKILL, or SIGABRT from the systemd watchdog): the next start recovers every acknowledged write from the logs.",
+    },
+    mars::manpage::Section {
+        heading: "ENVIRONMENT",
+        text: "MARS_DIR: the node directory when --dir is not given (default /mars).
+
+MARS_LOG: the log filter (tracing EnvFilter syntax; default info).
+
+NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID: set by systemd for Type=notify and WatchdogSec= (see sd_notify(3)).",
+    },
+    mars::manpage::Section {
+        heading: "FILES",
+        text: "DIR/node.json: the node's identity and settings, read at start. Among them metrics (HOST:PORT where Prometheus metrics are served, as --metrics), and primary_units, a map from resource name to a systemd unit that marsd starts (systemctl start) where this node serves the resource's device and stops (systemctl stop, waited for) before it stops serving it.
+
+DIR/marsd.sock: the control socket (mode 0600).
+
+DIR/marsd.lock: held while marsd runs on DIR.
+
+contrib/systemd/marsd.service, contrib/systemd/mars-resource@.service in the mars sources: the units (installed by scripts/install.sh).",
+    },
+    mars::manpage::Section {
+        heading: "SEE ALSO",
+        text: "marsadm(1), systemd.service(5), sd_notify(3).",
+    },
+];
 
 /// Keep freed heap memory in the process for the next request's buffers instead of
 /// returning it to the kernel: the daemon allocates and frees megabytes per second
@@ -45,6 +107,17 @@ fn keep_freed_memory() {
 fn main() {
     keep_freed_memory();
     let args = Args::parse();
+    if args.man {
+        use clap::CommandFactory;
+        let page = mars::manpage::render(Args::command(), "8", MAN_SECTIONS);
+        let written =
+            page.and_then(|p| std::io::Write::write_all(&mut std::io::stdout().lock(), &p));
+        if let Err(e) = written {
+            eprintln!("marsd: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -92,6 +165,7 @@ fn bind_tcp(what: &str, addr: &str) -> Result<std::net::TcpListener> {
 
 fn run(dir: &Path, metrics_flag: Option<&str>) -> Result<()> {
     node::private_umask();
+    systemd::status("loading the node directory");
     let cfg = node::load_node(dir)?;
     let metrics_addr = match metrics_flag {
         Some("off") => None,
@@ -156,7 +230,9 @@ fn run(dir: &Path, metrics_flag: Option<&str>) -> Result<()> {
         let daemon = Arc::new(Daemon::new(dir, cfg.clone(), peer.clone())?);
         peer.set_data_server(daemon.server.clone());
         let ctl = tokio::net::UnixListener::from_std(ctl)?;
+        systemd::status("asking the other nodes for metadata before serving");
         daemon.catch_up_before_serving().await;
+        systemd::status("attaching disks");
         daemon.reconcile().await;
         tracing::info!(node = %cfg.node, cluster = %cfg.cluster_id, nbd = %cfg.nbd, listen = %cfg.listen, "marsd started");
         tracing::info!("NBD: {}", mars::nbd_tls::describe(&cfg, &nbd_options));
@@ -174,12 +250,20 @@ fn run(dir: &Path, metrics_flag: Option<&str>) -> Result<()> {
             tracing::info!("metrics: http://{addr}/metrics");
         }
         tokio::spawn(daemon.clone().run_loop());
+        // The peer listener serves since Peer::start, the NBD and control
+        // listeners from the tasks above (their sockets were bound before:
+        // a connection made now is answered).
+        let serving = format!("serving: peer {}, NBD {}, node {}", cfg.listen, cfg.nbd, cfg.node);
+        systemd::notify(&[NotifyState::Ready, NotifyState::Status(&serving)]);
+        daemon.alive.beat();
+        tokio::spawn(systemd::watchdog(daemon.alive.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
         tracing::info!("stopping: writing back all logs");
+        systemd::notify(&[NotifyState::Stopping, NotifyState::Status("stopping: writing back all logs")]);
         daemon.shutdown().await;
         let _ = std::fs::remove_file(&sock_path);
         tracing::info!("stopped");
@@ -210,6 +294,25 @@ fn raise_fd_limit() {
             } else {
                 tracing::warn!(limit = old, "could not raise the open-file limit");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_option_has_help() {
+        let cmd = Args::command();
+        cmd.clone().debug_assert();
+        for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+            assert!(
+                arg.get_help().is_some(),
+                "marsd --{} has no help",
+                arg.get_id()
+            );
         }
     }
 }
