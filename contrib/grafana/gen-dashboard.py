@@ -61,8 +61,11 @@ panel("table", "Members", [
 row("Replication", 12)
 panel("timeseries", "Lag (bytes)", [(f'max by (resource, member) (mars_member_lag_bytes{{{R}}})', "{{resource}} {{member}}")], 0, 13, 12, 8, unit="bytes",
       desc="Log the primary wrote that the member has not replayed.")
-panel("timeseries", "Lag (seconds)", [(f'max by (resource, member) (mars_member_lag_seconds{{{R}}})', "{{resource}} {{member}}")], 12, 13, 12, 8, unit="s",
-      desc="Age of the oldest write the member has not replayed.")
+panel("timeseries", "Lag (seconds)", [
+    (f'max by (resource, member) (mars_member_lag_seconds{{{R}}})', "{{resource}} {{member}}"),
+    (f'max by (resource, member) (mars_member_replay_delay_seconds{{{R}}}) > 0', "{{resource}} {{member}} set-delay"),
+], 12, 13, 12, 8, unit="s",
+      desc="Age of the oldest write the member has not replayed; a delayed replica (set-delay) is kept that far behind on purpose.")
 panel("timeseries", "Log written / replayed", [
     (f'max by (resource) (rate(mars_member_log_written_bytes_total{{{R}}}[$__rate_interval]) * on (resource, member) group_left max by (resource, member) (mars_member_primary{{{R}}}))', "{{resource}} written"),
     (f'max by (resource, member) (rate(mars_member_log_replayed_bytes_total{{{R}}}[$__rate_interval]))', "{{resource}} {{member}} replayed"),

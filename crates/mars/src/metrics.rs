@@ -715,6 +715,15 @@ impl prometheus_client::collector::Collector for Snapshot {
         gauges(
             e,
             fam(
+                "mars_member_replay_delay",
+                Some(Unit::Seconds),
+                "How far the member's replay is kept behind the primary's writes on purpose (marsadm set-delay; 0: none).",
+            ),
+            &mg(&|_, m| m.replay_delay_seconds),
+        )?;
+        gauges(
+            e,
+            fam(
                 "mars_member_sync_done",
                 Some(Unit::Bytes),
                 "Bytes of the running full sync compared or copied (0: none runs).",

@@ -238,6 +238,7 @@ fn snapshot() -> Snapshot {
         eta_seconds: Some(18),
     });
     beta.checksum_errors = 3;
+    beta.replay_delay_seconds = 30.0;
     beta.repaired = 2;
     beta.bad_blocks = 1;
     beta.scrub = Some(mars_api::ScrubView {
@@ -323,6 +324,7 @@ fn the_exposition_names_units_and_values_follow_the_view() {
         ("mars_member_log_replayed_bytes_total", &rm, 1024.0),
         ("mars_member_lag_bytes", &rm, 3072.0),
         ("mars_member_lag_seconds", &rm, 1.5),
+        ("mars_member_replay_delay_seconds", &rm, 30.0),
         ("mars_member_sync_done_bytes", &rm, 10.0),
         ("mars_member_sync_total_bytes", &rm, 100.0),
         ("mars_member_sync_rate_bytes_per_second", &rm, 5.0),
