@@ -819,7 +819,12 @@ impl Daemon {
                     meta::membership_deleted(&store, &held, self.me()),
                 )
             };
-            if deleted || removed {
+            // A log writer's directory (`applied`: a primary's log, maybe
+            // not all written back) is never removed for a membership
+            // deletion alone: a member is removed by the new primary after
+            // a handover, when this node is a secondary already.
+            let writer = e.path().join("applied").exists();
+            if deleted || (removed && !writer) {
                 match std::fs::remove_dir_all(e.path()) {
                     Ok(()) if deleted => {
                         tracing::info!(resource = %held, "resource deleted: removed its logs and state here")

@@ -55,7 +55,9 @@ const MAN_SECTIONS: &[mars::manpage::Section] = &[
 
 DIR/marsd.sock: the control socket of the running marsd (mode 0600; root and marsd's own user only).
 
-DIR/resources/RES/: a resource's logfiles and replication state.",
+DIR/resources/RES/: a resource's logfiles and replication state.
+
+DIR/migrate-RES: the former primary a `migrate RES` to this node removes with --leave (written when the migration begins, removed with it).",
     },
     mars::manpage::Section {
         heading: "SEE ALSO",
@@ -363,8 +365,10 @@ enum Cmd {
     /// joins with --disk (as join-resource); then it waits for NODE's full
     /// sync (a progress bar on stderr), hands over (as `primary RES`: waits
     /// until NODE has all data, nothing is lost), and with --leave removes
-    /// the former primary from RES (it stops there and removes its logs; its
-    /// disk is left as it is). Resumable: run the same command again after
+    /// the former primary from RES once it has replayed everything (it stops
+    /// there and removes its logs; its disk, a whole copy as of the
+    /// handover, is left as it is; a former primary that is down is removed
+    /// at once and learns it when it is back). Resumable: run the same command again after
     /// an interruption and it goes on from where RES is (no second join, no
     /// wait for a sync that is done, only --leave once NODE is primary).
     /// Refused, changing nothing, when NODE is not this node, RES is
@@ -376,7 +380,9 @@ enum Cmd {
         res: String,
         /// The destination node: this node (the command runs there).
         node: String,
-        /// After the handover, remove the former primary from RES.
+        /// After the handover, remove the former primary from RES (the
+        /// node that was primary when the migration began, recorded in
+        /// DIR/migrate-RES until it is removed).
         #[arg(long)]
         leave: bool,
         /// This node's disk for RES when it is not a member yet: a file or a
