@@ -964,6 +964,10 @@ fn verify(
     Ok(if last.clean { 0 } else { 2 })
 }
 
+/// How long `migrate` asks again for a handover refused because this member
+/// has not yet checked its history against the primary's log.
+const HANDOVER_RETRY: Duration = Duration::from_secs(120);
+
 /// `marsadm migrate RES NODE`: join (if needed), wait for the sync, hand
 /// over, and with `leave` remove the former primary; each step is skipped
 /// when RES is past it already, so the command resumes after an
@@ -1098,28 +1102,43 @@ fn migrate(
         eprintln!("{res}: {me} is synced");
         // The planned handover.
         let v = get_view(dir, Some(res.to_string()))?;
-        let r = find(&v)?;
-        match r.designated_primary.as_deref() {
-            Some(p) if p == me => {}
-            Some(p) if !alive(&v, p) => return Err(unreachable(p)),
-            _ => match send(
-                dir,
-                Request::Primary {
-                    name: res.to_string(),
-                    force: false,
-                },
-            ) {
+        // The planned handover; a member that has not yet checked its
+        // history against the primary's log (just after a restart of either)
+        // is refused for a moment: asked again until it has.
+        let mut v = v;
+        let asked = Instant::now();
+        loop {
+            let r = find(&v)?;
+            match r.designated_primary.as_deref() {
+                Some(p) if p == me => break,
+                Some(p) if !alive(&v, p) => return Err(unreachable(p)),
+                _ => {}
+            }
+            let req = Request::Primary {
+                name: res.to_string(),
+                force: false,
+            };
+            match send(dir, req) {
                 Ok(resp) => {
                     if let Some(m) = resp.message {
                         eprintln!("{m}");
                     }
+                    break;
                 }
                 // Not done within the daemon's wait: it goes on, waited for below.
                 Err(e) if format!("{e:#}").contains("goes on in the background") => {
-                    eprintln!("{e:#}")
+                    eprintln!("{e:#}");
+                    break;
+                }
+                Err(e) if format!("{e:#}").contains("not yet checked its history") => {
+                    if left("the handover").is_err() || asked.elapsed() > HANDOVER_RETRY {
+                        bail!("{e:#}; run the same command again to go on");
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
                 }
                 Err(e) => return Err(e),
-            },
+            }
+            v = get_view(dir, Some(res.to_string()))?;
         }
     }
     let mut bar = ProgressBar::new(res);
