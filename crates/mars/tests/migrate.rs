@@ -291,7 +291,8 @@ fn migrate_resumes_after_the_destination_is_killed_mid_sync() {
     let _ = m.wait();
     nodes[2].start();
     nodes[2].adm_ok(&["set-rate", "r0", "--sync", "0"]);
-    let out = nodes[2].adm(&["migrate", "r0", "gamma", "--leave", "--timeout", "180"]);
+    // Resumed without --leave: gamma takes over, alpha stays a member.
+    let out = nodes[2].adm(&["migrate", "r0", "gamma", "--timeout", "180"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -300,6 +301,12 @@ fn migrate_resumes_after_the_destination_is_killed_mid_sync() {
     );
     assert!(!stderr.contains("joined"), "joined again: {stderr}");
     let written = w.finish();
+    let v = nodes[2].view_json();
+    assert_eq!(members(&v), ["alpha", "beta", "gamma"], "{v:#}");
+    assert_eq!(resource(&v, "r0").unwrap()["actual_primary"], "gamma");
+    // Later, --leave alone removes the former primary (recorded at the start).
+    let out = nodes[2].adm_ok(&["migrate", "r0", "gamma", "--leave"]);
+    assert!(out.contains("alpha is no longer a member"), "{out}");
     check_migrated(&nodes);
     disks.push(g);
     check_disks(&mut nodes, &disks, &written);
