@@ -7,6 +7,9 @@
 
 use serde::{Deserialize, Serialize};
 
+mod events;
+pub use events::{events, iso_ms, Event};
+
 /// Name of the control socket inside the node directory.
 pub const SOCKET_NAME: &str = "marsd.sock";
 
@@ -96,6 +99,14 @@ pub enum Request {
     SetDelay {
         name: String,
         ms: u64,
+    },
+    /// Send the view (a `Response`), then, on the same connection, one
+    /// `Event` per line for every change (`full`: the whole `View` in a
+    /// `Response` whenever it changed), until the caller goes away.
+    Watch {
+        name: Option<String>,
+        #[serde(default)]
+        full: bool,
     },
     /// Pause, resume or stop the verify this node runs.
     VerifyControl {

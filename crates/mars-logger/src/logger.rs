@@ -264,12 +264,19 @@ struct WbState {
     hold: Option<(u64, Instant)>,
     /// Writeback is applying a batch it took (the disk is not at `applied_pos`).
     applying: bool,
+    /// Repairs writing into the frozen disk now (`Logger::pin_frozen`): the
+    /// position, and how many. Writeback stays there until they are done,
+    /// whatever the lease, a release or another freeze says meanwhile.
+    pin: Option<(u64, usize)>,
 }
 
 impl WbState {
     /// The position writeback may apply records up to now (a lease that ran
     /// out, or a writer that is done, holds nothing).
     fn hold_limit(&self) -> u64 {
+        if let Some((at, _)) = self.pin {
+            return at;
+        }
         match self.hold {
             Some((at, until)) if !self.writer_done && Instant::now() < until => at,
             _ => u64::MAX,
@@ -2523,18 +2530,19 @@ fn writeback_loop(shared: Arc<Shared>) {
                     .is_some_and(|e| e.end_pos() <= wb.synced_pos && e.end_pos() <= hold);
                 // Once the writer is done (its last sync behind it), records still
                 // unsynced never will be (the logger failed): stop at them.
-                if ready || wb.writer_done {
+                if ready || (wb.writer_done && wb.pin.is_none()) {
                     break;
                 }
                 match wb.hold {
-                    // Held: look again when the lease runs out.
-                    Some((_, until)) => {
+                    // Held: look again when the lease runs out (a pin's end
+                    // notifies).
+                    Some((_, until)) if wb.pin.is_none() => {
                         let wait = until.saturating_duration_since(Instant::now());
                         shared
                             .wb_cv
                             .wait_for(&mut wb, wait.max(Duration::from_millis(1)));
                     }
-                    None => shared.wb_cv.wait(&mut wb),
+                    _ => shared.wb_cv.wait(&mut wb),
                 }
             }
             let mut batch = Vec::new();

@@ -151,6 +151,34 @@ pub const FETCHED_KEEP: usize = 48 << 20;
 /// `PERSIST_WINDOW` of log and when it stops.
 const REPLAY_PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 
+/// What the resource directory `dir` says of a secondary's progress
+/// (replayed, durable, whether a full sync is done): set before the task
+/// runs, so that a view never shows a moment's default (a demoted primary
+/// showed a sync that never ran).
+pub fn load_progress(dir: &std::path::Path, size: u64, p: &mut Progress) {
+    if let Some(pos) = persisted_replayed(dir) {
+        p.replayed = pos;
+        p.replayed_durable = pos;
+        p.fetched = p.fetched.max(pos);
+    }
+    // Until the sync state says otherwise, this disk is not a consistent image.
+    match read_sync(dir) {
+        Ok(Some(sync)) if sync.done => {
+            p.syncing = false;
+            p.consistent_from = sync.end_pos;
+        }
+        Ok(Some(sync)) => {
+            p.syncing = true;
+            p.sync_done = sync.next_offset;
+            p.sync_total = size;
+        }
+        _ => {
+            p.syncing = true;
+            p.sync_total = size;
+        }
+    }
+}
+
 impl Secondary {
     /// A connection to `node` for this resource's data that first hands over
     /// this member's membership entry: a source serves members only, and one
@@ -204,31 +232,7 @@ impl Secondary {
             return;
         };
         let mut replayer: Option<Replayer> = None;
-        if let Some(pos) = persisted_replayed(&self.dir) {
-            let mut p = self.progress.lock();
-            p.replayed = pos;
-            p.replayed_durable = pos;
-            p.fetched = p.fetched.max(pos);
-        }
-        // Until the sync state says otherwise, this disk is not a consistent image.
-        match read_sync(&self.dir) {
-            Ok(Some(sync)) if sync.done => {
-                let mut p = self.progress.lock();
-                p.syncing = false;
-                p.consistent_from = sync.end_pos;
-            }
-            Ok(Some(sync)) => {
-                let mut p = self.progress.lock();
-                p.syncing = true;
-                p.sync_done = sync.next_offset;
-                p.sync_total = self.size;
-            }
-            _ => {
-                let mut p = self.progress.lock();
-                p.syncing = true;
-                p.sync_total = self.size;
-            }
-        }
+        load_progress(&self.dir, self.size, &mut self.progress.lock());
         // Sync and fetch in one loop, replay in another, concurrently: a
         // secondary applies what it has while it fetches more.
         let wake = tokio::sync::Notify::new();
@@ -500,7 +504,9 @@ impl Secondary {
             // resumed.
             None => self.open_replayer(sync.start_pos).await?,
         };
-        if self.pause_replay.load(Ordering::Acquire) {
+        let paused = self.pause_replay.load(Ordering::Acquire);
+        self.gate.set_paused(paused);
+        if paused {
             // Paused: what was applied is made durable (the disk synced, the position
             // persisted), so that the logfiles before it may go while replay waits.
             let (r, persisted) = if r.position() > r.persisted_position() {

@@ -35,6 +35,8 @@ pub const MAX_DIGEST: u64 = 64 << 20;
 pub const MAX_REPAIR: u32 = 8 << 20;
 /// The chunk a verify freezes the copies for.
 pub const CHUNK: u64 = 32 << 20;
+/// How long a freeze waits for a secondary's replay that does not move.
+pub const STALL: Duration = Duration::from_secs(5);
 /// Rounds of freezing before a verify gives up on bringing the copies to one
 /// position.
 const MAX_ROUNDS: usize = 20;
@@ -58,6 +60,10 @@ struct GateState {
     stepping: bool,
     /// The stop the running step began with.
     step_stop: Option<u64>,
+    /// Repairs writing into the frozen disk now ([`ReplayGate::pin`]).
+    pinned: usize,
+    /// Replay is paused (`pause-replay`): it will not move to a position.
+    paused: bool,
 }
 
 impl GateState {
@@ -100,10 +106,14 @@ impl ReplayGate {
     pub fn begin_step(&self) -> (Step<'_>, Option<u64>) {
         let mut g = self.state.lock();
         g.stepping = true;
-        let stop = g
-            .stop
-            .filter(|(_, until)| Instant::now() < *until)
-            .map(|(at, _)| at);
+        // A repair writing: no record at all (whatever the freeze says now).
+        let stop = match g.pos {
+            Some(pos) if g.pinned > 0 => Some(pos),
+            _ => g
+                .stop
+                .filter(|(_, until)| Instant::now() < *until)
+                .map(|(at, _)| at),
+        };
         g.step_stop = stop;
         (Step(self, false), stop)
     }
@@ -115,10 +125,22 @@ impl ReplayGate {
         self.cv.notify_all();
     }
 
-    /// Hold replay at `at` (see `Logger::freeze`, the same contract).
+    /// Replay is paused, or goes on (the replay loop says so each round).
+    pub fn set_paused(&self, paused: bool) {
+        let mut g = self.state.lock();
+        if g.paused != paused {
+            g.paused = paused;
+            self.cv.notify_all();
+        }
+    }
+
+    /// Hold replay at `at` (see `Logger::freeze`, the same contract). A
+    /// replay that is paused, or that does not move for [`STALL`], is not
+    /// waited for: the coordinator holds the primary's writeback meanwhile.
     pub fn freeze(&self, at: u64, patience: Duration) -> io::Result<Frozen> {
         let deadline = Instant::now() + patience;
         let mut g = self.state.lock();
+        let mut seen = (g.pos, Instant::now());
         loop {
             let lease = Instant::now() + LEASE.max(patience);
             let Some(pos) = g.pos else {
@@ -135,9 +157,27 @@ impl ReplayGate {
                     Frozen::Ahead(pos)
                 });
             }
+            let now = Instant::now();
+            if g.pos != seen.0 {
+                seen = (g.pos, now);
+            }
+            let stalled = !g.stepping && now.duration_since(seen.1) >= STALL;
+            if g.paused || stalled {
+                g.stop = None;
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "replay stands at {pos}, before log position {at}, and {}",
+                        if g.paused {
+                            "is paused"
+                        } else {
+                            "does not move (behind on fetching?)"
+                        }
+                    ),
+                ));
+            }
             g.stop = Some((at, lease));
             self.wake.notify_one();
-            let now = Instant::now();
             if now >= deadline {
                 g.stop = None;
                 return Err(io::Error::new(
@@ -158,17 +198,44 @@ impl ReplayGate {
 
     /// Frozen at `at` now (lease running, no step, replay there).
     fn check(&self, at: u64) -> io::Result<()> {
-        let g = self.state.lock();
-        match g.stop {
-            Some((s, until))
-                if s == at && g.pos == Some(at) && g.still(at) && Instant::now() < until =>
-            {
-                Ok(())
-            }
-            _ => Err(io::Error::other(format!(
+        Self::frozen(&self.state.lock(), at)
+    }
+
+    fn frozen(g: &GateState, at: u64) -> io::Result<()> {
+        let held = match g.stop {
+            Some((s, until)) => s == at && Instant::now() < until,
+            None => false,
+        } || g.pinned > 0;
+        if held && g.pos == Some(at) && g.still(at) {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
                 "replay is not frozen at log position {at} (the freeze's lease ran out?)"
-            ))),
+            )))
         }
+    }
+
+    /// Hold replay at `at`, where it must be frozen now, until the pin is
+    /// dropped, whatever happens to the freeze meanwhile (its lease runs
+    /// out, a thaw or another freeze by someone else): a repair writes the
+    /// frozen moment's blocks under it, so that replay applies no later
+    /// record to them before it is done (it would be overwritten).
+    pub fn pin(&self, at: u64) -> io::Result<GatePin<'_>> {
+        let mut g = self.state.lock();
+        Self::frozen(&g, at)?;
+        g.pinned += 1;
+        Ok(GatePin(self))
+    }
+}
+
+/// Replay held while it lives ([`ReplayGate::pin`]).
+pub struct GatePin<'a>(&'a ReplayGate);
+
+impl Drop for GatePin<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().pinned -= 1;
+        self.0.cv.notify_all();
+        self.0.wake.notify_one();
     }
 }
 
@@ -313,7 +380,7 @@ impl LocalCopy {
         match self {
             LocalCopy::Primary(l) => l.frozen_repair(at, offset, data),
             LocalCopy::Replica { gate, disk, csum } => {
-                gate.check(at)?;
+                let _pin = gate.pin(at)?;
                 mars_logger::freeze::repair(
                     csum,
                     offset,
@@ -326,8 +393,18 @@ impl LocalCopy {
     }
 
     /// The table is wrong at `block`, the disk right: correct the table to
-    /// `crc`, which must be that of what the disk holds there now.
-    pub fn correct(&self, at: u64, block: u64, crc: u32) -> io::Result<()> {
+    /// `crc`, which must be that of what the disk holds there now. Unless
+    /// `trusted` (as for [`LocalCopy::repair`]) it is refused: the table is
+    /// what tells rot from data, and a correction to what the disk holds
+    /// would make a rotten block read as good (another member cannot know
+    /// better than this copy's table, the primary decides the data).
+    pub fn correct(&self, at: u64, block: u64, crc: u32, trusted: bool) -> io::Result<()> {
+        if !trusted {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("block {block}: only the primary may correct a copy's checksums: the table is not corrected"),
+            ));
+        }
         let covered = self.csum().covered();
         if block.checked_mul(BLOCK).is_none_or(|o| o >= covered) {
             return Err(io::Error::other(format!(
@@ -344,17 +421,17 @@ impl LocalCopy {
                 ),
             ));
         }
+        let c = self.csum();
         match self {
             LocalCopy::Primary(l) => {
-                let p = l.frozen_position()?;
-                if p != at {
-                    return Err(not_at(at, p));
-                }
+                let _pin = l.pin_frozen(at)?;
+                c.correct(block, crc);
             }
-            LocalCopy::Replica { gate, .. } => gate.check(at)?,
+            LocalCopy::Replica { gate, .. } => {
+                let _pin = gate.pin(at)?;
+                c.correct(block, crc);
+            }
         }
-        let c = self.csum();
-        c.correct(block, crc);
         c.sync()
     }
 
@@ -417,9 +494,13 @@ pub fn judge(first: u64, sides: &[&RangeDigest], primary: usize) -> Vec<Fix> {
             Some(p.data[i])
         } else {
             let cands: Vec<usize> = (0..sides.len()).filter(|&s| consistent(s)).collect();
+            // The primary's table names the block (its disk rotted); else a
+            // copy that holds the primary's data (its table rotted: the
+            // data is confirmed by another copy); only then any other.
             cands
                 .iter()
                 .find(|&&s| sides[s].data[i] == p.table[i])
+                .or_else(|| cands.iter().find(|&&s| sides[s].data[i] == p.data[i]))
                 .or(cands.first())
                 .map(|&s| sides[s].data[i])
         };
@@ -453,6 +534,14 @@ pub fn judge(first: u64, sides: &[&RangeDigest], primary: usize) -> Vec<Fix> {
 }
 
 impl Server {
+    /// `from` is the designated primary of `res`: it decides the data.
+    fn sent_by_primary(&self, res: &str, from: &str) -> bool {
+        let store = self.cluster.store().lock();
+        meta::resource(&store, res)
+            .and_then(|(rr, _)| meta::designated_primary(&store, &rr))
+            .is_some_and(|p| p == from)
+    }
+
     fn local_copy(&self, res: &str) -> Result<Arc<LocalCopy>> {
         let dir = self.res_dir(res)?;
         Ok(Arc::new(LocalCopy::of(&self.served, res, &dir)?))
@@ -513,12 +602,7 @@ impl Server {
                 let copy = self.local_copy(&res)?;
                 // The primary decides the data; any other member may only
                 // restore what this copy's checksums say (`LocalCopy::repair`).
-                let trusted = {
-                    let store = self.cluster.store().lock();
-                    meta::resource(&store, &res)
-                        .and_then(|(rr, _)| meta::designated_primary(&store, &rr))
-                        .is_some_and(|p| p == from)
-                };
+                let trusted = self.sent_by_primary(&res, from);
                 tokio::task::spawn_blocking(move || copy.repair(at, offset, &data, trusted))
                     .await??;
                 write_msg(s, &Msg::Ok).await?;
@@ -530,7 +614,9 @@ impl Server {
                 crc,
             } => {
                 let copy = self.local_copy(&res)?;
-                tokio::task::spawn_blocking(move || copy.correct(at, block, crc)).await??;
+                let trusted = self.sent_by_primary(&res, from);
+                tokio::task::spawn_blocking(move || copy.correct(at, block, crc, trusted))
+                    .await??;
                 write_msg(s, &Msg::Ok).await?;
             }
             Msg::Thaw { res } => {
@@ -724,7 +810,7 @@ impl Copy {
         match self {
             Copy::Local(c) => {
                 let c = c.clone();
-                Ok(tokio::task::spawn_blocking(move || c.correct(at, block, crc)).await??)
+                Ok(tokio::task::spawn_blocking(move || c.correct(at, block, crc, true)).await??)
             }
             Copy::Remote(s) => {
                 let res = res.to_string();
@@ -810,6 +896,22 @@ pub struct Coordinator {
     pub pause: Arc<AtomicBool>,
     pub stop: Arc<AtomicBool>,
     pub report: Arc<Mutex<VerifyReport>>,
+}
+
+/// One freeze at a time per resource among the coordinators of this node
+/// (a verify's chunk, a read's repair, the background repair): a freeze is
+/// not owned, so one coordinator's thaw (or its freeze at another position)
+/// let go of another's halfway through, which then failed (a client read
+/// got EIO although a good copy existed).
+fn serial(res: &meta::ResRef) -> Arc<tokio::sync::Mutex<()>> {
+    static ALL: std::sync::OnceLock<
+        Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    > = std::sync::OnceLock::new();
+    ALL.get_or_init(Default::default)
+        .lock()
+        .entry(res.token())
+        .or_default()
+        .clone()
 }
 
 impl Coordinator {
@@ -1032,6 +1134,8 @@ impl Coordinator {
                 bail!("stopped");
             }
             let len = CHUNK.min(total - offset);
+            let serial = serial(&self.res);
+            let _one = serial.lock().await;
             let (pos, ds) = self.freeze_all(&mut members, at, offset, len).await?;
             at = pos;
             let present: Vec<usize> = (0..members.len()).filter(|&i| ds[i].is_some()).collect();
@@ -1059,6 +1163,7 @@ impl Coordinator {
                 }
             }
             self.thaw_all(&mut members).await;
+            drop(_one);
             offset += len;
             self.report.lock().done = offset;
             on_chunk(offset);
@@ -1147,6 +1252,8 @@ impl Coordinator {
             if len == 0 {
                 break;
             }
+            let serial = serial(&self.res);
+            let _one = serial.lock().await;
             let (pos, ds) = self.freeze_all(&mut members, at, offset, len).await?;
             at = pos;
             let present: Vec<usize> = (0..members.len()).filter(|&k| ds[k].is_some()).collect();
@@ -1279,6 +1386,34 @@ mod tests {
         );
     }
 
+    /// The primary's table entry rotted (its data is good), and one
+    /// secondary holds another block that agrees with its own table (a
+    /// copy restored from elsewhere and its checksums rebuilt, say): the
+    /// copy that confirms the primary's data is the good one. The first
+    /// self-consistent copy was taken, and its block copied over the
+    /// primary's and the good secondary's.
+    #[test]
+    fn a_primary_with_a_rotten_table_keeps_the_data_another_copy_confirms() {
+        let p = side(&[9], &[7]);
+        let odd = side(&[5], &[5]);
+        let good = side(&[9], &[9]);
+        assert_eq!(
+            judge(0, &[&p, &odd, &good], 0),
+            vec![
+                Fix::Correct {
+                    block: 0,
+                    side: 0,
+                    crc: 9
+                },
+                Fix::Copy {
+                    block: 0,
+                    to: 1,
+                    from: 0
+                }
+            ]
+        );
+    }
+
     #[test]
     fn a_block_bad_everywhere_is_lost() {
         let p = side(&[8], &[5]);
@@ -1312,6 +1447,57 @@ mod tests {
                     from: 0
                 }
             ]
+        );
+    }
+
+    /// A repair writing into a secondary's frozen disk holds replay where
+    /// it is, even when the freeze is thawed (another coordinator) or moved
+    /// on meanwhile: a record applied during the write would be overwritten
+    /// with the older moment's data.
+    #[test]
+    fn a_pinned_gate_lets_no_step_apply_whatever_the_freeze_says() {
+        let g = std::sync::Arc::new(ReplayGate::default());
+        g.set_position(Some(100));
+        assert_eq!(
+            g.freeze(100, Duration::from_secs(1)).unwrap(),
+            Frozen::At(100)
+        );
+        let pin = g.pin(100).unwrap();
+        g.thaw();
+        let (step, stop) = g.begin_step();
+        assert_eq!(stop, Some(100), "a step began past a pinned position");
+        step.done(100);
+        // Another coordinator freezes further on: still held.
+        let frozen = {
+            let g = g.clone();
+            std::thread::spawn(move || g.freeze(200, Duration::from_millis(200)))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let (step, stop) = g.begin_step();
+        assert_eq!(stop, Some(100));
+        step.done(100);
+        assert!(frozen.join().unwrap().is_err());
+        drop(pin);
+        let (step, stop) = g.begin_step();
+        assert_eq!(stop, None, "the pin outlived the repair");
+        step.done(150);
+        assert!(g.pin(100).is_err(), "pinned where replay no longer stands");
+    }
+
+    /// A paused replay is not waited for (the coordinator holds the
+    /// primary's writeback meanwhile).
+    #[test]
+    fn a_paused_replay_refuses_a_freeze_ahead_of_it_at_once() {
+        let g = ReplayGate::default();
+        g.set_position(Some(100));
+        g.set_paused(true);
+        let t = Instant::now();
+        assert!(g.freeze(200, Duration::from_secs(10)).is_err());
+        assert!(t.elapsed() < Duration::from_secs(1));
+        // Where it stands, it is frozen all the same.
+        assert_eq!(
+            g.freeze(100, Duration::from_secs(1)).unwrap(),
+            Frozen::At(100)
         );
     }
 

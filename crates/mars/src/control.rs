@@ -131,6 +131,9 @@ async fn serve_one(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<(
             return Ok(());
         }
         let resp = match serde_json::from_str::<Request>(line.trim_end()) {
+            Ok(Request::Watch { name, full }) => {
+                return watch(&daemon, name, full, lines, w).await;
+            }
             Ok(req) => {
                 tracing::debug!(?req, "control request");
                 daemon.handle(req).await
@@ -142,6 +145,58 @@ async fn serve_one(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<(
         let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
         out.push(b'\n');
         w.write_all(&out).await?;
+    }
+}
+
+/// How often a watcher's view is computed anew.
+const WATCH_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn line_of<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    let mut out = serde_json::to_vec(v).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    out.push(b'\n');
+    out
+}
+
+/// `view --watch`: the view, then the events between each view and the next
+/// (or, `full`, each view that differs), until the caller closes the
+/// connection or a view fails.
+async fn watch(
+    daemon: &Arc<Daemon>,
+    name: Option<String>,
+    full: bool,
+    mut input: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut w: tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<()> {
+    let mut prev: Option<mars_api::View> = None;
+    let mut sink = [0u8; 256];
+    loop {
+        let resp = daemon.handle(Request::View { name: name.clone() }).await;
+        let Some(view) = resp.view.clone().filter(|_| resp.ok) else {
+            return w.write_all(&line_of(&resp)).await;
+        };
+        match &prev {
+            None => w.write_all(&line_of(&resp)).await?,
+            Some(p) if full => {
+                if *p != view {
+                    w.write_all(&line_of(&resp)).await?;
+                }
+            }
+            Some(p) => {
+                for e in mars_api::events(p, &view, crate::peer::now_ms()) {
+                    w.write_all(&line_of(&e)).await?;
+                }
+            }
+        }
+        prev = Some(view);
+        // The caller going away ends the watch (its reads end with EOF).
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_TICK) => {}
+            r = input.read(&mut sink) => {
+                if r.map_or(true, |n| n == 0) {
+                    return Ok(());
+                }
+            }
+        }
     }
 }
 
@@ -158,11 +213,10 @@ impl std::fmt::Display for NotRunning {
 
 impl std::error::Error for NotRunning {}
 
-/// Client side (`marsadm`): send one request, wait for the response.
-pub fn call(dir: &Path, req: &Request) -> anyhow::Result<Response> {
-    use std::io::{BufRead, Write};
+/// Client side: a connection to the control socket of node directory `dir`.
+fn connect(dir: &Path) -> anyhow::Result<std::os::unix::net::UnixStream> {
     let path = dir.join(mars_api::SOCKET_NAME);
-    let mut stream = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+    std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
         if dir.join(crate::node::NODE_FILE).exists() {
             anyhow::Error::new(NotRunning(format!(
                 "marsd is not running on {} ({}: {e}); start it with `marsd --dir {}`",
@@ -176,7 +230,72 @@ pub fn call(dir: &Path, req: &Request) -> anyhow::Result<Response> {
                 dir.display()
             )
         }
-    })?;
+    })
+}
+
+/// Client side (`marsadm view --watch`, `wait-*`): a watch of the view of
+/// `name` (all resources: None); see `Request::Watch`.
+pub struct Watch {
+    stream: std::os::unix::net::UnixStream,
+    input: std::io::BufReader<std::os::unix::net::UnixStream>,
+    /// A line read in part when a wait ran out.
+    partial: Vec<u8>,
+}
+
+impl Watch {
+    pub fn open(dir: &Path, name: Option<String>, full: bool) -> anyhow::Result<Watch> {
+        use std::io::Write;
+        let mut stream = connect(dir)?;
+        let mut body = serde_json::to_vec(&Request::Watch { name, full })?;
+        body.push(b'\n');
+        stream.write_all(&body)?;
+        Ok(Watch {
+            input: std::io::BufReader::new(stream.try_clone()?),
+            stream,
+            partial: Vec::new(),
+        })
+    }
+
+    /// Wait at most `timeout` (None: for ever) for the next line: None when
+    /// the time ran out; an error when marsd closed the connection.
+    pub fn next_line(
+        &mut self,
+        timeout: Option<std::time::Duration>,
+    ) -> anyhow::Result<Option<String>> {
+        use std::io::BufRead;
+        let timeout = timeout.map(|t| t.max(std::time::Duration::from_millis(1)));
+        self.stream.set_read_timeout(timeout)?;
+        match self.input.read_until(b'\n', &mut self.partial) {
+            Ok(0) => Err(anyhow::Error::new(NotRunning(
+                "marsd closed the watch (it stopped?)".into(),
+            ))),
+            Ok(_) if self.partial.ends_with(b"\n") => {
+                let line = String::from_utf8_lossy(&self.partial)
+                    .trim_end()
+                    .to_string();
+                self.partial.clear();
+                Ok(Some(line))
+            }
+            Ok(_) => Err(anyhow::Error::new(NotRunning(
+                "marsd closed the watch in a line (it stopped?)".into(),
+            ))),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Client side (`marsadm`): send one request, wait for the response.
+pub fn call(dir: &Path, req: &Request) -> anyhow::Result<Response> {
+    use std::io::{BufRead, Write};
+    let mut stream = connect(dir)?;
     // A wedged daemon must not wedge scripts: give up after a generous time.
     stream.set_read_timeout(Some(std::time::Duration::from_secs(300)))?;
     let mut body = serde_json::to_vec(req)?;

@@ -631,14 +631,16 @@ impl Daemon {
                 }
             }
             (None, true) => {
-                let progress = Arc::new(parking_lot::Mutex::new(Progress {
-                    syncing: true,
-                    sync_total: r.size,
-                    // `confirmed_for: None`: not `uptodate` before replay has
-                    // checked its position against the primary's own list (a
-                    // demoted primary may hold another history).
-                    ..Default::default()
-                }));
+                // `confirmed_for: None`: not `uptodate` before replay has
+                // checked its position against the primary's own list (a
+                // demoted primary may hold another history).
+                let mut p0 = Progress::default();
+                mars_replication::secondary::load_progress(
+                    &node::resource_dir(&self.dir, &r.name),
+                    r.size,
+                    &mut p0,
+                );
+                let progress = Arc::new(parking_lot::Mutex::new(p0));
                 let stop = Arc::new(AtomicBool::new(false));
                 let prefer_source = Arc::new(parking_lot::Mutex::new(a.handover_from.clone()));
                 let rates = [
@@ -1223,6 +1225,9 @@ impl Daemon {
                 rate,
                 restart,
             } => self.verify(&name, repair, rate, restart).await,
+            Request::Watch { .. } => {
+                bail!("watch streams over the control socket only (`marsadm view --watch`)")
+            }
             Request::VerifyControl { name, op } => {
                 Ok(Response::ok(self.verifies.control(&name, op)?))
             }
@@ -2917,8 +2922,12 @@ fn named_resource(req: &Request) -> Option<&str> {
         | Request::Invite { .. }
         | Request::Keyring { .. }
         | Request::DebugBlock { .. }
-        | Request::View { name: None } => None,
+        | Request::View { name: None }
+        | Request::Watch { name: None, .. } => None,
         Request::View { name: Some(name) }
+        | Request::Watch {
+            name: Some(name), ..
+        }
         | Request::DeleteResource { name }
         | Request::Primary { name, .. }
         | Request::Secondary { name }

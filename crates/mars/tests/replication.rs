@@ -306,7 +306,10 @@ fn midlog_sync_rotation_lag_and_split_brain() {
 
     // The primary's history changes under beta (a version that does not continue
     // beta's): beta stops replaying before that logfile and says split brain.
+    // Fetch paused too: beta must not fetch the real version before the
+    // forged one is in place (it did, once, in a loaded full run).
     nodes[1].adm_ok(&["pause-replay", "r0"]);
+    nodes[1].adm_ok(&["pause-fetch", "r0"]);
     assert_eq!(c.write(5 * MIB, &[11u8; 65536], true).unwrap(), 0);
     let v = nodes[0].view_json();
     let current = member(&v, "alpha")["logfile"].as_str().unwrap().to_string();
@@ -336,6 +339,7 @@ fn midlog_sync_rotation_lag_and_split_brain() {
     );
     std::fs::write(&vfile, forged.to_json()).unwrap();
     let before = read(&b_disk);
+    nodes[1].adm_ok(&["resume-fetch", "r0"]);
     nodes[1].adm_ok(&["resume-replay", "r0"]);
     let v = nodes[1].wait_view("beta reports split brain", |v| {
         member(v, "beta")["split_brain"] == true

@@ -403,3 +403,166 @@ fn a_member_cannot_write_other_data_into_another_copy() {
     let (code, out) = verify(&nodes[0], &["--restart"]);
     assert_eq!(code, 0, "{out}");
 }
+
+/// Red team: a secondary whose replay is paused (a routine operation: a
+/// backup of its disk) cannot be brought to the primary's position, so a
+/// repair of the primary's known bad block waits for it in vain. It must not
+/// hold the primary's writeback meanwhile: the background repair, tried
+/// again and again, would freeze writeback most of the time.
+#[test]
+fn a_paused_secondary_does_not_stall_the_primarys_writeback() {
+    let nodes = start_cluster(&["alpha", "beta"]);
+    let disks = replicate_r0(&nodes, 4 * MIB);
+    let mut c = nodes[0].nbd("r0");
+    fill(&mut c, 64, 3);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    nodes[0].wait_view("alpha wrote everything back", written_back);
+    nodes[1].adm_ok(&["pause-replay", "r0"]);
+    // Alpha moves on past where beta's replay stands.
+    fill(&mut c, 8, 4);
+    nodes[0].wait_view("alpha wrote everything back", written_back);
+    // Rot in alpha's disk, found by a read: a known bad block.
+    flip_bit(&disks[0], 40 * BLOCK + 9);
+    let (e, _) = c.read(40 * BLOCK, BLOCK as u32).unwrap();
+    nodes[0].wait_view("alpha knows the bad block", |v| {
+        member(v, "alpha")["bad_blocks"].as_u64() >= Some(1) || e == 0
+    });
+    // Writes go on; each is written back promptly, while the background
+    // repair of the bad block keeps trying.
+    let t0 = std::time::Instant::now();
+    let mut worst = std::time::Duration::ZERO;
+    let mut g = 10u8;
+    while t0.elapsed() < std::time::Duration::from_secs(30) {
+        g = g.wrapping_add(1);
+        assert_eq!(c.write(0, &pattern(0, g), true).unwrap(), 0);
+        let t = std::time::Instant::now();
+        nodes[0].wait_view("alpha writes back", written_back);
+        worst = worst.max(t.elapsed());
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert!(
+        worst < std::time::Duration::from_secs(4),
+        "the primary's writeback was held {worst:?} by a repair waiting for a paused secondary"
+    );
+    nodes[1].adm_ok(&["resume-replay", "r0"]);
+}
+
+/// Red team: a member that is not the primary must not make the primary's
+/// table bless rot. Gamma (its own credentials) freezes alpha, digests a
+/// block whose disk copy rotted, and asks for alpha's checksum of it to be
+/// "corrected" to the rotten data's: then alpha's reads would serve the rot
+/// without an error, and no read, scrub or verify would find it again.
+#[test]
+fn a_member_cannot_make_the_primary_bless_rot() {
+    use mars_proto::{client_handshake, read_data, read_msg, write_msg, Msg};
+    let nodes = start_cluster(&["alpha", "beta", "gamma"]);
+    let disks = replicate_r0(&nodes, 4 * MIB);
+    let mut c = nodes[0].nbd("r0");
+    fill(&mut c, 16, 5);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    nodes[0].wait_view("alpha wrote everything back", written_back);
+    flip_bit(&disks[0], 3 * BLOCK + 100);
+    let v = nodes[0].view_json();
+    let id = v["cluster"]["id"].as_str().unwrap().to_string();
+    let inc = resource(&v, "r0").unwrap()["incarnation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answer = rt.block_on(async {
+        let mut s = nodes[2].tls_connect(&nodes[0].listen).await.unwrap();
+        client_handshake(&mut s, Some(&id), &nodes[2].info())
+            .await
+            .unwrap();
+        let mut at = 0;
+        let mut crc = None;
+        for _ in 0..3 {
+            let res = inc.clone();
+            write_msg(
+                &mut s,
+                &Msg::Freeze {
+                    res,
+                    at,
+                    offset: 3 * BLOCK,
+                    len: BLOCK,
+                },
+            )
+            .await
+            .unwrap();
+            match read_msg(&mut s).await.unwrap() {
+                Msg::Frozen { pos, digest } => {
+                    at = pos;
+                    if digest {
+                        let d = read_data(&mut s).await.unwrap();
+                        crc = Some(u32::from_le_bytes([d[0], d[1], d[2], d[3]]));
+                        break;
+                    }
+                }
+                other => panic!("freeze answered {other:?}"),
+            }
+        }
+        let crc = crc.expect("a digest of the frozen block");
+        write_msg(
+            &mut s,
+            &Msg::FrozenCorrect {
+                res: inc.clone(),
+                at,
+                block: 3,
+                crc,
+            },
+        )
+        .await
+        .unwrap();
+        read_msg(&mut s).await.unwrap()
+    });
+    assert!(
+        matches!(&answer, Msg::Refused { .. }),
+        "gamma's correction of alpha's table answered {answer:?}"
+    );
+    // Alpha's client gets the written data (repaired from a member), never the rot.
+    assert_eq!(c.read(3 * BLOCK, BLOCK as u32).unwrap(), (0, pattern(3, 5)));
+}
+
+/// Red team: reads of several rotten blocks at once on the primary (two
+/// clients) run a repair each. A repair's thaw must not let go of the other
+/// repair's freeze halfway through (it then fails, and its client gets EIO
+/// although a good copy exists).
+#[test]
+fn concurrent_read_repairs_all_answer_good_data() {
+    let nodes = start_cluster(&["alpha", "beta"]);
+    let disks = replicate_r0(&nodes, 4 * MIB);
+    let mut c = nodes[0].nbd("r0");
+    fill(&mut c, 64, 3);
+    nodes[0].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
+    nodes[0].wait_view("alpha wrote everything back", written_back);
+    for b in 10..40 {
+        flip_bit(&disks[0], b * BLOCK + 7);
+    }
+    let readers: Vec<_> = (0..3u64)
+        .map(|k| {
+            let mut c = nodes[0].nbd("r0");
+            std::thread::spawn(move || {
+                let mut bad = Vec::new();
+                for b in (10 + k * 10)..(20 + k * 10) {
+                    let (e, got) = c.read(b * BLOCK, BLOCK as u32).unwrap();
+                    if e != 0 || got != pattern(b, 3) {
+                        bad.push((b, e));
+                    }
+                }
+                bad
+            })
+        })
+        .collect();
+    let bad: Vec<(u64, u32)> = readers
+        .into_iter()
+        .flat_map(|r| r.join().unwrap())
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "blocks answered with an error although beta holds them good: {bad:?}"
+    );
+    drop(c);
+}

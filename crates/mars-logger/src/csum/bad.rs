@@ -119,8 +119,15 @@ impl Csum {
     /// Take the list kept in the directory (at open, under the registry's
     /// lock; once per process).
     pub(super) fn load_found(&self, r: &mut super::Registry) {
+        // Blocks beyond this disk (a damaged list, or one of a larger disk)
+        // are none of its blocks: a repair of them would compute offsets
+        // past the end (or overflow).
+        let blocks = self.crcs.len() as u64;
         let f = r.found.entry(self.path.clone()).or_insert_with(|| Found {
-            bad: load(&self.dir),
+            bad: load(&self.dir)
+                .into_iter()
+                .filter(|b| *b < blocks)
+                .collect(),
             ..Found::default()
         });
         if !f.bad.is_empty() {

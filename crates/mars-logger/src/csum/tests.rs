@@ -427,3 +427,26 @@ fn rot_not_yet_found_is_found_before_a_partial_rewrite() {
         .is_ok());
     assert_eq!(unrepaired(&dir), 0);
 }
+
+/// A damaged bad-block list naming blocks beyond the disk: those are none
+/// of its blocks (a background repair of block 2^60 computed its offset
+/// with an overflow, a panic in a debug build that ended the repair task
+/// for good), and the copy is not held inconsistent for them.
+#[test]
+fn a_bad_list_with_blocks_beyond_the_disk_keeps_only_the_disks() {
+    let (t, built, disk) = setup(64 << 10);
+    // A table built (and closed) in another directory, then copied: the
+    // list is read at the first open of a directory in a process.
+    drop(open(&built, &disk).unwrap());
+    let dir = t.path().join("res2");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(built.join(FILE_NAME), dir.join(FILE_NAME)).unwrap();
+    std::fs::write(
+        dir.join(BAD_FILE),
+        format!(r#"{{"format":1,"bad":[3,16,{}]}}"#, 1u64 << 60),
+    )
+    .unwrap();
+    let c = open(&dir, &disk).unwrap();
+    assert_eq!(bad_list(&dir), vec![3]);
+    drop(c);
+}

@@ -454,6 +454,13 @@ enum Cmd {
         /// One JSON object instead of the table.
         #[arg(long)]
         json: bool,
+        /// Print the state, then one line per change (role, disk state,
+        /// connection, split brain, emergency, sync start and end, member
+        /// join and leave, nodes up and down) with a timestamp, until
+        /// interrupted; with --json, the state and each event as one JSON
+        /// object per line.
+        #[arg(long)]
+        watch: bool,
     },
     /// Wait until every node of the cluster is reachable.
     ///
@@ -756,7 +763,10 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
         Cmd::ResumeReplay { res } => say(dir, pause(res, PauseKind::Replay, false)),
         Cmd::LogRotate { res } => say(dir, Request::LogRotate { name: res }),
         Cmd::LogDelete { res } => say(dir, Request::LogDelete { name: res }),
-        Cmd::View { res, json } => {
+        Cmd::View { res, json, watch } => {
+            if watch {
+                return view_watch(dir, res, json);
+            }
             let view = get_view(dir, res)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&view)?);
@@ -765,8 +775,7 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
             }
             Ok(0)
         }
-        Cmd::WaitCluster { timeout } => wait(timeout, "every node reachable", || {
-            let v = get_view(dir, None)?;
+        Cmd::WaitCluster { timeout } => wait(dir, None, timeout, "every node reachable", |v| {
             Ok(v.cluster.nodes.iter().all(|n| n.alive))
         }),
         Cmd::WaitResource {
@@ -795,8 +804,8 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
             let mut bar = std::io::stderr()
                 .is_terminal()
                 .then(|| ProgressBar::new(&res));
-            let out = wait(timeout, &format!("{res} {condition}"), || {
-                let v = get_view(dir, Some(res.clone()))?;
+            let what = format!("{res} {condition}");
+            let out = wait(dir, Some(res.clone()), timeout, &what, |v| {
                 let r = v
                     .resources
                     .iter()
@@ -805,7 +814,7 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
                 if let Some(b) = bar.as_mut() {
                     b.show(r);
                 }
-                Ok(check(&v, r))
+                Ok(check(v, r))
             });
             if let Some(b) = bar {
                 b.finish();
@@ -846,25 +855,89 @@ fn get_view(dir: &Path, res: Option<String>) -> Result<View> {
         .ok_or_else(|| anyhow::anyhow!("marsd sent no view"))
 }
 
-/// Poll `check` until it holds or `timeout_s` passes.
-/// A `marsd` that is not running yet (started in the background just before) is
-/// waited for too; any other error ends the wait at once.
-fn wait(timeout_s: f64, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<i32> {
+/// Check every view of `name` (all: None) marsd sends as it changes
+/// (`Request::Watch`, full views: no polling) until `check` holds or
+/// `timeout_s` passes. A `marsd` that is not running yet (started in the
+/// background just before), or that stops meanwhile, is waited for too; any
+/// other error ends the wait at once.
+fn wait(
+    dir: &Path,
+    name: Option<String>,
+    timeout_s: f64,
+    what: &str,
+    mut check: impl FnMut(&View) -> Result<bool>,
+) -> Result<i32> {
     let deadline = Instant::now() + Duration::from_secs_f64(timeout_s.max(0.0));
+    let not_running = |e: &anyhow::Error| e.downcast_ref::<mars::control::NotRunning>().is_some();
+    let mut last: Option<anyhow::Error> = None;
     loop {
-        let not_running = match check() {
-            Ok(true) => return Ok(0),
-            Ok(false) => None,
-            Err(e) if e.downcast_ref::<mars::control::NotRunning>().is_some() => Some(e),
+        match mars::control::Watch::open(dir, name.clone(), true) {
+            Ok(mut w) => loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match w.next_line(Some(left)) {
+                    Ok(Some(line)) => {
+                        let resp: Response = serde_json::from_str(&line)?;
+                        let Some(v) = resp.view.filter(|_| resp.ok) else {
+                            bail!(
+                                "{}",
+                                resp.error.unwrap_or_else(|| "marsd sent no view".into())
+                            );
+                        };
+                        if check(&v)? {
+                            return Ok(0);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) if not_running(&e) => {
+                        last = Some(e);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            },
+            Err(e) if not_running(&e) => last = Some(e),
             Err(e) => return Err(e),
-        };
+        }
         if Instant::now() >= deadline {
-            match not_running {
+            match last {
                 Some(e) => bail!("timed out after {timeout_s} s waiting for {what}: {e:#}"),
                 None => bail!("timed out after {timeout_s} s waiting for {what}"),
             }
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `view --watch`: the view, then one line per change (`--json`: the view
+/// and each event as one JSON object per line), until interrupted.
+fn view_watch(dir: &Path, res: Option<String>, json: bool) -> Result<i32> {
+    let mut w = mars::control::Watch::open(dir, res, false)?;
+    let mut first = true;
+    loop {
+        let Some(line) = w.next_line(None)? else {
+            continue;
+        };
+        if let Ok(e) = serde_json::from_str::<mars_api::Event>(&line) {
+            if json {
+                println!("{line}");
+            } else {
+                println!("{}", e.line());
+            }
+            continue;
+        }
+        let resp: Response = serde_json::from_str(&line)?;
+        let Some(v) = resp.view.filter(|_| resp.ok && first) else {
+            bail!(
+                "{}",
+                resp.error.unwrap_or_else(|| "marsd ended the watch".into())
+            );
+        };
+        first = false;
+        if json {
+            println!("{}", serde_json::to_string(&v)?);
+        } else {
+            print!("{}", render(&v));
+        }
     }
 }
 
