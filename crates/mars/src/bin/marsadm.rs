@@ -1158,8 +1158,9 @@ fn migrate(
     // The full sync of this node's copy.
     if !handed_over {
         let mut bar = ProgressBar::new(res);
-        let out = wait(left("the sync")?, &format!("{me}'s sync of {res}"), || {
-            let r = find(&get_view(dir, Some(res.to_string()))?)?;
+        let what = format!("{me}'s sync of {res}");
+        let out = wait(dir, Some(res.to_string()), left("the sync")?, &what, |v| {
+            let r = find(v)?;
             let Some(m) = mine(&r) else {
                 bail!("{me} is no longer a member of {res}");
             };
@@ -1216,11 +1217,12 @@ fn migrate(
     }
     let mut bar = ProgressBar::new(res);
     let out = wait(
+        dir,
+        Some(res.to_string()),
         left("the handover")?,
         &format!("{me} to serve {res}"),
-        || {
-            let v = get_view(dir, Some(res.to_string()))?;
-            let r = find(&v)?;
+        |v| {
+            let r = find(v)?;
             if r.designated_primary.as_deref() != Some(me.as_str()) {
                 bail!(
                 "{res}: the designated primary is now {} (another command changed it); run this again to migrate to {me}",
@@ -1247,12 +1249,13 @@ fn migrate(
         // Its disk is left as it is: first let it replay everything up to
         // the handover, so that it holds a whole copy (unless it is down).
         let out = wait(
+            dir,
+            Some(res.to_string()),
             left("the former primary")?,
             &format!("{old} to replay all"),
-            || {
-                let v = get_view(dir, Some(res.to_string()))?;
-                let r = find(&v)?;
-                if !alive(&v, &old) {
+            |v| {
+                let r = find(v)?;
+                if !alive(v, &old) {
                     return Ok(true);
                 }
                 let written = r.members.iter().map(|m| m.log.written).max().unwrap_or(0);
