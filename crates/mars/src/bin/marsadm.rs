@@ -1037,6 +1037,15 @@ fn verify(
     Ok(if last.clean { 0 } else { 2 })
 }
 
+/// A wait of `migrate` that timed out: say that running it again goes on.
+fn resumable(e: anyhow::Error) -> anyhow::Error {
+    if format!("{e:#}").starts_with("timed out") {
+        anyhow::anyhow!("{e:#}; run the same command again to go on")
+    } else {
+        e
+    }
+}
+
 /// How long `migrate` asks again for a handover refused because this member
 /// has not yet checked its history against the primary's log.
 const HANDOVER_RETRY: Duration = Duration::from_secs(120);
@@ -1112,6 +1121,9 @@ fn migrate(
         if m.split_brain {
             bail!("{res}: {me}'s copy is in split brain with the primary's log; `marsadm invalidate {res}` here syncs it again, then run this again");
         }
+        if m.disk == "detached" {
+            bail!("{res}: {me}'s disk is detached; `marsadm up {res}` here first, then run this again");
+        }
     } else {
         let Some(disk) = disk else {
             bail!(
@@ -1123,7 +1135,10 @@ fn migrate(
             dir,
             Request::JoinResource {
                 name: res.to_string(),
-                disk,
+                // marsd's working directory is not this one.
+                disk: std::path::absolute(&disk)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or(disk),
             },
         )
         .map_err(|e| anyhow::anyhow!("{me} cannot take {res}: {e:#}"))?;
@@ -1172,7 +1187,7 @@ fn migrate(
                 && !matches!(m.disk.as_str(), "syncing" | "inconsistent" | "detached"))
         });
         bar.finish();
-        out.map_err(|e| anyhow::anyhow!("{e:#}; run the same command again to go on"))?;
+        out.map_err(resumable)?;
         eprintln!("{res}: {me} is synced");
         // The planned handover.
         let v = get_view(dir, Some(res.to_string()))?;
@@ -1234,7 +1249,7 @@ fn migrate(
         },
     );
     bar.finish();
-    out.map_err(|e| anyhow::anyhow!("{e:#}; run the same command again to go on"))?;
+    out.map_err(resumable)?;
     let r = find(&get_view(dir, Some(res.to_string()))?)?;
     let device = r.device.clone().unwrap_or_default();
     if !leave {
@@ -1265,7 +1280,7 @@ fn migrate(
                     .is_none_or(|m| m.disk == "uptodate" && m.log.replayed >= written))
             },
         );
-        out.map_err(|e| anyhow::anyhow!("{e:#}; run the same command again to go on"))?;
+        out.map_err(resumable)?;
         let resp = send(
             dir,
             Request::RemoveMember {
