@@ -78,6 +78,7 @@
 
 pub mod allow;
 pub mod proto;
+pub mod stats;
 pub mod tls;
 
 use std::collections::VecDeque;
@@ -87,7 +88,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Wake, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
@@ -98,6 +99,7 @@ use proto::*;
 
 pub use allow::AllowList;
 pub use proto::{Command, ProtoError, Request};
+pub use stats::DeviceStats;
 pub use tls::{Tls, TlsAcceptor};
 
 pub type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -122,6 +124,11 @@ pub trait Export: Send + Sync + 'static {
     /// (their futures are polled once when started, then again when woken).
     fn begin_batch(&self) {}
     fn end_batch(&self) {}
+    /// Where the connections serving this export count their requests
+    /// (`None`: not counted, no clock read per request).
+    fn stats(&self) -> Option<Arc<DeviceStats>> {
+        None
+    }
 }
 
 /// Name -> export lookup, consulted at handshake time (export names = resource names).
@@ -735,6 +742,11 @@ struct InFlight {
     work: Work,
     /// Payload bytes this request holds in the connection's budget.
     budget: usize,
+    /// When it was handed to the export (only when the export counts requests).
+    started: Option<Instant>,
+    /// Its command (`stats::COMMANDS` index) and length, for the statistics.
+    cmd: u8,
+    len: u32,
 }
 
 struct Slot {
@@ -938,6 +950,18 @@ struct Conn<R, W> {
     need_flush: bool,
     /// Scratch for completions found in one round.
     finished: Vec<(InFlight, Done)>,
+    /// The export's request statistics, if it keeps them.
+    stats: Option<Arc<DeviceStats>>,
+}
+
+impl<R, W> Drop for Conn<R, W> {
+    fn drop(&mut self) {
+        // Requests still running in the export are no longer this
+        // connection's: they leave the in-flight count with it.
+        if let Some(s) = &self.stats {
+            s.abandoned(self.requests.running);
+        }
+    }
 }
 
 impl<R, W> Conn<R, W>
@@ -960,6 +984,9 @@ where
             Done::Read(Err(e), _) | Done::Other(Err(e)) => (errno_for(&e), None),
             Done::Other(Ok(())) => (0, None),
         };
+        if let (Some(s), Some(t)) = (&self.stats, req.started) {
+            s.finished(usize::from(req.cmd), req.len, t.elapsed(), error != 0, true);
+        }
         if error == NBD_ESHUTDOWN && self.end.is_none() {
             // The export is gone: answer what is in flight, read nothing more.
             self.end = Some(End::Clean);
@@ -1088,17 +1115,29 @@ where
 
     fn start_request(&mut self, req: Request, payload_len: usize, data: Option<Bytes>) {
         let cookie = req.cookie;
+        let cmd = stats::command_index(req.kind);
         if let Err(errno) = validate(&req, self.size, self.read_only) {
             tracing::debug!(?req, errno, "nbd: rejecting request");
+            if let Some(s) = &self.stats {
+                s.finished(cmd, 0, Duration::ZERO, true, false);
+            }
             self.out.push(cookie, errno, None, 0);
             return;
         }
         if req.length == 0 && req.kind != Command::Flush {
+            if let Some(s) = &self.stats {
+                s.finished(cmd, 0, Duration::ZERO, false, false);
+            }
             self.out.push(cookie, 0, None, 0);
             return;
         }
         let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
         let (off, len) = (req.offset, req.length);
+        // Before the export is called: a read it answers inline runs in the call.
+        let started = self.stats.as_ref().map(|s| {
+            s.started();
+            Instant::now()
+        });
         let work = match req.kind {
             Command::Read => Work::Read(self.export.read(off, len), len),
             Command::Write => Work::Other(self.export.write(off, data.unwrap_or_default(), fua)),
@@ -1111,6 +1150,10 @@ where
             cookie,
             work,
             budget: payload_len,
+            started,
+            // `COMMANDS` has 6 entries.
+            cmd: cmd as u8,
+            len,
         };
         if let Some((r, done)) = self.requests.start(r) {
             self.finish(r, done);
@@ -1209,7 +1252,11 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let stats = export.stats();
+    // Counts this connection for as long as it runs.
+    let _counted = stats.clone().map(stats::ConnectionGuard::new);
     let mut conn = Conn {
+        stats,
         rd,
         size: export.size(),
         read_only: export.read_only(),
@@ -1394,6 +1441,118 @@ mod tests {
         for c in 0..n as usize {
             assert!(data[c * 512..(c + 1) * 512].iter().all(|&b| b == c as u8));
         }
+    }
+
+    /// The same, counting its requests.
+    struct CountedExport(GatedExport, Arc<DeviceStats>);
+
+    impl Export for CountedExport {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read(&self, offset: u64, len: u32) -> BoxFut<io::Result<Bytes>> {
+            self.0.read(offset, len)
+        }
+        fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFut<io::Result<()>> {
+            self.0.write(offset, data, fua)
+        }
+        fn flush(&self) -> BoxFut<io::Result<()>> {
+            self.0.flush()
+        }
+        fn trim(&self, o: u64, l: u32, f: bool) -> BoxFut<io::Result<()>> {
+            self.0.trim(o, l, f)
+        }
+        fn write_zeroes(&self, o: u64, l: u32, f: bool) -> BoxFut<io::Result<()>> {
+            self.0.write_zeroes(o, l, f)
+        }
+        fn stats(&self) -> Option<Arc<DeviceStats>> {
+            Some(self.1.clone())
+        }
+    }
+
+    /// Requests are counted by command when answered (refused ones as errors),
+    /// in flight while the export runs them, and a connection that goes away
+    /// with requests running takes them out of the in-flight count.
+    #[tokio::test]
+    async fn requests_are_counted_by_command_and_in_flight_until_answered() {
+        let stats = Arc::new(DeviceStats::new());
+        let export = Arc::new(CountedExport(
+            GatedExport {
+                data: Mutex::new(vec![0u8; 1 << 20]),
+                gate: Mutex::new(Vec::new()),
+                started: AtomicUsize::new(0),
+            },
+            stats.clone(),
+        ));
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (sr, sw) = tokio::io::split(server);
+        let server = tokio::spawn(transmission(BytesMut::new(), sr, sw, export.clone()));
+        let (mut cr, mut cw) = tokio::io::split(client);
+        for c in 0..3u64 {
+            cw.write_all(&req(NBD_CMD_WRITE, c, c * 4096, 4096))
+                .await
+                .unwrap();
+            cw.write_all(&[7u8; 4096]).await.unwrap();
+        }
+        cw.write_all(&req(NBD_CMD_READ, 10, 0, 8192)).await.unwrap();
+        cw.write_all(&req(NBD_CMD_READ, 11, 1 << 20, 512))
+            .await
+            .unwrap();
+        cw.write_all(&req(NBD_CMD_FLUSH, 12, 0, 0)).await.unwrap();
+        cw.write_all(&req(99, 13, 0, 0)).await.unwrap();
+        cw.write_all(&req(NBD_CMD_TRIM, 14, 0, 0)).await.unwrap();
+        // Read, refused read, flush, unknown command, empty trim: answered.
+        let mut errors = std::collections::HashMap::new();
+        for _ in 0..5 {
+            let mut h = [0u8; SIMPLE_REPLY_LEN];
+            cr.read_exact(&mut h).await.unwrap();
+            let (err, cookie) = parse_simple_reply(&h).unwrap();
+            if cookie == 10 {
+                let mut d = vec![0u8; 8192];
+                cr.read_exact(&mut d).await.unwrap();
+            }
+            errors.insert(cookie, err);
+        }
+        assert_eq!(errors[&10], 0);
+        assert_ne!(errors[&11], 0);
+        assert_ne!(errors[&13], 0);
+        let snap = stats.snapshot();
+        let by = |name: &str| {
+            snap.commands
+                .iter()
+                .find(|c| c.command == name)
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!((snap.in_flight, snap.connections), (3, 1));
+        assert_eq!(
+            (by("read").requests, by("read").errors, by("read").bytes),
+            (2, 1, 8192)
+        );
+        assert_eq!((by("flush").requests, by("flush").errors), (1, 0));
+        assert_eq!((by("other").requests, by("other").errors), (1, 1));
+        assert_eq!((by("trim").requests, by("trim").bytes), (1, 0));
+        assert_eq!(by("write").requests, 0);
+        // Two writes finish; the third is still running when the connection goes.
+        let gates: Vec<_> = lock(&export.0.gate).drain(..).collect();
+        assert_eq!(gates.len(), 3);
+        let mut gates = gates.into_iter();
+        for tx in gates.by_ref().take(2) {
+            tx.send(()).unwrap();
+        }
+        for _ in 0..2 {
+            assert_eq!(read_reply(&mut cr).await.0, 0);
+        }
+        let snap = stats.snapshot();
+        assert_eq!(snap.in_flight, 1);
+        let w = snap.commands.iter().find(|c| c.command == "write").unwrap();
+        assert_eq!((w.requests, w.errors, w.bytes), (2, 0, 8192));
+        assert_eq!(w.buckets.iter().map(|b| b.1).sum::<u64>(), 2);
+        server.abort();
+        assert!(server.await.unwrap_err().is_cancelled());
+        let snap = stats.snapshot();
+        assert_eq!((snap.in_flight, snap.connections), (0, 0));
+        drop(gates);
     }
 
     /// An export that holds writes until `end_batch` and completes them there, on the

@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 pub struct LoggerExport {
     logger: Arc<Logger>,
     open: AtomicBool,
+    /// The device's NBD request statistics (kept across re-exports).
+    stats: Arc<mars_nbd::DeviceStats>,
 }
 
 fn gone() -> std::io::Error {
@@ -108,12 +110,38 @@ impl Export for LoggerExport {
     fn end_batch(&self) {
         self.logger.unplug();
     }
+    fn stats(&self) -> Option<Arc<mars_nbd::DeviceStats>> {
+        Some(self.stats.clone())
+    }
 }
 
 /// Export name -> export, consulted by the NBD server at handshake.
 #[derive(Default)]
 pub struct Exports {
     map: RwLock<HashMap<String, Arc<LoggerExport>>>,
+    /// Per device name, its NBD request statistics since marsd started
+    /// (metrics), whether it is served now or not.
+    stats: parking_lot::Mutex<BTreeMap<String, Arc<mars_nbd::DeviceStats>>>,
+}
+
+impl Exports {
+    /// The statistics of device `name` (made on first use).
+    fn stats_of(&self, name: &str) -> Arc<mars_nbd::DeviceStats> {
+        self.stats
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Every device's NBD statistics now, by name.
+    pub fn device_stats(&self) -> Vec<(String, mars_nbd::stats::Snapshot)> {
+        self.stats
+            .lock()
+            .iter()
+            .map(|(n, s)| (n.clone(), s.snapshot()))
+            .collect()
+    }
 }
 
 impl Registry for Exports {
@@ -534,6 +562,7 @@ impl Daemon {
                     let e = Arc::new(LoggerExport {
                         logger: l.clone(),
                         open: AtomicBool::new(true),
+                        stats: self.exports.stats_of(&r.name),
                     });
                     self.exports.map.write().insert(r.name.clone(), e.clone());
                     a.export = Some(e);
@@ -1179,35 +1208,8 @@ impl Daemon {
                 };
                 let st = self.state.lock().await;
                 let mut view = self.view(&st, name.as_deref());
-                // Every member's lag is measured against what the primary wrote: the
-                // newest this node knows (asked just now, or the primary's own entry;
-                // a member's entry carries what it knew when it published).
-                for r in view.resources.iter_mut() {
-                    // The primary that serves now (alive), not the last entry of one
-                    // that died: after a forced failover its log may be ahead of the
-                    // new history's.
-                    let serving = r.actual_primary.clone();
-                    let written = r
-                        .members
-                        .iter()
-                        .filter(|m| serving.as_ref() == Some(&m.node))
-                        .map(|m| m.log.written)
-                        .chain(fresh.as_ref().map(|(_, w)| *w))
-                        .max();
-                    if let Some(written) = written {
-                        // Not a primary's own: what it wrote is its own log (a
-                        // stale entry of another primary may be ahead of it).
-                        for m in r.members.iter_mut().filter(|m| m.role != "primary") {
-                            m.log.written = m.log.written.max(written);
-                            m.lag_bytes = m.log.written.saturating_sub(m.log.replayed);
-                            // Behind what the primary wrote: not up to date, whatever
-                            // the member knew when it published.
-                            if m.role == "secondary" && m.disk == "uptodate" && m.lag_bytes > 0 {
-                                m.disk = "outdated".into();
-                            }
-                        }
-                    }
-                }
+                drop(st);
+                settle_written(&mut view, fresh.map(|(_, w)| w));
                 Ok(Response {
                     ok: true,
                     view: Some(view),
@@ -2654,6 +2656,25 @@ impl Daemon {
         }
     }
 
+    /// What `view --json` shows of the resources this node is a member of,
+    /// built from this node's own state and metadata alone (no other node is
+    /// asked: the metrics endpoint's source). `None` when the state lock
+    /// stays taken for `wait` (reconcile holds it across long steps).
+    pub async fn local_view(&self, wait: Duration) -> Option<View> {
+        let st = tokio::time::timeout(wait, self.state.lock()).await.ok()?;
+        let mut view = self.view(&st, None);
+        drop(st);
+        settle_written(&mut view, None);
+        let me = view.node.clone();
+        view.resources
+            .retain(|r| r.members.iter().any(|m| m.node == me));
+        // A name clash lists two incarnations of a name: the one this node
+        // holds is the one it reports (the owner first when it holds both).
+        let mut seen = HashSet::new();
+        view.resources.retain(|r| seen.insert(r.name.clone()));
+        Some(view)
+    }
+
     fn view(&self, st: &State, only: Option<&str>) -> View {
         let me = self.me();
         let store = self.peer.store.lock();
@@ -2822,8 +2843,40 @@ impl Daemon {
     }
 }
 
+/// Every member's lag is measured against what the primary wrote: the newest
+/// this node knows (`fresh`: asked just now; else the serving primary's own
+/// entry; a member's entry carries what it knew when it published).
+fn settle_written(view: &mut View, fresh: Option<u64>) {
+    for r in view.resources.iter_mut() {
+        // The primary that serves now (alive), not the last entry of one
+        // that died: after a forced failover its log may be ahead of the
+        // new history's.
+        let serving = r.actual_primary.clone();
+        let written = r
+            .members
+            .iter()
+            .filter(|m| serving.as_ref() == Some(&m.node))
+            .map(|m| m.log.written)
+            .chain(fresh)
+            .max();
+        if let Some(written) = written {
+            // Not a primary's own: what it wrote is its own log (a
+            // stale entry of another primary may be ahead of it).
+            for m in r.members.iter_mut().filter(|m| m.role != "primary") {
+                m.log.written = m.log.written.max(written);
+                m.lag_bytes = m.log.written.saturating_sub(m.log.replayed);
+                // Behind what the primary wrote: not up to date, whatever
+                // the member knew when it published.
+                if m.role == "secondary" && m.disk == "uptodate" && m.lag_bytes > 0 {
+                    m.disk = "outdated".into();
+                }
+            }
+        }
+    }
+}
+
 /// Bytes the logfiles in `dir` take.
-fn log_bytes(dir: &Path) -> u64 {
+pub(crate) fn log_bytes(dir: &Path) -> u64 {
     mars_logger::list_logfiles(dir)
         .map(|l| {
             l.iter()

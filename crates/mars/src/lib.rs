@@ -3,6 +3,7 @@
 //! - [`node`]: the node directory (identity, settings) and resource desired state on disk.
 //! - [`daemon`]: desired state, actual state and the control loop that converges them.
 //! - [`control`]: the control socket `marsadm` talks to.
+//! - [`metrics`]: the Prometheus metrics endpoint (`marsd --metrics HOST:PORT`).
 //! - [`nbd_tls`]: the NBD server's TLS and client-address settings.
 //! - [`dumplog`]: `marsadm dump-log`, the incident tool for logfiles.
 //! - [`manpage`]: man pages from the clap definitions.
@@ -14,6 +15,7 @@ pub use mars_replication::digest;
 pub mod dumplog;
 pub mod manpage;
 pub mod meta;
+pub mod metrics;
 pub mod nbd_tls;
 pub mod node;
 pub mod peer;

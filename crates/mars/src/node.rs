@@ -104,6 +104,10 @@ pub struct NodeConfig {
     /// empty (the default): every address.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nbd_allow: Vec<String>,
+    /// Where to serve Prometheus metrics (`HOST:PORT`, page `/metrics`);
+    /// absent: not served. `marsd --metrics` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
     /// Per resource, a systemd unit that marsd starts (`systemctl start`)
     /// where this node serves the resource's device, and stops before it
     /// stops serving it (`crate::systemd::PrimaryUnits`); empty: none.
@@ -303,6 +307,7 @@ fn write_node(
         former_cluster_ids: Vec::new(),
         nbd_tls: None,
         nbd_allow: Vec::new(),
+        metrics: None,
         primary_units: BTreeMap::new(),
     };
     save_json(&dir.join(NODE_FILE), &cfg)?;

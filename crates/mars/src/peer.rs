@@ -184,6 +184,26 @@ pub struct Peer {
     keyring: RwLock<Arc<Keyring>>,
     /// A rotation of the gossip key after a revocation is under way here.
     rotating: AtomicBool,
+    /// Gossip datagrams and bytes sent and received (metrics).
+    pub gossip: GossipCounters,
+}
+
+/// Gossip (UDP) traffic since start, as sealed datagrams on the wire.
+#[derive(Debug, Default)]
+pub struct GossipCounters {
+    pub sent_datagrams: std::sync::atomic::AtomicU64,
+    pub sent_bytes: std::sync::atomic::AtomicU64,
+    pub received_datagrams: std::sync::atomic::AtomicU64,
+    pub received_bytes: std::sync::atomic::AtomicU64,
+    /// Received datagrams dropped: not sealed with a key of the keyring.
+    pub dropped_datagrams: std::sync::atomic::AtomicU64,
+}
+
+impl GossipCounters {
+    fn count(n: &std::sync::atomic::AtomicU64, bytes: &std::sync::atomic::AtomicU64, len: usize) {
+        n.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(len as u64, Ordering::Relaxed);
+    }
 }
 
 /// What replication needs of the cluster: the store, who is alive, connections.
@@ -260,6 +280,7 @@ impl Peer {
             tls: setup.tls.clone(),
             keyring: RwLock::new(Arc::new(Keyring::default())),
             rotating: AtomicBool::new(false),
+            gossip: GossipCounters::default(),
         });
         // The cluster's first node makes the first gossip key.
         if peer.store.lock().get(meta::GOSSIP_PRIMARY_KEY).is_none() {
@@ -402,8 +423,13 @@ impl Peer {
                     let Some(d) = self.keyring.read().seal(PROTOCOL_VERSION, &data) else {
                         continue;
                     };
-                    if let Err(e) = self.udp_send.send_to(&d, to.addr) {
-                        tracing::debug!(peer = %to.name, "gossip send: {e}");
+                    match self.udp_send.send_to(&d, to.addr) {
+                        Ok(n) => GossipCounters::count(
+                            &self.gossip.sent_datagrams,
+                            &self.gossip.sent_bytes,
+                            n,
+                        ),
+                        Err(e) => tracing::debug!(peer = %to.name, "gossip send: {e}"),
                     }
                 }
                 Effect::Schedule { timer, after } => {
@@ -780,8 +806,18 @@ impl Peer {
             };
             let ring = self.keyring();
             let payload = match ring.open(PROTOCOL_VERSION, &buf[..n]) {
-                Ok(p) => p,
+                Ok(p) => {
+                    GossipCounters::count(
+                        &self.gossip.received_datagrams,
+                        &self.gossip.received_bytes,
+                        n,
+                    );
+                    p
+                }
                 Err(why) => {
+                    self.gossip
+                        .dropped_datagrams
+                        .fetch_add(1, Ordering::Relaxed);
                     let mut w = self.warned.lock();
                     if w.len() >= WARNED_MAX {
                         w.clear();

@@ -997,7 +997,7 @@ fn verify(
             (None, Some(l)) if l.finished_ms + 1000 >= since => break l.clone(),
             (None, _) => {}
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(50));
     };
     if tty {
         eprintln!();

@@ -34,6 +34,11 @@ struct Args {
     /// Node directory (default: $MARS_DIR, then /mars).
     #[arg(long, env = "MARS_DIR", default_value = "/mars")]
     dir: PathBuf,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (overrides the
+    /// node setting `metrics` in node.json; `off`: not served). Default: the
+    /// setting, else off. Anyone who reaches the address can read them.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
     /// Print the man page marsd(8), generated from these definitions, and exit
     /// (scripts/gen-man.sh writes man/marsd.8 with it).
     #[arg(long, hide = true)]
@@ -68,7 +73,7 @@ NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID: set by systemd for Type=notify and W
     },
     mars::manpage::Section {
         heading: "FILES",
-        text: "DIR/node.json: the node's identity and settings, read at start. Among them primary_units, a map from resource name to a systemd unit that marsd starts (systemctl start) where this node serves the resource's device and stops (systemctl stop, waited for) before it stops serving it.
+        text: "DIR/node.json: the node's identity and settings, read at start. Among them metrics (HOST:PORT where Prometheus metrics are served, as --metrics), and primary_units, a map from resource name to a systemd unit that marsd starts (systemctl start) where this node serves the resource's device and stops (systemctl stop, waited for) before it stops serving it.
 
 DIR/marsd.sock: the control socket (mode 0600).
 
@@ -126,7 +131,7 @@ fn main() {
         )
         .init();
     raise_fd_limit();
-    if let Err(e) = run(&args.dir) {
+    if let Err(e) = run(&args.dir, args.metrics.as_deref()) {
         eprintln!("marsd: {e:#}");
         std::process::exit(1);
     }
@@ -158,10 +163,15 @@ fn bind_tcp(what: &str, addr: &str) -> Result<std::net::TcpListener> {
     Ok(l)
 }
 
-fn run(dir: &Path) -> Result<()> {
+fn run(dir: &Path, metrics_flag: Option<&str>) -> Result<()> {
     node::private_umask();
     systemd::status("loading the node directory");
     let cfg = node::load_node(dir)?;
+    let metrics_addr = match metrics_flag {
+        Some("off") => None,
+        Some(a) => Some(a.to_string()),
+        None => cfg.metrics.clone(),
+    };
     if node::private_node_dir(dir)? {
         tracing::warn!(
             "{} was accessible by other users: made it 0700 (it holds the logs and the disk records)",
@@ -179,6 +189,10 @@ fn run(dir: &Path) -> Result<()> {
         );
     }
     let nbd = bind_tcp("NBD", &cfg.nbd)?;
+    let metrics = metrics_addr
+        .as_deref()
+        .map(|a| bind_tcp("metrics (--metrics)", a))
+        .transpose()?;
     let peer = bind_tcp("peer (--listen)", &cfg.listen)?;
     let udp =
         std::net::UdpSocket::bind(node::check_addr("--listen", &cfg.listen)?).map_err(|e| {
@@ -229,6 +243,12 @@ fn run(dir: &Path) -> Result<()> {
             }
         });
         tokio::spawn(mars::control::serve(ctl, daemon.clone()));
+        if let (Some(l), Some(addr)) = (metrics, &metrics_addr) {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            let source = mars::metrics::Source::new(daemon.clone());
+            tokio::spawn(mars::metrics::serve(l, source.render()));
+            tracing::info!("metrics: http://{addr}/metrics");
+        }
         tokio::spawn(daemon.clone().run_loop());
         // The peer listener serves since Peer::start, the NBD and control
         // listeners from the tasks above (their sockets were bound before:

@@ -166,6 +166,8 @@ pub struct Node {
     pub netns: Option<String>,
     /// A command marsd is started under (e.g. `prlimit --nofile=...`).
     pub wrapper: Vec<String>,
+    /// More arguments for marsd after `--dir DIR` (e.g. `--metrics ADDR`).
+    pub args: Vec<String>,
 }
 
 impl Node {
@@ -210,6 +212,7 @@ impl Node {
             nbd,
             child: None,
             wrapper: Vec::new(),
+            args: Vec::new(),
         }
     }
 
@@ -266,6 +269,7 @@ impl Node {
         let child = cmd
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
