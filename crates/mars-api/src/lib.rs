@@ -131,6 +131,12 @@ pub enum Request {
     LeaveResource {
         name: String,
     },
+    /// `migrate --leave` on the new primary: remove `node` (another member,
+    /// not the designated primary) from the resource.
+    RemoveMember {
+        name: String,
+        node: String,
+    },
     LeaveCluster,
     /// Remove another node (one that is gone for good, or compromised):
     /// revoke its certificate and delete its entry, from this node.

@@ -493,6 +493,15 @@ pub fn deleted(store: &Store, res: &ResRef) -> bool {
     store.entry(&res_key(res)).is_some_and(|e| e.is_tombstone())
 }
 
+/// Whether `node`'s membership of `res` was deleted (`leave-resource`, or
+/// `migrate --leave` on the new primary): a tombstone, not just no entry
+/// (a node that has not yet learned of its membership holds none).
+pub fn membership_deleted(store: &Store, res: &ResRef, node: &str) -> bool {
+    store
+        .entry(&membership_key(res, node))
+        .is_some_and(|e| e.is_tombstone())
+}
+
 /// The compression of `res`'s streams (off unless set).
 pub fn compression(store: &Store, res: &ResRef) -> Compression {
     get::<Compression>(store, &compression_key(res))

@@ -667,3 +667,22 @@ fn a_trusted_bulk_transfer_takes_clocks_beyond_the_allowance() {
     t.trust_clock(u64::MAX);
     assert!(!t.merge("c/d/k", entry(MAX_CLOCK + 1, "z", Some(json!(1)), 0)));
 }
+
+#[test]
+fn a_membership_is_deleted_only_by_a_tombstone_and_a_rejoin_undoes_it() {
+    use crate::schema::{membership_deleted, membership_key, ResRef};
+    let r0 = ResRef::new("r0", 0xab);
+    let key = membership_key(&r0, "alpha");
+    let mut s = Store::new("alpha");
+    // Nothing known yet (a node that has not learned of its membership).
+    assert!(!membership_deleted(&s, &r0, "alpha"));
+    s.set(&key, json!(true));
+    assert!(!membership_deleted(&s, &r0, "alpha"));
+    // The new primary's removal (`migrate --leave`), merged here.
+    assert!(s.merge(&key, entry(s.clock() + 1, "gamma", None, 1)));
+    assert!(membership_deleted(&s, &r0, "alpha"));
+    assert!(!membership_deleted(&s, &r0, "beta"));
+    // Joined again: a live entry newer than the tombstone.
+    s.set(&key, json!(true));
+    assert!(!membership_deleted(&s, &r0, "alpha"));
+}

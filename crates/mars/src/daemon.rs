@@ -843,10 +843,25 @@ impl Daemon {
             if desired.get(&name).is_some_and(|r| r.resource_id == held.id) {
                 continue;
             }
-            if meta::deleted(&self.peer.store.lock(), &held) {
+            let (deleted, removed) = {
+                let store = self.peer.store.lock();
+                (
+                    meta::deleted(&store, &held),
+                    meta::membership_deleted(&store, &held, self.me()),
+                )
+            };
+            // A log writer's directory (`applied`: a primary's log, maybe
+            // not all written back) is never removed for a membership
+            // deletion alone: a member is removed by the new primary after
+            // a handover, when this node is a secondary already.
+            let writer = e.path().join("applied").exists();
+            if deleted || (removed && !writer) {
                 match std::fs::remove_dir_all(e.path()) {
-                    Ok(()) => {
+                    Ok(()) if deleted => {
                         tracing::info!(resource = %held, "resource deleted: removed its logs and state here")
+                    }
+                    Ok(()) => {
+                        tracing::info!(resource = %held, "no longer a member: removed its logs and state here (the disk is left as it is)")
                     }
                     Err(err) => {
                         tracing::warn!(resource = %name, "cannot remove {}: {err}", e.path().display())
@@ -1352,6 +1367,7 @@ impl Daemon {
             }
             Request::JoinResource { name, disk } => self.join_resource(&name, &disk).await,
             Request::LeaveResource { name } => self.leave_resource(&name).await,
+            Request::RemoveMember { name, node } => self.remove_member(&name, &node).await,
             Request::LeaveCluster => self.leave_cluster().await,
             Request::RemoveNode { node, force } => self.remove_node(&node, force).await,
             Request::Keyring { op } => self.keyring(op).await,
@@ -1975,6 +1991,10 @@ impl Daemon {
         }
         let rdir = node::resource_dir(&self.dir, name);
         self.clear_deleted_dir(name).await?;
+        // No reconcile between here and the membership entry: a node that
+        // left this incarnation holds a tombstone of its membership, and a
+        // reconcile would remove the directory made here as left over.
+        let st = self.state.lock().await;
         if rdir.exists() {
             bail!(
                 "{} exists (left over from an earlier membership?); remove it first",
@@ -1995,6 +2015,7 @@ impl Daemon {
             &meta::membership_key(&rr, &me),
             serde_json::Value::Bool(true),
         );
+        drop(st);
         // The primary records the new member before this command returns (so
         // that `wait-resource` there waits for it), or this says it did not.
         let primary = meta::designated_primary(&self.peer.store.lock(), &rr);
@@ -2037,6 +2058,65 @@ impl Daemon {
         let rdir = node::resource_dir(&self.dir, name);
         let _ = std::fs::remove_dir_all(&rdir);
         let resp = Response::ok(format!("{me} left {name} (its disk was left as it is)"));
+        Ok(noting(resp, &missing))
+    }
+
+    /// `migrate RES NODE --leave`, on the new primary: remove the member
+    /// `node` (the former primary) from `name`. Only the designated primary
+    /// that serves the resource removes another member, so that the copy
+    /// removed is never the one holding writes nobody else has. The removal
+    /// is a deletion of `node`'s membership, member and actual entries (a
+    /// tombstone, which every node admits from any node, as it does
+    /// `delete-resource`'s); `node` sees its membership gone, stops the
+    /// resource and removes its directory there (its disk is left as it
+    /// is), as `leave-resource` would have done.
+    async fn remove_member(self: &Arc<Self>, name: &str, node: &str) -> Result<Response> {
+        let me = self.me().to_string();
+        if node == me {
+            bail!("{node} is this node: run `marsadm leave-resource {name}` instead");
+        }
+        let (rr, mut r) = self.res_entry(name)?;
+        if !r.members.iter().any(|m| m == node) {
+            return Ok(Response::ok(format!(
+                "{node} is not a member of {name} (any more)"
+            )));
+        }
+        let primary = meta::designated_primary(&self.peer.store.lock(), &rr);
+        if primary.as_deref() != Some(me.as_str()) {
+            bail!(
+                "{name}: only its primary removes another member, and {me} is not ({})",
+                primary
+                    .map(|p| format!("{p} is designated"))
+                    .unwrap_or_else(|| "none is designated".into())
+            );
+        }
+        let serving = {
+            let st = self.state.lock().await;
+            st.actual.get(name).is_some_and(|a| a.export.is_some())
+        };
+        if !serving {
+            bail!("{name}: {me} is designated primary but does not serve the device yet (`marsadm wait-resource {name} primary`); a member is removed only by a primary that holds all data");
+        }
+        let keys = [
+            meta::membership_key(&rr, node),
+            meta::member_key(&rr, node),
+            meta::actual_key(&rr, node),
+        ];
+        for k in &keys {
+            self.peer.delete(k);
+        }
+        r.members.retain(|m| m != node);
+        let mut tell = r.members.clone();
+        tell.push(node.to_string());
+        tell.extend(self.witnesses(name));
+        tell.sort();
+        tell.dedup();
+        let missing = self.confirm(&keys, &tell).await;
+        self.reconcile().await;
+        tracing::info!(resource = %name, member = %node, "member removed");
+        let resp = Response::ok(format!(
+            "{node} removed from {name} (it stops there and removes its logs; its disk is left as it is)"
+        ));
         Ok(noting(resp, &missing))
     }
 
@@ -2922,7 +3002,8 @@ fn named_resource(req: &Request) -> Option<&str> {
         | Request::Resize { name, .. }
         | Request::LogDelete { name }
         | Request::JoinResource { name, .. }
-        | Request::LeaveResource { name } => Some(name),
+        | Request::LeaveResource { name }
+        | Request::RemoveMember { name, .. } => Some(name),
     }
 }
 

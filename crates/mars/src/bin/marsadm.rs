@@ -55,7 +55,9 @@ const MAN_SECTIONS: &[mars::manpage::Section] = &[
 
 DIR/marsd.sock: the control socket of the running marsd (mode 0600; root and marsd's own user only).
 
-DIR/resources/RES/: a resource's logfiles and replication state.",
+DIR/resources/RES/: a resource's logfiles and replication state.
+
+DIR/migrate-RES: the former primary a `migrate RES` to this node removes with --leave (written when the migration begins, removed with it).",
     },
     mars::manpage::Section {
         heading: "SEE ALSO",
@@ -357,6 +359,41 @@ enum Cmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Move RES to NODE in one command (run it on NODE).
+    ///
+    /// Runs on NODE, the destination. If NODE is not a member of RES it
+    /// joins with --disk (as join-resource); then it waits for NODE's full
+    /// sync (a progress bar on stderr), hands over (as `primary RES`: waits
+    /// until NODE has all data, nothing is lost), and with --leave removes
+    /// the former primary from RES once it has replayed everything (it stops
+    /// there and removes its logs; its disk, a whole copy as of the
+    /// handover, is left as it is; a former primary that is down is removed
+    /// at once and learns it when it is back). Resumable: run the same command again after
+    /// an interruption and it goes on from where RES is (no second join, no
+    /// wait for a sync that is done, only --leave once NODE is primary).
+    /// Refused, changing nothing, when NODE is not this node, RES is
+    /// unknown, the disk is too small, NODE's copy is in split brain, or the
+    /// current primary cannot be reached (a planned handover is then
+    /// impossible; `primary --force RES` is the operator's decision).
+    Migrate {
+        /// Resource name.
+        res: String,
+        /// The destination node: this node (the command runs there).
+        node: String,
+        /// After the handover, remove the former primary from RES (the
+        /// node that was primary when the migration began, recorded in
+        /// DIR/migrate-RES until it is removed).
+        #[arg(long)]
+        leave: bool,
+        /// This node's disk for RES when it is not a member yet: a file or a
+        /// block device of at least the resource's size (overwritten).
+        #[arg(long, value_name = "PATH")]
+        disk: Option<String>,
+        /// Give up waiting (for the sync, then the handover) after this many
+        /// seconds; run the command again to go on. Default: no limit.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
+    },
     /// Keep this secondary's replay DURATION behind the primary's writes.
     ///
     /// A delayed replica: an undo window. Fetch goes on, so nothing is
@@ -642,6 +679,13 @@ fn run(dir: &Path, cmd: Cmd) -> Result<i32> {
             restart,
             no_wait,
         } => verify(dir, res, repair, rate, restart, no_wait),
+        Cmd::Migrate {
+            res,
+            node,
+            leave,
+            disk,
+            timeout,
+        } => migrate(dir, &res, &node, leave, disk, timeout),
         Cmd::SetDelay { res, duration } => say(
             dir,
             Request::SetDelay {
@@ -993,10 +1037,273 @@ fn verify(
     Ok(if last.clean { 0 } else { 2 })
 }
 
+/// A wait of `migrate` that timed out: say that running it again goes on.
+fn resumable(e: anyhow::Error) -> anyhow::Error {
+    if format!("{e:#}").starts_with("timed out") {
+        anyhow::anyhow!("{e:#}; run the same command again to go on")
+    } else {
+        e
+    }
+}
+
+/// How long `migrate` asks again for a handover refused because this member
+/// has not yet checked its history against the primary's log.
+const HANDOVER_RETRY: Duration = Duration::from_secs(120);
+
+/// `marsadm migrate RES NODE`: join (if needed), wait for the sync, hand
+/// over, and with `leave` remove the former primary; each step is skipped
+/// when RES is past it already, so the command resumes after an
+/// interruption. The former primary is recorded in `DIR/migrate-RES` when
+/// the migration begins (the view no longer names it once NODE is primary),
+/// and forgotten once it is removed.
+fn migrate(
+    dir: &Path,
+    res: &str,
+    node: &str,
+    leave: bool,
+    disk: Option<String>,
+    timeout: Option<f64>,
+) -> Result<i32> {
+    if !mars::meta::valid_name(res) {
+        bail!("not a resource name: {res:?}");
+    }
+    let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+    let v = get_view(dir, Some(res.to_string()))?;
+    let me = v.node.clone();
+    if node != me {
+        if !v.cluster.nodes.iter().any(|n| n.name == node) {
+            bail!("{node} is not a node of this cluster: add it first (`marsadm invite` here, `marsadm join-cluster --token ...` there)");
+        }
+        let mut again = format!("marsadm migrate {res} {node}");
+        if leave {
+            again.push_str(" --leave");
+        }
+        if let Some(d) = &disk {
+            again.push_str(&format!(" --disk {d}"));
+        }
+        bail!("migrate runs on the destination, and this is {me}: run `{again}` on {node}");
+    }
+    let find = |v: &View| -> Result<mars_api::ResourceView> {
+        v.resources
+            .iter()
+            .find(|r| r.name == res)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("unknown resource {res}"))
+    };
+    let r = find(&v)?;
+    if let Some(c) = &r.clash {
+        bail!("{res}: {c}; resolve the name clash first");
+    }
+    let record = dir.join(format!("migrate-{res}"));
+    let recorded = std::fs::read_to_string(&record)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| mars::meta::valid_name(s) && *s != me);
+    let designated = r.designated_primary.clone();
+    let handed_over = designated.as_deref() == Some(me.as_str());
+    let alive = |v: &View, n: &str| v.cluster.nodes.iter().any(|x| x.name == n && x.alive);
+    let unreachable = |p: &str| {
+        anyhow::anyhow!(
+            "{res}: the current primary {p} cannot be reached, so a planned handover to {me} is impossible; \
+             bring {p} back and run this again, or, as the operator's decision, `marsadm primary --force {res}` \
+             on a member makes its data the primary's (writes {p} did not send are lost)"
+        )
+    };
+    if !handed_over {
+        match designated.as_deref() {
+            Some(p) if !alive(&v, p) => return Err(unreachable(p)),
+            Some(_) => {}
+            None => bail!("{res} has no designated primary (after `marsadm secondary {res}`): nothing to hand over from; make a member primary first"),
+        }
+    }
+    let mine = |r: &mars_api::ResourceView| r.members.iter().find(|m| m.node == me).cloned();
+    if let Some(m) = mine(&r) {
+        if m.split_brain {
+            bail!("{res}: {me}'s copy is in split brain with the primary's log; `marsadm invalidate {res}` here syncs it again, then run this again");
+        }
+        if m.disk == "detached" {
+            bail!("{res}: {me}'s disk is detached; `marsadm up {res}` here first, then run this again");
+        }
+    } else {
+        let Some(disk) = disk else {
+            bail!(
+                "{me} is not a member of {res}: give --disk PATH, this node's disk for it (at least {} bytes, overwritten)",
+                r.size
+            );
+        };
+        let resp = send(
+            dir,
+            Request::JoinResource {
+                name: res.to_string(),
+                // marsd's working directory is not this one.
+                disk: std::path::absolute(&disk)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or(disk),
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("{me} cannot take {res}: {e:#}"))?;
+        if let Some(m) = resp.message {
+            eprintln!("{m}");
+        }
+    }
+    // Who to remove with --leave: recorded before anything else changes
+    // (NODE's own view names NODE as primary once it took over).
+    let from = match designated.filter(|p| *p != me) {
+        Some(p) => {
+            std::fs::write(&record, format!("{p}\n"))
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", record.display()))?;
+            Some(p)
+        }
+        None => recorded,
+    };
+    let left = |what: &str| -> Result<f64> {
+        match deadline {
+            None => Ok(1e9), // about 31 years: no limit
+            Some(d) => {
+                let now = Instant::now();
+                if now >= d {
+                    bail!(
+                        "{res}: timed out waiting for {what}; run the same command again to go on"
+                    );
+                }
+                Ok((d - now).as_secs_f64())
+            }
+        }
+    };
+    // The full sync of this node's copy.
+    if !handed_over {
+        let mut bar = ProgressBar::new(res);
+        let what = format!("{me}'s sync of {res}");
+        let out = wait(dir, Some(res.to_string()), left("the sync")?, &what, |v| {
+            let r = find(v)?;
+            let Some(m) = mine(&r) else {
+                bail!("{me} is no longer a member of {res}");
+            };
+            if m.split_brain {
+                bail!("{res}: {me}'s copy is in split brain with the primary's log; `marsadm invalidate {res}` here syncs it again, then run this again");
+            }
+            bar.show(&r);
+            Ok(m.sync.is_none()
+                && !matches!(m.disk.as_str(), "syncing" | "inconsistent" | "detached"))
+        });
+        bar.finish();
+        out.map_err(resumable)?;
+        eprintln!("{res}: {me} is synced");
+        // The planned handover.
+        let v = get_view(dir, Some(res.to_string()))?;
+        // The planned handover; a member that has not yet checked its
+        // history against the primary's log (just after a restart of either)
+        // is refused for a moment: asked again until it has.
+        let mut v = v;
+        let asked = Instant::now();
+        loop {
+            let r = find(&v)?;
+            match r.designated_primary.as_deref() {
+                Some(p) if p == me => break,
+                Some(p) if !alive(&v, p) => return Err(unreachable(p)),
+                _ => {}
+            }
+            let req = Request::Primary {
+                name: res.to_string(),
+                force: false,
+            };
+            match send(dir, req) {
+                Ok(resp) => {
+                    if let Some(m) = resp.message {
+                        eprintln!("{m}");
+                    }
+                    break;
+                }
+                // Not done within the daemon's wait: it goes on, waited for below.
+                Err(e) if format!("{e:#}").contains("goes on in the background") => {
+                    eprintln!("{e:#}");
+                    break;
+                }
+                Err(e) if format!("{e:#}").contains("not yet checked its history") => {
+                    if left("the handover").is_err() || asked.elapsed() > HANDOVER_RETRY {
+                        bail!("{e:#}; run the same command again to go on");
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+            v = get_view(dir, Some(res.to_string()))?;
+        }
+    }
+    let mut bar = ProgressBar::new(res);
+    let out = wait(
+        dir,
+        Some(res.to_string()),
+        left("the handover")?,
+        &format!("{me} to serve {res}"),
+        |v| {
+            let r = find(v)?;
+            if r.designated_primary.as_deref() != Some(me.as_str()) {
+                bail!(
+                "{res}: the designated primary is now {} (another command changed it); run this again to migrate to {me}",
+                r.designated_primary.as_deref().unwrap_or("none")
+            );
+            }
+            bar.show(&r);
+            Ok(r.actual_primary.as_deref() == Some(me.as_str()) && r.device.is_some())
+        },
+    );
+    bar.finish();
+    out.map_err(resumable)?;
+    let r = find(&get_view(dir, Some(res.to_string()))?)?;
+    let device = r.device.clone().unwrap_or_default();
+    if !leave {
+        println!("{res}: {me} is primary, serving {device}");
+        return Ok(0);
+    }
+    let Some(old) = from else {
+        println!("{res}: {me} is primary, serving {device}; no former primary recorded here to remove (already removed, or the handover was not made by migrate on this node: `marsadm leave-resource {res}` on it)");
+        return Ok(0);
+    };
+    if r.members.iter().any(|m| m.node == old) {
+        // Its disk is left as it is: first let it replay everything up to
+        // the handover, so that it holds a whole copy (unless it is down).
+        let out = wait(
+            dir,
+            Some(res.to_string()),
+            left("the former primary")?,
+            &format!("{old} to replay all"),
+            |v| {
+                let r = find(v)?;
+                if !alive(v, &old) {
+                    return Ok(true);
+                }
+                let written = r.members.iter().map(|m| m.log.written).max().unwrap_or(0);
+                Ok(r.members
+                    .iter()
+                    .find(|m| m.node == old)
+                    .is_none_or(|m| m.disk == "uptodate" && m.log.replayed >= written))
+            },
+        );
+        out.map_err(resumable)?;
+        let resp = send(
+            dir,
+            Request::RemoveMember {
+                name: res.to_string(),
+                node: old.clone(),
+            },
+        )?;
+        if let Some(m) = resp.message {
+            eprintln!("{m}");
+        }
+    }
+    let _ = std::fs::remove_file(&record);
+    println!("{res}: {me} is primary, serving {device}; {old} is no longer a member");
+    Ok(0)
+}
+
 /// One line on stderr, redrawn in place: sync progress with rate and ETA, or replay lag.
+/// Not on a terminal: one line every 10 s instead.
 struct ProgressBar {
     res: String,
     drawn: bool,
+    tty: bool,
+    last_line: Option<Instant>,
 }
 
 impl ProgressBar {
@@ -1004,6 +1311,8 @@ impl ProgressBar {
         ProgressBar {
             res: res.to_string(),
             drawn: false,
+            tty: std::io::stderr().is_terminal(),
+            last_line: None,
         }
     }
 
@@ -1032,6 +1341,16 @@ impl ProgressBar {
             let lag = r.members.iter().map(|m| m.lag_bytes).max().unwrap_or(0);
             format!("{} lag {}", self.res, human(lag))
         };
+        if !self.tty {
+            if self
+                .last_line
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+            {
+                eprintln!("{line}");
+                self.last_line = Some(Instant::now());
+            }
+            return;
+        }
         eprint!("\r\x1b[2K{line}");
         self.drawn = true;
     }
