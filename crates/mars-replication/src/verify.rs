@@ -675,6 +675,24 @@ fn expect_ok(node: &str, m: Msg) -> Result<()> {
     }
 }
 
+/// Run `f` on a local copy off the async runtime (its disk I/O blocks).
+async fn blocking<T: Send + 'static>(
+    c: &Arc<LocalCopy>,
+    f: impl FnOnce(&LocalCopy) -> io::Result<T> + Send + 'static,
+) -> Result<T> {
+    let c = c.clone();
+    Ok(tokio::task::spawn_blocking(move || f(&c)).await??)
+}
+
+/// Send `msg` to `node` and read its answer (a refusal is an error).
+async fn ask(s: &mut PeerStream, node: &str, msg: Msg) -> Result<Msg> {
+    write_msg(s, &msg).await?;
+    match read_msg(s).await? {
+        Msg::Refused { reason } => bail!("{node}: {reason}"),
+        m => Ok(m),
+    }
+}
+
 impl Copy {
     async fn freeze(
         &mut self,
@@ -684,43 +702,36 @@ impl Copy {
         offset: u64,
         len: u64,
     ) -> Result<(u64, Option<RangeDigest>)> {
-        match self {
-            Copy::Local(c) => {
-                let c = c.clone();
-                Ok(tokio::task::spawn_blocking(move || c.freeze_digest(at, offset, len)).await??)
+        let s = match self {
+            Copy::Local(c) => return blocking(c, move |c| c.freeze_digest(at, offset, len)).await,
+            Copy::Remote(s) => &mut **s,
+        };
+        let res = res.to_string();
+        match ask(
+            s,
+            node,
+            Msg::Freeze {
+                res,
+                at,
+                offset,
+                len,
+            },
+        )
+        .await?
+        {
+            Msg::Frozen { pos, digest: false } => Ok((pos, None)),
+            Msg::Frozen { pos, digest: true } => {
+                let b = read_data(s).await?;
+                let blocks = len.div_ceil(BLOCK) as usize;
+                let d = RangeDigest::decode(&b, blocks).ok_or_else(|| {
+                    anyhow!(
+                        "{node} sent a digest of {} bytes for {blocks} blocks",
+                        b.len()
+                    )
+                })?;
+                Ok((pos, Some(d)))
             }
-            Copy::Remote(s) => {
-                let res = res.to_string();
-                write_msg(
-                    &mut **s,
-                    &Msg::Freeze {
-                        res,
-                        at,
-                        offset,
-                        len,
-                    },
-                )
-                .await?;
-                match read_msg(&mut **s).await? {
-                    Msg::Frozen { pos, digest } => {
-                        let d = if digest {
-                            let b = read_data(&mut **s).await?;
-                            let blocks = len.div_ceil(BLOCK) as usize;
-                            Some(RangeDigest::decode(&b, blocks).ok_or_else(|| {
-                                anyhow!(
-                                    "{node} sent a digest of {} bytes for {blocks} blocks",
-                                    b.len()
-                                )
-                            })?)
-                        } else {
-                            None
-                        };
-                        Ok((pos, d))
-                    }
-                    Msg::Refused { reason } => bail!("{node}: {reason}"),
-                    other => bail!("{node} answered a freeze with {other:?}"),
-                }
-            }
+            other => bail!("{node} answered a freeze with {other:?}"),
         }
     }
 
@@ -732,35 +743,31 @@ impl Copy {
         offset: u64,
         len: u32,
     ) -> Result<Vec<u8>> {
-        match self {
-            Copy::Local(c) => {
-                let c = c.clone();
-                Ok(tokio::task::spawn_blocking(move || c.read(at, offset, len)).await??)
-            }
-            Copy::Remote(s) => {
-                let res = res.to_string();
-                write_msg(
-                    &mut **s,
-                    &Msg::FrozenRead {
-                        res,
-                        at,
-                        offset,
-                        len,
-                    },
-                )
-                .await?;
-                match read_msg(&mut **s).await? {
-                    Msg::BlockData { offset: o, len: l } if o == offset && l == len => {
-                        let d = read_data(&mut **s).await?;
-                        if d.len() != len as usize {
-                            bail!("{node} sent {} bytes, {len} announced", d.len());
-                        }
-                        Ok(d)
-                    }
-                    Msg::Refused { reason } => bail!("{node}: {reason}"),
-                    other => bail!("{node} answered a read with {other:?}"),
+        let s = match self {
+            Copy::Local(c) => return blocking(c, move |c| c.read(at, offset, len)).await,
+            Copy::Remote(s) => &mut **s,
+        };
+        let res = res.to_string();
+        match ask(
+            s,
+            node,
+            Msg::FrozenRead {
+                res,
+                at,
+                offset,
+                len,
+            },
+        )
+        .await?
+        {
+            Msg::BlockData { offset: o, len: l } if o == offset && l == len => {
+                let d = read_data(s).await?;
+                if d.len() != len as usize {
+                    bail!("{node} sent {} bytes, {len} announced", d.len());
                 }
+                Ok(d)
             }
+            other => bail!("{node} answered a read with {other:?}"),
         }
     }
 
@@ -772,31 +779,26 @@ impl Copy {
         offset: u64,
         data: Vec<u8>,
     ) -> Result<()> {
-        match self {
+        let s = match self {
             Copy::Local(c) => {
-                let c = c.clone();
-                Ok(
-                    tokio::task::spawn_blocking(move || c.repair(at, offset, &data, true))
-                        .await??,
-                )
+                return blocking(c, move |c| c.repair(at, offset, &data, true)).await;
             }
-            Copy::Remote(s) => {
-                let res = res.to_string();
-                let len = data.len() as u32;
-                write_msg(
-                    &mut **s,
-                    &Msg::FrozenRepair {
-                        res,
-                        at,
-                        offset,
-                        len,
-                    },
-                )
-                .await?;
-                write_data(&mut **s, &data).await?;
-                expect_ok(node, read_msg(&mut **s).await?)
-            }
-        }
+            Copy::Remote(s) => &mut **s,
+        };
+        let res = res.to_string();
+        let len = data.len() as u32;
+        write_msg(
+            s,
+            &Msg::FrozenRepair {
+                res,
+                at,
+                offset,
+                len,
+            },
+        )
+        .await?;
+        write_data(s, &data).await?;
+        expect_ok(node, read_msg(s).await?)
     }
 
     async fn correct(
@@ -807,40 +809,37 @@ impl Copy {
         block: u64,
         crc: u32,
     ) -> Result<()> {
-        match self {
-            Copy::Local(c) => {
-                let c = c.clone();
-                Ok(tokio::task::spawn_blocking(move || c.correct(at, block, crc, true)).await??)
-            }
-            Copy::Remote(s) => {
-                let res = res.to_string();
-                write_msg(
-                    &mut **s,
-                    &Msg::FrozenCorrect {
-                        res,
-                        at,
-                        block,
-                        crc,
-                    },
-                )
-                .await?;
-                expect_ok(node, read_msg(&mut **s).await?)
-            }
-        }
+        let s = match self {
+            Copy::Local(c) => return blocking(c, move |c| c.correct(at, block, crc, true)).await,
+            Copy::Remote(s) => &mut **s,
+        };
+        let res = res.to_string();
+        expect_ok(
+            node,
+            ask(
+                s,
+                node,
+                Msg::FrozenCorrect {
+                    res,
+                    at,
+                    block,
+                    crc,
+                },
+            )
+            .await?,
+        )
     }
 
     async fn thaw(&mut self, node: &str, res: &str) -> Result<()> {
-        match self {
+        let s = match self {
             Copy::Local(c) => {
                 c.thaw();
-                Ok(())
+                return Ok(());
             }
-            Copy::Remote(s) => {
-                let res = res.to_string();
-                write_msg(&mut **s, &Msg::Thaw { res }).await?;
-                expect_ok(node, read_msg(&mut **s).await?)
-            }
-        }
+            Copy::Remote(s) => &mut **s,
+        };
+        let res = res.to_string();
+        expect_ok(node, ask(s, node, Msg::Thaw { res }).await?)
     }
 }
 
