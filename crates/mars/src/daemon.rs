@@ -888,7 +888,20 @@ impl Daemon {
     /// first, while the device still answers.
     async fn stop_serving(&self, name: &str, a: &mut Actual) {
         if a.export.is_some() {
+            // A bounded wait (the unit's stop, at most `UNIT_STOP_WAIT`,
+            // longer than systemd's default stop timeout) under the state
+            // lock: the control loop is not stuck, so the watchdog is fed
+            // meanwhile (else `WatchdogSec=60s` kills marsd in the middle
+            // of a handover while a mount or VM still uses the device).
+            let alive = self.alive.clone();
+            let feed = tokio::spawn(async move {
+                loop {
+                    alive.beat();
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            });
             self.units.stopping(name).await;
+            feed.abort();
         }
         self.unexport(name, a);
     }
@@ -1431,6 +1444,12 @@ impl Daemon {
             let other = current.as_deref().is_some_and(|c| c != me);
             if !force && other && (m.pause_fetch || m.pause_replay || !m.connected) {
                 bail!("{name}: refused: fetch or replay is paused here (or the resource is disconnected), so the handover could never complete; run `marsadm resume-fetch {name}`, `resume-replay {name}` or `connect {name}` first");
+            }
+            // A delayed replica's replay holds the old primary's last writes
+            // back for the delay: the handover would leave nobody serving
+            // the device that long.
+            if !force && other && m.replay_delay_ms > 0 {
+                bail!("{name}: refused: replay is kept {} behind the primary here (set-delay), so the handover would leave nobody serving the device for that long; run `marsadm set-delay {name} 0` first and wait for replay to catch up (`marsadm wait-resource {name} uptodate`), or `primary --force {name}` to take over with the delayed data (what was fetched but not replayed is dropped)", mars_api::show_duration_ms(m.replay_delay_ms));
             }
         }
         if !member {

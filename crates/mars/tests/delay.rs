@@ -90,3 +90,29 @@ fn a_delayed_replica_is_the_primary_at_least_the_delay_earlier_then_catches_up()
         member(v, "beta")["replay_delay_seconds"].is_null()
     });
 }
+
+/// A planned handover to a delayed replica is refused up front: its replay
+/// would hold the old primary's last writes back for the whole delay, and
+/// nobody would serve the device meanwhile (the old primary gives up its
+/// role at once).
+#[test]
+fn a_planned_handover_to_a_delayed_replica_is_refused_and_the_primary_keeps_serving() {
+    let nodes = start_cluster(&["alpha", "beta"]);
+    let _disks = replicate_r0(&nodes, 4 * MIB);
+    nodes[1].adm_ok(&["set-delay", "r0", "1h"]);
+    let mut c = nodes[0].nbd("r0");
+    assert_eq!(c.write(0, &block(1), true).unwrap(), 0);
+    nodes[1].wait_view("beta's delay shown", |v| {
+        member(v, "beta")["replay_delay_seconds"] == 3600.0
+    });
+    let t = Instant::now();
+    let err = nodes[1].adm_err(&["primary", "r0"]);
+    assert!(err.contains("set-delay"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    // alpha is still the primary and serves.
+    assert_eq!(c.write(BLOCK as u64, &block(2), true).unwrap(), 0);
+    nodes[0].wait_view("alpha still primary", |v| {
+        resource(v, "r0")
+            .is_some_and(|r| r["designated_primary"] == "alpha" && r["actual_primary"] == "alpha")
+    });
+}

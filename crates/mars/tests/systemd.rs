@@ -443,3 +443,80 @@ fn install_script_puts_everything_in_place() {
         "ExecStart not rewritten for PREFIX:\n{unit}"
     );
 }
+
+/// A primary unit that takes long to stop (a VM shutting down, an unmount
+/// writing back: systemd's default stop timeout is 90 s, and marsd waits up
+/// to 100 s) holds the daemon's state, but the control loop is not stuck:
+/// the watchdog is still fed meanwhile. Else `WatchdogSec=` kills marsd in
+/// the middle of the handover while the unit still uses the device.
+#[test]
+fn a_slow_primary_unit_stop_does_not_starve_the_watchdog() {
+    let mut n = Node::create("alpha");
+    let unit = "mars-resource@r0.service";
+    set_primary_units(&n, serde_json::json!({ "r0": unit }));
+    let bin = n.path("fakebin");
+    let state = n.path("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let log = n.path("systemctl.log");
+    fake_systemctl(&bin, &log, &state);
+    let sock_path = n.path("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind the notify socket");
+    n.wrapper = vec![
+        "env".into(),
+        format!(
+            "PATH={}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        ),
+        format!("NOTIFY_SOCKET={}", sock_path.display()),
+        "WATCHDOG_USEC=2000000".into(),
+    ];
+    n.start();
+    let disk = n.disk("disk-r0.img", 16 << 20);
+    n.adm_ok(&["create-resource", "r0", disk.to_str().unwrap()]);
+    let start = format!("start {unit}");
+    wait_for("systemctl start", Duration::from_secs(30), || {
+        calls(&log).contains(&start)
+    });
+    std::fs::write(state.join("hold"), b"").expect("hold");
+    let dir = n.dir.clone();
+    let secondary = std::thread::spawn(move || {
+        Command::new(MARSADM)
+            .arg("--dir")
+            .arg(&dir)
+            .args(["secondary", "r0"])
+            .output()
+            .expect("run marsadm")
+    });
+    wait_for("systemctl stop", Duration::from_secs(30), || {
+        state.join("stopping").exists()
+    });
+    // The unit stops for 8 s (four watchdog limits): pings go on throughout.
+    let held = Instant::now();
+    let mut got = Vec::new();
+    let mut late_pings = 0;
+    while held.elapsed() < Duration::from_secs(8) {
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut buf = [0u8; 4096];
+        if let Ok(k) = sock.recv(&mut buf) {
+            let m = String::from_utf8_lossy(&buf[..k]).into_owned();
+            if held.elapsed() > Duration::from_secs(4) && m.lines().any(|l| l == "WATCHDOG=1") {
+                late_pings += 1;
+            }
+            got.push(m);
+        }
+    }
+    std::fs::remove_file(state.join("hold")).expect("release");
+    let out = secondary.join().expect("secondary thread");
+    assert!(
+        out.status.success(),
+        "secondary: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        late_pings >= 2,
+        "no watchdog pings while the unit stopped (systemd would kill marsd): {got:#?}\n{}",
+        n.log_text()
+    );
+}
