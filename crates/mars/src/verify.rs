@@ -126,6 +126,13 @@ struct Run {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
+impl Run {
+    /// Its task is still running.
+    fn active(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
 /// The verifies and repairs this node runs, by resource name.
 #[derive(Default)]
 pub struct Verifies {
@@ -182,20 +189,14 @@ fn summarize(r: &VerifyReport, repair: bool, started_ms: u64, error: Option<Stri
 
 impl Verifies {
     pub fn running(&self, name: &str) -> bool {
-        self.runs
-            .lock()
-            .get(name)
-            .is_some_and(|r| r.task.as_ref().is_some_and(|t| !t.is_finished()))
+        self.runs.lock().get(name).is_some_and(Run::active)
     }
 
     /// Start `co`'s verify from `from` (its pause, stop and report are
     /// taken over). False when one runs already.
     pub fn start(self: &Arc<Self>, name: &str, co: Coordinator, from: u64) -> bool {
         let mut runs = self.runs.lock();
-        if runs
-            .get(name)
-            .is_some_and(|r| r.task.as_ref().is_some_and(|t| !t.is_finished()))
-        {
+        if runs.get(name).is_some_and(Run::active) {
             return false;
         }
         let started_ms = now_ms();
@@ -240,11 +241,8 @@ impl Verifies {
 
     pub fn control(&self, name: &str, op: VerifyOp) -> Result<String> {
         let runs = self.runs.lock();
-        let Some(r) = runs
-            .get(name)
-            .filter(|r| r.task.as_ref().is_some_and(|t| !t.is_finished()))
-        else {
-            bail!("no verify of {name} runs on this node");
+        let Some(r) = runs.get(name).filter(|r| r.active()) else {
+            bail!("no verify of {name} runs on this node (start one with `marsadm verify {name}`)");
         };
         Ok(match op {
             VerifyOp::Pause => {
@@ -265,9 +263,7 @@ impl Verifies {
     pub fn view(&self, name: &str, dir: Option<&Path>) -> Option<VerifyView> {
         let last = dir.and_then(last);
         let runs = self.runs.lock();
-        let run = runs
-            .get(name)
-            .filter(|r| r.task.as_ref().is_some_and(|t| !t.is_finished()));
+        let run = runs.get(name).filter(|r| r.active());
         if run.is_none() && last.is_none() {
             return None;
         }
