@@ -1434,8 +1434,10 @@ impl Daemon {
             }
         }
         let member = r.members.contains(&me);
+        let mut delay_ms = 0;
         if member {
             let m = self.member_entry(name)?;
+            delay_ms = m.replay_delay_ms;
             if !m.attached {
                 bail!("{name}: disk is detached here; run `marsadm up {name}` first");
             }
@@ -1449,9 +1451,10 @@ impl Daemon {
             // back for the delay: the handover would leave nobody serving
             // the device that long.
             if !force && other && m.replay_delay_ms > 0 {
-                bail!("{name}: refused: replay is kept {} behind the primary here (set-delay), so the handover would leave nobody serving the device for that long; run `marsadm set-delay {name} 0` first and wait for replay to catch up (`marsadm wait-resource {name} uptodate`), or `primary --force {name}` to take over with the delayed data (what was fetched but not replayed is dropped)", mars_api::show_duration_ms(m.replay_delay_ms));
+                bail!("{name}: refused: replay is kept {} behind the primary here (set-delay), so the handover would leave nobody serving the device for that long; run `marsadm set-delay {name} 0` first and wait for replay to catch up (`marsadm wait-resource {name} uptodate`), or `primary --force {name}` to take over now (it applies everything fetched first, so the delay ends and nothing fetched is lost)", mars_api::show_duration_ms(m.replay_delay_ms));
             }
         }
+        let mut delayed_note = None;
         if !member {
             let mut missing = Vec::new();
             if current.as_deref() != Some(me.as_str()) {
@@ -1474,6 +1477,16 @@ impl Daemon {
                 }
                 if p.split_brain && !force {
                     bail!("{name}: refused: this member is in split brain with the log; use `primary --force {name}` to make its data the primary's, or `invalidate {name}` to sync it again");
+                }
+                // The writer's recovery applies every fetched record: a
+                // delayed replica's held-back writes too (say so: the disk
+                // jumps from the delayed image to the newest one fetched).
+                if force && delay_ms > 0 && p.fetched > p.replayed {
+                    delayed_note = Some(format!(
+                        "; replay was kept {} behind (set-delay): the {} bytes of log fetched but not yet replayed were applied first, so nothing fetched is lost",
+                        mars_api::show_duration_ms(delay_ms),
+                        p.fetched - p.replayed
+                    ));
                 }
                 // A planned handover only to a member whose history replay has
                 // checked against the current primary's own list: one that just
@@ -1533,14 +1546,19 @@ impl Daemon {
                 self.reconcile_locked(&mut st, true).await;
                 let a = st.actual.get(name);
                 if a.is_some_and(|a| a.export.is_some()) {
+                    let note = delayed_note.as_deref().unwrap_or("");
                     return outcome(&st, name, || {
-                        format!("{name}: primary here, serving {}", self.device_uri(name))
+                        format!(
+                            "{name}: primary here, serving {}{note}",
+                            self.device_uri(name)
+                        )
                     });
                 }
                 if a.is_some_and(|a| a.logger.is_some() || a.error.is_some())
                     || node::resource_dir(&self.dir, name).join("applied").exists()
                 {
-                    return outcome(&st, name, || format!("{name}: primary here"));
+                    let note = delayed_note.as_deref().unwrap_or("");
+                    return outcome(&st, name, || format!("{name}: primary here{note}"));
                 }
                 if Instant::now() >= deadline {
                     let why = a

@@ -97,7 +97,7 @@ fn a_delayed_replica_is_the_primary_at_least_the_delay_earlier_then_catches_up()
 /// role at once).
 #[test]
 fn a_planned_handover_to_a_delayed_replica_is_refused_and_the_primary_keeps_serving() {
-    let nodes = start_cluster(&["alpha", "beta"]);
+    let mut nodes = start_cluster(&["alpha", "beta"]);
     let _disks = replicate_r0(&nodes, 4 * MIB);
     nodes[1].adm_ok(&["set-delay", "r0", "1h"]);
     let mut c = nodes[0].nbd("r0");
@@ -115,4 +115,19 @@ fn a_planned_handover_to_a_delayed_replica_is_refused_and_the_primary_keeps_serv
         resource(v, "r0")
             .is_some_and(|r| r["designated_primary"] == "alpha" && r["actual_primary"] == "alpha")
     });
+    // A failover to it applies everything it fetched (nothing is lost), and
+    // says so.
+    nodes[1].wait_view("beta fetched both writes", |v| {
+        let (a, b) = (member(v, "alpha"), member(v, "beta"));
+        b["log"]["fetched"].as_u64() >= a["log"]["written"].as_u64()
+            && a["log"]["written"].as_u64() > Some(0)
+    });
+    drop(c);
+    nodes[0].kill9();
+    let out = nodes[1].adm_ok(&["primary", "--force", "r0"]);
+    assert!(out.contains("were applied first"), "{out}");
+    let mut c = nodes[1].nbd("r0");
+    let (err, got) = c.read(0, 2 * BLOCK as u32).unwrap();
+    assert_eq!(err, 0);
+    assert_eq!(got, [block(1), block(2)].concat(), "a fetched write lost");
 }
