@@ -21,8 +21,8 @@ mod version;
 pub use arrival::{ArrivalCheck, ArrivalError};
 pub use names::{logfile_name, parse_logfile_name, valid_name, version_file_name, LogfileName};
 pub use record::{
-    parent_link, DecodeError, FileHeader, Kind, RecordHeader, FILE_FORMAT_VERSION, FILE_HEADER_LEN,
-    FILE_MAGIC, FORMAT_VERSION, MAX_PAYLOAD, RECORD_HEADER_LEN, RECORD_MAGIC,
+    next_link, parent_link, DecodeError, FileHeader, Kind, RecordHeader, FILE_FORMAT_VERSION,
+    FILE_HEADER_LEN, FILE_MAGIC, FORMAT_VERSION, MAX_PAYLOAD, RECORD_HEADER_LEN, RECORD_MAGIC,
 };
 pub use scan::{scan_logfile, Damage, DamageKind, ScanReport, ScannedRecord};
 pub use version::{Version, VersionBuilder};

@@ -297,6 +297,18 @@ pub fn parent_link(parent_header: &[u8; FILE_HEADER_LEN], at: u64) -> u64 {
     u64::from_le_bytes(b).max(1)
 }
 
+/// The link the logfile after `header`'s, starting at `at`, stores: the
+/// [`parent_link`] of that logfile, or, when it holds no records (it starts
+/// at `at` itself), the link it stores: an empty logfile passes its parent on,
+/// so that whoever lacks it (a writer's restart left it; a former primary
+/// never sent it) still finds the logfile the records before `at` are in.
+pub fn next_link(header: &[u8; FILE_HEADER_LEN], at: u64) -> u64 {
+    match FileHeader::decode(header) {
+        Ok(h) if h.start_pos == at && h.parent != 0 => h.parent,
+        _ => parent_link(header, at),
+    }
+}
+
 impl FileHeader {
     pub fn encode(&self) -> [u8; FILE_HEADER_LEN] {
         let mut b = [0u8; FILE_HEADER_LEN];

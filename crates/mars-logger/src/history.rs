@@ -104,6 +104,91 @@ pub fn is_child(cur: &LocalFile, f: &LocalFile) -> bool {
     }
 }
 
+/// Whether `f` continues what a member at `pos` in `cur` applied: as a
+/// child of `cur`, or as the child of an empty logfile at `pos` that does (a
+/// writer that restarted, or a primary that took over and handed over again
+/// before a write, leaves empty logfiles; the next one names the last of
+/// them). Empty: here, or in the source's history (a local copy may hold
+/// another history's records after that start, never applied: the member is
+/// at `pos`). A member at the very start of `cur` applied nothing of it:
+/// what continues `cur`'s ancestors there continues it too.
+fn continues_at(
+    cur: &LocalFile,
+    f: &LocalFile,
+    files: &[LocalFile],
+    pos: u64,
+    lineage: Option<&Lineage>,
+) -> bool {
+    let empty = |e: &LocalFile| {
+        e.start == pos
+            && (e.end == pos
+                || lineage.is_some_and(|l| {
+                    l.files
+                        .iter()
+                        .any(|y| e.is(&y.name, y.start) && y.end == pos)
+                }))
+    };
+    let mut ours = vec![cur];
+    if pos == cur.start {
+        let mut a = cur;
+        for _ in 0..files.len() {
+            let Some(p) = files
+                .iter()
+                .find(|p| !p.is(&a.name, a.start) && is_child(p, a))
+            else {
+                break;
+            };
+            ours.push(p);
+            if p.start != pos {
+                break;
+            }
+            a = p;
+        }
+    }
+    let mut at = f;
+    // Each step goes to a distinct empty logfile: at most `files.len()` steps.
+    for _ in 0..=files.len() {
+        if ours.iter().any(|o| is_child(o, at)) {
+            return true;
+        }
+        let parent = files
+            .iter()
+            .find(|e| empty(e) && !e.is(&at.name, at.start) && is_child(e, at));
+        match parent {
+            Some(e) => at = e,
+            None => return false,
+        }
+    }
+    false
+}
+
+/// Whether the logfile `f` starting at `pos` descends, through logfiles
+/// that start at `pos` too (empty ones), from a logfile the source lists up
+/// to `pos` at least.
+fn ancestor_listed(f: &LocalFile, files: &[LocalFile], pos: u64, lineage: &Lineage) -> bool {
+    let mut at = f;
+    for _ in 0..=files.len() {
+        let Some(p) = files
+            .iter()
+            .find(|p| !p.is(&at.name, at.start) && is_child(p, at))
+        else {
+            return false;
+        };
+        if lineage
+            .files
+            .iter()
+            .any(|x| p.is(&x.name, x.start) && x.end >= pos)
+        {
+            return true;
+        }
+        if p.start != pos {
+            return false;
+        }
+        at = p;
+    }
+    false
+}
+
 fn listed(lineage: Option<&Lineage>, f: &LocalFile) -> bool {
     lineage.is_none_or(|l| l.files.iter().any(|x| f.is(&x.name, x.start)))
 }
@@ -130,7 +215,9 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&Lineage>
             !f.is(&c.name, c.start)
                 && f.start == pos
                 && listed(lineage, f)
-                && (pos == 0 || (f.parent != 0 && f.parent == c.parent))
+                && (pos == 0
+                    || (f.parent != 0 && f.parent == c.parent)
+                    || continues_at(c, f, files, pos, lineage))
         });
         if let Some(i) = sibling {
             return Next::Enter(i);
@@ -144,12 +231,18 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&Lineage>
             .find(|x| !c.is(&x.name, x.start) && x.start <= pos && pos < x.end)
         {
             // Unless that logfile may continue ours right here (it does when its
-            // link names our logfile; not here yet: wait for it).
+            // link names our logfile, or an empty logfile here that continues
+            // ours; not here yet, or an empty one the source lists here not
+            // here yet: wait for it).
+            let empty_missing = l.files.iter().any(|y| {
+                y.start == pos && y.end == pos && !files.iter().any(|f| f.is(&y.name, y.start))
+            });
             let ours_next = x.start == pos
-                && files
-                    .iter()
-                    .filter(|f| f.is(&x.name, x.start))
-                    .all(|f| is_child(c, f));
+                && (empty_missing
+                    || files
+                        .iter()
+                        .filter(|f| f.is(&x.name, x.start))
+                        .all(|f| continues_at(c, f, files, pos, Some(l))));
             if !ours_next {
                 return Next::SplitBrain(format!(
                     "this node applied {} up to log position {pos}; the source's history has {} there (from {})",
@@ -158,8 +251,19 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&Lineage>
             }
         }
     }
+    // Children: also, for a member that applied nothing of its logfile, a
+    // logfile here that continues what it applied (an empty logfile passes
+    // its parent link on, see `mars_logfmt::next_link`).
     let children: Vec<usize> = (0..files.len())
-        .filter(|&i| is_child(c, &files[i]) && listed(lineage, &files[i]))
+        .filter(|&i| {
+            let f = &files[i];
+            (is_child(c, f)
+                || (pos == c.start
+                    && f.start == pos
+                    && f.seq > c.seq
+                    && continues_at(c, f, files, pos, lineage)))
+                && listed(lineage, f)
+        })
         .collect();
     // The primary's whole history is listed: a member whose logfile it does not
     // hold, and that has no child of it to go on with, is off that history.
@@ -177,6 +281,16 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&Lineage>
                     file: first.name.clone(),
                     starts_at: first.start,
                 };
+            }
+            // Nothing of this logfile applied: what the member applied ends
+            // where its parent reaches this logfile's start. A primary that
+            // lists that parent up to here (or a logfile at 0, when nothing
+            // at all was applied) holds all of it; this (empty) logfile it
+            // does not have (a writer's restart starts a new logfile; a
+            // former primary's empty one was not fetched). Its history goes
+            // on from here: wait for it.
+            if pos == c.start && (pos == 0 || ancestor_listed(c, files, pos, l)) {
+                return Next::Wait;
             }
             return Next::SplitBrain(format!(
                 "this node applied {} up to log position {pos}; the primary's history does not hold {}",
@@ -459,6 +573,52 @@ mod tests {
                 end: f.end,
             })
             .collect()
+    }
+
+    /// A member that entered an empty logfile (a writer's restart made it) at
+    /// its start applied only its parent: a primary that lists the parent up
+    /// to there, and not the empty one (it went when its writer gave up the
+    /// role), holds all of it. Wait, then follow the logfile that continues
+    /// the parent there; not a split brain (seen in a migrate test).
+    #[test]
+    fn an_empty_logfile_the_primary_dropped_is_no_split_brain() {
+        let a1 = file(1, "alpha", 0, 428_480, 0, 1);
+        let a2 = child_of(&a1, 2, "alpha", 428_480, 428_480);
+        let files = vec![a1.clone(), a2.clone()];
+        let only_a1 = Lineage {
+            files: listed_all(&[&a1]),
+            from_primary: true,
+        };
+        assert_eq!(next(428_480, 1, &files, Some(&only_a1)), Next::Wait);
+        // The history goes on in another child of a1 at that position.
+        let g3 = child_of(&a1, 3, "gamma", 428_480, 500_000);
+        let files = vec![a1.clone(), a2.clone(), g3.clone()];
+        let on = Lineage {
+            files: listed_all(&[&a1, &g3]),
+            from_primary: true,
+        };
+        assert_eq!(next(428_480, 1, &files, Some(&on)), Next::Enter(2));
+        // Records of a2 applied, or a parent listed short of a2's start:
+        // still a split brain.
+        let a2_full = child_of(&a1, 2, "alpha", 428_480, 430_000);
+        let files = vec![a1.clone(), a2_full];
+        assert!(matches!(
+            next(429_000, 1, &files, Some(&only_a1)),
+            Next::SplitBrain(_)
+        ));
+        let a1_short = Lineage {
+            files: vec![Listed {
+                name: a1.name.clone(),
+                start: 0,
+                end: 428_000,
+            }],
+            from_primary: true,
+        };
+        let files = vec![a1.clone(), a2.clone()];
+        assert!(matches!(
+            next(428_480, 1, &files, Some(&a1_short)),
+            Next::SplitBrain(_) | Next::CutOff { .. }
+        ));
     }
 
     /// The primary no longer lists a's logfile, whose local copy lost its tail

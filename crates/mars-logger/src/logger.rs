@@ -2357,7 +2357,8 @@ impl Writer {
         let shared = self.shared.clone();
         let cfg = &shared.cfg;
         let seq = self.entry.seq + 1;
-        // The new logfile names this one, at its end, as its parent.
+        // The new logfile names this one, at its end, as its parent (or this
+        // one's parent, when it holds no records).
         let mut old_header = [0u8; FILE_HEADER_LEN];
         self.file
             .read_exact_at(&mut old_header, 0)
@@ -2369,7 +2370,7 @@ impl Writer {
             self.pos,
             self.next_seq,
             cfg.resource_id,
-            mars_logfmt::parent_link(&old_header, self.pos),
+            mars_logfmt::next_link(&old_header, self.pos),
         )?;
         if let Err(e) = self.switch_file(file, file_cap, path.clone()) {
             // Not left behind: a retry creates it anew (it would find it and

@@ -255,7 +255,11 @@ fn check_link(
     h: &FileHeader,
 ) -> Result<(), LoggerError> {
     match prev {
-        Some((name, b)) if h.parent != 0 && h.parent != mars_logfmt::parent_link(b, h.start_pos) => {
+        Some((name, b))
+            if h.parent != 0
+                && h.parent != mars_logfmt::parent_link(b, h.start_pos)
+                && h.parent != mars_logfmt::next_link(b, h.start_pos) =>
+        {
             Err(LoggerError::Corrupt(format!(
                 "{}: does not continue {name} (its parent link names another logfile): the directory holds two histories, a split brain; `marsadm invalidate` of the resource on this node copies the disk anew",
                 entry.path.display()
@@ -470,7 +474,7 @@ pub(crate) fn recover(
         .map_err(|e| LoggerError::Disk(format!("block checksums: {e}")))?;
     write_applied(dir, end_pos)?;
     let parent_of_next = match &last_header {
-        Some((_, b)) if expected_start == Some(end_pos) => mars_logfmt::parent_link(b, end_pos),
+        Some((_, b)) if expected_start == Some(end_pos) => mars_logfmt::next_link(b, end_pos),
         _ => 0,
     };
     Ok(Recovered {

@@ -1276,18 +1276,10 @@ pub fn demote(dir: &Path, node: &str, disk_path: &Path, size: u64) -> Result<u64
     let disk = Disk::open(disk_path).map_err(|e| LoggerError::io(disk_path, e))?;
     let csum = crate::csum::open(dir, disk_path)?;
     let rec = recover(dir, node, &disk, size, &csum)?;
-    // A logfile of ours without records (opened at a start, never written) adds
-    // nothing to the history but would collide with the new primary's next one.
-    let logs = list_logfiles(dir).map_err(|e| LoggerError::io(dir, e))?;
-    if let Some(last) = logs.last().filter(|l| l.node == node) {
-        let len = std::fs::metadata(&last.path)
-            .map_err(|e| LoggerError::io(&last.path, e))?
-            .len();
-        if len <= FILE_HEADER_LEN as u64 {
-            remove_state_file(dir, &mars_logfmt::version_file_name(last.seq, node))?;
-            remove_state_file(dir, &last.name())?;
-        }
-    }
+    // A logfile of ours without records (opened at a start, never written)
+    // stays: members may have entered it and a new primary may name it as
+    // its next logfile's parent; removed, its name would be given to another
+    // logfile at this node's next promotion.
     // An old mark must not move the position written here.
     remove_state_file(dir, HW_FILE)?;
     // The logfile replay is in: the writer's last (recovery checked that they

@@ -200,7 +200,12 @@ impl Node {
     }
 
     fn fresh_at(name: &str, listen: String, nbd: String, netns: Option<String>) -> Node {
-        let tmp = tempfile::tempdir().expect("tempdir");
+        // MARS_TEST_KEEP=1 keeps every node's directory and log (debugging).
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("mars-{name}-"))
+            .disable_cleanup(std::env::var_os("MARS_TEST_KEEP").is_some())
+            .tempdir()
+            .expect("tempdir");
         let dir = tmp.path().join("node");
         Node {
             netns,
