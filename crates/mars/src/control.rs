@@ -150,6 +150,8 @@ async fn serve_one(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<(
 
 /// How often a watcher's view is computed anew.
 const WATCH_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+/// A watch asks the primary every this many ticks (once a second).
+const ASK_PRIMARY_EVERY: u64 = 10;
 
 fn line_of<T: serde::Serialize>(v: &T) -> Vec<u8> {
     let mut out = serde_json::to_vec(v).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
@@ -169,10 +171,26 @@ async fn watch(
 ) -> std::io::Result<()> {
     let mut prev: Option<mars_api::View> = None;
     let mut sink = [0u8; 256];
+    let mut fresh = None;
+    let mut tick = 0u64;
     loop {
-        let resp = daemon.handle(Request::View { name: name.clone() }).await;
-        let Some(view) = resp.view.clone().filter(|_| resp.ok) else {
-            return w.write_all(&line_of(&resp)).await;
+        tick = tick.wrapping_add(1);
+        // The primary is asked once a second, not every tick (a watch per
+        // operator's terminal or script would otherwise cost it ten
+        // exchanges a second each); this node's own state every tick.
+        let ask = tick % ASK_PRIMARY_EVERY == 1;
+        let view = match daemon.view_asking(name.as_deref(), ask, &mut fresh).await {
+            Ok(v) => v,
+            Err(e) => {
+                return w
+                    .write_all(&line_of(&Response::err(format!("{e:#}"))))
+                    .await
+            }
+        };
+        let resp = Response {
+            ok: true,
+            view: Some(view.clone()),
+            ..Default::default()
         };
         match &prev {
             None => w.write_all(&line_of(&resp)).await?,

@@ -626,7 +626,9 @@ impl Daemon {
     async fn demote(&self, r: &ResourceConfig, a: &mut Actual) -> Result<()> {
         self.stop_serving(&r.name, a).await;
         if let Some(l) = self.take_logger(&r.name, a) {
-            a.last_status = close_logger(l).await;
+            // The whole log is written back here (a large backlog takes a
+            // while: the watchdog must not take that for a hang).
+            a.last_status = self.fed(close_logger(l)).await;
         }
         let (dir, me, disk, size) = (
             node::resource_dir(&self.dir, &r.name),
@@ -884,6 +886,22 @@ impl Daemon {
         a.secondary.take()
     }
 
+    /// Await `f` with the systemd watchdog fed meanwhile: for bounded waits
+    /// and work that goes on (a unit's stop, a log's writeback) under the
+    /// state lock, which would otherwise keep `run_loop` from beating.
+    async fn fed<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        let alive = self.alive.clone();
+        let feed = tokio::spawn(async move {
+            loop {
+                alive.beat();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        let r = f.await;
+        feed.abort();
+        r
+    }
+
     /// `unexport` for good: the resource's primary unit (if any) is stopped
     /// first, while the device still answers.
     async fn stop_serving(&self, name: &str, a: &mut Actual) {
@@ -893,15 +911,7 @@ impl Daemon {
             // lock: the control loop is not stuck, so the watchdog is fed
             // meanwhile (else `WatchdogSec=60s` kills marsd in the middle
             // of a handover while a mount or VM still uses the device).
-            let alive = self.alive.clone();
-            let feed = tokio::spawn(async move {
-                loop {
-                    alive.beat();
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            });
-            self.units.stopping(name).await;
-            feed.abort();
+            self.fed(self.units.stopping(name)).await;
         }
         self.unexport(name, a);
     }
@@ -1190,39 +1200,7 @@ impl Daemon {
         }
         match req {
             Request::View { name } => {
-                if let Some(n) = &name {
-                    let (rr, r) = self.res_entry(n)?;
-                    // Judge on a membership at least as new as the primary's
-                    // (which every join and leave waits for, see `confirm`).
-                    let p = meta::designated_primary(&self.peer.store.lock(), &rr);
-                    if let Some(p) = p.filter(|p| *p != me && self.peer.is_alive(p)) {
-                        let ask = async {
-                            self.peer.ae_now(&p, mars_meta::CLUSTER_PREFIX).await?;
-                            if r.members.contains(&me) {
-                                self.peer.ae_now(&p, &meta::res_prefix(&rr)).await?;
-                            }
-                            anyhow::Ok(())
-                        };
-                        match tokio::time::timeout(CONFIRM_TIMEOUT, ask).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => {
-                                tracing::debug!(primary = %p, "view: asking the primary: {e:#}")
-                            }
-                            Err(_) => {
-                                tracing::debug!(primary = %p, "view: the primary did not answer")
-                            }
-                        }
-                    }
-                }
-                self.pull_foreign(name.as_deref()).await;
-                let fresh = match &name {
-                    Some(n) => self.primary_written_now(n).await,
-                    None => None,
-                };
-                let st = self.state.lock().await;
-                let mut view = self.view(&st, name.as_deref());
-                drop(st);
-                settle_written(&mut view, fresh.map(|(_, w)| w));
+                let view = self.view_asking(name.as_deref(), true, &mut None).await?;
                 Ok(Response {
                     ok: true,
                     view: Some(view),
@@ -1483,7 +1461,7 @@ impl Daemon {
                 // jumps from the delayed image to the newest one fetched).
                 if force && delay_ms > 0 && p.fetched > p.replayed {
                     delayed_note = Some(format!(
-                        "; replay was kept {} behind (set-delay): the {} bytes of log fetched but not yet replayed were applied first, so nothing fetched is lost",
+                        "; replay was kept {} behind (set-delay): the {} bytes of log fetched but not yet replayed were applied first, so nothing fetched is lost; the delay is cleared (set it again once this node is a secondary)",
                         mars_api::show_duration_ms(delay_ms),
                         p.fetched - p.replayed
                     ));
@@ -1537,6 +1515,16 @@ impl Daemon {
                 &meta::primary_key(&rr),
                 serde_json::Value::String(me.clone()),
             );
+        }
+        // A delay is a secondary's: it does not come back when this node is a
+        // secondary again (set it anew then). Written as is (the loop below
+        // reconciles; a reconcile before the designation would forget
+        // `force_promote`).
+        if delay_ms > 0 {
+            let mut m = self.member_entry(name)?;
+            m.replay_delay_ms = 0;
+            self.peer
+                .set(&meta::member_key(&rr, self.me()), meta::to_value(&m));
         }
         // Wait for the old primary to stop and for its last writes to be replayed here.
         let deadline = Instant::now() + HANDOVER_TIMEOUT;
@@ -2665,6 +2653,55 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// The view `view --json` shows. `ask`: first bring this node's metadata
+    /// up to the primary's and take the primary's written position (what
+    /// every `view` does; a watch does it once a second, `last_fresh` keeping
+    /// the written position in between).
+    pub async fn view_asking(
+        &self,
+        name: Option<&str>,
+        ask: bool,
+        last_fresh: &mut Option<u64>,
+    ) -> Result<View> {
+        let me = self.me().to_string();
+        if let Some(n) = name {
+            let (rr, r) = self.res_entry(n)?;
+            // Judge on a membership at least as new as the primary's
+            // (which every join and leave waits for, see `confirm`).
+            let p = meta::designated_primary(&self.peer.store.lock(), &rr);
+            if let Some(p) = p.filter(|p| ask && *p != me && self.peer.is_alive(p)) {
+                let ask = async {
+                    self.peer.ae_now(&p, mars_meta::CLUSTER_PREFIX).await?;
+                    if r.members.contains(&me) {
+                        self.peer.ae_now(&p, &meta::res_prefix(&rr)).await?;
+                    }
+                    anyhow::Ok(())
+                };
+                match tokio::time::timeout(CONFIRM_TIMEOUT, ask).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(primary = %p, "view: asking the primary: {e:#}")
+                    }
+                    Err(_) => {
+                        tracing::debug!(primary = %p, "view: the primary did not answer")
+                    }
+                }
+            }
+        }
+        if ask {
+            self.pull_foreign(name).await;
+            *last_fresh = match name {
+                Some(n) => self.primary_written_now(n).await.map(|(_, w)| w),
+                None => None,
+            };
+        }
+        let st = self.state.lock().await;
+        let mut view = self.view(&st, name);
+        drop(st);
+        settle_written(&mut view, *last_fresh);
+        Ok(view)
     }
 
     async fn pull_foreign(&self, only: Option<&str>) {

@@ -21,7 +21,8 @@
 //! server's features (keep-alive, bodies, chunking, upgrades), and a strict
 //! one is easier to bound: the request head must arrive within
 //! [`READ_TIMEOUT`] and fit in [`MAX_REQUEST`] bytes, at most
-//! [`MAX_CONNECTIONS`] are served at once (others are closed at accept), the
+//! [`MAX_CONNECTIONS`] are served at once, [`MAX_PER_ADDRESS`] to one client
+//! address (others are closed at accept), the
 //! reply must be taken within [`WRITE_TIMEOUT`], and every connection is closed
 //! after one reply. Only `GET` and `HEAD` of `/metrics` (a query string is
 //! ignored) are answered with metrics; other paths get 404, other methods 405,
@@ -43,12 +44,17 @@ use tokio::net::TcpListener;
 
 /// The largest request head read (request line and headers).
 pub const MAX_REQUEST: usize = 8 * 1024;
-/// How long a client may take to send its request head.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send its request head (a scraper sends it
+/// at once).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client may take to read the reply.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections served at once.
-pub const MAX_CONNECTIONS: usize = 8;
+pub const MAX_CONNECTIONS: usize = 32;
+/// Connections served at once to one client address: a client that holds
+/// connections open (slowly sending, or never) cannot take every slot from a
+/// scraper elsewhere.
+pub const MAX_PER_ADDRESS: usize = 4;
 /// How long a scrape waits for the daemon's state (held by reconcile across
 /// long steps) before it answers with the last view it built.
 const VIEW_WAIT: Duration = Duration::from_secs(2);
@@ -79,10 +85,11 @@ pub type Render = Arc<dyn Fn(Format) -> BoxFut<Option<String>> + Send + Sync>;
 /// Serve `/metrics` on `listener` until the runtime stops.
 pub async fn serve(listener: TcpListener, render: Render) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_addr: PerAddr = Default::default();
     let mut warned: Option<Instant> = None;
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
+        let (stream, ip) = match listener.accept().await {
+            Ok((s, a)) => (s, a.ip()),
             Err(e) => {
                 // EMFILE and the like: back off instead of spinning.
                 if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
@@ -97,11 +104,38 @@ pub async fn serve(listener: TcpListener, render: Render) {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
+        {
+            let mut m = per_addr.lock();
+            let n = m.entry(ip).or_insert(0);
+            if *n >= MAX_PER_ADDRESS {
+                continue;
+            }
+            *n += 1;
+        }
         let render = render.clone();
+        let per_addr = per_addr.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let _addr = AddrSlot(per_addr, ip);
             handle(stream, &render).await;
         });
+    }
+}
+
+type PerAddr = Arc<parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// One connection of a client address, given back when dropped.
+struct AddrSlot(PerAddr, std::net::IpAddr);
+
+impl Drop for AddrSlot {
+    fn drop(&mut self) {
+        let mut m = self.0.lock();
+        if let Some(n) = m.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
     }
 }
 

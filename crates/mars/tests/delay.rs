@@ -126,6 +126,10 @@ fn a_planned_handover_to_a_delayed_replica_is_refused_and_the_primary_keeps_serv
     nodes[0].kill9();
     let out = nodes[1].adm_ok(&["primary", "--force", "r0"]);
     assert!(out.contains("were applied first"), "{out}");
+    // The delay is gone with the secondary role.
+    let v = nodes[1].view_json();
+    let delay = member(&v, "beta")["replay_delay_seconds"].as_f64();
+    assert_eq!(delay.unwrap_or(0.0), 0.0, "{v:#}");
     let mut c = nodes[1].nbd("r0");
     let (err, got) = c.read(0, 2 * BLOCK as u32).unwrap();
     assert_eq!(err, 0);

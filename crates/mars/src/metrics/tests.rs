@@ -208,6 +208,42 @@ async fn connections_beyond_the_limit_are_closed_and_the_server_goes_on() {
     }
 }
 
+/// One address holding connections open cannot take the slots of a scraper
+/// at another address.
+#[tokio::test]
+async fn one_address_cannot_take_every_slot() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(serve(l, page("m 1\n")));
+    let from = |ip: &str| {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        s
+    };
+    // 127.0.0.2 opens as many idle connections as there are slots.
+    let mut idle = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let mut s = from("127.0.0.2").connect(addr).await.unwrap();
+        let _ = s.write_all(b"GET").await;
+        idle.push(s);
+    }
+    // A scraper at 127.0.0.3 is served while they stay open (before the
+    // server would time them out).
+    let deadline = Instant::now() + READ_TIMEOUT / 2;
+    loop {
+        let mut s = from("127.0.0.3").connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut r = Vec::new();
+        let _ = s.read_to_end(&mut r).await;
+        if r.starts_with(b"HTTP/1.1 200 OK") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the scraper was not served");
+        tokio::task::yield_now().await;
+    }
+    drop(idle);
+}
+
 fn member(node: &str, role: &str, disk: &str, written: u64, replayed: u64) -> MemberView {
     MemberView {
         node: node.into(),
