@@ -1,5 +1,6 @@
 //! `marsadm migrate RES NODE [--leave]` (issue 19 item 4) with three real
-//! marsd while a client writes: NODE joins, syncs, takes over, and the former
+//! marsd while a client writes (the test kit's NBD client, and qemu-io in the
+//! first test): NODE joins, syncs, takes over, and the former
 //! primary is removed; interrupted by SIGKILL of the destination mid-sync or
 //! of the old primary, and resumed by running the same command again.
 
@@ -114,6 +115,140 @@ impl Writer {
     }
 }
 
+/// The client of the issue's test: qemu-io, one process per 4 KiB write
+/// (FUA through `-c flush`), into blocks after the test kit writer's. It
+/// writes to the first of `addrs` that serves and goes on to the next when
+/// a write fails (the handover: NBD has no redirect, a client reconnects).
+struct QemuWriter {
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<QemuWritten>,
+}
+
+/// Blocks the qemu-io writer cycles over, after the kit writer's.
+const QEMU_BLOCKS: usize = 64;
+
+/// Per block the pattern byte last acknowledged and those of writes that
+/// failed after it (they may or may not have reached the log); and how many
+/// writes each address acknowledged.
+struct QemuWritten {
+    acked: Vec<Option<u8>>,
+    maybe: Vec<Vec<u8>>,
+    /// Every pattern written or tried per block.
+    tried: Vec<Vec<u8>>,
+    per_addr: Vec<u64>,
+}
+
+impl QemuWriter {
+    fn start(uris: Vec<String>) -> QemuWriter {
+        require_tool("qemu-io", "qemu-utils");
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let (s, n) = (stop.clone(), count.clone());
+        let thread = std::thread::spawn(move || {
+            let mut w = QemuWritten {
+                acked: vec![None; QEMU_BLOCKS],
+                maybe: vec![Vec::new(); QEMU_BLOCKS],
+                tried: vec![Vec::new(); QEMU_BLOCKS],
+                per_addr: vec![0; uris.len()],
+            };
+            let mut at = 0;
+            let mut i = 0usize;
+            while !s.load(Ordering::Relaxed) {
+                i += 1;
+                let k = (i * 5) % QEMU_BLOCKS;
+                let p = (i % 250) as u8 + 1;
+                let off = (BLOCKS + k) * BLOCK;
+                w.tried[k].push(p);
+                let out = Command::new("qemu-io")
+                    .args(["-f", "raw", &uris[at]])
+                    .args(["-c", &format!("write -P {p} {off} 4k"), "-c", "flush"])
+                    .output()
+                    .expect("run qemu-io");
+                let text = String::from_utf8_lossy(&out.stdout).to_string()
+                    + &String::from_utf8_lossy(&out.stderr);
+                if out.status.success()
+                    && text.contains("wrote 4096/4096")
+                    && !text.contains("failed")
+                {
+                    w.acked[k] = Some(p);
+                    w.maybe[k].clear();
+                    w.per_addr[at] += 1;
+                    n.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    // Not acknowledged: it may have reached the log.
+                    w.maybe[k].push(p);
+                    if at + 1 < uris.len() && w.per_addr[at] > 0 {
+                        at += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(50)); // pacing retries against a device not served yet, not synchronisation
+                }
+            }
+            w
+        });
+        QemuWriter {
+            stop,
+            count,
+            thread,
+        }
+    }
+
+    fn wait_writes(&self, n: u64) {
+        wait_for("qemu-io's writes", Duration::from_secs(60), || {
+            self.count.load(Ordering::Relaxed) >= n
+        });
+    }
+
+    fn finish(self) -> QemuWritten {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("qemu-io writer")
+    }
+}
+
+impl QemuWritten {
+    /// A disk that stopped following at some moment (a member removed while
+    /// qemu-io went on writing to the new primary): equal to `current`
+    /// outside qemu-io's blocks; in them, some pattern qemu-io wrote there,
+    /// or the block as it was.
+    fn check_earlier(&self, disk: &[u8], current: &[u8], who: &str) {
+        let (lo, hi) = (BLOCKS * BLOCK, (BLOCKS + QEMU_BLOCKS) * BLOCK);
+        assert_eq!(disk.len(), current.len());
+        if let Some(i) = (0..disk.len()).find(|&i| (i < lo || i >= hi) && disk[i] != current[i]) {
+            panic!("{who}'s disk differs from gamma's at byte {i}");
+        }
+        for k in 0..QEMU_BLOCKS {
+            let b = BLOCKS + k;
+            let got = &disk[b * BLOCK..(b + 1) * BLOCK];
+            let ok = |p: u8| got.iter().all(|&x| x == p);
+            assert!(
+                ok((b % 253) as u8 + 1) || self.tried[k].iter().any(|&p| ok(p)),
+                "{who}: qemu-io's block {b} holds {:?}.., never written there",
+                &got[..4]
+            );
+        }
+    }
+
+    fn check(&self, disk: &[u8], who: &str) {
+        for k in 0..QEMU_BLOCKS {
+            let b = BLOCKS + k;
+            let got = &disk[b * BLOCK..(b + 1) * BLOCK];
+            let ok = |p: u8| got.iter().all(|&x| x == p);
+            let untouched = (b % 253) as u8 + 1;
+            let fine = match self.acked[k] {
+                Some(p) => ok(p) || self.maybe[k].iter().any(|&m| ok(m)),
+                None => ok(untouched) || self.maybe[k].iter().any(|&m| ok(m)),
+            };
+            assert!(
+                fine,
+                "{who}: qemu-io's block {b} holds {:?}.., acknowledged {:?}, maybe {:?}",
+                &got[..4],
+                self.acked[k],
+                self.maybe[k]
+            );
+        }
+    }
+}
+
 fn members(v: &serde_json::Value) -> Vec<String> {
     let mut m: Vec<String> = resource(v, "r0").unwrap()["members"]
         .as_array()
@@ -190,13 +325,29 @@ fn check_migrated(nodes: &[Node]) {
 
 /// Stop every node; all three disks are equal and hold every acknowledged write.
 fn check_disks(nodes: &mut [Node], disks: &[std::path::PathBuf], w: &Written) {
+    check_disks_but(nodes, disks, w, None);
+}
+
+/// [`check_disks`]; with `q`, alpha (removed while qemu-io went on writing
+/// to gamma) holds gamma's data as of its removal in qemu-io's blocks.
+fn check_disks_but(
+    nodes: &mut [Node],
+    disks: &[std::path::PathBuf],
+    w: &Written,
+    q: Option<&QemuWritten>,
+) {
     nodes[2].adm_ok(&["wait-resource", "r0", "uptodate", "--timeout", "60"]);
     for n in nodes.iter_mut() {
         n.stop();
     }
     let g = read(&disks[2]);
     w.check(&g, "gamma");
-    for (d, who) in [(&disks[0], "alpha"), (&disks[1], "beta")] {
+    if let Some(q) = q {
+        q.check(&g, "gamma's disk");
+        q.check_earlier(&read(&disks[0]), &g, "alpha");
+    }
+    let all = [(&disks[0], "alpha"), (&disks[1], "beta")];
+    for (d, who) in all.into_iter().skip(usize::from(q.is_some())) {
         let x = read(d);
         assert_eq!(x.len(), g.len());
         if let Some(i) = (0..g.len()).find(|&i| x[i] != g[i]) {
@@ -215,6 +366,9 @@ fn migrate_moves_a_resource_while_a_client_writes() {
     let small = nodes[2].disk("small.img", MIB);
     let w = Writer::start(&nodes[0]);
     w.wait_writes(50);
+    // qemu-io writes too, to alpha and after the handover to gamma.
+    let qw = QemuWriter::start(vec![nodes[0].uri("r0"), nodes[2].uri("r0")]);
+    qw.wait_writes(5);
 
     // Refused, changing nothing.
     let err = nodes[0].adm_err(&["migrate", "r0", "gamma", "--disk", "/x"]);
@@ -261,17 +415,29 @@ fn migrate_moves_a_resource_while_a_client_writes() {
         written.in_flight.is_some(),
         "the client's connection outlived the handover"
     );
+    // qemu-io goes on writing, now to gamma.
+    let before = qw.count.load(Ordering::Relaxed);
+    qw.wait_writes(before + 5);
+    let qwritten = qw.finish();
+    assert!(
+        qwritten.per_addr.iter().all(|&n| n > 0),
+        "qemu-io wrote to alpha and to gamma: {:?}",
+        qwritten.per_addr
+    );
     check_migrated(&nodes);
     // The device on gamma holds the client's acknowledged writes.
     let mut c = nodes[2].nbd("r0");
     let (err, data) = c.read(0, (BLOCKS * BLOCK) as u32).unwrap();
     assert_eq!(err, 0);
     written.check(&data, "gamma's device");
+    let (err, data) = c.read(0, ((BLOCKS + QEMU_BLOCKS) * BLOCK) as u32).unwrap();
+    assert_eq!(err, 0);
+    qwritten.check(&data, "gamma's device");
     // Done: running it again changes nothing and says so.
     let out = nodes[2].adm_ok(&["migrate", "r0", "gamma", "--leave"]);
     assert!(out.contains("no former primary recorded"), "{out}");
     disks.push(g);
-    check_disks(&mut nodes, &disks, &written);
+    check_disks_but(&mut nodes, &disks, &written, Some(&qwritten));
 }
 
 #[test]
