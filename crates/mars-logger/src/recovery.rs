@@ -115,10 +115,51 @@ pub(crate) fn previous_version(
     let Some(prev_seq) = entry.seq.checked_sub(1) else {
         return Ok(None);
     };
-    if let Some(v) = read_version(dir, prev_seq, node)? {
+    // Where `entry` starts: a version of the logfile before ends there (two
+    // logfiles may share a sequence number, one of another history).
+    let start = read_header(&entry.path)?
+        .and_then(|b| FileHeader::decode(&b).ok())
+        .map(|h| h.start_pos);
+    let ends_here = |v: &Version| start.is_none_or(|s| v.end_pos == s);
+    if let Some(v) = read_version(dir, prev_seq, node)?.filter(ends_here) {
         return Ok(Some(v));
     }
-    read_version(dir, prev_seq, &entry.node)
+    if let Some(v) = read_version(dir, prev_seq, &entry.node)?.filter(ends_here) {
+        return Ok(Some(v));
+    }
+    // The writer of `entry` did not version the logfile before (it took
+    // over by a full sync after it): another member's version of it, fetched
+    // with the log, that ends where `entry` starts, when all of them agree.
+    let Some(start) = start else {
+        return Ok(None);
+    };
+    let prefix = format!("version-{prev_seq:09}-");
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    let mut found: Option<Version> = None;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(other) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        if !mars_logfmt::valid_name(other) {
+            continue;
+        }
+        // An unreadable one is no witness (the others may be).
+        let Ok(Some(v)) = read_version(dir, prev_seq, other) else {
+            continue;
+        };
+        if v.end_pos != start {
+            continue;
+        }
+        match &found {
+            Some(f) if f.version != v.version => return Ok(None),
+            Some(_) => {}
+            None => found = Some(v),
+        }
+    }
+    Ok(found)
 }
 
 /// Compute and store the version of a finished logfile holding `[start_pos, end_pos)`.
