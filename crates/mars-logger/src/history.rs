@@ -145,10 +145,21 @@ fn continues_at(
             a = p;
         }
     }
+    // The links of ours that start at `pos` name what the member applied up
+    // to `pos` even where that logfile is not here (deleted once replayed):
+    // a logfile at `pos` with the same link continues it (an empty logfile
+    // passes its link on, `mars_logfmt::next_link`).
+    let links: Vec<u64> = ours
+        .iter()
+        .filter(|o| o.start == pos && o.parent != 0)
+        .map(|o| o.parent)
+        .collect();
     let mut at = f;
     // Each step goes to a distinct empty logfile: at most `files.len()` steps.
     for _ in 0..=files.len() {
-        if ours.iter().any(|o| is_child(o, at)) {
+        if ours.iter().any(|o| is_child(o, at))
+            || (at.start == pos && at.parent != 0 && links.contains(&at.parent))
+        {
             return true;
         }
         let parent = files
@@ -619,6 +630,44 @@ mod tests {
             next(428_480, 1, &files, Some(&a1_short)),
             Next::SplitBrain(_) | Next::CutOff { .. }
         ));
+    }
+
+    /// Red team (session 17): a member entered the empty logfile a writer's
+    /// restart made (a2 at p), and deleted a1, which it had replayed
+    /// (`delete_replayed` keeps only the logfile replay is in). The next
+    /// logfile (the writer restarted again, or gamma took over in a handover)
+    /// passes a2's parent link on (`next_link`): it names a1, which is not
+    /// here any more. It continues what the member applied (a1 up to p, the
+    /// link a2 names too): enter it; not a split brain, nor a wait forever.
+    /// Until 2026-12-07 it named a2 and was a plain child.
+    #[test]
+    fn a_passed_on_link_is_followed_when_the_parent_was_deleted_here() {
+        let p = 428_480;
+        let a1 = file(1, "alpha", 0, p, 0, 1);
+        let a2 = child_of(&a1, 2, "alpha", p, p);
+        // next_link(a2, p): a1's link at p, passed on.
+        assert_eq!(mars_logfmt::next_link(&a2.header, p), a2.parent);
+        for (seq, node) in [(3, "alpha"), (3, "gamma")] {
+            let n = child_of(&a1, seq, node, p, 500_000);
+            assert_eq!(n.parent, a2.parent);
+            let files = vec![a2.clone(), n.clone()];
+            // The primary's list holds the empty logfile (kept since 2026-12-07).
+            let primary = Lineage {
+                files: listed_all(&[&a1, &a2, &n]),
+                from_primary: true,
+            };
+            assert_eq!(next(p, 0, &files, Some(&primary)), Next::Enter(1), "{node}");
+            // The list of a primary that deleted a1 too.
+            let primary = Lineage {
+                files: listed_all(&[&a2, &n]),
+                from_primary: true,
+            };
+            assert_eq!(next(p, 0, &files, Some(&primary)), Next::Enter(1), "{node}");
+            // Another member's list, or none.
+            let other = source(listed_all(&[&a2, &n]));
+            assert_eq!(next(p, 0, &files, Some(&other)), Next::Enter(1), "{node}");
+            assert_eq!(next(p, 0, &files, None), Next::Enter(1), "{node}");
+        }
     }
 
     /// The primary no longer lists a's logfile, whose local copy lost its tail
