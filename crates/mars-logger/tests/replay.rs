@@ -816,3 +816,39 @@ fn a_passed_on_link_is_followed_after_the_parent_was_deleted() {
     assert!(r.halted().is_none(), "{:?}", r.halted());
     assert!(std::fs::read(&bdisk).unwrap() == std::fs::read(&adisk).unwrap());
 }
+
+/// Red team (session 17, history simulation seed 63098): a member at position
+/// 0 holds only the first bytes of two first logfiles (fetches from two
+/// writers cut inside their headers). Forced to become the writer, it
+/// starts its log; recovery must not refuse "two logfiles with sequence 1".
+#[test]
+fn a_member_at_zero_with_two_cut_headers_can_become_the_writer() {
+    let root = tempfile::tempdir().unwrap();
+    let (adir, _) = primary_with(root.path(), &[2], false);
+    let first = list_logfiles(&adir).unwrap().remove(0);
+    let bytes = std::fs::read(&first.path).unwrap();
+    let bdir = root.path().join("b");
+    std::fs::create_dir_all(&bdir).unwrap();
+    let bdisk = root.path().join("b.img");
+    std::fs::File::create(&bdisk)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    std::fs::write(
+        bdir.join(mars_logfmt::logfile_name(1, "alpha")),
+        &bytes[..29],
+    )
+    .unwrap();
+    std::fs::write(
+        bdir.join(mars_logfmt::logfile_name(1, "gamma")),
+        &bytes[..30],
+    )
+    .unwrap();
+    let r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    drop(r);
+    assert_eq!(mars_logger::replay::promote(&bdir, Some(0)).unwrap(), 0);
+    let cfg = Config::new("beta", &bdir, &bdisk, SIZE, 7);
+    let opened = Logger::open(cfg);
+    assert!(opened.is_ok(), "{:?}", opened.err());
+    opened.unwrap().close();
+}
