@@ -68,6 +68,19 @@ impl Version {
         if start_pos == end_pos {
             return *prev;
         }
+        Self::compute_hashed(format, prev, file_seq, start_pos, end_pos, records)
+    }
+
+    /// The digest by the formula, also for a logfile without records (the
+    /// version files of empty logfiles written before 2026-12-07 hold it).
+    fn compute_hashed(
+        format: u16,
+        prev: &[u8; 32],
+        file_seq: u64,
+        start_pos: u64,
+        end_pos: u64,
+        records: &[u8; 32],
+    ) -> [u8; 32] {
         let mut h = blake3::Hasher::new();
         h.update(if format == 1 {
             b"mars-version-1"
@@ -90,21 +103,34 @@ impl Version {
             unhex(&self.version),
         ) {
             (Some(p), Some(r), Some(v)) => {
+                let args = (
+                    self.format,
+                    &p,
+                    self.file_seq,
+                    self.start_pos,
+                    self.end_pos,
+                    &r,
+                );
                 matches!(self.format, 1 | 2)
-                    && Self::compute(
-                        self.format,
-                        &p,
-                        self.file_seq,
-                        self.start_pos,
-                        self.end_pos,
-                        &r,
-                    ) == v
+                    && (Self::compute(args.0, args.1, args.2, args.3, args.4, args.5) == v
+                        // An empty logfile's version written before the
+                        // empty-logfile rule (2026-12-07): still valid.
+                        || (self.start_pos == self.end_pos
+                            && Self::compute_hashed(args.0, args.1, args.2, args.3, args.4, args.5)
+                                == v))
             }
             _ => false,
         }
     }
 
+    /// The digest the next logfile chains on. A logfile without records is
+    /// transparent: its `prev` (equal to `version` when written since
+    /// 2026-12-07; an older version file of an empty logfile holds the old
+    /// formula's digest, which no new chain may depend on).
     pub fn digest(&self) -> Option<[u8; 32]> {
+        if self.start_pos == self.end_pos {
+            return unhex(&self.prev);
+        }
         unhex(&self.version)
     }
 
@@ -225,6 +251,45 @@ mod tests {
         assert!(!other.is_consistent());
         other.format = 3;
         assert!(!other.is_consistent());
+    }
+
+    /// Red team (session 17): a version file of an empty logfile written
+    /// before 2026-12-07 (every writer restart left one: recovery versions the
+    /// empty logfile it opened) holds the digest of the formula without the
+    /// empty-logfile rule. It must still verify after an upgrade (else
+    /// `read_version` fails and the node's recovery refuses to start), and it
+    /// must chain as the new rule does (the logfile after it has the version
+    /// it would have had without the empty logfile).
+    #[test]
+    fn an_empty_logfiles_version_written_before_the_empty_rule_still_verifies() {
+        let prev = *blake3::hash(b"the version before").as_bytes();
+        let records = *blake3::hash(b"").as_bytes();
+        // The formula as it was (no shortcut for start == end).
+        let mut h = blake3::Hasher::new();
+        h.update(b"mars-version-2");
+        h.update(&prev);
+        h.update(&2u64.to_le_bytes());
+        h.update(&500u64.to_le_bytes());
+        h.update(&500u64.to_le_bytes());
+        h.update(&records);
+        let old = Version {
+            format: 2,
+            logfile: "log-000000002-a".into(),
+            file_seq: 2,
+            start_pos: 500,
+            end_pos: 500,
+            records_digest: hex(&records),
+            prev: hex(&prev),
+            version: hex(h.finalize().as_bytes()),
+        };
+        let parsed = Version::from_json(&old.to_json());
+        assert!(parsed.is_ok(), "{parsed:?}");
+        // Transparent in the chain like a new one.
+        assert_eq!(old.digest(), Some(prev));
+        // Any other digest of an empty logfile is still refused.
+        let mut tampered = old.clone();
+        tampered.version = hex(&[7u8; 32]);
+        assert!(!tampered.is_consistent());
     }
 
     #[test]

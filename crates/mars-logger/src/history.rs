@@ -113,7 +113,7 @@ pub fn is_child(cur: &LocalFile, f: &LocalFile) -> bool {
 /// at `pos`). A member at the very start of `cur` applied nothing of it:
 /// what continues `cur`'s ancestors there continues it too.
 fn continues_at(
-    cur: &LocalFile,
+    ours: &Ours,
     f: &LocalFile,
     files: &[LocalFile],
     pos: u64,
@@ -128,6 +128,38 @@ fn continues_at(
                         .any(|y| e.is(&y.name, y.start) && y.end == pos)
                 }))
     };
+    let mut at = f;
+    // Each step goes to a distinct empty logfile: at most `files.len()` steps.
+    for _ in 0..=files.len() {
+        if (at.start == pos && at.parent != 0 && ours.links.contains(&at.parent))
+            || ours.files.iter().any(|o| is_child(o, at))
+        {
+            return true;
+        }
+        let parent = files
+            .iter()
+            .find(|e| empty(e) && !e.is(&at.name, at.start) && is_child(e, at));
+        match parent {
+            Some(e) => at = e,
+            None => return false,
+        }
+    }
+    false
+}
+
+/// What a member at `pos` in `cur` applied, for [`continues_at`]: `cur`, and
+/// when nothing of it is applied its ancestors there; and the links of those
+/// that start at `pos` (they name what was applied up to `pos` even where
+/// that logfile is not here, deleted once replayed: a logfile at `pos` with
+/// the same link continues it, as an empty logfile passes its link on,
+/// `mars_logfmt::next_link`). Found once per step: every candidate is
+/// checked against it.
+struct Ours<'a> {
+    files: Vec<&'a LocalFile>,
+    links: Vec<u64>,
+}
+
+fn ours_at<'a>(cur: &'a LocalFile, files: &'a [LocalFile], pos: u64) -> Ours<'a> {
     let mut ours = vec![cur];
     if pos == cur.start {
         let mut a = cur;
@@ -145,21 +177,12 @@ fn continues_at(
             a = p;
         }
     }
-    let mut at = f;
-    // Each step goes to a distinct empty logfile: at most `files.len()` steps.
-    for _ in 0..=files.len() {
-        if ours.iter().any(|o| is_child(o, at)) {
-            return true;
-        }
-        let parent = files
-            .iter()
-            .find(|e| empty(e) && !e.is(&at.name, at.start) && is_child(e, at));
-        match parent {
-            Some(e) => at = e,
-            None => return false,
-        }
-    }
-    false
+    let links = ours
+        .iter()
+        .filter(|o| o.start == pos && o.parent != 0)
+        .map(|o| o.parent)
+        .collect();
+    Ours { files: ours, links }
 }
 
 /// Whether the logfile `f` starting at `pos` descends, through logfiles
@@ -206,6 +229,7 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&Lineage>
     let Some(c) = files.get(cur) else {
         return Next::Wait;
     };
+    let ours = ours_at(c, files, pos);
     // Nothing of this logfile applied yet: a sibling the source lists (a
     // logfile starting here that continues the same parent, or any first
     // logfile at 0) is as good, and the source's history goes that way.
@@ -217,7 +241,7 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&Lineage>
                 && listed(lineage, f)
                 && (pos == 0
                     || (f.parent != 0 && f.parent == c.parent)
-                    || continues_at(c, f, files, pos, lineage))
+                    || continues_at(&ours, f, files, pos, lineage))
         });
         if let Some(i) = sibling {
             return Next::Enter(i);
@@ -242,7 +266,7 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&Lineage>
                     || files
                         .iter()
                         .filter(|f| f.is(&x.name, x.start))
-                        .all(|f| continues_at(c, f, files, pos, Some(l))));
+                        .all(|f| continues_at(&ours, f, files, pos, Some(l))));
             if !ours_next {
                 return Next::SplitBrain(format!(
                     "this node applied {} up to log position {pos}; the source's history has {} there (from {})",
@@ -261,7 +285,7 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&Lineage>
                 || (pos == c.start
                     && f.start == pos
                     && f.seq > c.seq
-                    && continues_at(c, f, files, pos, lineage)))
+                    && continues_at(&ours, f, files, pos, lineage)))
                 && listed(lineage, f)
         })
         .collect();
@@ -619,6 +643,73 @@ mod tests {
             next(428_480, 1, &files, Some(&a1_short)),
             Next::SplitBrain(_) | Next::CutOff { .. }
         ));
+    }
+
+    /// Red team (session 17): a member entered the empty logfile a writer's
+    /// restart made (a2 at p), and deleted a1, which it had replayed
+    /// (`delete_replayed` keeps only the logfile replay is in). The next
+    /// logfile (the writer restarted again, or gamma took over in a handover)
+    /// passes a2's parent link on (`next_link`): it names a1, which is not
+    /// here any more. It continues what the member applied (a1 up to p, the
+    /// link a2 names too): enter it; not a split brain, nor a wait forever.
+    /// Until 2026-12-07 it named a2 and was a plain child.
+    #[test]
+    fn a_passed_on_link_is_followed_when_the_parent_was_deleted_here() {
+        let p = 428_480;
+        let a1 = file(1, "alpha", 0, p, 0, 1);
+        let a2 = child_of(&a1, 2, "alpha", p, p);
+        // next_link(a2, p): a1's link at p, passed on.
+        assert_eq!(mars_logfmt::next_link(&a2.header, p), a2.parent);
+        for (seq, node) in [(3, "alpha"), (3, "gamma")] {
+            let n = child_of(&a1, seq, node, p, 500_000);
+            assert_eq!(n.parent, a2.parent);
+            let files = vec![a2.clone(), n.clone()];
+            // The primary's list holds the empty logfile (kept since 2026-12-07).
+            let primary = Lineage {
+                files: listed_all(&[&a1, &a2, &n]),
+                from_primary: true,
+            };
+            assert_eq!(next(p, 0, &files, Some(&primary)), Next::Enter(1), "{node}");
+            // The list of a primary that deleted a1 too.
+            let primary = Lineage {
+                files: listed_all(&[&a2, &n]),
+                from_primary: true,
+            };
+            assert_eq!(next(p, 0, &files, Some(&primary)), Next::Enter(1), "{node}");
+            // Another member's list, or none.
+            let other = source(listed_all(&[&a2, &n]));
+            assert_eq!(next(p, 0, &files, Some(&other)), Next::Enter(1), "{node}");
+            assert_eq!(next(p, 0, &files, None), Next::Enter(1), "{node}");
+        }
+    }
+
+    /// Red team (session 17): a writer in a restart loop on an idle device
+    /// leaves one empty logfile per restart, all at one position, all with
+    /// the same (passed-on) link. A member in the first of them, its parent
+    /// deleted here, takes one step per empty logfile; each step must stay
+    /// cheap (here: 1500 logfiles, the whole walk well under 20 s).
+    #[test]
+    fn many_empty_logfiles_at_one_position_stay_cheap() {
+        let p = 1000;
+        let a1 = file(1, "a", 0, p, 0, 1);
+        let n = 1500u64;
+        let files: Vec<LocalFile> = (2..2 + n)
+            .map(|seq| child_of(&a1, seq, "a", p, p))
+            .collect();
+        let l = Lineage {
+            files: listed_all(&files.iter().collect::<Vec<_>>()),
+            from_primary: true,
+        };
+        let t = std::time::Instant::now();
+        assert_eq!(next(p, 0, &files, None), Next::Enter(1));
+        // The whole walk, one step per logfile (before the red-team fix here,
+        // each step cost n² link hashes with the parent deleted: minutes).
+        for k in 0..files.len() - 1 {
+            assert_eq!(next(p, k, &files, Some(&l)), Next::Enter(k + 1), "{k}");
+        }
+        assert_eq!(next(p, files.len() - 1, &files, Some(&l)), Next::Wait);
+        let took = t.elapsed();
+        assert!(took < std::time::Duration::from_secs(20), "{took:?}");
     }
 
     /// The primary no longer lists a's logfile, whose local copy lost its tail

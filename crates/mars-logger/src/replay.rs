@@ -1367,7 +1367,20 @@ fn keep_one_history(dir: &Path, pos: u64, file: Option<(String, u64)>) -> Result
     };
     let Some(cur) = cur else {
         if pos == 0 {
-            return Ok(()); // nothing written yet: no history to continue
+            // Nothing applied: no history to continue. What is here (a fetch
+            // cut inside the headers of two first logfiles, of two nodes) is
+            // no part of this writer's log: set aside, else recovery refuses
+            // two logfiles of one sequence number.
+            let listed = list_logfiles(dir).map_err(|err| LoggerError::io(dir, err))?;
+            for e in &listed {
+                let to = dir.join(format!("{ORPHAN_PREFIX}{}", e.name()));
+                tracing::warn!(logfile = %e.path.display(), "a logfile of no history this node applied set aside as {}", to.display());
+                std::fs::rename(&e.path, &to).map_err(|err| LoggerError::io(&e.path, err))?;
+            }
+            if !listed.is_empty() {
+                crate::crashsafe::sync_dir(dir).map_err(|e| LoggerError::io(dir, e))?;
+            }
+            return Ok(());
         }
         // Its first logfile would name no parent: members could not tell
         // whether it continues their history.

@@ -593,3 +593,64 @@ fn logfiles_chain_by_parent_links_and_a_foreign_link_is_refused() {
         "nothing applied from a directory of two histories"
     );
 }
+
+/// Red team (session 17): a node upgraded across 2026-12-07 holds the
+/// version file of an empty logfile (two restarts of its writer without a
+/// write between them: the second recovery versions the empty logfile the
+/// first opened) computed by the formula without the empty-logfile rule. Its
+/// writer must still start, and the next logfiles must chain as if the empty
+/// logfile were not there.
+#[test]
+fn a_version_of_an_empty_logfile_from_before_the_empty_rule_still_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path());
+    let rt = rt();
+    let logger = Logger::open(cfg.clone()).unwrap();
+    rt.block_on(logger.write(4096, Bytes::from(vec![5u8; 4096]), true))
+        .unwrap();
+    logger.close();
+    // Opened and closed without a write: log 2 stays empty.
+    Logger::open(cfg.clone()).unwrap().close();
+    Logger::open(cfg.clone()).unwrap().close();
+    let path = cfg.dir.join(mars_logfmt::version_file_name(2, "alpha"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let v = mars_logfmt::Version::from_json(&text).unwrap();
+    assert_eq!(v.start_pos, v.end_pos, "log 2 is empty: {v:?}");
+    // Rewrite it as the code before 2026-12-07 wrote it.
+    let unhex = |s: &str| -> Vec<u8> {
+        (0..s.len() / 2)
+            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+            .collect()
+    };
+    let mut h = blake3::Hasher::new();
+    h.update(b"mars-version-2");
+    h.update(&unhex(&v.prev));
+    h.update(&v.file_seq.to_le_bytes());
+    h.update(&v.start_pos.to_le_bytes());
+    h.update(&v.end_pos.to_le_bytes());
+    h.update(&unhex(&v.records_digest));
+    let old_digest: String = h
+        .finalize()
+        .as_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let old = mars_logfmt::Version {
+        version: old_digest,
+        ..v.clone()
+    };
+    std::fs::write(&path, old.to_json()).unwrap();
+    let opened = Logger::open(cfg.clone());
+    assert!(opened.is_ok(), "{:?}", opened.err());
+    let logger = opened.unwrap();
+    rt.block_on(logger.write(0, Bytes::from(vec![6u8; 4096]), true))
+        .unwrap();
+    logger.close();
+    Logger::open(cfg.clone()).unwrap().close();
+    // Log 4 (log 3 is empty too) chains on the version before the empty one.
+    let v4 = mars_logfmt::Version::from_json(
+        &std::fs::read_to_string(cfg.dir.join(mars_logfmt::version_file_name(4, "alpha"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(v4.prev, v.prev, "log 4 chains past the empty logs 2 and 3");
+}

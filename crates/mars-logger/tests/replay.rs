@@ -778,3 +778,77 @@ fn promote_leaves_no_mark_behind() {
     assert!(!bdir.join(HW_FILE).exists());
     assert!(!bdir.join(mars_logger::replay::REPLAYED_FILE).exists());
 }
+
+/// Red team (session 17): a restart of the primary without writes leaves an
+/// empty logfile (2); the member enters it, persists, and deletes logfile 1
+/// (replayed). The primary restarts again: logfile 3 passes logfile 2's parent
+/// link on (it names logfile 1, not here any more). Replay goes on into it.
+#[test]
+fn a_passed_on_link_is_followed_after_the_parent_was_deleted() {
+    let root = tempfile::tempdir().unwrap();
+    let (adir, adisk) = primary_with(root.path(), &[5, 0, 5], true);
+    let bdir = root.path().join("b");
+    std::fs::create_dir_all(&bdir).unwrap();
+    let bdisk = root.path().join("b.img");
+    std::fs::File::create(&bdisk)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    let logs = list_logfiles(&adir).unwrap();
+    assert!(logs.len() >= 3, "{logs:?}");
+    copy_file(&adir, &bdir, &logs[0].name());
+    copy_file(&adir, &bdir, &logs[1].name());
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    while !r.step(u64::MAX).unwrap().idle {}
+    r.persist().unwrap();
+    let at = r.position();
+    drop(r);
+    let deleted = mars_logger::replay::delete_replayed(&bdir, at).unwrap();
+    assert_eq!(deleted, vec![logs[0].name()]);
+    for e in std::fs::read_dir(&adir).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().to_string();
+        if (name.starts_with("log-") && name != logs[0].name()) || name.starts_with("version-") {
+            copy_file(&adir, &bdir, &name);
+        }
+    }
+    let mut r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    while !r.step(u64::MAX).unwrap().idle {}
+    assert!(r.halted().is_none(), "{:?}", r.halted());
+    assert!(std::fs::read(&bdisk).unwrap() == std::fs::read(&adisk).unwrap());
+}
+
+/// Red team (session 17, history simulation seed 63098): a member at position
+/// 0 holds only the first bytes of two first logfiles (fetches from two
+/// writers cut inside their headers). Forced to become the writer, it
+/// starts its log; recovery must not refuse "two logfiles with sequence 1".
+#[test]
+fn a_member_at_zero_with_two_cut_headers_can_become_the_writer() {
+    let root = tempfile::tempdir().unwrap();
+    let (adir, _) = primary_with(root.path(), &[2], false);
+    let first = list_logfiles(&adir).unwrap().remove(0);
+    let bytes = std::fs::read(&first.path).unwrap();
+    let bdir = root.path().join("b");
+    std::fs::create_dir_all(&bdir).unwrap();
+    let bdisk = root.path().join("b.img");
+    std::fs::File::create(&bdisk)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    std::fs::write(
+        bdir.join(mars_logfmt::logfile_name(1, "alpha")),
+        &bytes[..29],
+    )
+    .unwrap();
+    std::fs::write(
+        bdir.join(mars_logfmt::logfile_name(1, "gamma")),
+        &bytes[..30],
+    )
+    .unwrap();
+    let r = Replayer::open(&bdir, "beta", &bdisk, SIZE, 0).unwrap();
+    drop(r);
+    assert_eq!(mars_logger::replay::promote(&bdir, Some(0)).unwrap(), 0);
+    let cfg = Config::new("beta", &bdir, &bdisk, SIZE, 7);
+    let opened = Logger::open(cfg);
+    assert!(opened.is_ok(), "{:?}", opened.err());
+    opened.unwrap().close();
+}

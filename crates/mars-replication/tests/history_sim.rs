@@ -406,7 +406,9 @@ impl Sim {
             if local == 0 && i < first_needed {
                 continue;
             }
-            if local > 0 && local < end {
+            // As fetch.rs: also a complete local copy replay still needs is
+            // compared (a name given again after an invalidate, another start).
+            if local > 0 && (local < end || i >= first_needed) {
                 let here = header_of(&dst).map(|h| (h.start_pos, h.created_ns));
                 match policy::local_copy(here, &f, replay_pos) {
                     policy::LocalCopy::Same => {}
