@@ -127,6 +127,21 @@ impl Version {
     /// transparent: its `prev` (equal to `version` when written since
     /// 2026-12-07; an older version file of an empty logfile holds the old
     /// formula's digest, which no new chain may depend on).
+    /// A stand-in whose digest, for chaining the next version on, is `prev`
+    /// (hex): the version before a logfile as another member computed it.
+    pub fn chained_on(prev: &str) -> Version {
+        Version {
+            format: VERSION_FORMAT,
+            logfile: String::new(),
+            file_seq: 0,
+            start_pos: 0,
+            end_pos: 0,
+            records_digest: hex(&ZERO_VERSION),
+            prev: prev.to_string(),
+            version: prev.to_string(),
+        }
+    }
+
     pub fn digest(&self) -> Option<[u8; 32]> {
         if self.start_pos == self.end_pos {
             return unhex(&self.prev);

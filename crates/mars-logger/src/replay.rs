@@ -635,7 +635,7 @@ impl Replayer {
             let mut from = cur;
             for i in chain {
                 if entries[from].node != self.node {
-                    self.version_of(&entries[from], files[from].start, files[i].start)?;
+                    self.version_of(&entries[from], files[from].start, files[i].start, None)?;
                 }
                 self.path.push(Entered::new(&files[i], files[i].start));
                 from = i;
@@ -1172,7 +1172,15 @@ impl Replayer {
         }
         // Nothing of `cur` applied (a sibling taken instead): no version of it.
         if cur_entry.node != self.node && self.pos > cur.start {
-            let ours = self.version_of(cur_entry, cur.start, self.pos)?;
+            // Where this member's history began inside `cur` (a full sync):
+            // what came before is the source's by construction, so the
+            // version before `cur` is the one the child's writer chained on
+            // (a version this member picked could be another member's and
+            // differ forever, even after `invalidate`); the records it
+            // replayed of `cur` are still compared.
+            let began_here = matches!(self.path.as_slice(), [e] if e.name == cur.name && e.start == cur.start && e.at > cur.start);
+            let origin = theirs.as_ref().filter(|_| began_here);
+            let ours = self.version_of(cur_entry, cur.start, self.pos, origin)?;
             if let Some(theirs) = theirs.filter(|t| t.version != ours.version) {
                 let h = Halt::SplitBrain {
                     file: child.name.clone(),
@@ -1204,18 +1212,26 @@ impl Replayer {
         entry: &LogfileEntry,
         start: u64,
         end: u64,
+        origin: Option<&Version>,
     ) -> Result<Version, LoggerError> {
-        if let Some(v) = read_version(&self.dir, entry.seq, &self.node)?
-            .filter(|v| v.logfile == entry.name() && v.start_pos == start && v.end_pos == end)
-        {
+        if let Some(v) = read_version(&self.dir, entry.seq, &self.node)?.filter(|v| {
+            v.logfile == entry.name()
+                && v.start_pos == start
+                && v.end_pos == end
+                && origin.is_none_or(|o| o.prev == v.prev)
+        }) {
             return Ok(v);
         }
+
         // Ours of the logfile before, as stored, or, where our history begins (a
         // full sync started inside this logfile), the origin's: the disk is the
         // source's image there by construction.
-        let prev = match previous_version(&self.dir, &self.node, entry)? {
-            Some(v) => Some(v),
-            None => self.last_version.take(),
+        let prev = match origin {
+            Some(o) => Some(Version::chained_on(&o.prev)),
+            None => match previous_version(&self.dir, &self.node, entry)? {
+                Some(v) => Some(v),
+                None => self.last_version.take(),
+            },
         };
         match self.digest.take() {
             // Every header of the part went through replay: no read-back.

@@ -601,12 +601,6 @@ impl Sim {
         if why.contains("the source's history has") && from.is_some_and(|f| f < pos) {
             return;
         }
-        // Known (DEVELOPMENT.md): version chains of two members of one history
-        // can still differ, rarely and depending on timing (seen once in 3,000
-        // seeds, not again with the same seed).
-        if why.contains("the version of") {
-            return;
-        }
         // Known (DEVELOPMENT.md): a full sync's base logfile the primary no
         // longer lists, where the primary's next logfile begins at the sync's
         // position (the sync does not say what the base's header was).
