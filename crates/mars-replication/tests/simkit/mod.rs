@@ -73,7 +73,11 @@ pub fn seeds(default: u64) -> Vec<u64> {
 pub fn for_each_seed(default: u64, what: &str, mut run: impl FnMut(u64)) {
     let started = std::time::Instant::now();
     let seeds = seeds(default);
+    let verbose = std::env::var_os("MARS_SIM_VERBOSE").is_some();
     for &seed in &seeds {
+        if verbose {
+            eprintln!("{what}: seed {seed}");
+        }
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(seed)));
         if let Err(e) = r {
             let msg = e
