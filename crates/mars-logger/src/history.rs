@@ -185,31 +185,16 @@ fn ours_at<'a>(cur: &'a LocalFile, files: &'a [LocalFile], pos: u64) -> Ours<'a>
     Ours { files: ours, links }
 }
 
-/// Whether the logfile `f` starting at `pos` descends, through logfiles
-/// that start at `pos` too (empty ones), from a logfile the source lists up
-/// to `pos` at least.
-fn ancestor_listed(f: &LocalFile, files: &[LocalFile], pos: u64, lineage: &Lineage) -> bool {
-    let mut at = f;
-    for _ in 0..=files.len() {
-        let Some(p) = files
-            .iter()
-            .find(|p| !p.is(&at.name, at.start) && is_child(p, at))
-        else {
-            return false;
-        };
-        if lineage
+/// Whether what the member applied (its logfile starting at `pos`, see
+/// [`ours_at`]) descends, through logfiles that start at `pos` too (empty
+/// ones), from a logfile the source lists up to `pos` at least.
+fn ancestor_listed(ours: &Ours, pos: u64, lineage: &Lineage) -> bool {
+    ours.files.iter().skip(1).any(|p| {
+        lineage
             .files
             .iter()
             .any(|x| p.is(&x.name, x.start) && x.end >= pos)
-        {
-            return true;
-        }
-        if p.start != pos {
-            return false;
-        }
-        at = p;
-    }
-    false
+    })
 }
 
 fn listed(lineage: Option<&Lineage>, f: &LocalFile) -> bool {
@@ -313,7 +298,7 @@ pub fn next(pos: u64, cur: usize, files: &[LocalFile], lineage: Option<&Lineage>
             // does not have (a writer's restart starts a new logfile; a
             // former primary's empty one was not fetched). Its history goes
             // on from here: wait for it.
-            if pos == c.start && (pos == 0 || ancestor_listed(c, files, pos, l)) {
+            if pos == c.start && (pos == 0 || ancestor_listed(&ours, pos, l)) {
                 return Next::Wait;
             }
             return Next::SplitBrain(format!(
